@@ -1,0 +1,194 @@
+//! Spawning, watching and killing `imz` processes.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+
+/// Path of the `imz` binary under test: `$IMZ_BIN`, or the one cargo built
+/// beside this test executable (`target/<profile>/imz`).
+pub fn imz_bin() -> PathBuf {
+    if let Some(bin) = std::env::var_os("IMZ_BIN") {
+        return PathBuf::from(bin);
+    }
+    let exe = std::env::current_exe().unwrap_or_default();
+    // target/<profile>/deps/test-hash -> target/<profile>/imz
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    profile_dir.join("imz")
+}
+
+/// A running `imz` process whose stdout is read line by line.
+pub struct Imz {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    name: String,
+}
+
+impl Imz {
+    /// Starts `imz ARGS...` and waits until it prints a line starting with
+    /// `ready_prefix`; returns the process and the rest of that line.
+    pub fn spawn(args: &[&str], ready_prefix: &str) -> anyhow::Result<(Self, String)> {
+        let bin = imz_bin();
+        anyhow::ensure!(
+            bin.exists(),
+            "{} does not exist: build it first (cargo build --release --bins)",
+            bin.display()
+        );
+        let mut child = Command::new(&bin)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .with_context(|| format!("spawning {}", bin.display()))?;
+        let stdout = child.stdout.take().context("no stdout pipe")?;
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut imz = Self {
+            child,
+            lines: rx,
+            name: args.first().copied().unwrap_or("imz").to_owned(),
+        };
+        let rest = imz.wait_for_line(ready_prefix, Duration::from_secs(60))?;
+        Ok((imz, rest))
+    }
+
+    /// Waits for a stdout line starting with `prefix`; returns the rest.
+    pub fn wait_for_line(&mut self, prefix: &str, timeout: Duration) -> anyhow::Result<String> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    if let Some(rest) = line.strip_prefix(prefix) {
+                        return Ok(rest.trim().to_owned());
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    bail!("imz {}: no line starting with {prefix:?} within {timeout:?}", self.name)
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    let status = self.child.wait().ok();
+                    bail!("imz {} exited ({status:?}) before printing {prefix:?}", self.name)
+                }
+            }
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// kill -9: the process gets no chance to clean up.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Sends `signal` (e.g. `libc::SIGTERM` = 15) and waits for the exit status.
+    pub fn signal_and_wait(&mut self, signal: i32, timeout: Duration) -> anyhow::Result<std::process::ExitStatus> {
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .context("running kill")?;
+        anyhow::ensure!(status.success(), "kill -{signal} failed");
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            if std::time::Instant::now() > deadline {
+                self.kill9();
+                bail!("imz {} did not exit within {timeout:?} of signal {signal}", self.name);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Imz {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A running `imz origin`.
+pub struct OriginProc {
+    pub proc: Imz,
+    /// Base URL, e.g. `http://127.0.0.1:41234`.
+    pub url: String,
+    pub addr: SocketAddr,
+    pub token: String,
+    pub token_file: PathBuf,
+    pub root: PathBuf,
+}
+
+/// What `imz origin` prints on stdout once it accepts requests.
+pub const ORIGIN_READY: &str = "imz origin listening on ";
+
+impl OriginProc {
+    /// Starts `imz origin --root ROOT` on an ephemeral loopback port, with
+    /// the token in `token_file` (created by imz if missing).
+    pub fn start(root: &Path, token_file: &Path) -> anyhow::Result<Self> {
+        Self::start_on(root, token_file, "127.0.0.1:0")
+    }
+
+    /// Like [`start`](Self::start) on a given listen address (to restart an
+    /// origin on the port its gateways know).
+    pub fn start_on(root: &Path, token_file: &Path, listen: &str) -> anyhow::Result<Self> {
+        let root_s = root.to_str().context("root path is not UTF-8")?;
+        let token_s = token_file.to_str().context("token path is not UTF-8")?;
+        let (proc, url) = Imz::spawn(
+            &["origin", "--root", root_s, "--listen", listen, "--token-file", token_s],
+            ORIGIN_READY,
+        )?;
+        let addr: SocketAddr = url
+            .strip_prefix("http://")
+            .context("origin URL is not http://")?
+            .trim_end_matches('/')
+            .parse()
+            .context("parsing the origin address")?;
+        let token = std::fs::read_to_string(token_file)
+            .context("reading the token file")?
+            .trim()
+            .to_owned();
+        Ok(Self {
+            proc,
+            url,
+            addr,
+            token,
+            token_file: token_file.to_path_buf(),
+            root: root.to_path_buf(),
+        })
+    }
+
+    /// Restarts on the same address after a kill.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.proc.kill9();
+        let addr = self.addr.to_string();
+        let fresh = Self::start_on(&self.root, &self.token_file, &addr)?;
+        *self = fresh;
+        Ok(())
+    }
+}
