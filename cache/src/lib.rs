@@ -1,1 +1,19 @@
-//! The gateway's persistent cache in redb.
+//! The gateway's persistent cache, in one redb database.
+//!
+//! It holds what the gateway knows of the origin's tree (objects, their
+//! attributes, directory entries), file data in chunks, and the client
+//! modification log of changes not yet on the origin. It knows nothing of
+//! NFS or HTTP: the gateway decides what to store; this crate keeps the
+//! invariants of what is stored (see [`Object`] and [`store`]) and keeps file
+//! data within the configured capacity by evicting least recently used clean
+//! chunks (never dirty or pinned ones).
+
+pub mod chunk;
+mod error;
+mod evict;
+mod object;
+pub mod store;
+
+pub use error::{CacheError, Result};
+pub use object::{Attrs, FileId, Kind, Object, OriginRef, ROOT_FILEID};
+pub use store::{Cache, DirEntry, RangeRead, ReadTxn, Usage, WriteTxn, meta};

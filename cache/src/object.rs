@@ -1,0 +1,80 @@
+//! What the cache knows about one filesystem object.
+
+use serde::{Deserialize, Serialize};
+
+/// Local object id: the NFS fileid. Allocated by the cache, persisted, never
+/// reused, independent of the origin's ids (objects created while
+/// disconnected have one long before the origin knows them).
+pub type FileId = u64;
+
+/// Fileid of the exported root directory.
+pub const ROOT_FILEID: FileId = 1;
+
+/// Kind of a filesystem object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Kind {
+    File,
+    Dir,
+    Symlink,
+}
+
+/// The origin object a cached object mirrors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OriginRef {
+    /// The origin's object id.
+    pub id: u64,
+    /// The origin version the cached clean state matches. For an object with
+    /// local changes, the version those changes were based on.
+    pub version: u64,
+}
+
+/// Attributes as NFS presents them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attrs {
+    pub size: u64,
+    /// Permission bits only (`0o7777`).
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub nlink: u32,
+    /// Nanoseconds since the Unix epoch.
+    pub atime: i64,
+    pub mtime: i64,
+    pub ctime: i64,
+}
+
+/// One cached object.
+///
+/// Invariants (kept by [`crate::WriteTxn`]):
+/// - every object but the root is reachable: `parent` is a cached
+///   directory holding an entry `name` that names this object;
+/// - `origin.id` is unique among objects (the origin index maps it back);
+/// - for a file, bytes at offsets below `origin_extent` that are not in a
+///   cached chunk are the origin's bytes at `origin.version` (fetch them);
+///   bytes at or above it that are not in a chunk are zeros (a hole);
+/// - chunks never extend past `attrs.size`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Object {
+    pub kind: Kind,
+    pub attrs: Attrs,
+    pub origin: Option<OriginRef>,
+    pub parent: FileId,
+    pub name: String,
+    /// Symlink target.
+    pub target: Option<String>,
+    /// Directory: every origin entry is cached (as of `origin.version`), so
+    /// a missing name is known not to exist.
+    pub listed: bool,
+    /// File: see the type's invariants.
+    pub origin_extent: u64,
+    /// Local changes not yet on the origin: never evicted.
+    pub dirty: bool,
+    /// Pinned by a user (`imz pin`): never evicted, kept fetched.
+    pub pinned: bool,
+}
+
+impl Object {
+    pub fn is_dir(&self) -> bool {
+        self.kind == Kind::Dir
+    }
+}

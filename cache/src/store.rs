@@ -1,0 +1,1102 @@
+//! The cache database: opening it, and typed read and write transactions
+//! over its tables.
+//!
+//! Tables (all in one redb file, `imz-cache.redb`):
+//!
+//! | table | key | value |
+//! |---|---|---|
+//! | `objects` | fileid | [`Object`] (postcard) |
+//! | `names` | (dir, name) | (fileid, cookie) |
+//! | `entries` | (dir, cookie) | (fileid, name) |
+//! | `origin_index` | origin id | fileid |
+//! | `chunks` | (fileid, index) | bytes |
+//! | `chunk_index` | (fileid, index) | chunk length |
+//! | `meta` | name | bytes |
+//! | `log` | sequence | a client modification log record (see `cml`) |
+//!
+//! `names` and `entries` are two views of the same directory entries:
+//! `names` answers LOOKUP, `entries` gives READDIR a stable order whose
+//! cookies stay meaningful after other entries come and go. Cookies and
+//! fileids come from one counter and are never reused.
+//!
+//! `chunk_index` mirrors the keys and lengths of `chunks` so that the byte
+//! accounting can be rebuilt at open without reading the data.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use redb::{
+    Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
+};
+
+use crate::chunk::{self, CHUNK_SIZE};
+use crate::error::{CacheError, Result};
+use crate::evict::{ChunkKey, EvictIndex};
+use crate::object::{FileId, Object, ROOT_FILEID};
+
+pub(crate) const OBJECTS: TableDefinition<u64, &[u8]> = TableDefinition::new("objects");
+pub(crate) const NAMES: TableDefinition<(u64, &str), (u64, u64)> = TableDefinition::new("names");
+pub(crate) const ENTRIES: TableDefinition<(u64, u64), (u64, &str)> =
+    TableDefinition::new("entries");
+pub(crate) const ORIGIN_INDEX: TableDefinition<u64, u64> = TableDefinition::new("origin_index");
+pub(crate) const CHUNKS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("chunks");
+pub(crate) const CHUNK_INDEX: TableDefinition<(u64, u64), u32> =
+    TableDefinition::new("chunk_index");
+pub(crate) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+pub(crate) const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
+
+/// Bumped whenever a table's encoding changes incompatibly.
+const FORMAT: u32 = 1;
+
+/// Well-known `meta` keys.
+pub mod meta {
+    /// u32: on-disk format.
+    pub const FORMAT: &str = "format";
+    /// u64: NFS handle generation, random at creation, constant after.
+    pub const GENERATION: &str = "generation";
+    /// u64: next fileid/cookie to hand out.
+    pub const NEXT_ID: &str = "next_id";
+    /// u64: next client modification log sequence number.
+    pub const NEXT_LOG_SEQ: &str = "next_log_seq";
+    /// u64: the origin journal sequence the cache reflects.
+    pub const CURSOR: &str = "cursor";
+    /// string: store id of the origin the cache was filled from.
+    pub const ORIGIN_STORE: &str = "origin_store";
+    /// string: this gateway's id (prefix of its idempotency keys).
+    pub const GATEWAY_ID: &str = "gateway_id";
+}
+
+const DB_FILE: &str = "imz-cache.redb";
+
+/// Space taken by one chunk of `len` bytes, as accounted against capacity.
+fn charged(len: u32) -> u64 {
+    u64::from(len)
+}
+
+/// How much of the cache is used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Usage {
+    /// Bytes of file data held.
+    pub used: u64,
+    /// Of which dirty or pinned (never evicted).
+    pub protected: u64,
+    /// The configured bound.
+    pub capacity: u64,
+}
+
+/// One directory entry as READDIR walks it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirEntry {
+    pub cookie: u64,
+    pub name: String,
+    pub fileid: FileId,
+}
+
+/// Result of reading a byte range.
+#[derive(Debug, PartialEq, Eq)]
+pub enum RangeRead {
+    /// All bytes were present (holes read as zeros).
+    Data(Vec<u8>),
+    /// These chunks must be fetched from the origin first.
+    Missing(Vec<u64>),
+}
+
+/// The gateway's persistent cache. Cheap to share behind an `Arc`; all
+/// methods take `&self`. redb serialises write transactions, so at most one
+/// [`WriteTxn`] is open at a time (others wait in [`Cache::write`]).
+pub struct Cache {
+    db: Database,
+    path: PathBuf,
+    evict: Mutex<EvictIndex>,
+    capacity: u64,
+    generation: u64,
+}
+
+impl std::fmt::Debug for Cache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cache")
+            .field("path", &self.path)
+            .field("capacity", &self.capacity)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Cache {
+    /// Opens (or creates) the cache in directory `dir`, bounding file data
+    /// to `capacity` bytes.
+    pub fn open(dir: &Path, capacity: u64) -> Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let path = dir.join(DB_FILE);
+        let db = Database::builder().set_cache_size(64 << 20).create(&path)?;
+        let tx = db.begin_write()?;
+        let generation;
+        {
+            let mut meta_t = tx.open_table(META)?;
+            let format = {
+                let v = meta_t.get(meta::FORMAT)?;
+                v.map(|v| decode_u32(v.value())).transpose()?
+            };
+            match format {
+                Some(found) if found != FORMAT => {
+                    return Err(CacheError::Format {
+                        path: path.display().to_string(),
+                        found,
+                        expected: FORMAT,
+                    });
+                }
+                Some(_) => {}
+                None => {
+                    meta_t.insert(meta::FORMAT, FORMAT.to_le_bytes().as_slice())?;
+                }
+            }
+            let stored = {
+                let v = meta_t.get(meta::GENERATION)?;
+                v.map(|v| decode_u64(v.value())).transpose()?
+            };
+            generation = match stored {
+                Some(g) => g,
+                None => {
+                    let g = random_generation();
+                    meta_t.insert(meta::GENERATION, g.to_le_bytes().as_slice())?;
+                    g
+                }
+            };
+            if meta_t.get(meta::NEXT_ID)?.is_none() {
+                meta_t.insert(meta::NEXT_ID, (ROOT_FILEID + 1).to_le_bytes().as_slice())?;
+            }
+            if meta_t.get(meta::NEXT_LOG_SEQ)?.is_none() {
+                meta_t.insert(meta::NEXT_LOG_SEQ, 1u64.to_le_bytes().as_slice())?;
+            }
+        }
+        // Create every table so that read transactions can always open them.
+        tx.open_table(OBJECTS)?;
+        tx.open_table(NAMES)?;
+        tx.open_table(ENTRIES)?;
+        tx.open_table(ORIGIN_INDEX)?;
+        tx.open_table(CHUNKS)?;
+        tx.open_table(CHUNK_INDEX)?;
+        tx.open_table(LOG)?;
+        tx.commit()?;
+
+        let evict = Self::rebuild_accounting(&db)?;
+        Ok(Self {
+            db,
+            path,
+            evict: Mutex::new(evict),
+            capacity,
+            generation,
+        })
+    }
+
+    fn rebuild_accounting(db: &Database) -> Result<EvictIndex> {
+        let rx = db.begin_read()?;
+        let objects = rx.open_table(OBJECTS)?;
+        let index = rx.open_table(CHUNK_INDEX)?;
+        let mut evict = EvictIndex::new();
+        let mut protected_cache: HashMap<FileId, bool> = HashMap::new();
+        for item in index.iter()? {
+            let (key, len) = item?;
+            let (fid, idx) = key.value();
+            let len = len.value();
+            let protected = match protected_cache.get(&fid) {
+                Some(p) => *p,
+                None => {
+                    let p = match objects.get(fid)? {
+                        Some(v) => is_protected(&decode_object(v.value())?),
+                        None => false,
+                    };
+                    protected_cache.insert(fid, p);
+                    p
+                }
+            };
+            evict.added((fid, idx), len, !protected);
+        }
+        Ok(evict)
+    }
+
+    /// The NFS file handle generation of this cache (constant for its life).
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn usage(&self) -> Usage {
+        let evict = self.lock_evict();
+        Usage {
+            used: evict.used,
+            protected: evict.protected,
+            capacity: self.capacity,
+        }
+    }
+
+    /// Whether `more` bytes of protected (dirty or pinned) data fit.
+    pub fn has_room_for_protected(&self, more: u64) -> bool {
+        let evict = self.lock_evict();
+        evict.protected + more <= self.capacity
+    }
+
+    /// Starts a read transaction: a consistent snapshot.
+    pub fn read(&self) -> Result<ReadTxn<'_>> {
+        Ok(ReadTxn {
+            cache: self,
+            tx: self.db.begin_read()?,
+        })
+    }
+
+    /// Starts a write transaction (waits for the current one to finish).
+    pub fn write(&self) -> Result<WriteTxn<'_>> {
+        Ok(WriteTxn {
+            cache: self,
+            tx: self.db.begin_write()?,
+            chunk_changes: HashMap::new(),
+            protect_changes: HashMap::new(),
+        })
+    }
+
+    fn lock_evict(&self) -> std::sync::MutexGuard<'_, EvictIndex> {
+        // A panic while holding this lock leaves only a stale LRU order, never
+        // wrong data, so a poisoned lock is safe to keep using.
+        self.evict.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn touch(&self, keys: Vec<ChunkKey>) {
+        // Recency is a hint: skip it rather than wait behind a commit.
+        if let Ok(mut evict) = self.evict.try_lock() {
+            evict.touch(keys);
+        }
+    }
+}
+
+fn random_generation() -> u64 {
+    use std::hash::{BuildHasher, RandomState};
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    // Keep it positive and well away from the nfs3_server default (startup
+    // millis), whatever the clock says.
+    (RandomState::new().hash_one(nanos) >> 1) | (1 << 62)
+}
+
+pub(crate) fn is_protected(obj: &Object) -> bool {
+    obj.dirty || obj.pinned
+}
+
+fn decode_u64(bytes: &[u8]) -> Result<u64> {
+    bytes
+        .try_into()
+        .map(u64::from_le_bytes)
+        .map_err(|_| CacheError::corrupt("meta value is not a u64"))
+}
+
+fn decode_u32(bytes: &[u8]) -> Result<u32> {
+    bytes
+        .try_into()
+        .map(u32::from_le_bytes)
+        .map_err(|_| CacheError::corrupt("meta value is not a u32"))
+}
+
+pub(crate) fn decode_object(bytes: &[u8]) -> Result<Object> {
+    postcard::from_bytes(bytes).map_err(|e| CacheError::corrupt(format!("object: {e}")))
+}
+
+pub(crate) fn encode_object(obj: &Object) -> Result<Vec<u8>> {
+    postcard::to_allocvec(obj).map_err(|e| CacheError::corrupt(format!("object: {e}")))
+}
+
+/// Getters shared by read and write transactions.
+macro_rules! getters {
+    () => {
+        /// The object with this fileid.
+        pub fn get(&self, fid: FileId) -> Result<Option<Object>> {
+            let t = self.tx.open_table(OBJECTS)?;
+            let v = t.get(fid)?;
+            v.map(|v| decode_object(v.value())).transpose()
+        }
+
+        /// The object with this fileid, or [`CacheError::NoObject`].
+        pub fn object(&self, fid: FileId) -> Result<Object> {
+            self.get(fid)?.ok_or(CacheError::NoObject(fid))
+        }
+
+        /// The fileid named `name` in directory `dir`.
+        pub fn lookup(&self, dir: FileId, name: &str) -> Result<Option<FileId>> {
+            let t = self.tx.open_table(NAMES)?;
+            let v = t.get((dir, name))?;
+            Ok(v.map(|v| v.value().0))
+        }
+
+        /// The fileid of the object mirroring origin object `origin_id`.
+        pub fn by_origin(&self, origin_id: u64) -> Result<Option<FileId>> {
+            let t = self.tx.open_table(ORIGIN_INDEX)?;
+            let v = t.get(origin_id)?;
+            Ok(v.map(|v| v.value()))
+        }
+
+        /// Up to `limit` entries of `dir` after `cookie` (0: from the start).
+        pub fn entries(&self, dir: FileId, cookie: u64, limit: usize) -> Result<Vec<DirEntry>> {
+            let t = self.tx.open_table(ENTRIES)?;
+            let start = cookie.saturating_add(1);
+            let mut out = Vec::new();
+            if start == 0 {
+                return Ok(out);
+            }
+            for item in t.range((dir, start)..=(dir, u64::MAX))? {
+                if out.len() >= limit {
+                    break;
+                }
+                let (k, v) = item?;
+                let (fileid, name) = v.value();
+                out.push(DirEntry {
+                    cookie: k.value().1,
+                    name: name.to_owned(),
+                    fileid,
+                });
+            }
+            Ok(out)
+        }
+
+        /// Number of entries in `dir`.
+        pub fn entry_count(&self, dir: FileId) -> Result<u64> {
+            let t = self.tx.open_table(ENTRIES)?;
+            let mut n = 0;
+            for item in t.range((dir, 0)..=(dir, u64::MAX))? {
+                item?;
+                n += 1;
+            }
+            Ok(n)
+        }
+
+        /// A `meta` value.
+        pub fn meta(&self, key: &str) -> Result<Option<Vec<u8>>> {
+            let t = self.tx.open_table(META)?;
+            let v = t.get(key)?;
+            Ok(v.map(|v| v.value().to_vec()))
+        }
+
+        /// A `meta` value stored as u64.
+        pub fn meta_u64(&self, key: &str) -> Result<Option<u64>> {
+            self.meta(key)?.map(|v| decode_u64(&v)).transpose()
+        }
+
+        /// A `meta` value stored as a string.
+        pub fn meta_str(&self, key: &str) -> Result<Option<String>> {
+            self.meta(key)?
+                .map(|v| String::from_utf8(v).map_err(|_| CacheError::corrupt("meta string")))
+                .transpose()
+        }
+
+        /// Whether chunk `index` of `fid` is stored.
+        pub fn has_chunk(&self, fid: FileId, index: u64) -> Result<bool> {
+            let t = self.tx.open_table(CHUNK_INDEX)?;
+            Ok(t.get((fid, index))?.is_some())
+        }
+
+        /// Stored chunk indexes of `fid`, ascending, with their lengths.
+        pub fn chunks_of(&self, fid: FileId) -> Result<Vec<(u64, u32)>> {
+            let t = self.tx.open_table(CHUNK_INDEX)?;
+            let mut out = Vec::new();
+            for item in t.range((fid, 0)..=(fid, u64::MAX))? {
+                let (k, v) = item?;
+                out.push((k.value().1, v.value()));
+            }
+            Ok(out)
+        }
+
+        /// Chunks of `obj` below its origin extent that are not stored.
+        pub fn missing_chunks(&self, fid: FileId, obj: &Object) -> Result<Vec<u64>> {
+            let t = self.tx.open_table(CHUNK_INDEX)?;
+            let mut missing = Vec::new();
+            for index in 0..chunk::count(obj.origin_extent.min(obj.attrs.size)) {
+                if t.get((fid, index))?.is_none() {
+                    missing.push(index);
+                }
+            }
+            Ok(missing)
+        }
+
+        /// Reads `len` bytes at `offset` of file `fid` (clamped to its size).
+        pub fn read_range(
+            &self,
+            fid: FileId,
+            obj: &Object,
+            offset: u64,
+            len: u64,
+        ) -> Result<RangeRead> {
+            let size = obj.attrs.size;
+            let end = offset.saturating_add(len).min(size);
+            if offset >= end {
+                return Ok(RangeRead::Data(Vec::new()));
+            }
+            let chunks = self.tx.open_table(CHUNKS)?;
+            let mut out = Vec::with_capacity((end - offset) as usize);
+            let mut missing = Vec::new();
+            let mut touched = Vec::new();
+            for index in chunk::covering(offset, end - offset) {
+                let cstart = chunk::start_of(index);
+                let from = offset.max(cstart);
+                let to = end.min(cstart + CHUNK_SIZE);
+                match chunks.get((fid, index))? {
+                    Some(v) => {
+                        touched.push((fid, index));
+                        if !missing.is_empty() {
+                            continue;
+                        }
+                        let bytes = v.value();
+                        let lo = (from - cstart) as usize;
+                        let hi = (to - cstart) as usize;
+                        let have = bytes.len().min(hi);
+                        if lo < have {
+                            out.extend_from_slice(&bytes[lo..have]);
+                        }
+                        // Past the stored bytes of a chunk: a hole.
+                        out.resize(out.len() + (hi - have.max(lo)), 0);
+                    }
+                    None if cstart < obj.origin_extent => missing.push(index),
+                    None => {
+                        if missing.is_empty() {
+                            out.resize(out.len() + (to - from) as usize, 0);
+                        }
+                    }
+                }
+            }
+            self.cache_ref().touch(touched);
+            if missing.is_empty() {
+                Ok(RangeRead::Data(out))
+            } else {
+                Ok(RangeRead::Missing(missing))
+            }
+        }
+
+        /// The stored bytes of one chunk.
+        pub fn chunk(&self, fid: FileId, index: u64) -> Result<Option<Vec<u8>>> {
+            let t = self.tx.open_table(CHUNKS)?;
+            let v = t.get((fid, index))?;
+            Ok(v.map(|v| v.value().to_vec()))
+        }
+
+        /// Log records in sequence order, from `from` on, at most `limit`.
+        pub fn log_records(&self, from: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>> {
+            let t = self.tx.open_table(LOG)?;
+            let mut out = Vec::new();
+            for item in t.range(from..)? {
+                if out.len() >= limit {
+                    break;
+                }
+                let (k, v) = item?;
+                out.push((k.value(), v.value().to_vec()));
+            }
+            Ok(out)
+        }
+
+        /// Number of log records.
+        pub fn log_len(&self) -> Result<u64> {
+            let t = self.tx.open_table(LOG)?;
+            Ok(t.len()?)
+        }
+
+        /// Every object, in fileid order (for revalidation sweeps).
+        pub fn all_fileids(&self) -> Result<Vec<FileId>> {
+            let t = self.tx.open_table(OBJECTS)?;
+            let mut out = Vec::new();
+            for item in t.iter()? {
+                out.push(item?.0.value());
+            }
+            Ok(out)
+        }
+    };
+}
+
+/// A consistent read-only view of the cache.
+pub struct ReadTxn<'c> {
+    cache: &'c Cache,
+    tx: redb::ReadTransaction,
+}
+
+impl ReadTxn<'_> {
+    fn cache_ref(&self) -> &Cache {
+        self.cache
+    }
+    getters!();
+}
+
+/// A write transaction. Dropping it without [`commit`](Self::commit)
+/// discards every change.
+pub struct WriteTxn<'c> {
+    cache: &'c Cache,
+    tx: redb::WriteTransaction,
+    /// Chunk key -> (length before this transaction, length now).
+    chunk_changes: HashMap<ChunkKey, (Option<u32>, Option<u32>)>,
+    /// Fileid -> (protected before, protected now).
+    protect_changes: HashMap<FileId, (bool, bool)>,
+}
+
+impl WriteTxn<'_> {
+    fn cache_ref(&self) -> &Cache {
+        self.cache
+    }
+    getters!();
+
+    /// Hands out a fresh fileid or cookie (never reused).
+    pub fn alloc_id(&mut self) -> Result<u64> {
+        let next = self.meta_u64(meta::NEXT_ID)?.unwrap_or(ROOT_FILEID + 1);
+        self.put_meta(meta::NEXT_ID, &(next + 1).to_le_bytes())?;
+        Ok(next)
+    }
+
+    /// Hands out the next log sequence number.
+    pub fn alloc_log_seq(&mut self) -> Result<u64> {
+        let next = self.meta_u64(meta::NEXT_LOG_SEQ)?.unwrap_or(1);
+        self.put_meta(meta::NEXT_LOG_SEQ, &(next + 1).to_le_bytes())?;
+        Ok(next)
+    }
+
+    pub fn put_meta(&mut self, key: &str, value: &[u8]) -> Result<()> {
+        let mut t = self.tx.open_table(META)?;
+        t.insert(key, value)?;
+        Ok(())
+    }
+
+    pub fn put_meta_u64(&mut self, key: &str, value: u64) -> Result<()> {
+        self.put_meta(key, &value.to_le_bytes())
+    }
+
+    /// Stores `obj` under `fid` (insert or replace), keeping the origin index
+    /// and the eviction accounting in step.
+    pub fn put(&mut self, fid: FileId, obj: &Object) -> Result<()> {
+        let old = self.get(fid)?;
+        let bytes = encode_object(obj)?;
+        {
+            let mut t = self.tx.open_table(OBJECTS)?;
+            t.insert(fid, bytes.as_slice())?;
+        }
+        let old_origin = old.as_ref().and_then(|o| o.origin.map(|r| r.id));
+        let new_origin = obj.origin.map(|r| r.id);
+        if old_origin != new_origin {
+            let mut t = self.tx.open_table(ORIGIN_INDEX)?;
+            if let Some(id) = old_origin
+                && t.get(id)?.map(|v| v.value()) == Some(fid) {
+                    t.remove(id)?;
+                }
+            if let Some(id) = new_origin {
+                t.insert(id, fid)?;
+            }
+        }
+        let was = old.as_ref().is_some_and(is_protected);
+        self.note_protection(fid, was, is_protected(obj));
+        Ok(())
+    }
+
+    fn note_protection(&mut self, fid: FileId, was: bool, now: bool) {
+        let entry = self.protect_changes.entry(fid).or_insert((was, was));
+        entry.1 = now;
+    }
+
+    /// Creates an object named `name` in `dir` with a fresh fileid.
+    pub fn create(&mut self, dir: FileId, name: &str, obj: &Object) -> Result<FileId> {
+        let fid = self.alloc_id()?;
+        self.put(fid, obj)?;
+        self.link(dir, name, fid)?;
+        Ok(fid)
+    }
+
+    /// Adds entry `name` -> `fid` to `dir`, replacing any entry of that name.
+    /// Returns the replaced fileid.
+    pub fn link(&mut self, dir: FileId, name: &str, fid: FileId) -> Result<Option<FileId>> {
+        let replaced = self.unlink(dir, name)?;
+        let cookie = self.alloc_id()?;
+        {
+            let mut names = self.tx.open_table(NAMES)?;
+            names.insert((dir, name), (fid, cookie))?;
+        }
+        let mut entries = self.tx.open_table(ENTRIES)?;
+        entries.insert((dir, cookie), (fid, name))?;
+        Ok(replaced)
+    }
+
+    /// Removes entry `name` from `dir` (the object itself stays). Returns the
+    /// fileid it named.
+    pub fn unlink(&mut self, dir: FileId, name: &str) -> Result<Option<FileId>> {
+        let old = {
+            let mut names = self.tx.open_table(NAMES)?;
+            names.remove((dir, name))?.map(|v| v.value())
+        };
+        if let Some((fid, cookie)) = old {
+            let mut entries = self.tx.open_table(ENTRIES)?;
+            entries.remove((dir, cookie))?;
+            return Ok(Some(fid));
+        }
+        Ok(None)
+    }
+
+    /// Deletes object `fid` with its data. For a directory, its entries and
+    /// everything below them go too. The caller unlinks it from its parent.
+    pub fn remove_tree(&mut self, fid: FileId) -> Result<()> {
+        let mut stack = vec![fid];
+        while let Some(fid) = stack.pop() {
+            let Some(obj) = self.get(fid)? else { continue };
+            if obj.is_dir() {
+                loop {
+                    let batch = self.entries(fid, 0, 1024)?;
+                    if batch.is_empty() {
+                        break;
+                    }
+                    for e in batch {
+                        self.unlink(fid, &e.name)?;
+                        stack.push(e.fileid);
+                    }
+                }
+            }
+            self.drop_data(fid)?;
+            if let Some(origin) = obj.origin {
+                let mut t = self.tx.open_table(ORIGIN_INDEX)?;
+                if t.get(origin.id)?.map(|v| v.value()) == Some(fid) {
+                    t.remove(origin.id)?;
+                }
+            }
+            {
+                let mut t = self.tx.open_table(OBJECTS)?;
+                t.remove(fid)?;
+            }
+            self.note_protection(fid, is_protected(&obj), false);
+        }
+        Ok(())
+    }
+
+    /// Stores chunk `index` of `fid` (clean data from the origin or a full
+    /// chunk of local data), replacing any stored chunk.
+    pub fn put_chunk(&mut self, fid: FileId, index: u64, bytes: &[u8]) -> Result<()> {
+        let len = u32::try_from(bytes.len())
+            .ok()
+            .filter(|l| u64::from(*l) <= CHUNK_SIZE)
+            .ok_or_else(|| CacheError::corrupt("chunk longer than CHUNK_SIZE"))?;
+        let old = {
+            let mut idx = self.tx.open_table(CHUNK_INDEX)?;
+            
+            idx.insert((fid, index), len)?.map(|v| v.value())
+        };
+        {
+            let mut t = self.tx.open_table(CHUNKS)?;
+            t.insert((fid, index), bytes)?;
+        }
+        self.note_chunk(fid, index, old, Some(len));
+        Ok(())
+    }
+
+    fn note_chunk(&mut self, fid: FileId, index: u64, old: Option<u32>, new: Option<u32>) {
+        let entry = self.chunk_changes.entry((fid, index)).or_insert((old, old));
+        entry.1 = new;
+    }
+
+    /// Deletes chunk `index` of `fid` if stored.
+    pub fn delete_chunk(&mut self, fid: FileId, index: u64) -> Result<()> {
+        let old = {
+            let mut idx = self.tx.open_table(CHUNK_INDEX)?;
+            
+            idx.remove((fid, index))?.map(|v| v.value())
+        };
+        if old.is_some() {
+            {
+                let mut t = self.tx.open_table(CHUNKS)?;
+                t.remove((fid, index))?;
+            }
+            self.note_chunk(fid, index, old, None);
+        }
+        Ok(())
+    }
+
+    /// Deletes every stored chunk of `fid`.
+    pub fn drop_data(&mut self, fid: FileId) -> Result<()> {
+        for (index, _) in self.chunks_of(fid)? {
+            self.delete_chunk(fid, index)?;
+        }
+        Ok(())
+    }
+
+    /// Writes `data` at `offset` into file `fid`, updating `obj`'s size (the
+    /// caller stores `obj`). Fails with [`CacheError::NeedFetch`] if a chunk
+    /// that is only partly overwritten still has to come from the origin.
+    pub fn write_data(
+        &mut self,
+        fid: FileId,
+        obj: &mut Object,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<()> {
+        let end = offset + data.len() as u64;
+        for index in chunk::covering(offset, data.len() as u64) {
+            let cstart = chunk::start_of(index);
+            let from = offset.max(cstart);
+            let to = end.min(cstart + CHUNK_SIZE);
+            let whole =
+                from == cstart && (to == cstart + CHUNK_SIZE || to >= obj.attrs.size.max(end));
+            let mut buf = match self.chunk(fid, index)? {
+                Some(existing) => existing,
+                None if !whole && cstart < obj.origin_extent => {
+                    return Err(CacheError::NeedFetch { fileid: fid, index });
+                }
+                None => Vec::new(),
+            };
+            let lo = (from - cstart) as usize;
+            let hi = (to - cstart) as usize;
+            if buf.len() < hi {
+                // Bytes between the old end and the write are a hole (zeros),
+                // but only up to the file size: beyond it nothing is stored.
+                buf.resize(hi, 0);
+            }
+            buf[lo..hi].copy_from_slice(&data[(from - offset) as usize..(to - offset) as usize]);
+            self.put_chunk(fid, index, &buf)?;
+        }
+        if end > obj.attrs.size {
+            obj.attrs.size = end;
+        }
+        Ok(())
+    }
+
+    /// Sets the size of file `fid` to `size`: drops chunks past it, trims
+    /// the last one, and forgets origin bytes past it (the caller stores
+    /// `obj`). Growing leaves a hole.
+    pub fn truncate_data(&mut self, fid: FileId, obj: &mut Object, size: u64) -> Result<()> {
+        if size < obj.attrs.size {
+            for (index, len) in self.chunks_of(fid)? {
+                let cstart = chunk::start_of(index);
+                if cstart >= size {
+                    self.delete_chunk(fid, index)?;
+                } else if cstart + u64::from(len) > size {
+                    let keep = (size - cstart) as usize;
+                    if let Some(mut bytes) = self.chunk(fid, index)? {
+                        bytes.truncate(keep);
+                        self.put_chunk(fid, index, &bytes)?;
+                    }
+                }
+            }
+        }
+        obj.origin_extent = obj.origin_extent.min(size);
+        obj.attrs.size = size;
+        Ok(())
+    }
+
+    /// Appends a log record, returning its sequence number.
+    pub fn append_log(&mut self, record: &[u8]) -> Result<u64> {
+        let seq = self.alloc_log_seq()?;
+        let mut t = self.tx.open_table(LOG)?;
+        t.insert(seq, record)?;
+        Ok(seq)
+    }
+
+    /// Replaces the log record `seq`.
+    pub fn put_log(&mut self, seq: u64, record: &[u8]) -> Result<()> {
+        let mut t = self.tx.open_table(LOG)?;
+        t.insert(seq, record)?;
+        Ok(())
+    }
+
+    /// Removes log record `seq`.
+    pub fn remove_log(&mut self, seq: u64) -> Result<()> {
+        let mut t = self.tx.open_table(LOG)?;
+        t.remove(seq)?;
+        Ok(())
+    }
+
+    /// Commits. `durable` waits for the data to be on disk (for anything a
+    /// client is told is stable); otherwise a crash may lose this commit,
+    /// which is fine for clean data that can be fetched again.
+    ///
+    /// Before committing, evicts least recently used clean chunks until the
+    /// file data fits the capacity again.
+    pub fn commit(mut self, durable: bool) -> Result<()> {
+        let cache = self.cache;
+        // Hold the accounting lock across commit and update, so that the next
+        // writer sees the index as this commit leaves it.
+        let mut evict = cache.lock_evict();
+        self.evict_for_room(&evict)?;
+        // Chunks of objects whose protection changed move between pools.
+        let mut moves = Vec::new();
+        for (&fid, &(was, now)) in &self.protect_changes {
+            if was != now {
+                for (index, len) in self.chunks_of(fid)? {
+                    moves.push(((fid, index), len, now));
+                }
+            }
+        }
+        let mut final_protected: HashMap<FileId, bool> = HashMap::new();
+        for &(fid, _) in self.chunk_changes.keys() {
+            if let std::collections::hash_map::Entry::Vacant(slot) = final_protected.entry(fid) {
+                let p = self.get(fid)?.as_ref().is_some_and(is_protected);
+                slot.insert(p);
+            }
+        }
+        let mut tx = self.tx;
+        tx.set_durability(if durable {
+            Durability::Immediate
+        } else {
+            Durability::None
+        })?;
+        tx.commit()?;
+
+        for (key, (old, new)) in self.chunk_changes {
+            if let Some(len) = old {
+                evict.removed(key, len);
+            }
+            if let Some(len) = new {
+                let protected = final_protected.get(&key.0).copied().unwrap_or(false);
+                evict.added(key, len, !protected);
+            }
+        }
+        for (key, len, protect) in moves {
+            if protect {
+                evict.protect(key, len);
+            } else {
+                evict.release(key, len);
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes least recently used clean chunks (not touched by this
+    /// transaction) until the data fits the capacity.
+    fn evict_for_room(&mut self, evict: &EvictIndex) -> Result<()> {
+        let delta: i64 = self
+            .chunk_changes
+            .values()
+            .map(|(old, new)| charged(new.unwrap_or(0)) as i64 - charged(old.unwrap_or(0)) as i64)
+            .sum();
+        let projected = (evict.used as i64 + delta).max(0) as u64;
+        if projected <= self.cache.capacity {
+            return Ok(());
+        }
+        let target = self.cache.capacity.saturating_sub(delta.max(0) as u64);
+        let touched: std::collections::HashSet<FileId> = self
+            .chunk_changes
+            .keys()
+            .map(|k| k.0)
+            .chain(self.protect_changes.keys().copied())
+            .collect();
+        let victims = evict.victims(target, |k| touched.contains(&k.0));
+        for ((fid, index), _) in victims {
+            self.delete_chunk(fid, index)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::object::{Attrs, Kind};
+
+    fn file(size: u64, origin_extent: u64) -> Object {
+        Object {
+            kind: Kind::File,
+            attrs: Attrs {
+                size,
+                mode: 0o644,
+                uid: 0,
+                gid: 0,
+                nlink: 1,
+                atime: 0,
+                mtime: 0,
+                ctime: 0,
+            },
+            origin: None,
+            parent: ROOT_FILEID,
+            name: "f".into(),
+            target: None,
+            listed: false,
+            origin_extent,
+            dirty: false,
+            pinned: false,
+        }
+    }
+
+    fn open(capacity: u64) -> (tempfile::TempDir, Cache) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cache = Cache::open(dir.path(), capacity).expect("open");
+        (dir, cache)
+    }
+
+    #[test]
+    fn generation_survives_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let g1 = Cache::open(dir.path(), 1 << 20).expect("open").generation();
+        let g2 = Cache::open(dir.path(), 1 << 20)
+            .expect("reopen")
+            .generation();
+        assert_eq!(g1, g2);
+    }
+
+    #[test]
+    fn missing_origin_bytes_are_reported_and_holes_read_as_zeros() {
+        let (_d, cache) = open(64 << 20);
+        let size = 3 * CHUNK_SIZE;
+        let obj = file(size, 2 * CHUNK_SIZE);
+        let mut tx = cache.write().expect("write");
+        tx.put(10, &obj).expect("put");
+        tx.put_chunk(10, 0, &vec![7u8; CHUNK_SIZE as usize])
+            .expect("chunk");
+        tx.commit(false).expect("commit");
+
+        let rx = cache.read().expect("read");
+        assert_eq!(
+            rx.read_range(10, &obj, 0, 10).expect("read"),
+            RangeRead::Data(vec![7; 10])
+        );
+        assert_eq!(
+            rx.read_range(10, &obj, CHUNK_SIZE - 5, 10).expect("read"),
+            RangeRead::Missing(vec![1])
+        );
+        // Chunk 2 is past the origin extent: a hole.
+        assert_eq!(
+            rx.read_range(10, &obj, 2 * CHUNK_SIZE, 4).expect("read"),
+            RangeRead::Data(vec![0; 4])
+        );
+        // Reads are clamped to the size.
+        assert_eq!(
+            rx.read_range(10, &obj, size - 2, 100).expect("read"),
+            RangeRead::Data(vec![0; 2])
+        );
+    }
+
+    #[test]
+    fn writes_splice_into_chunks_and_need_origin_bytes_first() {
+        let (_d, cache) = open(64 << 20);
+        let mut obj = file(0, 0);
+        let mut tx = cache.write().expect("write");
+        let payload: Vec<u8> = (0..3 * CHUNK_SIZE / 2).map(|i| (i % 251) as u8).collect();
+        tx.write_data(11, &mut obj, 100, &payload).expect("write");
+        assert_eq!(obj.attrs.size, 100 + payload.len() as u64);
+        tx.put(11, &obj).expect("put");
+        tx.commit(true).expect("commit");
+        let rx = cache.read().expect("read");
+        let RangeRead::Data(all) = rx.read_range(11, &obj, 0, u64::MAX).expect("read") else {
+            panic!("expected data")
+        };
+        assert_eq!(&all[..100], &[0u8; 100][..]);
+        assert_eq!(&all[100..], &payload[..]);
+        drop(rx);
+
+        // Partly overwriting an unfetched origin chunk must not invent bytes.
+        let mut remote = file(2 * CHUNK_SIZE, 2 * CHUNK_SIZE);
+        let mut tx = cache.write().expect("write");
+        let err = tx
+            .write_data(12, &mut remote, 10, b"abc")
+            .expect_err("needs fetch");
+        assert!(matches!(
+            err,
+            CacheError::NeedFetch {
+                fileid: 12,
+                index: 0
+            }
+        ));
+        // Overwriting a whole chunk needs nothing from the origin.
+        tx.write_data(12, &mut remote, CHUNK_SIZE, &vec![1u8; CHUNK_SIZE as usize])
+            .expect("whole chunk");
+    }
+
+    #[test]
+    fn truncate_trims_and_forgets_origin_bytes() {
+        let (_d, cache) = open(64 << 20);
+        let mut obj = file(0, 0);
+        let mut tx = cache.write().expect("write");
+        tx.write_data(13, &mut obj, 0, &vec![9u8; (2 * CHUNK_SIZE) as usize])
+            .expect("write");
+        tx.truncate_data(13, &mut obj, 10).expect("shrink");
+        tx.truncate_data(13, &mut obj, 20).expect("grow");
+        tx.put(13, &obj).expect("put");
+        tx.commit(true).expect("commit");
+        let rx = cache.read().expect("read");
+        let mut want = vec![9u8; 10];
+        want.extend_from_slice(&[0u8; 10]);
+        assert_eq!(
+            rx.read_range(13, &obj, 0, 100).expect("read"),
+            RangeRead::Data(want)
+        );
+        assert_eq!(rx.chunks_of(13).expect("chunks"), vec![(0, 10)]);
+    }
+
+    #[test]
+    fn eviction_keeps_data_within_capacity_and_spares_dirty_files() {
+        let chunk = vec![5u8; CHUNK_SIZE as usize];
+        let (_d, cache) = open(3 * CHUNK_SIZE);
+        let mut dirty = file(CHUNK_SIZE, 0);
+        dirty.dirty = true;
+        let mut tx = cache.write().expect("write");
+        tx.put(100, &dirty).expect("put");
+        tx.put_chunk(100, 0, &chunk).expect("chunk");
+        tx.commit(true).expect("commit");
+        for fid in 200..210 {
+            let obj = file(CHUNK_SIZE, CHUNK_SIZE);
+            let mut tx = cache.write().expect("write");
+            tx.put(fid, &obj).expect("put");
+            tx.put_chunk(fid, 0, &chunk).expect("chunk");
+            tx.commit(false).expect("commit");
+            assert!(
+                cache.usage().used <= 3 * CHUNK_SIZE,
+                "over capacity: {:?}",
+                cache.usage()
+            );
+        }
+        let rx = cache.read().expect("read");
+        assert!(rx.has_chunk(100, 0).expect("has"), "dirty data was evicted");
+        assert!(
+            rx.has_chunk(209, 0).expect("has"),
+            "newest chunk was evicted"
+        );
+        assert!(!rx.has_chunk(200, 0).expect("has"), "oldest chunk was kept");
+        assert_eq!(cache.usage().protected, CHUNK_SIZE);
+    }
+
+    #[test]
+    fn accounting_is_rebuilt_after_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let cache = Cache::open(dir.path(), 1 << 30).expect("open");
+            let mut obj = file(0, 0);
+            let mut tx = cache.write().expect("write");
+            tx.write_data(7, &mut obj, 0, &[1u8; 1000]).expect("write");
+            obj.dirty = true;
+            tx.put(7, &obj).expect("put");
+            tx.commit(true).expect("commit");
+            assert_eq!(cache.usage().protected, 1000);
+        }
+        let cache = Cache::open(dir.path(), 1 << 30).expect("reopen");
+        assert_eq!(cache.usage().used, 1000);
+        assert_eq!(cache.usage().protected, 1000);
+    }
+
+    #[test]
+    fn readdir_cookies_survive_other_entries_changing() {
+        let (_d, cache) = open(1 << 20);
+        let mut tx = cache.write().expect("write");
+        let mut fids = Vec::new();
+        for i in 0..5 {
+            fids.push(
+                tx.create(ROOT_FILEID, &format!("n{i}"), &file(0, 0))
+                    .expect("create"),
+            );
+        }
+        tx.commit(true).expect("commit");
+        let rx = cache.read().expect("read");
+        let first = rx.entries(ROOT_FILEID, 0, 2).expect("entries");
+        assert_eq!(first.len(), 2);
+        drop(rx);
+        // Remove the entry the cookie points at, and add a new one.
+        let mut tx = cache.write().expect("write");
+        tx.unlink(ROOT_FILEID, &first[1].name).expect("unlink");
+        tx.create(ROOT_FILEID, "late", &file(0, 0)).expect("create");
+        tx.commit(true).expect("commit");
+        let rx = cache.read().expect("read");
+        let rest: Vec<String> = rx
+            .entries(ROOT_FILEID, first[1].cookie, 100)
+            .expect("entries")
+            .into_iter()
+            .map(|e| e.name)
+            .collect();
+        assert_eq!(rest, vec!["n2", "n3", "n4", "late"]);
+        assert_eq!(rx.lookup(ROOT_FILEID, "n3").expect("lookup"), Some(fids[3]));
+    }
+}
