@@ -1,1 +1,22 @@
-//! The imz gateway.
+//! The imz gateway: serves an origin's tree over NFSv3 from a persistent
+//! cache, filled on demand and kept coherent by the origin's journal.
+//!
+//! Map (see ARCHITECTURE.md for the whole picture):
+//! - [`nfs`]: the thin adapter to the NFS layer (`nfs3_server`);
+//! - [`vfs`]: the protocol-neutral filesystem over the cache;
+//! - [`fetch`]: on-demand data transfers with readahead;
+//! - [`follow`]: the journal follower; [`coherence`]: folding origin state
+//!   into the cache;
+//! - [`origin_client`]: the origin's HTTP API; [`link`]: connectivity;
+//! - [`gateway`]: start-up, tying the pieces together.
+
+pub mod coherence;
+pub mod fetch;
+pub mod follow;
+pub mod gateway;
+pub mod link;
+pub mod nfs;
+pub mod origin_client;
+pub mod vfs;
+
+pub use gateway::{Gateway, GatewayConfig};

@@ -1,5 +1,6 @@
 //! The `imz` command line: one module per subcommand.
 
+mod gateway;
 mod origin;
 
 use clap::{Parser, Subcommand};
@@ -19,11 +20,14 @@ pub struct Cli {
 pub enum Command {
     /// Serve a directory as the origin (master copy) over HTTP.
     Origin(origin::Args),
+    /// Serve an origin over NFSv3 from a local persistent cache.
+    Gateway(gateway::Args),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Origin(args) => origin::run(args),
+        Command::Gateway(args) => gateway::run(args),
     }
 }
 
@@ -36,9 +40,70 @@ pub fn init_logging(verbose: u8) {
         1 => "debug",
         _ => "trace",
     };
+    // nfs3_server logs every accepted connection at info: keep it quiet.
+    let default = format!("{default},nfs3_server=warn");
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
+}
+
+/// The multi-threaded runtime every long-running subcommand uses.
+pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    use anyhow::Context;
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("imz")
+        .build()
+        .context("starting the async runtime")
+}
+
+/// Parses sizes like `10GiB`, `500MB`, `1048576`.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    s.parse::<bytesize::ByteSize>()
+        .map(|b| b.as_u64())
+        .map_err(|e| format!("not a size ({e}); try e.g. 10GiB or 512MiB"))
+}
+
+/// Reads a bearer token from a file (surrounding whitespace ignored).
+pub fn read_token(path: &std::path::Path) -> anyhow::Result<String> {
+    use anyhow::Context;
+    let token = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the token file {}", path.display()))?;
+    let token = token.trim().to_owned();
+    anyhow::ensure!(
+        !token.is_empty(),
+        "the token file {} is empty",
+        path.display()
+    );
+    Ok(token)
+}
+
+/// Prints where the gateway listens and how to mount it (stdout, for
+/// people and scripts).
+pub fn announce_gateway(gateway: &imz_gateway::Gateway) {
+    println!("imz gateway listening on {}", gateway.nfs_addr);
+    println!("mount (Linux): {}", gateway.linux_mount_command("/mnt"));
+    println!(
+        "mount (macOS): {}",
+        gateway.macos_mount_command("/Volumes/imz")
+    );
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn wait_for_shutdown() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch SIGTERM");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
 }

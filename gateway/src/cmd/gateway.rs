@@ -1,0 +1,48 @@
+//! `imz gateway`: serve an origin over NFSv3 from a local cache.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use imz_gateway::{Gateway, GatewayConfig};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Base URL of the origin, e.g. http://origin.example:7070
+    #[arg(long)]
+    pub origin: String,
+    /// File holding the origin's bearer token.
+    #[arg(long)]
+    pub token_file: PathBuf,
+    /// Directory of the persistent cache (created if missing).
+    #[arg(long)]
+    pub cache: PathBuf,
+    /// Most file data the cache holds, e.g. 10GiB.
+    #[arg(long, default_value = "10GiB", value_parser = super::parse_size)]
+    pub cache_size: u64,
+    /// Address to serve NFS on (2049 is the standard port).
+    #[arg(long, default_value = "127.0.0.1:2049")]
+    pub listen: SocketAddr,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let token = super::read_token(&args.token_file)?;
+    let runtime = super::runtime()?;
+    runtime.block_on(async move {
+        let config = GatewayConfig {
+            origin_url: args.origin,
+            token,
+            cache_dir: args.cache,
+            cache_size: args.cache_size,
+            listen: args.listen,
+            timeouts: Default::default(),
+        };
+        let gateway = Gateway::start(config)
+            .await
+            .context("starting the gateway")?;
+        super::announce_gateway(&gateway);
+        super::wait_for_shutdown().await;
+        tracing::info!("shutting down");
+        Ok(())
+    })
+}

@@ -1,0 +1,485 @@
+//! Folding what the origin says into the cache, keeping it coherent.
+//!
+//! Two sources feed the cache with origin state: answers to our own
+//! requests (a lookup, a directory listing) and the origin's journal. Both
+//! go through this module so that one rule holds everywhere:
+//!
+//! **A cached object's origin version never moves backwards**, and a journal
+//! record changes a cached object (or a directory's entries) only if its
+//! sequence number is newer than the cached version. A listing or lookup
+//! reflects the origin exactly at the version it reports, so records at or
+//! below that version are already in it, and records above it are applied.
+//!
+//! A file's cached chunks are bytes of the version in `origin.version`; when
+//! that version moves and the content may have changed, the chunks go.
+//! Objects with local changes (`dirty`) keep their local state: the
+//! reintegrator settles them with the origin.
+
+use imz_cache::{Attrs, CacheError, FileId, Kind, Object, OriginRef, WriteTxn};
+use imz_origin::wire::{self, Change, Record};
+
+/// Converts origin attributes to the cache's.
+pub fn attrs_from(a: &wire::Attr) -> Attrs {
+    Attrs {
+        size: a.size,
+        mode: a.mode & 0o7777,
+        uid: a.uid,
+        gid: a.gid,
+        nlink: a.nlink.max(1),
+        atime: a.atime,
+        mtime: a.mtime,
+        ctime: a.ctime,
+    }
+}
+
+pub fn kind_from(k: wire::Kind) -> Kind {
+    match k {
+        wire::Kind::File => Kind::File,
+        wire::Kind::Dir => Kind::Dir,
+        wire::Kind::Symlink => Kind::Symlink,
+    }
+}
+
+/// A fresh cache object for origin object `attr`, named `name` in `parent`.
+pub fn new_object(parent: FileId, name: &str, attr: &wire::Attr) -> Object {
+    Object {
+        kind: kind_from(attr.kind),
+        attrs: attrs_from(attr),
+        origin: Some(OriginRef {
+            id: attr.id,
+            version: attr.version,
+        }),
+        parent,
+        name: name.to_owned(),
+        target: attr.target.clone(),
+        listed: false,
+        origin_extent: if attr.kind == wire::Kind::File {
+            attr.size
+        } else {
+            0
+        },
+        dirty: false,
+        pinned: false,
+    }
+}
+
+/// Where origin state came from, which decides how much of the cached
+/// state a version change invalidates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// A lookup or listing: the version moved for reasons we do not know,
+    /// so cached file data and directory listings are dropped.
+    Fetch,
+    /// A journal record that says exactly what changed; the caller drops
+    /// what that change invalidates.
+    Journal,
+}
+
+/// Updates cached object `obj` from origin attributes, if they are newer.
+/// Returns whether anything changed.
+pub fn refresh(
+    tx: &mut WriteTxn<'_>,
+    fid: FileId,
+    obj: &mut Object,
+    attr: &wire::Attr,
+    source: Source,
+) -> Result<bool, CacheError> {
+    let cached = obj.origin.map_or(0, |o| o.version);
+    if attr.version <= cached || obj.dirty {
+        return Ok(false);
+    }
+    let had_version = obj.origin.is_some();
+    obj.origin = Some(OriginRef {
+        id: attr.id,
+        version: attr.version,
+    });
+    obj.attrs = attrs_from(attr);
+    obj.target = attr.target.clone();
+    if source == Source::Fetch && had_version {
+        match obj.kind {
+            Kind::File => {
+                tx.drop_data(fid)?;
+                obj.origin_extent = attr.size;
+            }
+            Kind::Dir => obj.listed = false,
+            Kind::Symlink => {}
+        }
+    }
+    Ok(true)
+}
+
+/// Records that entry `name` of cached directory `dir` is origin object
+/// `attr`, creating or moving the cached object as needed. Returns its fileid.
+pub fn upsert_entry(
+    tx: &mut WriteTxn<'_>,
+    dir: FileId,
+    name: &str,
+    attr: &wire::Attr,
+    source: Source,
+) -> Result<FileId, CacheError> {
+    let fid = match tx.by_origin(attr.id)? {
+        Some(fid) => {
+            let mut obj = tx.object(fid)?;
+            refresh(tx, fid, &mut obj, attr, source)?;
+            if obj.parent != dir || obj.name != name {
+                // Renamed at the origin: leave the old place.
+                if tx.lookup(obj.parent, &obj.name)? == Some(fid) {
+                    tx.unlink(obj.parent, &obj.name)?;
+                }
+                obj.parent = dir;
+                obj.name = name.to_owned();
+            }
+            tx.put(fid, &obj)?;
+            fid
+        }
+        None => {
+            let fid = tx.alloc_id()?;
+            tx.put(fid, &new_object(dir, name, attr))?;
+            fid
+        }
+    };
+    link_replacing(tx, dir, name, fid)?;
+    Ok(fid)
+}
+
+/// Points `dir/name` at `fid`; whatever it named before is forgotten (it
+/// is gone or replaced at the origin).
+fn link_replacing(
+    tx: &mut WriteTxn<'_>,
+    dir: FileId,
+    name: &str,
+    fid: FileId,
+) -> Result<(), CacheError> {
+    match tx.lookup(dir, name)? {
+        Some(old) if old == fid => Ok(()),
+        Some(old) => {
+            tx.link(dir, name, fid)?;
+            forget_if_orphan(tx, old, dir, name)
+        }
+        None => {
+            tx.link(dir, name, fid)?;
+            Ok(())
+        }
+    }
+}
+
+/// Deletes object `fid` (and what is below it) if its home entry was
+/// `dir/name`, which no longer names it. Objects with local changes stay:
+/// the reintegrator decides their fate.
+fn forget_if_orphan(
+    tx: &mut WriteTxn<'_>,
+    fid: FileId,
+    dir: FileId,
+    name: &str,
+) -> Result<(), CacheError> {
+    let Some(obj) = tx.get(fid)? else {
+        return Ok(());
+    };
+    if obj.parent == dir && obj.name == name && !obj.dirty && tx.lookup(dir, name)? != Some(fid) {
+        tx.remove_tree(fid)?;
+    }
+    Ok(())
+}
+
+/// Updates a cached directory's own attributes from a journal record, if
+/// the record is newer; returns whether its entries should be changed.
+fn touch_parent(
+    tx: &mut WriteTxn<'_>,
+    parent: &wire::Attr,
+    seq: wire::Seq,
+) -> Result<Option<FileId>, CacheError> {
+    let Some(pfid) = tx.by_origin(parent.id)? else {
+        return Ok(None);
+    };
+    let mut pobj = tx.object(pfid)?;
+    if pobj.origin.map_or(0, |o| o.version) >= seq {
+        return Ok(None);
+    }
+    refresh(tx, pfid, &mut pobj, parent, Source::Journal)?;
+    // The record's parent attributes may predate this seq (a rename's
+    // source side); what matters is that entries are now as of `seq`.
+    if let Some(o) = pobj.origin.as_mut() {
+        o.version = o.version.max(seq);
+    }
+    tx.put(pfid, &pobj)?;
+    Ok(Some(pfid))
+}
+
+/// What applying a record did that the gateway may want to act on.
+#[derive(Debug, Default)]
+pub struct Applied {
+    /// Files whose cached content was dropped or changed (readers to wake,
+    /// replicas to refill).
+    pub content_changed: Vec<FileId>,
+}
+
+/// Applies one journal record to the cache.
+pub fn apply_record(
+    tx: &mut WriteTxn<'_>,
+    record: &Record,
+    applied: &mut Applied,
+) -> Result<(), CacheError> {
+    let seq = record.seq;
+    match &record.change {
+        Change::Create { parent, name, attr } => {
+            if let Some(pfid) = touch_parent(tx, parent, seq)? {
+                upsert_entry(tx, pfid, name, attr, Source::Journal)?;
+            }
+        }
+        Change::Write { attr } | Change::Truncate { attr } | Change::SetAttr { attr } => {
+            let Some(fid) = tx.by_origin(attr.id)? else {
+                return Ok(());
+            };
+            let mut obj = tx.object(fid)?;
+            let old_size = obj.attrs.size;
+            if !refresh(tx, fid, &mut obj, attr, Source::Journal)? {
+                return Ok(());
+            }
+            match &record.change {
+                Change::Write { .. } if obj.kind == Kind::File => {
+                    tx.drop_data(fid)?;
+                    obj.origin_extent = attr.size;
+                    applied.content_changed.push(fid);
+                }
+                Change::Truncate { .. } if obj.kind == Kind::File => {
+                    // Bytes below the new size are unchanged; cut the rest.
+                    obj.attrs.size = old_size;
+                    tx.truncate_data(fid, &mut obj, attr.size)?;
+                    applied.content_changed.push(fid);
+                }
+                _ => {}
+            }
+            tx.put(fid, &obj)?;
+        }
+        Change::Remove { parent, name, id } => {
+            if let Some(pfid) = touch_parent(tx, parent, seq)? {
+                let target = tx.by_origin(*id)?;
+                if target.is_some() && tx.lookup(pfid, name)? == target {
+                    tx.unlink(pfid, name)?;
+                    if let Some(fid) = target {
+                        forget_if_orphan(tx, fid, pfid, name)?;
+                    }
+                }
+            }
+        }
+        Change::Rename {
+            from_parent,
+            from_name,
+            to_parent,
+            to_name,
+            attr,
+            replaced: _,
+        } => {
+            let from = touch_parent(tx, from_parent, seq)?;
+            let to = if to_parent.id == from_parent.id {
+                from
+            } else {
+                touch_parent(tx, to_parent, seq)?
+            };
+            let fid = tx.by_origin(attr.id)?;
+            if let (Some(pfid), Some(fid)) = (from, fid)
+                && tx.lookup(pfid, from_name)? == Some(fid)
+            {
+                tx.unlink(pfid, from_name)?;
+            }
+            match to {
+                Some(tfid) => {
+                    upsert_entry(tx, tfid, to_name, attr, Source::Journal)?;
+                }
+                None => {
+                    // Moved out of what we cache: forget it.
+                    if let (Some(pfid), Some(fid)) = (from, fid) {
+                        forget_if_orphan(tx, fid, pfid, from_name)?;
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use imz_cache::{Cache, ROOT_FILEID};
+
+    fn attr(id: u64, kind: wire::Kind, version: u64, size: u64) -> wire::Attr {
+        wire::Attr {
+            id,
+            kind,
+            version,
+            size,
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            nlink: 1,
+            atime: 0,
+            mtime: version as i64,
+            ctime: version as i64,
+            target: None,
+        }
+    }
+
+    fn setup() -> (tempfile::TempDir, Cache) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cache = Cache::open(dir.path(), 1 << 30).expect("open");
+        let mut tx = cache.write().expect("write");
+        tx.put(
+            ROOT_FILEID,
+            &new_object(ROOT_FILEID, "", &attr(1, wire::Kind::Dir, 1, 0)),
+        )
+        .expect("root");
+        tx.commit(false).expect("commit");
+        (dir, cache)
+    }
+
+    fn rec(seq: u64, change: Change) -> Record {
+        Record {
+            seq,
+            time: 0,
+            key: None,
+            change,
+        }
+    }
+
+    #[test]
+    fn stale_records_do_not_undo_newer_listings() {
+        let (_d, cache) = setup();
+        let mut tx = cache.write().expect("write");
+        // A listing at dir version 10 already shows `b`.
+        upsert_entry(
+            &mut tx,
+            ROOT_FILEID,
+            "b",
+            &attr(5, wire::Kind::File, 9, 3),
+            Source::Fetch,
+        )
+        .expect("upsert");
+        let mut root = tx.object(ROOT_FILEID).expect("root");
+        root.origin = Some(OriginRef { id: 1, version: 10 });
+        tx.put(ROOT_FILEID, &root).expect("put");
+        // An older record removing `b` (seq 8) must not apply...
+        let mut applied = Applied::default();
+        apply_record(
+            &mut tx,
+            &rec(
+                8,
+                Change::Remove {
+                    parent: attr(1, wire::Kind::Dir, 8, 0),
+                    name: "b".into(),
+                    id: 5,
+                },
+            ),
+            &mut applied,
+        )
+        .expect("apply");
+        assert!(tx.lookup(ROOT_FILEID, "b").expect("lookup").is_some());
+        // ...but a newer one does.
+        apply_record(
+            &mut tx,
+            &rec(
+                11,
+                Change::Remove {
+                    parent: attr(1, wire::Kind::Dir, 11, 0),
+                    name: "b".into(),
+                    id: 5,
+                },
+            ),
+            &mut applied,
+        )
+        .expect("apply");
+        assert!(tx.lookup(ROOT_FILEID, "b").expect("lookup").is_none());
+        assert!(
+            tx.by_origin(5).expect("by_origin").is_none(),
+            "removed object still cached"
+        );
+    }
+
+    #[test]
+    fn write_record_drops_chunks_and_setattr_keeps_them() {
+        let (_d, cache) = setup();
+        let mut tx = cache.write().expect("write");
+        let fid = upsert_entry(
+            &mut tx,
+            ROOT_FILEID,
+            "f",
+            &attr(7, wire::Kind::File, 2, 4),
+            Source::Fetch,
+        )
+        .expect("upsert");
+        tx.put_chunk(fid, 0, b"abcd").expect("chunk");
+        let mut applied = Applied::default();
+        let mut chmod = attr(7, wire::Kind::File, 3, 4);
+        chmod.mode = 0o600;
+        apply_record(
+            &mut tx,
+            &rec(3, Change::SetAttr { attr: chmod }),
+            &mut applied,
+        )
+        .expect("apply");
+        assert!(tx.has_chunk(fid, 0).expect("has"));
+        assert_eq!(tx.object(fid).expect("obj").attrs.mode, 0o600);
+        apply_record(
+            &mut tx,
+            &rec(
+                4,
+                Change::Write {
+                    attr: attr(7, wire::Kind::File, 4, 9),
+                },
+            ),
+            &mut applied,
+        )
+        .expect("apply");
+        assert!(!tx.has_chunk(fid, 0).expect("has"));
+        let obj = tx.object(fid).expect("obj");
+        assert_eq!((obj.attrs.size, obj.origin_extent), (9, 9));
+        assert_eq!(applied.content_changed, vec![fid]);
+    }
+
+    #[test]
+    fn rename_keeps_the_fileid_and_replaces_the_target() {
+        let (_d, cache) = setup();
+        let mut tx = cache.write().expect("write");
+        let a = upsert_entry(
+            &mut tx,
+            ROOT_FILEID,
+            "a",
+            &attr(7, wire::Kind::File, 2, 1),
+            Source::Fetch,
+        )
+        .expect("a");
+        let b = upsert_entry(
+            &mut tx,
+            ROOT_FILEID,
+            "b",
+            &attr(8, wire::Kind::File, 3, 1),
+            Source::Fetch,
+        )
+        .expect("b");
+        let mut applied = Applied::default();
+        let dir = attr(1, wire::Kind::Dir, 5, 0);
+        apply_record(
+            &mut tx,
+            &rec(
+                5,
+                Change::Rename {
+                    from_parent: dir.clone(),
+                    from_name: "a".into(),
+                    to_parent: dir,
+                    to_name: "b".into(),
+                    attr: attr(7, wire::Kind::File, 5, 1),
+                    replaced: Some(8),
+                },
+            ),
+            &mut applied,
+        )
+        .expect("apply");
+        assert_eq!(tx.lookup(ROOT_FILEID, "b").expect("lookup"), Some(a));
+        assert_eq!(tx.lookup(ROOT_FILEID, "a").expect("lookup"), None);
+        assert!(
+            tx.get(b).expect("get").is_none(),
+            "replaced object still cached"
+        );
+        assert_eq!(tx.object(a).expect("a").name, "b");
+    }
+}

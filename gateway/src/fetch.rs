@@ -1,0 +1,472 @@
+//! The fetcher: brings file data from the origin into the cache on demand.
+//!
+//! A read that misses asks for the chunks it needs; consecutive missing
+//! chunks travel in one HTTP Range request. Each chunk has a *slot* that
+//! readers wait on: it is filled as soon as the chunk's bytes have arrived,
+//! so a reader is answered from memory before the chunk is in redb, and two
+//! readers of one chunk share one transfer. Chunks are then stored by a
+//! single storer thread that batches them into few redb transactions, and
+//! the slot goes away once its chunk can be read from the cache.
+//!
+//! Sequential reading opens a readahead window that doubles with each
+//! sequential read, up to [`MAX_READAHEAD_CHUNKS`]; readahead uses at most
+//! [`READAHEAD_STREAMS`] concurrent requests and is skipped, never waited
+//! for, when they are busy.
+//!
+//! Memory stays bounded whatever the file size: a transfer holds at most one
+//! chunk in assembly, and the storer's queue ([`STORE_QUEUE`] chunks) pushes
+//! back on transfers when redb falls behind.
+//!
+//! Slots are keyed by (fileid, origin version, chunk): bytes of one version
+//! can never answer a read of another, and the storer only stores a chunk
+//! if the object still has that version.
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use futures::StreamExt;
+use imz_cache::chunk::{self, CHUNK_SIZE};
+use imz_cache::{Cache, FileId};
+use imz_origin::wire::{self, ErrorCode};
+use tokio::sync::{Semaphore, mpsc, watch};
+
+use crate::link::Link;
+use crate::origin_client::{OriginClient, OriginError};
+
+/// Chunks per readahead request.
+const READAHEAD_RUN: u64 = 8;
+/// Largest readahead window, in chunks (about 32 MiB).
+pub const MAX_READAHEAD_CHUNKS: u64 = 32;
+/// Concurrent readahead requests.
+pub const READAHEAD_STREAMS: usize = 3;
+/// Chunks queued for storing before transfers wait.
+pub const STORE_QUEUE: usize = 24;
+/// Files whose read pattern is remembered.
+const TRACKED_FILES: usize = 1024;
+/// Stored bytes after which the storer makes its commits durable (so that
+/// redb can reuse freed pages and a crash loses little fetched data).
+const DURABLE_EVERY_BYTES: u64 = 256 << 20;
+const DURABLE_EVERY: Duration = Duration::from_secs(5);
+
+type SlotKey = (FileId, u64, u64);
+
+/// Why a chunk could not be fetched.
+#[derive(Debug, Clone)]
+pub enum FetchFailure {
+    /// The origin is unreachable.
+    Offline,
+    /// The version is no longer current at the origin; its current
+    /// attributes, or `None` if the object is gone.
+    Gone(Option<wire::Attr>),
+    Io(String),
+}
+
+#[derive(Debug, Clone)]
+enum SlotState {
+    Pending,
+    Ready(Bytes),
+    Failed(FetchFailure),
+}
+
+/// What to fetch: one version of one file.
+#[derive(Debug, Clone, Copy)]
+pub struct Target {
+    pub fid: FileId,
+    pub origin_id: wire::ObjectId,
+    pub version: wire::Version,
+    /// Bytes past this come from nowhere (holes or local data).
+    pub extent: u64,
+}
+
+struct StoreJob {
+    key: SlotKey,
+    bytes: Bytes,
+}
+
+/// Per-file read pattern, for readahead.
+#[derive(Debug, Clone, Copy)]
+struct ReadPattern {
+    next: u64,
+    window: u64,
+}
+
+struct Inner {
+    cache: Arc<Cache>,
+    origin: OriginClient,
+    link: Arc<Link>,
+    slots: Mutex<HashMap<SlotKey, watch::Receiver<SlotState>>>,
+    readahead: Arc<Semaphore>,
+    store: mpsc::Sender<StoreJob>,
+    patterns: Mutex<lru::LruCache<FileId, ReadPattern>>,
+}
+
+/// Handle to the fetcher; cheap to clone.
+#[derive(Clone)]
+pub struct Fetcher {
+    inner: Arc<Inner>,
+}
+
+impl Fetcher {
+    /// Starts the fetcher and its storer thread.
+    pub fn start(
+        cache: Arc<Cache>,
+        origin: OriginClient,
+        link: Arc<Link>,
+    ) -> std::io::Result<Self> {
+        let (store, jobs) = mpsc::channel(STORE_QUEUE);
+        let inner = Arc::new(Inner {
+            cache,
+            origin,
+            link,
+            slots: Mutex::new(HashMap::new()),
+            readahead: Arc::new(Semaphore::new(READAHEAD_STREAMS)),
+            store,
+            patterns: Mutex::new(lru::LruCache::new(
+                std::num::NonZeroUsize::new(TRACKED_FILES).unwrap_or(std::num::NonZeroUsize::MIN),
+            )),
+        });
+        let weak = Arc::downgrade(&inner);
+        std::thread::Builder::new()
+            .name("imz-storer".into())
+            .spawn(move || run_storer(weak, jobs))?;
+        Ok(Self { inner })
+    }
+
+    /// Records a read of `offset..offset+len` of `fid`; returns the readahead
+    /// window in chunks (0 for non-sequential reads).
+    pub fn note_read(&self, fid: FileId, offset: u64, len: u64) -> u64 {
+        let mut patterns = self
+            .inner
+            .patterns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let pattern = patterns.get_or_insert_mut(fid, || ReadPattern { next: 0, window: 0 });
+        let sequential = offset <= pattern.next && pattern.next <= offset + len;
+        pattern.window = if sequential {
+            (pattern.window * 2).clamp(2, MAX_READAHEAD_CHUNKS)
+        } else {
+            0
+        };
+        pattern.next = pattern.next.max(offset + len);
+        if !sequential {
+            pattern.next = offset + len;
+        }
+        pattern.window
+    }
+
+    /// Starts fetching the demanded chunks (all of them, now) and the
+    /// readahead chunks (if a stream is free). Returns a receiver per
+    /// demanded chunk.
+    pub fn demand(
+        &self,
+        target: &Target,
+        demanded: &[u64],
+        readahead: Range<u64>,
+    ) -> Vec<(u64, SlotWait)> {
+        let mut waits = Vec::with_capacity(demanded.len());
+        let mut to_fetch = Vec::new();
+        {
+            let mut slots = self.inner.slots.lock().unwrap_or_else(|p| p.into_inner());
+            for &index in demanded {
+                let key = (target.fid, target.version, index);
+                let rx = match slots.get(&key) {
+                    Some(rx) => rx.clone(),
+                    None => {
+                        let (tx, rx) = watch::channel(SlotState::Pending);
+                        slots.insert(key, rx.clone());
+                        to_fetch.push((index, tx));
+                        rx
+                    }
+                };
+                waits.push((index, SlotWait(rx)));
+            }
+        }
+        for run in runs(to_fetch, u64::MAX) {
+            self.spawn_run(*target, run, None);
+        }
+        self.readahead(target, readahead);
+        waits
+    }
+
+    /// Fetches chunks in `range` that are neither cached nor in flight, if a
+    /// readahead stream is free.
+    pub fn readahead(&self, target: &Target, range: Range<u64>) {
+        let range = range.start..range.end.min(chunk::count(target.extent));
+        if range.is_empty() {
+            return;
+        }
+        let Ok(rx) = self.inner.cache.read() else {
+            return;
+        };
+        let mut to_fetch = Vec::new();
+        {
+            let mut slots = self.inner.slots.lock().unwrap_or_else(|p| p.into_inner());
+            for index in range {
+                let key = (target.fid, target.version, index);
+                if slots.contains_key(&key) || rx.has_chunk(target.fid, index).unwrap_or(true) {
+                    continue;
+                }
+                let (tx, rx) = watch::channel(SlotState::Pending);
+                slots.insert(key, rx);
+                to_fetch.push((index, tx));
+            }
+        }
+        let mut runs = runs(to_fetch, READAHEAD_RUN).into_iter();
+        for run in runs.by_ref() {
+            match Arc::clone(&self.inner.readahead).try_acquire_owned() {
+                Ok(permit) => self.spawn_run(*target, run, Some(permit)),
+                Err(_) => {
+                    // Busy: give these chunks back to whoever asks next.
+                    self.abandon(target, run);
+                    break;
+                }
+            }
+        }
+        for run in runs {
+            self.abandon(target, run);
+        }
+    }
+
+    fn abandon(&self, target: &Target, run: Vec<(u64, watch::Sender<SlotState>)>) {
+        let mut slots = self.inner.slots.lock().unwrap_or_else(|p| p.into_inner());
+        for (index, tx) in run {
+            slots.remove(&(target.fid, target.version, index));
+            // Anyone who raced onto this slot meanwhile must not wait forever.
+            let _ = tx.send(SlotState::Failed(FetchFailure::Io(
+                "readahead abandoned".into(),
+            )));
+        }
+    }
+
+    fn spawn_run(
+        &self,
+        target: Target,
+        run: Vec<(u64, watch::Sender<SlotState>)>,
+        permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    ) {
+        use tracing::Instrument;
+        let inner = Arc::clone(&self.inner);
+        let span = tracing::debug_span!(
+            "fetch",
+            fid = target.fid,
+            id = target.origin_id,
+            version = target.version,
+            first = run.first().map(|r| r.0),
+            chunks = run.len()
+        );
+        tokio::spawn(
+            async move {
+                let _permit = permit;
+                fetch_run(&inner, target, run).await;
+            }
+            .instrument(span),
+        );
+    }
+}
+
+/// Waits for one chunk.
+pub struct SlotWait(watch::Receiver<SlotState>);
+
+impl SlotWait {
+    pub async fn bytes(mut self) -> Result<Bytes, FetchFailure> {
+        let state = self
+            .0
+            .wait_for(|s| !matches!(s, SlotState::Pending))
+            .await
+            .map_err(|_| FetchFailure::Io("fetch ended without an answer".into()))?;
+        match &*state {
+            SlotState::Ready(bytes) => Ok(bytes.clone()),
+            SlotState::Failed(f) => Err(f.clone()),
+            SlotState::Pending => Err(FetchFailure::Io("fetch ended without an answer".into())),
+        }
+    }
+}
+
+/// Groups slots into runs of consecutive chunks, at most `max` long.
+fn runs(
+    mut slots: Vec<(u64, watch::Sender<SlotState>)>,
+    max: u64,
+) -> Vec<Vec<(u64, watch::Sender<SlotState>)>> {
+    slots.sort_by_key(|(i, _)| *i);
+    let mut out: Vec<Vec<(u64, watch::Sender<SlotState>)>> = Vec::new();
+    for slot in slots {
+        match out.last_mut() {
+            Some(run)
+                if run.last().is_some_and(|(i, _)| *i + 1 == slot.0)
+                    && (run.len() as u64) < max =>
+            {
+                run.push(slot);
+            }
+            _ => out.push(vec![slot]),
+        }
+    }
+    out
+}
+
+/// Fetches one run of consecutive chunks with one Range request.
+async fn fetch_run(inner: &Arc<Inner>, target: Target, run: Vec<(u64, watch::Sender<SlotState>)>) {
+    let (Some(first), Some(last)) = (run.first().map(|r| r.0), run.last().map(|r| r.0)) else {
+        return;
+    };
+    let start = chunk::start_of(first);
+    let end = (chunk::start_of(last) + CHUNK_SIZE).min(target.extent);
+    let mut pending = run.into_iter().peekable();
+    let failure = match inner
+        .origin
+        .data(target.origin_id, target.version, start, end)
+        .await
+    {
+        Err(e) => Some(classify(inner, e)),
+        Ok(stream) => {
+            let mut stream = std::pin::pin!(stream);
+            let mut buf = BytesMut::new();
+            let mut failure = None;
+            'body: while let Some(item) = stream.next().await {
+                let mut bytes = match item {
+                    Ok(b) => b,
+                    Err(e) => {
+                        failure = Some(classify(inner, e));
+                        break;
+                    }
+                };
+                while !bytes.is_empty() {
+                    let Some((index, _)) = pending.peek() else {
+                        break 'body;
+                    };
+                    let want =
+                        (chunk::start_of(*index) + CHUNK_SIZE).min(end) - chunk::start_of(*index);
+                    if buf.capacity() == 0 {
+                        buf.reserve(want as usize);
+                    }
+                    let take = (want as usize - buf.len()).min(bytes.len());
+                    buf.extend_from_slice(&bytes.split_to(take));
+                    if buf.len() as u64 == want {
+                        let (index, tx) = pending.next().map_or((0, None), |(i, t)| (i, Some(t)));
+                        let chunk = buf.split().freeze();
+                        if let Some(tx) = tx {
+                            let _ = tx.send(SlotState::Ready(chunk.clone()));
+                        }
+                        let job = StoreJob {
+                            key: (target.fid, target.version, index),
+                            bytes: chunk,
+                        };
+                        if inner.store.send(job).await.is_err() {
+                            failure = Some(FetchFailure::Io("cache storer stopped".into()));
+                            break 'body;
+                        }
+                    }
+                }
+            }
+            match failure {
+                Some(f) => Some(f),
+                None if pending.peek().is_some() => Some(FetchFailure::Io(
+                    "origin sent fewer bytes than asked (file changing at the origin?)".into(),
+                )),
+                None => None,
+            }
+        }
+    };
+    if let Some(failure) = failure {
+        let mut slots = inner.slots.lock().unwrap_or_else(|p| p.into_inner());
+        for (index, tx) in pending {
+            slots.remove(&(target.fid, target.version, index));
+            let _ = tx.send(SlotState::Failed(failure.clone()));
+        }
+    }
+}
+
+fn classify(inner: &Inner, err: OriginError) -> FetchFailure {
+    match err {
+        OriginError::Unreachable(reason) => {
+            inner.link.down(&reason);
+            FetchFailure::Offline
+        }
+        OriginError::Api(api) => match api.code {
+            ErrorCode::VersionGone => FetchFailure::Gone(api.current),
+            ErrorCode::NotFound => FetchFailure::Gone(None),
+            _ => FetchFailure::Io(api.to_string()),
+        },
+        other => FetchFailure::Io(other.to_string()),
+    }
+}
+
+/// The storer: writes fetched chunks into redb in batches, then retires
+/// their slots. Runs until the fetcher is dropped.
+fn run_storer(inner: std::sync::Weak<Inner>, mut jobs: mpsc::Receiver<StoreJob>) {
+    let mut since_durable = 0u64;
+    let mut last_durable = Instant::now();
+    while let Some(first) = jobs.blocking_recv() {
+        let mut batch = vec![first];
+        while batch.len() < STORE_QUEUE {
+            match jobs.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        let Some(inner) = inner.upgrade() else { return };
+        let bytes: u64 = batch.iter().map(|j| j.bytes.len() as u64).sum();
+        since_durable += bytes;
+        let durable =
+            since_durable >= DURABLE_EVERY_BYTES || last_durable.elapsed() >= DURABLE_EVERY;
+        if let Err(e) = store_batch(&inner.cache, &batch, durable) {
+            tracing::warn!(error = %e, "could not store fetched data in the cache");
+        }
+        if durable {
+            since_durable = 0;
+            last_durable = Instant::now();
+        }
+        let mut slots = inner.slots.lock().unwrap_or_else(|p| p.into_inner());
+        for job in &batch {
+            // Readers that still find the slot gone will read the cache (or
+            // fetch again if the chunk was evicted already).
+            if slots
+                .get(&job.key)
+                .is_some_and(|rx| matches!(&*rx.borrow(), SlotState::Ready(_)))
+            {
+                slots.remove(&job.key);
+            }
+        }
+    }
+}
+
+fn store_batch(cache: &Cache, batch: &[StoreJob], durable: bool) -> imz_cache::Result<()> {
+    let mut tx = cache.write()?;
+    for job in batch {
+        let (fid, version, index) = job.key;
+        let Some(obj) = tx.get(fid)? else { continue };
+        // Only bytes of the version the object still has, and never over
+        // local changes.
+        let current = obj.origin.is_some_and(|o| o.version == version);
+        if !current || obj.dirty || chunk::start_of(index) >= obj.origin_extent {
+            continue;
+        }
+        if !tx.has_chunk(fid, index)? {
+            tx.put_chunk(fid, index, &job.bytes)?;
+        }
+    }
+    tx.commit(durable)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn slots(indexes: &[u64]) -> Vec<(u64, watch::Sender<SlotState>)> {
+        indexes
+            .iter()
+            .map(|&i| (i, watch::channel(SlotState::Pending).0))
+            .collect()
+    }
+
+    #[test]
+    fn runs_group_consecutive_chunks_up_to_a_limit() {
+        let got: Vec<Vec<u64>> = runs(slots(&[5, 1, 2, 3, 7, 8]), 2)
+            .into_iter()
+            .map(|r| r.into_iter().map(|(i, _)| i).collect())
+            .collect();
+        assert_eq!(got, vec![vec![1, 2], vec![3], vec![5], vec![7, 8]]);
+    }
+}

@@ -1,0 +1,152 @@
+//! The journal follower: keeps the cache coherent with the origin.
+//!
+//! It long-polls the origin's journal from the cursor stored in the cache
+//! and applies each batch of records in one transaction together with the
+//! new cursor, so that the cache and its cursor always agree (a crash replays
+//! records, and applying a record twice changes nothing: see
+//! [`crate::coherence`]). While this stream is live, cached state is trusted
+//! without asking the origin per operation: Coda's callbacks, InterMezzo's
+//! KML replay.
+//!
+//! When the origin has compacted its journal past the cursor, the follower
+//! revalidates every cached object against the origin instead.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use imz_cache::{Kind, meta};
+use imz_origin::wire::ErrorCode;
+use tokio::sync::watch;
+
+use crate::coherence::{self, Applied, Source};
+use crate::origin_client::OriginError;
+use crate::vfs::{Vfs, VfsError};
+
+/// How long one journal request waits for news.
+pub const POLL_WAIT: Duration = Duration::from_secs(20);
+
+/// Follows the journal until the process ends. `applied` is bumped with the
+/// cursor after each applied batch (tests and `imz status` watch it).
+pub async fn run_follower(vfs: Arc<Vfs>, applied: watch::Sender<u64>) {
+    loop {
+        vfs.link.wait_up().await;
+        let cursor = match vfs.cache.read().and_then(|rx| rx.meta_u64(meta::CURSOR)) {
+            Ok(c) => c.unwrap_or(0),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the journal cursor");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        match vfs.origin.journal(cursor, POLL_WAIT).await {
+            Ok(page) => {
+                vfs.link.up();
+                if page.records.is_empty() {
+                    continue;
+                }
+                let last = page.records.last().map_or(cursor, |r| r.seq);
+                let count = page.records.len();
+                let result = vfs
+                    .blocking(move |cache| {
+                        let mut tx = cache.write()?;
+                        let mut applied = Applied::default();
+                        for record in &page.records {
+                            if record.seq > cursor {
+                                coherence::apply_record(&mut tx, record, &mut applied)?;
+                            }
+                        }
+                        tx.put_meta_u64(meta::CURSOR, last)?;
+                        tx.commit(false)?;
+                        Ok(applied)
+                    })
+                    .await;
+                match result {
+                    Ok(_) => {
+                        tracing::debug!(count, last, "applied journal records");
+                        applied.send_replace(last);
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot apply journal records");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                }
+            }
+            Err(OriginError::Unreachable(reason)) => vfs.link.down(&reason),
+            Err(OriginError::Api(api)) if api.code == ErrorCode::JournalCompacted => {
+                tracing::warn!(
+                    cursor,
+                    "origin journal compacted past our cursor: revalidating the cache"
+                );
+                match revalidate(&vfs).await {
+                    Ok(last) => {
+                        applied.send_replace(last);
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "revalidation failed; will retry");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "journal request failed");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+}
+
+/// Checks every cached object against the origin, dropping what changed or
+/// vanished, then moves the cursor to the journal's end as it was before
+/// the sweep (so changes made during the sweep are replayed). Returns the
+/// new cursor.
+pub async fn revalidate(vfs: &Vfs) -> Result<u64, VfsError> {
+    let info = vfs.origin.info().await.map_err(|e| vfs.origin_failed(e))?;
+    let fids = vfs.cache.read()?.all_fileids()?;
+    for fid in fids {
+        let Some(obj) = vfs.cache.read()?.get(fid)? else {
+            continue;
+        };
+        let Some(origin) = obj.origin else { continue };
+        let fresh = match vfs.origin.getattr(origin.id).await {
+            Ok(attr) => Some(attr),
+            Err(OriginError::Api(api)) if api.code == ErrorCode::NotFound => None,
+            Err(e) => return Err(vfs.origin_failed(e)),
+        };
+        vfs.blocking(move |cache| {
+            let mut tx = cache.write()?;
+            let Some(mut obj) = tx.get(fid)? else {
+                return Ok(());
+            };
+            match fresh {
+                Some(attr) => {
+                    coherence::refresh(&mut tx, fid, &mut obj, &attr, Source::Fetch)?;
+                    // Entries may have changed without the directory's
+                    // version telling us which: list it again when used.
+                    if obj.kind == Kind::Dir {
+                        obj.listed = false;
+                    }
+                    tx.put(fid, &obj)?;
+                }
+                None if !obj.dirty && fid != imz_cache::ROOT_FILEID => {
+                    if tx.lookup(obj.parent, &obj.name)? == Some(fid) {
+                        tx.unlink(obj.parent, &obj.name)?;
+                    }
+                    tx.remove_tree(fid)?;
+                }
+                None => {}
+            }
+            tx.commit(false)?;
+            Ok(())
+        })
+        .await?;
+    }
+    let last = info.last_seq;
+    vfs.blocking(move |cache| {
+        let mut tx = cache.write()?;
+        tx.put_meta_u64(meta::CURSOR, last)?;
+        tx.commit(true)?;
+        Ok(())
+    })
+    .await?;
+    Ok(last)
+}

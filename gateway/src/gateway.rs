@@ -1,0 +1,216 @@
+//! Starting a gateway: open the cache, meet the origin, start the
+//! background tasks and the NFS listener.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use imz_cache::{Cache, ROOT_FILEID, meta};
+use imz_origin::wire;
+use nfs3_server::tcp::{NFSTcp, NFSTcpListener};
+use tokio::sync::watch;
+
+use crate::coherence;
+use crate::fetch::Fetcher;
+use crate::follow;
+use crate::link::{self, Link};
+use crate::nfs::{EXPORT, NfsAdapter};
+use crate::origin_client::{OriginClient, OriginError, Timeouts};
+use crate::vfs::Vfs;
+
+/// Everything `imz gateway` needs.
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    pub origin_url: String,
+    pub token: String,
+    pub cache_dir: PathBuf,
+    pub cache_size: u64,
+    pub listen: SocketAddr,
+    pub timeouts: Timeouts,
+}
+
+/// A running gateway.
+pub struct Gateway {
+    pub vfs: Arc<Vfs>,
+    pub nfs_addr: SocketAddr,
+    /// The journal sequence the cache reflects, updated as records apply.
+    pub cursor: watch::Receiver<u64>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Gateway {
+    pub async fn start(config: GatewayConfig) -> anyhow::Result<Self> {
+        let cache_dir = config.cache_dir.clone();
+        let cache_size = config.cache_size;
+        let cache = tokio::task::spawn_blocking(move || Cache::open(&cache_dir, cache_size))
+            .await?
+            .with_context(|| format!("opening the cache in {}", config.cache_dir.display()))?;
+        let cache = Arc::new(cache);
+        let origin = OriginClient::new(&config.origin_url, &config.token, config.timeouts)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+
+        let connected = meet_origin(&cache, &origin, &config).await?;
+        let link = Link::new(connected);
+        let fetcher = Fetcher::start(Arc::clone(&cache), origin.clone(), Arc::clone(&link))
+            .context("starting the fetcher")?;
+        let vfs = Arc::new(Vfs::new(
+            Arc::clone(&cache),
+            origin.clone(),
+            Arc::clone(&link),
+            fetcher,
+        ));
+
+        let start_cursor = cache.read()?.meta_u64(meta::CURSOR)?.unwrap_or(0);
+        let (cursor_tx, cursor) = watch::channel(start_cursor);
+        let mut tasks = Vec::new();
+        tasks.push(tokio::spawn(link::run_prober(
+            Arc::clone(&link),
+            origin.clone(),
+            Duration::from_millis(500),
+        )));
+        tasks.push(tokio::spawn(follow::run_follower(
+            Arc::clone(&vfs),
+            cursor_tx,
+        )));
+
+        let adapter = NfsAdapter::new(Arc::clone(&vfs));
+        let listener = NFSTcpListener::bind_with_generation(
+            &config.listen.to_string(),
+            adapter,
+            cache.generation(),
+        )
+        .await
+        .with_context(|| format!("listening for NFS on {}", config.listen))?;
+        let nfs_addr = SocketAddr::new(listener.get_listen_ip(), listener.get_listen_port());
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = listener.handle_forever().await {
+                tracing::error!(error = %e, "NFS listener failed");
+            }
+        }));
+        Ok(Self {
+            vfs,
+            nfs_addr,
+            cursor,
+            tasks,
+        })
+    }
+
+    /// The mount command that works on Linux for this gateway.
+    pub fn linux_mount_command(&self, mountpoint: &str) -> String {
+        let port = self.nfs_addr.port();
+        let host = mount_host(self.nfs_addr);
+        if port == 2049 {
+            format!("mount -t nfs -o vers=3,tcp,nolock {host}:/{EXPORT} {mountpoint}")
+        } else {
+            format!(
+                "mount -t nfs -o vers=3,tcp,nolock,port={port},mountport={port} {host}:/{EXPORT} {mountpoint}"
+            )
+        }
+    }
+
+    /// The mount command for macOS.
+    pub fn macos_mount_command(&self, mountpoint: &str) -> String {
+        let port = self.nfs_addr.port();
+        let host = mount_host(self.nfs_addr);
+        format!(
+            "mount -t nfs -o vers=3,tcp,nolocks,port={port},mountport={port} {host}:/{EXPORT} {mountpoint}"
+        )
+    }
+
+    /// A libnfs URL for `path` under the export.
+    pub fn libnfs_url(&self, path: &str) -> String {
+        let port = self.nfs_addr.port();
+        let host = mount_host(self.nfs_addr);
+        format!(
+            "nfs://{host}/{EXPORT}/{}?version=3&nfsport={port}&mountport={port}",
+            path.trim_start_matches('/')
+        )
+    }
+
+    pub fn abort(&self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        self.abort();
+    }
+}
+
+fn mount_host(addr: SocketAddr) -> String {
+    if addr.ip().is_unspecified() {
+        "localhost".to_owned()
+    } else {
+        addr.ip().to_string()
+    }
+}
+
+/// Checks the origin against the cache: same store, root in place, cursor
+/// set. Returns whether the origin is reachable; an unreachable origin is
+/// fine if the cache can serve on its own.
+async fn meet_origin(
+    cache: &Arc<Cache>,
+    origin: &OriginClient,
+    config: &GatewayConfig,
+) -> anyhow::Result<bool> {
+    let has_root = cache.read()?.get(ROOT_FILEID)?.is_some();
+    let info = match origin.info().await {
+        Ok(info) => info,
+        Err(OriginError::Unreachable(reason)) if has_root => {
+            tracing::warn!(%reason, "origin unreachable at start: serving the cache disconnected");
+            return Ok(false);
+        }
+        Err(OriginError::Unreachable(reason)) => {
+            bail!(
+                "cannot reach the origin at {} ({reason}), and the cache is empty",
+                config.origin_url
+            )
+        }
+        Err(OriginError::Api(api)) if api.code == wire::ErrorCode::Unauthorized => {
+            bail!(
+                "the origin at {} refused our token: check --token-file (it must hold the origin's token)",
+                config.origin_url
+            )
+        }
+        Err(e) => bail!(
+            "the origin at {} answered unexpectedly: {e}",
+            config.origin_url
+        ),
+    };
+    let known_store = cache.read()?.meta_str(meta::ORIGIN_STORE)?;
+    if let Some(known) = known_store.as_deref() {
+        if known != info.store_id {
+            bail!(
+                "the cache in {} was filled from another origin (store {known}, this one is {}); use another --cache directory",
+                config.cache_dir.display(),
+                info.store_id
+            );
+        }
+        return Ok(true);
+    }
+    // A new cache: the root, the store id, and the cursor at the journal's
+    // end (everything fetched from now on is at least that new).
+    let cache = Arc::clone(cache);
+    tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+        let mut tx = cache.write()?;
+        tx.put(
+            ROOT_FILEID,
+            &coherence::new_object(ROOT_FILEID, "", &info.root),
+        )?;
+        tx.put_meta(meta::ORIGIN_STORE, info.store_id.as_bytes())?;
+        tx.put_meta_u64(meta::CURSOR, info.last_seq)?;
+        if tx.meta(meta::GATEWAY_ID)?.is_none() {
+            let id = uuid::Uuid::new_v4().simple().to_string();
+            tx.put_meta(meta::GATEWAY_ID, id.as_bytes())?;
+        }
+        tx.commit(true)?;
+        Ok(())
+    })
+    .await??;
+    Ok(true)
+}

@@ -1,0 +1,120 @@
+//! Connectivity: whether the origin is believed reachable, and since when.
+//!
+//! Any part of the gateway that fails to reach the origin reports it here
+//! ([`Link::down`]); from then on, reads of uncached data fail at once
+//! instead of waiting for timeouts. The prober ([`run_prober`]) notices when
+//! the origin answers again, and whoever waits for the link
+//! ([`Link::wait_up`]: the journal follower, the reintegrator) resumes.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::watch;
+
+use crate::origin_client::OriginClient;
+
+/// The link's state as others see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LinkState {
+    Connected { since: SystemTime },
+    Disconnected { since: SystemTime, reason: String },
+}
+
+impl LinkState {
+    pub fn is_up(&self) -> bool {
+        matches!(self, Self::Connected { .. })
+    }
+}
+
+#[derive(Debug)]
+pub struct Link {
+    state: watch::Sender<LinkState>,
+}
+
+impl Link {
+    /// A link that starts in the given state.
+    pub fn new(up: bool) -> Arc<Self> {
+        let now = SystemTime::now();
+        let state = if up {
+            LinkState::Connected { since: now }
+        } else {
+            LinkState::Disconnected {
+                since: now,
+                reason: "not yet connected".into(),
+            }
+        };
+        Arc::new(Self {
+            state: watch::Sender::new(state),
+        })
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.state.borrow().is_up()
+    }
+
+    pub fn state(&self) -> LinkState {
+        self.state.borrow().clone()
+    }
+
+    /// The origin could not be reached.
+    pub fn down(&self, reason: &str) {
+        self.state.send_if_modified(|s| {
+            if s.is_up() {
+                tracing::warn!(reason, "origin unreachable: working disconnected");
+                *s = LinkState::Disconnected {
+                    since: SystemTime::now(),
+                    reason: reason.to_owned(),
+                };
+                true
+            } else {
+                false
+            }
+        });
+    }
+
+    /// The origin answered.
+    pub fn up(&self) {
+        self.state.send_if_modified(|s| {
+            if s.is_up() {
+                false
+            } else {
+                tracing::info!("origin reachable again: connected");
+                *s = LinkState::Connected {
+                    since: SystemTime::now(),
+                };
+                true
+            }
+        });
+    }
+
+    /// Waits until the link is up.
+    pub async fn wait_up(&self) {
+        let mut rx = self.state.subscribe();
+        // The sender lives as long as `self`, so this cannot fail while we wait.
+        let _ = rx.wait_for(LinkState::is_up).await;
+    }
+
+    /// Waits until the link goes down.
+    pub async fn wait_down(&self) {
+        let mut rx = self.state.subscribe();
+        let _ = rx.wait_for(|s| !s.is_up()).await;
+    }
+}
+
+/// While the link is down, asks the origin's health endpoint every
+/// `interval` and brings the link up when it answers.
+pub async fn run_prober(link: Arc<Link>, origin: OriginClient, interval: Duration) {
+    loop {
+        link.wait_down().await;
+        loop {
+            tokio::time::sleep(interval).await;
+            match origin.health().await {
+                Ok(_) => {
+                    link.up();
+                    break;
+                }
+                Err(e) => tracing::debug!(error = %e, "origin still unreachable"),
+            }
+        }
+    }
+}

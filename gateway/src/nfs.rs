@@ -1,0 +1,315 @@
+//! The NFSv3 adapter: the only module that knows the NFS layer.
+//!
+//! The layer is `nfs3_server`, the maintained fork of `nfsserve` (see
+//! ARCHITECTURE.md for why). This module turns its calls into [`Vfs`] calls
+//! and [`VfsError`]s into NFS status codes, chosen on purpose:
+//! an unreachable origin is `NFS3ERR_IO` (fail fast, never hang the client,
+//! never `STALE` for a transient failure); a handle of an object that no
+//! longer exists is `NFS3ERR_STALE`.
+//!
+//! File handles are the 8-byte fileid behind `nfs3_server`'s 8-byte
+//! generation prefix. The generation is the cache's, fixed when the cache
+//! is created, and fileids are never reused, so handles a client holds stay
+//! valid across gateway restarts.
+//!
+//! The export is `/imz`. `nfs3_server` matches mount paths by string prefix
+//! (it would take `/imzfoo` as `/imz` + `foo`), so the listener exports `/`
+//! and [`NfsAdapter::lookup_by_path`] insists on the `imz` component itself.
+
+use std::sync::Arc;
+
+use imz_cache::{FileId, Kind, Object, ROOT_FILEID};
+use nfs3_server::nfs3_types::nfs3::{
+    createverf3, fattr3, filename3, ftype3, nfspath3, nfsstat3, nfstime3, sattr3, specdata3,
+    stable_how,
+};
+use nfs3_server::vfs::{
+    DirEntryPlus, FileHandleU64, NextResult, NfsFileSystem, NfsReadFileSystem, ReadDirPlusIterator,
+    VFSCapabilities,
+};
+
+use crate::vfs::{Vfs, VfsError};
+
+/// The export path clients mount.
+pub const EXPORT: &str = "imz";
+
+/// Directory entries read from the cache per batch while a READDIR reply fills.
+const READDIR_BATCH: usize = 256;
+
+pub struct NfsAdapter {
+    vfs: Arc<Vfs>,
+    fsid: u64,
+}
+
+impl NfsAdapter {
+    pub fn new(vfs: Arc<Vfs>) -> Self {
+        // Constant for the life of the cache, like the handles.
+        let fsid = vfs.cache.generation() & 0xffff_ffff;
+        Self { vfs, fsid }
+    }
+
+    fn fattr(&self, fid: FileId, obj: &Object) -> fattr3 {
+        to_fattr(fid, obj, self.fsid)
+    }
+
+    fn attr_of(&self, fid: FileId) -> Result<fattr3, nfsstat3> {
+        let obj = self.vfs.getattr(fid).map_err(status)?;
+        Ok(self.fattr(fid, &obj))
+    }
+}
+
+pub fn status(e: VfsError) -> nfsstat3 {
+    match e {
+        VfsError::NotFound => nfsstat3::NFS3ERR_NOENT,
+        VfsError::NotDir => nfsstat3::NFS3ERR_NOTDIR,
+        VfsError::IsDir => nfsstat3::NFS3ERR_ISDIR,
+        VfsError::Exists => nfsstat3::NFS3ERR_EXIST,
+        VfsError::NotEmpty => nfsstat3::NFS3ERR_NOTEMPTY,
+        VfsError::Stale => nfsstat3::NFS3ERR_STALE,
+        VfsError::Offline | VfsError::Io(_) => nfsstat3::NFS3ERR_IO,
+        VfsError::Invalid(_) => nfsstat3::NFS3ERR_INVAL,
+        VfsError::NameTooLong => nfsstat3::NFS3ERR_NAMETOOLONG,
+        VfsError::NoSpace => nfsstat3::NFS3ERR_NOSPC,
+        VfsError::NotSupported => nfsstat3::NFS3ERR_NOTSUPP,
+    }
+}
+
+fn nfstime(nanos: i64) -> nfstime3 {
+    let nanos = nanos.max(0);
+    nfstime3 {
+        seconds: u32::try_from(nanos / 1_000_000_000).unwrap_or(u32::MAX),
+        nseconds: (nanos % 1_000_000_000) as u32,
+    }
+}
+
+pub fn to_fattr(fid: FileId, obj: &Object, fsid: u64) -> fattr3 {
+    let a = &obj.attrs;
+    fattr3 {
+        type_: match obj.kind {
+            Kind::File => ftype3::NF3REG,
+            Kind::Dir => ftype3::NF3DIR,
+            Kind::Symlink => ftype3::NF3LNK,
+        },
+        mode: a.mode & 0o7777,
+        nlink: a.nlink.max(1),
+        uid: a.uid,
+        gid: a.gid,
+        size: a.size,
+        used: a.size.div_ceil(4096) * 4096,
+        rdev: specdata3::default(),
+        fsid,
+        fileid: fid,
+        atime: nfstime(a.atime),
+        mtime: nfstime(a.mtime),
+        ctime: nfstime(a.ctime),
+    }
+}
+
+fn name_of<'a>(name: &'a filename3<'_>) -> Result<&'a str, nfsstat3> {
+    // The origin only has UTF-8 names, so no other name can exist.
+    std::str::from_utf8(name.as_ref()).map_err(|_| nfsstat3::NFS3ERR_NOENT)
+}
+
+impl NfsReadFileSystem for NfsAdapter {
+    type Handle = FileHandleU64;
+
+    fn root_dir(&self) -> FileHandleU64 {
+        FileHandleU64::new(ROOT_FILEID)
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(dir = dirid.as_u64()))]
+    async fn lookup(
+        &self,
+        dirid: &FileHandleU64,
+        filename: &filename3<'_>,
+    ) -> Result<FileHandleU64, nfsstat3> {
+        let name = name_of(filename)?;
+        self.vfs
+            .lookup(dirid.as_u64(), name)
+            .await
+            .map(FileHandleU64::new)
+            .map_err(status)
+    }
+
+    #[tracing::instrument(level = "debug", skip(self))]
+    async fn lookup_by_path(&self, path: &str) -> Result<FileHandleU64, nfsstat3> {
+        let path = path.trim_matches('/');
+        let rest = match path.split_once('/') {
+            Some((first, rest)) if first == EXPORT => rest,
+            None if path == EXPORT => "",
+            _ => {
+                tracing::info!(path, "refused mount of a path outside /{EXPORT}");
+                return Err(nfsstat3::NFS3ERR_NOENT);
+            }
+        };
+        self.vfs
+            .lookup_path(rest)
+            .await
+            .map(FileHandleU64::new)
+            .map_err(status)
+    }
+
+    #[tracing::instrument(level = "trace", skip_all, fields(fid = id.as_u64()))]
+    async fn getattr(&self, id: &FileHandleU64) -> Result<fattr3, nfsstat3> {
+        self.attr_of(id.as_u64())
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(fid = id.as_u64(), offset, count))]
+    async fn read(
+        &self,
+        id: &FileHandleU64,
+        offset: u64,
+        count: u32,
+    ) -> Result<(Vec<u8>, bool), nfsstat3> {
+        self.vfs
+            .read(id.as_u64(), offset, count)
+            .await
+            .map_err(|e| {
+                tracing::debug!(fid = id.as_u64(), offset, count, error = %e, "read failed");
+                status(e)
+            })
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(dir = dirid.as_u64(), cookie))]
+    async fn readdirplus(
+        &self,
+        dirid: &FileHandleU64,
+        cookie: u64,
+    ) -> Result<impl ReadDirPlusIterator<FileHandleU64>, nfsstat3> {
+        let dir = dirid.as_u64();
+        self.vfs.ensure_listed(dir).await.map_err(status)?;
+        Ok(DirIter {
+            vfs: Arc::clone(&self.vfs),
+            dir,
+            cookie,
+            fsid: self.fsid,
+            buffer: std::collections::VecDeque::new(),
+            done: false,
+        })
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(fid = id.as_u64()))]
+    async fn readlink(&self, id: &FileHandleU64) -> Result<nfspath3<'_>, nfsstat3> {
+        let target = self.vfs.readlink(id.as_u64()).map_err(status)?;
+        Ok(nfspath3::from(target.into_bytes()))
+    }
+}
+
+/// Walks a directory's cached entries in cookie order, a batch at a time,
+/// for as long as the reply has room.
+struct DirIter {
+    vfs: Arc<Vfs>,
+    dir: FileId,
+    cookie: u64,
+    fsid: u64,
+    buffer: std::collections::VecDeque<DirEntryPlus<FileHandleU64>>,
+    done: bool,
+}
+
+impl ReadDirPlusIterator<FileHandleU64> for DirIter {
+    async fn next(&mut self) -> NextResult<DirEntryPlus<FileHandleU64>> {
+        if self.buffer.is_empty() && !self.done {
+            match self.vfs.entries_after(self.dir, self.cookie, READDIR_BATCH) {
+                Ok(batch) => {
+                    if batch.len() < READDIR_BATCH {
+                        self.done = true;
+                    }
+                    for (entry, obj) in batch {
+                        self.cookie = entry.cookie;
+                        self.buffer.push_back(DirEntryPlus {
+                            fileid: entry.fileid,
+                            name: entry.name.into_bytes().into(),
+                            cookie: entry.cookie,
+                            name_attributes: Some(to_fattr(entry.fileid, &obj, self.fsid)),
+                            name_handle: Some(FileHandleU64::new(entry.fileid)),
+                        });
+                    }
+                }
+                Err(e) => return NextResult::Err(status(e)),
+            }
+        }
+        match self.buffer.pop_front() {
+            Some(entry) => NextResult::Ok(entry),
+            None => NextResult::Eof,
+        }
+    }
+}
+
+/// Until write-back lands, the gateway is read-only.
+impl NfsFileSystem for NfsAdapter {
+    fn capabilities(&self) -> VFSCapabilities {
+        VFSCapabilities::ReadOnly
+    }
+
+    async fn setattr(&self, _id: &FileHandleU64, _setattr: sattr3) -> Result<fattr3, nfsstat3> {
+        Err(nfsstat3::NFS3ERR_ROFS)
+    }
+
+    async fn write(
+        &self,
+        _id: &FileHandleU64,
+        _offset: u64,
+        _data: &[u8],
+        _stable: stable_how,
+    ) -> Result<(fattr3, stable_how), nfsstat3> {
+        Err(nfsstat3::NFS3ERR_ROFS)
+    }
+
+    async fn create(
+        &self,
+        _dirid: &FileHandleU64,
+        _filename: &filename3<'_>,
+        _attr: sattr3,
+    ) -> Result<(FileHandleU64, fattr3), nfsstat3> {
+        Err(nfsstat3::NFS3ERR_ROFS)
+    }
+
+    async fn create_exclusive(
+        &self,
+        _dirid: &FileHandleU64,
+        _filename: &filename3<'_>,
+        _createverf: createverf3,
+    ) -> Result<FileHandleU64, nfsstat3> {
+        Err(nfsstat3::NFS3ERR_ROFS)
+    }
+
+    async fn mkdir(
+        &self,
+        _dirid: &FileHandleU64,
+        _dirname: &filename3<'_>,
+    ) -> Result<(FileHandleU64, fattr3), nfsstat3> {
+        Err(nfsstat3::NFS3ERR_ROFS)
+    }
+
+    async fn remove(
+        &self,
+        _dirid: &FileHandleU64,
+        _filename: &filename3<'_>,
+    ) -> Result<(), nfsstat3> {
+        Err(nfsstat3::NFS3ERR_ROFS)
+    }
+
+    async fn rename<'a>(
+        &self,
+        _from_dirid: &FileHandleU64,
+        _from_filename: &filename3<'a>,
+        _to_dirid: &FileHandleU64,
+        _to_filename: &filename3<'a>,
+    ) -> Result<(), nfsstat3> {
+        Err(nfsstat3::NFS3ERR_ROFS)
+    }
+
+    async fn symlink<'a>(
+        &self,
+        _dirid: &FileHandleU64,
+        _linkname: &filename3<'a>,
+        _symlink: &nfspath3<'a>,
+        _attr: &sattr3,
+    ) -> Result<(FileHandleU64, fattr3), nfsstat3> {
+        Err(nfsstat3::NFS3ERR_ROFS)
+    }
+
+    async fn commit(&self, _id: &FileHandleU64, _offset: u64, _count: u32) -> Result<(), nfsstat3> {
+        Err(nfsstat3::NFS3ERR_ROFS)
+    }
+}

@@ -1,0 +1,300 @@
+//! Typed HTTP client for the origin's API (`imz_origin::wire`).
+//!
+//! Every failure is classified once, here: [`OriginError::Unreachable`]
+//! means the origin could not be asked (refused, timed out, 5xx) and the
+//! gateway should treat the link as down; [`OriginError::Api`] is a definite
+//! answer from a working origin.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::{Stream, StreamExt};
+use imz_origin::wire::{self, ApiError, ErrorCode};
+use reqwest::{Response, StatusCode};
+use serde::de::DeserializeOwned;
+
+/// Why a request to the origin failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum OriginError {
+    /// The origin could not be reached or did not answer in time.
+    #[error("origin unreachable: {0}")]
+    Unreachable(String),
+    /// The origin answered with an error.
+    #[error("origin refused: {0}")]
+    Api(Box<ApiError>),
+    /// The origin answered something this gateway does not understand.
+    #[error("unexpected answer from origin: {0}")]
+    Protocol(String),
+}
+
+impl OriginError {
+    pub fn is_unreachable(&self) -> bool {
+        matches!(self, Self::Unreachable(_))
+    }
+
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            Self::Api(e) => Some(e.code),
+            _ => None,
+        }
+    }
+
+    fn from_reqwest(err: reqwest::Error) -> Self {
+        if err.is_decode() {
+            Self::Protocol(err.to_string())
+        } else {
+            // Connect errors, timeouts, resets, broken bodies: the link.
+            Self::Unreachable(error_chain(&err))
+        }
+    }
+}
+
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut s = err.to_string();
+    let mut src = err.source();
+    while let Some(e) = src {
+        s.push_str(": ");
+        s.push_str(&e.to_string());
+        src = e.source();
+    }
+    s
+}
+
+/// Time limits of origin requests. The gateway promises that a read of
+/// uncached data fails within about two seconds when the origin is gone, so
+/// metadata and data requests are short; journal long-polls get their wait
+/// plus a margin.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    pub connect: Duration,
+    /// Whole request for small metadata requests.
+    pub request: Duration,
+    /// Longest silence while receiving a data body.
+    pub stall: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            connect: Duration::from_millis(1000),
+            request: Duration::from_millis(1500),
+            stall: Duration::from_millis(1500),
+        }
+    }
+}
+
+/// Client of one origin. Cheap to clone (shares its connection pool).
+#[derive(Clone)]
+pub struct OriginClient {
+    http: reqwest::Client,
+    base: String,
+    auth: String,
+    timeouts: Timeouts,
+}
+
+impl std::fmt::Debug for OriginClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OriginClient")
+            .field("base", &self.base)
+            .finish_non_exhaustive()
+    }
+}
+
+impl OriginClient {
+    pub fn new(base_url: &str, token: &str, timeouts: Timeouts) -> Result<Self, OriginError> {
+        let http = reqwest::Client::builder()
+            .no_proxy()
+            .connect_timeout(timeouts.connect)
+            .tcp_nodelay(true)
+            .pool_max_idle_per_host(16)
+            .build()
+            .map_err(|e| OriginError::Protocol(format!("building the HTTP client: {e}")))?;
+        Ok(Self {
+            http,
+            base: base_url.trim_end_matches('/').to_owned(),
+            auth: format!("Bearer {}", token.trim()),
+            timeouts,
+        })
+    }
+
+    pub fn base_url(&self) -> &str {
+        &self.base
+    }
+
+    pub fn timeouts(&self) -> Timeouts {
+        self.timeouts
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    async fn get_json<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        query: &[(&str, String)],
+        timeout: Duration,
+    ) -> Result<T, OriginError> {
+        let resp = self
+            .http
+            .get(self.url(path))
+            .header(reqwest::header::AUTHORIZATION, &self.auth)
+            .query(query)
+            .timeout(timeout)
+            .send()
+            .await
+            .map_err(OriginError::from_reqwest)?;
+        let resp = check(resp).await?;
+        resp.json::<T>().await.map_err(OriginError::from_reqwest)
+    }
+
+    /// `GET /v1/health` (no token): is the origin there at all?
+    pub async fn health(&self) -> Result<wire::Health, OriginError> {
+        let resp = self
+            .http
+            .get(self.url(wire::paths::HEALTH))
+            .timeout(self.timeouts.request)
+            .send()
+            .await
+            .map_err(OriginError::from_reqwest)?;
+        let resp = check(resp).await?;
+        resp.json().await.map_err(OriginError::from_reqwest)
+    }
+
+    pub async fn info(&self) -> Result<wire::Info, OriginError> {
+        self.get_json(wire::paths::INFO, &[], self.timeouts.request)
+            .await
+    }
+
+    pub async fn getattr(&self, id: wire::ObjectId) -> Result<wire::Attr, OriginError> {
+        self.get_json(&wire::paths::object(id), &[], self.timeouts.request)
+            .await
+    }
+
+    /// `Ok(None)` when the name does not exist.
+    pub async fn lookup(
+        &self,
+        dir: wire::ObjectId,
+        name: &str,
+    ) -> Result<Option<wire::Entry>, OriginError> {
+        match self
+            .get_json(
+                &wire::paths::lookup(dir),
+                &[("name", name.to_owned())],
+                self.timeouts.request,
+            )
+            .await
+        {
+            Ok(entry) => Ok(Some(entry)),
+            Err(e) if e.code() == Some(ErrorCode::NotFound) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub async fn list_page(
+        &self,
+        dir: wire::ObjectId,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<wire::DirPage, OriginError> {
+        let mut query = vec![("limit", limit.to_string())];
+        if let Some(after) = after {
+            query.push(("after", after.to_owned()));
+        }
+        // A big page can take the origin a moment to serialise.
+        let timeout = self.timeouts.request * 4;
+        self.get_json(&wire::paths::entries(dir), &query, timeout)
+            .await
+    }
+
+    /// Reads the journal after `after`, waiting up to `wait` for a record.
+    pub async fn journal(
+        &self,
+        after: wire::Seq,
+        wait: Duration,
+    ) -> Result<wire::JournalPage, OriginError> {
+        let query = [
+            ("after", after.to_string()),
+            ("wait_ms", wait.as_millis().to_string()),
+        ];
+        self.get_json(
+            wire::paths::JOURNAL,
+            &query,
+            wait + self.timeouts.request * 2,
+        )
+        .await
+    }
+
+    /// Streams bytes `start..end` of object `id` at `version`. The stream
+    /// fails with `Unreachable` if it stalls longer than the stall timeout.
+    pub async fn data(
+        &self,
+        id: wire::ObjectId,
+        version: wire::Version,
+        start: u64,
+        end: u64,
+    ) -> Result<impl Stream<Item = Result<Bytes, OriginError>> + Send + use<>, OriginError> {
+        let send = self
+            .http
+            .get(self.url(&wire::paths::data(id, version)))
+            .header(reqwest::header::AUTHORIZATION, &self.auth)
+            .header(
+                reqwest::header::RANGE,
+                format!("bytes={}-{}", start, end.saturating_sub(1)),
+            )
+            .send();
+        let resp = tokio::time::timeout(self.timeouts.request, send)
+            .await
+            .map_err(|_| OriginError::Unreachable("no answer to a data request in time".into()))?
+            .map_err(OriginError::from_reqwest)?;
+        let resp = check(resp).await?;
+        if resp.status() != StatusCode::PARTIAL_CONTENT
+            && !(start == 0 && resp.status() == StatusCode::OK)
+        {
+            return Err(OriginError::Protocol(format!(
+                "data request answered {} instead of 206",
+                resp.status()
+            )));
+        }
+        let stall = self.timeouts.stall;
+        let body = resp.bytes_stream();
+        Ok(futures::stream::unfold(
+            Box::pin(body),
+            move |mut body| async move {
+                match tokio::time::timeout(stall, body.next()).await {
+                    Err(_) => Some((
+                        Err(OriginError::Unreachable(
+                            "origin stopped sending data".into(),
+                        )),
+                        body,
+                    )),
+                    Ok(None) => None,
+                    Ok(Some(item)) => Some((item.map_err(OriginError::from_reqwest), body)),
+                }
+            },
+        ))
+    }
+}
+
+/// Turns error statuses into [`OriginError`]s.
+async fn check(resp: Response) -> Result<Response, OriginError> {
+    let status = resp.status();
+    if status.is_success() {
+        return Ok(resp);
+    }
+    if status.is_server_error() {
+        // 5xx: the origin (or a proxy in front of it) is not working.
+        let body = resp.text().await.unwrap_or_default();
+        return Err(OriginError::Unreachable(format!(
+            "origin answered {status}: {body}"
+        )));
+    }
+    let bytes = resp.bytes().await.map_err(OriginError::from_reqwest)?;
+    match serde_json::from_slice::<ApiError>(&bytes) {
+        Ok(err) => Err(OriginError::Api(Box::new(err))),
+        Err(_) => Err(OriginError::Protocol(format!(
+            "origin answered {status}: {}",
+            String::from_utf8_lossy(&bytes)
+        ))),
+    }
+}

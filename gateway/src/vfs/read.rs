@@ -1,0 +1,175 @@
+//! Reading: file data (from chunks, fetched on a miss) and symlink targets.
+
+use std::collections::HashMap;
+
+use bytes::Bytes;
+use imz_cache::chunk::{self, CHUNK_SIZE};
+use imz_cache::{FileId, Kind, Object, RangeRead};
+
+use super::{Vfs, VfsError};
+use crate::coherence::{self, Source};
+use crate::fetch::{FetchFailure, Target};
+
+/// Attempts at a read whose file keeps changing at the origin.
+const READ_ATTEMPTS: usize = 3;
+
+impl Vfs {
+    /// Reads up to `count` bytes at `offset`; returns the bytes and whether
+    /// they reach the end of the file.
+    pub async fn read(
+        &self,
+        fid: FileId,
+        offset: u64,
+        count: u32,
+    ) -> Result<(Vec<u8>, bool), VfsError> {
+        for _ in 0..READ_ATTEMPTS {
+            let obj = self.getattr(fid)?;
+            match obj.kind {
+                Kind::File => {}
+                Kind::Dir => return Err(VfsError::IsDir),
+                Kind::Symlink => return Err(VfsError::Invalid("not a regular file".into())),
+            }
+            let size = obj.attrs.size;
+            if offset >= size {
+                return Ok((Vec::new(), true));
+            }
+            let end = offset.saturating_add(u64::from(count)).min(size);
+            let eof = end >= size;
+            let window = self.fetcher.note_read(fid, offset, end - offset);
+            let cached = tokio::task::block_in_place(|| {
+                let rx = self.cache.read()?;
+                rx.read_range(fid, &obj, offset, end - offset)
+            })?;
+            let readahead = chunk::index_of(end.saturating_sub(1)) + 1;
+            let readahead = readahead..readahead + window;
+            let missing = match cached {
+                RangeRead::Data(bytes) => {
+                    if let Some(target) = target_of(fid, &obj)
+                        && window > 0
+                        && self.link.is_up()
+                    {
+                        self.fetcher.readahead(&target, readahead);
+                    }
+                    return Ok((bytes, eof));
+                }
+                RangeRead::Missing(missing) => missing,
+            };
+            let Some(target) = target_of(fid, &obj) else {
+                return Err(VfsError::Io(
+                    "local file data is missing from the cache".into(),
+                ));
+            };
+            if !self.link.is_up() {
+                return Err(VfsError::Offline);
+            }
+            let mut fetched = HashMap::new();
+            let mut gone = None;
+            for (index, wait) in self.fetcher.demand(&target, &missing, readahead) {
+                match wait.bytes().await {
+                    Ok(bytes) => {
+                        fetched.insert(index, bytes);
+                    }
+                    Err(FetchFailure::Offline) => return Err(VfsError::Offline),
+                    Err(FetchFailure::Io(e)) => return Err(VfsError::Io(e)),
+                    Err(FetchFailure::Gone(current)) => {
+                        gone = Some(current);
+                        break;
+                    }
+                }
+            }
+            if let Some(current) = gone {
+                // The origin moved on before the journal told us: catch up
+                // with what it said and read again.
+                self.object_changed_at_origin(fid, current).await?;
+                continue;
+            }
+            let assembled =
+                tokio::task::block_in_place(|| assemble(self, fid, &obj, offset, end, &fetched))?;
+            if let Some(bytes) = assembled {
+                return Ok((bytes, eof));
+            }
+        }
+        Err(VfsError::Io("file keeps changing at the origin".into()))
+    }
+
+    /// The origin says our version of `fid` is no longer current.
+    async fn object_changed_at_origin(
+        &self,
+        fid: FileId,
+        current: Option<imz_origin::wire::Attr>,
+    ) -> Result<(), VfsError> {
+        let Some(attr) = current else {
+            // Removed at the origin; the journal will unlink it. Until then
+            // its data cannot be had.
+            return Err(VfsError::Stale);
+        };
+        self.blocking(move |cache| {
+            let mut tx = cache.write()?;
+            let Some(mut obj) = tx.get(fid)? else {
+                return Err(VfsError::Stale);
+            };
+            if coherence::refresh(&mut tx, fid, &mut obj, &attr, Source::Fetch)? {
+                tx.put(fid, &obj)?;
+                tx.commit(false)?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// The target of symlink `fid`.
+    pub fn readlink(&self, fid: FileId) -> Result<String, VfsError> {
+        let obj = self.getattr(fid)?;
+        match (obj.kind, obj.target) {
+            (Kind::Symlink, Some(target)) => Ok(target),
+            (Kind::Symlink, None) => Err(VfsError::Io("symlink target missing".into())),
+            _ => Err(VfsError::Invalid("not a symlink".into())),
+        }
+    }
+}
+
+fn target_of(fid: FileId, obj: &Object) -> Option<Target> {
+    obj.origin.map(|o| Target {
+        fid,
+        origin_id: o.id,
+        version: o.version,
+        extent: obj.origin_extent.min(obj.attrs.size),
+    })
+}
+
+/// Builds `offset..end` of `fid` from fetched chunks, cached chunks and
+/// holes. `None` if a chunk vanished meanwhile (evicted): read again.
+fn assemble(
+    vfs: &Vfs,
+    fid: FileId,
+    obj: &Object,
+    offset: u64,
+    end: u64,
+    fetched: &HashMap<u64, Bytes>,
+) -> Result<Option<Vec<u8>>, VfsError> {
+    let rx = vfs.cache.read()?;
+    let mut out = Vec::with_capacity((end - offset) as usize);
+    for index in chunk::covering(offset, end - offset) {
+        let cstart = chunk::start_of(index);
+        let lo = (offset.max(cstart) - cstart) as usize;
+        let hi = (end.min(cstart + CHUNK_SIZE) - cstart) as usize;
+        let stored;
+        let bytes: &[u8] = match fetched.get(&index) {
+            Some(b) => b,
+            None => match rx.chunk(fid, index)? {
+                Some(b) => {
+                    stored = b;
+                    &stored
+                }
+                None if cstart >= obj.origin_extent => &[],
+                None => return Ok(None),
+            },
+        };
+        let have = bytes.len().min(hi);
+        if lo < have {
+            out.extend_from_slice(&bytes[lo..have]);
+        }
+        out.resize(out.len() + (hi - have.max(lo)), 0);
+    }
+    Ok(Some(out))
+}
