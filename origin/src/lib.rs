@@ -1,5 +1,234 @@
 //! The imz origin: serves the master copy of a directory tree over HTTP,
 //! with stable object ids, per-object versions and a durable journal of
 //! every change (InterMezzo's kernel modification log).
+//!
+//! Entry point: [`start`] with an [`OriginConfig`]; the returned
+//! [`RunningOrigin`] serves until [`RunningOrigin::shutdown`]. The pieces:
+//! - [`wire`]: the HTTP wire format shared with the gateway;
+//! - [`store`]: the redb metadata store and journal;
+//! - [`fsops`]: symlink-safe access to the tree;
+//! - [`writer`]: the single writer thread and its group commits;
+//! - [`reintegrate`]: applying a gateway's operations;
+//! - [`scan`]: reconciling changes other programs made in the tree;
+//! - [`watch`]: the inotify watcher that feeds the scan;
+//! - [`server`], [`data`], [`uploads`]: the HTTP endpoints.
 
+pub mod data;
+pub mod error;
+pub mod fsops;
+pub mod reintegrate;
+pub mod scan;
+pub mod server;
+pub mod store;
+pub mod uploads;
+pub mod watch;
 pub mod wire;
+pub mod writer;
+
+use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch as tokio_watch};
+
+pub use error::OriginError;
+use wire::Seq;
+
+/// How an origin runs. Build with [`OriginConfig::new`] and adjust knobs.
+#[derive(Debug, Clone)]
+pub struct OriginConfig {
+    /// The exported directory (the master copy).
+    pub root: PathBuf,
+    /// Address to listen on (port 0: any free port).
+    pub listen: SocketAddr,
+    /// Bearer token every request but the health check must present.
+    pub token: String,
+    /// Journal records kept at least; older ones are compacted.
+    pub journal_keep: u64,
+    /// Largest upload accepted, in bytes.
+    pub max_upload: u64,
+    /// Finished but never installed uploads are deleted after this long.
+    pub upload_ttl: Duration,
+    /// Bytes read from disk per chunk when serving data.
+    pub read_chunk: usize,
+    /// Most data downloads streamed at once (each holds a blocking thread
+    /// and up to `DATA_QUEUE` chunks); more wait for a slot.
+    pub max_downloads: usize,
+    /// Delay that gathers a burst of external changes into one reconcile.
+    pub watch_debounce: Duration,
+    /// Watch the tree for changes other programs make (inotify).
+    pub watch: bool,
+}
+
+impl OriginConfig {
+    pub fn new(root: impl Into<PathBuf>, listen: SocketAddr, token: impl Into<String>) -> Self {
+        Self {
+            root: root.into(),
+            listen,
+            token: token.into(),
+            journal_keep: 1_000_000,
+            max_upload: 1 << 40,
+            upload_ttl: Duration::from_secs(24 * 3600),
+            read_chunk: 1 << 20,
+            max_downloads: 256,
+            watch_debounce: Duration::from_millis(20),
+            watch: true,
+        }
+    }
+}
+
+/// State shared by the HTTP handlers, the writer and the watcher.
+pub struct Shared {
+    pub config: OriginConfig,
+    pub store: store::Store,
+    pub tree: fsops::Tree,
+    /// `ROOT/.imz/uploads`: finished uploads, named by upload id.
+    pub uploads_fd: OwnedFd,
+    pub uploads_dir: PathBuf,
+    /// `ROOT/.imz/partial`: uploads being received.
+    pub partial_dir: PathBuf,
+    /// Newest committed journal seq; journal readers wait on it.
+    pub seq: tokio_watch::Sender<Seq>,
+    /// Jobs for the writer thread.
+    pub jobs: mpsc::Sender<writer::Job>,
+    /// Set once shutdown starts, so long polls return at once.
+    pub stopping: tokio_watch::Sender<bool>,
+    pub downloads: Arc<tokio::sync::Semaphore>,
+}
+
+/// A running origin.
+pub struct RunningOrigin {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    server: tokio::task::JoinHandle<()>,
+    watcher: Option<watch::Watcher>,
+    writer: std::thread::JoinHandle<()>,
+    janitor: tokio::task::JoinHandle<()>,
+}
+
+impl RunningOrigin {
+    /// The address the server listens on (the real port when 0 was asked).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Stops accepting requests, lets running ones finish (long polls
+    /// return at once), then stops the watcher and the writer.
+    pub async fn shutdown(self) -> Result<(), OriginError> {
+        self.shared.stopping.send_replace(true);
+        let _ = self.server.await;
+        drop(self.watcher);
+        self.janitor.abort();
+        let writer = self.writer;
+        let _ = self.shared.jobs.send(writer::Job::Stop).await;
+        drop(self.shared);
+        tokio::task::spawn_blocking(move || writer.join())
+            .await
+            .map_err(|e| OriginError::Config(format!("joining the writer: {e}")))?
+            .map_err(|_| OriginError::Config("the writer thread panicked".into()))?;
+        Ok(())
+    }
+}
+
+/// Opens the store under `ROOT/.imz`, finishes interrupted work, rescans the
+/// tree, starts the watcher and the HTTP server. Returns once requests are
+/// accepted.
+pub async fn start(config: OriginConfig) -> Result<RunningOrigin, OriginError> {
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| OriginError::io(format!("binding {}", config.listen), e))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| OriginError::io("reading the bound address", e))?;
+    let (jobs_tx, jobs_rx) = mpsc::channel(1024);
+    let shared = tokio::task::spawn_blocking(move || open_shared(config, jobs_tx))
+        .await
+        .map_err(|e| OriginError::Config(format!("start-up task failed: {e}")))??;
+    let shared = Arc::new(shared);
+    // Watch before the rescan, so nothing changed during it is missed.
+    let watcher = if shared.config.watch {
+        Some(watch::Watcher::start(&shared)?)
+    } else {
+        None
+    };
+    let prep = shared.clone();
+    tokio::task::spawn_blocking(move || -> Result<(), OriginError> {
+        writer::transact(&prep, scan::ensure_root)?;
+        writer::recover(&prep)?;
+        let t = std::time::Instant::now();
+        writer::transact(&prep, |cx| scan::reconcile(cx, scan::Dirty::full()))?;
+        tracing::info!(elapsed = ?t.elapsed(), "start-up scan done");
+        uploads::clean_at_start(&prep);
+        Ok(())
+    })
+    .await
+    .map_err(|e| OriginError::Config(format!("start-up task failed: {e}")))??;
+    let writer_shared = shared.clone();
+    let writer = std::thread::Builder::new()
+        .name("imz-writer".into())
+        .spawn(move || writer::run(writer_shared, jobs_rx))
+        .map_err(|e| OriginError::io("spawning the writer thread", e))?;
+    let janitor = tokio::spawn(uploads::janitor(shared.clone()));
+    let app = server::router(shared.clone());
+    let mut stopping = shared.stopping.subscribe();
+    let server = tokio::spawn(async move {
+        let graceful = async move {
+            let _ = stopping.wait_for(|s| *s).await;
+        };
+        if let Err(e) = axum::serve(listener, app)
+            .with_graceful_shutdown(graceful)
+            .await
+        {
+            tracing::error!(error = %e, "HTTP server failed");
+        }
+    });
+    tracing::info!(%addr, root = %shared.tree.root_path().display(), "origin serving");
+    Ok(RunningOrigin {
+        addr,
+        shared,
+        server,
+        watcher,
+        writer,
+        janitor,
+    })
+}
+
+fn open_shared(
+    config: OriginConfig,
+    jobs: mpsc::Sender<writer::Job>,
+) -> Result<Shared, OriginError> {
+    let tree = fsops::Tree::open(&config.root)
+        .map_err(|e| OriginError::io(format!("opening {}", config.root.display()), e))?;
+    let state = tree.root_path().join(wire::STATE_DIR_NAME);
+    let uploads_dir = state.join("uploads");
+    let partial_dir = state.join("partial");
+    for dir in [&state, &uploads_dir, &partial_dir] {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| OriginError::io(format!("creating {}", dir.display()), e))?;
+    }
+    let uploads_fd = rustix::fs::open(
+        &uploads_dir,
+        rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )
+    .map_err(|e| OriginError::io("opening the uploads directory", e))?;
+    let store = store::Store::open(&state.join("store.redb"))?;
+    let last = store.read()?.last_seq()?;
+    let (seq, _) = tokio_watch::channel(last);
+    let (stopping, _) = tokio_watch::channel(false);
+    let downloads = Arc::new(tokio::sync::Semaphore::new(config.max_downloads.max(1)));
+    Ok(Shared {
+        config,
+        store,
+        tree,
+        uploads_fd,
+        uploads_dir,
+        partial_dir,
+        seq,
+        jobs,
+        stopping,
+        downloads,
+    })
+}

@@ -555,7 +555,10 @@ mod tests {
         assert_eq!(validate_name("..", false), Err(NameError::Dots));
         assert_eq!(validate_name("a/b", false), Err(NameError::BadChar));
         assert_eq!(validate_name("a\0b", false), Err(NameError::BadChar));
-        assert_eq!(validate_name(&"x".repeat(256), false), Err(NameError::TooLong));
+        assert_eq!(
+            validate_name(&"x".repeat(256), false),
+            Err(NameError::TooLong)
+        );
         assert_eq!(validate_name(".imz", true), Err(NameError::Reserved));
         assert_eq!(validate_name(".imz", false), Ok(()));
         assert_eq!(validate_name("...", false), Ok(()));

@@ -1,7 +1,8 @@
 //! `imz origin`: run the origin server over a directory.
 
+use std::io::Write;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 
@@ -17,12 +18,64 @@ pub struct Args {
     /// random token (mode 0600) if it does not exist.
     #[arg(long)]
     pub token_file: PathBuf,
+    /// Journal records kept at least before older ones are compacted.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub journal_keep: u64,
+    /// Largest upload accepted, in bytes.
+    #[arg(long, default_value_t = 1 << 40)]
+    pub max_upload: u64,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
+    let token = read_or_create_token(&args.token_file)?;
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(async move {
-        let _ = args;
-        anyhow::bail!("the origin server is not built yet")
+        let mut config = imz_origin::OriginConfig::new(&args.root, args.listen, token);
+        config.journal_keep = args.journal_keep.max(1);
+        config.max_upload = args.max_upload;
+        let origin = imz_origin::start(config)
+            .await
+            .with_context(|| format!("starting the origin over {}", args.root.display()))?;
+        println!("imz origin listening on http://{}", origin.local_addr());
+        std::io::stdout().flush().ok();
+        wait_for_signal().await?;
+        tracing::info!("shutting down");
+        origin.shutdown().await.context("shutting down")?;
+        Ok(())
     })
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r.context("waiting for ctrl-c")?,
+        _ = term.recv() => {}
+    }
+    Ok(())
+}
+
+/// Reads the token, or creates the file (mode 0600) with a random one.
+fn read_or_create_token(path: &Path) -> anyhow::Result<String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::read_to_string(path) {
+        Ok(s) if !s.trim().is_empty() => return Ok(s.trim().to_owned()),
+        Ok(_) => anyhow::bail!("token file {} is empty", path.display()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+    let mut bytes = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes))
+        .context("reading /dev/urandom")?;
+    let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating the token file {}", path.display()))?;
+    writeln!(f, "{token}").context("writing the token file")?;
+    f.sync_all().context("syncing the token file")?;
+    Ok(token)
 }

@@ -1,0 +1,295 @@
+//! `GET /v1/data/{id}/{version}`: the content of a file at its current
+//! version, with `Range` (one range), a strong ETag and immutable caching.
+//!
+//! Before answering, the open file's fingerprint is compared with the
+//! stored one: a file changed behind the origin's back is reconciled first
+//! and answered `version_gone`. While streaming, the fingerprint is checked
+//! after every chunk read; if the file changes, the body is aborted so the
+//! client sees a truncated transfer, never other bytes under this URL.
+//! One blocking thread per download reads large chunks into a small bounded
+//! queue, so memory does not grow with the file.
+
+use std::fs::File;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+
+use crate::Shared;
+use crate::error::{api, version_gone};
+use crate::fsops::{self, Fingerprint, FsError};
+use crate::scan::Dirty;
+use crate::server::{ApiFailure, PathParams};
+use crate::wire::{self, ErrorCode, Kind, ObjectId, Version};
+use crate::writer::Job;
+
+/// Chunks read ahead of the network per download.
+const DATA_QUEUE: usize = 4;
+
+const IMMUTABLE: &str = "public, max-age=31536000, immutable";
+
+pub async fn get(
+    State(shared): State<Arc<Shared>>,
+    PathParams((id, version)): PathParams<(ObjectId, Version)>,
+    headers: HeaderMap,
+) -> Result<Response, ApiFailure> {
+    let meta = shared
+        .store
+        .read()?
+        .meta(id)?
+        .ok_or_else(|| api(ErrorCode::NotFound, format!("no object {id}")))?;
+    if meta.attr.kind != Kind::File {
+        return Err(api(ErrorCode::WrongKind, format!("object {id} is not a file")).into());
+    }
+    if meta.attr.version != version {
+        return Err(version_gone(meta.attr).into());
+    }
+    let etag = wire::etag(id, version);
+    if let Some(inm) = headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        && inm.split(',').any(|t| t.trim() == etag || t.trim() == "*")
+    {
+        let mut resp = StatusCode::NOT_MODIFIED.into_response();
+        set_cache_headers(resp.headers_mut(), &etag);
+        return Ok(resp);
+    }
+    let size = meta.fp.size;
+    let range = match headers.get(header::RANGE).and_then(|v| v.to_str().ok()) {
+        None => None,
+        Some(r) => match parse_range(r, size) {
+            RangeReq::Full => None,
+            RangeReq::Part(a, b) => Some((a, b)),
+            RangeReq::Unsatisfiable => {
+                let mut resp = ApiFailure::from(api(
+                    ErrorCode::RangeNotSatisfiable,
+                    format!("range {r:?} is outside the {size} bytes of the content"),
+                ))
+                .into_response();
+                if let Ok(v) = HeaderValue::from_str(&format!("bytes */{size}")) {
+                    resp.headers_mut().insert(header::CONTENT_RANGE, v);
+                }
+                return Ok(resp);
+            }
+        },
+    };
+    let permit = shared
+        .downloads
+        .clone()
+        .acquire_owned()
+        .await
+        .map_err(|_| api(ErrorCode::Unavailable, "the origin is shutting down"))?;
+    let s = shared.clone();
+    let m = meta.clone();
+    let opened = tokio::task::spawn_blocking(move || -> Result<Option<File>, FsError> {
+        let Ok(Some(path)) = s.store.read().map(|r| r.path_of(m.parent)).and_then(|p| p) else {
+            return Err(FsError::NotFound);
+        };
+        let dir = s.tree.open_dir(&path)?;
+        let file = match fsops::open_file(&dir, &m.name, false) {
+            Ok(f) => f,
+            Err(FsError::NotFound) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let st = fsops::fstat(&file)?;
+        Ok((Fingerprint::of(&st) == m.fp).then_some(file))
+    })
+    .await
+    .map_err(|e| api(ErrorCode::Internal, format!("open task: {e}")))?;
+    let file = match opened {
+        Ok(Some(f)) => f,
+        Ok(None) | Err(FsError::NotFound) => {
+            // Changed or gone behind our back: reconcile, then say so.
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let job = Job::Reconcile {
+                dirty: Dirty::dirs([meta.parent]),
+                reply: Some(tx),
+            };
+            if shared.jobs.send(job).await.is_ok() {
+                let _ = rx.await;
+            }
+            return Err(match shared.store.read()?.attr(id)? {
+                Some(attr) => version_gone(attr),
+                None => api(ErrorCode::NotFound, format!("object {id} is gone")),
+            }
+            .into());
+        }
+        Err(FsError::Escape) => {
+            return Err(api(
+                ErrorCode::Escape,
+                "a symlink replaces a directory on the path",
+            )
+            .into());
+        }
+        Err(FsError::Io(e)) => {
+            return Err(api(ErrorCode::Internal, format!("opening the file: {e}")).into());
+        }
+    };
+    let (start, end) = range.unwrap_or((0, size.saturating_sub(1)));
+    let len = if size == 0 { 0 } else { end - start + 1 };
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(DATA_QUEUE);
+    let chunk = shared.config.read_chunk.max(4096);
+    let fp = meta.fp;
+    tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        stream_file(file, fp, start, len, chunk, &tx);
+    });
+    let body = Body::from_stream(futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    }));
+    let mut resp = Response::new(body);
+    let h = resp.headers_mut();
+    set_cache_headers(h, &etag);
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    if range.is_some() {
+        *resp.status_mut() = StatusCode::PARTIAL_CONTENT;
+        if let Ok(v) = HeaderValue::from_str(&format!("bytes {start}-{end}/{size}")) {
+            resp.headers_mut().insert(header::CONTENT_RANGE, v);
+        }
+    }
+    Ok(resp)
+}
+
+fn set_cache_headers(h: &mut HeaderMap, etag: &str) {
+    if let Ok(v) = HeaderValue::from_str(etag) {
+        h.insert(header::ETAG, v);
+    }
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static(IMMUTABLE));
+}
+
+/// Reads `len` bytes from `start`, checking the fingerprint after each
+/// read; sends an error (which aborts the HTTP body) if the file changed.
+fn stream_file(
+    file: File,
+    fp: Fingerprint,
+    start: u64,
+    len: u64,
+    chunk: usize,
+    tx: &tokio::sync::mpsc::Sender<Result<Bytes, std::io::Error>>,
+) {
+    let _ = rustix::fs::fadvise(
+        &file,
+        start,
+        std::num::NonZeroU64::new(len),
+        rustix::fs::Advice::Sequential,
+    );
+    let mut offset = start;
+    let end = start + len;
+    while offset < end {
+        let want = ((end - offset) as usize).min(chunk);
+        let mut buf: Vec<u8> = Vec::with_capacity(want);
+        let mut failed = None;
+        while buf.len() < want {
+            let at = offset + buf.len() as u64;
+            // Reads into the vector's spare capacity (no zeroing); rustix
+            // sets the length to what was read.
+            match rustix::io::pread(&file, rustix::buffer::spare_capacity(&mut buf), at) {
+                Ok(0) => {
+                    failed = Some(std::io::Error::other("the file shrank while being served"));
+                    break;
+                }
+                Ok(_) => {}
+                Err(e) if e == rustix::io::Errno::INTR => {}
+                Err(e) => {
+                    failed = Some(e.into());
+                    break;
+                }
+            }
+        }
+        buf.truncate(want);
+        if failed.is_none() {
+            match rustix::fs::fstat(&file) {
+                Ok(st) if Fingerprint::of(&st) == fp => {}
+                Ok(_) => {
+                    failed = Some(std::io::Error::other("the file changed while being served"))
+                }
+                Err(e) => failed = Some(e.into()),
+            }
+        }
+        if let Some(e) = failed {
+            tracing::warn!(error = %e, "aborting a download");
+            let _ = tx.blocking_send(Err(e));
+            return;
+        }
+        offset += buf.len() as u64;
+        if tx.blocking_send(Ok(Bytes::from(buf))).is_err() {
+            return; // client gone
+        }
+    }
+}
+
+/// A `Range` header, as far as this server honours it.
+#[derive(Debug, PartialEq, Eq)]
+pub enum RangeReq {
+    /// No usable range (multiple ranges, other units, garbage): send all.
+    Full,
+    /// Inclusive byte range within the content.
+    Part(u64, u64),
+    Unsatisfiable,
+}
+
+/// Parses a single `bytes=` range against a content of `size` bytes.
+pub fn parse_range(header: &str, size: u64) -> RangeReq {
+    let Some(spec) = header.trim().strip_prefix("bytes=") else {
+        return RangeReq::Full;
+    };
+    if spec.contains(',') {
+        return RangeReq::Full;
+    }
+    let Some((a, b)) = spec.trim().split_once('-') else {
+        return RangeReq::Full;
+    };
+    let (a, b) = (a.trim(), b.trim());
+    if a.is_empty() {
+        // Suffix: the last N bytes.
+        return match b.parse::<u64>() {
+            Ok(0) => RangeReq::Unsatisfiable,
+            Ok(_) if size == 0 => RangeReq::Unsatisfiable,
+            Ok(n) => RangeReq::Part(size.saturating_sub(n), size - 1),
+            Err(_) => RangeReq::Full,
+        };
+    }
+    let Ok(start) = a.parse::<u64>() else {
+        return RangeReq::Full;
+    };
+    let end = if b.is_empty() {
+        size.saturating_sub(1)
+    } else {
+        match b.parse::<u64>() {
+            Ok(e) if e >= start => e.min(size.saturating_sub(1)),
+            _ => return RangeReq::Full,
+        }
+    };
+    if start >= size {
+        return RangeReq::Unsatisfiable;
+    }
+    RangeReq::Part(start, end)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_follow_rfc_9110() {
+        assert_eq!(parse_range("bytes=0-9", 100), RangeReq::Part(0, 9));
+        assert_eq!(parse_range("bytes=90-", 100), RangeReq::Part(90, 99));
+        assert_eq!(parse_range("bytes=90-1000", 100), RangeReq::Part(90, 99));
+        assert_eq!(parse_range("bytes=-10", 100), RangeReq::Part(90, 99));
+        assert_eq!(parse_range("bytes=-1000", 100), RangeReq::Part(0, 99));
+        assert_eq!(parse_range("bytes=100-", 100), RangeReq::Unsatisfiable);
+        assert_eq!(parse_range("bytes=0-", 0), RangeReq::Unsatisfiable);
+        assert_eq!(parse_range("bytes=5-2", 100), RangeReq::Full);
+        assert_eq!(parse_range("bytes=0-1,5-6", 100), RangeReq::Full);
+        assert_eq!(parse_range("items=0-1", 100), RangeReq::Full);
+        assert_eq!(parse_range("bytes=x-1", 100), RangeReq::Full);
+    }
+}

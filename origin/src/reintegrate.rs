@@ -1,0 +1,989 @@
+//! Applying reintegration operations (`POST /v1/reintegrate`) to the tree
+//! and the store, one at a time, inside the writer's transaction.
+//!
+//! Each operation is checked against the store (keys, bases, names), then
+//! checked against the disk (the object's fingerprint: a change made behind
+//! the origin's back is reconciled first and answered as a conflict), then
+//! applied to the tree, then recorded: metadata, one journal record and the
+//! idempotency key, all in the caller's transaction.
+//!
+//! Directory versions move with every entry change, so the base-version
+//! check is skipped where a directory is the object of `SetAttr`, `Remove`
+//! (which instead needs the directory empty) and `Rename`: otherwise a
+//! gateway's own creates would make every later directory change conflict.
+//!
+//! In [`Mode::Recover`] nothing is done to the tree: the operation's effect
+//! is looked for on disk and recorded if present (see `writer`).
+
+use std::os::fd::OwnedFd;
+
+use rustix::fs::{AtFlags, Mode as FsMode, OFlags, RenameFlags, Stat, Timespec, Timestamps};
+
+use crate::error::{OriginError, api};
+use crate::fsops::{self, Fingerprint, FsError};
+use crate::store::{KeyResult, Meta};
+use crate::wire::{
+    self, Attr, Base, Change, Conflict, ConflictReason, ErrorCode, KeyedOp, Kind, NewObject,
+    ObjRef, ObjectId, Op, OpResult, ROOT_ID, SetAttrs, Version,
+};
+use crate::writer::WCtx;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Live,
+    Recover,
+}
+
+pub enum Outcome {
+    /// The operation's answer (applied, replayed, conflict, rejected).
+    Done(OpResult),
+    /// The disk refused an operation that should have worked (I/O error,
+    /// permission); nothing was recorded for it.
+    FsFailed(OpResult),
+    /// Recovery only: the operation's effect is not on disk.
+    NotApplied,
+}
+
+/// Early exits of an operation.
+enum Stop {
+    Out(Box<Outcome>),
+    Err(OriginError),
+}
+
+impl From<OriginError> for Stop {
+    fn from(e: OriginError) -> Self {
+        Self::Err(e)
+    }
+}
+
+type Step<T> = Result<T, Stop>;
+
+fn conflict(reason: ConflictReason, current: Option<Attr>) -> Stop {
+    Stop::Out(Box::new(Outcome::Done(OpResult::Conflict(Conflict {
+        reason,
+        current,
+    }))))
+}
+
+fn rejected(code: ErrorCode, message: impl Into<String>) -> Stop {
+    Stop::Out(Box::new(Outcome::Done(OpResult::Rejected {
+        error: api(code, message),
+    })))
+}
+
+fn not_applied() -> Stop {
+    Stop::Out(Box::new(Outcome::NotApplied))
+}
+
+fn fs_failed(what: &str, e: impl std::fmt::Display) -> Stop {
+    tracing::warn!(error = %e, "{what} failed");
+    Stop::Out(Box::new(Outcome::FsFailed(OpResult::Rejected {
+        error: api(ErrorCode::Internal, format!("{what}: {e}")),
+    })))
+}
+
+/// Applies one operation. `Err` is a store failure: the transaction must be
+/// abandoned.
+pub fn apply(cx: &mut WCtx<'_>, kop: &KeyedOp, mode: Mode) -> Result<Outcome, OriginError> {
+    if let Some(prev) = cx.tx.key(&kop.key)? {
+        return Ok(Outcome::Done(OpResult::Replayed {
+            attr: prev.attr,
+            seq: prev.seq,
+        }));
+    }
+    let mut op = Apply {
+        cx,
+        key: &kop.key,
+        mode,
+    };
+    let step = match &kop.op {
+        Op::Create {
+            parent,
+            name,
+            object,
+            attrs,
+        } => op.create(parent, name, object, attrs),
+        Op::Write {
+            id,
+            base,
+            upload,
+            mtime,
+        } => op.write(id, base, upload, *mtime),
+        Op::SetAttr { id, base, attrs } => op.set_attr(id, base, attrs),
+        Op::Remove {
+            parent,
+            name,
+            id,
+            base,
+        } => op.remove(parent, name, id, base),
+        Op::Rename {
+            from_parent,
+            from_name,
+            id,
+            base,
+            to_parent,
+            to_name,
+            replace,
+        } => op.rename(
+            from_parent,
+            from_name,
+            id,
+            base,
+            to_parent,
+            to_name,
+            replace.as_ref(),
+        ),
+    };
+    match step {
+        Ok(result) => Ok(Outcome::Done(result)),
+        Err(Stop::Out(outcome)) => Ok(*outcome),
+        Err(Stop::Err(e)) => Err(e),
+    }
+}
+
+struct Apply<'c, 'a, 'k> {
+    cx: &'c mut WCtx<'a>,
+    key: &'k str,
+    mode: Mode,
+}
+
+impl Apply<'_, '_, '_> {
+    fn live(&self) -> bool {
+        self.mode == Mode::Live
+    }
+
+    fn resolve(&self, r: &ObjRef) -> Step<Option<Meta>> {
+        let id = match r {
+            ObjRef::Id(id) => *id,
+            ObjRef::Created(key) => match self.cx.tx.key(key)? {
+                Some(k) => k.attr.id,
+                None => {
+                    return Err(rejected(
+                        ErrorCode::BadRequest,
+                        format!("no applied operation has key {key:?}"),
+                    ));
+                }
+            },
+        };
+        Ok(self.cx.tx.meta(id)?)
+    }
+
+    fn base(&self, b: &Base) -> Step<Version> {
+        match b {
+            Base::Version(v) => Ok(*v),
+            Base::After(key) => match self.cx.tx.key(key)? {
+                Some(k) => Ok(k.seq),
+                None => Err(rejected(
+                    ErrorCode::BadRequest,
+                    format!("no applied operation has key {key:?}"),
+                )),
+            },
+        }
+    }
+
+    fn check_version(&self, m: &Meta, base: &Base) -> Step<()> {
+        if m.attr.version != self.base(base)? {
+            return Err(conflict(
+                ConflictReason::VersionMismatch,
+                Some(m.attr.clone()),
+            ));
+        }
+        Ok(())
+    }
+
+    fn check_name(&self, name: &str, dir: ObjectId) -> Step<()> {
+        wire::validate_name(name, dir == ROOT_ID)
+            .map_err(|e| rejected(ErrorCode::InvalidName, format!("{name:?}: {e}")))
+    }
+
+    fn dir_meta(&self, r: &ObjRef) -> Step<Meta> {
+        match self.resolve(r)? {
+            None => Err(conflict(ConflictReason::ParentMissing, None)),
+            Some(m) if m.attr.kind != Kind::Dir => Err(rejected(
+                ErrorCode::WrongKind,
+                format!("object {} is not a directory", m.attr.id),
+            )),
+            Some(m) => Ok(m),
+        }
+    }
+
+    /// Opens directory `id`; a vanished path is reconciled and answered
+    /// with `missing`.
+    fn open_dir(&mut self, id: ObjectId, missing: ConflictReason) -> Step<OwnedFd> {
+        let path = self
+            .cx
+            .tx
+            .path_of(id)?
+            .ok_or_else(|| conflict(missing, None))?;
+        match self.cx.shared.tree.open_dir(&path) {
+            Ok(fd) => Ok(fd),
+            Err(FsError::Escape) => Err(rejected(
+                ErrorCode::Escape,
+                "a symlink replaces a directory on the path",
+            )),
+            Err(FsError::NotFound) => {
+                let parent = self
+                    .cx
+                    .tx
+                    .meta(id)?
+                    .map(|m| m.parent)
+                    .unwrap_or(ROOT_ID)
+                    .max(ROOT_ID);
+                self.cx.reconcile_dirs(&[parent])?;
+                let current = self.cx.tx.meta(id)?.map(|m| m.attr);
+                Err(conflict(missing, current))
+            }
+            Err(FsError::Io(e)) => Err(fs_failed("opening a directory", e)),
+        }
+    }
+
+    /// Checks that the disk still shows `m` as the store knows it; if not,
+    /// reconciles and answers a conflict with the new state.
+    fn check_disk(&mut self, pfd: &OwnedFd, m: &Meta) -> Step<()> {
+        if !self.live() {
+            return Ok(());
+        }
+        let st = fsops::stat_at(pfd, &m.name).map_err(|e| fs_failed("stat", e))?;
+        if st.as_ref().map(Fingerprint::of) == Some(m.fp) {
+            return Ok(());
+        }
+        self.cx.reconcile_dirs(&[m.parent])?;
+        match self.cx.tx.meta(m.attr.id)? {
+            Some(now) => Err(conflict(ConflictReason::VersionMismatch, Some(now.attr))),
+            None => Err(conflict(ConflictReason::Removed, None)),
+        }
+    }
+
+    fn staged(&self, upload: &str) -> Step<bool> {
+        if !wire::validate_upload_id(upload) {
+            return Err(rejected(
+                ErrorCode::BadRequest,
+                format!("invalid upload id {upload:?}"),
+            ));
+        }
+        match fsops::stat_at(&self.cx.shared.uploads_fd, upload) {
+            Ok(st) => Ok(st.is_some()),
+            Err(e) => Err(fs_failed("stat of an upload", e)),
+        }
+    }
+
+    fn record(&mut self, seq: u64, change: Change, result: Attr) -> Step<OpResult> {
+        let now = self.cx.now;
+        self.cx.tx.append(seq, now, Some(self.key), change)?;
+        self.cx.tx.put_key(
+            self.key,
+            &KeyResult {
+                attr: result.clone(),
+                seq,
+            },
+        )?;
+        Ok(OpResult::Applied { attr: result, seq })
+    }
+
+    fn create(
+        &mut self,
+        parent: &ObjRef,
+        name: &str,
+        object: &NewObject,
+        attrs: &SetAttrs,
+    ) -> Step<OpResult> {
+        let pm = self.dir_meta(parent)?;
+        let pid = pm.attr.id;
+        self.check_name(name, pid)?;
+        if let Some(existing) = self.cx.tx.child(pid, name)? {
+            return Err(conflict(
+                ConflictReason::NameExists,
+                self.cx.tx.meta(existing)?.map(|m| m.attr),
+            ));
+        }
+        let kind = match object {
+            NewObject::File { upload } => {
+                if let Some(u) = upload
+                    && !self.staged(u)?
+                    && self.live()
+                {
+                    return Err(rejected(
+                        ErrorCode::NotFound,
+                        format!("no finished upload {u:?}"),
+                    ));
+                }
+                Kind::File
+            }
+            NewObject::Dir => Kind::Dir,
+            NewObject::Symlink { target } => {
+                if !fsops::valid_target(target) {
+                    return Err(rejected(
+                        ErrorCode::BadRequest,
+                        "symlink target is empty, too long or has NUL",
+                    ));
+                }
+                let depth = self.cx.tx.path_of(pid)?.map(|p| p.len()).unwrap_or(0);
+                if !fsops::target_stays_inside(depth, target) {
+                    return Err(rejected(
+                        ErrorCode::Escape,
+                        format!("symlink target {target:?} leads outside the export"),
+                    ));
+                }
+                Kind::Symlink
+            }
+        };
+        let pfd = self.open_dir(pid, ConflictReason::ParentMissing)?;
+        if self.live() {
+            let made = match object {
+                NewObject::File { upload: Some(u) } => {
+                    install_new(&self.cx.shared.uploads_fd, u, &pfd, name, attrs)
+                }
+                NewObject::File { upload: None } => create_file(&pfd, name, attrs),
+                NewObject::Dir => create_dir(&pfd, name, attrs),
+                NewObject::Symlink { target } => create_symlink(&pfd, name, target, attrs),
+            };
+            match made {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    self.cx.reconcile_dirs(&[pid])?;
+                    let current = match self.cx.tx.child(pid, name)? {
+                        Some(id) => self.cx.tx.meta(id)?.map(|m| m.attr),
+                        None => None,
+                    };
+                    return Err(conflict(ConflictReason::NameExists, current));
+                }
+                Err(e) => return Err(fs_failed("create", e)),
+            }
+        } else {
+            let Some(st) = fsops::stat_at(&pfd, name).map_err(|e| fs_failed("stat", e))? else {
+                return Err(not_applied());
+            };
+            if fsops::kind_of(&st) != Some(kind) {
+                return Err(not_applied());
+            }
+            if let NewObject::File { upload: Some(u) } = object
+                && self.staged(u)?
+            {
+                return Err(not_applied());
+            }
+            // The object exists: finish its attributes (idempotent).
+            if let Err(e) = set_attrs_at(&pfd, name, kind, attrs, None) {
+                tracing::warn!(error = %e, "finishing the attributes of a recovered create");
+            }
+        }
+        let st = stat_or_fail(&pfd, name)?;
+        let target = if kind == Kind::Symlink {
+            fsops::read_link(&pfd, name).map_err(|e| fs_failed("readlink", e))?
+        } else {
+            None
+        };
+        let seq = self.cx.tx.next_seq()?;
+        let id = self.cx.tx.alloc_id()?;
+        let attr = fsops::attr_of(id, seq, &st, 0, target)
+            .ok_or_else(|| fs_failed("create", "unexpected file type"))?;
+        let meta = Meta {
+            parent: pid,
+            name: name.to_owned(),
+            attr: attr.clone(),
+            fp: Fingerprint::of(&st),
+        };
+        self.cx.tx.put(&meta)?;
+        self.cx.tx.link(pid, name, id)?;
+        self.cx.tx.set_ino(meta.fp.ino, id)?;
+        let parent = self.touch_dir(pm, &pfd, seq, 1)?;
+        self.cx.sync_dirs.push(pfd);
+        self.record(
+            seq,
+            Change::Create {
+                parent,
+                name: name.to_owned(),
+                attr: attr.clone(),
+            },
+            attr,
+        )
+    }
+
+    /// Refreshes a directory's attributes after an entry change: stat,
+    /// entry count adjusted by `delta`, version `seq`. Stores and returns it.
+    fn touch_dir(&mut self, mut m: Meta, fd: &OwnedFd, seq: u64, delta: i64) -> Step<Attr> {
+        let st = fsops::fstat(fd).map_err(|e| fs_failed("stat", e))?;
+        let size = (m.attr.size as i64 + delta).max(0) as u64;
+        if let Some(attr) = fsops::attr_of(m.attr.id, seq, &st, size, None) {
+            m.attr = attr;
+            m.fp = Fingerprint::of(&st);
+        }
+        self.cx.tx.put(&m)?;
+        Ok(m.attr)
+    }
+
+    fn write(
+        &mut self,
+        id: &ObjRef,
+        base: &Base,
+        upload: &str,
+        mtime: Option<i64>,
+    ) -> Step<OpResult> {
+        let Some(m) = self.resolve(id)? else {
+            return Err(conflict(ConflictReason::Removed, None));
+        };
+        if m.attr.kind != Kind::File {
+            return Err(rejected(
+                ErrorCode::WrongKind,
+                format!("object {} is not a file", m.attr.id),
+            ));
+        }
+        self.check_version(&m, base)?;
+        let staged = self.staged(upload)?;
+        if !staged && self.live() {
+            return Err(rejected(
+                ErrorCode::NotFound,
+                format!("no finished upload {upload:?}"),
+            ));
+        }
+        let pfd = self.open_dir(m.parent, ConflictReason::Removed)?;
+        self.check_disk(&pfd, &m)?;
+        if self.live() {
+            if let Err(e) = install_over(&self.cx.shared.uploads_fd, upload, &pfd, &m, mtime) {
+                return Err(fs_failed("installing an upload", e));
+            }
+        } else if staged {
+            return Err(not_applied());
+        }
+        let st = stat_or_fail(&pfd, &m.name)?;
+        if fsops::kind_of(&st) != Some(Kind::File) {
+            return Err(not_applied());
+        }
+        let seq = self.cx.tx.next_seq()?;
+        let meta = self.refreshed(m, &st, seq)?;
+        // Replacing a directory entry moved the parent's mtime: keep its
+        // fingerprint current so the scan does not report it.
+        self.refresh_dir_fp(meta.parent, &pfd)?;
+        self.cx.sync_dirs.push(pfd);
+        let attr = meta.attr.clone();
+        self.record(seq, Change::Write { attr: attr.clone() }, attr)
+    }
+
+    /// Stores `m` with attributes from `st` at version `seq`.
+    fn refreshed(&mut self, mut m: Meta, st: &Stat, seq: u64) -> Step<Meta> {
+        let fp = Fingerprint::of(st);
+        if fp.ino != m.fp.ino {
+            self.cx.tx.drop_ino(m.fp.ino, m.attr.id)?;
+            self.cx.tx.set_ino(fp.ino, m.attr.id)?;
+        }
+        if let Some(attr) = fsops::attr_of(m.attr.id, seq, st, m.attr.size, m.attr.target.clone()) {
+            m.attr = attr;
+        }
+        m.fp = fp;
+        self.cx.tx.put(&m)?;
+        Ok(m)
+    }
+
+    fn refresh_dir_fp(&mut self, dir: ObjectId, fd: &OwnedFd) -> Step<()> {
+        if let (Some(mut dm), Ok(st)) = (self.cx.tx.meta(dir)?, fsops::fstat(fd)) {
+            dm.fp = Fingerprint::of(&st);
+            self.cx.tx.put(&dm)?;
+        }
+        Ok(())
+    }
+
+    fn set_attr(&mut self, id: &ObjRef, base: &Base, attrs: &SetAttrs) -> Step<OpResult> {
+        let Some(m) = self.resolve(id)? else {
+            return Err(conflict(ConflictReason::Removed, None));
+        };
+        let kind = m.attr.kind;
+        if attrs.size.is_some() && kind != Kind::File {
+            return Err(rejected(
+                ErrorCode::WrongKind,
+                "only a file has a size to set",
+            ));
+        }
+        if kind != Kind::Dir {
+            self.check_version(&m, base)?;
+        }
+        let (pfd, name) = if m.attr.id == ROOT_ID {
+            (
+                self.open_dir(ROOT_ID, ConflictReason::Removed)?,
+                ".".to_owned(),
+            )
+        } else {
+            (
+                self.open_dir(m.parent, ConflictReason::Removed)?,
+                m.name.clone(),
+            )
+        };
+        if kind == Kind::File {
+            self.check_disk(&pfd, &m)?;
+        }
+        match fsops::stat_at(&pfd, &name) {
+            Ok(Some(st)) if st.st_ino == m.fp.ino => {}
+            Ok(_) if !self.live() => return Err(not_applied()),
+            Ok(_) => {
+                self.cx.reconcile_dirs(&[m.parent.max(ROOT_ID)])?;
+                return Err(conflict(
+                    ConflictReason::Removed,
+                    self.cx.tx.meta(m.attr.id)?.map(|m| m.attr),
+                ));
+            }
+            Err(e) => return Err(fs_failed("stat", e)),
+        }
+        if let Err(e) = set_attrs_at(&pfd, &name, kind, attrs, attrs.size) {
+            if e.kind() == std::io::ErrorKind::PermissionDenied {
+                return Err(rejected(
+                    ErrorCode::BadRequest,
+                    format!("not permitted: {e}"),
+                ));
+            }
+            return Err(fs_failed("setattr", e));
+        }
+        let st = stat_or_fail(&pfd, &name)?;
+        let seq = self.cx.tx.next_seq()?;
+        let meta = self.refreshed(m, &st, seq)?;
+        let attr = meta.attr.clone();
+        let change = if attrs.size.is_some() {
+            Change::Truncate { attr: attr.clone() }
+        } else {
+            Change::SetAttr { attr: attr.clone() }
+        };
+        self.cx.sync_dirs.push(pfd);
+        self.record(seq, change, attr)
+    }
+
+    fn remove(&mut self, parent: &ObjRef, name: &str, id: &ObjRef, base: &Base) -> Step<OpResult> {
+        let pm = self.dir_meta(parent)?;
+        let pid = pm.attr.id;
+        self.check_name(name, pid)?;
+        let Some(m) = self.resolve(id)? else {
+            return Err(conflict(ConflictReason::Removed, None));
+        };
+        if self.cx.tx.child(pid, name)? != Some(m.attr.id) {
+            return Err(conflict(ConflictReason::NameMismatch, Some(m.attr)));
+        }
+        if m.attr.kind == Kind::Dir {
+            if m.attr.size > 0 {
+                return Err(conflict(ConflictReason::NotEmpty, Some(m.attr)));
+            }
+        } else {
+            self.check_version(&m, base)?;
+        }
+        let pfd = self.open_dir(pid, ConflictReason::ParentMissing)?;
+        if m.attr.kind != Kind::Dir {
+            self.check_disk(&pfd, &m)?;
+        }
+        if self.live() {
+            let flags = if m.attr.kind == Kind::Dir {
+                AtFlags::REMOVEDIR
+            } else {
+                AtFlags::empty()
+            };
+            match rustix::fs::unlinkat(&pfd, name, flags) {
+                Ok(()) => {}
+                Err(e) if e == rustix::io::Errno::NOTEMPTY || e == rustix::io::Errno::EXIST => {
+                    self.cx.reconcile_dirs(&[m.attr.id])?;
+                    return Err(conflict(
+                        ConflictReason::NotEmpty,
+                        self.cx.tx.meta(m.attr.id)?.map(|m| m.attr),
+                    ));
+                }
+                Err(e) if e == rustix::io::Errno::NOENT => {
+                    self.cx.reconcile_dirs(&[pid])?;
+                    return Err(conflict(
+                        ConflictReason::Removed,
+                        self.cx.tx.meta(m.attr.id)?.map(|m| m.attr),
+                    ));
+                }
+                Err(e) => return Err(fs_failed("remove", e)),
+            }
+        } else {
+            match fsops::stat_at(&pfd, name) {
+                Ok(Some(st)) if st.st_ino == m.fp.ino => return Err(not_applied()),
+                Ok(_) => {}
+                Err(e) => return Err(fs_failed("stat", e)),
+            }
+        }
+        let seq = self.cx.tx.next_seq()?;
+        self.cx.tx.unlink(pid, name)?;
+        self.cx.tx.forget_subtree(m.attr.id)?;
+        let parent = self.touch_dir(pm, &pfd, seq, -1)?;
+        self.cx.sync_dirs.push(pfd);
+        self.record(
+            seq,
+            Change::Remove {
+                parent: parent.clone(),
+                name: name.to_owned(),
+                id: m.attr.id,
+            },
+            parent,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn rename(
+        &mut self,
+        from_parent: &ObjRef,
+        from_name: &str,
+        id: &ObjRef,
+        base: &Base,
+        to_parent: &ObjRef,
+        to_name: &str,
+        replace: Option<&(ObjRef, Base)>,
+    ) -> Step<OpResult> {
+        let fpm = self.dir_meta(from_parent)?;
+        let tpm = self.dir_meta(to_parent)?;
+        let (fpid, tpid) = (fpm.attr.id, tpm.attr.id);
+        self.check_name(from_name, fpid)?;
+        self.check_name(to_name, tpid)?;
+        let Some(m) = self.resolve(id)? else {
+            return Err(conflict(ConflictReason::Removed, None));
+        };
+        if self.cx.tx.child(fpid, from_name)? != Some(m.attr.id) {
+            return Err(conflict(ConflictReason::NameMismatch, Some(m.attr)));
+        }
+        if m.attr.kind != Kind::Dir {
+            self.check_version(&m, base)?;
+        } else {
+            // A directory cannot move below itself.
+            let mut cur = tpid;
+            while cur != 0 {
+                if cur == m.attr.id {
+                    return Err(rejected(
+                        ErrorCode::BadRequest,
+                        "a directory cannot move into itself",
+                    ));
+                }
+                cur = self.cx.tx.meta(cur)?.map(|p| p.parent).unwrap_or(0);
+            }
+        }
+        let dest = self.cx.tx.child(tpid, to_name)?;
+        let replaced: Option<Meta> = match (dest, replace) {
+            (Some(d), None) => {
+                return Err(conflict(
+                    ConflictReason::NameExists,
+                    self.cx.tx.meta(d)?.map(|m| m.attr),
+                ));
+            }
+            (None, None) => None,
+            (None, Some((r, _))) => {
+                let current = self.resolve(r)?.map(|m| m.attr);
+                let reason = if current.is_some() {
+                    ConflictReason::NameMismatch
+                } else {
+                    ConflictReason::Removed
+                };
+                return Err(conflict(reason, current));
+            }
+            (Some(d), Some((r, rbase))) => {
+                let at = self.cx.tx.meta(d)?;
+                let Some(rm) = self.resolve(r)? else {
+                    return Err(conflict(ConflictReason::NameMismatch, at.map(|m| m.attr)));
+                };
+                if rm.attr.id != d {
+                    return Err(conflict(ConflictReason::NameMismatch, at.map(|m| m.attr)));
+                }
+                if rm.attr.id == m.attr.id {
+                    return Err(rejected(
+                        ErrorCode::BadRequest,
+                        "an object cannot replace itself",
+                    ));
+                }
+                match (m.attr.kind == Kind::Dir, rm.attr.kind == Kind::Dir) {
+                    (true, false) | (false, true) => {
+                        return Err(rejected(
+                            ErrorCode::WrongKind,
+                            "a rename can replace only an object of the same kind",
+                        ));
+                    }
+                    (true, true) if rm.attr.size > 0 => {
+                        return Err(conflict(ConflictReason::NotEmpty, Some(rm.attr)));
+                    }
+                    (true, true) => {}
+                    (false, false) => self.check_version(&rm, rbase)?,
+                }
+                Some(rm)
+            }
+        };
+        let ffd = self.open_dir(fpid, ConflictReason::ParentMissing)?;
+        let tfd = self.open_dir(tpid, ConflictReason::ParentMissing)?;
+        if m.attr.kind != Kind::Dir {
+            self.check_disk(&ffd, &m)?;
+        }
+        if let Some(rm) = &replaced
+            && rm.attr.kind != Kind::Dir
+        {
+            self.check_disk(&tfd, rm)?;
+        }
+        if self.live() {
+            let flags = if replaced.is_some() {
+                RenameFlags::empty()
+            } else {
+                RenameFlags::NOREPLACE
+            };
+            match rustix::fs::renameat_with(&ffd, from_name, &tfd, to_name, flags) {
+                Ok(()) => {}
+                Err(e) if e == rustix::io::Errno::EXIST && replaced.is_none() => {
+                    self.cx.reconcile_dirs(&[tpid])?;
+                    let current = match self.cx.tx.child(tpid, to_name)? {
+                        Some(id) => self.cx.tx.meta(id)?.map(|m| m.attr),
+                        None => None,
+                    };
+                    return Err(conflict(ConflictReason::NameExists, current));
+                }
+                Err(e) if e == rustix::io::Errno::NOTEMPTY || e == rustix::io::Errno::EXIST => {
+                    let rid = replaced.as_ref().map(|r| r.attr.id).unwrap_or(tpid);
+                    self.cx.reconcile_dirs(&[rid])?;
+                    return Err(conflict(
+                        ConflictReason::NotEmpty,
+                        self.cx.tx.meta(rid)?.map(|m| m.attr),
+                    ));
+                }
+                Err(e) if e == rustix::io::Errno::NOENT => {
+                    self.cx.reconcile_dirs(&[fpid])?;
+                    return Err(conflict(
+                        ConflictReason::Removed,
+                        self.cx.tx.meta(m.attr.id)?.map(|m| m.attr),
+                    ));
+                }
+                Err(e) => return Err(fs_failed("rename", e)),
+            }
+        } else {
+            let from = fsops::stat_at(&ffd, from_name).map_err(|e| fs_failed("stat", e))?;
+            let to = fsops::stat_at(&tfd, to_name).map_err(|e| fs_failed("stat", e))?;
+            let moved =
+                to.map(|s| s.st_ino) == Some(m.fp.ino) && from.map(|s| s.st_ino) != Some(m.fp.ino);
+            if !moved {
+                return Err(not_applied());
+            }
+        }
+        let seq = self.cx.tx.next_seq()?;
+        self.cx.tx.unlink(fpid, from_name)?;
+        if let Some(rm) = &replaced {
+            self.cx.tx.unlink(tpid, to_name)?;
+            self.cx.tx.forget_subtree(rm.attr.id)?;
+        }
+        self.cx.tx.link(tpid, to_name, m.attr.id)?;
+        let st = stat_or_fail(&tfd, to_name)?;
+        let mut moved = m;
+        moved.parent = tpid;
+        moved.name = to_name.to_owned();
+        let moved = self.refreshed(moved, &st, seq)?;
+        let gained = if replaced.is_some() { 0 } else { 1 };
+        let (from_attr, to_attr) = if fpid == tpid {
+            let a = self.touch_dir(fpm, &ffd, seq, gained - 1)?;
+            (a.clone(), a)
+        } else {
+            let f = self.touch_dir(fpm, &ffd, seq, -1)?;
+            let t = self.touch_dir(tpm, &tfd, seq, gained)?;
+            (f, t)
+        };
+        self.cx.sync_dirs.push(ffd);
+        if fpid != tpid {
+            self.cx.sync_dirs.push(tfd);
+        }
+        let attr = moved.attr.clone();
+        self.record(
+            seq,
+            Change::Rename {
+                from_parent: from_attr,
+                from_name: from_name.to_owned(),
+                to_parent: to_attr,
+                to_name: to_name.to_owned(),
+                attr: attr.clone(),
+                replaced: replaced.map(|r| r.attr.id),
+            },
+            attr,
+        )
+    }
+}
+
+fn stat_or_fail(dir: &OwnedFd, name: &str) -> Step<Stat> {
+    match fsops::stat_at(dir, name) {
+        Ok(Some(st)) => Ok(st),
+        Ok(None) => Err(fs_failed("stat", "the object vanished")),
+        Err(e) => Err(fs_failed("stat", e)),
+    }
+}
+
+fn io(e: rustix::io::Errno) -> std::io::Error {
+    e.into()
+}
+
+const DEFAULT_FILE_MODE: u32 = 0o644;
+const DEFAULT_DIR_MODE: u32 = 0o755;
+
+fn timestamps(atime: Option<i64>, mtime: Option<i64>) -> Timestamps {
+    let ts = |t: Option<i64>| match t {
+        Some(n) => Timespec {
+            tv_sec: n.div_euclid(1_000_000_000),
+            tv_nsec: n.rem_euclid(1_000_000_000) as _,
+        },
+        None => Timespec {
+            tv_sec: 0,
+            tv_nsec: rustix::fs::UTIME_OMIT,
+        },
+    };
+    Timestamps {
+        last_access: ts(atime),
+        last_modification: ts(mtime),
+    }
+}
+
+/// Applies owner, mode, size and times to `dir/name` (`.` for `dir`
+/// itself), without following symlinks. Owner changes the origin may not
+/// make (not running as root) are refused with `PermissionDenied` before
+/// anything changes.
+fn set_attrs_at(
+    dir: &OwnedFd,
+    name: &str,
+    kind: Kind,
+    attrs: &SetAttrs,
+    size: Option<u64>,
+) -> std::io::Result<()> {
+    let owner = (
+        attrs.uid.map(rustix::fs::Uid::from_raw),
+        attrs.gid.map(rustix::fs::Gid::from_raw),
+    );
+    let times = timestamps(attrs.atime, attrs.mtime);
+    let has_times = attrs.atime.is_some() || attrs.mtime.is_some();
+    if kind == Kind::Symlink {
+        if owner.0.is_some() || owner.1.is_some() {
+            rustix::fs::chownat(dir, name, owner.0, owner.1, AtFlags::SYMLINK_NOFOLLOW)
+                .map_err(io)?;
+        }
+        if has_times {
+            rustix::fs::utimensat(dir, name, &times, AtFlags::SYMLINK_NOFOLLOW).map_err(io)?;
+        }
+        return Ok(());
+    }
+    let fd: OwnedFd = match kind {
+        Kind::Dir if name == "." => rustix::fs::openat(
+            dir,
+            ".",
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            FsMode::empty(),
+        )
+        .map_err(io)?,
+        Kind::Dir => match fsops::open_subdir(dir, name) {
+            Ok(fd) => fd,
+            Err(FsError::Io(e)) => return Err(e),
+            Err(e) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    e.to_string(),
+                ));
+            }
+        },
+        _ => match fsops::open_file(dir, name, size.is_some()) {
+            Ok(f) => f.into(),
+            Err(FsError::Io(e)) => return Err(e),
+            Err(e) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    e.to_string(),
+                ));
+            }
+        },
+    };
+    if owner.0.is_some() || owner.1.is_some() {
+        rustix::fs::fchown(&fd, owner.0, owner.1).map_err(io)?;
+    }
+    if let Some(mode) = attrs.mode {
+        rustix::fs::fchmod(&fd, FsMode::from_raw_mode(mode & 0o7777)).map_err(io)?;
+    }
+    if let Some(size) = size {
+        rustix::fs::ftruncate(&fd, size).map_err(io)?;
+    }
+    if has_times {
+        rustix::fs::futimens(&fd, &times).map_err(io)?;
+    }
+    Ok(())
+}
+
+/// Owner changes a new object asked for but the origin may not make are
+/// skipped with a warning rather than failing a half-made create.
+fn finish_new(fd: &OwnedFd, attrs: &SetAttrs, default_mode: u32) -> std::io::Result<()> {
+    if attrs.uid.is_some() || attrs.gid.is_some() {
+        let owner = (
+            attrs.uid.map(rustix::fs::Uid::from_raw),
+            attrs.gid.map(rustix::fs::Gid::from_raw),
+        );
+        if let Err(e) = rustix::fs::fchown(fd, owner.0, owner.1) {
+            tracing::warn!(error = %e, "cannot give a new object the owner asked for");
+        }
+    }
+    let mode = attrs.mode.unwrap_or(default_mode) & 0o7777;
+    rustix::fs::fchmod(fd, FsMode::from_raw_mode(mode)).map_err(io)?;
+    if attrs.atime.is_some() || attrs.mtime.is_some() {
+        rustix::fs::futimens(fd, &timestamps(attrs.atime, attrs.mtime)).map_err(io)?;
+    }
+    Ok(())
+}
+
+fn open_staged(uploads: &OwnedFd, upload: &str) -> std::io::Result<OwnedFd> {
+    rustix::fs::openat(
+        uploads,
+        upload,
+        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        FsMode::empty(),
+    )
+    .map_err(io)
+}
+
+fn install_new(
+    uploads: &OwnedFd,
+    upload: &str,
+    dir: &OwnedFd,
+    name: &str,
+    attrs: &SetAttrs,
+) -> std::io::Result<()> {
+    let fd = open_staged(uploads, upload)?;
+    finish_new(&fd, attrs, DEFAULT_FILE_MODE)?;
+    rustix::fs::renameat_with(uploads, upload, dir, name, RenameFlags::NOREPLACE).map_err(io)
+}
+
+fn install_over(
+    uploads: &OwnedFd,
+    upload: &str,
+    dir: &OwnedFd,
+    old: &Meta,
+    mtime: Option<i64>,
+) -> std::io::Result<()> {
+    let fd = open_staged(uploads, upload)?;
+    let attrs = SetAttrs {
+        mode: Some(old.attr.mode),
+        uid: Some(old.attr.uid),
+        gid: Some(old.attr.gid),
+        mtime,
+        ..SetAttrs::default()
+    };
+    finish_new(&fd, &attrs, DEFAULT_FILE_MODE)?;
+    rustix::fs::renameat(uploads, upload, dir, old.name.as_str()).map_err(io)
+}
+
+fn create_file(dir: &OwnedFd, name: &str, attrs: &SetAttrs) -> std::io::Result<()> {
+    let fd = rustix::fs::openat(
+        dir,
+        name,
+        OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        FsMode::from_raw_mode(0o600),
+    )
+    .map_err(io)?;
+    finish_new(&fd, attrs, DEFAULT_FILE_MODE)
+}
+
+fn create_dir(dir: &OwnedFd, name: &str, attrs: &SetAttrs) -> std::io::Result<()> {
+    rustix::fs::mkdirat(dir, name, FsMode::from_raw_mode(0o700)).map_err(io)?;
+    let fd = fsops::open_subdir(dir, name).map_err(|e| std::io::Error::other(e.to_string()))?;
+    finish_new(&fd, attrs, DEFAULT_DIR_MODE)
+}
+
+fn create_symlink(
+    dir: &OwnedFd,
+    name: &str,
+    target: &str,
+    attrs: &SetAttrs,
+) -> std::io::Result<()> {
+    rustix::fs::symlinkat(target, dir, name).map_err(io)?;
+    let finish = SetAttrs {
+        mode: None,
+        size: None,
+        ..attrs.clone()
+    };
+    if let Err(e) = set_attrs_at(dir, name, Kind::Symlink, &finish, None) {
+        tracing::warn!(error = %e, "cannot set the owner or times of a new symlink");
+    }
+    Ok(())
+}

@@ -1,0 +1,539 @@
+//! Reconciling the store with what the tree shows: changes made directly in
+//! the directory by other programs (found by the watcher while running, by
+//! a full rescan at start-up or after an inotify overflow) are journaled as
+//! ordinary changes, with no idempotency key.
+//!
+//! For each dirty directory the listing is compared with the stored
+//! entries, by name and by fingerprint. Entries that vanished and entries
+//! that appeared are matched by inode number first, so an object moved by
+//! another program (`mv`) keeps its id: that is a `Rename`. What remains
+//! becomes `Remove` and `Create` (a new directory is scanned whole), and a
+//! changed fingerprint becomes `Write` (content may differ) or `SetAttr`.
+//! Hard links are separate objects, one per name.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::os::fd::OwnedFd;
+
+use rustix::fs::Stat;
+
+use crate::error::OriginError;
+use crate::fsops::{self, Fingerprint, FsError};
+use crate::store::Meta;
+use crate::wire::{Attr, Change, Kind, ObjectId, ROOT_ID};
+use crate::writer::WCtx;
+
+/// What to reconcile.
+#[derive(Debug, Default, Clone)]
+pub struct Dirty {
+    /// Directories whose entries (and own attributes) to compare.
+    pub dirs: BTreeSet<ObjectId>,
+    /// Paths (components from the root) the watcher saw change.
+    pub paths: Vec<Vec<String>>,
+    /// Compare the whole tree.
+    pub full: bool,
+}
+
+impl Dirty {
+    pub fn dirs(ids: impl IntoIterator<Item = ObjectId>) -> Self {
+        Self {
+            dirs: ids.into_iter().collect(),
+            ..Self::default()
+        }
+    }
+
+    pub fn full() -> Self {
+        Self {
+            full: true,
+            ..Self::default()
+        }
+    }
+
+    pub fn merge(&mut self, other: Dirty) {
+        self.dirs.extend(other.dirs);
+        self.paths.extend(other.paths);
+        self.full |= other.full;
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.dirs.is_empty() && self.paths.is_empty() && !self.full
+    }
+}
+
+type Result<T> = std::result::Result<T, OriginError>;
+
+/// Differences found by listing.
+#[derive(Default)]
+struct Diff {
+    /// Stored entries whose name is gone (or names another inode now).
+    missing: Vec<(ObjectId, String, ObjectId)>,
+    /// Names on disk the store does not have (or with another inode).
+    new: Vec<(ObjectId, String, Stat)>,
+    /// Same object, different fingerprint (files and symlinks).
+    changed: Vec<(ObjectId, Stat)>,
+    /// Listed directories and their own stat.
+    listed: Vec<(ObjectId, Stat)>,
+    /// Directories whose stored path could not be opened.
+    failed: Vec<ObjectId>,
+}
+
+pub fn reconcile(cx: &mut WCtx<'_>, dirty: Dirty) -> Result<()> {
+    let mut work: BTreeSet<ObjectId> = dirty.dirs;
+    for path in &dirty.paths {
+        dirs_for_path(cx, path, &mut work)?;
+    }
+    if dirty.full {
+        work.insert(ROOT_ID);
+    }
+    let mut rounds = 0;
+    while !work.is_empty() && rounds < 8 {
+        rounds += 1;
+        let mut diff = Diff::default();
+        list(cx, work, dirty.full, &mut diff)?;
+        apply(cx, &mut diff)?;
+        // A directory whose stored path did not open may have moved: its
+        // parent is reconciled next round (the root always opens).
+        work = BTreeSet::new();
+        for id in diff.failed {
+            if let Some(m) = cx.tx.meta(id)? {
+                work.insert(m.parent.max(ROOT_ID));
+                if rounds > 1 {
+                    continue;
+                }
+                work.insert(id);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The directories to look at for a changed path: its deepest stored
+/// ancestor, and the path itself if it is a stored directory.
+fn dirs_for_path(cx: &WCtx<'_>, path: &[String], out: &mut BTreeSet<ObjectId>) -> Result<()> {
+    let mut cur = ROOT_ID;
+    for (i, name) in path.iter().enumerate() {
+        match cx.tx.child(cur, name)? {
+            Some(id) => {
+                let is_dir = cx
+                    .tx
+                    .meta(id)?
+                    .map(|m| m.attr.kind == Kind::Dir)
+                    .unwrap_or(false);
+                if i + 1 == path.len() {
+                    if is_dir {
+                        out.insert(id);
+                    }
+                    break;
+                }
+                if !is_dir {
+                    break;
+                }
+                cur = id;
+            }
+            None => break,
+        }
+    }
+    out.insert(cur);
+    Ok(())
+}
+
+fn list(cx: &mut WCtx<'_>, work: BTreeSet<ObjectId>, full: bool, diff: &mut Diff) -> Result<()> {
+    let mut queue: Vec<ObjectId> = work.into_iter().collect();
+    let mut seen = HashSet::new();
+    while let Some(dir) = queue.pop() {
+        if !seen.insert(dir) {
+            continue;
+        }
+        let Some(meta) = cx.tx.meta(dir)? else {
+            continue;
+        };
+        if meta.attr.kind != Kind::Dir {
+            continue;
+        }
+        let Some(path) = cx.tx.path_of(dir)? else {
+            continue;
+        };
+        let fd = match cx.shared.tree.open_dir(&path) {
+            Ok(fd) => fd,
+            Err(FsError::NotFound | FsError::Escape) if dir != ROOT_ID => {
+                diff.failed.push(dir);
+                continue;
+            }
+            Err(e) => {
+                return Err(OriginError::io(
+                    format!("opening /{}", path.join("/")),
+                    std::io::Error::other(e.to_string()),
+                ));
+            }
+        };
+        let own = fsops::fstat(&fd).map_err(|e| {
+            OriginError::io("stat of a directory", std::io::Error::other(e.to_string()))
+        })?;
+        let listing = match fsops::list_dir(&fd, dir == ROOT_ID) {
+            Ok(l) => l,
+            Err(FsError::NotFound) => {
+                diff.failed.push(dir);
+                continue;
+            }
+            Err(e) => {
+                return Err(OriginError::io(
+                    "listing a directory",
+                    std::io::Error::other(e.to_string()),
+                ));
+            }
+        };
+        diff.listed.push((dir, own));
+        let mut stored: HashMap<String, ObjectId> = cx.tx.child_ids(dir)?.into_iter().collect();
+        for (name, st) in listing {
+            let kind = fsops::kind_of(&st);
+            match stored.remove(&name) {
+                Some(id) => {
+                    let Some(m) = cx.tx.meta(id)? else {
+                        diff.new.push((dir, name, st));
+                        continue;
+                    };
+                    let fp = Fingerprint::of(&st);
+                    if m.fp.ino != fp.ino || Some(m.attr.kind) != kind {
+                        diff.missing.push((dir, name.clone(), id));
+                        diff.new.push((dir, name, st));
+                    } else if m.attr.kind == Kind::Dir {
+                        if full || m.fp != fp {
+                            queue.push(id);
+                        }
+                    } else if m.fp != fp {
+                        diff.changed.push((id, st));
+                    }
+                }
+                None => diff.new.push((dir, name, st)),
+            }
+        }
+        for (name, id) in stored {
+            diff.missing.push((dir, name, id));
+        }
+    }
+    Ok(())
+}
+
+fn apply(cx: &mut WCtx<'_>, diff: &mut Diff) -> Result<()> {
+    let mut dir_stats: HashMap<ObjectId, Stat> =
+        diff.listed.iter().map(|(id, st)| (*id, *st)).collect();
+    // Renames: a new name whose inode belongs to a vanished object.
+    let missing_ids: HashSet<ObjectId> = diff.missing.iter().map(|(_, _, id)| *id).collect();
+    let mut renames = Vec::new();
+    let mut moved = HashSet::new();
+    let mut creates = Vec::new();
+    for (dir, name, st) in std::mem::take(&mut diff.new) {
+        let candidate = cx.tx.by_ino(st.st_ino)?;
+        let mut is_move = false;
+        if let Some(id) = candidate.filter(|id| !moved.contains(id)) {
+            if let Some(m) = cx.tx.meta(id)?
+                && Some(m.attr.kind) == fsops::kind_of(&st)
+                && id != ROOT_ID
+            {
+                is_move = missing_ids.contains(&id) || !still_at_old_place(cx, &m)?;
+            }
+            if is_move {
+                moved.insert(id);
+                renames.push((id, dir, name.clone(), st));
+            }
+        }
+        if !is_move {
+            creates.push((dir, name, st));
+        }
+    }
+    // Unlink every rename source first, so chains (a->b, b->c) resolve.
+    let mut sources = HashMap::new();
+    for (id, _, _, _) in &renames {
+        if let Some(m) = cx.tx.meta(*id)? {
+            if cx.tx.child(m.parent, &m.name)? == Some(*id) {
+                cx.tx.unlink(m.parent, &m.name)?;
+            }
+            sources.insert(*id, (m.parent, m.name.clone()));
+        }
+    }
+    for (id, dir, name, st) in renames {
+        let Some(source) = sources.get(&id).cloned() else {
+            continue;
+        };
+        record_rename(cx, id, source, dir, name, st, &mut dir_stats)?;
+    }
+    // Creates, whole subtrees for new directories; an object found inside a
+    // new directory that vanished elsewhere moved there.
+    let mut missing_ids: HashSet<ObjectId> = missing_ids.difference(&moved).copied().collect();
+    for (dir, name, st) in creates {
+        create_tree(cx, dir, name, st, &mut dir_stats, &mut missing_ids)?;
+    }
+    // Removes: vanished objects that did not move.
+    for (dir, name, id) in std::mem::take(&mut diff.missing) {
+        if !missing_ids.contains(&id) || cx.tx.child(dir, &name)? != Some(id) {
+            continue;
+        }
+        cx.tx.unlink(dir, &name)?;
+        cx.tx.forget_subtree(id)?;
+        let seq = cx.tx.next_seq()?;
+        let parent = touch_dir(cx, dir, seq, -1, &mut dir_stats)?;
+        cx.tx
+            .append(seq, cx.now, None, Change::Remove { parent, name, id })?;
+    }
+    // Changed files and symlinks.
+    for (id, st) in std::mem::take(&mut diff.changed) {
+        let Some(m) = cx.tx.meta(id)? else { continue };
+        let fp = Fingerprint::of(&st);
+        if m.fp == fp || m.fp.ino != fp.ino {
+            continue;
+        }
+        let content = m.fp.content_differs(&fp);
+        let seq = cx.tx.next_seq()?;
+        let mut m = m;
+        if m.attr.kind == Kind::Symlink && content {
+            m.attr.target = read_target(cx, &m)?;
+        }
+        let m = refresh(cx, m, &st, seq)?;
+        let change = if content {
+            Change::Write { attr: m.attr }
+        } else {
+            Change::SetAttr { attr: m.attr }
+        };
+        cx.tx.append(seq, cx.now, None, change)?;
+    }
+    // Directories' own attributes.
+    for (id, st) in std::mem::take(&mut diff.listed) {
+        let Some(m) = cx.tx.meta(id)? else { continue };
+        let fp = Fingerprint::of(&st);
+        if m.fp == fp || m.fp.ino != fp.ino && id != ROOT_ID {
+            continue;
+        }
+        let seq = cx.tx.next_seq()?;
+        let m = refresh(cx, m, &st, seq)?;
+        cx.tx
+            .append(seq, cx.now, None, Change::SetAttr { attr: m.attr })?;
+    }
+    Ok(())
+}
+
+/// Moves `id` from `source` (its old entry, already unlinked or not) to
+/// `dir/name`, replacing what the store had there, and journals it.
+fn record_rename(
+    cx: &mut WCtx<'_>,
+    id: ObjectId,
+    source: (ObjectId, String),
+    dir: ObjectId,
+    name: String,
+    st: Stat,
+    dir_stats: &mut HashMap<ObjectId, Stat>,
+) -> Result<()> {
+    let (from_dir, from_name) = source;
+    if cx.tx.child(from_dir, &from_name)? == Some(id) {
+        cx.tx.unlink(from_dir, &from_name)?;
+    }
+    let replaced = cx.tx.child(dir, &name)?;
+    if let Some(r) = replaced {
+        cx.tx.unlink(dir, &name)?;
+        cx.tx.forget_subtree(r)?;
+    }
+    cx.tx.link(dir, &name, id)?;
+    let seq = cx.tx.next_seq()?;
+    let Some(mut m) = cx.tx.meta(id)? else {
+        return Ok(());
+    };
+    m.parent = dir;
+    m.name = name.clone();
+    let m = refresh(cx, m, &st, seq)?;
+    let gained = if replaced.is_some() { 0 } else { 1 };
+    let (from_parent, to_parent) = if from_dir == dir {
+        let a = touch_dir(cx, dir, seq, gained - 1, dir_stats)?;
+        (a.clone(), a)
+    } else {
+        let f = touch_dir(cx, from_dir, seq, -1, dir_stats)?;
+        let t = touch_dir(cx, dir, seq, gained, dir_stats)?;
+        (f, t)
+    };
+    cx.tx.append(
+        seq,
+        cx.now,
+        None,
+        Change::Rename {
+            from_parent,
+            from_name,
+            to_parent,
+            to_name: name,
+            attr: m.attr,
+            replaced,
+        },
+    )
+}
+
+/// Whether the stored location of `m` still holds its inode on disk.
+fn still_at_old_place(cx: &WCtx<'_>, m: &Meta) -> Result<bool> {
+    let Some(path) = cx.tx.path_of(m.parent)? else {
+        return Ok(false);
+    };
+    let Ok(fd) = cx.shared.tree.open_dir(&path) else {
+        return Ok(false);
+    };
+    Ok(matches!(fsops::stat_at(&fd, &m.name), Ok(Some(st)) if st.st_ino == m.fp.ino))
+}
+
+fn read_target(cx: &WCtx<'_>, m: &Meta) -> Result<Option<String>> {
+    let Some(path) = cx.tx.path_of(m.parent)? else {
+        return Ok(None);
+    };
+    let Ok(fd) = cx.shared.tree.open_dir(&path) else {
+        return Ok(None);
+    };
+    Ok(fsops::read_link(&fd, &m.name).ok().flatten())
+}
+
+/// Stores `m` with attributes from `st` at version `seq`.
+fn refresh(cx: &mut WCtx<'_>, mut m: Meta, st: &Stat, seq: u64) -> Result<Meta> {
+    let fp = Fingerprint::of(st);
+    if fp.ino != m.fp.ino {
+        cx.tx.drop_ino(m.fp.ino, m.attr.id)?;
+    }
+    cx.tx.set_ino(fp.ino, m.attr.id)?;
+    if let Some(attr) = fsops::attr_of(m.attr.id, seq, st, m.attr.size, m.attr.target.clone()) {
+        m.attr = attr;
+    }
+    m.fp = fp;
+    cx.tx.put(&m)?;
+    Ok(m)
+}
+
+/// A directory after one of its entries changed: entry count moved by
+/// `delta`, version `seq`, attributes from a fresh stat when it opens.
+fn touch_dir(
+    cx: &mut WCtx<'_>,
+    dir: ObjectId,
+    seq: u64,
+    delta: i64,
+    stats: &mut HashMap<ObjectId, Stat>,
+) -> Result<Attr> {
+    let Some(mut m) = cx.tx.meta(dir)? else {
+        return Err(OriginError::Corrupt(format!(
+            "directory {dir} vanished from the store"
+        )));
+    };
+    let st = match stats.get(&dir) {
+        Some(st) => Some(*st),
+        None => {
+            let st = cx
+                .tx
+                .path_of(dir)?
+                .and_then(|p| cx.shared.tree.open_dir(&p).ok())
+                .and_then(|fd| fsops::fstat(&fd).ok());
+            if let Some(st) = st {
+                stats.insert(dir, st);
+            }
+            st
+        }
+    };
+    m.attr.size = (m.attr.size as i64 + delta).max(0) as u64;
+    m.attr.version = seq;
+    if let Some(st) = st {
+        if let Some(attr) = fsops::attr_of(dir, seq, &st, m.attr.size, None) {
+            m.attr = attr;
+        }
+        m.fp = Fingerprint::of(&st);
+    }
+    cx.tx.put(&m)?;
+    Ok(m.attr)
+}
+
+/// Journals `dir/name` and, for a directory, everything below it.
+fn create_tree(
+    cx: &mut WCtx<'_>,
+    dir: ObjectId,
+    name: String,
+    st: Stat,
+    stats: &mut HashMap<ObjectId, Stat>,
+    missing: &mut HashSet<ObjectId>,
+) -> Result<()> {
+    let mut queue = vec![(dir, name, st)];
+    let mut top = true;
+    while let Some((dir, name, st)) = queue.pop() {
+        if cx.tx.child(dir, &name)?.is_some() {
+            continue;
+        }
+        let Some(kind) = fsops::kind_of(&st) else {
+            continue;
+        };
+        if !top
+            && let Some(id) = cx.tx.by_ino(st.st_ino)?.filter(|id| missing.contains(id))
+            && let Some(m) = cx.tx.meta(id)?.filter(|m| m.attr.kind == kind)
+        {
+            missing.remove(&id);
+            record_rename(cx, id, (m.parent, m.name), dir, name, st, stats)?;
+            continue;
+        }
+        top = false;
+        let parent_fd: Option<OwnedFd> = cx
+            .tx
+            .path_of(dir)?
+            .and_then(|p| cx.shared.tree.open_dir(&p).ok());
+        let Some(parent_fd) = parent_fd else { continue };
+        let target = if kind == Kind::Symlink {
+            fsops::read_link(&parent_fd, &name).ok().flatten()
+        } else {
+            None
+        };
+        // Listing a new directory first, so its stat is the one recorded.
+        let mut listing = Vec::new();
+        let mut st = st;
+        if kind == Kind::Dir {
+            match fsops::open_subdir(&parent_fd, &name) {
+                Ok(fd) => {
+                    if let Ok(own) = fsops::fstat(&fd) {
+                        st = own;
+                    }
+                    listing = fsops::list_dir(&fd, false).unwrap_or_default();
+                }
+                Err(_) => continue,
+            }
+        }
+        let seq = cx.tx.next_seq()?;
+        let id = cx.tx.alloc_id()?;
+        let Some(attr) = fsops::attr_of(id, seq, &st, 0, target) else {
+            continue;
+        };
+        let meta = Meta {
+            parent: dir,
+            name: name.clone(),
+            attr: attr.clone(),
+            fp: Fingerprint::of(&st),
+        };
+        cx.tx.put(&meta)?;
+        cx.tx.link(dir, &name, id)?;
+        cx.tx.set_ino(meta.fp.ino, id)?;
+        let parent = touch_dir(cx, dir, seq, 1, stats)?;
+        cx.tx
+            .append(seq, cx.now, None, Change::Create { parent, name, attr })?;
+        if kind == Kind::Dir {
+            stats.insert(id, st);
+            // Reverse so that names are created in listing order (pop takes the last).
+            for (child, cst) in listing.into_iter().rev() {
+                queue.push((id, child, cst));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Makes sure the root object exists (first start).
+pub fn ensure_root(cx: &mut WCtx<'_>) -> Result<()> {
+    if cx.tx.meta(ROOT_ID)?.is_some() {
+        return Ok(());
+    }
+    let st = fsops::fstat(cx.shared.tree.root_fd())
+        .map_err(|e| OriginError::io("stat of the root", std::io::Error::other(e.to_string())))?;
+    let seq = cx.tx.next_seq()?.saturating_sub(1);
+    let attr = fsops::attr_of(ROOT_ID, seq, &st, 0, None)
+        .ok_or_else(|| OriginError::Config("the root is not a directory".into()))?;
+    let meta = Meta {
+        parent: 0,
+        name: String::new(),
+        attr,
+        fp: Fingerprint::of(&st),
+    };
+    cx.tx.put(&meta)?;
+    cx.tx.set_ino(meta.fp.ino, ROOT_ID)?;
+    Ok(())
+}

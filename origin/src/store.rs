@@ -1,0 +1,606 @@
+//! The origin's metadata store (redb): objects by id, directory entries by
+//! (parent id, name), an inode index, the journal, applied idempotency keys,
+//! pending-install intents and counters.
+//!
+//! Invariants kept here and by the single writer ([`crate::writer`]):
+//! - every object but the root has exactly one `children` row naming it, and
+//!   its `Meta::parent`/`Meta::name` agree with that row;
+//! - a directory's `attr.size` is its number of `children` rows;
+//! - `attr.version` is the seq of the last journal record that touched the
+//!   object, so versions only grow; ids come from `next_id` and are never
+//!   reused;
+//! - a journal record is committed in the same transaction as the metadata
+//!   change it describes, and `last_seq`/`first_seq` bound the journal table.
+
+use redb::{
+    Database, ReadTransaction, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::error::OriginError;
+use crate::fsops::Fingerprint;
+use crate::wire::{Attr, Change, Entry, Info, Kind, ObjectId, ROOT_ID, Record, Seq};
+
+pub const OBJECTS: TableDefinition<u64, &[u8]> = TableDefinition::new("objects");
+pub const CHILDREN: TableDefinition<(u64, &str), u64> = TableDefinition::new("children");
+pub const INODES: TableDefinition<u64, u64> = TableDefinition::new("inodes");
+pub const JOURNAL: TableDefinition<u64, &[u8]> = TableDefinition::new("journal");
+pub const KEYS: TableDefinition<&str, &[u8]> = TableDefinition::new("keys");
+pub const INTENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("intents");
+pub const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
+pub const STRINGS: TableDefinition<&str, &str> = TableDefinition::new("strings");
+
+const NEXT_ID: &str = "next_id";
+const LAST_SEQ: &str = "last_seq";
+const FIRST_SEQ: &str = "first_seq";
+const NEXT_INTENT: &str = "next_intent";
+const STORE_ID: &str = "store_id";
+
+/// One object as the store holds it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Meta {
+    /// Parent directory (0 for the root).
+    pub parent: ObjectId,
+    pub name: String,
+    pub attr: Attr,
+    pub fp: Fingerprint,
+}
+
+/// What an applied idempotency key answered.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyResult {
+    pub attr: Attr,
+    pub seq: Seq,
+}
+
+type Result<T> = std::result::Result<T, OriginError>;
+
+pub struct Store {
+    db: Database,
+}
+
+impl Store {
+    /// Opens (or creates) the store at `path`.
+    pub fn open(path: &std::path::Path) -> Result<Self> {
+        let db = Database::create(path)?;
+        let store = Self { db };
+        let txn = store.db.begin_write()?;
+        {
+            // Create every table so read transactions never miss one.
+            txn.open_table(OBJECTS)?;
+            txn.open_table(CHILDREN)?;
+            txn.open_table(INODES)?;
+            txn.open_table(JOURNAL)?;
+            txn.open_table(KEYS)?;
+            txn.open_table(INTENTS)?;
+            let mut c = txn.open_table(COUNTERS)?;
+            if c.get(NEXT_ID)?.is_none() {
+                c.insert(NEXT_ID, ROOT_ID + 1)?;
+                c.insert(LAST_SEQ, 0)?;
+                c.insert(FIRST_SEQ, 1)?;
+                c.insert(NEXT_INTENT, 1)?;
+            }
+            let mut s = txn.open_table(STRINGS)?;
+            if s.get(STORE_ID)?.is_none() {
+                s.insert(STORE_ID, random_id()?.as_str())?;
+            }
+        }
+        txn.commit()?;
+        Ok(store)
+    }
+
+    pub fn read(&self) -> Result<Reader> {
+        Ok(Reader {
+            txn: self.db.begin_read()?,
+        })
+    }
+
+    pub fn begin_write(&self) -> Result<WriteTransaction> {
+        Ok(self.db.begin_write()?)
+    }
+}
+
+fn random_id() -> Result<String> {
+    use std::io::Read;
+    let mut bytes = [0u8; 16];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .map_err(|e| OriginError::io("reading /dev/urandom", e))?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+pub fn decode_meta(bytes: &[u8]) -> Result<Meta> {
+    Ok(serde_json::from_slice(bytes)?)
+}
+
+/// A consistent read snapshot.
+pub struct Reader {
+    txn: ReadTransaction,
+}
+
+impl Reader {
+    pub fn meta(&self, id: ObjectId) -> Result<Option<Meta>> {
+        let t = self.txn.open_table(OBJECTS)?;
+        match t.get(id)? {
+            Some(v) => Ok(Some(decode_meta(v.value())?)),
+            None => Ok(None),
+        }
+    }
+
+    pub fn attr(&self, id: ObjectId) -> Result<Option<Attr>> {
+        Ok(self.meta(id)?.map(|m| m.attr))
+    }
+
+    pub fn child(&self, dir: ObjectId, name: &str) -> Result<Option<ObjectId>> {
+        let t = self.txn.open_table(CHILDREN)?;
+        Ok(t.get((dir, name))?.map(|v| v.value()))
+    }
+
+    /// Entries of `dir` with names after `after`, at most `limit`, and
+    /// whether more follow.
+    pub fn entries(
+        &self,
+        dir: ObjectId,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<(Vec<Entry>, bool)> {
+        let children = self.txn.open_table(CHILDREN)?;
+        let objects = self.txn.open_table(OBJECTS)?;
+        let mut out = Vec::new();
+        let start = (dir, after.unwrap_or(""));
+        let mut more = false;
+        for row in children.range(start..(dir + 1, ""))? {
+            let (k, v) = row?;
+            let (_, name) = k.value();
+            if after == Some(name) {
+                continue;
+            }
+            if out.len() == limit {
+                more = true;
+                break;
+            }
+            let Some(m) = objects.get(v.value())? else {
+                return Err(OriginError::Corrupt(format!("dangling entry {dir}/{name}")));
+            };
+            out.push(Entry {
+                name: name.to_owned(),
+                attr: decode_meta(m.value())?.attr,
+            });
+        }
+        Ok((out, more))
+    }
+
+    /// Ids of the children of `dir` (name order).
+    pub fn child_ids(&self, dir: ObjectId) -> Result<Vec<(String, ObjectId)>> {
+        let children = self.txn.open_table(CHILDREN)?;
+        let mut out = Vec::new();
+        for row in children.range((dir, "")..(dir + 1, ""))? {
+            let (k, v) = row?;
+            out.push((k.value().1.to_owned(), v.value()));
+        }
+        Ok(out)
+    }
+
+    /// Path of `id` as names from the root; `None` if it is not stored.
+    pub fn path_of(&self, id: ObjectId) -> Result<Option<Vec<String>>> {
+        let t = self.txn.open_table(OBJECTS)?;
+        path_of(&t, id)
+    }
+
+    pub fn counter(&self, name: &str) -> Result<u64> {
+        let t = self.txn.open_table(COUNTERS)?;
+        Ok(t.get(name)?.map(|v| v.value()).unwrap_or(0))
+    }
+
+    pub fn last_seq(&self) -> Result<Seq> {
+        self.counter(LAST_SEQ)
+    }
+
+    pub fn first_seq(&self) -> Result<Seq> {
+        self.counter(FIRST_SEQ)
+    }
+
+    pub fn info(&self) -> Result<Info> {
+        let s = self.txn.open_table(STRINGS)?;
+        let store_id = s
+            .get(STORE_ID)?
+            .map(|v| v.value().to_owned())
+            .unwrap_or_default();
+        let root = self
+            .attr(ROOT_ID)?
+            .ok_or_else(|| OriginError::Corrupt("no root object".into()))?;
+        Ok(Info {
+            store_id,
+            root,
+            first_seq: self.first_seq()?,
+            last_seq: self.last_seq()?,
+        })
+    }
+
+    /// Raw JSON of the records after `after`, at most `limit`.
+    pub fn journal(&self, after: Seq, limit: usize) -> Result<Vec<Vec<u8>>> {
+        let t = self.txn.open_table(JOURNAL)?;
+        let mut out = Vec::new();
+        for row in t.range(after.saturating_add(1)..)? {
+            if out.len() >= limit {
+                break;
+            }
+            let (_, v) = row?;
+            out.push(v.value().to_vec());
+        }
+        Ok(out)
+    }
+
+    pub fn intents(&self) -> Result<Vec<(u64, Vec<u8>)>> {
+        let t = self.txn.open_table(INTENTS)?;
+        let mut out = Vec::new();
+        for row in t.iter()? {
+            let (k, v) = row?;
+            out.push((k.value(), v.value().to_vec()));
+        }
+        Ok(out)
+    }
+}
+
+fn path_of(
+    t: &impl ReadableTable<u64, &'static [u8]>,
+    id: ObjectId,
+) -> Result<Option<Vec<String>>> {
+    let mut names = Vec::new();
+    let mut cur = id;
+    while cur != ROOT_ID {
+        let Some(v) = t.get(cur)? else {
+            return Ok(None);
+        };
+        let m = decode_meta(v.value())?;
+        names.push(m.name);
+        cur = m.parent;
+        if names.len() > 4096 {
+            return Err(OriginError::Corrupt(format!("parent loop at object {id}")));
+        }
+    }
+    names.reverse();
+    Ok(Some(names))
+}
+
+/// Mutations inside one write transaction; only the writer thread uses it.
+pub struct Tx<'a> {
+    pub txn: &'a WriteTransaction,
+    /// Records appended in this transaction.
+    pub appended: usize,
+}
+
+impl<'a> Tx<'a> {
+    pub fn new(txn: &'a WriteTransaction) -> Self {
+        Self { txn, appended: 0 }
+    }
+
+    pub fn meta(&self, id: ObjectId) -> Result<Option<Meta>> {
+        let t = self.txn.open_table(OBJECTS)?;
+        match t.get(id)? {
+            Some(v) => Ok(Some(decode_meta(v.value())?)),
+            None => Ok(None),
+        }
+    }
+
+    pub fn put(&self, meta: &Meta) -> Result<()> {
+        let mut t = self.txn.open_table(OBJECTS)?;
+        t.insert(meta.attr.id, serde_json::to_vec(meta)?.as_slice())?;
+        Ok(())
+    }
+
+    pub fn child(&self, dir: ObjectId, name: &str) -> Result<Option<ObjectId>> {
+        let t = self.txn.open_table(CHILDREN)?;
+        Ok(t.get((dir, name))?.map(|v| v.value()))
+    }
+
+    pub fn child_ids(&self, dir: ObjectId) -> Result<Vec<(String, ObjectId)>> {
+        let children = self.txn.open_table(CHILDREN)?;
+        let mut out = Vec::new();
+        for row in children.range((dir, "")..(dir + 1, ""))? {
+            let (k, v) = row?;
+            out.push((k.value().1.to_owned(), v.value()));
+        }
+        Ok(out)
+    }
+
+    pub fn link(&self, dir: ObjectId, name: &str, id: ObjectId) -> Result<()> {
+        self.txn.open_table(CHILDREN)?.insert((dir, name), id)?;
+        Ok(())
+    }
+
+    pub fn unlink(&self, dir: ObjectId, name: &str) -> Result<()> {
+        self.txn.open_table(CHILDREN)?.remove((dir, name))?;
+        Ok(())
+    }
+
+    pub fn by_ino(&self, ino: u64) -> Result<Option<ObjectId>> {
+        Ok(self.txn.open_table(INODES)?.get(ino)?.map(|v| v.value()))
+    }
+
+    pub fn set_ino(&self, ino: u64, id: ObjectId) -> Result<()> {
+        self.txn.open_table(INODES)?.insert(ino, id)?;
+        Ok(())
+    }
+
+    /// Forgets `ino` if it still points at `id`.
+    pub fn drop_ino(&self, ino: u64, id: ObjectId) -> Result<()> {
+        let mut t = self.txn.open_table(INODES)?;
+        if t.get(ino)?.map(|v| v.value()) == Some(id) {
+            t.remove(ino)?;
+        }
+        Ok(())
+    }
+
+    pub fn path_of(&self, id: ObjectId) -> Result<Option<Vec<String>>> {
+        let t = self.txn.open_table(OBJECTS)?;
+        path_of(&t, id)
+    }
+
+    pub fn counter(&self, name: &str) -> Result<u64> {
+        Ok(self
+            .txn
+            .open_table(COUNTERS)?
+            .get(name)?
+            .map(|v| v.value())
+            .unwrap_or(0))
+    }
+
+    fn set_counter(&self, name: &str, v: u64) -> Result<()> {
+        self.txn.open_table(COUNTERS)?.insert(name, v)?;
+        Ok(())
+    }
+
+    pub fn alloc_id(&self) -> Result<ObjectId> {
+        let id = self.counter(NEXT_ID)?.max(ROOT_ID + 1);
+        self.set_counter(NEXT_ID, id + 1)?;
+        Ok(id)
+    }
+
+    /// The seq the next appended record will get.
+    pub fn next_seq(&self) -> Result<Seq> {
+        Ok(self.counter(LAST_SEQ)? + 1)
+    }
+
+    /// Appends the record `seq` (which must be [`Self::next_seq`]).
+    pub fn append(&mut self, seq: Seq, time: i64, key: Option<&str>, change: Change) -> Result<()> {
+        let record = Record {
+            seq,
+            time,
+            key: key.map(str::to_owned),
+            change,
+        };
+        self.txn
+            .open_table(JOURNAL)?
+            .insert(seq, serde_json::to_vec(&record)?.as_slice())?;
+        self.set_counter(LAST_SEQ, seq)?;
+        self.appended += 1;
+        Ok(())
+    }
+
+    /// Drops the oldest records so that at most `keep` remain (at most
+    /// `budget` per call, to bound one transaction's work).
+    pub fn compact(&self, keep: u64, budget: u64) -> Result<()> {
+        let last = self.counter(LAST_SEQ)?;
+        let first = self.counter(FIRST_SEQ)?.max(1);
+        if last < first || last - first < keep {
+            return Ok(());
+        }
+        let new_first = (last + 1 - keep).min(first + budget);
+        let mut t = self.txn.open_table(JOURNAL)?;
+        for seq in first..new_first {
+            t.remove(seq)?;
+        }
+        drop(t);
+        self.set_counter(FIRST_SEQ, new_first)
+    }
+
+    pub fn key(&self, key: &str) -> Result<Option<KeyResult>> {
+        let t = self.txn.open_table(KEYS)?;
+        match t.get(key)? {
+            Some(v) => Ok(Some(serde_json::from_slice(v.value())?)),
+            None => Ok(None),
+        }
+    }
+
+    pub fn put_key(&self, key: &str, result: &KeyResult) -> Result<()> {
+        self.txn
+            .open_table(KEYS)?
+            .insert(key, serde_json::to_vec(result)?.as_slice())?;
+        Ok(())
+    }
+
+    pub fn add_intent(&self, body: &[u8]) -> Result<u64> {
+        let n = self.counter(NEXT_INTENT)?.max(1);
+        self.set_counter(NEXT_INTENT, n + 1)?;
+        self.txn.open_table(INTENTS)?.insert(n, body)?;
+        Ok(n)
+    }
+
+    pub fn drop_intent(&self, n: u64) -> Result<()> {
+        self.txn.open_table(INTENTS)?.remove(n)?;
+        Ok(())
+    }
+
+    /// Removes `id` and, for a directory, everything below it, from the
+    /// objects, children and inode tables (its own `children` row in its
+    /// parent is the caller's business). Returns how many objects went.
+    pub fn forget_subtree(&self, id: ObjectId) -> Result<usize> {
+        let mut stack = vec![id];
+        let mut n = 0;
+        while let Some(cur) = stack.pop() {
+            let Some(m) = self.meta(cur)? else { continue };
+            if m.attr.kind == Kind::Dir {
+                for (name, child) in self.child_ids(cur)? {
+                    self.unlink(cur, &name)?;
+                    stack.push(child);
+                }
+            }
+            self.drop_ino(m.fp.ino, cur)?;
+            self.txn.open_table(OBJECTS)?.remove(cur)?;
+            n += 1;
+        }
+        Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::Kind;
+
+    fn meta(id: ObjectId, parent: ObjectId, name: &str, kind: Kind, ino: u64) -> Meta {
+        Meta {
+            parent,
+            name: name.into(),
+            attr: Attr {
+                id,
+                kind,
+                version: 1,
+                size: 0,
+                mode: 0o644,
+                uid: 0,
+                gid: 0,
+                nlink: 1,
+                atime: 0,
+                mtime: 0,
+                ctime: 0,
+                target: None,
+            },
+            fp: Fingerprint {
+                ino,
+                size: 0,
+                mtime: 0,
+                ctime: 0,
+                mode: 0,
+                uid: 0,
+                gid: 0,
+            },
+        }
+    }
+
+    fn open() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&dir.path().join("s.redb")).expect("open");
+        (dir, store)
+    }
+
+    #[test]
+    fn ids_are_never_reused_across_reopen() {
+        let (dir, store) = open();
+        let txn = store.begin_write().expect("txn");
+        let a = Tx::new(&txn).alloc_id().expect("id");
+        let b = Tx::new(&txn).alloc_id().expect("id");
+        txn.commit().expect("commit");
+        drop(store);
+        let store = Store::open(&dir.path().join("s.redb")).expect("reopen");
+        let txn = store.begin_write().expect("txn");
+        let c = Tx::new(&txn).alloc_id().expect("id");
+        assert!(a > ROOT_ID && b > a && c > b);
+    }
+
+    #[test]
+    fn entries_page_in_name_order_and_forget_removes_subtrees() {
+        let (_dir, store) = open();
+        let txn = store.begin_write().expect("txn");
+        {
+            let tx = Tx::new(&txn);
+            tx.put(&meta(ROOT_ID, 0, "", Kind::Dir, 1)).expect("put");
+            for (i, name) in ["c", "a", "b"].iter().enumerate() {
+                let id = 10 + i as u64;
+                tx.put(&meta(id, ROOT_ID, name, Kind::Dir, 100 + id))
+                    .expect("put");
+                tx.link(ROOT_ID, name, id).expect("link");
+                tx.set_ino(100 + id, id).expect("ino");
+            }
+            tx.put(&meta(20, 10, "x", Kind::File, 120)).expect("put");
+            tx.link(10, "x", 20).expect("link");
+            tx.set_ino(120, 20).expect("ino");
+        }
+        txn.commit().expect("commit");
+        let r = store.read().expect("read");
+        let (page, more) = r.entries(ROOT_ID, None, 2).expect("entries");
+        assert_eq!(
+            page.iter().map(|e| e.name.as_str()).collect::<Vec<_>>(),
+            ["a", "b"]
+        );
+        assert!(more);
+        let (page, more) = r.entries(ROOT_ID, Some("b"), 2).expect("entries");
+        assert_eq!(
+            page.iter().map(|e| e.name.as_str()).collect::<Vec<_>>(),
+            ["c"]
+        );
+        assert!(!more);
+        assert_eq!(
+            r.path_of(20).expect("path"),
+            Some(vec!["c".to_owned(), "x".to_owned()])
+        );
+        drop(r);
+
+        let txn = store.begin_write().expect("txn");
+        {
+            let tx = Tx::new(&txn);
+            tx.unlink(ROOT_ID, "c").expect("unlink");
+            assert_eq!(tx.forget_subtree(10).expect("forget"), 2);
+            assert_eq!(tx.by_ino(120).expect("ino"), None);
+        }
+        txn.commit().expect("commit");
+        let r = store.read().expect("read");
+        assert_eq!(r.meta(20).expect("meta"), None);
+        assert_eq!(r.child_ids(10).expect("children"), vec![]);
+    }
+
+    #[test]
+    fn journal_appends_in_order_and_compacts_the_oldest() {
+        let (_dir, store) = open();
+        for _ in 0..10 {
+            let txn = store.begin_write().expect("txn");
+            {
+                let mut tx = Tx::new(&txn);
+                let seq = tx.next_seq().expect("seq");
+                let attr = meta(ROOT_ID, 0, "", Kind::Dir, 1).attr;
+                tx.append(seq, 0, Some("k"), Change::SetAttr { attr })
+                    .expect("append");
+                tx.compact(4, 100).expect("compact");
+            }
+            txn.commit().expect("commit");
+        }
+        let r = store.read().expect("read");
+        assert_eq!(r.last_seq().expect("last"), 10);
+        assert_eq!(r.first_seq().expect("first"), 7);
+        let recs: Vec<Record> = r
+            .journal(0, 100)
+            .expect("journal")
+            .iter()
+            .map(|b| serde_json::from_slice(b).expect("json"))
+            .collect();
+        assert_eq!(
+            recs.iter().map(|r| r.seq).collect::<Vec<_>>(),
+            [7, 8, 9, 10]
+        );
+        assert_eq!(r.journal(8, 1).expect("journal").len(), 1);
+    }
+
+    #[test]
+    fn applied_keys_and_intents_persist() {
+        let (dir, store) = open();
+        let txn = store.begin_write().expect("txn");
+        let n;
+        {
+            let tx = Tx::new(&txn);
+            let attr = meta(5, 1, "f", Kind::File, 9).attr;
+            tx.put_key("gw:1", &KeyResult { attr, seq: 3 })
+                .expect("key");
+            n = tx.add_intent(b"intent").expect("intent");
+        }
+        txn.commit().expect("commit");
+        drop(store);
+        let store = Store::open(&dir.path().join("s.redb")).expect("reopen");
+        let r = store.read().expect("read");
+        assert_eq!(r.intents().expect("intents"), vec![(n, b"intent".to_vec())]);
+        let txn = store.begin_write().expect("txn");
+        let tx = Tx::new(&txn);
+        assert_eq!(tx.key("gw:1").expect("key").map(|k| k.seq), Some(3));
+        assert_eq!(tx.key("gw:2").expect("key"), None);
+    }
+}
