@@ -15,5 +15,5 @@ mod object;
 pub mod store;
 
 pub use error::{CacheError, Result};
-pub use object::{Attrs, FileId, Kind, Object, OriginRef, ROOT_FILEID};
+pub use object::{Attrs, FileId, Kind, LOCAL_ID_BASE, Object, OriginRef, ROOT_FILEID};
 pub use store::{Cache, DirEntry, RangeRead, ReadTxn, Usage, WriteTxn, meta};

@@ -2,13 +2,21 @@
 
 use serde::{Deserialize, Serialize};
 
-/// Local object id: the NFS fileid. Allocated by the cache, persisted, never
-/// reused, independent of the origin's ids (objects created while
-/// disconnected have one long before the origin knows them).
+/// Object id as NFS sees it (the fileid inside file handles).
+///
+/// An object first seen at the origin takes the origin's id as its fileid:
+/// origin ids are never reused, so a fileid can never come to mean another
+/// object, even if the cache lost track of it. An object created at the
+/// gateway gets a fresh id from [`LOCAL_ID_BASE`] up, persisted and never
+/// reused, and keeps it after the origin gives it an id of its own.
 pub type FileId = u64;
 
-/// Fileid of the exported root directory.
+/// Fileid of the exported root directory (also the origin's root id).
 pub const ROOT_FILEID: FileId = 1;
+
+/// First fileid (and directory cookie) the cache hands out itself; origin
+/// ids stay below it.
+pub const LOCAL_ID_BASE: u64 = 1 << 48;
 
 /// Kind of a filesystem object.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]

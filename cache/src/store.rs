@@ -33,7 +33,7 @@ use redb::{
 use crate::chunk::{self, CHUNK_SIZE};
 use crate::error::{CacheError, Result};
 use crate::evict::{ChunkKey, EvictIndex};
-use crate::object::{FileId, Object, ROOT_FILEID};
+use crate::object::{FileId, LOCAL_ID_BASE, Object};
 
 pub(crate) const OBJECTS: TableDefinition<u64, &[u8]> = TableDefinition::new("objects");
 pub(crate) const NAMES: TableDefinition<(u64, &str), (u64, u64)> = TableDefinition::new("names");
@@ -163,7 +163,7 @@ impl Cache {
                 }
             };
             if meta_t.get(meta::NEXT_ID)?.is_none() {
-                meta_t.insert(meta::NEXT_ID, (ROOT_FILEID + 1).to_le_bytes().as_slice())?;
+                meta_t.insert(meta::NEXT_ID, LOCAL_ID_BASE.to_le_bytes().as_slice())?;
             }
             if meta_t.get(meta::NEXT_LOG_SEQ)?.is_none() {
                 meta_t.insert(meta::NEXT_LOG_SEQ, 1u64.to_le_bytes().as_slice())?;
@@ -541,9 +541,9 @@ impl WriteTxn<'_> {
     }
     getters!();
 
-    /// Hands out a fresh fileid or cookie (never reused).
+    /// Hands out a fresh local fileid or cookie (never reused).
     pub fn alloc_id(&mut self) -> Result<u64> {
-        let next = self.meta_u64(meta::NEXT_ID)?.unwrap_or(ROOT_FILEID + 1);
+        let next = self.meta_u64(meta::NEXT_ID)?.unwrap_or(LOCAL_ID_BASE);
         self.put_meta(meta::NEXT_ID, &(next + 1).to_le_bytes())?;
         Ok(next)
     }
@@ -579,9 +579,10 @@ impl WriteTxn<'_> {
         if old_origin != new_origin {
             let mut t = self.tx.open_table(ORIGIN_INDEX)?;
             if let Some(id) = old_origin
-                && t.get(id)?.map(|v| v.value()) == Some(fid) {
-                    t.remove(id)?;
-                }
+                && t.get(id)?.map(|v| v.value()) == Some(fid)
+            {
+                t.remove(id)?;
+            }
             if let Some(id) = new_origin {
                 t.insert(id, fid)?;
             }
@@ -676,7 +677,7 @@ impl WriteTxn<'_> {
             .ok_or_else(|| CacheError::corrupt("chunk longer than CHUNK_SIZE"))?;
         let old = {
             let mut idx = self.tx.open_table(CHUNK_INDEX)?;
-            
+
             idx.insert((fid, index), len)?.map(|v| v.value())
         };
         {
@@ -696,7 +697,7 @@ impl WriteTxn<'_> {
     pub fn delete_chunk(&mut self, fid: FileId, index: u64) -> Result<()> {
         let old = {
             let mut idx = self.tx.open_table(CHUNK_INDEX)?;
-            
+
             idx.remove((fid, index))?.map(|v| v.value())
         };
         if old.is_some() {
@@ -802,9 +803,11 @@ impl WriteTxn<'_> {
         Ok(())
     }
 
-    /// Commits. `durable` waits for the data to be on disk (for anything a
-    /// client is told is stable); otherwise a crash may lose this commit,
-    /// which is fine for clean data that can be fetched again.
+    /// Commits. `durable` waits for the data to be on disk. Use it for
+    /// anything a client may have been told: a name, a handle's object, a
+    /// write reported stable. A non-durable commit may be lost by a crash
+    /// (redb returns to the last durable commit), which is fine only for
+    /// clean data that can be fetched again.
     ///
     /// Before committing, evicts least recently used clean chunks until the
     /// file data fits the capacity again.
@@ -887,7 +890,7 @@ impl WriteTxn<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::object::{Attrs, Kind};
+    use crate::object::{Attrs, Kind, ROOT_FILEID};
 
     fn file(size: u64, origin_extent: u64) -> Object {
         Object {

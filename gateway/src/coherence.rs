@@ -15,7 +15,7 @@
 //! Objects with local changes (`dirty`) keep their local state: the
 //! reintegrator settles them with the origin.
 
-use imz_cache::{Attrs, CacheError, FileId, Kind, Object, OriginRef, WriteTxn};
+use imz_cache::{Attrs, CacheError, FileId, Kind, LOCAL_ID_BASE, Object, OriginRef, WriteTxn};
 use imz_origin::wire::{self, Change, Record};
 
 /// Converts origin attributes to the cache's.
@@ -133,7 +133,12 @@ pub fn upsert_entry(
             fid
         }
         None => {
-            let fid = tx.alloc_id()?;
+            let fid = attr.id;
+            if fid >= LOCAL_ID_BASE || tx.get(fid)?.is_some() {
+                return Err(CacheError::corrupt(format!(
+                    "origin id {fid} collides with a cached object"
+                )));
+            }
             tx.put(fid, &new_object(dir, name, attr))?;
             fid
         }

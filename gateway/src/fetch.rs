@@ -46,10 +46,12 @@ pub const READAHEAD_STREAMS: usize = 3;
 pub const STORE_QUEUE: usize = 24;
 /// Files whose read pattern is remembered.
 const TRACKED_FILES: usize = 1024;
-/// Stored bytes after which the storer makes its commits durable (so that
-/// redb can reuse freed pages and a crash loses little fetched data).
-const DURABLE_EVERY_BYTES: u64 = 256 << 20;
-const DURABLE_EVERY: Duration = Duration::from_secs(5);
+/// Fetched data is committed without waiting for the disk (it can be
+/// fetched again), then made durable within this long of arriving, or as
+/// soon as the storer is idle this long: a crash loses at most the last
+/// moment of fetching, and redb can reuse the pages freed meanwhile.
+const DURABLE_EVERY: Duration = Duration::from_secs(1);
+const DURABLE_WHEN_IDLE: Duration = Duration::from_millis(200);
 
 type SlotKey = (FileId, u64, u64);
 
@@ -129,9 +131,10 @@ impl Fetcher {
             )),
         });
         let weak = Arc::downgrade(&inner);
+        let runtime = tokio::runtime::Handle::current();
         std::thread::Builder::new()
             .name("imz-storer".into())
-            .spawn(move || run_storer(weak, jobs))?;
+            .spawn(move || run_storer(weak, jobs, runtime))?;
         Ok(Self { inner })
     }
 
@@ -395,10 +398,31 @@ fn classify(inner: &Inner, err: OriginError) -> FetchFailure {
 
 /// The storer: writes fetched chunks into redb in batches, then retires
 /// their slots. Runs until the fetcher is dropped.
-fn run_storer(inner: std::sync::Weak<Inner>, mut jobs: mpsc::Receiver<StoreJob>) {
-    let mut since_durable = 0u64;
-    let mut last_durable = Instant::now();
-    while let Some(first) = jobs.blocking_recv() {
+fn run_storer(
+    inner: std::sync::Weak<Inner>,
+    mut jobs: mpsc::Receiver<StoreJob>,
+    runtime: tokio::runtime::Handle,
+) {
+    // When the oldest commit not yet durable was made.
+    let mut undurable_since: Option<Instant> = None;
+    loop {
+        let first = match undurable_since {
+            None => jobs.blocking_recv(),
+            Some(_) => match runtime
+                .block_on(async { tokio::time::timeout(DURABLE_WHEN_IDLE, jobs.recv()).await })
+            {
+                Ok(job) => job,
+                Err(_idle) => {
+                    let Some(inner) = inner.upgrade() else { return };
+                    match inner.cache.write().and_then(|tx| tx.commit(true)) {
+                        Ok(()) => undurable_since = None,
+                        Err(e) => tracing::warn!(error = %e, "could not make fetched data durable"),
+                    }
+                    continue;
+                }
+            },
+        };
+        let Some(first) = first else { return };
         let mut batch = vec![first];
         while batch.len() < STORE_QUEUE {
             match jobs.try_recv() {
@@ -407,16 +431,13 @@ fn run_storer(inner: std::sync::Weak<Inner>, mut jobs: mpsc::Receiver<StoreJob>)
             }
         }
         let Some(inner) = inner.upgrade() else { return };
-        let bytes: u64 = batch.iter().map(|j| j.bytes.len() as u64).sum();
-        since_durable += bytes;
-        let durable =
-            since_durable >= DURABLE_EVERY_BYTES || last_durable.elapsed() >= DURABLE_EVERY;
-        if let Err(e) = store_batch(&inner.cache, &batch, durable) {
-            tracing::warn!(error = %e, "could not store fetched data in the cache");
-        }
-        if durable {
-            since_durable = 0;
-            last_durable = Instant::now();
+        let durable = undurable_since.is_some_and(|t| t.elapsed() >= DURABLE_EVERY);
+        match store_batch(&inner.cache, &batch, durable) {
+            Ok(()) if durable => undurable_since = None,
+            Ok(()) => {
+                undurable_since.get_or_insert_with(Instant::now);
+            }
+            Err(e) => tracing::warn!(error = %e, "could not store fetched data in the cache"),
         }
         let mut slots = inner.slots.lock().unwrap_or_else(|p| p.into_inner());
         for job in &batch {

@@ -56,7 +56,7 @@ pub async fn run_follower(vfs: Arc<Vfs>, applied: watch::Sender<u64>) {
                             }
                         }
                         tx.put_meta_u64(meta::CURSOR, last)?;
-                        tx.commit(false)?;
+                        tx.commit(true)?;
                         Ok(applied)
                     })
                     .await;
@@ -135,7 +135,7 @@ pub async fn revalidate(vfs: &Vfs) -> Result<u64, VfsError> {
                 }
                 None => {}
             }
-            tx.commit(false)?;
+            tx.commit(true)?;
             Ok(())
         })
         .await?;

@@ -129,6 +129,16 @@ impl Gateway {
         )
     }
 
+    /// Stops serving and makes everything in the cache durable.
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        self.abort();
+        let cache = Arc::clone(&self.vfs.cache);
+        tokio::task::spawn_blocking(move || cache.write().and_then(|tx| tx.commit(true)))
+            .await?
+            .context("making the cache durable")?;
+        Ok(())
+    }
+
     pub fn abort(&self) {
         for t in &self.tasks {
             t.abort();

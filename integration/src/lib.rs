@@ -2,6 +2,11 @@
 //! user's programs would. Integration tests and benchmarks build on this;
 //! nothing here mocks an imz component.
 
+pub mod data;
+pub mod gateway;
+pub mod libnfs;
+pub mod nfs;
 pub mod process;
 
+pub use gateway::{Fixture, GatewayProc};
 pub use process::{Imz, OriginProc, imz_bin};

@@ -43,6 +43,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         super::announce_gateway(&gateway);
         super::wait_for_shutdown().await;
         tracing::info!("shutting down");
-        Ok(())
+        gateway.shutdown().await
     })
 }

@@ -77,7 +77,7 @@ impl Vfs {
                         &entry.attr,
                         Source::Fetch,
                     )?;
-                    tx.commit(false)?;
+                    tx.commit(true)?;
                     Ok(Some(fid))
                 })
                 .await?;
@@ -157,7 +157,7 @@ impl Vfs {
                     coherence::refresh(&mut tx, dir, &mut obj, &dir_attr, Source::Fetch)?;
                     obj.listed = true;
                     tx.put(dir, &obj)?;
-                    tx.commit(false)?;
+                    tx.commit(true)?;
                     Ok(true)
                 })
                 .await?;

@@ -110,7 +110,7 @@ impl Vfs {
             };
             if coherence::refresh(&mut tx, fid, &mut obj, &attr, Source::Fetch)? {
                 tx.put(fid, &obj)?;
-                tx.commit(false)?;
+                tx.commit(true)?;
             }
             Ok(())
         })

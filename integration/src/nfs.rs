@@ -1,0 +1,264 @@
+//! A small NFSv3 client for tests, on `nfs3_client`: a real client speaking
+//! the wire protocol to the gateway over TCP, one call per RPC.
+
+use anyhow::{Context, anyhow, bail};
+use nfs3_client::Nfs3ConnectionBuilder;
+use nfs3_client::nfs3_types::nfs3::{
+    self, GETATTR3args, LOOKUP3args, Nfs3Result, READ3args, READDIR3args, READDIRPLUS3args,
+    READLINK3args, cookieverf3, diropargs3, fattr3, filename3, nfs_fh3, nfsstat3, post_op_attr,
+    post_op_fh3,
+};
+use nfs3_client::tokio::{TokioConnector, TokioIo};
+use tokio::net::TcpStream;
+
+/// An NFS failure: a status from the server, or a transport error.
+#[derive(Debug)]
+pub enum NfsError {
+    Status(nfsstat3),
+    Rpc(String),
+}
+
+impl std::fmt::Display for NfsError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Status(s) => write!(f, "NFS status {s:?}"),
+            Self::Rpc(e) => write!(f, "RPC failure: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for NfsError {}
+
+impl NfsError {
+    pub fn status(&self) -> Option<nfsstat3> {
+        match self {
+            Self::Status(s) => Some(*s),
+            Self::Rpc(_) => None,
+        }
+    }
+}
+
+fn rpc(e: impl std::fmt::Debug) -> NfsError {
+    NfsError::Rpc(format!("{e:?}"))
+}
+
+/// One mounted client connection.
+pub struct Nfs {
+    conn: nfs3_client::Nfs3Connection<TokioIo<TcpStream>>,
+    pub root: nfs_fh3,
+}
+
+impl Nfs {
+    /// Mounts `path` (e.g. `/imz`) from a server on 127.0.0.1:`port`.
+    pub async fn mount(port: u16, path: &str) -> anyhow::Result<Self> {
+        let conn = Nfs3ConnectionBuilder::new(TokioConnector, "127.0.0.1", path)
+            .connect_from_privileged_port(false)
+            .mount_port(port)
+            .nfs3_port(port)
+            .mount()
+            .await
+            .map_err(|e| anyhow!("mounting {path} from port {port}: {e:?}"))?;
+        let root = conn.root_nfs_fh3();
+        Ok(Self { conn, root })
+    }
+
+    pub async fn getattr(&mut self, fh: &nfs_fh3) -> Result<fattr3, NfsError> {
+        match self
+            .conn
+            .getattr(&GETATTR3args { object: fh.clone() })
+            .await
+            .map_err(rpc)?
+        {
+            Nfs3Result::Ok(ok) => Ok(ok.obj_attributes),
+            Nfs3Result::Err((s, _)) => Err(NfsError::Status(s)),
+        }
+    }
+
+    pub async fn lookup(&mut self, dir: &nfs_fh3, name: &str) -> Result<nfs_fh3, NfsError> {
+        let args = LOOKUP3args {
+            what: diropargs3 {
+                dir: dir.clone(),
+                name: filename3::from(name.as_bytes()),
+            },
+        };
+        match self.conn.lookup(&args).await.map_err(rpc)? {
+            Nfs3Result::Ok(ok) => Ok(ok.object),
+            Nfs3Result::Err((s, _)) => Err(NfsError::Status(s)),
+        }
+    }
+
+    /// Walks `a/b/c` from the mounted root.
+    pub async fn lookup_path(&mut self, path: &str) -> Result<nfs_fh3, NfsError> {
+        let mut fh = self.root.clone();
+        for part in path.split('/').filter(|p| !p.is_empty()) {
+            fh = self.lookup(&fh, part).await?;
+        }
+        Ok(fh)
+    }
+
+    pub async fn read(
+        &mut self,
+        fh: &nfs_fh3,
+        offset: u64,
+        count: u32,
+    ) -> Result<(Vec<u8>, bool), NfsError> {
+        let args = READ3args {
+            file: fh.clone(),
+            offset,
+            count,
+        };
+        match self.conn.read(&args).await.map_err(rpc)? {
+            Nfs3Result::Ok(ok) => Ok((ok.data.to_vec(), ok.eof)),
+            Nfs3Result::Err((s, _)) => Err(NfsError::Status(s)),
+        }
+    }
+
+    /// Reads a whole file in 1 MiB requests.
+    pub async fn read_all(&mut self, fh: &nfs_fh3) -> Result<Vec<u8>, NfsError> {
+        let mut out = Vec::new();
+        loop {
+            let (bytes, eof) = self.read(fh, out.len() as u64, 1 << 20).await?;
+            out.extend_from_slice(&bytes);
+            if eof {
+                return Ok(out);
+            }
+            if bytes.is_empty() {
+                return Err(NfsError::Rpc("empty read before EOF".into()));
+            }
+        }
+    }
+
+    pub async fn read_path(&mut self, path: &str) -> Result<Vec<u8>, NfsError> {
+        let fh = self.lookup_path(path).await?;
+        self.read_all(&fh).await
+    }
+
+    pub async fn readlink(&mut self, fh: &nfs_fh3) -> Result<String, NfsError> {
+        let args = READLINK3args {
+            symlink: fh.clone(),
+        };
+        match self.conn.readlink(&args).await.map_err(rpc)? {
+            Nfs3Result::Ok(ok) => Ok(String::from_utf8_lossy(ok.data.as_ref()).into_owned()),
+            Nfs3Result::Err((s, _)) => Err(NfsError::Status(s)),
+        }
+    }
+
+    /// Lists a directory with plain READDIR, `count` bytes per reply,
+    /// following cookies to the end: (name, fileid) in server order.
+    pub async fn readdir(
+        &mut self,
+        dir: &nfs_fh3,
+        count: u32,
+    ) -> Result<Vec<(String, u64)>, NfsError> {
+        let mut out = Vec::new();
+        let mut cookie = 0;
+        let mut verf = cookieverf3::default();
+        loop {
+            let args = READDIR3args {
+                dir: dir.clone(),
+                cookie,
+                cookieverf: verf,
+                count,
+            };
+            match self.conn.readdir(&args).await.map_err(rpc)? {
+                Nfs3Result::Ok(ok) => {
+                    verf = ok.cookieverf;
+                    for e in &ok.reply.entries.0 {
+                        out.push((
+                            String::from_utf8_lossy(e.name.as_ref()).into_owned(),
+                            e.fileid,
+                        ));
+                        cookie = e.cookie;
+                    }
+                    if ok.reply.eof {
+                        return Ok(out);
+                    }
+                    if ok.reply.entries.0.is_empty() {
+                        return Err(NfsError::Rpc("READDIR returned nothing before EOF".into()));
+                    }
+                }
+                Nfs3Result::Err((s, _)) => return Err(NfsError::Status(s)),
+            }
+        }
+    }
+
+    /// Lists a directory with READDIRPLUS: (name, attributes, handle).
+    pub async fn readdirplus(
+        &mut self,
+        dir: &nfs_fh3,
+        dircount: u32,
+        maxcount: u32,
+    ) -> Result<Vec<(String, fattr3, nfs_fh3)>, NfsError> {
+        let mut out = Vec::new();
+        let mut cookie = 0;
+        let mut verf = cookieverf3::default();
+        loop {
+            let args = READDIRPLUS3args {
+                dir: dir.clone(),
+                cookie,
+                cookieverf: verf,
+                dircount,
+                maxcount,
+            };
+            match self.conn.readdirplus(&args).await.map_err(rpc)? {
+                Nfs3Result::Ok(ok) => {
+                    verf = ok.cookieverf;
+                    let n = ok.reply.entries.0.len();
+                    for e in ok.reply.entries.0 {
+                        cookie = e.cookie;
+                        let attr = match e.name_attributes {
+                            post_op_attr::Some(a) => a,
+                            post_op_attr::None => {
+                                return Err(NfsError::Rpc("entry without attributes".into()));
+                            }
+                        };
+                        let fh = match e.name_handle {
+                            post_op_fh3::Some(h) => h,
+                            post_op_fh3::None => {
+                                return Err(NfsError::Rpc("entry without handle".into()));
+                            }
+                        };
+                        out.push((
+                            String::from_utf8_lossy(e.name.as_ref()).into_owned(),
+                            attr,
+                            fh,
+                        ));
+                    }
+                    if ok.reply.eof {
+                        return Ok(out);
+                    }
+                    if n == 0 {
+                        return Err(NfsError::Rpc(
+                            "READDIRPLUS returned nothing before EOF".into(),
+                        ));
+                    }
+                }
+                Nfs3Result::Err((s, _)) => return Err(NfsError::Status(s)),
+            }
+        }
+    }
+}
+
+/// Mount errors a test may expect.
+pub async fn mount_status(port: u16, path: &str) -> anyhow::Result<()> {
+    Nfs::mount(port, path).await.map(|_| ())
+}
+
+/// Asserts a result is a given NFS status.
+pub fn expect_status<T: std::fmt::Debug>(
+    r: Result<T, NfsError>,
+    want: nfsstat3,
+) -> anyhow::Result<()> {
+    match r {
+        Err(NfsError::Status(s)) if s == want => Ok(()),
+        other => bail!("expected {want:?}, got {other:?}"),
+    }
+}
+
+pub use nfs3::ftype3;
+
+/// Convenience for tests that want the whole error as context.
+pub fn ctx<T>(r: Result<T, NfsError>, what: &str) -> anyhow::Result<T> {
+    r.map_err(anyhow::Error::from)
+        .with_context(|| what.to_owned())
+}

@@ -1,0 +1,341 @@
+//! The gateway's read path, end to end: a real `imz origin`, a real
+//! `imz gateway`, and real NFS clients (`nfs3_client` and libnfs).
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use imz_integration::data;
+use imz_integration::gateway::eventually;
+use imz_integration::libnfs;
+use imz_integration::nfs::{Nfs, NfsError, ctx, expect_status, ftype3};
+use imz_integration::{Fixture, GatewayProc};
+use nfs3_client::nfs3_types::nfs3::nfsstat3;
+
+type Result = anyhow::Result<()>;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_files_list_and_read_byte_exact() -> Result {
+    let mut expected = Vec::new();
+    let fx = Fixture::new(|root| {
+        for i in 0..150u64 {
+            let rel = format!("d{}/f{i}.bin", i % 7);
+            let len = (i * 7919 % 300_000) as usize + (i as usize % 3);
+            data::write_file(&root.join(&rel), i, len)?;
+            expected.push((rel, i, len));
+        }
+        Ok(())
+    })?;
+    let mut nfs = Nfs::mount(fx.port(), "/imz").await?;
+    let top = nfs.readdir(&nfs.root.clone(), 4096).await?;
+    let names: HashSet<_> = top.iter().map(|(n, _)| n.clone()).collect();
+    assert_eq!(
+        names,
+        (0..7).map(|d| format!("d{d}")).collect::<HashSet<_>>()
+    );
+    for (rel, seed, len) in &expected {
+        let got = ctx(nfs.read_path(rel).await, rel)?;
+        assert_eq!(got.len(), *len, "{rel}: length");
+        assert!(got == data::bytes(*seed, *len), "{rel}: content differs");
+    }
+    // The same files through an independent client.
+    if libnfs::available() {
+        let listed: HashSet<_> = libnfs::ls(fx.port(), "d3")?.into_iter().collect();
+        let want: HashSet<_> = expected
+            .iter()
+            .filter_map(|(rel, _, _)| rel.strip_prefix("d3/").map(str::to_owned))
+            .collect();
+        assert_eq!(listed, want);
+        for (rel, seed, len) in expected.iter().take(20) {
+            assert!(
+                libnfs::cat(fx.port(), rel)? == data::bytes(*seed, *len),
+                "{rel} via nfs-cat"
+            );
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_entries_list_completely_without_duplicates() -> Result {
+    const N: usize = 10_000;
+    let fx = Fixture::new(|root| {
+        let dir = root.join("big");
+        std::fs::create_dir(&dir)?;
+        for i in 0..N {
+            std::fs::write(dir.join(format!("entry-{i:05}")), i.to_string())?;
+        }
+        Ok(())
+    })?;
+    let want: HashSet<String> = (0..N).map(|i| format!("entry-{i:05}")).collect();
+    let mut nfs = Nfs::mount(fx.port(), "/imz").await?;
+    let dir = nfs.lookup_path("big").await?;
+    // Small replies force hundreds of cookie round trips (as Linux does).
+    let plain = nfs.readdir(&dir, 4096).await?;
+    let names: Vec<_> = plain.iter().map(|(n, _)| n.clone()).collect();
+    let unique: HashSet<_> = names.iter().cloned().collect();
+    assert_eq!(
+        names.len(),
+        N,
+        "READDIR returned duplicates or missed entries"
+    );
+    assert_eq!(unique, want);
+    let fileids: HashSet<_> = plain.iter().map(|(_, id)| *id).collect();
+    assert_eq!(fileids.len(), N, "fileids are not unique");
+
+    let plus = nfs.readdirplus(&dir, 8192, 32768).await?;
+    assert_eq!(plus.len(), N);
+    let plus_names: HashSet<_> = plus.iter().map(|(n, _, _)| n.clone()).collect();
+    assert_eq!(plus_names, want);
+    let (name, attr, fh) = &plus[1234];
+    assert_eq!(
+        attr.size,
+        name.trim_start_matches("entry-")
+            .parse::<u64>()?
+            .to_string()
+            .len() as u64
+    );
+    let content = nfs.read_all(fh).await?;
+    assert_eq!(
+        String::from_utf8(content)?,
+        name.trim_start_matches("entry-")
+            .parse::<u64>()?
+            .to_string()
+    );
+
+    if libnfs::available() {
+        let listed = libnfs::ls(fx.port(), "big")?;
+        assert_eq!(listed.len(), N);
+        assert_eq!(listed.into_iter().collect::<HashSet<_>>(), want);
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn symlinks_read_back_their_targets() -> Result {
+    let fx = Fixture::new(|root| {
+        std::fs::write(root.join("target.txt"), "pointed at")?;
+        std::os::unix::fs::symlink("target.txt", root.join("rel-link"))?;
+        std::os::unix::fs::symlink("/etc/passwd", root.join("abs-link"))?;
+        std::os::unix::fs::symlink("missing", root.join("dangling"))?;
+        Ok(())
+    })?;
+    let mut nfs = Nfs::mount(fx.port(), "/imz").await?;
+    for (name, target) in [
+        ("rel-link", "target.txt"),
+        ("abs-link", "/etc/passwd"),
+        ("dangling", "missing"),
+    ] {
+        let fh = nfs.lookup_path(name).await?;
+        let attr = nfs.getattr(&fh).await?;
+        assert_eq!(attr.type_, ftype3::NF3LNK, "{name}");
+        assert_eq!(attr.size, target.len() as u64, "{name}");
+        assert_eq!(nfs.readlink(&fh).await?, target);
+    }
+    // A symlink is not followed by the server: reading it as a file fails.
+    let fh = nfs.lookup_path("abs-link").await?;
+    assert!(nfs.read(&fh, 0, 100).await.is_err());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_file_reads_in_full_and_in_pieces() -> Result {
+    const LEN: usize = 48 << 20;
+    let fx = Fixture::new(|root| {
+        data::write_file(&root.join("large.bin"), 42, LEN)?;
+        data::write_file(&root.join("large2.bin"), 43, LEN)?;
+        Ok(())
+    })?;
+    let content = data::bytes(42, LEN);
+    let mut nfs = Nfs::mount(fx.port(), "/imz").await?;
+    let fh = nfs.lookup_path("large.bin").await?;
+    assert_eq!(
+        nfs.getattr(&fh).await?.size,
+        LEN as u64,
+        "size known before any data is fetched"
+    );
+    let all = nfs.read_all(&fh).await?;
+    assert!(all == content, "sequential read differs");
+
+    // Pieces of a cold file, out of order, across chunk boundaries.
+    let content2 = data::bytes(43, LEN);
+    let fh2 = nfs.lookup_path("large2.bin").await?;
+    let mut offset = 7u64;
+    for i in 0..40u64 {
+        offset = (offset * 6_364_136_223 + 1_442_695_041 + i) % (LEN as u64 - 1);
+        let count = ((i * 104_729) % 300_000 + 1) as u32;
+        let (bytes, eof) = nfs.read(&fh2, offset, count).await?;
+        let end = (offset as usize + count as usize).min(LEN);
+        assert!(
+            bytes[..] == content2[offset as usize..end],
+            "piece at {offset}+{count}"
+        );
+        assert_eq!(eof, end == LEN);
+    }
+    let (tail, eof) = nfs.read(&fh2, LEN as u64 - 10, 1000).await?;
+    assert_eq!(tail.len(), 10);
+    assert!(eof);
+    let (past, eof) = nfs.read(&fh2, LEN as u64 + 5, 10).await?;
+    assert!(past.is_empty() && eof);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_with_origin_down_serves_cache_and_keeps_handles() -> Result {
+    let mut fx = Fixture::new(|root| {
+        data::write_file(&root.join("docs/cached.bin"), 1, 3_000_000)?;
+        data::write_file(&root.join("docs/uncached.bin"), 2, 1000)?;
+        Ok(())
+    })?;
+    let mut nfs = Nfs::mount(fx.port(), "/imz").await?;
+    let fh = nfs.lookup_path("docs/cached.bin").await?;
+    let uncached = nfs.lookup_path("docs/uncached.bin").await?;
+    assert!(nfs.read_all(&fh).await? == data::bytes(1, 3_000_000));
+    drop(nfs);
+
+    fx.origin.proc.kill9();
+    fx.gateway.restart_graceful()?;
+
+    // The handle from before the restart still works: no ESTALE.
+    let mut nfs = Nfs::mount(fx.port(), "/imz").await?;
+    assert!(nfs.read_all(&fh).await? == data::bytes(1, 3_000_000));
+    assert_eq!(
+        nfs.lookup_path("docs/cached.bin").await?,
+        fh,
+        "handle changed across restart"
+    );
+    // Uncached data fails fast with an I/O error, not a hang or STALE.
+    let start = Instant::now();
+    expect_status(nfs.read(&uncached, 0, 100).await, nfsstat3::NFS3ERR_IO)?;
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        start.elapsed()
+    );
+    // Attributes are still served.
+    assert_eq!(nfs.getattr(&uncached).await?.size, 1000);
+
+    // The origin comes back: the gateway reconnects by itself.
+    fx.origin.restart()?;
+    let got = eventually(Duration::from_secs(10), || {
+        let r = futures_block(nfs.read(&uncached, 0, 2000));
+        r.ok()
+    });
+    let ((bytes, _), _) = got.ok_or_else(|| anyhow::anyhow!("gateway did not reconnect"))?;
+    assert!(bytes == data::bytes(2, 1000));
+    Ok(())
+}
+
+/// Runs a future to completion from synchronous polling code inside a
+/// multi-threaded runtime.
+fn futures_block<F: std::future::Future>(f: F) -> F::Output {
+    tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(f))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn origin_changes_are_visible_within_two_seconds() -> Result {
+    let fx = Fixture::new(|root| {
+        std::fs::write(root.join("news.txt"), "old news")?;
+        std::fs::create_dir(root.join("dir"))?;
+        Ok(())
+    })?;
+    let mut nfs = Nfs::mount(fx.port(), "/imz").await?;
+    let fh = nfs.lookup_path("news.txt").await?;
+    assert_eq!(nfs.read_all(&fh).await?, b"old news");
+    let dir = nfs.lookup_path("dir").await?;
+    assert!(nfs.readdir(&dir, 4096).await?.is_empty());
+
+    std::fs::write(fx.origin_path("news.txt"), "fresh news, longer")?;
+    std::fs::write(fx.origin_path("dir/new.txt"), "new file")?;
+    let seen = eventually(Duration::from_secs(5), || {
+        let content = futures_block(nfs.read_all(&fh)).ok()?;
+        (content == b"fresh news, longer").then_some(())
+    });
+    let ((), took) = seen.ok_or_else(|| anyhow::anyhow!("changed content never visible"))?;
+    assert!(
+        took < Duration::from_secs(2),
+        "change took {took:?} to show"
+    );
+    let listed = eventually(Duration::from_secs(5), || {
+        let names = futures_block(nfs.readdir(&dir, 4096)).ok()?;
+        names.iter().any(|(n, _)| n == "new.txt").then_some(())
+    });
+    let ((), took) = listed.ok_or_else(|| anyhow::anyhow!("new file never listed"))?;
+    assert!(
+        took < Duration::from_secs(2),
+        "new entry took {took:?} to show"
+    );
+    assert_eq!(nfs.read_path("dir/new.txt").await?, b"new file");
+
+    // A removal at the origin: the name goes away.
+    std::fs::remove_file(fx.origin_path("news.txt"))?;
+    let gone = eventually(Duration::from_secs(5), || {
+        matches!(
+            futures_block(nfs.lookup(&nfs.root.clone(), "news.txt")),
+            Err(NfsError::Status(nfsstat3::NFS3ERR_NOENT))
+        )
+        .then_some(())
+    });
+    assert!(gone.is_some(), "removed file still visible");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tiny_cache_evicts_and_still_serves_correct_bytes() -> Result {
+    const FILES: u64 = 24;
+    const LEN: usize = 1_500_000;
+    let fx = Fixture::with_cache_size("4MiB", &[], |root| {
+        for i in 0..FILES {
+            data::write_file(&root.join(format!("f{i}")), 100 + i, LEN)?;
+        }
+        Ok(())
+    })?;
+    let mut nfs = Nfs::mount(fx.port(), "/imz").await?;
+    for round in 0..2 {
+        for i in 0..FILES {
+            let got = nfs.read_path(&format!("f{i}")).await?;
+            assert!(got == data::bytes(100 + i, LEN), "round {round} file {i}");
+        }
+    }
+    // 36 MB went through a 4 MiB cache: the database must not hold it all.
+    let db = fx.gateway.cache_dir.join("imz-cache.redb");
+    let size = std::fs::metadata(&db)?.len();
+    assert!(
+        size < 24 << 20,
+        "cache file is {size} bytes for a 4 MiB cache"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_export_path_and_wrong_token_fail_clearly() -> Result {
+    let fx = Fixture::new(|root| {
+        std::fs::create_dir(root.join("sub"))?;
+        std::fs::write(root.join("sub/x"), "x")?;
+        Ok(())
+    })?;
+    for bad in ["/", "/wrong", "/imzfoo", "/imz/no-such-dir"] {
+        let err = Nfs::mount(fx.port(), bad).await.err();
+        assert!(err.is_some(), "mounting {bad} succeeded");
+        assert!(
+            format!("{:?}", err).contains("NOENT"),
+            "mount {bad}: {err:?}"
+        );
+    }
+    // Mounting a subdirectory of the export works.
+    let mut sub = Nfs::mount(fx.port(), "/imz/sub").await?;
+    assert_eq!(sub.read_path("x").await?, b"x");
+
+    let bad_token = fx.dir.path().join("bad-token");
+    std::fs::write(&bad_token, "not-the-token")?;
+    let err = GatewayProc::start(
+        &fx.origin.url,
+        &bad_token,
+        &fx.dir.path().join("cache2"),
+        "1GiB",
+        &[],
+    )
+    .err()
+    .ok_or_else(|| anyhow::anyhow!("gateway started with a wrong token"))?;
+    assert!(format!("{err:#}").contains("exited"), "{err:#}");
+    Ok(())
+}
