@@ -226,7 +226,7 @@ fn apply(cx: &mut WCtx<'_>, diff: &mut Diff) -> Result<()> {
         let mut is_move = false;
         if let Some(id) = candidate.filter(|id| !moved.contains(id)) {
             if let Some(m) = cx.tx.meta(id)?
-                && Some(m.attr.kind) == fsops::kind_of(&st)
+                && plausibly_moved(&m, &st)
                 && id != ROOT_ID
             {
                 is_move = missing_ids.contains(&id) || !still_at_old_place(cx, &m)?;
@@ -362,6 +362,20 @@ fn record_rename(
     )
 }
 
+/// Whether `st` (found under a new name with `m`'s inode number) is `m`
+/// moved rather than a new object that reused a freed inode number: same
+/// kind and, for files and symlinks, same size and mtime (a rename changes
+/// only ctime). A file moved *and* modified while nobody watched becomes a
+/// remove plus a create.
+fn plausibly_moved(m: &Meta, st: &Stat) -> bool {
+    let fp = Fingerprint::of(st);
+    match fsops::kind_of(st) {
+        Some(Kind::Dir) => m.attr.kind == Kind::Dir,
+        Some(k) => k == m.attr.kind && fp.size == m.fp.size && fp.mtime == m.fp.mtime,
+        None => false,
+    }
+}
+
 /// Whether the stored location of `m` still holds its inode on disk.
 fn still_at_old_place(cx: &WCtx<'_>, m: &Meta) -> Result<bool> {
     let Some(path) = cx.tx.path_of(m.parent)? else {
@@ -458,7 +472,7 @@ fn create_tree(
         };
         if !top
             && let Some(id) = cx.tx.by_ino(st.st_ino)?.filter(|id| missing.contains(id))
-            && let Some(m) = cx.tx.meta(id)?.filter(|m| m.attr.kind == kind)
+            && let Some(m) = cx.tx.meta(id)?.filter(|m| plausibly_moved(m, &st))
         {
             missing.remove(&id);
             record_rename(cx, id, (m.parent, m.name), dir, name, st, stats)?;

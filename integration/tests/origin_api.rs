@@ -1,0 +1,391 @@
+//! Each endpoint of a real `imz origin`, over real HTTP on loopback.
+
+mod origin_common;
+
+use std::time::Duration;
+
+use imz_origin::wire::{self, ErrorCode, Kind, ManifestEntry, ManifestHeader, ROOT_ID};
+use origin_common::*;
+
+#[test]
+fn health_needs_no_token_and_reports_the_journal() {
+    let s = start();
+    let resp = s
+        .client
+        .http
+        .get(s.client.url(wire::paths::HEALTH))
+        .send()
+        .expect("health");
+    assert_eq!(resp.status(), 200);
+    let h: wire::Health = resp.json().expect("json");
+    assert_eq!(h.status, "ok");
+    assert_eq!(h.last_seq, s.client.info().last_seq);
+}
+
+#[test]
+fn every_other_endpoint_needs_the_right_token() {
+    let s = start_with(|root| std::fs::write(root.join("f"), b"x").expect("write"));
+    let f = s.client.lookup(ROOT_ID, "f").attr;
+    let paths = [
+        wire::paths::INFO.to_owned(),
+        wire::paths::object(ROOT_ID),
+        format!("{}?name=f", wire::paths::lookup(ROOT_ID)),
+        wire::paths::entries(ROOT_ID),
+        wire::paths::data(f.id, f.version),
+        wire::paths::JOURNAL.to_owned(),
+        wire::paths::MANIFEST.to_owned(),
+    ];
+    for path in &paths {
+        for auth in [
+            None,
+            Some("Bearer wrong"),
+            Some("Basic abc"),
+            Some("Bearer "),
+        ] {
+            let mut req = s.client.http.get(s.client.url(path));
+            if let Some(a) = auth {
+                req = req.header("authorization", a);
+            }
+            let (status, err) = s.client.error(req);
+            assert_eq!(
+                (status, err.code),
+                (401, ErrorCode::Unauthorized),
+                "{path} with {auth:?}"
+            );
+        }
+    }
+    let put = s
+        .client
+        .http
+        .put(s.client.url(&wire::paths::upload("u")))
+        .body("x");
+    assert_eq!(s.client.error(put).0, 401);
+    let post = s
+        .client
+        .http
+        .post(s.client.url(wire::paths::REINTEGRATE))
+        .body("{\"ops\":[]}");
+    assert_eq!(s.client.error(post).0, 401);
+    // A token that is a prefix of the right one is still wrong.
+    let prefix = &s.client.token[..s.client.token.len() - 1];
+    let req = s
+        .client
+        .http
+        .get(s.client.url(wire::paths::INFO))
+        .bearer_auth(prefix);
+    assert_eq!(s.client.error(req).0, 401);
+}
+
+#[test]
+fn token_file_is_created_private_and_reused() {
+    use std::os::unix::fs::PermissionsExt;
+    let s = start();
+    let meta = std::fs::metadata(s.dir.path().join("token")).expect("token file");
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    assert!(s.client.token.len() >= 32);
+    let mut origin = s.origin;
+    let before = origin.token.clone();
+    origin.restart().expect("restart");
+    assert_eq!(origin.token, before);
+}
+
+#[test]
+fn objects_lookup_and_paged_entries() {
+    let s = start_with(|root| {
+        std::fs::create_dir(root.join("big")).expect("mkdir");
+        for i in 0..25 {
+            std::fs::write(root.join("big").join(format!("f{i:02}")), vec![b'x'; i])
+                .expect("write");
+        }
+        std::os::unix::fs::symlink("f01", root.join("big/link")).expect("symlink");
+    });
+    let info = s.client.info();
+    assert_eq!(info.root.id, ROOT_ID);
+    assert_eq!(info.root.kind, Kind::Dir);
+    assert_eq!(info.store_id.len(), 32);
+    let big = s.client.lookup(ROOT_ID, "big");
+    assert_eq!(big.attr.kind, Kind::Dir);
+    assert_eq!(big.attr.size, 26, "a directory's size is its entry count");
+    assert_eq!(s.client.attr(big.attr.id), big.attr);
+    let f07 = s.client.lookup(big.attr.id, "f07");
+    assert_eq!((f07.attr.kind, f07.attr.size), (Kind::File, 7));
+    let link = s.client.lookup(big.attr.id, "link");
+    assert_eq!(
+        (link.attr.kind, link.attr.target.as_deref()),
+        (Kind::Symlink, Some("f01"))
+    );
+
+    let mut names = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let page = s.client.entries(big.attr.id, after.as_deref(), 10);
+        assert!(page.entries.len() <= 10);
+        assert_eq!(page.dir.id, big.attr.id);
+        names.extend(page.entries.iter().map(|e| e.name.clone()));
+        match page.next {
+            Some(n) => after = Some(n),
+            None => break,
+        }
+    }
+    let mut expected: Vec<String> = (0..25).map(|i| format!("f{i:02}")).collect();
+    expected.push("link".into());
+    assert_eq!(names, expected, "all entries once, in name order");
+
+    // Errors.
+    assert_eq!(
+        s.client
+            .error(s.client.get(&wire::paths::object(999_999)))
+            .1
+            .code,
+        ErrorCode::NotFound
+    );
+    assert_eq!(
+        s.client.error(s.client.get("/v1/objects/abc")).1.code,
+        ErrorCode::BadRequest
+    );
+    let lk = s
+        .client
+        .get(&wire::paths::lookup(ROOT_ID))
+        .query(&[("name", "nope")]);
+    assert_eq!(s.client.error(lk).1.code, ErrorCode::NotFound);
+    let lk = s
+        .client
+        .get(&wire::paths::lookup(f07.attr.id))
+        .query(&[("name", "x")]);
+    assert_eq!(s.client.error(lk).1.code, ErrorCode::WrongKind);
+    assert_eq!(
+        s.client
+            .error(s.client.get(&wire::paths::entries(f07.attr.id)))
+            .1
+            .code,
+        ErrorCode::WrongKind
+    );
+    assert_eq!(
+        s.client.error(s.client.get("/v1/nothing")).1.code,
+        ErrorCode::NotFound
+    );
+}
+
+#[test]
+fn the_state_directory_is_invisible() {
+    let s = start_with(|root| std::fs::write(root.join("a"), b"a").expect("write"));
+    let page = s.client.entries(ROOT_ID, None, 100);
+    assert_eq!(
+        page.entries
+            .iter()
+            .map(|e| e.name.as_str())
+            .collect::<Vec<_>>(),
+        ["a"]
+    );
+    assert_eq!(page.dir.size, 1);
+    let lk = s
+        .client
+        .get(&wire::paths::lookup(ROOT_ID))
+        .query(&[("name", wire::STATE_DIR_NAME)]);
+    assert_eq!(s.client.error(lk).1.code, ErrorCode::InvalidName);
+    assert!(
+        s.root().join(wire::STATE_DIR_NAME).is_dir(),
+        "state lives in ROOT/.imz"
+    );
+}
+
+#[test]
+fn data_is_served_with_range_etag_and_immutable_caching() {
+    let content: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+    let c2 = content.clone();
+    let s = start_with(move |root| std::fs::write(root.join("f"), &c2).expect("write"));
+    let f = s.client.lookup(ROOT_ID, "f").attr;
+    let resp = s.client.data(f.id, f.version);
+    assert_eq!(resp.status(), 200);
+    let h = resp.headers().clone();
+    assert_eq!(h["etag"], wire::etag(f.id, f.version).as_str());
+    assert_eq!(h["cache-control"], "public, max-age=31536000, immutable");
+    assert_eq!(h["accept-ranges"], "bytes");
+    assert_eq!(resp.bytes().expect("body").as_ref(), content.as_slice());
+
+    let part = s
+        .client
+        .get(&wire::paths::data(f.id, f.version))
+        .header("range", "bytes=1000-1999")
+        .send()
+        .expect("range");
+    assert_eq!(part.status(), 206);
+    assert_eq!(part.headers()["content-range"], "bytes 1000-1999/200000");
+    assert_eq!(part.bytes().expect("body").as_ref(), &content[1000..2000]);
+    let tail = s
+        .client
+        .get(&wire::paths::data(f.id, f.version))
+        .header("range", "bytes=-10")
+        .send()
+        .expect("range");
+    assert_eq!(
+        tail.bytes().expect("body").as_ref(),
+        &content[content.len() - 10..]
+    );
+
+    let bad = s
+        .client
+        .get(&wire::paths::data(f.id, f.version))
+        .header("range", "bytes=200000-");
+    let resp = bad.send().expect("416");
+    assert_eq!(resp.status(), 416);
+    assert_eq!(resp.headers()["content-range"], "bytes */200000");
+    assert_eq!(resp.headers()["cache-control"], "no-store");
+
+    let cached = s
+        .client
+        .get(&wire::paths::data(f.id, f.version))
+        .header("if-none-match", wire::etag(f.id, f.version))
+        .send()
+        .expect("304");
+    assert_eq!(cached.status(), 304);
+
+    // An old version is gone, with the current attributes.
+    let (_, err) = s
+        .client
+        .error(s.client.get(&wire::paths::data(f.id, f.version - 1)));
+    assert_eq!(err.code, ErrorCode::VersionGone);
+    assert_eq!(err.current.as_ref().map(|a| a.version), Some(f.version));
+    let dir = s
+        .client
+        .get(&wire::paths::data(ROOT_ID, s.client.info().root.version));
+    assert_eq!(s.client.error(dir).1.code, ErrorCode::WrongKind);
+    assert_eq!(
+        s.client
+            .error(s.client.get(&wire::paths::data(77_777, 1)))
+            .1
+            .code,
+        ErrorCode::NotFound
+    );
+}
+
+#[test]
+fn a_file_changed_behind_the_origin_is_never_served_under_its_old_version() {
+    let s = start_with(|root| std::fs::write(root.join("f"), b"old content").expect("write"));
+    let f = s.client.lookup(ROOT_ID, "f").attr;
+    std::fs::write(s.root().join("f"), b"new content!").expect("rewrite");
+    // Whether or not the watcher got there first, the old URL never gives
+    // the new bytes: it is gone, and the new version serves them.
+    let resp = s.client.data(f.id, f.version);
+    assert_eq!(resp.status(), 410);
+    let now = s.client.attr(f.id);
+    assert!(now.version > f.version);
+    assert_eq!(now.size, 12);
+    let body = s.client.data(f.id, now.version).bytes().expect("body");
+    assert_eq!(body.as_ref(), b"new content!");
+}
+
+#[test]
+fn manifest_lists_the_tree_parents_first_from_one_snapshot() {
+    let s = start_with(|root| {
+        std::fs::create_dir_all(root.join("a/b/c")).expect("mkdir");
+        std::fs::write(root.join("a/b/c/f"), b"f").expect("write");
+        std::fs::write(root.join("top"), b"t").expect("write");
+    });
+    let text = s
+        .client
+        .get(wire::paths::MANIFEST)
+        .send()
+        .expect("manifest")
+        .text()
+        .expect("text");
+    let mut lines = text.lines();
+    let header: ManifestHeader =
+        serde_json::from_str(lines.next().expect("header")).expect("header json");
+    assert_eq!(header.seq, s.client.info().last_seq);
+    assert_eq!(header.root.id, ROOT_ID);
+    let mut known = vec![ROOT_ID];
+    let mut names = Vec::new();
+    for line in lines {
+        let e: ManifestEntry = serde_json::from_str(line).expect("entry json");
+        assert!(
+            known.contains(&e.parent),
+            "{} listed before its parent",
+            e.name
+        );
+        known.push(e.attr.id);
+        names.push(e.name);
+    }
+    names.sort();
+    assert_eq!(names, ["a", "b", "c", "f", "top"]);
+}
+
+#[test]
+fn malformed_and_oversized_requests_get_clear_4xx() {
+    let s = start();
+    let post = |body: Vec<u8>| {
+        s.client
+            .http
+            .post(s.client.url(wire::paths::REINTEGRATE))
+            .bearer_auth(&s.client.token)
+            .header("content-type", "application/json")
+            .body(body)
+    };
+    let (status, err) = s.client.error(post(b"{not json".to_vec()));
+    assert_eq!((status, err.code), (400, ErrorCode::BadRequest));
+    assert!(err.message.contains("JSON"), "{}", err.message);
+    let (_, err) = s
+        .client
+        .error(post(br#"{"ops":[{"key":"k","op":"explode"}]}"#.to_vec()));
+    assert_eq!(err.code, ErrorCode::BadRequest);
+    let (status, err) = s.client.error(post(vec![b' '; wire::MAX_JSON_BODY + 10]));
+    assert_eq!((status, err.code), (413, ErrorCode::TooLarge));
+    let many: Vec<_> = (0..wire::MAX_BATCH_OPS + 1)
+        .map(|i| {
+            op(
+                &format!("k{i}"),
+                wire::Op::Create {
+                    parent: wire::ObjRef::Id(ROOT_ID),
+                    name: format!("n{i}"),
+                    object: wire::NewObject::Dir,
+                    attrs: Default::default(),
+                },
+            )
+        })
+        .collect();
+    let body = serde_json::to_vec(&wire::Batch { ops: many }).expect("json");
+    assert_eq!(s.client.error(post(body)).1.code, ErrorCode::TooLarge);
+    let (_, err) = s
+        .client
+        .error(s.client.get(&format!("{}?after=abc", wire::paths::JOURNAL)));
+    assert_eq!(err.code, ErrorCode::BadRequest);
+    let put = s
+        .client
+        .http
+        .put(s.client.url("/v1/uploads/.hidden"))
+        .bearer_auth(&s.client.token)
+        .body("x");
+    assert_eq!(s.client.error(put).1.code, ErrorCode::BadRequest);
+    // Still serving.
+    assert_eq!(s.client.info().root.id, ROOT_ID);
+    let _ = Duration::ZERO;
+}
+
+#[test]
+fn uploads_are_staged_outside_the_tree_and_limited_in_size() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().join("root");
+    std::fs::create_dir(&root).expect("mkdir");
+    let (_proc, url) = spawn_origin(&root, &dir.path().join("token"), &["--max-upload", "1000"]);
+    let token = std::fs::read_to_string(dir.path().join("token")).expect("token");
+    let client = Client::at(&url, token.trim());
+    let up = client.upload("small", vec![7u8; 1000]);
+    assert_eq!(up.size, 1000);
+    assert!(root.join(".imz/uploads/small").is_file());
+    assert_eq!(
+        client.entries(ROOT_ID, None, 10).entries.len(),
+        0,
+        "an upload is not in the tree"
+    );
+    let big = client
+        .http
+        .put(client.url(&wire::paths::upload("big")))
+        .bearer_auth(&client.token)
+        .body(vec![0u8; 1001]);
+    assert_eq!(client.error(big).1.code, ErrorCode::TooLarge);
+    assert!(!root.join(".imz/uploads/big").exists());
+    let partial: Vec<_> = std::fs::read_dir(root.join(".imz/partial"))
+        .expect("partial")
+        .collect();
+    assert!(partial.is_empty(), "a refused upload leaves nothing behind");
+}

@@ -1,0 +1,300 @@
+//! The origin's journal: order, long-poll, compaction, persistence, and
+//! changes made directly in the directory by other programs.
+
+mod origin_common;
+
+use std::time::{Duration, Instant};
+
+use imz_origin::wire::{self, Change, ErrorCode, NewObject, ObjRef, Op, ROOT_ID};
+use origin_common::*;
+
+fn mkdir(key: &str, name: &str) -> wire::KeyedOp {
+    op(
+        key,
+        Op::Create {
+            parent: ObjRef::Id(ROOT_ID),
+            name: name.into(),
+            object: NewObject::Dir,
+            attrs: Default::default(),
+        },
+    )
+}
+
+#[test]
+fn records_are_numbered_in_order_and_carry_their_keys() {
+    let s = start();
+    let start = s.client.info().last_seq;
+    for i in 0..5 {
+        s.client
+            .reintegrate(vec![mkdir(&format!("k{i}"), &format!("d{i}"))]);
+    }
+    let recs = s.client.records(start);
+    let seqs: Vec<_> = recs.iter().map(|r| r.seq).collect();
+    assert_eq!(seqs, (start + 1..=start + 5).collect::<Vec<_>>());
+    for (i, r) in recs.iter().enumerate() {
+        assert_eq!(r.key.as_deref(), Some(format!("k{i}").as_str()));
+        match &r.change {
+            Change::Create { parent, name, attr } => {
+                assert_eq!(name, &format!("d{i}"));
+                assert_eq!(
+                    attr.version, r.seq,
+                    "a created object's version is its record's seq"
+                );
+                assert_eq!(
+                    (parent.id, parent.version),
+                    (ROOT_ID, r.seq),
+                    "the parent moved too"
+                );
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    // Paging with limit.
+    let page: wire::JournalPage = s
+        .client
+        .json(&format!("{}?after={start}&limit=2", wire::paths::JOURNAL));
+    assert_eq!(page.records.len(), 2);
+    assert_eq!(page.last_seq, start + 5);
+}
+
+#[test]
+fn a_waiting_reader_is_woken_by_a_change() {
+    let s = start();
+    let after = s.client.info().last_seq;
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = Client::at(&s.client.base, &s.client.token);
+    std::thread::spawn(move || {
+        let t = Instant::now();
+        let page = reader.journal(after, 30_000);
+        let _ = tx.send((page, t.elapsed()));
+    });
+    // The reader waits while nothing changes...
+    assert!(
+        rx.recv_timeout(Duration::from_millis(500)).is_err(),
+        "long poll answered with no change"
+    );
+    // ...and is answered as soon as something does.
+    let made = Instant::now();
+    s.client.reintegrate(vec![mkdir("wake", "wake")]);
+    let (page, waited) = rx.recv_timeout(Duration::from_secs(10)).expect("woken");
+    assert!(
+        waited < Duration::from_secs(20),
+        "answered before the wait timed out"
+    );
+    assert!(made.elapsed() < Duration::from_secs(10));
+    assert_eq!(page.records.len(), 1);
+    assert_eq!(page.records[0].key.as_deref(), Some("wake"));
+}
+
+#[test]
+fn an_idle_long_poll_ends_at_its_timeout_with_no_records() {
+    let s = start();
+    let after = s.client.info().last_seq;
+    let t = Instant::now();
+    let page = s.client.journal(after, 300);
+    assert!(page.records.is_empty());
+    assert_eq!(page.last_seq, after);
+    assert!(t.elapsed() >= Duration::from_millis(250));
+}
+
+#[test]
+fn a_reader_behind_compaction_is_told_to_resynchronise() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().join("root");
+    std::fs::create_dir(&root).expect("mkdir");
+    let (_proc, url) = spawn_origin(&root, &dir.path().join("token"), &["--journal-keep", "3"]);
+    let token = std::fs::read_to_string(dir.path().join("token")).expect("token");
+    let c = Client::at(&url, token.trim());
+    for i in 0..10 {
+        c.reintegrate(vec![mkdir(&format!("k{i}"), &format!("d{i}"))]);
+    }
+    let info = c.info();
+    assert_eq!(info.last_seq - info.first_seq + 1, 3);
+    let (status, err) = c.error(c.get(&format!("{}?after=0", wire::paths::JOURNAL)));
+    assert_eq!((status, err.code), (410, ErrorCode::JournalCompacted));
+    let page = c.journal(info.first_seq - 1, 0);
+    assert_eq!(page.records.len(), 3);
+}
+
+#[test]
+fn the_journal_and_ids_survive_a_restart() {
+    let mut s = start_with(|root| std::fs::write(root.join("f"), b"x").expect("write"));
+    s.client.reintegrate(vec![mkdir("k", "d")]);
+    let before = s.client.records(0);
+    let info = s.client.info();
+    let f = s.client.lookup(ROOT_ID, "f").attr;
+    s.origin.restart().expect("restart");
+    let c = Client::new(&s.origin);
+    assert_eq!(
+        c.records(0),
+        before,
+        "same records after kill -9 and restart"
+    );
+    let again = c.info();
+    assert_eq!(again.store_id, info.store_id);
+    assert_eq!(
+        again.last_seq, info.last_seq,
+        "an unchanged tree adds nothing at start-up"
+    );
+    assert_eq!(c.lookup(ROOT_ID, "f").attr, f);
+    // Replays still answer from before the restart.
+    let r = c.reintegrate(vec![mkdir("k", "d")]);
+    assert!(matches!(r.results[0], wire::OpResult::Replayed { .. }));
+}
+
+fn wait_for_change(
+    c: &Client,
+    after: u64,
+    what: &str,
+    pred: impl Fn(&wire::Record) -> bool,
+) -> wire::Record {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut cursor = after;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(!left.is_zero(), "no journal record for {what}");
+        let page = c.journal(cursor, left.as_millis().min(2000) as u64);
+        for r in page.records {
+            cursor = r.seq;
+            if pred(&r) {
+                return r;
+            }
+        }
+    }
+}
+
+#[test]
+fn changes_made_directly_in_the_directory_are_journaled_while_running() {
+    let s = start_with(|root| {
+        std::fs::write(root.join("keep"), b"one").expect("write");
+        std::fs::create_dir(root.join("sub")).expect("mkdir");
+    });
+    let c = &s.client;
+    let root = s.root();
+    let keep = c.lookup(ROOT_ID, "keep").attr;
+    let sub = c.lookup(ROOT_ID, "sub").attr;
+
+    let cur = c.info().last_seq;
+    std::fs::write(root.join("new"), b"hello").expect("create");
+    let r = wait_for_change(
+        c,
+        cur,
+        "create",
+        |r| matches!(&r.change, Change::Create { name, .. } if name == "new"),
+    );
+    assert_eq!(r.key, None, "external changes carry no key");
+    assert_eq!(c.lookup(ROOT_ID, "new").attr.kind, wire::Kind::File);
+
+    let cur = c.info().last_seq;
+    std::fs::write(root.join("keep"), b"two and more").expect("modify");
+    wait_for_change(
+        c,
+        cur,
+        "write",
+        |r| matches!(&r.change, Change::Write { attr } if attr.id == keep.id && attr.size == 12),
+    );
+
+    let cur = c.info().last_seq;
+    std::fs::rename(root.join("keep"), root.join("sub/kept")).expect("mv");
+    let r = wait_for_change(
+        c,
+        cur,
+        "rename",
+        |r| matches!(&r.change, Change::Rename { attr, .. } if attr.id == keep.id),
+    );
+    match r.change {
+        Change::Rename {
+            from_parent,
+            to_parent,
+            to_name,
+            ..
+        } => {
+            assert_eq!(
+                (from_parent.id, to_parent.id, to_name.as_str()),
+                (ROOT_ID, sub.id, "kept")
+            );
+        }
+        _ => unreachable!(),
+    }
+    assert_eq!(
+        c.walk("sub/kept").expect("moved").attr.id,
+        keep.id,
+        "the id survives mv"
+    );
+
+    let cur = c.info().last_seq;
+    std::fs::create_dir_all(root.join("tree/deep")).expect("mkdir -p");
+    std::fs::write(root.join("tree/deep/leaf"), b"leaf").expect("write");
+    wait_for_change(c, cur, "subtree", |_| c.walk("tree/deep/leaf").is_some());
+
+    let cur = c.info().last_seq;
+    std::fs::remove_file(root.join("new")).expect("rm");
+    wait_for_change(
+        c,
+        cur,
+        "remove",
+        |r| matches!(&r.change, Change::Remove { name, .. } if name == "new"),
+    );
+    assert!(c.try_lookup(ROOT_ID, "new").is_none());
+
+    let cur = c.info().last_seq;
+    std::fs::remove_dir_all(root.join("tree")).expect("rm -r");
+    wait_for_change(
+        c,
+        cur,
+        "remove dir",
+        |r| matches!(&r.change, Change::Remove { name, .. } if name == "tree"),
+    );
+    assert!(c.walk("tree/deep").is_none());
+}
+
+#[test]
+fn changes_made_while_the_origin_was_down_are_found_at_start_up() {
+    let mut s = start_with(|root| {
+        std::fs::write(root.join("a"), b"a").expect("write");
+        std::fs::write(root.join("b"), b"b").expect("write");
+        std::fs::write(root.join("gone"), b"g").expect("write");
+        std::fs::create_dir(root.join("d")).expect("mkdir");
+    });
+    let a = s.client.lookup(ROOT_ID, "a").attr;
+    let b = s.client.lookup(ROOT_ID, "b").attr;
+    let gone = s.client.lookup(ROOT_ID, "gone").attr;
+    let before = s.client.info().last_seq;
+    s.origin.proc.kill9();
+    let root = s.root();
+    std::fs::rename(root.join("a"), root.join("d/a2")).expect("mv");
+    std::fs::write(root.join("b"), b"bigger b").expect("modify");
+    std::fs::remove_file(root.join("gone")).expect("rm");
+    std::fs::write(root.join("fresh"), b"f").expect("create");
+    s.origin.restart().expect("restart");
+    let c = Client::new(&s.origin);
+    assert_eq!(
+        c.walk("d/a2").expect("moved").attr.id,
+        a.id,
+        "id kept across an offline mv"
+    );
+    let b2 = c.lookup(ROOT_ID, "b").attr;
+    assert_eq!(b2.id, b.id);
+    assert!(b2.version > b.version);
+    assert_eq!(b2.size, 8);
+    assert!(c.try_lookup(ROOT_ID, "gone").is_none());
+    assert!(c.try_lookup(ROOT_ID, "fresh").is_some());
+    let recs = c.records(before);
+    assert!(
+        recs.iter()
+            .any(|r| matches!(&r.change, Change::Rename { attr, .. } if attr.id == a.id))
+    );
+    assert!(
+        recs.iter()
+            .any(|r| matches!(&r.change, Change::Remove { id, .. } if *id == gone.id))
+    );
+    assert!(
+        recs.iter()
+            .any(|r| matches!(&r.change, Change::Write { attr } if attr.id == b.id)),
+        "{recs:#?}"
+    );
+    assert!(
+        recs.iter()
+            .any(|r| matches!(&r.change, Change::Create { name, .. } if name == "fresh"))
+    );
+}
