@@ -2,6 +2,7 @@
 
 mod gateway;
 mod origin;
+mod serve;
 
 use clap::{Parser, Subcommand};
 
@@ -18,6 +19,9 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Serve DIR through NFS: an origin and a gateway in one process (the
+    /// embedded default). Prints the mount command.
+    Serve(serve::Args),
     /// Serve a directory as the origin (master copy) over HTTP.
     Origin(origin::Args),
     /// Serve an origin over NFSv3 from a local persistent cache.
@@ -26,6 +30,7 @@ pub enum Command {
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Serve(args) => serve::run(args),
         Command::Origin(args) => origin::run(args),
         Command::Gateway(args) => gateway::run(args),
     }

@@ -1,0 +1,73 @@
+//! `imz serve DIR`: the embedded default. An origin over DIR and a gateway
+//! in front of it, in one process, ready to mount.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use imz_gateway::{Gateway, GatewayConfig};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// The directory to serve.
+    pub dir: PathBuf,
+    /// Directory of the gateway's cache [default: DIR/.imz/gateway-cache].
+    #[arg(long)]
+    pub cache: Option<PathBuf>,
+    /// Most file data the cache holds.
+    #[arg(long, default_value = "10GiB", value_parser = super::parse_size)]
+    pub cache_size: u64,
+    /// Address to serve NFS on. The standard port 2049 lets clients mount
+    /// without naming a port; if it is taken, any free port is used.
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+}
+
+const STANDARD_NFS: &str = "127.0.0.1:2049";
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    anyhow::ensure!(args.dir.is_dir(), "{} is not a directory", args.dir.display());
+    let dir = args
+        .dir
+        .canonicalize()
+        .with_context(|| format!("resolving {}", args.dir.display()))?;
+    let cache_dir = args
+        .cache
+        .unwrap_or_else(|| dir.join(imz_origin::wire::STATE_DIR_NAME).join("gateway-cache"));
+    let runtime = super::runtime()?;
+    runtime.block_on(async move {
+        // The two halves talk over loopback HTTP with a token that lives
+        // only in this process.
+        let token = uuid::Uuid::new_v4().simple().to_string();
+        let origin_listen: SocketAddr = ([127, 0, 0, 1], 0).into();
+        let origin = imz_origin::start(imz_origin::OriginConfig::new(&dir, origin_listen, token.clone()))
+            .await
+            .with_context(|| format!("starting the origin over {}", dir.display()))?;
+        let origin_url = format!("http://{}", origin.local_addr());
+
+        let mut config = GatewayConfig {
+            origin_url: origin_url.clone(),
+            token,
+            cache_dir,
+            cache_size: args.cache_size,
+            listen: args.listen.unwrap_or(STANDARD_NFS.parse()?),
+            timeouts: Default::default(),
+        };
+        let gateway = match Gateway::start(config.clone()).await {
+            Ok(g) => g,
+            Err(e) if args.listen.is_none() => {
+                tracing::info!(error = %format!("{e:#}"), "the standard NFS port is not available; using any free port");
+                config.listen = ([127, 0, 0, 1], 0).into();
+                Gateway::start(config).await.context("starting the gateway")?
+            }
+            Err(e) => return Err(e.context("starting the gateway")),
+        };
+        println!("imz serve: serving {} (origin at {origin_url})", dir.display());
+        super::announce_gateway(&gateway);
+        super::wait_for_shutdown().await;
+        tracing::info!("shutting down");
+        gateway.shutdown().await?;
+        origin.shutdown().await.context("stopping the origin")?;
+        Ok(())
+    })
+}
