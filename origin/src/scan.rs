@@ -78,11 +78,27 @@ struct Diff {
 
 pub fn reconcile(cx: &mut WCtx<'_>, dirty: Dirty) -> Result<()> {
     let mut work: BTreeSet<ObjectId> = dirty.dirs;
+    // A changed path is compared entry by entry (its parent's other
+    // entries are not listed), so a burst in a huge directory stays cheap.
+    let mut entries: BTreeSet<(ObjectId, String)> = BTreeSet::new();
     for path in &dirty.paths {
-        dirs_for_path(cx, path, &mut work)?;
+        match entry_for_path(cx, path)? {
+            Some(entry) => {
+                entries.insert(entry);
+            }
+            None => dirs_for_path(cx, path, &mut work)?,
+        }
     }
     if dirty.full {
         work.insert(ROOT_ID);
+    }
+    if !entries.is_empty() {
+        let mut diff = Diff::default();
+        list_entries(cx, &entries, &work, &mut diff)?;
+        if !diff.is_empty() {
+            // Matching renames needs both ends: look at whole directories.
+            work.extend(entries.iter().map(|(d, _)| *d));
+        }
     }
     let mut rounds = 0;
     while !work.is_empty() && rounds < 8 {
@@ -101,6 +117,76 @@ pub fn reconcile(cx: &mut WCtx<'_>, dirty: Dirty) -> Result<()> {
                 }
                 work.insert(id);
             }
+        }
+    }
+    Ok(())
+}
+
+impl Diff {
+    fn is_empty(&self) -> bool {
+        self.missing.is_empty()
+            && self.new.is_empty()
+            && self.changed.is_empty()
+            && self.failed.is_empty()
+    }
+}
+
+/// `(parent, name)` of a changed path whose parent is a stored directory.
+fn entry_for_path(cx: &WCtx<'_>, path: &[String]) -> Result<Option<(ObjectId, String)>> {
+    let Some((last, parents)) = path.split_last() else {
+        return Ok(None);
+    };
+    let mut cur = ROOT_ID;
+    for name in parents {
+        match cx.tx.child(cur, name)? {
+            Some(id) if cx.tx.meta(id)?.is_some_and(|m| m.attr.kind == Kind::Dir) => cur = id,
+            _ => return Ok(None),
+        }
+    }
+    Ok(Some((cur, last.clone())))
+}
+
+/// Compares single entries with the store; anything that differs is
+/// reported in `diff` (which the caller then reconciles by directory).
+fn list_entries(
+    cx: &WCtx<'_>,
+    entries: &BTreeSet<(ObjectId, String)>,
+    skip: &BTreeSet<ObjectId>,
+    diff: &mut Diff,
+) -> Result<()> {
+    let mut fds: HashMap<ObjectId, Option<OwnedFd>> = HashMap::new();
+    for (dir, name) in entries {
+        if skip.contains(dir) {
+            continue;
+        }
+        if !fds.contains_key(dir) {
+            let fd = match cx.tx.path_of(*dir)? {
+                Some(p) => cx.shared.tree.open_dir(&p).ok(),
+                None => None,
+            };
+            fds.insert(*dir, fd);
+        }
+        let Some(Some(fd)) = fds.get(dir) else {
+            diff.failed.push(*dir);
+            continue;
+        };
+        let on_disk = if *dir == ROOT_ID && name == crate::wire::STATE_DIR_NAME {
+            continue;
+        } else {
+            fsops::stat_at(fd, name)
+                .ok()
+                .flatten()
+                .filter(|st| fsops::kind_of(st).is_some())
+        };
+        let stored = match cx.tx.child(*dir, name)? {
+            Some(id) => cx.tx.meta(id)?,
+            None => None,
+        };
+        match (stored, on_disk) {
+            (None, None) => {}
+            (Some(m), Some(st)) if m.fp == Fingerprint::of(&st) => {}
+            (Some(m), _) => diff.missing.push((*dir, name.clone(), m.attr.id)),
+            (None, Some(st)) => diff.new.push((*dir, name.clone(), st)),
         }
     }
     Ok(())

@@ -90,7 +90,13 @@ pub fn transact<T>(
             now: now_nanos(),
         };
         let out = f(&mut cx)?;
+        // Each touched directory once, however many operations touched it.
+        let mut synced = std::collections::HashSet::new();
         for dir in &cx.sync_dirs {
+            let ino = crate::fsops::fstat(dir).map(|st| st.st_ino).ok();
+            if ino.is_some_and(|ino| !synced.insert(ino)) {
+                continue;
+            }
             crate::fsops::fsync_dir(dir).map_err(|e| OriginError::io("fsync of a directory", e))?;
         }
         if cx.tx.appended > 0 {

@@ -24,6 +24,9 @@ pub struct Args {
     /// Largest upload accepted, in bytes.
     #[arg(long, default_value_t = 1 << 40)]
     pub max_upload: u64,
+    /// Bytes read from disk per chunk when serving file data.
+    #[arg(long, default_value_t = 1 << 20, hide = true)]
+    pub read_chunk: usize,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -33,6 +36,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let mut config = imz_origin::OriginConfig::new(&args.root, args.listen, token);
         config.journal_keep = args.journal_keep.max(1);
         config.max_upload = args.max_upload;
+        config.read_chunk = args.read_chunk.max(4096);
         let origin = imz_origin::start(config)
             .await
             .with_context(|| format!("starting the origin over {}", args.root.display()))?;
