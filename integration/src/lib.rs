@@ -2,6 +2,7 @@
 //! user's programs would. Integration tests and benchmarks build on this;
 //! nothing here mocks an imz component.
 
+pub mod bench;
 pub mod data;
 pub mod gateway;
 pub mod libnfs;

@@ -1,0 +1,272 @@
+//! Helpers for benchmarks (not tests): peers run as child processes that
+//! are always cleaned up, the page cache, process statistics, medians.
+//!
+//! Every child a benchmark starts is registered here; [`cleanup_on_signal`]
+//! kills them if the benchmark is interrupted (SIGINT, SIGTERM, SIGHUP),
+//! and [`ChildGuard`] stops them when dropped (normal exit, error, panic).
+
+pub mod ganesha;
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+
+/// Pids of running children, killed on a signal.
+static CHILDREN: Mutex<Vec<u32>> = Mutex::new(Vec::new());
+
+/// Registers `pid` to be killed if the benchmark is interrupted.
+pub fn register(pid: u32) {
+    CHILDREN.lock().unwrap_or_else(|p| p.into_inner()).push(pid);
+}
+
+/// Forgets `pid` (it has been stopped).
+pub fn unregister(pid: u32) {
+    CHILDREN
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .retain(|p| *p != pid);
+}
+
+fn kill(signal: &str, pid: u32) {
+    let _ = Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .stderr(Stdio::null())
+        .status();
+}
+
+/// On SIGINT, SIGTERM or SIGHUP: kills every registered child, then exits.
+pub fn cleanup_on_signal() {
+    std::thread::spawn(|| {
+        let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        else {
+            return;
+        };
+        rt.block_on(async {
+            use tokio::signal::unix::{SignalKind, signal};
+            let (Ok(mut int), Ok(mut term), Ok(mut hup)) = (
+                signal(SignalKind::interrupt()),
+                signal(SignalKind::terminate()),
+                signal(SignalKind::hangup()),
+            ) else {
+                return;
+            };
+            tokio::select! {
+                _ = int.recv() => {}
+                _ = term.recv() => {}
+                _ = hup.recv() => {}
+            }
+            let pids = CHILDREN.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            eprintln!("interrupted: killing {} child process(es)", pids.len());
+            for pid in pids {
+                kill("KILL", pid);
+            }
+            std::process::exit(130);
+        });
+    });
+}
+
+/// A child process stopped (SIGTERM, then SIGKILL) and reaped when dropped.
+pub struct ChildGuard {
+    child: Child,
+    name: String,
+}
+
+impl ChildGuard {
+    pub fn spawn(name: &str, cmd: &mut Command) -> anyhow::Result<Self> {
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("starting {name} ({cmd:?})"))?;
+        register(child.id());
+        Ok(Self {
+            child,
+            name: name.to_owned(),
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Whether the child is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// SIGTERM, up to `grace` to exit, then SIGKILL.
+    pub fn stop(&mut self, grace: Duration) {
+        if self.is_running() {
+            kill("TERM", self.child.id());
+            let deadline = Instant::now() + grace;
+            while self.is_running() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if self.is_running() {
+                eprintln!("{} ignored SIGTERM: killing it", self.name);
+                let _ = self.child.kill();
+            }
+        }
+        let _ = self.child.wait();
+        unregister(self.child.id());
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        self.stop(Duration::from_secs(10));
+    }
+}
+
+/// A TCP port that was free on 127.0.0.1 a moment ago.
+pub fn free_port() -> anyhow::Result<u16> {
+    let l = TcpListener::bind("127.0.0.1:0").context("binding a probe socket")?;
+    Ok(l.local_addr()?.port())
+}
+
+/// Whether something accepts TCP connections on `addr`.
+pub fn accepts(addr: SocketAddr) -> bool {
+    TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+}
+
+/// Waits until `addr` accepts connections, while `alive` says the server runs.
+pub fn wait_accepting(
+    addr: SocketAddr,
+    timeout: Duration,
+    mut alive: impl FnMut() -> bool,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    while !accepts(addr) {
+        if !alive() {
+            bail!("the server exited before accepting connections on {addr}");
+        }
+        if Instant::now() > deadline {
+            bail!("nothing accepts connections on {addr} after {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+/// `sync; echo 3 > /proc/sys/vm/drop_caches`. Returns false if not permitted.
+pub fn drop_page_cache() -> bool {
+    let _ = Command::new("sync").status();
+    std::fs::write("/proc/sys/vm/drop_caches", "3\n").is_ok()
+}
+
+/// `sync`: dirty pages written back (so one run's writeback does not land
+/// in the next run's time).
+pub fn sync() {
+    let _ = Command::new("sync").status();
+}
+
+/// A `kB` field of /proc/PID/status (e.g. `VmHWM`, `VmRSS`), in KiB.
+pub fn proc_status_kib(pid: u32, field: &str) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("reading /proc/{pid}/status"))?;
+    for line in status.lines() {
+        if let Some(rest) = line.strip_prefix(field).and_then(|r| r.strip_prefix(':')) {
+            let kib = rest.trim().trim_end_matches("kB").trim();
+            return kib
+                .parse()
+                .with_context(|| format!("parsing {field} {kib:?}"));
+        }
+    }
+    bail!("no {field} in /proc/{pid}/status")
+}
+
+/// User + system CPU time of process `pid` so far (all its threads).
+pub fn cpu_time(pid: u32) -> anyhow::Result<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("reading /proc/{pid}/stat"))?;
+    // Fields after the command name (which may hold spaces), from field 3.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .context("malformed /proc/PID/stat")?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15, i.e. 11 and 12 after field 3.
+    let ticks: u64 = fields
+        .get(11..13)
+        .context("short /proc/PID/stat")?
+        .iter()
+        .map(|f| f.parse::<u64>().unwrap_or(0))
+        .sum();
+    let hz = clock_ticks_per_second();
+    Ok(Duration::from_nanos(ticks * 1_000_000_000 / hz))
+}
+
+fn clock_ticks_per_second() -> u64 {
+    static HZ: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *HZ.get_or_init(|| {
+        Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+            .unwrap_or(100u64)
+            .max(1)
+    })
+}
+
+/// The median of `samples` (mean of the middle two for an even count).
+pub fn median(samples: &[f64]) -> Option<f64> {
+    let mut v: Vec<f64> = samples.iter().copied().filter(|x| x.is_finite()).collect();
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    Some(if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    })
+}
+
+/// The 1-, 5- and 15-minute load averages, as `uptime` shows them.
+pub fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "?".into())
+}
+
+/// Installs the Debian `packages` whose `probe` program is missing, with
+/// service start-up blocked (policy-rc.d) so that nothing starts as a
+/// system service. Each item is (probe path, package).
+pub fn ensure_debian_packages(wanted: &[(&str, &str)]) -> anyhow::Result<()> {
+    let missing: Vec<&str> = wanted
+        .iter()
+        .filter(|(probe, _)| !Path::new(probe).exists())
+        .map(|(_, pkg)| *pkg)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!("installing {missing:?} with apt-get...");
+    let policy = Path::new("/usr/sbin/policy-rc.d");
+    let ours = !policy.exists();
+    if ours {
+        std::fs::write(policy, "#!/bin/sh\nexit 101\n").context("writing policy-rc.d")?;
+        let _ = Command::new("chmod").arg("755").arg(policy).status();
+    }
+    let status = Command::new("apt-get")
+        .args(["install", "-y", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .stdout(Stdio::null())
+        .status();
+    if ours {
+        let _ = std::fs::remove_file(policy);
+    }
+    let status = status.context("running apt-get")?;
+    if !status.success() {
+        bail!("apt-get install {missing:?} failed ({status}); try apt-get update first");
+    }
+    Ok(())
+}

@@ -1,0 +1,707 @@
+//! Read-path benchmark of the gateway (not a test), issue 4's Benchmark:
+//! in one run, with one client (Debian libnfs-utils `nfs-cat`, `nfs-ls`),
+//! interleaving the servers round by round:
+//!
+//! - sequential read of a 1 GiB file, cold and warm, through `imz gateway`
+//!   versus nfs-ganesha (VFS FSAL) exporting the same directory from disk;
+//! - `nfs-ls` of a 10,000-entry directory (READDIRPLUS, with attributes),
+//!   cold and warm, gateway versus ganesha;
+//! - the gateway's cold read versus a raw HTTP download (`curl`) of the same
+//!   bytes from the origin's data URL;
+//! - the gateway's peak RSS (VmHWM) over the 1 GiB rounds, and while a
+//!   4 GiB file is read through a fresh gateway (bound: 256 MiB).
+//!
+//! What "cold" means: for the gateway, a new gateway process with an empty
+//! cache and the page cache dropped (so the origin reads the file, and its
+//! metadata store, from disk); for ganesha, a freshly started ganesha (empty
+//! metadata cache) with the page cache dropped; for raw HTTP, the page cache
+//! dropped. "Warm": the same server again right after (gateway: data in its
+//! redb cache, redb file in the page cache; ganesha: file in the page cache).
+//!
+//! Run (as root, loopback only; installs nfs-ganesha, nfs-ganesha-vfs,
+//! rpcbind with apt-get if missing, and starts them as children):
+//!
+//! ```sh
+//! cargo build --release --bins
+//! cargo run --release -p imz-integration --bin bench-read -- [--rounds N] [--dir DIR] [--skip-4g]
+//! ```
+//!
+//! The data set (1 GiB, 4 GiB, 10k files) is made once under DIR (default
+//! `.imz-bench/read`, or `$IMZ_BENCH_DIR`) and reused.
+
+use std::fs::File;
+use std::io::{BufRead, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail, ensure};
+use imz_integration::bench::ganesha::{Ganesha, Rpcbind};
+use imz_integration::bench::{self, median};
+use imz_integration::{GatewayProc, OriginProc, data};
+
+const GIB: u64 = 1 << 30;
+const MIB: f64 = (1 << 20) as f64;
+const BIG: &str = "big-1g.bin";
+const HUGE: &str = "big-4g.bin";
+const DIR10K: &str = "dir10k";
+const DIR_ENTRIES: usize = 10_000;
+/// Warm repetitions per round (reads and listings).
+const WARM_REPEATS: usize = 2;
+/// The issue's bound on gateway memory while a 4 GiB file is read.
+const RSS_BOUND_MIB: f64 = 256.0;
+/// Gateway cache size for the benchmark (holds every file read).
+const CACHE_SIZE: &str = "8GiB";
+
+struct Options {
+    rounds: usize,
+    dir: PathBuf,
+    skip_4g: bool,
+}
+
+fn options() -> anyhow::Result<Options> {
+    let mut o = Options {
+        rounds: 5,
+        dir: std::env::var_os("IMZ_BENCH_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(".imz-bench/read")),
+        skip_4g: false,
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--rounds" => {
+                o.rounds = args
+                    .next()
+                    .context("--rounds N")?
+                    .parse()
+                    .context("--rounds N")?;
+            }
+            "--dir" => o.dir = PathBuf::from(args.next().context("--dir DIR")?),
+            "--skip-4g" => o.skip_4g = true,
+            "-h" | "--help" => {
+                println!("bench-read [--rounds N (5)] [--dir DIR] [--skip-4g]");
+                std::process::exit(0);
+            }
+            other => bail!("unknown argument {other:?} (try --help)"),
+        }
+    }
+    ensure!(o.rounds >= 1, "--rounds must be at least 1");
+    Ok(o)
+}
+
+fn main() -> anyhow::Result<()> {
+    // The harness finds `imz` through $IMZ_BIN or beside a test executable
+    // (target/<profile>/deps/..); a bin lives in target/<profile>/ itself, so
+    // run ourselves again with IMZ_BIN pointing beside us.
+    if std::env::var_os("IMZ_BIN").is_none() {
+        return reexec_with_imz_bin();
+    }
+    bench::cleanup_on_signal();
+    let opts = options()?;
+    run(&opts)
+}
+
+fn reexec_with_imz_bin() -> anyhow::Result<()> {
+    let exe = std::env::current_exe().context("locating this executable")?;
+    let imz = exe.with_file_name("imz");
+    let mut child = Command::new(&exe)
+        .args(std::env::args_os().skip(1))
+        .env("IMZ_BIN", &imz)
+        .spawn()
+        .context("re-running with IMZ_BIN set")?;
+    let pid = child.id();
+    // Pass SIGINT/SIGTERM/SIGHUP on as SIGTERM: the child cleans up its own
+    // children, then exits.
+    std::thread::spawn(move || {
+        let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        else {
+            return;
+        };
+        rt.block_on(async {
+            use tokio::signal::unix::{SignalKind, signal};
+            let (Ok(mut int), Ok(mut term), Ok(mut hup)) = (
+                signal(SignalKind::interrupt()),
+                signal(SignalKind::terminate()),
+                signal(SignalKind::hangup()),
+            ) else {
+                return;
+            };
+            loop {
+                tokio::select! {
+                    _ = int.recv() => {}
+                    _ = term.recv() => {}
+                    _ = hup.recv() => {}
+                }
+                let _ = Command::new("kill")
+                    .args(["-TERM", &pid.to_string()])
+                    .status();
+            }
+        });
+    });
+    let status = child.wait()?;
+    std::process::exit(status.code().unwrap_or(1));
+}
+
+/// Which server a measurement goes through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Side {
+    Imz,
+    Ganesha,
+    Http,
+}
+
+#[derive(Default)]
+struct Samples {
+    read_cold_imz: Vec<f64>,
+    read_cold_ganesha: Vec<f64>,
+    read_cold_http: Vec<f64>,
+    read_warm_imz: Vec<f64>,
+    read_warm_ganesha: Vec<f64>,
+    ls_cold_imz: Vec<f64>,
+    ls_cold_ganesha: Vec<f64>,
+    ls_warm_imz: Vec<f64>,
+    ls_warm_ganesha: Vec<f64>,
+    hwm_1g_mib: Vec<f64>,
+    /// Gateway CPU seconds per GiB served, cold and warm; origin's, cold.
+    cpu_cold_imz: Vec<f64>,
+    cpu_warm_imz: Vec<f64>,
+    cpu_cold_origin: Vec<f64>,
+}
+
+struct FourGig {
+    mib_s: f64,
+    hwm_mib: f64,
+    cpu_s: f64,
+}
+
+fn run(opts: &Options) -> anyhow::Result<()> {
+    bench::ensure_debian_packages(&[
+        ("/usr/bin/ganesha.nfsd", "nfs-ganesha"),
+        (
+            "/usr/lib/x86_64-linux-gnu/ganesha/libfsalvfs.so",
+            "nfs-ganesha-vfs",
+        ),
+        ("/usr/sbin/rpcbind", "rpcbind"),
+        ("/usr/bin/nfs-cat", "libnfs-utils"),
+        ("/usr/bin/curl", "curl"),
+    ])?;
+    let imz = imz_integration::imz_bin();
+    ensure!(
+        imz.exists(),
+        "{} is missing: run `cargo build --release --bins` first",
+        imz.display()
+    );
+    let base = std::path::absolute(&opts.dir)?;
+    let root = base.join("root");
+    prepare_data(&root, !opts.skip_4g)?;
+    let load_before = bench::load_average();
+    let cold_ok = bench::drop_page_cache();
+    if !cold_ok {
+        eprintln!("warning: cannot write /proc/sys/vm/drop_caches: cold runs are not cold");
+    }
+
+    let rpcbind = Rpcbind::ensure()?;
+    eprintln!(
+        "rpcbind: {}",
+        if rpcbind.started_by_us() {
+            "started (child)"
+        } else {
+            "already running, reused"
+        }
+    );
+    let token_file = base.join("token");
+    let origin = OriginProc::start(&root, &token_file)?;
+    bench::register(origin.proc.pid());
+    let data_url = data_url(&origin, BIG)?;
+
+    let mut s = Samples::default();
+    for round in 0..opts.rounds {
+        eprintln!("round {}/{}", round + 1, opts.rounds);
+        one_round(round, &base, &root, &origin, &data_url, &mut s)?;
+    }
+
+    let four = if opts.skip_4g {
+        None
+    } else {
+        eprintln!("4 GiB read through a fresh gateway");
+        Some(four_gig(&base, &origin)?)
+    };
+    let load_after = bench::load_average();
+    bench::unregister(origin.proc.pid());
+    drop(origin);
+    drop(rpcbind);
+
+    report(opts, &s, four.as_ref(), cold_ok, &load_before, &load_after);
+    Ok(())
+}
+
+/// One round: a fresh ganesha and a fresh gateway, listings cold then warm,
+/// reads cold then warm; the order of the servers rotates by round.
+fn one_round(
+    round: usize,
+    base: &Path,
+    root: &Path,
+    origin: &OriginProc,
+    data_url: &str,
+    s: &mut Samples,
+) -> anyhow::Result<()> {
+    let ganesha = Ganesha::start(root, &base.join("ganesha"))?;
+    let cache_dir = base.join(format!("cache-{round}"));
+    let _ = std::fs::remove_dir_all(&cache_dir);
+    let gw = Gw::start(origin, &cache_dir)?;
+
+    let nfs_sides = if round.is_multiple_of(2) {
+        [Side::Ganesha, Side::Imz]
+    } else {
+        [Side::Imz, Side::Ganesha]
+    };
+    let url = |side: Side, path: &str| match side {
+        Side::Imz => imz_integration::libnfs::url(gw.port(), path),
+        _ => ganesha.url(path),
+    };
+
+    // Listing, cold: first listing through a fresh server, page cache dropped.
+    for &side in &nfs_sides {
+        bench::drop_page_cache();
+        let ms = timed_ls(&url(side, DIR10K))?;
+        push(side, ms, &mut s.ls_cold_imz, &mut s.ls_cold_ganesha);
+    }
+    for _ in 0..WARM_REPEATS {
+        for &side in &nfs_sides {
+            let ms = timed_ls(&url(side, DIR10K))?;
+            push(side, ms, &mut s.ls_warm_imz, &mut s.ls_warm_ganesha);
+        }
+    }
+
+    // Read, cold. The raw HTTP download takes its turn in the rotation.
+    let mut cold_sides = vec![Side::Ganesha, Side::Imz, Side::Http];
+    cold_sides.rotate_left(round % 3);
+    for &side in &cold_sides {
+        bench::drop_page_cache();
+        match side {
+            Side::Http => {
+                let secs = timed_curl(data_url, &origin.token, GIB)?;
+                s.read_cold_http.push(GIB as f64 / MIB / secs);
+            }
+            Side::Imz => {
+                let (gw_cpu, origin_cpu) = (gw.cpu()?, bench::cpu_time(origin.proc.pid())?);
+                let secs = timed_cat(&url(side, BIG))?;
+                s.read_cold_imz.push(GIB as f64 / MIB / secs);
+                s.cpu_cold_imz.push((gw.cpu()? - gw_cpu).as_secs_f64());
+                s.cpu_cold_origin
+                    .push((bench::cpu_time(origin.proc.pid())? - origin_cpu).as_secs_f64());
+            }
+            Side::Ganesha => {
+                let secs = timed_cat(&url(side, BIG))?;
+                s.read_cold_ganesha.push(GIB as f64 / MIB / secs);
+            }
+        }
+    }
+    // The gateway's storer may still be writing what it fetched.
+    bench::sync();
+    std::thread::sleep(Duration::from_millis(500));
+
+    // Read, warm.
+    for _ in 0..WARM_REPEATS {
+        for &side in &nfs_sides {
+            let cpu = gw.cpu()?;
+            let secs = timed_cat(&url(side, BIG))?;
+            if side == Side::Imz {
+                s.cpu_warm_imz.push((gw.cpu()? - cpu).as_secs_f64());
+            }
+            push(
+                side,
+                GIB as f64 / MIB / secs,
+                &mut s.read_warm_imz,
+                &mut s.read_warm_ganesha,
+            );
+        }
+    }
+    s.hwm_1g_mib.push(gw.hwm_mib()?);
+
+    if round == 0 {
+        // Untimed: both servers give exactly the file's bytes.
+        for side in nfs_sides {
+            verify_cat(&url(side, BIG), &root.join(BIG))
+                .with_context(|| format!("verifying {BIG} through {side:?}"))?;
+        }
+    }
+    drop(gw);
+    let _ = std::fs::remove_dir_all(&cache_dir);
+    ganesha.stop();
+    Ok(())
+}
+
+fn push(side: Side, v: f64, imz: &mut Vec<f64>, peer: &mut Vec<f64>) {
+    match side {
+        Side::Imz => imz.push(v),
+        _ => peer.push(v),
+    }
+}
+
+/// The 4 GiB file read once through a fresh gateway: throughput, peak RSS.
+fn four_gig(base: &Path, origin: &OriginProc) -> anyhow::Result<FourGig> {
+    let cache_dir = base.join("cache-4g");
+    let _ = std::fs::remove_dir_all(&cache_dir);
+    let gw = Gw::start(origin, &cache_dir)?;
+    bench::drop_page_cache();
+    let cpu = gw.cpu()?;
+    let secs = timed_cat(&imz_integration::libnfs::url(gw.port(), HUGE))?;
+    let result = FourGig {
+        mib_s: (4 * GIB) as f64 / MIB / secs,
+        hwm_mib: gw.hwm_mib()?,
+        cpu_s: (gw.cpu()? - cpu).as_secs_f64(),
+    };
+    drop(gw);
+    let _ = std::fs::remove_dir_all(&cache_dir);
+    Ok(result)
+}
+
+/// A gateway registered for cleanup on a signal.
+struct Gw(GatewayProc);
+
+impl Gw {
+    fn start(origin: &OriginProc, cache_dir: &Path) -> anyhow::Result<Self> {
+        let gw = GatewayProc::start(&origin.url, &origin.token_file, cache_dir, CACHE_SIZE, &[])?;
+        bench::register(gw.proc.pid());
+        Ok(Self(gw))
+    }
+    fn port(&self) -> u16 {
+        self.0.port
+    }
+    fn cpu(&self) -> anyhow::Result<Duration> {
+        bench::cpu_time(self.0.proc.pid())
+    }
+    fn hwm_mib(&self) -> anyhow::Result<f64> {
+        Ok(bench::proc_status_kib(self.0.proc.pid(), "VmHWM")? as f64 / 1024.0)
+    }
+}
+
+impl Drop for Gw {
+    fn drop(&mut self) {
+        bench::unregister(self.0.proc.pid());
+        // GatewayProc's own drop kills it.
+    }
+}
+
+/// `GET /v1/objects/1/lookup?name=NAME` -> the data URL of its current version.
+fn data_url(origin: &OriginProc, name: &str) -> anyhow::Result<String> {
+    let out = Command::new("curl")
+        .args(["-sS", "-f", "-H"])
+        .arg(format!("Authorization: Bearer {}", origin.token))
+        .arg(format!("{}/v1/objects/1/lookup?name={name}", origin.url))
+        .output()
+        .context("running curl")?;
+    ensure!(
+        out.status.success(),
+        "origin lookup of {name}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let entry: serde_json::Value =
+        serde_json::from_slice(&out.stdout).context("parsing the lookup answer")?;
+    let attr = &entry["attr"];
+    let (Some(id), Some(version)) = (attr["id"].as_u64(), attr["version"].as_u64()) else {
+        bail!("no attr.id/attr.version in the lookup answer {entry}");
+    };
+    Ok(format!("{}/v1/data/{id}/{version}", origin.url))
+}
+
+/// `nfs-cat URL > /dev/null`; seconds taken.
+fn timed_cat(url: &str) -> anyhow::Result<f64> {
+    let null = File::create("/dev/null")?;
+    let start = Instant::now();
+    let out = Command::new("nfs-cat")
+        .arg(url)
+        .stdout(null)
+        .stderr(Stdio::piped())
+        .output()
+        .context("running nfs-cat")?;
+    let secs = start.elapsed().as_secs_f64();
+    ensure!(
+        out.status.success(),
+        "nfs-cat {url}: {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(secs)
+}
+
+/// `curl -o /dev/null` of the origin's data URL; seconds taken.
+fn timed_curl(url: &str, token: &str, expect: u64) -> anyhow::Result<f64> {
+    let start = Instant::now();
+    let out = Command::new("curl")
+        .args([
+            "-sS",
+            "-f",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{size_download}",
+            "-H",
+        ])
+        .arg(format!("Authorization: Bearer {token}"))
+        .arg(url)
+        .output()
+        .context("running curl")?;
+    let secs = start.elapsed().as_secs_f64();
+    ensure!(
+        out.status.success(),
+        "curl {url}: {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    let got: u64 = String::from_utf8_lossy(&out.stdout).trim().parse()?;
+    ensure!(got == expect, "curl got {got} bytes, expected {expect}");
+    Ok(secs)
+}
+
+/// `nfs-ls URL` of the 10k directory; milliseconds taken.
+fn timed_ls(url: &str) -> anyhow::Result<f64> {
+    let start = Instant::now();
+    let out = Command::new("nfs-ls")
+        .arg(url)
+        .stderr(Stdio::piped())
+        .output()
+        .context("running nfs-ls")?;
+    let ms = start.elapsed().as_secs_f64() * 1e3;
+    ensure!(
+        out.status.success(),
+        "nfs-ls {url}: {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    let n = out.stdout.lines().filter(|l| l.is_ok()).count();
+    ensure!(
+        n == DIR_ENTRIES,
+        "nfs-ls {url} listed {n} entries, not {DIR_ENTRIES}"
+    );
+    Ok(ms)
+}
+
+/// Reads the file through `nfs-cat URL` and compares it with `local`.
+fn verify_cat(url: &str, local: &Path) -> anyhow::Result<()> {
+    let mut child = Command::new("nfs-cat")
+        .arg(url)
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("running nfs-cat")?;
+    let mut pipe = child.stdout.take().context("no pipe")?;
+    let mut file = File::open(local)?;
+    let (mut a, mut b) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
+    let mut offset = 0u64;
+    loop {
+        let n = pipe.read(&mut a)?;
+        if n == 0 {
+            break;
+        }
+        file.read_exact(&mut b[..n])
+            .with_context(|| format!("the file is shorter than what was read ({offset})"))?;
+        ensure!(a[..n] == b[..n], "bytes differ near offset {offset}");
+        offset += n as u64;
+    }
+    ensure!(child.wait()?.success(), "nfs-cat failed");
+    ensure!(
+        file.read(&mut b)? == 0,
+        "read {offset} bytes, the file is longer"
+    );
+    Ok(())
+}
+
+/// Makes the data set once: the 1 GiB and 4 GiB files and the 10k directory.
+fn prepare_data(root: &Path, with_4g: bool) -> anyhow::Result<()> {
+    std::fs::create_dir_all(root)?;
+    write_big(&root.join(BIG), GIB, 1)?;
+    if with_4g {
+        write_big(&root.join(HUGE), 4 * GIB, 4)?;
+    }
+    let dir = root.join(DIR10K);
+    let count = std::fs::read_dir(&dir).map(|d| d.count()).unwrap_or(0);
+    if count != DIR_ENTRIES {
+        eprintln!("making {DIR_ENTRIES} files in {}...", dir.display());
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        for i in 0..DIR_ENTRIES {
+            std::fs::write(dir.join(format!("f{i:05}")), format!("file {i}\n"))?;
+        }
+    }
+    Ok(())
+}
+
+fn write_big(path: &Path, len: u64, seed: u64) -> anyhow::Result<()> {
+    if std::fs::metadata(path).map(|m| m.len()).unwrap_or(0) == len {
+        return Ok(());
+    }
+    eprintln!("writing {} ({} MiB)...", path.display(), len >> 20);
+    let tmp = path.with_extension("partial");
+    let mut f = std::io::BufWriter::new(File::create(&tmp)?);
+    for i in 0..len >> 20 {
+        f.write_all(&data::bytes(seed << 32 | i, 1 << 20))?;
+    }
+    f.into_inner()?.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+fn report(
+    opts: &Options,
+    s: &Samples,
+    four: Option<&FourGig>,
+    cold_ok: bool,
+    load_before: &str,
+    load_after: &str,
+) {
+    struct Row {
+        name: &'static str,
+        imz: Option<f64>,
+        peer: Option<f64>,
+        peer_name: &'static str,
+        /// imz/peer for throughput; peer/imz for times.
+        ratio: Option<f64>,
+        target: Option<f64>,
+        unit: &'static str,
+    }
+    let m = |v: &[f64]| median(v);
+    let thr = |a: Option<f64>, b: Option<f64>| Some(a? / b?);
+    let time = |a: Option<f64>, b: Option<f64>| Some(b? / a?);
+    let mut rows = vec![
+        Row {
+            name: "seq read 1 GiB, cold",
+            imz: m(&s.read_cold_imz),
+            peer: m(&s.read_cold_ganesha),
+            peer_name: "ganesha",
+            ratio: thr(m(&s.read_cold_imz), m(&s.read_cold_ganesha)),
+            target: None,
+            unit: "MiB/s",
+        },
+        Row {
+            name: "seq read 1 GiB, warm",
+            imz: m(&s.read_warm_imz),
+            peer: m(&s.read_warm_ganesha),
+            peer_name: "ganesha",
+            ratio: thr(m(&s.read_warm_imz), m(&s.read_warm_ganesha)),
+            target: Some(1.0),
+            unit: "MiB/s",
+        },
+        Row {
+            name: "cold read vs raw HTTP GET",
+            imz: m(&s.read_cold_imz),
+            peer: m(&s.read_cold_http),
+            peer_name: "curl",
+            ratio: thr(m(&s.read_cold_imz), m(&s.read_cold_http)),
+            target: Some(0.8),
+            unit: "MiB/s",
+        },
+        Row {
+            name: "nfs-ls 10k entries, cold",
+            imz: m(&s.ls_cold_imz),
+            peer: m(&s.ls_cold_ganesha),
+            peer_name: "ganesha",
+            ratio: time(m(&s.ls_cold_imz), m(&s.ls_cold_ganesha)),
+            target: Some(1.0),
+            unit: "ms",
+        },
+        Row {
+            name: "nfs-ls 10k entries, warm",
+            imz: m(&s.ls_warm_imz),
+            peer: m(&s.ls_warm_ganesha),
+            peer_name: "ganesha",
+            ratio: time(m(&s.ls_warm_imz), m(&s.ls_warm_ganesha)),
+            target: Some(1.0),
+            unit: "ms",
+        },
+        Row {
+            name: "gateway peak RSS, 1 GiB rounds",
+            imz: m(&s.hwm_1g_mib),
+            peer: None,
+            peer_name: "",
+            ratio: None,
+            target: None,
+            unit: "MiB",
+        },
+    ];
+    if let Some(f) = four {
+        rows.push(Row {
+            name: "gateway peak RSS, 4 GiB read",
+            imz: Some(f.hwm_mib),
+            peer: Some(RSS_BOUND_MIB),
+            peer_name: "bound",
+            ratio: Some(RSS_BOUND_MIB / f.hwm_mib),
+            target: Some(1.0),
+            unit: "MiB",
+        });
+    }
+    let f1 = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.1}"));
+    let f2 = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.2}"));
+    println!();
+    println!(
+        "bench-read: {} rounds, medians; same client (libnfs-utils nfs-cat/nfs-ls, curl)",
+        opts.rounds
+    );
+    println!(
+        "{:<32} {:>6} {:>9} {:>9} {:<8} {:>7} {:>7} {:>4}",
+        "workload", "unit", "imz", "peer", "(peer)", "ratio", "target", "met"
+    );
+    for r in &rows {
+        let met = match (r.ratio, r.target) {
+            (Some(ratio), Some(t)) => {
+                if ratio >= t {
+                    "yes"
+                } else {
+                    "NO"
+                }
+            }
+            _ => "",
+        };
+        println!(
+            "{:<32} {:>6} {:>9} {:>9} {:<8} {:>7} {:>7} {:>4}",
+            r.name,
+            r.unit,
+            f1(r.imz),
+            f1(r.peer),
+            r.peer_name,
+            r.ratio.map_or("-".into(), |x| format!("{x:.2}x")),
+            r.target.map_or("-".into(), |x| format!(">={x:.1}x")),
+            met
+        );
+    }
+    println!(
+        "ratio: imz/peer for throughput; peer/imz for times and for RSS vs its bound (>1: imz better)"
+    );
+    println!();
+    let spread = |v: &[f64]| {
+        let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+        let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        format!("{lo:.1}..{hi:.1} (n={})", v.len())
+    };
+    println!("spread (min..max):");
+    for (name, v) in [
+        ("read cold imz MiB/s", &s.read_cold_imz),
+        ("read cold ganesha MiB/s", &s.read_cold_ganesha),
+        ("read cold curl MiB/s", &s.read_cold_http),
+        ("read warm imz MiB/s", &s.read_warm_imz),
+        ("read warm ganesha MiB/s", &s.read_warm_ganesha),
+        ("ls cold imz ms", &s.ls_cold_imz),
+        ("ls cold ganesha ms", &s.ls_cold_ganesha),
+        ("ls warm imz ms", &s.ls_warm_imz),
+        ("ls warm ganesha ms", &s.ls_warm_ganesha),
+    ] {
+        println!("  {name:<26} {}", spread(v));
+    }
+    println!(
+        "CPU per GiB read (median): gateway cold {} s, gateway warm {} s, origin cold {} s",
+        f2(m(&s.cpu_cold_imz)),
+        f2(m(&s.cpu_warm_imz)),
+        f2(m(&s.cpu_cold_origin)),
+    );
+    if let Some(f) = four {
+        println!(
+            "4 GiB cold read through a fresh gateway: {:.1} MiB/s, gateway CPU {:.1} s, peak RSS {:.1} MiB",
+            f.mib_s, f.cpu_s, f.hwm_mib
+        );
+    }
+    println!(
+        "cold: page cache {}dropped before each cold run; gateway: new process, empty cache; ganesha: new process",
+        if cold_ok { "" } else { "NOT " }
+    );
+    println!("load average before: {load_before}; after: {load_after}");
+}
