@@ -21,8 +21,8 @@ pub enum CacheError {
     NoSpace { needed: u64 },
     #[error("no such object {0}")]
     NoObject(u64),
-    #[error("bytes of chunk {index} of object {fileid} must be fetched from the origin first")]
-    NeedFetch { fileid: u64, index: u64 },
+    #[error("chunks {indexes:?} of object {fileid} must be fetched from the origin first")]
+    NeedFetch { fileid: u64, indexes: Vec<u64> },
 }
 
 impl CacheError {

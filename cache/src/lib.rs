@@ -11,9 +11,11 @@
 pub mod chunk;
 mod error;
 mod evict;
+pub mod log;
 mod object;
 pub mod store;
 
 pub use error::{CacheError, Result};
-pub use object::{Attrs, FileId, Kind, LOCAL_ID_BASE, Object, OriginRef, ROOT_FILEID};
+pub use log::{LogOp, LogRecord, SetAttrs};
+pub use object::{Attrs, FileId, Kind, LOCAL_ID_BASE, LogRefs, Object, OriginRef, ROOT_FILEID};
 pub use store::{Cache, DirEntry, RangeRead, ReadTxn, Usage, WriteTxn, meta};

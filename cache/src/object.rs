@@ -60,7 +60,9 @@ pub struct Attrs {
 /// - for a file, bytes at offsets below `origin_extent` that are not in a
 ///   cached chunk are the origin's bytes at `origin.version` (fetch them);
 ///   bytes at or above it that are not in a chunk are zeros (a hole);
-/// - chunks never extend past `attrs.size`.
+/// - chunks never extend past `attrs.size`;
+/// - an object is deleted only when no log record refers to it; one removed
+///   locally before that stays, `removed` and unlinked, until then.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Object {
     pub kind: Kind,
@@ -75,14 +77,48 @@ pub struct Object {
     pub listed: bool,
     /// File: see the type's invariants.
     pub origin_extent: u64,
-    /// Local changes not yet on the origin: never evicted.
-    pub dirty: bool,
     /// Pinned by a user (`imz pin`): never evicted, kept fetched.
     pub pinned: bool,
+    /// Removed locally; kept only while log records still need it.
+    pub removed: bool,
+    /// Client modification log records about this object.
+    pub log: LogRefs,
+    /// Bumped by every local change to a file's content, so that the
+    /// reintegrator can tell whether what it uploaded is still current.
+    pub data_gen: u64,
+    /// Verifier of an NFS EXCLUSIVE create, to answer its retransmission.
+    pub verifier: Option<[u8; 8]>,
+}
+
+/// How the client modification log refers to an object.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogRefs {
+    /// Pending records about this object itself, oldest first.
+    pub ops: Vec<u64>,
+    /// Pending records naming it in another role (a parent directory, a
+    /// rename's replaced target).
+    pub other: u32,
+    /// The pending record that creates it at the origin.
+    pub create: Option<u64>,
+    /// The pending record that uploads its content.
+    pub store: Option<u64>,
+    /// The pending record that sets its attributes.
+    pub setattr: Option<u64>,
 }
 
 impl Object {
     pub fn is_dir(&self) -> bool {
         self.kind == Kind::Dir
+    }
+
+    /// Has local changes the origin does not have yet: the cache keeps its
+    /// data and does not take the origin's version over it.
+    pub fn is_dirty(&self) -> bool {
+        !self.log.ops.is_empty()
+    }
+
+    /// Exists only at the gateway so far.
+    pub fn is_local(&self) -> bool {
+        self.origin.is_none()
     }
 }

@@ -12,7 +12,8 @@
 //! | `chunks` | (fileid, index) | bytes |
 //! | `chunk_index` | (fileid, index) | chunk length |
 //! | `meta` | name | bytes |
-//! | `log` | sequence | a client modification log record (see `cml`) |
+//! | `log` | sequence | a client modification log record (see `log`) |
+//! | `conflicts` | id | a conflict the gateway met (its format is the gateway's) |
 //!
 //! `names` and `entries` are two views of the same directory entries:
 //! `names` answers LOOKUP, `entries` gives READDIR a stable order whose
@@ -45,6 +46,7 @@ pub(crate) const CHUNK_INDEX: TableDefinition<(u64, u64), u32> =
     TableDefinition::new("chunk_index");
 pub(crate) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 pub(crate) const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
+pub(crate) const CONFLICTS: TableDefinition<u64, &[u8]> = TableDefinition::new("conflicts");
 
 /// Bumped whenever a table's encoding changes incompatibly.
 const FORMAT: u32 = 1;
@@ -111,6 +113,8 @@ pub struct Cache {
     evict: Mutex<EvictIndex>,
     capacity: u64,
     generation: u64,
+    /// Log records being shipped (see `log`).
+    pub(crate) frozen: Mutex<std::collections::HashSet<u64>>,
 }
 
 impl std::fmt::Debug for Cache {
@@ -177,6 +181,7 @@ impl Cache {
         tx.open_table(CHUNKS)?;
         tx.open_table(CHUNK_INDEX)?;
         tx.open_table(LOG)?;
+        tx.open_table(CONFLICTS)?;
         tx.commit()?;
 
         let evict = Self::rebuild_accounting(&db)?;
@@ -186,6 +191,7 @@ impl Cache {
             evict: Mutex::new(evict),
             capacity,
             generation,
+            frozen: Mutex::new(std::collections::HashSet::new()),
         })
     }
 
@@ -283,7 +289,7 @@ fn random_generation() -> u64 {
 }
 
 pub(crate) fn is_protected(obj: &Object) -> bool {
-    obj.dirty || obj.pinned
+    obj.is_dirty() || obj.pinned
 }
 
 fn decode_u64(bytes: &[u8]) -> Result<u64> {
@@ -493,10 +499,28 @@ macro_rules! getters {
             Ok(out)
         }
 
+        /// The raw bytes of log record `seq`.
+        pub fn log_bytes(&self, seq: u64) -> Result<Option<Vec<u8>>> {
+            let t = self.tx.open_table(LOG)?;
+            let v = t.get(seq)?;
+            Ok(v.map(|v| v.value().to_vec()))
+        }
+
         /// Number of log records.
         pub fn log_len(&self) -> Result<u64> {
             let t = self.tx.open_table(LOG)?;
             Ok(t.len()?)
+        }
+
+        /// Every recorded conflict, oldest first.
+        pub fn conflicts(&self) -> Result<Vec<(u64, Vec<u8>)>> {
+            let t = self.tx.open_table(CONFLICTS)?;
+            let mut out = Vec::new();
+            for item in t.iter()? {
+                let (k, v) = item?;
+                out.push((k.value(), v.value().to_vec()));
+            }
+            Ok(out)
         }
 
         /// Every object, in fileid order (for revalidation sweeps).
@@ -536,10 +560,15 @@ pub struct WriteTxn<'c> {
 }
 
 impl WriteTxn<'_> {
-    fn cache_ref(&self) -> &Cache {
+    pub(crate) fn cache_ref(&self) -> &Cache {
         self.cache
     }
     getters!();
+
+    /// Whether `more` bytes of dirty data still fit the cache.
+    pub fn cache_room_for_protected(&self, more: u64) -> bool {
+        self.cache.has_room_for_protected(more)
+    }
 
     /// Hands out a fresh local fileid or cookie (never reused).
     pub fn alloc_id(&mut self) -> Result<u64> {
@@ -636,6 +665,8 @@ impl WriteTxn<'_> {
 
     /// Deletes object `fid` with its data. For a directory, its entries and
     /// everything below them go too. The caller unlinks it from its parent.
+    /// Objects the client modification log still refers to are only
+    /// unlinked and marked removed; the log deletes them when done.
     pub fn remove_tree(&mut self, fid: FileId) -> Result<()> {
         let mut stack = vec![fid];
         while let Some(fid) = stack.pop() {
@@ -651,6 +682,13 @@ impl WriteTxn<'_> {
                         stack.push(e.fileid);
                     }
                 }
+            }
+            if obj.log != crate::object::LogRefs::default() {
+                // The log still needs it: keep it, unlinked, with its data.
+                let mut kept = obj;
+                kept.removed = true;
+                self.put(fid, &kept)?;
+                continue;
             }
             self.drop_data(fid)?;
             if let Some(origin) = obj.origin {
@@ -719,29 +757,48 @@ impl WriteTxn<'_> {
     }
 
     /// Writes `data` at `offset` into file `fid`, updating `obj`'s size (the
-    /// caller stores `obj`). Fails with [`CacheError::NeedFetch`] if a chunk
-    /// that is only partly overwritten still has to come from the origin.
+    /// caller stores `obj`). A chunk that is only partly overwritten and
+    /// still has bytes at the origin needs those bytes first: `fetched`
+    /// supplies them (the chunk's origin bytes by index); without them the
+    /// write fails with [`CacheError::NeedFetch`] listing every such chunk,
+    /// having changed nothing.
     pub fn write_data(
         &mut self,
         fid: FileId,
         obj: &mut Object,
         offset: u64,
         data: &[u8],
+        fetched: &dyn Fn(u64) -> Option<Vec<u8>>,
     ) -> Result<()> {
         let end = offset + data.len() as u64;
+        let mut plan = Vec::new();
+        let mut missing = Vec::new();
         for index in chunk::covering(offset, data.len() as u64) {
             let cstart = chunk::start_of(index);
             let from = offset.max(cstart);
             let to = end.min(cstart + CHUNK_SIZE);
             let whole =
                 from == cstart && (to == cstart + CHUNK_SIZE || to >= obj.attrs.size.max(end));
-            let mut buf = match self.chunk(fid, index)? {
+            let base = match self.chunk(fid, index)? {
                 Some(existing) => existing,
-                None if !whole && cstart < obj.origin_extent => {
-                    return Err(CacheError::NeedFetch { fileid: fid, index });
-                }
+                None if !whole && cstart < obj.origin_extent => match fetched(index) {
+                    Some(bytes) => bytes,
+                    None => {
+                        missing.push(index);
+                        continue;
+                    }
+                },
                 None => Vec::new(),
             };
+            plan.push((index, cstart, from, to, base));
+        }
+        if !missing.is_empty() {
+            return Err(CacheError::NeedFetch {
+                fileid: fid,
+                indexes: missing,
+            });
+        }
+        for (index, cstart, from, to, mut buf) in plan {
             let lo = (from - cstart) as usize;
             let hi = (to - cstart) as usize;
             if buf.len() < hi {
@@ -793,6 +850,20 @@ impl WriteTxn<'_> {
     pub fn put_log(&mut self, seq: u64, record: &[u8]) -> Result<()> {
         let mut t = self.tx.open_table(LOG)?;
         t.insert(seq, record)?;
+        Ok(())
+    }
+
+    /// Records (or replaces) conflict `id`.
+    pub fn put_conflict(&mut self, id: u64, record: &[u8]) -> Result<()> {
+        let mut t = self.tx.open_table(CONFLICTS)?;
+        t.insert(id, record)?;
+        Ok(())
+    }
+
+    /// Forgets conflict `id`.
+    pub fn remove_conflict(&mut self, id: u64) -> Result<()> {
+        let mut t = self.tx.open_table(CONFLICTS)?;
+        t.remove(id)?;
         Ok(())
     }
 
@@ -911,8 +982,11 @@ mod tests {
             target: None,
             listed: false,
             origin_extent,
-            dirty: false,
             pinned: false,
+            removed: false,
+            log: Default::default(),
+            data_gen: 0,
+            verifier: None,
         }
     }
 
@@ -970,7 +1044,8 @@ mod tests {
         let mut obj = file(0, 0);
         let mut tx = cache.write().expect("write");
         let payload: Vec<u8> = (0..3 * CHUNK_SIZE / 2).map(|i| (i % 251) as u8).collect();
-        tx.write_data(11, &mut obj, 100, &payload).expect("write");
+        tx.write_data(11, &mut obj, 100, &payload, &|_| None)
+            .expect("write");
         assert_eq!(obj.attrs.size, 100 + payload.len() as u64);
         tx.put(11, &obj).expect("put");
         tx.commit(true).expect("commit");
@@ -986,18 +1061,31 @@ mod tests {
         let mut remote = file(2 * CHUNK_SIZE, 2 * CHUNK_SIZE);
         let mut tx = cache.write().expect("write");
         let err = tx
-            .write_data(12, &mut remote, 10, b"abc")
+            .write_data(12, &mut remote, 10, b"abc", &|_| None)
             .expect_err("needs fetch");
-        assert!(matches!(
-            err,
-            CacheError::NeedFetch {
-                fileid: 12,
-                index: 0
-            }
-        ));
+        assert!(
+            matches!(err, CacheError::NeedFetch { fileid: 12, ref indexes } if indexes == &[0])
+        );
+        assert!(
+            !tx.has_chunk(12, 0).expect("has"),
+            "a failed write changed data"
+        );
+        // With the origin's bytes supplied, the write goes in on top of them.
+        tx.write_data(12, &mut remote, 10, b"abc", &|_| {
+            Some(vec![7u8; CHUNK_SIZE as usize])
+        })
+        .expect("write over fetched bytes");
+        let chunk0 = tx.chunk(12, 0).expect("chunk").expect("stored");
+        assert_eq!(&chunk0[8..14], &[7, 7, b'a', b'b', b'c', 7]);
         // Overwriting a whole chunk needs nothing from the origin.
-        tx.write_data(12, &mut remote, CHUNK_SIZE, &vec![1u8; CHUNK_SIZE as usize])
-            .expect("whole chunk");
+        tx.write_data(
+            12,
+            &mut remote,
+            CHUNK_SIZE,
+            &vec![1u8; CHUNK_SIZE as usize],
+            &|_| None,
+        )
+        .expect("whole chunk");
     }
 
     #[test]
@@ -1005,8 +1093,14 @@ mod tests {
         let (_d, cache) = open(64 << 20);
         let mut obj = file(0, 0);
         let mut tx = cache.write().expect("write");
-        tx.write_data(13, &mut obj, 0, &vec![9u8; (2 * CHUNK_SIZE) as usize])
-            .expect("write");
+        tx.write_data(
+            13,
+            &mut obj,
+            0,
+            &vec![9u8; (2 * CHUNK_SIZE) as usize],
+            &|_| None,
+        )
+        .expect("write");
         tx.truncate_data(13, &mut obj, 10).expect("shrink");
         tx.truncate_data(13, &mut obj, 20).expect("grow");
         tx.put(13, &obj).expect("put");
@@ -1026,7 +1120,7 @@ mod tests {
         let chunk = vec![5u8; CHUNK_SIZE as usize];
         let (_d, cache) = open(3 * CHUNK_SIZE);
         let mut dirty = file(CHUNK_SIZE, 0);
-        dirty.dirty = true;
+        dirty.log.ops.push(1);
         let mut tx = cache.write().expect("write");
         tx.put(100, &dirty).expect("put");
         tx.put_chunk(100, 0, &chunk).expect("chunk");
@@ -1060,8 +1154,9 @@ mod tests {
             let cache = Cache::open(dir.path(), 1 << 30).expect("open");
             let mut obj = file(0, 0);
             let mut tx = cache.write().expect("write");
-            tx.write_data(7, &mut obj, 0, &[1u8; 1000]).expect("write");
-            obj.dirty = true;
+            tx.write_data(7, &mut obj, 0, &[1u8; 1000], &|_| None)
+                .expect("write");
+            obj.log.ops.push(1);
             tx.put(7, &obj).expect("put");
             tx.commit(true).expect("commit");
             assert_eq!(cache.usage().protected, 1000);

@@ -58,8 +58,11 @@ pub fn new_object(parent: FileId, name: &str, attr: &wire::Attr) -> Object {
         } else {
             0
         },
-        dirty: false,
         pinned: false,
+        removed: false,
+        log: Default::default(),
+        data_gen: 0,
+        verifier: None,
     }
 }
 
@@ -85,7 +88,7 @@ pub fn refresh(
     source: Source,
 ) -> Result<bool, CacheError> {
     let cached = obj.origin.map_or(0, |o| o.version);
-    if attr.version <= cached || obj.dirty {
+    if attr.version <= cached || obj.is_dirty() {
         return Ok(false);
     }
     let had_version = obj.origin.is_some();
@@ -180,7 +183,11 @@ fn forget_if_orphan(
     let Some(obj) = tx.get(fid)? else {
         return Ok(());
     };
-    if obj.parent == dir && obj.name == name && !obj.dirty && tx.lookup(dir, name)? != Some(fid) {
+    if obj.parent == dir
+        && obj.name == name
+        && !obj.is_dirty()
+        && tx.lookup(dir, name)? != Some(fid)
+    {
         tx.remove_tree(fid)?;
     }
     Ok(())

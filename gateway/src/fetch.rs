@@ -461,7 +461,7 @@ fn store_batch(cache: &Cache, batch: &[StoreJob], durable: bool) -> imz_cache::R
         // Only bytes of the version the object still has, and never over
         // local changes.
         let current = obj.origin.is_some_and(|o| o.version == version);
-        if !current || obj.dirty || chunk::start_of(index) >= obj.origin_extent {
+        if !current || obj.is_dirty() || chunk::start_of(index) >= obj.origin_extent {
             continue;
         }
         if !tx.has_chunk(fid, index)? {

@@ -27,7 +27,9 @@ pub const POLL_WAIT: Duration = Duration::from_secs(20);
 
 /// Follows the journal until the process ends. `applied` is bumped with the
 /// cursor after each applied batch (tests and `imz status` watch it).
-pub async fn run_follower(vfs: Arc<Vfs>, applied: watch::Sender<u64>) {
+pub async fn run_follower(vfs: Arc<Vfs>, gateway_id: String, applied: watch::Sender<u64>) {
+    // Our own changes coming back: the reintegrator already recorded them.
+    let own = format!("{gateway_id}-");
     loop {
         vfs.link.wait_up().await;
         let cursor = match vfs.cache.read().and_then(|rx| rx.meta_u64(meta::CURSOR)) {
@@ -46,12 +48,14 @@ pub async fn run_follower(vfs: Arc<Vfs>, applied: watch::Sender<u64>) {
                 }
                 let last = page.records.last().map_or(cursor, |r| r.seq);
                 let count = page.records.len();
+                let own = own.clone();
                 let result = vfs
                     .blocking(move |cache| {
                         let mut tx = cache.write()?;
                         let mut applied = Applied::default();
                         for record in &page.records {
-                            if record.seq > cursor {
+                            let ours = record.key.as_deref().is_some_and(|k| k.starts_with(&own));
+                            if record.seq > cursor && !ours {
                                 coherence::apply_record(&mut tx, record, &mut applied)?;
                             }
                         }
@@ -127,7 +131,7 @@ pub async fn revalidate(vfs: &Vfs) -> Result<u64, VfsError> {
                     }
                     tx.put(fid, &obj)?;
                 }
-                None if !obj.dirty && fid != imz_cache::ROOT_FILEID => {
+                None if !obj.is_dirty() && fid != imz_cache::ROOT_FILEID => {
                     if tx.lookup(obj.parent, &obj.name)? == Some(fid) {
                         tx.unlink(obj.parent, &obj.name)?;
                     }

@@ -18,7 +18,9 @@ use crate::follow;
 use crate::link::{self, Link};
 use crate::nfs::{EXPORT, NfsAdapter};
 use crate::origin_client::{OriginClient, OriginError, Timeouts};
+use crate::reintegrate;
 use crate::vfs::Vfs;
+use crate::writer::Writer;
 
 /// Everything `imz gateway` needs.
 #[derive(Debug, Clone)]
@@ -29,6 +31,7 @@ pub struct GatewayConfig {
     pub cache_size: u64,
     pub listen: SocketAddr,
     pub timeouts: Timeouts,
+    pub reintegration: reintegrate::Settings,
 }
 
 /// A running gateway.
@@ -37,6 +40,11 @@ pub struct Gateway {
     pub nfs_addr: SocketAddr,
     /// The journal sequence the cache reflects, updated as records apply.
     pub cursor: watch::Receiver<u64>,
+    /// What the reintegrator has done.
+    pub reintegration: watch::Receiver<reintegrate::Progress>,
+    /// Bump to make the reintegrator ship now, ignoring the aging window.
+    pub hurry: watch::Sender<u64>,
+    pub gateway_id: String,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -55,11 +63,13 @@ impl Gateway {
         let link = Link::new(connected);
         let fetcher = Fetcher::start(Arc::clone(&cache), origin.clone(), Arc::clone(&link))
             .context("starting the fetcher")?;
+        let writer = Writer::start(Arc::clone(&cache)).context("starting the cache writer")?;
         let vfs = Arc::new(Vfs::new(
             Arc::clone(&cache),
             origin.clone(),
             Arc::clone(&link),
             fetcher,
+            writer,
         ));
 
         let start_cursor = cache.read()?.meta_u64(meta::CURSOR)?.unwrap_or(0);
@@ -70,10 +80,22 @@ impl Gateway {
             origin.clone(),
             Duration::from_millis(500),
         )));
+        let gateway_id = reintegrate::gateway_id(&cache).map_err(|e| anyhow::anyhow!("{e}"))?;
         tasks.push(tokio::spawn(follow::run_follower(
             Arc::clone(&vfs),
+            gateway_id.clone(),
             cursor_tx,
         )));
+        let (progress_tx, reintegration) = watch::channel(reintegrate::Progress::default());
+        let (hurry, hurry_rx) = watch::channel(0u64);
+        let reintegrator = reintegrate::Reintegrator::new(
+            Arc::clone(&vfs),
+            gateway_id.clone(),
+            config.reintegration.clone(),
+            progress_tx,
+            hurry_rx,
+        );
+        tasks.push(tokio::spawn(reintegrator.run()));
 
         let adapter = NfsAdapter::new(Arc::clone(&vfs));
         let listener = NFSTcpListener::bind_with_generation(
@@ -93,6 +115,9 @@ impl Gateway {
             vfs,
             nfs_addr,
             cursor,
+            reintegration,
+            hurry,
+            gateway_id,
             tasks,
         })
     }

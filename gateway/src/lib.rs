@@ -11,12 +11,15 @@
 //! - [`gateway`]: start-up, tying the pieces together.
 
 pub mod coherence;
+pub mod conflict;
 pub mod fetch;
 pub mod follow;
 pub mod gateway;
 pub mod link;
 pub mod nfs;
 pub mod origin_client;
+pub mod reintegrate;
 pub mod vfs;
+pub mod writer;
 
 pub use gateway::{Gateway, GatewayConfig};

@@ -18,7 +18,7 @@
 
 use std::sync::Arc;
 
-use imz_cache::{FileId, Kind, Object, ROOT_FILEID};
+use imz_cache::{FileId, Kind, Object, ROOT_FILEID, SetAttrs};
 use nfs3_server::nfs3_types::nfs3::{
     createverf3, fattr3, filename3, ftype3, nfspath3, nfsstat3, nfstime3, sattr3, specdata3,
     stable_how,
@@ -28,6 +28,7 @@ use nfs3_server::vfs::{
     VFSCapabilities,
 };
 
+use crate::vfs::write::NewNode;
 use crate::vfs::{Vfs, VfsError};
 
 /// The export path clients mount.
@@ -235,81 +236,192 @@ impl ReadDirPlusIterator<FileHandleU64> for DirIter {
     }
 }
 
-/// Until write-back lands, the gateway is read-only.
+/// Converts NFS attribute changes, resolving "server time" to now.
+fn set_attrs(s: &sattr3) -> SetAttrs {
+    use nfs3_server::nfs3_types::nfs3::{Nfs3Option, set_atime, set_mtime};
+    let now = crate::vfs::write::now_nanos();
+    let time = |t: &nfstime3| i64::from(t.seconds) * 1_000_000_000 + i64::from(t.nseconds);
+    SetAttrs {
+        mode: match s.mode {
+            Nfs3Option::Some(m) => Some(m),
+            Nfs3Option::None => None,
+        },
+        uid: match s.uid {
+            Nfs3Option::Some(u) => Some(u),
+            Nfs3Option::None => None,
+        },
+        gid: match s.gid {
+            Nfs3Option::Some(g) => Some(g),
+            Nfs3Option::None => None,
+        },
+        size: match s.size {
+            Nfs3Option::Some(z) => Some(z),
+            Nfs3Option::None => None,
+        },
+        atime: match &s.atime {
+            set_atime::DONT_CHANGE => None,
+            set_atime::SET_TO_SERVER_TIME => Some(now),
+            set_atime::SET_TO_CLIENT_TIME(t) => Some(time(t)),
+        },
+        mtime: match &s.mtime {
+            set_mtime::DONT_CHANGE => None,
+            set_mtime::SET_TO_SERVER_TIME => Some(now),
+            set_mtime::SET_TO_CLIENT_TIME(t) => Some(time(t)),
+        },
+    }
+}
+
+fn new_name<'a>(name: &'a filename3<'_>) -> Result<&'a str, nfsstat3> {
+    std::str::from_utf8(name.as_ref()).map_err(|_| nfsstat3::NFS3ERR_INVAL)
+}
+
+/// Every change is durable before the reply (group-committed), so WRITEs
+/// are answered `FILE_SYNC` and COMMIT has nothing left to do: the write
+/// verifier never needs to change, and no acknowledged byte can be lost.
 impl NfsFileSystem for NfsAdapter {
     fn capabilities(&self) -> VFSCapabilities {
-        VFSCapabilities::ReadOnly
+        VFSCapabilities::ReadWrite
     }
 
-    async fn setattr(&self, _id: &FileHandleU64, _setattr: sattr3) -> Result<fattr3, nfsstat3> {
-        Err(nfsstat3::NFS3ERR_ROFS)
+    #[tracing::instrument(level = "debug", skip_all, fields(fid = id.as_u64()))]
+    async fn setattr(&self, id: &FileHandleU64, setattr: sattr3) -> Result<fattr3, nfsstat3> {
+        let fid = id.as_u64();
+        let obj = self
+            .vfs
+            .setattr(fid, set_attrs(&setattr))
+            .await
+            .map_err(status)?;
+        Ok(self.fattr(fid, &obj))
     }
 
+    #[tracing::instrument(level = "debug", skip_all, fields(fid = id.as_u64(), offset, len = data.len()))]
     async fn write(
         &self,
-        _id: &FileHandleU64,
-        _offset: u64,
-        _data: &[u8],
+        id: &FileHandleU64,
+        offset: u64,
+        data: &[u8],
         _stable: stable_how,
     ) -> Result<(fattr3, stable_how), nfsstat3> {
-        Err(nfsstat3::NFS3ERR_ROFS)
+        let fid = id.as_u64();
+        let obj = self
+            .vfs
+            .write(fid, offset, data.to_vec())
+            .await
+            .map_err(status)?;
+        Ok((self.fattr(fid, &obj), stable_how::FILE_SYNC))
     }
 
+    #[tracing::instrument(level = "debug", skip_all, fields(dir = dirid.as_u64()))]
     async fn create(
         &self,
-        _dirid: &FileHandleU64,
-        _filename: &filename3<'_>,
-        _attr: sattr3,
+        dirid: &FileHandleU64,
+        filename: &filename3<'_>,
+        attr: sattr3,
     ) -> Result<(FileHandleU64, fattr3), nfsstat3> {
-        Err(nfsstat3::NFS3ERR_ROFS)
+        let name = new_name(filename)?;
+        let (fid, obj) = self
+            .vfs
+            .create(
+                dirid.as_u64(),
+                name,
+                NewNode::File { exclusive: None },
+                set_attrs(&attr),
+            )
+            .await
+            .map_err(status)?;
+        Ok((FileHandleU64::new(fid), self.fattr(fid, &obj)))
     }
 
+    #[tracing::instrument(level = "debug", skip_all, fields(dir = dirid.as_u64()))]
     async fn create_exclusive(
         &self,
-        _dirid: &FileHandleU64,
-        _filename: &filename3<'_>,
-        _createverf: createverf3,
+        dirid: &FileHandleU64,
+        filename: &filename3<'_>,
+        createverf: createverf3,
     ) -> Result<FileHandleU64, nfsstat3> {
-        Err(nfsstat3::NFS3ERR_ROFS)
+        let name = new_name(filename)?;
+        let node = NewNode::File {
+            exclusive: Some(createverf.0),
+        };
+        let (fid, _) = self
+            .vfs
+            .create(dirid.as_u64(), name, node, SetAttrs::default())
+            .await
+            .map_err(status)?;
+        Ok(FileHandleU64::new(fid))
     }
 
+    #[tracing::instrument(level = "debug", skip_all, fields(dir = dirid.as_u64()))]
     async fn mkdir(
         &self,
-        _dirid: &FileHandleU64,
-        _dirname: &filename3<'_>,
+        dirid: &FileHandleU64,
+        dirname: &filename3<'_>,
     ) -> Result<(FileHandleU64, fattr3), nfsstat3> {
-        Err(nfsstat3::NFS3ERR_ROFS)
+        let name = new_name(dirname)?;
+        let (fid, obj) = self
+            .vfs
+            .create(dirid.as_u64(), name, NewNode::Dir, SetAttrs::default())
+            .await
+            .map_err(status)?;
+        Ok((FileHandleU64::new(fid), self.fattr(fid, &obj)))
     }
 
+    #[tracing::instrument(level = "debug", skip_all, fields(dir = dirid.as_u64()))]
     async fn remove(
         &self,
-        _dirid: &FileHandleU64,
-        _filename: &filename3<'_>,
+        dirid: &FileHandleU64,
+        filename: &filename3<'_>,
     ) -> Result<(), nfsstat3> {
-        Err(nfsstat3::NFS3ERR_ROFS)
+        let name = name_of(filename)?;
+        self.vfs.remove(dirid.as_u64(), name).await.map_err(status)
     }
 
+    #[tracing::instrument(level = "debug", skip_all, fields(from = from_dirid.as_u64(), to = to_dirid.as_u64()))]
     async fn rename<'a>(
         &self,
-        _from_dirid: &FileHandleU64,
-        _from_filename: &filename3<'a>,
-        _to_dirid: &FileHandleU64,
-        _to_filename: &filename3<'a>,
+        from_dirid: &FileHandleU64,
+        from_filename: &filename3<'a>,
+        to_dirid: &FileHandleU64,
+        to_filename: &filename3<'a>,
     ) -> Result<(), nfsstat3> {
-        Err(nfsstat3::NFS3ERR_ROFS)
+        let from = name_of(from_filename)?;
+        let to = new_name(to_filename)?;
+        self.vfs
+            .rename(from_dirid.as_u64(), from, to_dirid.as_u64(), to)
+            .await
+            .map_err(status)
     }
 
+    #[tracing::instrument(level = "debug", skip_all, fields(dir = dirid.as_u64()))]
     async fn symlink<'a>(
         &self,
-        _dirid: &FileHandleU64,
-        _linkname: &filename3<'a>,
-        _symlink: &nfspath3<'a>,
-        _attr: &sattr3,
+        dirid: &FileHandleU64,
+        linkname: &filename3<'a>,
+        symlink: &nfspath3<'a>,
+        attr: &sattr3,
     ) -> Result<(FileHandleU64, fattr3), nfsstat3> {
-        Err(nfsstat3::NFS3ERR_ROFS)
+        let name = new_name(linkname)?;
+        let target = std::str::from_utf8(symlink.as_ref())
+            .map_err(|_| nfsstat3::NFS3ERR_INVAL)?
+            .to_owned();
+        if target.is_empty() || target.len() > imz_origin::wire::MAX_SYMLINK_LEN {
+            return Err(nfsstat3::NFS3ERR_INVAL);
+        }
+        let (fid, obj) = self
+            .vfs
+            .create(
+                dirid.as_u64(),
+                name,
+                NewNode::Symlink { target },
+                set_attrs(attr),
+            )
+            .await
+            .map_err(status)?;
+        Ok((FileHandleU64::new(fid), self.fattr(fid, &obj)))
     }
 
-    async fn commit(&self, _id: &FileHandleU64, _offset: u64, _count: u32) -> Result<(), nfsstat3> {
-        Err(nfsstat3::NFS3ERR_ROFS)
+    async fn commit(&self, id: &FileHandleU64, _offset: u64, _count: u32) -> Result<(), nfsstat3> {
+        // Everything acknowledged is already durable.
+        self.vfs.getattr(id.as_u64()).map(|_| ()).map_err(status)
     }
 }

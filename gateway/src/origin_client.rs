@@ -276,6 +276,46 @@ impl OriginClient {
     }
 }
 
+impl OriginClient {
+    /// Streams `len` bytes to the origin's upload `upload_id`.
+    pub async fn upload(
+        &self,
+        upload_id: &str,
+        body: reqwest::Body,
+        len: u64,
+    ) -> Result<wire::Uploaded, OriginError> {
+        // Generous for a large file on a slow link, finite for a dead one.
+        let timeout = Duration::from_secs(30) + Duration::from_secs(len / (8 << 20));
+        let resp = self
+            .http
+            .put(self.url(&wire::paths::upload(upload_id)))
+            .header(reqwest::header::AUTHORIZATION, &self.auth)
+            .header(reqwest::header::CONTENT_LENGTH, len)
+            .body(body)
+            .timeout(timeout)
+            .send()
+            .await
+            .map_err(OriginError::from_reqwest)?;
+        let resp = check(resp).await?;
+        resp.json().await.map_err(OriginError::from_reqwest)
+    }
+
+    /// Sends a batch of logged operations.
+    pub async fn reintegrate(&self, batch: &wire::Batch) -> Result<wire::BatchResult, OriginError> {
+        let resp = self
+            .http
+            .post(self.url(wire::paths::REINTEGRATE))
+            .header(reqwest::header::AUTHORIZATION, &self.auth)
+            .json(batch)
+            .timeout(Duration::from_secs(120))
+            .send()
+            .await
+            .map_err(OriginError::from_reqwest)?;
+        let resp = check(resp).await?;
+        resp.json().await.map_err(OriginError::from_reqwest)
+    }
+}
+
 /// Turns error statuses into [`OriginError`]s.
 async fn check(resp: Response) -> Result<Response, OriginError> {
     let status = resp.status();

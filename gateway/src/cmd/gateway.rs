@@ -23,6 +23,8 @@ pub struct Args {
     /// Address to serve NFS on (2049 is the standard port).
     #[arg(long, default_value = "127.0.0.1:2049")]
     pub listen: SocketAddr,
+    #[command(flatten)]
+    pub writeback: super::WritebackArgs,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -36,6 +38,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             cache_size: args.cache_size,
             listen: args.listen,
             timeouts: Default::default(),
+            reintegration: args.writeback.settings(),
         };
         let gateway = Gateway::start(config)
             .await

@@ -112,3 +112,43 @@ pub async fn wait_for_shutdown() {
         _ = term.recv() => {}
     }
 }
+
+/// How written data goes back to the origin (shared by `gateway` and `serve`).
+#[derive(Debug, clap::Args)]
+pub struct WritebackArgs {
+    /// How conflicts with changes made at the origin are settled.
+    #[arg(long, value_enum, default_value_t = imz_gateway::conflict::ConflictPolicy::KeepBoth)]
+    pub conflict_policy: imz_gateway::conflict::ConflictPolicy,
+    /// How long a change waits before it is sent to the origin, so that a
+    /// burst of writes to one file travels once (e.g. 3s, 500ms).
+    #[arg(long, default_value = "3s", value_parser = parse_duration)]
+    pub reintegrate_delay: std::time::Duration,
+}
+
+impl WritebackArgs {
+    pub fn settings(&self) -> imz_gateway::reintegrate::Settings {
+        imz_gateway::reintegrate::Settings {
+            aging: self.reintegrate_delay,
+            policy: self.conflict_policy,
+            ..Default::default()
+        }
+    }
+}
+
+/// Parses `3s`, `500ms`, `2m` or a plain number of seconds.
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let s = s.trim();
+    let (num, unit) = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .map_or((s, "s"), |i| (&s[..i], &s[i..]));
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("not a duration: {s:?} (try 3s or 500ms)"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        _ => return Err(format!("unknown unit in {s:?} (use ms, s or m)")),
+    };
+    std::time::Duration::try_from_secs_f64(secs).map_err(|e| format!("{s:?}: {e}"))
+}

@@ -21,19 +21,26 @@ pub struct Args {
     /// without naming a port; if it is taken, any free port is used.
     #[arg(long)]
     pub listen: Option<SocketAddr>,
+    #[command(flatten)]
+    pub writeback: super::WritebackArgs,
 }
 
 const STANDARD_NFS: &str = "127.0.0.1:2049";
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    anyhow::ensure!(args.dir.is_dir(), "{} is not a directory", args.dir.display());
+    anyhow::ensure!(
+        args.dir.is_dir(),
+        "{} is not a directory",
+        args.dir.display()
+    );
     let dir = args
         .dir
         .canonicalize()
         .with_context(|| format!("resolving {}", args.dir.display()))?;
-    let cache_dir = args
-        .cache
-        .unwrap_or_else(|| dir.join(imz_origin::wire::STATE_DIR_NAME).join("gateway-cache"));
+    let cache_dir = args.cache.unwrap_or_else(|| {
+        dir.join(imz_origin::wire::STATE_DIR_NAME)
+            .join("gateway-cache")
+    });
     let runtime = super::runtime()?;
     runtime.block_on(async move {
         // The two halves talk over loopback HTTP with a token that lives
@@ -52,6 +59,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             cache_size: args.cache_size,
             listen: args.listen.unwrap_or(STANDARD_NFS.parse()?),
             timeouts: Default::default(),
+            reintegration: args.writeback.settings(),
         };
         let gateway = match Gateway::start(config.clone()).await {
             Ok(g) => g,

@@ -231,7 +231,7 @@ fn forget_entry(
         tx.unlink(dir, &entry.name)?;
         return Ok(());
     };
-    if obj.dirty || obj.origin.is_none() {
+    if obj.is_dirty() || obj.origin.is_none() {
         return Ok(());
     }
     tx.unlink(dir, &entry.name)?;

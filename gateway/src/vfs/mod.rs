@@ -7,6 +7,7 @@
 
 pub mod meta;
 pub mod read;
+pub mod write;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -16,6 +17,7 @@ use imz_cache::{Cache, CacheError, FileId};
 use crate::fetch::Fetcher;
 use crate::link::Link;
 use crate::origin_client::{OriginClient, OriginError};
+use crate::writer::Writer;
 
 /// Why a filesystem operation failed; each maps to one NFS status.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -65,17 +67,32 @@ pub struct Vfs {
     pub origin: OriginClient,
     pub link: Arc<Link>,
     pub fetcher: Fetcher,
+    pub writer: Writer,
+    /// When each file's content last changed here (the reintegrator lets
+    /// content age a moment before shipping it, so bursts travel once).
+    pub touched: Mutex<HashMap<FileId, std::time::Instant>>,
+    /// Woken when the client modification log grows.
+    pub log_changed: tokio::sync::Notify,
     /// One listing of a directory at a time (single flight).
     listing: Mutex<HashMap<FileId, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl Vfs {
-    pub fn new(cache: Arc<Cache>, origin: OriginClient, link: Arc<Link>, fetcher: Fetcher) -> Self {
+    pub fn new(
+        cache: Arc<Cache>,
+        origin: OriginClient,
+        link: Arc<Link>,
+        fetcher: Fetcher,
+        writer: Writer,
+    ) -> Self {
         Self {
             cache,
             origin,
             link,
             fetcher,
+            writer,
+            touched: Mutex::new(HashMap::new()),
+            log_changed: tokio::sync::Notify::new(),
             listing: Mutex::new(HashMap::new()),
         }
     }

@@ -1,0 +1,681 @@
+//! The client modification log (CML): the changes made at the gateway that
+//! the origin does not have yet, in the order they were made.
+//!
+//! Records live in the `log` table under increasing sequence numbers and
+//! are appended in the same transaction as the change they describe, so
+//! the cache and its log never disagree. Every object a record names keeps
+//! a reference ([`LogRefs`]) and is not deleted before the record is done.
+//!
+//! The log is kept short the way Coda kept it:
+//! - a file's content travels as one `Store` however many writes made it
+//!   (the bytes are read from the cache when the record is shipped);
+//! - attribute changes to one object merge into one `SetAttr`, and a size
+//!   change is dropped when a `Store` will carry the content anyway;
+//! - removing an object that never reached the origin cancels its whole
+//!   history (create, stores, renames), and a rename of such an object
+//!   just renames its pending create.
+//!
+//! Records being shipped are *frozen* ([`Cache::freeze_log`]): they are
+//! never rewritten or cancelled, since the origin may already have them.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{CacheError, Result};
+use crate::object::{FileId, Kind, LogRefs, Object};
+use crate::store::{Cache, WriteTxn};
+
+/// Attribute changes; `None` fields are left alone.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SetAttrs {
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    pub atime: Option<i64>,
+    pub mtime: Option<i64>,
+}
+
+impl SetAttrs {
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+
+    /// Later changes win.
+    pub fn merge(&mut self, later: &SetAttrs) {
+        macro_rules! take {
+            ($($f:ident),*) => {$( if later.$f.is_some() { self.$f = later.$f; } )*};
+        }
+        take!(mode, uid, gid, size, atime, mtime);
+    }
+}
+
+/// One logged change.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LogOp {
+    /// `fid` was created as `parent/name`; its kind, symlink target and
+    /// attributes are read from the object when shipped.
+    Create {
+        parent: FileId,
+        name: String,
+        fid: FileId,
+        kind: Kind,
+    },
+    /// The content of file `fid` changed.
+    Store { fid: FileId },
+    /// Attributes of `fid` changed.
+    SetAttr { fid: FileId, set: SetAttrs },
+    /// `parent/name`, object `fid`, was removed.
+    Remove {
+        parent: FileId,
+        name: String,
+        fid: FileId,
+    },
+    /// `from_parent/from_name` (object `fid`) moved to `to_parent/to_name`,
+    /// replacing `replaced` if it was there.
+    Rename {
+        from_parent: FileId,
+        from_name: String,
+        fid: FileId,
+        to_parent: FileId,
+        to_name: String,
+        replaced: Option<FileId>,
+    },
+}
+
+impl LogOp {
+    /// The object the record is about.
+    pub fn primary(&self) -> FileId {
+        match self {
+            Self::Create { fid, .. }
+            | Self::Store { fid }
+            | Self::SetAttr { fid, .. }
+            | Self::Remove { fid, .. }
+            | Self::Rename { fid, .. } => *fid,
+        }
+    }
+
+    /// Other objects the record names.
+    pub fn others(&self) -> Vec<FileId> {
+        match self {
+            Self::Create { parent, .. } | Self::Remove { parent, .. } => vec![*parent],
+            Self::Store { .. } | Self::SetAttr { .. } => vec![],
+            Self::Rename {
+                from_parent,
+                to_parent,
+                replaced,
+                ..
+            } => {
+                let mut v = vec![*from_parent, *to_parent];
+                v.extend(replaced);
+                v
+            }
+        }
+    }
+}
+
+/// A log record as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogRecord {
+    /// When it was logged (nanoseconds since the epoch).
+    pub time: i64,
+    pub op: LogOp,
+}
+
+/// Records which pending record of its kind `seq` is.
+fn set_slot(refs: &mut LogRefs, op: &LogOp, seq: u64) {
+    match op {
+        LogOp::Create { .. } => refs.create = Some(seq),
+        LogOp::Store { .. } => refs.store = Some(seq),
+        LogOp::SetAttr { .. } => refs.setattr = Some(seq),
+        LogOp::Remove { .. } | LogOp::Rename { .. } => {}
+    }
+}
+
+fn clear_slots(refs: &mut LogRefs, seq: u64) {
+    for slot in [&mut refs.create, &mut refs.store, &mut refs.setattr] {
+        if *slot == Some(seq) {
+            *slot = None;
+        }
+    }
+}
+
+pub(crate) fn encode(record: &LogRecord) -> Result<Vec<u8>> {
+    postcard::to_allocvec(record).map_err(|e| CacheError::corrupt(format!("log record: {e}")))
+}
+
+pub fn decode(bytes: &[u8]) -> Result<LogRecord> {
+    postcard::from_bytes(bytes).map_err(|e| CacheError::corrupt(format!("log record: {e}")))
+}
+
+impl Cache {
+    /// Marks records as being shipped: they will not be rewritten.
+    pub fn freeze_log(&self, seqs: impl IntoIterator<Item = u64>) {
+        let mut frozen = self.frozen.lock().unwrap_or_else(|p| p.into_inner());
+        frozen.extend(seqs);
+    }
+
+    /// Ends [`freeze_log`](Self::freeze_log).
+    pub fn thaw_log(&self, seqs: impl IntoIterator<Item = u64>) {
+        let mut frozen = self.frozen.lock().unwrap_or_else(|p| p.into_inner());
+        for s in seqs {
+            frozen.remove(&s);
+        }
+    }
+
+    pub(crate) fn is_frozen(&self, seq: u64) -> bool {
+        self.frozen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&seq)
+    }
+}
+
+impl WriteTxn<'_> {
+    /// A log record.
+    pub fn log_record(&self, seq: u64) -> Result<Option<LogRecord>> {
+        let Some(bytes) = self.log_bytes(seq)? else {
+            return Ok(None);
+        };
+        decode(&bytes).map(Some)
+    }
+
+    fn obj_mut<R>(&mut self, fid: FileId, f: impl FnOnce(&mut Object) -> R) -> Result<R> {
+        let mut obj = self.object(fid)?;
+        let r = f(&mut obj);
+        self.put(fid, &obj)?;
+        Ok(r)
+    }
+
+    /// Logs `op` (made at `time`), keeping the log short. Returns the
+    /// sequence number of the record that now carries the change, or `None`
+    /// if the change cancelled out.
+    ///
+    /// Call it after the change itself is applied to the cache (for a
+    /// remove: after the entry is unlinked).
+    pub fn log(&mut self, op: LogOp, time: i64) -> Result<Option<u64>> {
+        let fid = op.primary();
+        let refs = self.object(fid)?.log;
+        match &op {
+            LogOp::Store { .. } => {
+                // One upload carries all writes; it reads the content when
+                // shipped, and notices writes made while it was shipping.
+                if let Some(seq) = refs.store {
+                    return Ok(Some(seq));
+                }
+                // The upload carries the final size too: a pending size
+                // change would only undo it (an upload may travel with the
+                // object's create, ahead of the size change).
+                if let Some(seq) = refs.setattr.filter(|s| !self.cache_ref().is_frozen(*s)) {
+                    let mut rec = self
+                        .log_record(seq)?
+                        .ok_or_else(|| CacheError::corrupt("setattr record vanished"))?;
+                    if let LogOp::SetAttr { set, .. } = &mut rec.op {
+                        set.size = None;
+                        if set.is_empty() {
+                            self.log_done(seq)?;
+                        } else {
+                            self.put_log(seq, &encode(&rec)?)?;
+                        }
+                    }
+                }
+            }
+            LogOp::SetAttr { set, .. } => {
+                let mut set = set.clone();
+                // Truncation bumps the content generation, so a pending
+                // upload carries the new size even if it is being shipped.
+                if refs.store.is_some() {
+                    set.size = None;
+                }
+                if set.is_empty() {
+                    return Ok(refs.setattr.or(refs.store));
+                }
+                if let Some(seq) = refs.setattr.filter(|s| !self.cache_ref().is_frozen(*s)) {
+                    let mut rec = self
+                        .log_record(seq)?
+                        .ok_or_else(|| CacheError::corrupt("setattr record vanished"))?;
+                    if let LogOp::SetAttr { set: old, .. } = &mut rec.op {
+                        old.merge(&set);
+                    }
+                    self.put_log(seq, &encode(&rec)?)?;
+                    return Ok(Some(seq));
+                }
+                return self.append(LogOp::SetAttr { fid, set }, time).map(Some);
+            }
+            LogOp::Remove { .. } => {
+                let never_shipped = refs.create.is_some()
+                    && refs.ops.iter().all(|s| !self.cache_ref().is_frozen(*s));
+                if never_shipped {
+                    self.cancel_history(fid)?;
+                    return Ok(None);
+                }
+                // Content and attributes of an object about to be removed
+                // need not travel (unless already on their way).
+                for seq in [refs.store, refs.setattr].into_iter().flatten() {
+                    if !self.cache_ref().is_frozen(seq) {
+                        self.log_done(seq)?;
+                    }
+                }
+            }
+            LogOp::Rename {
+                to_parent,
+                to_name,
+                replaced: None,
+                ..
+            } => {
+                let create = refs.create.filter(|c| !self.cache_ref().is_frozen(*c));
+                // The new parent must exist at the origin before the create
+                // is shipped: either it is there already or it is created
+                // earlier in the log.
+                let parent_ready = match self.get(*to_parent)? {
+                    Some(p) => {
+                        p.origin.is_some() || p.log.create.zip(create).is_some_and(|(pc, c)| pc < c)
+                    }
+                    None => false,
+                };
+                if let Some(create) = create.filter(|_| parent_ready) {
+                    let mut rec = self
+                        .log_record(create)?
+                        .ok_or_else(|| CacheError::corrupt("create record vanished"))?;
+                    if let LogOp::Create { parent, name, .. } = &mut rec.op {
+                        let old_parent = *parent;
+                        *parent = *to_parent;
+                        *name = to_name.clone();
+                        self.put_log(create, &encode(&rec)?)?;
+                        self.release(old_parent)?;
+                        self.obj_mut(*to_parent, |o| o.log.other += 1)?;
+                        return Ok(Some(create));
+                    }
+                }
+            }
+            _ => {}
+        }
+        self.append(op, time).map(Some)
+    }
+
+    fn append(&mut self, op: LogOp, time: i64) -> Result<u64> {
+        let fid = op.primary();
+        let record = LogRecord { time, op };
+        let seq = self.append_log(&encode(&record)?)?;
+        self.obj_mut(fid, |o| {
+            o.log.ops.push(seq);
+            set_slot(&mut o.log, &record.op, seq);
+        })?;
+        for other in record.op.others() {
+            self.obj_mut(other, |o| o.log.other += 1)?;
+        }
+        Ok(seq)
+    }
+
+    /// Drops one reference of a non-primary role; deletes the object if it
+    /// was removed and nothing refers to it any more.
+    fn release(&mut self, fid: FileId) -> Result<()> {
+        let Some(mut obj) = self.get(fid)? else {
+            return Ok(());
+        };
+        obj.log.other = obj.log.other.saturating_sub(1);
+        self.put_or_forget(fid, obj)
+    }
+
+    fn put_or_forget(&mut self, fid: FileId, obj: Object) -> Result<()> {
+        if obj.removed && obj.log == LogRefs::default() {
+            self.put(fid, &obj)?;
+            self.remove_tree(fid)
+        } else {
+            self.put(fid, &obj)
+        }
+    }
+
+    /// The record `seq` is done (the origin has it, or it no longer
+    /// matters): removes it and releases what it referred to.
+    pub fn log_done(&mut self, seq: u64) -> Result<()> {
+        let Some(record) = self.log_record(seq)? else {
+            return Ok(());
+        };
+        self.remove_log(seq)?;
+        let fid = record.op.primary();
+        if let Some(mut obj) = self.get(fid)? {
+            obj.log.ops.retain(|s| *s != seq);
+            clear_slots(&mut obj.log, seq);
+            self.put_or_forget(fid, obj)?;
+        }
+        for other in record.op.others() {
+            self.release(other)?;
+        }
+        Ok(())
+    }
+
+    /// Replaces the operation of record `seq` in place (same position in
+    /// the log), moving references as needed.
+    pub fn log_rewrite(&mut self, seq: u64, op: LogOp) -> Result<()> {
+        let Some(mut record) = self.log_record(seq)? else {
+            return Err(CacheError::corrupt(format!("log record {seq} vanished")));
+        };
+        let old = std::mem::replace(&mut record.op, op);
+        self.put_log(seq, &encode(&record)?)?;
+        // Take the new references before dropping the old ones, so that an
+        // object named by both is never forgotten in between.
+        for other in record.op.others() {
+            self.obj_mut(other, |o| o.log.other += 1)?;
+        }
+        let (old_fid, new_fid) = (old.primary(), record.op.primary());
+        let new_op = record.op.clone();
+        self.obj_mut(new_fid, |o| {
+            if old_fid != new_fid {
+                o.log.ops.push(seq);
+            }
+            clear_slots(&mut o.log, seq);
+            set_slot(&mut o.log, &new_op, seq);
+        })?;
+        for other in old.others() {
+            self.release(other)?;
+        }
+        if old_fid != new_fid
+            && let Some(mut obj) = self.get(old_fid)?
+        {
+            obj.log.ops.retain(|s| *s != seq);
+            clear_slots(&mut obj.log, seq);
+            self.put_or_forget(old_fid, obj)?;
+        }
+        Ok(())
+    }
+
+    /// Removing an object the origin never had: its whole history goes,
+    /// except that a rename of it over an origin object must still remove
+    /// that object at the origin.
+    fn cancel_history(&mut self, fid: FileId) -> Result<()> {
+        let ops = self.object(fid)?.log.ops.clone();
+        for seq in ops {
+            let Some(record) = self.log_record(seq)? else {
+                continue;
+            };
+            if let LogOp::Rename {
+                to_parent,
+                to_name,
+                replaced: Some(victim),
+                ..
+            } = &record.op
+            {
+                let victim_at_origin = self.get(*victim)?.is_some_and(|v| v.origin.is_some());
+                if victim_at_origin {
+                    self.log_rewrite(
+                        seq,
+                        LogOp::Remove {
+                            parent: *to_parent,
+                            name: to_name.clone(),
+                            fid: *victim,
+                        },
+                    )?;
+                    continue;
+                }
+            }
+            self.log_done(seq)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::object::{Attrs, OriginRef, ROOT_FILEID};
+
+    fn obj(kind: Kind, origin: Option<u64>) -> Object {
+        Object {
+            kind,
+            attrs: Attrs {
+                size: 0,
+                mode: 0o644,
+                uid: 0,
+                gid: 0,
+                nlink: 1,
+                atime: 0,
+                mtime: 0,
+                ctime: 0,
+            },
+            origin: origin.map(|id| OriginRef { id, version: 1 }),
+            parent: ROOT_FILEID,
+            name: String::new(),
+            target: None,
+            listed: true,
+            origin_extent: 0,
+            pinned: false,
+            removed: false,
+            log: LogRefs::default(),
+            data_gen: 0,
+            verifier: None,
+        }
+    }
+
+    fn setup() -> (tempfile::TempDir, Cache) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cache = Cache::open(dir.path(), 1 << 30).expect("open");
+        let mut tx = cache.write().expect("write");
+        tx.put(ROOT_FILEID, &obj(Kind::Dir, Some(1))).expect("root");
+        tx.commit(false).expect("commit");
+        (dir, cache)
+    }
+
+    fn ops(tx: &WriteTxn<'_>) -> Vec<LogOp> {
+        tx.log_records(0, 1000)
+            .expect("records")
+            .into_iter()
+            .map(|(_, b)| decode(&b).expect("decode").op)
+            .collect()
+    }
+
+    /// Creates a local file `name` in the root, logged.
+    fn local_file(tx: &mut WriteTxn<'_>, name: &str) -> FileId {
+        let fid = tx
+            .create(ROOT_FILEID, name, &obj(Kind::File, None))
+            .expect("create");
+        tx.log(
+            LogOp::Create {
+                parent: ROOT_FILEID,
+                name: name.into(),
+                fid,
+                kind: Kind::File,
+            },
+            0,
+        )
+        .expect("log");
+        fid
+    }
+
+    fn remove(tx: &mut WriteTxn<'_>, name: &str) -> Option<u64> {
+        let fid = tx
+            .lookup(ROOT_FILEID, name)
+            .expect("lookup")
+            .expect("exists");
+        tx.unlink(ROOT_FILEID, name).expect("unlink");
+        let mut o = tx.object(fid).expect("obj");
+        o.removed = true;
+        tx.put(fid, &o).expect("put");
+        tx.log(
+            LogOp::Remove {
+                parent: ROOT_FILEID,
+                name: name.into(),
+                fid,
+            },
+            0,
+        )
+        .expect("log")
+    }
+
+    #[test]
+    fn many_writes_travel_as_one_store() {
+        let (_d, cache) = setup();
+        let mut tx = cache.write().expect("write");
+        let fid = local_file(&mut tx, "f");
+        let a = tx.log(LogOp::Store { fid }, 0).expect("log");
+        let b = tx.log(LogOp::Store { fid }, 0).expect("log");
+        assert_eq!(a, b);
+        let set = |mode| SetAttrs {
+            mode: Some(mode),
+            ..Default::default()
+        };
+        tx.log(
+            LogOp::SetAttr {
+                fid,
+                set: set(0o600),
+            },
+            0,
+        )
+        .expect("log");
+        tx.log(
+            LogOp::SetAttr {
+                fid,
+                set: set(0o640),
+            },
+            0,
+        )
+        .expect("log");
+        // A truncation rides on the pending store.
+        let trunc = SetAttrs {
+            size: Some(0),
+            ..Default::default()
+        };
+        tx.log(LogOp::SetAttr { fid, set: trunc }, 0).expect("log");
+        let got = ops(&tx);
+        assert_eq!(got.len(), 3, "{got:?}");
+        assert_eq!(
+            got[2],
+            LogOp::SetAttr {
+                fid,
+                set: set(0o640)
+            }
+        );
+    }
+
+    #[test]
+    fn a_store_absorbs_an_earlier_truncation() {
+        let (_d, cache) = setup();
+        let mut tx = cache.write().expect("write");
+        let fid = local_file(&mut tx, "f");
+        let trunc = SetAttrs {
+            size: Some(0),
+            mode: Some(0o600),
+            ..Default::default()
+        };
+        tx.log(LogOp::SetAttr { fid, set: trunc }, 0).expect("log");
+        tx.log(LogOp::Store { fid }, 0).expect("log");
+        let got = ops(&tx);
+        assert_eq!(got.len(), 3, "{got:?}");
+        let mode_only = SetAttrs {
+            mode: Some(0o600),
+            ..Default::default()
+        };
+        assert_eq!(
+            got[1],
+            LogOp::SetAttr {
+                fid,
+                set: mode_only
+            }
+        );
+    }
+
+    #[test]
+    fn removing_a_file_the_origin_never_saw_cancels_its_history() {
+        let (_d, cache) = setup();
+        let mut tx = cache.write().expect("write");
+        let fid = local_file(&mut tx, "tmp");
+        tx.log(LogOp::Store { fid }, 0).expect("log");
+        assert_eq!(remove(&mut tx, "tmp"), None);
+        assert!(ops(&tx).is_empty());
+        assert!(tx.get(fid).expect("get").is_none(), "cancelled object kept");
+        assert_eq!(
+            tx.object(ROOT_FILEID).expect("root").log,
+            LogRefs::default()
+        );
+    }
+
+    #[test]
+    fn a_shipped_create_is_never_cancelled() {
+        let (_d, cache) = setup();
+        let mut tx = cache.write().expect("write");
+        let fid = local_file(&mut tx, "f");
+        let create = tx.object(fid).expect("obj").log.create.expect("create");
+        cache.freeze_log([create]);
+        let removal = remove(&mut tx, "f");
+        assert!(removal.is_some());
+        assert_eq!(ops(&tx).len(), 2);
+        assert!(
+            tx.object(fid).expect("obj").removed,
+            "object must stay until the remove ships"
+        );
+        tx.log_done(create).expect("done");
+        tx.log_done(removal.expect("seq")).expect("done");
+        assert!(
+            tx.get(fid).expect("get").is_none(),
+            "object outlived its records"
+        );
+    }
+
+    #[test]
+    fn renaming_a_new_file_renames_its_create() {
+        let (_d, cache) = setup();
+        let mut tx = cache.write().expect("write");
+        let dir = tx
+            .create(ROOT_FILEID, "d", &obj(Kind::Dir, Some(5)))
+            .expect("dir");
+        let fid = local_file(&mut tx, "tmp");
+        tx.log(
+            LogOp::Rename {
+                from_parent: ROOT_FILEID,
+                from_name: "tmp".into(),
+                fid,
+                to_parent: dir,
+                to_name: "final".into(),
+                replaced: None,
+            },
+            0,
+        )
+        .expect("log");
+        assert_eq!(
+            ops(&tx),
+            vec![LogOp::Create {
+                parent: dir,
+                name: "final".into(),
+                fid,
+                kind: Kind::File
+            }]
+        );
+        assert_eq!(tx.object(dir).expect("dir").log.other, 1);
+        assert_eq!(tx.object(ROOT_FILEID).expect("root").log.other, 0);
+    }
+
+    #[test]
+    fn cancelled_rename_over_an_origin_file_still_removes_it() {
+        let (_d, cache) = setup();
+        let mut tx = cache.write().expect("write");
+        let victim = tx
+            .create(ROOT_FILEID, "file", &obj(Kind::File, Some(9)))
+            .expect("victim");
+        let fid = local_file(&mut tx, "tmp");
+        tx.unlink(ROOT_FILEID, "tmp").expect("unlink");
+        tx.link(ROOT_FILEID, "file", fid).expect("link");
+        let mut v = tx.object(victim).expect("victim");
+        v.removed = true;
+        tx.put(victim, &v).expect("put");
+        tx.log(
+            LogOp::Rename {
+                from_parent: ROOT_FILEID,
+                from_name: "tmp".into(),
+                fid,
+                to_parent: ROOT_FILEID,
+                to_name: "file".into(),
+                replaced: Some(victim),
+            },
+            0,
+        )
+        .expect("log");
+        assert_eq!(remove(&mut tx, "file"), None);
+        assert_eq!(
+            ops(&tx),
+            vec![LogOp::Remove {
+                parent: ROOT_FILEID,
+                name: "file".into(),
+                fid: victim
+            }]
+        );
+    }
+}

@@ -1,0 +1,1076 @@
+//! Conflicts: what happens when the origin refuses a logged change because
+//! its state is not what the change assumed, and how the configured policy
+//! settles it without losing anything.
+//!
+//! | case | keep-both (default) | gateway-wins | origin-wins | manual |
+//! |---|---|---|---|---|
+//! | update/update | ours becomes `NAME.conflict-GW-TIME`, theirs keeps the name | ours replaces theirs | theirs stays, ours saved in the conflicts area | held |
+//! | update/remove (we changed, they removed) | ours is created again | same | ours saved, the file goes | held |
+//! | remove/update (we removed, they changed) | theirs comes back | removed anyway | theirs comes back | held |
+//! | create/create of a name | ours gets the conflict name | ours replaces theirs (files) | theirs stays, ours saved | held |
+//! | directory created on both sides | merged into one | merged | merged | merged |
+//! | parent removed at the origin | parent created again | same | ours saved | held |
+//! | rename/rename | the origin's name stays | the origin's name stays | the origin's name stays | held |
+//! | rename onto a taken name | ours gets the conflict name | ours replaces theirs | ours stays where it was | held |
+//!
+//! The *conflicts area* is the directory `conflicts/` beside the cache
+//! database; saved copies are named `ID-NAME`. Every conflict is logged and
+//! recorded; `imz conflicts list` shows them and `imz conflicts resolve`
+//! settles a held one.
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+
+use imz_cache::{Cache, FileId, Kind, LogOp, LogRecord, Object, OriginRef};
+use imz_origin::wire::{self, ConflictReason, OpResult};
+use serde::{Deserialize, Serialize};
+
+use crate::coherence::{self, Source};
+use crate::vfs::write::{NewNode, now_nanos};
+use crate::vfs::{Vfs, VfsError};
+
+/// How conflicts are settled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum ConflictPolicy {
+    /// Both versions kept: the gateway's beside the origin's, renamed.
+    KeepBoth,
+    /// The gateway's version replaces the origin's.
+    GatewayWins,
+    /// The origin's version stays; the gateway's is saved in the conflicts area.
+    OriginWins,
+    /// Held until a person resolves it (`imz conflicts resolve`).
+    Manual,
+}
+
+impl std::fmt::Display for ConflictPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::KeepBoth => "keep-both",
+            Self::GatewayWins => "gateway-wins",
+            Self::OriginWins => "origin-wins",
+            Self::Manual => "manual",
+        })
+    }
+}
+
+/// A conflict as recorded in the cache and shown by `imz conflicts list`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConflictEntry {
+    pub id: u64,
+    /// When it was met (nanoseconds since the epoch).
+    pub time: i64,
+    /// Path of the object at the gateway, from the export root.
+    pub path: String,
+    /// e.g. `update/update`.
+    pub case: String,
+    pub policy: ConflictPolicy,
+    /// What was done, in words.
+    pub outcome: String,
+    /// Where the gateway's version was saved, if it was.
+    pub saved_copy: Option<String>,
+    /// Held for a person: the object whose records wait.
+    pub held: Option<FileId>,
+    /// A person's decision for a held conflict, applied on the next round.
+    pub decision: Option<ConflictPolicy>,
+}
+
+fn decode(bytes: &[u8]) -> Result<ConflictEntry, VfsError> {
+    serde_json::from_slice(bytes).map_err(|e| VfsError::Io(format!("conflict record: {e}")))
+}
+
+/// Every recorded conflict.
+pub fn list(cache: &Cache) -> Result<Vec<ConflictEntry>, VfsError> {
+    cache
+        .read()?
+        .conflicts()?
+        .iter()
+        .map(|(_, b)| decode(b))
+        .collect()
+}
+
+/// Objects whose log records are held for a person.
+pub fn held_objects(cache: &Cache) -> Result<HashSet<FileId>, VfsError> {
+    Ok(list(cache)?
+        .into_iter()
+        .filter(|c| c.decision.is_none())
+        .filter_map(|c| c.held)
+        .collect())
+}
+
+/// A person decides a held conflict: `path` (or conflict id) gets `keep`.
+pub async fn decide(
+    vfs: &Vfs,
+    which: &str,
+    keep: ConflictPolicy,
+) -> Result<ConflictEntry, VfsError> {
+    let entries = list(&vfs.cache)?;
+    let entry = entries
+        .into_iter()
+        .find(|c| {
+            c.held.is_some()
+                && c.decision.is_none()
+                && (c.path == which || c.id.to_string() == which)
+        })
+        .ok_or(VfsError::NotFound)?;
+    let mut updated = entry.clone();
+    updated.decision = Some(keep);
+    let bytes = serde_json::to_vec(&updated).map_err(|e| VfsError::Io(e.to_string()))?;
+    let id = updated.id;
+    vfs.writer
+        .run(0, move |tx| {
+            tx.put_conflict(id, &bytes)?;
+            Ok(())
+        })
+        .await?;
+    vfs.log_changed.notify_one();
+    Ok(updated)
+}
+
+/// The path of `fid` from the export root.
+pub fn path_of(vfs: &Vfs, fid: FileId) -> String {
+    let Ok(rx) = vfs.cache.read() else {
+        return format!("#{fid}");
+    };
+    let mut parts = Vec::new();
+    let mut cur = fid;
+    for _ in 0..1024 {
+        if cur == imz_cache::ROOT_FILEID {
+            break;
+        }
+        match rx.get(cur) {
+            Ok(Some(o)) => {
+                parts.push(o.name.clone());
+                cur = o.parent;
+            }
+            _ => break,
+        }
+    }
+    parts.reverse();
+    format!("/{}", parts.join("/"))
+}
+
+/// `NAME.conflict-GW-YYYYMMDDTHHMMSS` (GW: the first 8 characters of the
+/// gateway id), short enough to stay a valid name.
+pub fn conflict_name(name: &str, gateway_id: &str, time: i64) -> String {
+    let secs = time / 1_000_000_000;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    let (y, m, d) = civil_from_days(days);
+    let suffix = format!(
+        ".conflict-{}-{y:04}{m:02}{d:02}T{:02}{:02}{:02}",
+        &gateway_id[..gateway_id.len().min(8)],
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    );
+    let keep = wire::MAX_NAME_LEN - suffix.len();
+    let mut base = name.to_owned();
+    while base.len() > keep {
+        base.pop();
+    }
+    format!("{base}{suffix}")
+}
+
+/// Days since 1970-01-01 to (year, month, day) (Howard Hinnant's algorithm).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+/// Settles the origin's refusal `result` of log record `seq`.
+pub async fn settle(
+    vfs: &Vfs,
+    gateway_id: &str,
+    policy: ConflictPolicy,
+    seq: u64,
+    record: &LogRecord,
+    result: &OpResult,
+) -> Result<(), VfsError> {
+    let fid = record.op.primary();
+    // A person's decision for this object overrides the policy, once.
+    let decided = list(&vfs.cache)?
+        .into_iter()
+        .find(|c| c.held == Some(fid) && c.decision.is_some());
+    let policy = decided.as_ref().and_then(|c| c.decision).unwrap_or(policy);
+    let path = path_of(vfs, fid);
+    let (reason, current) = match result {
+        OpResult::Conflict(c) => (Some(c.reason), c.current.clone()),
+        OpResult::Rejected { error } => {
+            tracing::error!(%path, seq, %error, "origin rejected a logged change; holding it for a person");
+            record_conflict(
+                vfs,
+                &path,
+                "rejected",
+                policy,
+                &format!("origin rejected it: {error}"),
+                None,
+                Some(fid),
+                decided.as_ref(),
+            )
+            .await?;
+            return Ok(());
+        }
+        _ => return Ok(()),
+    };
+    let case = case_name(&record.op, reason);
+    tracing::warn!(%path, case, %policy, "conflict");
+
+    if policy == ConflictPolicy::Manual {
+        record_conflict(
+            vfs,
+            &path,
+            case,
+            policy,
+            "held until resolved",
+            None,
+            Some(fid),
+            decided.as_ref(),
+        )
+        .await?;
+        return Ok(());
+    }
+    let outcome = match (&record.op, reason) {
+        // Already as we wanted it, or nothing left to do.
+        (
+            LogOp::Remove { .. },
+            Some(
+                ConflictReason::Removed
+                | ConflictReason::NameMismatch
+                | ConflictReason::ParentMissing,
+            ),
+        ) => {
+            finish(vfs, seq, record, None).await?;
+            "already gone at the origin".to_owned()
+        }
+        (LogOp::Store { .. } | LogOp::SetAttr { .. }, Some(ConflictReason::VersionMismatch)) => {
+            match policy {
+                ConflictPolicy::GatewayWins => {
+                    rebase(vfs, fid, current.as_ref()).await?;
+                    "ours replaces theirs".to_owned()
+                }
+                ConflictPolicy::KeepBoth => {
+                    let copy = copy_beside(vfs, fid, gateway_id).await?;
+                    take_theirs(vfs, fid, current.as_ref()).await?;
+                    format!("ours kept as {copy}, theirs keeps the name")
+                }
+                _ => {
+                    let saved = save_copy(vfs, fid).await?;
+                    take_theirs(vfs, fid, current.as_ref()).await?;
+                    record_conflict(
+                        vfs,
+                        &path,
+                        case,
+                        policy,
+                        "theirs stays; ours saved",
+                        saved,
+                        None,
+                        decided.as_ref(),
+                    )
+                    .await?;
+                    return Ok(());
+                }
+            }
+        }
+        (
+            LogOp::Store { .. } | LogOp::SetAttr { .. } | LogOp::Rename { .. },
+            Some(ConflictReason::Removed),
+        ) => match policy {
+            ConflictPolicy::OriginWins => {
+                let saved = save_copy(vfs, fid).await?;
+                drop_object(vfs, fid).await?;
+                record_conflict(
+                    vfs,
+                    &path,
+                    case,
+                    policy,
+                    "removed as at the origin; ours saved",
+                    saved,
+                    None,
+                    decided.as_ref(),
+                )
+                .await?;
+                return Ok(());
+            }
+            _ => {
+                recreate(vfs, seq, fid).await?;
+                "ours created again".to_owned()
+            }
+        },
+        (
+            LogOp::Remove { parent, name, .. },
+            Some(ConflictReason::VersionMismatch | ConflictReason::NotEmpty),
+        ) => {
+            if policy == ConflictPolicy::GatewayWins
+                && reason == Some(ConflictReason::VersionMismatch)
+            {
+                rebase(vfs, fid, current.as_ref()).await?;
+                "removed anyway".to_owned()
+            } else {
+                finish(vfs, seq, record, None).await?;
+                restore_entry(vfs, *parent, name, current.as_ref()).await?;
+                "theirs comes back".to_owned()
+            }
+        }
+        (
+            LogOp::Create {
+                parent, name, kind, ..
+            },
+            Some(ConflictReason::NameExists),
+        ) => {
+            let theirs = current
+                .as_ref()
+                .ok_or_else(|| VfsError::Io("name conflict without the origin's object".into()))?;
+            if *kind == Kind::Dir && theirs.kind == wire::Kind::Dir {
+                adopt(vfs, seq, fid, theirs, true).await?;
+                "directories merged".to_owned()
+            } else if policy == ConflictPolicy::GatewayWins
+                && *kind == Kind::File
+                && theirs.kind == wire::Kind::File
+            {
+                adopt(vfs, seq, fid, theirs, false).await?;
+                "ours replaces theirs".to_owned()
+            } else if policy == ConflictPolicy::OriginWins && *kind != Kind::Dir {
+                let saved = save_copy(vfs, fid).await?;
+                vfs.remove(*parent, name).await?;
+                restore_entry(vfs, *parent, name, Some(theirs)).await?;
+                record_conflict(
+                    vfs,
+                    &path,
+                    case,
+                    policy,
+                    "theirs stays; ours saved",
+                    saved,
+                    None,
+                    decided.as_ref(),
+                )
+                .await?;
+                return Ok(());
+            } else {
+                let new_name = conflict_name(name, gateway_id, now_nanos());
+                rename_pending(vfs, seq, fid, *parent, name, &new_name).await?;
+                restore_entry(vfs, *parent, name, Some(theirs)).await?;
+                format!("ours renamed to {new_name}")
+            }
+        }
+        (
+            LogOp::Create { parent, .. }
+            | LogOp::Rename {
+                to_parent: parent, ..
+            },
+            Some(ConflictReason::ParentMissing),
+        ) => {
+            if policy == ConflictPolicy::OriginWins {
+                let saved = save_copy(vfs, fid).await?;
+                drop_object(vfs, fid).await?;
+                record_conflict(
+                    vfs,
+                    &path,
+                    case,
+                    policy,
+                    "parent gone at the origin; ours saved",
+                    saved,
+                    None,
+                    decided.as_ref(),
+                )
+                .await?;
+                return Ok(());
+            }
+            recreate_dir_chain(vfs, gateway_id, *parent).await?;
+            "parent directory created again".to_owned()
+        }
+        (
+            LogOp::Rename {
+                from_parent,
+                from_name,
+                to_parent,
+                to_name,
+                ..
+            },
+            Some(ConflictReason::NameExists),
+        ) => {
+            let theirs = current
+                .as_ref()
+                .ok_or_else(|| VfsError::Io("name conflict without the origin's object".into()))?;
+            match policy {
+                ConflictPolicy::GatewayWins => {
+                    replace_at_rename(vfs, seq, record, theirs).await?;
+                    "ours replaces theirs".to_owned()
+                }
+                ConflictPolicy::OriginWins => {
+                    finish(vfs, seq, record, None).await?;
+                    move_back(
+                        vfs,
+                        fid,
+                        *from_parent,
+                        from_name,
+                        *to_parent,
+                        to_name,
+                        gateway_id,
+                    )
+                    .await?;
+                    restore_entry(vfs, *to_parent, to_name, Some(theirs)).await?;
+                    "ours stays where it was".to_owned()
+                }
+                _ => {
+                    let new_name = conflict_name(to_name, gateway_id, now_nanos());
+                    rename_pending(vfs, seq, fid, *to_parent, to_name, &new_name).await?;
+                    restore_entry(vfs, *to_parent, to_name, Some(theirs)).await?;
+                    format!("ours renamed to {new_name}")
+                }
+            }
+        }
+        (LogOp::Rename { .. }, Some(ConflictReason::VersionMismatch)) => {
+            // The content changed at the origin; a move does not care.
+            rebase(vfs, fid, current.as_ref()).await?;
+            "moved as well".to_owned()
+        }
+        (
+            LogOp::Rename {
+                from_parent,
+                to_parent,
+                ..
+            },
+            _,
+        ) => {
+            // Renamed differently at the origin: its name there stays.
+            finish(vfs, seq, record, None).await?;
+            forget_location(vfs, fid, &[*from_parent, *to_parent]).await?;
+            "the origin's name stays".to_owned()
+        }
+        (op, reason) => {
+            tracing::error!(
+                ?op,
+                ?reason,
+                "conflict of a kind nothing settles; holding it"
+            );
+            record_conflict(
+                vfs,
+                &path,
+                case,
+                ConflictPolicy::Manual,
+                "held: no automatic resolution",
+                None,
+                Some(fid),
+                decided.as_ref(),
+            )
+            .await?;
+            return Ok(());
+        }
+    };
+    record_conflict(
+        vfs,
+        &path,
+        case,
+        policy,
+        &outcome,
+        None,
+        None,
+        decided.as_ref(),
+    )
+    .await
+}
+
+fn case_name(op: &LogOp, reason: Option<ConflictReason>) -> &'static str {
+    use ConflictReason::*;
+    match (op, reason) {
+        (LogOp::Store { .. } | LogOp::SetAttr { .. }, Some(VersionMismatch)) => "update/update",
+        (LogOp::Store { .. } | LogOp::SetAttr { .. }, Some(Removed)) => "update/remove",
+        (LogOp::Remove { .. }, Some(VersionMismatch)) => "remove/update",
+        (LogOp::Remove { .. }, Some(NotEmpty)) => "remove/create",
+        (LogOp::Remove { .. }, _) => "remove/remove",
+        (LogOp::Create { .. }, Some(NameExists)) => "create/create",
+        (LogOp::Create { .. } | LogOp::Rename { .. }, Some(ParentMissing)) => {
+            "create/remove-parent"
+        }
+        (LogOp::Rename { .. }, Some(NameExists)) => "rename/create",
+        (LogOp::Rename { .. }, Some(Removed)) => "rename/remove",
+        (LogOp::Rename { .. }, _) => "rename/rename",
+        _ => "other",
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn record_conflict(
+    vfs: &Vfs,
+    path: &str,
+    case: &str,
+    policy: ConflictPolicy,
+    outcome: &str,
+    saved_copy: Option<String>,
+    held: Option<FileId>,
+    decided: Option<&ConflictEntry>,
+) -> Result<(), VfsError> {
+    let mut entry = ConflictEntry {
+        id: 0,
+        time: now_nanos(),
+        path: path.to_owned(),
+        case: case.to_owned(),
+        policy,
+        outcome: outcome.to_owned(),
+        saved_copy,
+        held,
+        decision: None,
+    };
+    let replaces = decided.map(|d| d.id);
+    tracing::warn!(path, case, %policy, outcome, "conflict settled");
+    vfs.writer
+        .run(0, move |tx| {
+            if let Some(old) = replaces {
+                tx.remove_conflict(old)?;
+            }
+            entry.id = tx.alloc_id()?;
+            let bytes = serde_json::to_vec(&entry).map_err(|e| VfsError::Io(e.to_string()))?;
+            tx.put_conflict(entry.id, &bytes)?;
+            Ok(())
+        })
+        .await
+}
+
+/// The record is settled: it is done, as is (optionally) `also`.
+async fn finish(
+    vfs: &Vfs,
+    seq: u64,
+    _record: &LogRecord,
+    also: Option<u64>,
+) -> Result<(), VfsError> {
+    vfs.writer
+        .run(0, move |tx| {
+            tx.log_done(seq)?;
+            if let Some(s) = also {
+                tx.log_done(s)?;
+            }
+            Ok(())
+        })
+        .await
+}
+
+/// Our change wins: base it on the origin's current version and send it again.
+async fn rebase(vfs: &Vfs, fid: FileId, current: Option<&wire::Attr>) -> Result<(), VfsError> {
+    let current = current
+        .cloned()
+        .ok_or_else(|| VfsError::Io("conflict without the origin's version".into()))?;
+    vfs.writer
+        .run(0, move |tx| {
+            let mut obj = tx.object(fid)?;
+            if obj.log.store.is_none() && obj.kind == Kind::File {
+                // Our chunks were of the old version and we have no content
+                // change to ship: they must not pass for the new one.
+                tx.drop_data(fid)?;
+                obj.origin_extent = current.size;
+                obj.attrs.size = current.size;
+            }
+            obj.origin = Some(OriginRef {
+                id: current.id,
+                version: current.version,
+            });
+            tx.put(fid, &obj)?;
+            Ok(())
+        })
+        .await?;
+    vfs.log_changed.notify_one();
+    Ok(())
+}
+
+/// Theirs wins for `fid`: our content and attribute changes go, the origin's
+/// current state comes in (a pending move or removal of it stays).
+async fn take_theirs(vfs: &Vfs, fid: FileId, current: Option<&wire::Attr>) -> Result<(), VfsError> {
+    let current = current.cloned();
+    vfs.writer
+        .run(0, move |tx| {
+            let obj = tx.object(fid)?;
+            for seq in [obj.log.store, obj.log.setattr].into_iter().flatten() {
+                tx.log_done(seq)?;
+            }
+            let Some(attr) = current else { return Ok(()) };
+            let mut obj = tx.object(fid)?;
+            obj.origin = Some(OriginRef {
+                id: attr.id,
+                version: attr.version,
+            });
+            obj.attrs = coherence::attrs_from(&attr);
+            obj.target = attr.target.clone();
+            tx.drop_data(fid)?;
+            obj.origin_extent = attr.size;
+            tx.put(fid, &obj)?;
+            Ok(())
+        })
+        .await
+}
+
+/// Copies file `fid`'s content (as the cache has it now) to a new file
+/// beside it named as a conflict copy; returns the new name.
+async fn copy_beside(vfs: &Vfs, fid: FileId, gateway_id: &str) -> Result<String, VfsError> {
+    let obj = vfs.getattr(fid)?;
+    let name = conflict_name(&obj.name, gateway_id, now_nanos());
+    let (copy, _) = vfs
+        .create(
+            obj.parent,
+            &name,
+            NewNode::File { exclusive: None },
+            imz_cache::SetAttrs::default(),
+        )
+        .await?;
+    copy_content(vfs, fid, obj.attrs.size, |offset, bytes| {
+        vfs.write(copy, offset, bytes)
+    })
+    .await?;
+    let set = imz_cache::SetAttrs {
+        mode: Some(obj.attrs.mode),
+        mtime: Some(obj.attrs.mtime),
+        ..Default::default()
+    };
+    vfs.setattr(copy, set).await?;
+    Ok(name)
+}
+
+async fn copy_content<F, Fut>(
+    vfs: &Vfs,
+    fid: FileId,
+    size: u64,
+    mut sink: F,
+) -> Result<(), VfsError>
+where
+    F: FnMut(u64, Vec<u8>) -> Fut,
+    Fut: std::future::Future<Output = Result<Object, VfsError>>,
+{
+    let mut offset = 0;
+    while offset < size {
+        let (bytes, _) = vfs.read(fid, offset, 1 << 20).await?;
+        if bytes.is_empty() {
+            break;
+        }
+        let n = bytes.len() as u64;
+        sink(offset, bytes).await?;
+        offset += n;
+    }
+    Ok(())
+}
+
+/// Saves our version of `fid` in the conflicts area; returns its path.
+async fn save_copy(vfs: &Vfs, fid: FileId) -> Result<Option<String>, VfsError> {
+    let obj = vfs.getattr(fid)?;
+    let dir = conflicts_dir(&vfs.cache);
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| VfsError::Io(format!("creating {}: {e}", dir.display())))?;
+    let path = dir.join(format!("{}-{}", now_nanos(), obj.name));
+    match obj.kind {
+        Kind::File => {
+            let mut out = Vec::new();
+            copy_content(vfs, fid, obj.attrs.size, |_, bytes| {
+                out.extend_from_slice(&bytes);
+                std::future::ready(Ok(obj.clone()))
+            })
+            .await?;
+            std::fs::write(&path, out)
+                .map_err(|e| VfsError::Io(format!("saving {}: {e}", path.display())))?;
+        }
+        Kind::Symlink => {
+            std::fs::write(&path, obj.target.clone().unwrap_or_default())
+                .map_err(|e| VfsError::Io(format!("saving {}: {e}", path.display())))?;
+        }
+        Kind::Dir => return Ok(None),
+    }
+    Ok(Some(path.display().to_string()))
+}
+
+/// Directory where origin-wins keeps the gateway's versions.
+pub fn conflicts_dir(cache: &Cache) -> PathBuf {
+    cache
+        .path()
+        .parent()
+        .map(|p| p.join("conflicts"))
+        .unwrap_or_else(|| PathBuf::from("conflicts"))
+}
+
+/// The object goes locally with everything logged about it.
+async fn drop_object(vfs: &Vfs, fid: FileId) -> Result<(), VfsError> {
+    vfs.writer
+        .run(0, move |tx| {
+            let obj = tx.object(fid)?;
+            for seq in obj.log.ops.clone() {
+                tx.log_done(seq)?;
+            }
+            let obj = tx.object(fid)?;
+            if tx.lookup(obj.parent, &obj.name)? == Some(fid) {
+                tx.unlink(obj.parent, &obj.name)?;
+            }
+            tx.remove_tree(fid)?;
+            Ok(())
+        })
+        .await
+}
+
+/// The origin lost the object we changed: create it again from our copy.
+/// The conflicting record becomes its create; its content follows.
+async fn recreate(vfs: &Vfs, seq: u64, fid: FileId) -> Result<(), VfsError> {
+    vfs.writer
+        .run(0, move |tx| {
+            let mut obj = tx.object(fid)?;
+            obj.origin = None;
+            obj.origin_extent = 0;
+            tx.put(fid, &obj)?;
+            tx.log_rewrite(
+                seq,
+                LogOp::Create {
+                    parent: obj.parent,
+                    name: obj.name.clone(),
+                    fid,
+                    kind: obj.kind,
+                },
+            )?;
+            if obj.kind == Kind::File {
+                tx.log(LogOp::Store { fid }, now_nanos())?;
+            }
+            Ok(())
+        })
+        .await?;
+    vfs.log_changed.notify_one();
+    Ok(())
+}
+
+/// Our pending create (or rename) of `fid` at `dir/name` goes to `new_name`.
+async fn rename_pending(
+    vfs: &Vfs,
+    seq: u64,
+    fid: FileId,
+    dir: FileId,
+    name: &str,
+    new_name: &str,
+) -> Result<(), VfsError> {
+    let (name, new_name) = (name.to_owned(), new_name.to_owned());
+    vfs.writer
+        .run(0, move |tx| {
+            let record = tx
+                .log_record(seq)?
+                .ok_or_else(|| VfsError::Io("conflicting record vanished".into()))?;
+            let rewritten = match record.op {
+                LogOp::Create {
+                    parent, fid, kind, ..
+                } => LogOp::Create {
+                    parent,
+                    name: new_name.clone(),
+                    fid,
+                    kind,
+                },
+                LogOp::Rename {
+                    from_parent,
+                    from_name,
+                    fid,
+                    to_parent,
+                    replaced,
+                    ..
+                } => LogOp::Rename {
+                    from_parent,
+                    from_name,
+                    fid,
+                    to_parent,
+                    to_name: new_name.clone(),
+                    replaced,
+                },
+                other => other,
+            };
+            tx.log_rewrite(seq, rewritten)?;
+            if tx.lookup(dir, &name)? == Some(fid) {
+                tx.unlink(dir, &name)?;
+            }
+            tx.link(dir, &new_name, fid)?;
+            let mut obj = tx.object(fid)?;
+            obj.name = new_name;
+            tx.put(fid, &obj)?;
+            Ok(())
+        })
+        .await?;
+    vfs.log_changed.notify_one();
+    Ok(())
+}
+
+/// Puts the origin's object `theirs` at `dir/name` in the cache (or, not
+/// knowing it, makes the directory list itself again).
+async fn restore_entry(
+    vfs: &Vfs,
+    dir: FileId,
+    name: &str,
+    theirs: Option<&wire::Attr>,
+) -> Result<(), VfsError> {
+    let name = name.to_owned();
+    let theirs = theirs.cloned();
+    vfs.writer
+        .run(0, move |tx| {
+            let Some(mut dir_obj) = tx.get(dir)? else {
+                return Ok(());
+            };
+            if let Some(attr) = theirs
+                && tx.lookup(dir, &name)?.is_none()
+            {
+                if let Some(existing) = tx.get(attr.id)? {
+                    // Known already (e.g. kept for the log): bring it back.
+                    let mut obj = existing;
+                    obj.removed = false;
+                    obj.parent = dir;
+                    obj.name = name.clone();
+                    tx.put(attr.id, &obj)?;
+                    tx.link(dir, &name, attr.id)?;
+                    coherence::refresh(tx, attr.id, &mut obj, &attr, Source::Fetch)?;
+                    tx.put(attr.id, &obj)?;
+                } else {
+                    coherence::upsert_entry(tx, dir, &name, &attr, Source::Fetch)?;
+                }
+            }
+            dir_obj.listed = false;
+            tx.put(dir, &dir_obj)?;
+            Ok(())
+        })
+        .await
+}
+
+/// Our object `fid` takes over the origin's object `theirs` at its name:
+/// a directory merges, a file's create becomes an upload over theirs.
+async fn adopt(
+    vfs: &Vfs,
+    seq: u64,
+    fid: FileId,
+    theirs: &wire::Attr,
+    is_dir: bool,
+) -> Result<(), VfsError> {
+    let theirs = theirs.clone();
+    vfs.writer
+        .run(0, move |tx| {
+            let mut obj = tx.object(fid)?;
+            obj.origin = Some(OriginRef {
+                id: theirs.id,
+                version: theirs.version,
+            });
+            if is_dir {
+                obj.listed = false;
+                tx.put(fid, &obj)?;
+                tx.log_done(seq)?;
+            } else {
+                obj.origin_extent = 0;
+                tx.put(fid, &obj)?;
+                if obj.log.store.is_some() {
+                    tx.log_done(seq)?;
+                } else {
+                    tx.log_rewrite(seq, LogOp::Store { fid })?;
+                }
+            }
+            Ok(())
+        })
+        .await?;
+    vfs.log_changed.notify_one();
+    Ok(())
+}
+
+/// Gateway-wins for a rename onto a name the origin has taken: the rename
+/// replaces the origin's object there.
+async fn replace_at_rename(
+    vfs: &Vfs,
+    seq: u64,
+    record: &LogRecord,
+    theirs: &wire::Attr,
+) -> Result<(), VfsError> {
+    let LogOp::Rename {
+        from_parent,
+        from_name,
+        fid,
+        to_parent,
+        to_name,
+        ..
+    } = record.op.clone()
+    else {
+        return Ok(());
+    };
+    let theirs = theirs.clone();
+    vfs.writer
+        .run(0, move |tx| {
+            // A removed stand-in for their object, kept while the log needs it.
+            if tx.get(theirs.id)?.is_none() {
+                let mut stand_in = coherence::new_object(to_parent, &to_name, &theirs);
+                stand_in.removed = true;
+                tx.put(theirs.id, &stand_in)?;
+            }
+            tx.log_rewrite(
+                seq,
+                LogOp::Rename {
+                    from_parent,
+                    from_name,
+                    fid,
+                    to_parent,
+                    to_name,
+                    replaced: Some(theirs.id),
+                },
+            )?;
+            Ok(())
+        })
+        .await?;
+    vfs.log_changed.notify_one();
+    Ok(())
+}
+
+/// Origin-wins for a rename onto a taken name: ours goes back to where it
+/// was (or beside it, if that name is taken now).
+async fn move_back(
+    vfs: &Vfs,
+    fid: FileId,
+    from_parent: FileId,
+    from_name: &str,
+    to_parent: FileId,
+    to_name: &str,
+    gateway_id: &str,
+) -> Result<(), VfsError> {
+    let (from_name, to_name) = (from_name.to_owned(), to_name.to_owned());
+    let fallback = conflict_name(&from_name, gateway_id, now_nanos());
+    vfs.writer
+        .run(0, move |tx| {
+            if tx.lookup(to_parent, &to_name)? == Some(fid) {
+                tx.unlink(to_parent, &to_name)?;
+            }
+            let name = if tx.lookup(from_parent, &from_name)?.is_none() {
+                from_name
+            } else {
+                fallback
+            };
+            tx.link(from_parent, &name, fid)?;
+            let mut obj = tx.object(fid)?;
+            obj.parent = from_parent;
+            obj.name = name;
+            tx.put(fid, &obj)?;
+            Ok(())
+        })
+        .await
+}
+
+/// We no longer know where `fid` is at the origin: forget its place here
+/// and let the directories list themselves again.
+async fn forget_location(vfs: &Vfs, fid: FileId, dirs: &[FileId]) -> Result<(), VfsError> {
+    let dirs = dirs.to_vec();
+    vfs.writer
+        .run(0, move |tx| {
+            if let Some(obj) = tx.get(fid)? {
+                if tx.lookup(obj.parent, &obj.name)? == Some(fid) {
+                    tx.unlink(obj.parent, &obj.name)?;
+                }
+                tx.remove_tree(fid)?;
+            }
+            for d in dirs {
+                if let Some(mut o) = tx.get(d)? {
+                    o.listed = false;
+                    tx.put(d, &o)?;
+                }
+            }
+            Ok(())
+        })
+        .await
+}
+
+/// Directory `dir` is gone at the origin but we still have entries for it:
+/// create it (and any missing ancestors) there again, outside the log.
+async fn recreate_dir_chain(vfs: &Vfs, gateway_id: &str, dir: FileId) -> Result<(), VfsError> {
+    // Walk up to the nearest ancestor the origin still has.
+    let mut chain = Vec::new();
+    let mut cur = dir;
+    loop {
+        let obj = vfs.getattr(cur)?;
+        let alive = match obj.origin {
+            Some(o) => match vfs.origin.getattr(o.id).await {
+                Ok(_) => true,
+                Err(e) if e.code() == Some(wire::ErrorCode::NotFound) => false,
+                Err(e) => return Err(vfs.origin_failed(e)),
+            },
+            None => false,
+        };
+        if alive || cur == imz_cache::ROOT_FILEID {
+            break;
+        }
+        chain.push((cur, obj));
+        cur = chain.last().map_or(cur, |(_, o)| o.parent);
+    }
+    for (fid, obj) in chain.into_iter().rev() {
+        let parent = vfs.getattr(obj.parent)?;
+        let parent_id = parent
+            .origin
+            .ok_or_else(|| VfsError::Io("parent has no origin id".into()))?
+            .id;
+        let key = format!("{gateway_id}-recreate-{fid}-{}", now_nanos());
+        let batch = wire::Batch {
+            ops: vec![wire::KeyedOp {
+                key,
+                op: wire::Op::Create {
+                    parent: wire::ObjRef::Id(parent_id),
+                    name: obj.name.clone(),
+                    object: wire::NewObject::Dir,
+                    attrs: wire::SetAttrs {
+                        mode: Some(obj.attrs.mode),
+                        ..Default::default()
+                    },
+                },
+            }],
+        };
+        let answer = vfs
+            .origin
+            .reintegrate(&batch)
+            .await
+            .map_err(|e| vfs.origin_failed(e))?;
+        let attr = match answer.results.first() {
+            Some(OpResult::Applied { attr, .. } | OpResult::Replayed { attr, .. }) => attr.clone(),
+            Some(OpResult::Conflict(c))
+                if c.reason == ConflictReason::NameExists
+                    && c.current
+                        .as_ref()
+                        .is_some_and(|a| a.kind == wire::Kind::Dir) =>
+            {
+                c.current
+                    .clone()
+                    .ok_or_else(|| VfsError::Io("no current".into()))?
+            }
+            other => {
+                return Err(VfsError::Io(format!(
+                    "could not create {} again: {other:?}",
+                    obj.name
+                )));
+            }
+        };
+        vfs.writer
+            .run(0, move |tx| {
+                let mut o = tx.object(fid)?;
+                o.origin = Some(OriginRef {
+                    id: attr.id,
+                    version: attr.version,
+                });
+                if o.removed {
+                    o.removed = false;
+                    if tx.lookup(o.parent, &o.name)?.is_none() {
+                        tx.link(o.parent, &o.name, fid)?;
+                    }
+                }
+                tx.put(fid, &o)?;
+                Ok(())
+            })
+            .await?;
+    }
+    vfs.log_changed.notify_one();
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn conflict_names_are_valid_and_dated() {
+        // 2026-11-25T13:31:44Z
+        let t = 1_795_613_504 * 1_000_000_000;
+        let n = conflict_name("report.txt", "0123456789abcdef", t);
+        assert_eq!(n, "report.txt.conflict-01234567-20261125T133144");
+        let long = conflict_name(&"x".repeat(255), "gw", t);
+        assert!(long.len() <= wire::MAX_NAME_LEN);
+        assert!(wire::validate_name(&long, false).is_ok());
+    }
+}

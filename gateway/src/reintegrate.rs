@@ -1,0 +1,682 @@
+//! The reintegrator: ships the client modification log to the origin, in
+//! order, in batches, and settles what the origin refuses.
+//!
+//! A round takes the oldest records that have aged (a record waits
+//! [`Settings::aging`] after it was logged, and a file's content waits that
+//! long after its last write, so a burst of writes travels once), uploads
+//! the content their stores need (streamed from the cache), sends the batch
+//! and, in one durable transaction, records what the origin applied: new
+//! origin ids and versions, and the records that are done.
+//!
+//! Every operation carries a key made of this gateway's id and the record's
+//! sequence number, so sending a batch again after any crash is harmless:
+//! the origin answers what it answered the first time.
+//!
+//! The origin stops a batch at the first operation it does not apply; a
+//! conflict goes to [`crate::conflict`], which resolves it by the policy and
+//! rewrites the log so that the next round can go on.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use imz_cache::{FileId, Kind, LogOp, LogRecord, Object, OriginRef, meta};
+use imz_origin::wire::{self, Base, KeyedOp, NewObject, ObjRef, Op, OpResult};
+use tokio::sync::watch;
+
+use crate::conflict::{self, ConflictPolicy};
+use crate::origin_client::OriginError;
+use crate::vfs::{Vfs, VfsError};
+
+/// How the reintegrator behaves.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// How long a change waits before it is shipped.
+    pub aging: Duration,
+    pub policy: ConflictPolicy,
+    /// Most operations per batch.
+    pub max_ops: usize,
+    /// Most bytes uploaded for one batch (a bigger file travels alone).
+    pub max_upload_bytes: u64,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            aging: Duration::from_secs(3),
+            policy: ConflictPolicy::KeepBoth,
+            max_ops: 1000,
+            max_upload_bytes: 256 << 20,
+        }
+    }
+}
+
+/// What the reintegrator has done, for `imz status` and tests.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Progress {
+    /// Records waiting in the log.
+    pub pending: u64,
+    /// Operations the origin applied so far (this run).
+    pub shipped_ops: u64,
+    /// Content bytes uploaded so far (this run).
+    pub shipped_bytes: u64,
+    /// Conflicts met so far (this run).
+    pub conflicts: u64,
+    pub last_error: Option<String>,
+}
+
+/// What one round achieved.
+enum Round {
+    /// The log is empty (or all of it is held).
+    Idle,
+    /// Something will be ready to ship after this long.
+    Wait(Duration),
+    /// A batch went out; go again.
+    Shipped,
+}
+
+pub struct Reintegrator {
+    vfs: Arc<Vfs>,
+    gateway_id: String,
+    settings: Settings,
+    progress: watch::Sender<Progress>,
+    /// Ship now, whatever the age of the records (`imz sync`).
+    hurry: watch::Receiver<u64>,
+}
+
+/// What to record when an operation is applied.
+#[derive(Debug, Clone)]
+enum Done {
+    Create {
+        seq: u64,
+        fid: FileId,
+        /// A store shipped inside the create: (its record, data generation).
+        store: Option<(u64, u64)>,
+    },
+    Store {
+        seq: u64,
+        fid: FileId,
+        data_gen: u64,
+    },
+    SetAttr {
+        seq: u64,
+        fid: FileId,
+    },
+    Remove {
+        seq: u64,
+    },
+    Rename {
+        seq: u64,
+        fid: FileId,
+    },
+}
+
+impl Done {
+    fn seq(&self) -> u64 {
+        match self {
+            Self::Create { seq, .. }
+            | Self::Store { seq, .. }
+            | Self::SetAttr { seq, .. }
+            | Self::Remove { seq }
+            | Self::Rename { seq, .. } => *seq,
+        }
+    }
+}
+
+/// A batch ready to send.
+struct Plan {
+    ops: Vec<KeyedOp>,
+    done: Vec<Done>,
+    /// Records in the batch (frozen while it is out).
+    seqs: Vec<u64>,
+    /// (upload id, file, size) to upload before sending.
+    uploads: Vec<(String, FileId, u64)>,
+    /// The log records, by sequence number, for conflict handling.
+    records: HashMap<u64, LogRecord>,
+}
+
+impl Reintegrator {
+    pub fn new(
+        vfs: Arc<Vfs>,
+        gateway_id: String,
+        settings: Settings,
+        progress: watch::Sender<Progress>,
+        hurry: watch::Receiver<u64>,
+    ) -> Self {
+        Self {
+            vfs,
+            gateway_id,
+            settings,
+            progress,
+            hurry,
+        }
+    }
+
+    fn key(&self, seq: u64) -> String {
+        format!("{}-{seq}", self.gateway_id)
+    }
+
+    pub async fn run(mut self) {
+        loop {
+            self.vfs.link.wait_up().await;
+            let outcome = self.round().await;
+            self.note_pending();
+            match outcome {
+                Ok(Round::Shipped) => {}
+                Ok(Round::Idle) => {
+                    tokio::select! {
+                        _ = self.vfs.log_changed.notified() => {}
+                        _ = self.hurry.changed() => {}
+                    }
+                }
+                Ok(Round::Wait(d)) => {
+                    tokio::select! {
+                        _ = tokio::time::sleep(d) => {}
+                        _ = self.vfs.log_changed.notified() => {}
+                        _ = self.hurry.changed() => {}
+                    }
+                }
+                Err(e) => {
+                    if let VfsError::Offline = e {
+                        tracing::info!("reintegration paused: origin unreachable");
+                    } else {
+                        tracing::warn!(error = %e, "reintegration round failed; retrying");
+                    }
+                    self.progress
+                        .send_modify(|p| p.last_error = Some(e.to_string()));
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+    }
+
+    fn note_pending(&self) {
+        if let Ok(n) = self.vfs.cache.read().and_then(|rx| rx.log_len()) {
+            self.progress.send_modify(|p| p.pending = n);
+        }
+    }
+
+    async fn round(&mut self) -> Result<Round, VfsError> {
+        let hurry = self.hurry.has_changed().unwrap_or(false);
+        if hurry {
+            self.hurry.borrow_and_update();
+        }
+        let plan = match self.plan(hurry)? {
+            Ok(plan) => plan,
+            Err(round) => return Ok(round),
+        };
+        self.vfs.cache.freeze_log(plan.seqs.iter().copied());
+        let result = self.ship(&plan).await;
+        self.vfs.cache.thaw_log(plan.seqs.iter().copied());
+        result
+    }
+
+    /// Picks the records to ship and turns them into operations.
+    fn plan(&self, hurry: bool) -> Result<Result<Plan, Round>, VfsError> {
+        let rx = self.vfs.cache.read()?;
+        let raw = rx.log_records(0, self.settings.max_ops)?;
+        if raw.is_empty() {
+            return Ok(Err(Round::Idle));
+        }
+        let held = conflict::held_objects(&self.vfs.cache)?;
+        let now = now_nanos();
+        let aging = self.settings.aging;
+        let touched = self
+            .vfs
+            .touched
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+
+        let mut plan = Plan {
+            ops: Vec::new(),
+            done: Vec::new(),
+            seqs: Vec::new(),
+            uploads: Vec::new(),
+            records: HashMap::new(),
+        };
+        // Objects whose records are held back this round (held by a
+        // conflict awaiting a person, or after such a record).
+        let mut blocked: HashSet<FileId> = held;
+        let mut created_key: HashMap<FileId, String> = HashMap::new();
+        let mut last_key: HashMap<FileId, String> = HashMap::new();
+        let mut merged_stores: HashSet<u64> = HashSet::new();
+        let mut upload_bytes = 0u64;
+        let mut wait: Option<Duration> = None;
+
+        for (seq, bytes) in raw {
+            let record = imz_cache::log::decode(&bytes)?;
+            let op = &record.op;
+            let mentioned: Vec<FileId> = std::iter::once(op.primary()).chain(op.others()).collect();
+            if mentioned.iter().any(|f| blocked.contains(f)) {
+                blocked.insert(op.primary());
+                continue;
+            }
+            if merged_stores.contains(&seq) {
+                continue;
+            }
+            // Aging: the record, and for content the last write to it.
+            if !hurry {
+                let age = Duration::from_nanos(u64::try_from(now - record.time).unwrap_or(0));
+                let mut left = aging.saturating_sub(age);
+                if let LogOp::Store { fid } | LogOp::Create { fid, .. } = op
+                    && let Some(t) = touched.get(fid)
+                {
+                    left = left.max(aging.saturating_sub(t.elapsed()));
+                }
+                if !left.is_zero() {
+                    wait = Some(left);
+                    break;
+                }
+            }
+            let key = self.key(seq);
+            let obj_of =
+                |fid: FileId| -> Result<Object, VfsError> { rx.get(fid)?.ok_or(VfsError::Stale) };
+            let refer =
+                |fid: FileId, obj: &Object, created: &HashMap<FileId, String>| -> Option<ObjRef> {
+                    match obj.origin {
+                        Some(o) => Some(ObjRef::Id(o.id)),
+                        None => created.get(&fid).map(|k| ObjRef::Created(k.clone())),
+                    }
+                };
+            let base = |fid: FileId, obj: &Object, last: &HashMap<FileId, String>| -> Base {
+                match last.get(&fid) {
+                    Some(k) => Base::After(k.clone()),
+                    None => Base::Version(obj.origin.map_or(0, |o| o.version)),
+                }
+            };
+            let unresolvable = |what: &str| {
+                tracing::error!(
+                    seq,
+                    what,
+                    "log record refers to an object the origin cannot know yet; holding it"
+                );
+            };
+
+            let (wire_op, done) = match op {
+                LogOp::Create {
+                    parent,
+                    name,
+                    fid,
+                    kind,
+                } => {
+                    let pobj = obj_of(*parent)?;
+                    let obj = obj_of(*fid)?;
+                    let Some(parent_ref) = refer(*parent, &pobj, &created_key) else {
+                        unresolvable("parent");
+                        blocked.insert(*fid);
+                        continue;
+                    };
+                    let mut store = None;
+                    let object = match kind {
+                        Kind::Dir => NewObject::Dir,
+                        Kind::Symlink => NewObject::Symlink {
+                            target: obj.target.clone().unwrap_or_default(),
+                        },
+                        Kind::File => {
+                            // Ship the content with the create when its store
+                            // is in this batch.
+                            let upload = match obj.log.store {
+                                Some(s)
+                                    if upload_bytes + obj.attrs.size
+                                        <= self.settings.max_upload_bytes
+                                        || upload_bytes == 0 =>
+                                {
+                                    merged_stores.insert(s);
+                                    store = Some((s, obj.data_gen));
+                                    upload_bytes += obj.attrs.size;
+                                    let id = format!("{}-{s}", self.gateway_id);
+                                    plan.uploads.push((id.clone(), *fid, obj.attrs.size));
+                                    Some(id)
+                                }
+                                _ => None,
+                            };
+                            NewObject::File { upload }
+                        }
+                    };
+                    created_key.insert(*fid, key.clone());
+                    (
+                        Op::Create {
+                            parent: parent_ref,
+                            name: name.clone(),
+                            object,
+                            attrs: wire::SetAttrs {
+                                mode: Some(obj.attrs.mode),
+                                uid: Some(obj.attrs.uid),
+                                gid: Some(obj.attrs.gid),
+                                size: None,
+                                atime: Some(obj.attrs.atime),
+                                mtime: Some(obj.attrs.mtime),
+                            },
+                        },
+                        Done::Create {
+                            seq,
+                            fid: *fid,
+                            store,
+                        },
+                    )
+                }
+                LogOp::Store { fid } => {
+                    let obj = obj_of(*fid)?;
+                    let Some(id) = refer(*fid, &obj, &created_key) else {
+                        unresolvable("file");
+                        blocked.insert(*fid);
+                        continue;
+                    };
+                    if upload_bytes > 0
+                        && upload_bytes + obj.attrs.size > self.settings.max_upload_bytes
+                    {
+                        break;
+                    }
+                    upload_bytes += obj.attrs.size;
+                    plan.uploads.push((key.clone(), *fid, obj.attrs.size));
+                    (
+                        Op::Write {
+                            id,
+                            base: base(*fid, &obj, &last_key),
+                            upload: key.clone(),
+                            mtime: Some(obj.attrs.mtime),
+                        },
+                        Done::Store {
+                            seq,
+                            fid: *fid,
+                            data_gen: obj.data_gen,
+                        },
+                    )
+                }
+                LogOp::SetAttr { fid, set } => {
+                    let obj = obj_of(*fid)?;
+                    let Some(id) = refer(*fid, &obj, &created_key) else {
+                        unresolvable("object");
+                        blocked.insert(*fid);
+                        continue;
+                    };
+                    (
+                        Op::SetAttr {
+                            id,
+                            base: base(*fid, &obj, &last_key),
+                            attrs: wire::SetAttrs {
+                                mode: set.mode,
+                                uid: set.uid,
+                                gid: set.gid,
+                                size: set.size,
+                                atime: set.atime,
+                                mtime: set.mtime,
+                            },
+                        },
+                        Done::SetAttr { seq, fid: *fid },
+                    )
+                }
+                LogOp::Remove { parent, name, fid } => {
+                    let pobj = obj_of(*parent)?;
+                    let obj = obj_of(*fid)?;
+                    let (Some(parent_ref), Some(id)) = (
+                        refer(*parent, &pobj, &created_key),
+                        refer(*fid, &obj, &created_key),
+                    ) else {
+                        unresolvable("removed object");
+                        blocked.insert(*fid);
+                        continue;
+                    };
+                    (
+                        Op::Remove {
+                            parent: parent_ref,
+                            name: name.clone(),
+                            id,
+                            base: base(*fid, &obj, &last_key),
+                        },
+                        Done::Remove { seq },
+                    )
+                }
+                LogOp::Rename {
+                    from_parent,
+                    from_name,
+                    fid,
+                    to_parent,
+                    to_name,
+                    replaced,
+                } => {
+                    let obj = obj_of(*fid)?;
+                    let fp = obj_of(*from_parent)?;
+                    let tp = obj_of(*to_parent)?;
+                    let refs = (
+                        refer(*fid, &obj, &created_key),
+                        refer(*from_parent, &fp, &created_key),
+                        refer(*to_parent, &tp, &created_key),
+                    );
+                    let (Some(id), Some(from_ref), Some(to_ref)) = refs else {
+                        unresolvable("renamed object");
+                        blocked.insert(*fid);
+                        continue;
+                    };
+                    let replace = match replaced {
+                        Some(r) => {
+                            let robj = obj_of(*r)?;
+                            let Some(rref) = refer(*r, &robj, &created_key) else {
+                                unresolvable("replaced object");
+                                blocked.insert(*fid);
+                                continue;
+                            };
+                            Some((rref, base(*r, &robj, &last_key)))
+                        }
+                        None => None,
+                    };
+                    (
+                        Op::Rename {
+                            from_parent: from_ref,
+                            from_name: from_name.clone(),
+                            id,
+                            base: base(*fid, &obj, &last_key),
+                            to_parent: to_ref,
+                            to_name: to_name.clone(),
+                            replace,
+                        },
+                        Done::Rename { seq, fid: *fid },
+                    )
+                }
+            };
+            last_key.insert(op.primary(), key.clone());
+            if let Done::Create {
+                store: Some((s, _)),
+                ..
+            } = &done
+            {
+                plan.seqs.push(*s);
+            }
+            plan.seqs.push(seq);
+            plan.ops.push(KeyedOp { key, op: wire_op });
+            plan.done.push(done);
+            plan.records.insert(seq, record);
+        }
+        if plan.ops.is_empty() {
+            return Ok(Err(wait.map_or(Round::Idle, Round::Wait)));
+        }
+        Ok(Ok(plan))
+    }
+
+    /// Uploads content, sends the batch, records the outcome.
+    async fn ship(&self, plan: &Plan) -> Result<Round, VfsError> {
+        let mut uploaded = 0u64;
+        for (upload_id, fid, size) in &plan.uploads {
+            let body =
+                reqwest::Body::wrap_stream(content_stream(Arc::clone(&self.vfs), *fid, *size));
+            self.vfs
+                .origin
+                .upload(upload_id, body, *size)
+                .await
+                .map_err(|e| self.vfs.origin_failed(e))?;
+            uploaded += size;
+        }
+        let batch = wire::Batch {
+            ops: plan.ops.clone(),
+        };
+        let started = Instant::now();
+        let answer = match self.vfs.origin.reintegrate(&batch).await {
+            Ok(a) => a,
+            Err(OriginError::Api(api)) => {
+                return Err(VfsError::Io(format!("origin refused the batch: {api}")));
+            }
+            Err(e) => return Err(self.vfs.origin_failed(e)),
+        };
+        let applied: Vec<(Done, wire::Attr)> = answer
+            .results
+            .iter()
+            .zip(&plan.done)
+            .map_while(|(r, d)| match r {
+                OpResult::Applied { attr, .. } | OpResult::Replayed { attr, .. } => {
+                    Some((d.clone(), attr.clone()))
+                }
+                _ => None,
+            })
+            .collect();
+        let replayed: HashSet<u64> = answer
+            .results
+            .iter()
+            .zip(&plan.done)
+            .filter(|(r, _)| matches!(r, OpResult::Replayed { .. }))
+            .map(|(_, d)| d.seq())
+            .collect();
+        let n_applied = applied.len();
+        self.vfs
+            .writer
+            .run(0, move |tx| {
+                for (done, attr) in applied {
+                    record_applied(tx, &done, &attr, replayed.contains(&done.seq()))?;
+                }
+                Ok(())
+            })
+            .await?;
+        tracing::debug!(ops = n_applied, bytes = uploaded, took = ?started.elapsed(), "reintegrated");
+        self.progress.send_modify(|p| {
+            p.shipped_ops += n_applied as u64;
+            p.shipped_bytes += uploaded;
+            p.last_error = None;
+        });
+
+        if let Some(result) = answer.results.get(n_applied) {
+            let done = &plan.done[n_applied];
+            let record = plan
+                .records
+                .get(&done.seq())
+                .ok_or_else(|| VfsError::Io("planned record missing".into()))?;
+            self.progress.send_modify(|p| p.conflicts += 1);
+            conflict::settle(
+                &self.vfs,
+                &self.gateway_id,
+                self.settings.policy,
+                done.seq(),
+                record,
+                result,
+            )
+            .await?;
+        }
+        Ok(Round::Shipped)
+    }
+}
+
+/// Records in the cache that the origin applied `done`, whose result is
+/// `attr` (the object after the operation).
+fn record_applied(
+    tx: &mut imz_cache::WriteTxn<'_>,
+    done: &Done,
+    attr: &wire::Attr,
+    replayed: bool,
+) -> Result<(), VfsError> {
+    let adopt = |tx: &mut imz_cache::WriteTxn<'_>, fid: FileId| -> Result<(), VfsError> {
+        if let Some(mut obj) = tx.get(fid)? {
+            obj.origin = Some(OriginRef {
+                id: attr.id,
+                version: attr.version,
+            });
+            tx.put(fid, &obj)?;
+        }
+        Ok(())
+    };
+    match done {
+        Done::Create { seq, fid, store } => {
+            adopt(tx, *fid)?;
+            tx.log_done(*seq)?;
+            // Content shipped with a create counts only if this answer is
+            // the create's first: a replay may be of a create sent without it.
+            if let Some((store_seq, data_gen)) = store
+                && !replayed
+            {
+                store_done(tx, *fid, *store_seq, *data_gen)?;
+            }
+        }
+        Done::Store { seq, fid, data_gen } => {
+            adopt(tx, *fid)?;
+            store_done(tx, *fid, *seq, *data_gen)?;
+        }
+        Done::SetAttr { seq, fid } | Done::Rename { seq, fid } => {
+            adopt(tx, *fid)?;
+            tx.log_done(*seq)?;
+        }
+        Done::Remove { seq } => tx.log_done(*seq)?,
+    }
+    Ok(())
+}
+
+/// The content uploaded for store `seq` is at the origin; done unless the
+/// file changed again since it was read.
+fn store_done(
+    tx: &mut imz_cache::WriteTxn<'_>,
+    fid: FileId,
+    seq: u64,
+    data_gen: u64,
+) -> Result<(), VfsError> {
+    let Some(mut obj) = tx.get(fid)? else {
+        return Ok(());
+    };
+    if obj.data_gen != data_gen {
+        return Ok(());
+    }
+    obj.origin_extent = obj.attrs.size;
+    tx.put(fid, &obj)?;
+    tx.log_done(seq)?;
+    Ok(())
+}
+
+/// The bytes of file `fid` as the cache has them now (missing origin bytes
+/// are fetched), `size` long, streamed in 1 MiB pieces.
+fn content_stream(
+    vfs: Arc<Vfs>,
+    fid: FileId,
+    size: u64,
+) -> impl futures::Stream<Item = Result<Bytes, std::io::Error>> + Send {
+    futures::stream::unfold(0u64, move |offset| {
+        let vfs = Arc::clone(&vfs);
+        async move {
+            if offset >= size {
+                return None;
+            }
+            let want = (size - offset).min(1 << 20) as u32;
+            match vfs.read(fid, offset, want).await {
+                Ok((bytes, _)) if !bytes.is_empty() => {
+                    let n = bytes.len() as u64;
+                    Some((Ok(Bytes::from(bytes)), offset + n))
+                }
+                // The file shrank while we read it: pad to the announced
+                // length; its newer content travels in a later upload.
+                Ok(_) => {
+                    let pad = vec![0u8; want as usize];
+                    Some((Ok(Bytes::from(pad)), offset + u64::from(want)))
+                }
+                Err(e) => Some((Err(std::io::Error::other(e.to_string())), size)),
+            }
+        }
+    })
+}
+
+fn now_nanos() -> i64 {
+    crate::vfs::write::now_nanos()
+}
+
+/// The gateway's id (prefix of its idempotency keys), created with the cache.
+pub fn gateway_id(cache: &imz_cache::Cache) -> Result<String, VfsError> {
+    cache
+        .read()?
+        .meta_str(meta::GATEWAY_ID)?
+        .ok_or_else(|| VfsError::Io("the cache has no gateway id".into()))
+}

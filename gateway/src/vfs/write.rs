@@ -1,0 +1,546 @@
+//! Changes made by clients: create, mkdir, symlink, write, setattr,
+//! remove, rename. Each is applied to the cache and logged in the client
+//! modification log in one durable transaction (see [`crate::writer`]),
+//! whether or not the origin is reachable; the reintegrator ships the log.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use imz_cache::{Attrs, CacheError, FileId, Kind, LogOp, Object, ROOT_FILEID, SetAttrs, WriteTxn};
+use imz_origin::wire;
+
+use super::{Vfs, VfsError};
+use crate::fetch::{FetchFailure, Target};
+
+/// Nanoseconds since the epoch, now.
+pub fn now_nanos() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// What a new object is.
+#[derive(Debug, Clone)]
+pub enum NewNode {
+    File { exclusive: Option<[u8; 8]> },
+    Dir,
+    Symlink { target: String },
+}
+
+/// Checks a name a client wants to create in `dir`.
+fn check_new_name(dir: FileId, name: &str) -> Result<(), VfsError> {
+    match wire::validate_name(name, dir == ROOT_FILEID) {
+        Ok(()) => Ok(()),
+        Err(wire::NameError::TooLong) => Err(VfsError::NameTooLong),
+        Err(wire::NameError::Reserved) => Err(VfsError::Invalid(format!("{name} is reserved"))),
+        Err(e) => Err(VfsError::Invalid(e.to_string())),
+    }
+}
+
+/// The directory `dir`, which must exist and not be removed.
+fn live_dir(tx: &WriteTxn<'_>, dir: FileId) -> Result<Object, VfsError> {
+    let obj = tx.get(dir)?.ok_or(VfsError::Stale)?;
+    if obj.removed {
+        return Err(VfsError::Stale);
+    }
+    if obj.kind != Kind::Dir {
+        return Err(VfsError::NotDir);
+    }
+    Ok(obj)
+}
+
+/// A directory's entries changed now.
+fn touch_dir(
+    tx: &mut WriteTxn<'_>,
+    dir: FileId,
+    obj: &mut Object,
+    entries_delta: i64,
+    now: i64,
+) -> Result<(), VfsError> {
+    obj.attrs.mtime = now;
+    obj.attrs.ctime = now;
+    obj.attrs.size = obj.attrs.size.saturating_add_signed(entries_delta);
+    tx.put(dir, obj)?;
+    Ok(())
+}
+
+fn apply_attrs(attrs: &mut Attrs, set: &SetAttrs, now: i64) {
+    if let Some(m) = set.mode {
+        attrs.mode = m & 0o7777;
+    }
+    if let Some(u) = set.uid {
+        attrs.uid = u;
+    }
+    if let Some(g) = set.gid {
+        attrs.gid = g;
+    }
+    if let Some(t) = set.atime {
+        attrs.atime = t;
+    }
+    if let Some(t) = set.mtime {
+        attrs.mtime = t;
+    }
+    attrs.ctime = now;
+}
+
+fn log_err(e: CacheError) -> VfsError {
+    VfsError::from(e)
+}
+
+impl Vfs {
+    /// Notes that `fid`'s content just changed (for the reintegrator's
+    /// aging window) and wakes the reintegrator.
+    fn changed(&self, fid: FileId) {
+        {
+            let mut touched = self.touched.lock().unwrap_or_else(|p| p.into_inner());
+            touched.insert(fid, Instant::now());
+        }
+        self.log_changed.notify_one();
+    }
+
+    /// Creates `name` in `dir`. For a file, an existing file of that name
+    /// is returned instead (NFS UNCHECKED; GUARDED is checked by the NFS
+    /// layer before), unless the create is exclusive.
+    pub async fn create(
+        &self,
+        dir: FileId,
+        name: &str,
+        node: NewNode,
+        set: SetAttrs,
+    ) -> Result<(FileId, Object), VfsError> {
+        check_new_name(dir, name)?;
+        // Learn whether the origin has this name (an unlisted directory does
+        // not know all its names); offline, the reintegrator will find out.
+        match self.lookup(dir, name).await {
+            Ok(_) | Err(VfsError::NotFound) | Err(VfsError::Offline) => {}
+            Err(e) => return Err(e),
+        }
+        let name = name.to_owned();
+        let result = self
+            .writer
+            .run(0, move |tx| {
+                let now = now_nanos();
+                let mut dir_obj = live_dir(tx, dir)?;
+                if let Some(existing) = tx.lookup(dir, &name)? {
+                    let mut obj = tx.object(existing)?;
+                    return match &node {
+                        NewNode::File {
+                            exclusive: Some(verf),
+                        } if obj.verifier == Some(*verf) => Ok((existing, obj, false)),
+                        NewNode::File { exclusive: None } if obj.kind == Kind::File => {
+                            // UNCHECKED create of an existing file: like open(O_CREAT), it
+                            // may truncate.
+                            if let Some(size) = set.size {
+                                set_size(tx, existing, &mut obj, size, now)?;
+                                tx.log(
+                                    LogOp::SetAttr {
+                                        fid: existing,
+                                        set: SetAttrs {
+                                            size: Some(size),
+                                            ..Default::default()
+                                        },
+                                    },
+                                    now,
+                                )
+                                .map_err(log_err)?;
+                            }
+                            tx.put(existing, &obj)?;
+                            Ok((existing, obj, true))
+                        }
+                        _ => Err(VfsError::Exists),
+                    };
+                }
+                let kind = match node {
+                    NewNode::File { .. } => Kind::File,
+                    NewNode::Dir => Kind::Dir,
+                    NewNode::Symlink { .. } => Kind::Symlink,
+                };
+                let default_mode = match kind {
+                    Kind::File => 0o644,
+                    Kind::Dir => 0o755,
+                    Kind::Symlink => 0o777,
+                };
+                let target = match &node {
+                    NewNode::Symlink { target } => Some(target.clone()),
+                    _ => None,
+                };
+                let mut attrs = Attrs {
+                    size: target.as_ref().map_or(0, |t| t.len() as u64),
+                    mode: default_mode,
+                    // The NFS layer does not tell us who is calling: new
+                    // objects belong to the directory's owner.
+                    uid: dir_obj.attrs.uid,
+                    gid: dir_obj.attrs.gid,
+                    nlink: if kind == Kind::Dir { 2 } else { 1 },
+                    atime: now,
+                    mtime: now,
+                    ctime: now,
+                };
+                let mut set = set;
+                set.size = None;
+                apply_attrs(&mut attrs, &set, now);
+                let obj = Object {
+                    kind,
+                    attrs,
+                    origin: None,
+                    parent: dir,
+                    name: name.clone(),
+                    target,
+                    listed: true,
+                    origin_extent: 0,
+                    pinned: dir_obj.pinned,
+                    removed: false,
+                    log: Default::default(),
+                    data_gen: 0,
+                    verifier: match node {
+                        NewNode::File { exclusive } => exclusive,
+                        _ => None,
+                    },
+                };
+                let fid = tx.create(dir, &name, &obj)?;
+                touch_dir(tx, dir, &mut dir_obj, 1, now)?;
+                tx.log(
+                    LogOp::Create {
+                        parent: dir,
+                        name: name.clone(),
+                        fid,
+                        kind,
+                    },
+                    now,
+                )
+                .map_err(log_err)?;
+                let obj = tx.object(fid)?;
+                Ok((fid, obj, true))
+            })
+            .await?;
+        let (fid, obj, changed) = result;
+        if changed {
+            self.changed(fid);
+        }
+        Ok((fid, obj))
+    }
+
+    /// Writes `data` at `offset` of file `fid`. Durable when it returns.
+    pub async fn write(&self, fid: FileId, offset: u64, data: Vec<u8>) -> Result<Object, VfsError> {
+        let data = Arc::new(data);
+        // Origin bytes of chunks this write only partly covers, fetched on
+        // demand (only for files that are not entirely cached).
+        let mut fetched: HashMap<u64, Vec<u8>> = HashMap::new();
+        for _ in 0..3 {
+            let data = Arc::clone(&data);
+            let have = std::mem::take(&mut fetched);
+            let outcome = self
+                .writer
+                .run(data.len(), move |tx| {
+                    let now = now_nanos();
+                    let mut obj = tx.get(fid)?.ok_or(VfsError::Stale)?;
+                    match obj.kind {
+                        Kind::File => {}
+                        Kind::Dir => return Err(VfsError::IsDir),
+                        Kind::Symlink => {
+                            return Err(VfsError::Invalid("not a regular file".into()));
+                        }
+                    }
+                    if !tx.cache_room_for_protected(data.len() as u64) {
+                        return Err(VfsError::NoSpace);
+                    }
+                    let fill = |index: u64| have.get(&index).cloned();
+                    match tx.write_data(fid, &mut obj, offset, &data, &fill) {
+                        Ok(()) => {}
+                        Err(CacheError::NeedFetch { indexes, .. }) => {
+                            return Ok(Err((indexes, have)));
+                        }
+                        Err(e) => return Err(e.into()),
+                    }
+                    obj.attrs.mtime = now;
+                    obj.attrs.ctime = now;
+                    obj.data_gen += 1;
+                    tx.put(fid, &obj)?;
+                    tx.log(LogOp::Store { fid }, now).map_err(log_err)?;
+                    Ok(Ok(tx.object(fid)?))
+                })
+                .await?;
+            match outcome {
+                Ok(obj) => {
+                    self.changed(fid);
+                    return Ok(obj);
+                }
+                Err((indexes, have)) => {
+                    fetched = have;
+                    self.fetch_for_write(fid, &indexes, &mut fetched).await?;
+                }
+            }
+        }
+        Err(VfsError::Io(
+            "file keeps changing while it is written".into(),
+        ))
+    }
+
+    /// Fetches the origin bytes of chunks a partial write needs.
+    async fn fetch_for_write(
+        &self,
+        fid: FileId,
+        indexes: &[u64],
+        into: &mut HashMap<u64, Vec<u8>>,
+    ) -> Result<(), VfsError> {
+        let obj = self.getattr(fid)?;
+        let Some(origin) = obj.origin else {
+            return Err(VfsError::Io(
+                "local file data is missing from the cache".into(),
+            ));
+        };
+        if !self.link.is_up() {
+            // Offline, a partial write into data never fetched cannot be
+            // done right: the bytes around it are at the origin.
+            return Err(VfsError::Offline);
+        }
+        let target = Target {
+            fid,
+            origin_id: origin.id,
+            version: origin.version,
+            extent: obj.origin_extent.min(obj.attrs.size),
+        };
+        for (index, wait) in self.fetcher.demand(&target, indexes, 0..0) {
+            match wait.bytes().await {
+                Ok(bytes) => {
+                    into.insert(index, bytes.to_vec());
+                }
+                Err(FetchFailure::Offline) => return Err(VfsError::Offline),
+                Err(FetchFailure::Gone(_)) => {
+                    return Err(VfsError::Io(
+                        "the file changed at the origin under local changes".into(),
+                    ));
+                }
+                Err(FetchFailure::Io(e)) => return Err(VfsError::Io(e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Changes attributes (size included).
+    pub async fn setattr(&self, fid: FileId, set: SetAttrs) -> Result<Object, VfsError> {
+        let obj = self
+            .writer
+            .run(0, move |tx| {
+                let now = now_nanos();
+                let mut obj = tx.get(fid)?.ok_or(VfsError::Stale)?;
+                if set.size.is_some() && obj.kind != Kind::File {
+                    return Err(if obj.kind == Kind::Dir {
+                        VfsError::IsDir
+                    } else {
+                        VfsError::Invalid("size of a symlink".into())
+                    });
+                }
+                if set.is_empty() {
+                    return Ok(obj);
+                }
+                if let Some(size) = set.size {
+                    set_size(tx, fid, &mut obj, size, now)?;
+                }
+                apply_attrs(&mut obj.attrs, &set, now);
+                tx.put(fid, &obj)?;
+                tx.log(LogOp::SetAttr { fid, set }, now).map_err(log_err)?;
+                Ok(tx.object(fid)?)
+            })
+            .await?;
+        self.changed(fid);
+        Ok(obj)
+    }
+
+    /// Removes `name` from `dir` (a file, symlink or empty directory).
+    pub async fn remove(&self, dir: FileId, name: &str) -> Result<(), VfsError> {
+        let fid = self.lookup(dir, name).await?;
+        if self.getattr(fid)?.kind == Kind::Dir {
+            // Only an empty directory goes; an unlisted one may have names
+            // we have not seen (offline, the origin will say).
+            match self.ensure_listed(fid).await {
+                Ok(()) | Err(VfsError::Offline) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let name = name.to_owned();
+        self.writer
+            .run(0, move |tx| {
+                let now = now_nanos();
+                let mut dir_obj = live_dir(tx, dir)?;
+                let fid = tx.lookup(dir, &name)?.ok_or(VfsError::NotFound)?;
+                let obj = tx.object(fid)?;
+                if obj.kind == Kind::Dir && !tx.entries(fid, 0, 1)?.is_empty() {
+                    return Err(VfsError::NotEmpty);
+                }
+                tx.unlink(dir, &name)?;
+                unlink_object(tx, fid, now)?;
+                touch_dir(tx, dir, &mut dir_obj, -1, now)?;
+                tx.log(
+                    LogOp::Remove {
+                        parent: dir,
+                        name,
+                        fid,
+                    },
+                    now,
+                )
+                .map_err(log_err)?;
+                Ok(())
+            })
+            .await?;
+        self.log_changed.notify_one();
+        Ok(())
+    }
+
+    /// Moves `from_dir/from_name` to `to_dir/to_name`, replacing a
+    /// compatible object there.
+    pub async fn rename(
+        &self,
+        from_dir: FileId,
+        from_name: &str,
+        to_dir: FileId,
+        to_name: &str,
+    ) -> Result<(), VfsError> {
+        check_new_name(to_dir, to_name)?;
+        if from_dir == to_dir && from_name == to_name {
+            self.lookup(from_dir, from_name).await?;
+            return Ok(());
+        }
+        let fid = self.lookup(from_dir, from_name).await?;
+        match self.lookup(to_dir, to_name).await {
+            Ok(target) => {
+                if self.getattr(target)?.kind == Kind::Dir {
+                    match self.ensure_listed(target).await {
+                        Ok(()) | Err(VfsError::Offline) => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
+            Err(VfsError::NotFound) | Err(VfsError::Offline) => {}
+            Err(e) => return Err(e),
+        }
+        let (from_name, to_name) = (from_name.to_owned(), to_name.to_owned());
+        self.writer
+            .run(0, move |tx| {
+                let now = now_nanos();
+                let mut from_obj = live_dir(tx, from_dir)?;
+                live_dir(tx, to_dir)?;
+                if tx.lookup(from_dir, &from_name)? != Some(fid) {
+                    return Err(VfsError::NotFound);
+                }
+                let mut obj = tx.object(fid)?;
+                if obj.kind == Kind::Dir && is_ancestor(tx, fid, to_dir)? {
+                    return Err(VfsError::Invalid(
+                        "cannot move a directory into itself".into(),
+                    ));
+                }
+                let replaced = match tx.lookup(to_dir, &to_name)? {
+                    Some(target) if target == fid => return Ok(()),
+                    Some(target) => {
+                        let t = tx.object(target)?;
+                        match (obj.kind == Kind::Dir, t.kind == Kind::Dir) {
+                            (true, false) => return Err(VfsError::NotDir),
+                            (false, true) => return Err(VfsError::IsDir),
+                            (true, true) if !tx.entries(target, 0, 1)?.is_empty() => {
+                                return Err(VfsError::Exists);
+                            }
+                            _ => {}
+                        }
+                        Some(target)
+                    }
+                    None => None,
+                };
+                tx.unlink(from_dir, &from_name)?;
+                touch_dir(tx, from_dir, &mut from_obj, -1, now)?;
+                let replaced = match replaced {
+                    Some(target) => {
+                        tx.unlink(to_dir, &to_name)?;
+                        unlink_object(tx, target, now)?;
+                        if tx.get(target)?.is_some_and(|t| t.is_local()) {
+                            // The origin never had it: its history just goes.
+                            tx.log(
+                                LogOp::Remove {
+                                    parent: to_dir,
+                                    name: to_name.clone(),
+                                    fid: target,
+                                },
+                                now,
+                            )
+                            .map_err(log_err)?;
+                            None
+                        } else {
+                            Some(target)
+                        }
+                    }
+                    None => None,
+                };
+                tx.link(to_dir, &to_name, fid)?;
+                let mut to_obj = live_dir(tx, to_dir)?;
+                touch_dir(
+                    tx,
+                    to_dir,
+                    &mut to_obj,
+                    if replaced.is_some() { 0 } else { 1 },
+                    now,
+                )?;
+                obj.parent = to_dir;
+                obj.name = to_name.clone();
+                obj.attrs.ctime = now;
+                tx.put(fid, &obj)?;
+                tx.log(
+                    LogOp::Rename {
+                        from_parent: from_dir,
+                        from_name,
+                        fid,
+                        to_parent: to_dir,
+                        to_name,
+                        replaced,
+                    },
+                    now,
+                )
+                .map_err(log_err)?;
+                Ok(())
+            })
+            .await?;
+        self.log_changed.notify_one();
+        Ok(())
+    }
+}
+
+/// Marks `fid` removed (its entry is already gone); its data goes.
+fn unlink_object(tx: &mut WriteTxn<'_>, fid: FileId, now: i64) -> Result<(), VfsError> {
+    let mut obj = tx.object(fid)?;
+    obj.removed = true;
+    obj.attrs.nlink = 0;
+    obj.attrs.ctime = now;
+    tx.drop_data(fid)?;
+    tx.put(fid, &obj)?;
+    Ok(())
+}
+
+fn set_size(
+    tx: &mut WriteTxn<'_>,
+    fid: FileId,
+    obj: &mut Object,
+    size: u64,
+    now: i64,
+) -> Result<(), VfsError> {
+    if size != obj.attrs.size {
+        tx.truncate_data(fid, obj, size)?;
+        obj.data_gen += 1;
+    }
+    obj.attrs.mtime = now;
+    obj.attrs.ctime = now;
+    Ok(())
+}
+
+/// Whether `dir` is `ancestor` or below it.
+fn is_ancestor(tx: &WriteTxn<'_>, ancestor: FileId, mut dir: FileId) -> Result<bool, VfsError> {
+    for _ in 0..4096 {
+        if dir == ancestor {
+            return Ok(true);
+        }
+        if dir == ROOT_FILEID {
+            return Ok(false);
+        }
+        dir = tx.object(dir)?.parent;
+    }
+    Err(VfsError::Io("directory tree too deep".into()))
+}
