@@ -120,10 +120,24 @@ pub fn upsert_entry(
     attr: &wire::Attr,
     source: Source,
 ) -> Result<FileId, CacheError> {
+    // A name held by local changes stays ours until the reintegrator has
+    // settled it with the origin (a conflict, if both made it).
+    if let Some(occupant) = tx.lookup(dir, name)? {
+        let occ = tx.object(occupant)?;
+        let same = occ.origin.is_some_and(|o| o.id == attr.id);
+        if !same && (occ.is_dirty() || occ.is_local()) {
+            return Ok(occupant);
+        }
+    }
     let fid = match tx.by_origin(attr.id)? {
         Some(fid) => {
             let mut obj = tx.object(fid)?;
             refresh(tx, fid, &mut obj, attr, source)?;
+            if obj.is_dirty() || obj.removed {
+                // Moved or removed here, or changed: where it is stays ours.
+                tx.put(fid, &obj)?;
+                return Ok(fid);
+            }
             if obj.parent != dir || obj.name != name {
                 // Renamed at the origin: leave the old place.
                 if tx.lookup(obj.parent, &obj.name)? == Some(fid) {
@@ -266,7 +280,13 @@ pub fn apply_record(
         Change::Remove { parent, name, id } => {
             if let Some(pfid) = touch_parent(tx, parent, seq)? {
                 let target = tx.by_origin(*id)?;
-                if target.is_some() && tx.lookup(pfid, name)? == target {
+                let dirty = match target {
+                    Some(t) => tx.get(t)?.is_some_and(|o| o.is_dirty()),
+                    None => false,
+                };
+                // A file changed here stays until the reintegrator settles
+                // it (update/remove).
+                if !dirty && target.is_some() && tx.lookup(pfid, name)? == target {
                     tx.unlink(pfid, name)?;
                     if let Some(fid) = target {
                         forget_if_orphan(tx, fid, pfid, name)?;
@@ -289,7 +309,14 @@ pub fn apply_record(
                 touch_parent(tx, to_parent, seq)?
             };
             let fid = tx.by_origin(attr.id)?;
+            // An object with local changes stays where it is here; the
+            // reintegrator settles any rename/rename.
+            let dirty = match fid {
+                Some(f) => tx.get(f)?.is_some_and(|o| o.is_dirty()),
+                None => false,
+            };
             if let (Some(pfid), Some(fid)) = (from, fid)
+                && !dirty
                 && tx.lookup(pfid, from_name)? == Some(fid)
             {
                 tx.unlink(pfid, from_name)?;

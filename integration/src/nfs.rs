@@ -4,10 +4,13 @@
 use anyhow::{Context, anyhow, bail};
 use nfs3_client::Nfs3ConnectionBuilder;
 use nfs3_client::nfs3_types::nfs3::{
-    self, GETATTR3args, LOOKUP3args, Nfs3Result, READ3args, READDIR3args, READDIRPLUS3args,
-    READLINK3args, cookieverf3, diropargs3, fattr3, filename3, nfs_fh3, nfsstat3, post_op_attr,
-    post_op_fh3,
+    self, COMMIT3args, CREATE3args, GETATTR3args, LOOKUP3args, MKDIR3args, Nfs3Option, Nfs3Result,
+    READ3args, READDIR3args, READDIRPLUS3args, READLINK3args, REMOVE3args, RENAME3args, RMDIR3args,
+    SETATTR3args, SYMLINK3args, WRITE3args, cookieverf3, createhow3, createverf3, diropargs3,
+    fattr3, filename3, nfs_fh3, nfspath3, nfsstat3, nfstime3, post_op_attr, post_op_fh3, sattr3,
+    set_atime, set_mtime, stable_how, symlinkdata3,
 };
+use nfs3_client::nfs3_types::xdr_codec::Opaque;
 use nfs3_client::tokio::{TokioConnector, TokioIo};
 use tokio::net::TcpStream;
 
@@ -239,6 +242,241 @@ impl Nfs {
     }
 }
 
+/// How CREATE treats an existing name.
+#[derive(Debug, Clone, Copy)]
+pub enum CreateMode {
+    Unchecked,
+    Guarded,
+    Exclusive([u8; 8]),
+}
+
+/// Attribute changes for SETATTR and CREATE.
+#[derive(Debug, Clone, Default)]
+pub struct Attrs {
+    pub mode: Option<u32>,
+    pub size: Option<u64>,
+    /// Seconds since the epoch.
+    pub mtime: Option<u32>,
+}
+
+impl Attrs {
+    fn sattr(&self) -> sattr3 {
+        sattr3 {
+            mode: self.mode.map_or(Nfs3Option::None, Nfs3Option::Some),
+            uid: Nfs3Option::None,
+            gid: Nfs3Option::None,
+            size: self.size.map_or(Nfs3Option::None, Nfs3Option::Some),
+            atime: set_atime::DONT_CHANGE,
+            mtime: match self.mtime {
+                Some(s) => set_mtime::SET_TO_CLIENT_TIME(nfstime3 {
+                    seconds: s,
+                    nseconds: 0,
+                }),
+                None => set_mtime::DONT_CHANGE,
+            },
+        }
+    }
+}
+
+/// What a WRITE answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Written {
+    pub count: u32,
+    pub committed: stable_how,
+    pub verf: [u8; 8],
+}
+
+fn fh_of(fh: post_op_fh3) -> Result<nfs_fh3, NfsError> {
+    match fh {
+        post_op_fh3::Some(h) => Ok(h),
+        post_op_fh3::None => Err(NfsError::Rpc("no handle in the reply".into())),
+    }
+}
+
+fn dirop<'a>(dir: &nfs_fh3, name: &'a str) -> diropargs3<'a> {
+    diropargs3 {
+        dir: dir.clone(),
+        name: filename3::from(name.as_bytes()),
+    }
+}
+
+impl Nfs {
+    pub async fn create(
+        &mut self,
+        dir: &nfs_fh3,
+        name: &str,
+        mode: CreateMode,
+        attrs: &Attrs,
+    ) -> Result<nfs_fh3, NfsError> {
+        let how = match mode {
+            CreateMode::Unchecked => createhow3::UNCHECKED(attrs.sattr()),
+            CreateMode::Guarded => createhow3::GUARDED(attrs.sattr()),
+            CreateMode::Exclusive(v) => createhow3::EXCLUSIVE(createverf3(v)),
+        };
+        let args = CREATE3args {
+            where_: dirop(dir, name),
+            how,
+        };
+        match self.conn.create(&args).await.map_err(rpc)? {
+            Nfs3Result::Ok(ok) => fh_of(ok.obj),
+            Nfs3Result::Err((s, _)) => Err(NfsError::Status(s)),
+        }
+    }
+
+    pub async fn write(
+        &mut self,
+        fh: &nfs_fh3,
+        offset: u64,
+        data: &[u8],
+        stable: stable_how,
+    ) -> Result<Written, NfsError> {
+        let args = WRITE3args {
+            file: fh.clone(),
+            offset,
+            count: data.len() as u32,
+            stable,
+            data: Opaque::borrowed(data),
+        };
+        match self.conn.write(&args).await.map_err(rpc)? {
+            Nfs3Result::Ok(ok) => Ok(Written {
+                count: ok.count,
+                committed: ok.committed,
+                verf: ok.verf.0,
+            }),
+            Nfs3Result::Err((s, _)) => Err(NfsError::Status(s)),
+        }
+    }
+
+    /// Writes a whole file in 1 MiB UNSTABLE pieces, then COMMITs; returns
+    /// the commit verifier.
+    pub async fn write_all(&mut self, fh: &nfs_fh3, data: &[u8]) -> Result<[u8; 8], NfsError> {
+        for (i, piece) in data.chunks(1 << 20).enumerate() {
+            let w = self
+                .write(fh, (i << 20) as u64, piece, stable_how::UNSTABLE)
+                .await?;
+            if w.count as usize != piece.len() {
+                return Err(NfsError::Rpc(format!(
+                    "short write: {} of {}",
+                    w.count,
+                    piece.len()
+                )));
+            }
+        }
+        self.commit(fh).await
+    }
+
+    pub async fn commit(&mut self, fh: &nfs_fh3) -> Result<[u8; 8], NfsError> {
+        let args = COMMIT3args {
+            file: fh.clone(),
+            offset: 0,
+            count: 0,
+        };
+        match self.conn.commit(&args).await.map_err(rpc)? {
+            Nfs3Result::Ok(ok) => Ok(ok.verf.0),
+            Nfs3Result::Err((s, _)) => Err(NfsError::Status(s)),
+        }
+    }
+
+    /// Creates (or truncates) `path` under the root with `data`.
+    pub async fn put_file(&mut self, path: &str, data: &[u8]) -> Result<nfs_fh3, NfsError> {
+        let (dir, name) = match path.rsplit_once('/') {
+            Some((d, n)) => (self.lookup_path(d).await?, n),
+            None => (self.root.clone(), path),
+        };
+        let attrs = Attrs {
+            size: Some(0),
+            ..Default::default()
+        };
+        let fh = self
+            .create(&dir, name, CreateMode::Unchecked, &attrs)
+            .await?;
+        self.write_all(&fh, data).await?;
+        Ok(fh)
+    }
+
+    pub async fn setattr(&mut self, fh: &nfs_fh3, attrs: &Attrs) -> Result<fattr3, NfsError> {
+        let args = SETATTR3args {
+            object: fh.clone(),
+            new_attributes: attrs.sattr(),
+            guard: Nfs3Option::None,
+        };
+        match self.conn.setattr(&args).await.map_err(rpc)? {
+            Nfs3Result::Ok(ok) => match ok.obj_wcc.after {
+                post_op_attr::Some(a) => Ok(a),
+                post_op_attr::None => Err(NfsError::Rpc("no attributes after SETATTR".into())),
+            },
+            Nfs3Result::Err((s, _)) => Err(NfsError::Status(s)),
+        }
+    }
+
+    pub async fn mkdir(&mut self, dir: &nfs_fh3, name: &str) -> Result<nfs_fh3, NfsError> {
+        let args = MKDIR3args {
+            where_: dirop(dir, name),
+            attributes: Attrs::default().sattr(),
+        };
+        match self.conn.mkdir(&args).await.map_err(rpc)? {
+            Nfs3Result::Ok(ok) => fh_of(ok.obj),
+            Nfs3Result::Err((s, _)) => Err(NfsError::Status(s)),
+        }
+    }
+
+    pub async fn symlink(
+        &mut self,
+        dir: &nfs_fh3,
+        name: &str,
+        target: &str,
+    ) -> Result<nfs_fh3, NfsError> {
+        let args = SYMLINK3args {
+            where_: dirop(dir, name),
+            symlink: symlinkdata3 {
+                symlink_attributes: Attrs::default().sattr(),
+                symlink_data: nfspath3::from(target.as_bytes()),
+            },
+        };
+        match self.conn.symlink(&args).await.map_err(rpc)? {
+            Nfs3Result::Ok(ok) => fh_of(ok.obj),
+            Nfs3Result::Err((s, _)) => Err(NfsError::Status(s)),
+        }
+    }
+
+    pub async fn remove(&mut self, dir: &nfs_fh3, name: &str) -> Result<(), NfsError> {
+        let args = REMOVE3args {
+            object: dirop(dir, name),
+        };
+        match self.conn.remove(&args).await.map_err(rpc)? {
+            Nfs3Result::Ok(_) => Ok(()),
+            Nfs3Result::Err((s, _)) => Err(NfsError::Status(s)),
+        }
+    }
+
+    pub async fn rmdir(&mut self, dir: &nfs_fh3, name: &str) -> Result<(), NfsError> {
+        let args = RMDIR3args {
+            object: dirop(dir, name),
+        };
+        match self.conn.rmdir(&args).await.map_err(rpc)? {
+            Nfs3Result::Ok(_) => Ok(()),
+            Nfs3Result::Err((s, _)) => Err(NfsError::Status(s)),
+        }
+    }
+
+    pub async fn rename(
+        &mut self,
+        from: &nfs_fh3,
+        from_name: &str,
+        to: &nfs_fh3,
+        to_name: &str,
+    ) -> Result<(), NfsError> {
+        let args = RENAME3args {
+            from: dirop(from, from_name),
+            to: dirop(to, to_name),
+        };
+        match self.conn.rename(&args).await.map_err(rpc)? {
+            Nfs3Result::Ok(_) => Ok(()),
+            Nfs3Result::Err((s, _)) => Err(NfsError::Status(s)),
+        }
+    }
+}
+
 /// Mount errors a test may expect.
 pub async fn mount_status(port: u16, path: &str) -> anyhow::Result<()> {
     Nfs::mount(port, path).await.map(|_| ())
@@ -256,6 +494,7 @@ pub fn expect_status<T: std::fmt::Debug>(
 }
 
 pub use nfs3::ftype3;
+pub use nfs3_client::nfs3_types::nfs3::stable_how as Stable;
 
 /// Convenience for tests that want the whole error as context.
 pub fn ctx<T>(r: Result<T, NfsError>, what: &str) -> anyhow::Result<T> {

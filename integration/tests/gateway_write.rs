@@ -1,0 +1,440 @@
+//! Write-back end to end: changes made through the gateway by real NFS
+//! clients are durable at once, survive kill -9 of the gateway, go on while
+//! the origin is away, and reach the origin exactly once.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use imz_integration::Fixture;
+use imz_integration::data;
+use imz_integration::gateway::eventually;
+use imz_integration::libnfs;
+use imz_integration::nfs::{Attrs, CreateMode, Nfs, NfsError, Stable, expect_status};
+use nfs3_client::nfs3_types::nfs3::nfsstat3;
+
+type Result = anyhow::Result<()>;
+
+/// Fast reintegration for tests (the default waits 3 s).
+const QUICK: &[&str] = &["--reintegrate-delay", "100ms"];
+
+fn quick_fixture(populate: impl FnOnce(&Path) -> anyhow::Result<()>) -> anyhow::Result<Fixture> {
+    Fixture::with_cache_size("1GiB", QUICK, populate)
+}
+
+/// Waits until the origin's file `rel` holds exactly `want`.
+fn await_origin_file(
+    fx: &Fixture,
+    rel: &str,
+    want: &[u8],
+    timeout: Duration,
+) -> anyhow::Result<Duration> {
+    let path = fx.origin_path(rel);
+    eventually(timeout, || {
+        (std::fs::read(&path).ok()? == want).then_some(())
+    })
+    .map(|((), took)| took)
+    .ok_or_else(|| {
+        let got = std::fs::read(&path).map(|b| b.len());
+        anyhow::anyhow!(
+            "origin's {rel} never became the expected {} bytes (now: {got:?})",
+            want.len()
+        )
+    })
+}
+
+fn await_origin_absent(fx: &Fixture, rel: &str, timeout: Duration) -> Result {
+    let path = fx.origin_path(rel);
+    eventually(timeout, || {
+        (!path.exists() && path.symlink_metadata().is_err()).then_some(())
+    })
+    .map(|_| ())
+    .ok_or_else(|| anyhow::anyhow!("origin's {rel} is still there"))
+}
+
+/// Names in an origin directory, sorted, without the origin's state dir.
+fn origin_names(fx: &Fixture, rel: &str) -> anyhow::Result<Vec<String>> {
+    let mut names: Vec<String> = std::fs::read_dir(fx.origin_path(rel))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n != ".imz")
+        .collect();
+    names.sort();
+    Ok(names)
+}
+
+fn block<F: std::future::Future>(f: F) -> F::Output {
+    tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(f))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_kind_of_change_reaches_the_origin() -> Result {
+    let fx = quick_fixture(|root| {
+        std::fs::write(root.join("old.txt"), "to be replaced")?;
+        std::fs::create_dir(root.join("keep"))?;
+        Ok(())
+    })?;
+    let mut nfs = Nfs::mount(fx.port(), "/imz").await?;
+    let root = nfs.root.clone();
+    let a = data::bytes(1, 3_000_000);
+    let b = data::bytes(2, 70_000);
+
+    let fa = nfs.put_file("a.bin", &a).await?;
+    let d = nfs.mkdir(&root, "d").await?;
+    let fb = nfs.put_file("d/b.bin", &b).await?;
+    nfs.symlink(&d, "link", "b.bin").await?;
+    nfs.rename(&root, "a.bin", &d, "a2.bin").await?;
+    nfs.setattr(
+        &fb,
+        &Attrs {
+            mode: Some(0o600),
+            ..Default::default()
+        },
+    )
+    .await?;
+    nfs.setattr(
+        &fb,
+        &Attrs {
+            size: Some(10),
+            ..Default::default()
+        },
+    )
+    .await?;
+    nfs.put_file("gone.txt", b"short-lived").await?;
+    nfs.remove(&root, "gone.txt").await?;
+    nfs.mkdir(&root, "e").await?;
+    nfs.rmdir(&root, "e").await?;
+    nfs.put_file("new-old.txt", b"replacement").await?;
+    nfs.rename(&root, "new-old.txt", &root, "old.txt").await?;
+
+    // Reads see the changes at once, before any reintegration.
+    assert!(nfs.read_all(&fa).await? == a);
+    assert_eq!(nfs.read_path("d/b.bin").await?, b[..10].to_vec());
+    assert_eq!(nfs.read_path("old.txt").await?, b"replacement");
+
+    await_origin_file(&fx, "d/a2.bin", &a, Duration::from_secs(20))?;
+    await_origin_file(&fx, "d/b.bin", &b[..10], Duration::from_secs(20))?;
+    await_origin_file(&fx, "old.txt", b"replacement", Duration::from_secs(20))?;
+    await_origin_absent(&fx, "a.bin", Duration::from_secs(10))?;
+    await_origin_absent(&fx, "gone.txt", Duration::from_secs(10))?;
+    await_origin_absent(&fx, "e", Duration::from_secs(10))?;
+    assert_eq!(
+        std::fs::read_link(fx.origin_path("d/link"))?,
+        Path::new("b.bin")
+    );
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(fx.origin_path("d/b.bin"))?
+        .permissions()
+        .mode()
+        & 0o7777;
+    assert_eq!(mode, 0o600);
+    assert_eq!(origin_names(&fx, "")?, vec!["d", "keep", "old.txt"]);
+    assert_eq!(origin_names(&fx, "d")?, vec!["a2.bin", "b.bin", "link"]);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_are_stable_when_answered_and_create_modes_behave() -> Result {
+    let fx = quick_fixture(|root| {
+        std::fs::write(root.join("exists.txt"), "0123456789")?;
+        Ok(())
+    })?;
+    let mut nfs = Nfs::mount(fx.port(), "/imz").await?;
+    let root = nfs.root.clone();
+    // GUARDED on an existing name: EXIST (also for a name only the origin has).
+    expect_status(
+        nfs.create(&root, "exists.txt", CreateMode::Guarded, &Attrs::default())
+            .await,
+        nfsstat3::NFS3ERR_EXIST,
+    )?;
+    // UNCHECKED with size 0 truncates an existing file, like O_CREAT|O_TRUNC.
+    let fh = nfs
+        .create(
+            &root,
+            "exists.txt",
+            CreateMode::Unchecked,
+            &Attrs {
+                size: Some(0),
+                ..Default::default()
+            },
+        )
+        .await?;
+    assert_eq!(nfs.getattr(&fh).await?.size, 0);
+    // EXCLUSIVE: a retransmission with the same verifier gets the same file.
+    let v1 = *b"verifier";
+    let x1 = nfs
+        .create(&root, "excl", CreateMode::Exclusive(v1), &Attrs::default())
+        .await?;
+    let x2 = nfs
+        .create(&root, "excl", CreateMode::Exclusive(v1), &Attrs::default())
+        .await?;
+    assert_eq!(x1, x2);
+    expect_status(
+        nfs.create(
+            &root,
+            "excl",
+            CreateMode::Exclusive(*b"another!"),
+            &Attrs::default(),
+        )
+        .await,
+        nfsstat3::NFS3ERR_EXIST,
+    )?;
+    // Every write is on disk when answered: FILE_SYNC, and the verifier
+    // COMMIT gives is the one WRITE gave.
+    let w = nfs.write(&x1, 0, b"hello", Stable::UNSTABLE).await?;
+    assert_eq!(w.committed, Stable::FILE_SYNC);
+    assert_eq!(nfs.commit(&x1).await?, w.verf);
+    // Names that can never exist at the origin are refused.
+    expect_status(
+        nfs.create(&root, ".imz", CreateMode::Guarded, &Attrs::default())
+            .await,
+        nfsstat3::NFS3ERR_INVAL,
+    )?;
+    expect_status(
+        nfs.create(
+            &root,
+            &"n".repeat(300),
+            CreateMode::Guarded,
+            &Attrs::default(),
+        )
+        .await,
+        nfsstat3::NFS3ERR_NAMETOOLONG,
+    )?;
+    // Directory rules.
+    let d = nfs.mkdir(&root, "dir").await?;
+    nfs.put_file("dir/f", b"x").await?;
+    expect_status(nfs.rmdir(&root, "dir").await, nfsstat3::NFS3ERR_NOTEMPTY)?;
+    expect_status(
+        nfs.rename(&root, "dir", &d, "inside").await,
+        nfsstat3::NFS3ERR_INVAL,
+    )?;
+    expect_status(
+        nfs.write(&d, 0, b"x", Stable::FILE_SYNC).await,
+        nfsstat3::NFS3ERR_ISDIR,
+    )?;
+    await_origin_file(&fx, "excl", b"hello", Duration::from_secs(20))?;
+    await_origin_file(&fx, "exists.txt", b"", Duration::from_secs(20))?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offline_writes_survive_gateway_kill_and_reintegrate() -> Result {
+    let mut fx = quick_fixture(|root| {
+        data::write_file(&root.join("cached.bin"), 5, 2_500_000)?;
+        std::fs::create_dir(root.join("dir"))?;
+        Ok(())
+    })?;
+    let mut nfs = Nfs::mount(fx.port(), "/imz").await?;
+    let root = nfs.root.clone();
+    let cached = nfs.lookup_path("cached.bin").await?;
+    let mut content = nfs.read_all(&cached).await?;
+    nfs.lookup_path("dir").await?;
+
+    fx.origin.proc.kill9();
+    // Disconnected: writes go on, into cached and new files and directories.
+    let patch = data::bytes(6, 100_000);
+    nfs.write(&cached, 1_000_000, &patch, Stable::UNSTABLE)
+        .await?;
+    content[1_000_000..1_100_000].copy_from_slice(&patch);
+    let fresh = data::bytes(7, 1_500_000);
+    let sub = nfs.mkdir(&root, "made-offline").await?;
+    nfs.put_file("made-offline/fresh.bin", &fresh).await?;
+    nfs.put_file("dir/note.txt", b"written while the origin was away")
+        .await?;
+    nfs.symlink(&sub, "to-fresh", "fresh.bin").await?;
+    assert!(nfs.read_all(&cached).await? == content);
+    drop(nfs);
+
+    // A crash while disconnected loses nothing the client was told.
+    fx.gateway.restart()?;
+    let mut nfs = Nfs::mount(fx.port(), "/imz").await?;
+    assert!(
+        nfs.read_all(&cached).await? == content,
+        "patched file after kill -9"
+    );
+    assert!(nfs.read_path("made-offline/fresh.bin").await? == fresh);
+    assert_eq!(
+        nfs.read_path("dir/note.txt").await?,
+        b"written while the origin was away"
+    );
+
+    // The origin returns: everything lands, by itself.
+    fx.origin.restart()?;
+    await_origin_file(&fx, "cached.bin", &content, Duration::from_secs(30))?;
+    await_origin_file(
+        &fx,
+        "made-offline/fresh.bin",
+        &fresh,
+        Duration::from_secs(30),
+    )?;
+    await_origin_file(
+        &fx,
+        "dir/note.txt",
+        b"written while the origin was away",
+        Duration::from_secs(30),
+    )?;
+    assert_eq!(
+        std::fs::read_link(fx.origin_path("made-offline/to-fresh"))?,
+        Path::new("fresh.bin")
+    );
+    assert_eq!(
+        origin_names(&fx, "")?,
+        vec!["cached.bin", "dir", "made-offline"]
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_writes_survive_kill_9_mid_loop() -> Result {
+    let mut fx = quick_fixture(|_| Ok(()))?;
+    let port = fx.port();
+    // A client writes files one after another and notes each one the
+    // gateway acknowledged.
+    let acked: Arc<Mutex<Vec<u64>>> = Arc::default();
+    let writer = {
+        let acked = Arc::clone(&acked);
+        tokio::spawn(async move {
+            let Ok(mut nfs) = Nfs::mount(port, "/imz").await else {
+                return;
+            };
+            for i in 0u64.. {
+                let body = data::bytes(1000 + i, 20_000 + (i as usize % 7) * 1000);
+                if nfs.put_file(&format!("f{i:04}"), &body).await.is_err() {
+                    return;
+                }
+                acked.lock().map(|mut a| a.push(i)).ok();
+            }
+        })
+    };
+    let started = Instant::now();
+    while acked.lock().map(|a| a.len()).unwrap_or(0) < 40
+        && started.elapsed() < Duration::from_secs(30)
+    {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    fx.gateway.proc.kill9();
+    let _ = writer.await;
+    let acked = acked.lock().map(|a| a.clone()).unwrap_or_default();
+    assert!(
+        acked.len() >= 40,
+        "only {} writes before the kill",
+        acked.len()
+    );
+
+    fx.gateway.restart()?;
+    let mut nfs = Nfs::mount(fx.port(), "/imz").await?;
+    for i in &acked {
+        let want = data::bytes(1000 + i, 20_000 + (*i as usize % 7) * 1000);
+        assert!(
+            nfs.read_path(&format!("f{i:04}")).await? == want,
+            "f{i:04} lost or torn"
+        );
+    }
+    for i in &acked {
+        let want = data::bytes(1000 + i, 20_000 + (*i as usize % 7) * 1000);
+        await_origin_file(&fx, &format!("f{i:04}"), &want, Duration::from_secs(30))?;
+    }
+    Ok(())
+}
+
+/// Writes `n` small files and returns their names and contents.
+async fn write_many(nfs: &mut Nfs, n: u64, seed: u64) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
+    let mut files = Vec::new();
+    for i in 0..n {
+        let name = format!("m{i:04}");
+        let body = data::bytes(seed + i, 3000 + (i as usize % 5) * 500);
+        nfs.put_file(&name, &body).await?;
+        files.push((name, body));
+    }
+    Ok(files)
+}
+
+/// The origin ends with exactly these files, each once, no conflict copies.
+fn assert_origin_has_exactly(fx: &Fixture, files: &[(String, Vec<u8>)]) -> Result {
+    for (name, body) in files {
+        await_origin_file(fx, name, body, Duration::from_secs(60))?;
+    }
+    let mut want: Vec<String> = files.iter().map(|(n, _)| n.clone()).collect();
+    want.sort();
+    assert_eq!(
+        origin_names(fx, "")?,
+        want,
+        "duplicates or strays at the origin"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_the_gateway_during_reintegration_duplicates_nothing() -> Result {
+    let mut fx = quick_fixture(|_| Ok(()))?;
+    let mut nfs = Nfs::mount(fx.port(), "/imz").await?;
+    fx.origin.proc.kill9();
+    let files = write_many(&mut nfs, 300, 50).await?;
+    drop(nfs);
+    fx.origin.restart()?;
+    // Kill the gateway as soon as the first files land.
+    let first = fx.origin_path("m0000");
+    eventually(Duration::from_secs(30), || first.exists().then_some(()))
+        .ok_or_else(|| anyhow::anyhow!("reintegration never started"))?;
+    fx.gateway.restart()?;
+    assert_origin_has_exactly(&fx, &files)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_the_origin_during_reintegration_duplicates_nothing() -> Result {
+    let mut fx = quick_fixture(|_| Ok(()))?;
+    let mut nfs = Nfs::mount(fx.port(), "/imz").await?;
+    fx.origin.proc.kill9();
+    let files = write_many(&mut nfs, 300, 80).await?;
+    fx.origin.restart()?;
+    let first = fx.origin_path("m0000");
+    eventually(Duration::from_secs(30), || first.exists().then_some(()))
+        .ok_or_else(|| anyhow::anyhow!("reintegration never started"))?;
+    fx.origin.proc.kill9();
+    // Writes still go on meanwhile.
+    nfs.put_file("late", b"after the crash").await?;
+    fx.origin.restart()?;
+    let mut all = files;
+    all.push(("late".into(), b"after the crash".to_vec()));
+    assert_origin_has_exactly(&fx, &all)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_cache_refuses_new_data_and_keeps_what_it_logged() -> Result {
+    let mut fx = Fixture::with_cache_size("3MiB", QUICK, |_| Ok(()))?;
+    let mut nfs = Nfs::mount(fx.port(), "/imz").await?;
+    fx.origin.proc.kill9();
+    let mut kept = Vec::new();
+    let mut refused = false;
+    for i in 0..10u64 {
+        let body = data::bytes(200 + i, 1_000_000);
+        match nfs.put_file(&format!("big{i}"), &body).await {
+            Ok(_) => kept.push((format!("big{i}"), body)),
+            Err(NfsError::Status(nfsstat3::NFS3ERR_NOSPC)) => {
+                refused = true;
+                break;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    assert!(
+        refused,
+        "the cache took more than its size of unreintegrated data"
+    );
+    assert!(!kept.is_empty());
+    for (name, body) in &kept {
+        assert!(nfs.read_path(name).await? == *body, "{name} damaged");
+    }
+    // Once the origin is back, the logged data drains and space returns.
+    fx.origin.restart()?;
+    for (name, body) in &kept {
+        await_origin_file(&fx, name, body, Duration::from_secs(30))?;
+    }
+    let more = data::bytes(999, 1_000_000);
+    let ok = eventually(Duration::from_secs(20), || {
+        block(nfs.put_file("after", &more)).ok()
+    });
+    assert!(ok.is_some(), "space never came back after reintegration");
+    let _ = libnfs::available();
+    Ok(())
+}
