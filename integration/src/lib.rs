@@ -5,6 +5,7 @@
 pub mod bench;
 pub mod data;
 pub mod gateway;
+pub mod guest;
 pub mod libnfs;
 pub mod nfs;
 pub mod process;
