@@ -636,6 +636,11 @@ impl Guest {
         })
     }
 
+    /// Every forwarded port: guest port → host port.
+    pub fn forwards(&self) -> HashMap<u16, u16> {
+        self.forwards.clone()
+    }
+
     /// The output so far.
     pub fn output(&self) -> Vec<String> {
         self.shared
@@ -834,4 +839,158 @@ pub fn host_md5_tree(dir: &Path) -> anyhow::Result<std::collections::BTreeMap<St
         sums.insert(rel, host_md5(&data)?);
     }
     Ok(sums)
+}
+
+/// A minimal FTP client for tests, talking to a server in the guest through
+/// QEMU `hostfwd`s: passive mode via EPSV, whose reply names a guest port;
+/// `data_ports` maps it to the forwarded host port.
+pub struct Ftp {
+    ctrl: BufReader<std::net::TcpStream>,
+    host: String,
+    data_ports: HashMap<u16, u16>,
+}
+
+impl Ftp {
+    /// Connects to 127.0.0.1:`port` and logs in as anonymous.
+    pub fn connect_anonymous(port: u16, data_ports: HashMap<u16, u16>) -> anyhow::Result<Self> {
+        let sock = std::net::TcpStream::connect(("127.0.0.1", port))
+            .with_context(|| format!("connecting to FTP on 127.0.0.1:{port}"))?;
+        sock.set_read_timeout(Some(Duration::from_secs(30)))?;
+        let mut ftp = Self {
+            ctrl: BufReader::new(sock),
+            host: "127.0.0.1".into(),
+            data_ports,
+        };
+        ftp.expect(220)?;
+        ftp.ctrl.get_mut().write_all(b"USER anonymous\r\n")?;
+        match ftp.reply()? {
+            (230, _) => {}
+            (331, _) => {
+                ftp.cmd("PASS imz@example.invalid", 230)?;
+            }
+            (_, text) => bail!("FTP USER anonymous: {}", text.trim()),
+        }
+        ftp.cmd("TYPE I", 200)?;
+        Ok(ftp)
+    }
+
+    /// Reads one (possibly multi-line) reply: its code and text.
+    fn reply(&mut self) -> anyhow::Result<(u32, String)> {
+        let mut text = String::new();
+        let mut first = String::new();
+        self.ctrl.read_line(&mut first).context("FTP reply")?;
+        anyhow::ensure!(first.len() >= 4, "short FTP reply {first:?}");
+        let code: u32 = first[..3].parse().context("FTP reply code")?;
+        text.push_str(&first);
+        if first.as_bytes()[3] == b'-' {
+            let end = format!("{code} ");
+            loop {
+                let mut line = String::new();
+                anyhow::ensure!(
+                    self.ctrl.read_line(&mut line)? > 0,
+                    "FTP connection closed mid-reply"
+                );
+                text.push_str(&line);
+                if line.starts_with(&end) {
+                    break;
+                }
+            }
+        }
+        Ok((code, text))
+    }
+
+    fn expect(&mut self, want: u32) -> anyhow::Result<String> {
+        let (code, text) = self.reply()?;
+        anyhow::ensure!(code == want, "FTP: expected {want}, got {}", text.trim());
+        Ok(text)
+    }
+
+    /// Sends a command and checks the reply code.
+    pub fn cmd(&mut self, line: &str, want: u32) -> anyhow::Result<String> {
+        let sock = self.ctrl.get_mut();
+        sock.write_all(format!("{line}\r\n").as_bytes())?;
+        self.expect(want)
+            .with_context(|| format!("FTP command {line:?}"))
+    }
+
+    /// Opens a passive data connection (EPSV).
+    fn data(&mut self) -> anyhow::Result<std::net::TcpStream> {
+        let text = self.cmd("EPSV", 229)?;
+        let port: u16 = text
+            .split("|||")
+            .nth(1)
+            .and_then(|rest| rest.split('|').next())
+            .and_then(|p| p.parse().ok())
+            .with_context(|| format!("parsing EPSV reply {text:?}"))?;
+        let host_port = *self
+            .data_ports
+            .get(&port)
+            .with_context(|| format!("the server chose passive port {port}, not forwarded"))?;
+        let s = std::net::TcpStream::connect((self.host.as_str(), host_port))?;
+        s.set_read_timeout(Some(Duration::from_secs(60)))?;
+        Ok(s)
+    }
+
+    /// Runs a transfer command (`RETR x`, `LIST`) and returns the data.
+    fn transfer(&mut self, command: &str) -> anyhow::Result<Vec<u8>> {
+        let mut data = self.data()?;
+        let sock = self.ctrl.get_mut();
+        sock.write_all(format!("{command}\r\n").as_bytes())?;
+        let (code, text) = self.reply()?;
+        anyhow::ensure!(
+            code == 150 || code == 125,
+            "FTP {command:?}: {}",
+            text.trim()
+        );
+        let mut out = Vec::new();
+        data.read_to_end(&mut out)
+            .with_context(|| format!("FTP {command:?}: data connection"))?;
+        self.expect(226)
+            .with_context(|| format!("FTP {command:?}: completion"))?;
+        Ok(out)
+    }
+
+    /// Downloads `path`.
+    pub fn retr(&mut self, path: &str) -> anyhow::Result<Vec<u8>> {
+        self.transfer(&format!("RETR {path}"))
+    }
+
+    /// Names in directory `path` (NLST).
+    pub fn nlst(&mut self, path: &str) -> anyhow::Result<Vec<String>> {
+        let raw = self.transfer(&format!("NLST {path}"))?;
+        Ok(String::from_utf8_lossy(&raw)
+            .lines()
+            .map(|l| l.trim_end_matches('\r').to_owned())
+            .filter(|l| !l.is_empty())
+            .collect())
+    }
+
+    /// The size the server reports for `path` (SIZE).
+    pub fn size(&mut self, path: &str) -> anyhow::Result<u64> {
+        let text = self.cmd(&format!("SIZE {path}"), 213)?;
+        Ok(text[4..].trim().parse()?)
+    }
+
+    /// Uploads `data` as `path` (STOR).
+    pub fn stor(&mut self, path: &str, data: &[u8]) -> anyhow::Result<()> {
+        let mut conn = self.data()?;
+        self.ctrl
+            .get_mut()
+            .write_all(format!("STOR {path}\r\n").as_bytes())?;
+        let (code, text) = self.reply()?;
+        anyhow::ensure!(
+            code == 150 || code == 125,
+            "FTP STOR {path}: {}",
+            text.trim()
+        );
+        conn.write_all(data)?;
+        drop(conn);
+        self.expect(226)
+            .with_context(|| format!("FTP STOR {path}: completion"))?;
+        Ok(())
+    }
+
+    pub fn quit(mut self) -> anyhow::Result<()> {
+        self.cmd("QUIT", 221).map(|_| ())
+    }
 }
