@@ -671,6 +671,14 @@ impl WriteTxn<'_> {
         let mut stack = vec![fid];
         while let Some(fid) = stack.pop() {
             let Some(obj) = self.get(fid)? else { continue };
+            if obj.log != crate::object::LogRefs::default() {
+                // The log still needs it: keep it, unlinked, with its data
+                // and what is below it.
+                let mut kept = obj;
+                kept.removed = true;
+                self.put(fid, &kept)?;
+                continue;
+            }
             if obj.is_dir() {
                 loop {
                     let batch = self.entries(fid, 0, 1024)?;
@@ -682,13 +690,6 @@ impl WriteTxn<'_> {
                         stack.push(e.fileid);
                     }
                 }
-            }
-            if obj.log != crate::object::LogRefs::default() {
-                // The log still needs it: keep it, unlinked, with its data.
-                let mut kept = obj;
-                kept.removed = true;
-                self.put(fid, &kept)?;
-                continue;
             }
             self.drop_data(fid)?;
             if let Some(origin) = obj.origin {

@@ -34,6 +34,7 @@ use imz_origin::wire::{self, ErrorCode};
 use tokio::sync::{Semaphore, mpsc, watch};
 
 use crate::link::Link;
+use crate::metrics::Metrics;
 use crate::origin_client::{OriginClient, OriginError};
 
 /// Chunks per readahead request.
@@ -103,6 +104,7 @@ struct Inner {
     readahead: Arc<Semaphore>,
     store: mpsc::Sender<StoreJob>,
     patterns: Mutex<lru::LruCache<FileId, ReadPattern>>,
+    metrics: Arc<Metrics>,
 }
 
 /// Handle to the fetcher; cheap to clone.
@@ -117,6 +119,7 @@ impl Fetcher {
         cache: Arc<Cache>,
         origin: OriginClient,
         link: Arc<Link>,
+        metrics: Arc<Metrics>,
     ) -> std::io::Result<Self> {
         let (store, jobs) = mpsc::channel(STORE_QUEUE);
         let inner = Arc::new(Inner {
@@ -126,6 +129,7 @@ impl Fetcher {
             slots: Mutex::new(HashMap::new()),
             readahead: Arc::new(Semaphore::new(READAHEAD_STREAMS)),
             store,
+            metrics,
             patterns: Mutex::new(lru::LruCache::new(
                 std::num::NonZeroUsize::new(TRACKED_FILES).unwrap_or(std::num::NonZeroUsize::MIN),
             )),
@@ -349,6 +353,7 @@ async fn fetch_run(inner: &Arc<Inner>, target: Target, run: Vec<(u64, watch::Sen
                     if buf.len() as u64 == want {
                         let (index, tx) = pending.next().map_or((0, None), |(i, t)| (i, Some(t)));
                         let chunk = buf.split().freeze();
+                        Metrics::add(&inner.metrics.fetched_bytes, chunk.len() as u64);
                         if let Some(tx) = tx {
                             let _ = tx.send(SlotState::Ready(chunk.clone()));
                         }

@@ -43,6 +43,9 @@ pub async fn run_follower(vfs: Arc<Vfs>, gateway_id: String, applied: watch::Sen
         match vfs.origin.journal(cursor, POLL_WAIT).await {
             Ok(page) => {
                 vfs.link.up();
+                vfs.metrics
+                    .origin_seq
+                    .store(page.last_seq, std::sync::atomic::Ordering::Relaxed);
                 if page.records.is_empty() {
                     continue;
                 }
@@ -66,6 +69,7 @@ pub async fn run_follower(vfs: Arc<Vfs>, gateway_id: String, applied: watch::Sen
                     .await;
                 match result {
                     Ok(_) => {
+                        crate::metrics::Metrics::add(&vfs.metrics.journal_records, count as u64);
                         tracing::debug!(count, last, "applied journal records");
                         applied.send_replace(last);
                     }

@@ -13,9 +13,11 @@ use nfs3_server::tcp::{NFSTcp, NFSTcpListener};
 use tokio::sync::watch;
 
 use crate::coherence;
+use crate::control::{self, Control};
 use crate::fetch::Fetcher;
 use crate::follow;
 use crate::link::{self, Link};
+use crate::metrics::Metrics;
 use crate::nfs::{EXPORT, NfsAdapter};
 use crate::origin_client::{OriginClient, OriginError, Timeouts};
 use crate::reintegrate;
@@ -45,6 +47,9 @@ pub struct Gateway {
     /// Bump to make the reintegrator ship now, ignoring the aging window.
     pub hurry: watch::Sender<u64>,
     pub gateway_id: String,
+    /// The control socket (`imz status --control PATH`).
+    pub control_path: std::path::PathBuf,
+    pub control: Arc<Control>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -61,8 +66,14 @@ impl Gateway {
 
         let connected = meet_origin(&cache, &origin, &config).await?;
         let link = Link::new(connected);
-        let fetcher = Fetcher::start(Arc::clone(&cache), origin.clone(), Arc::clone(&link))
-            .context("starting the fetcher")?;
+        let metrics = Arc::new(Metrics::default());
+        let fetcher = Fetcher::start(
+            Arc::clone(&cache),
+            origin.clone(),
+            Arc::clone(&link),
+            Arc::clone(&metrics),
+        )
+        .context("starting the fetcher")?;
         let writer = Writer::start(Arc::clone(&cache)).context("starting the cache writer")?;
         let vfs = Arc::new(Vfs::new(
             Arc::clone(&cache),
@@ -70,6 +81,7 @@ impl Gateway {
             Arc::clone(&link),
             fetcher,
             writer,
+            Arc::clone(&metrics),
         ));
 
         let start_cursor = cache.read()?.meta_u64(meta::CURSOR)?.unwrap_or(0);
@@ -97,6 +109,19 @@ impl Gateway {
         );
         tasks.push(tokio::spawn(reintegrator.run()));
 
+        let control = Arc::new(Control {
+            vfs: Arc::clone(&vfs),
+            origin_url: config.origin_url.clone(),
+            mode: "on-demand".into(),
+            cursor: cursor.clone(),
+            progress: reintegration.clone(),
+            hurry: hurry.clone(),
+            rates: Default::default(),
+            pins: None,
+        });
+        let control_path = control::socket_path(&config.cache_dir);
+        control::serve(control_path.clone(), Arc::clone(&control)).await?;
+
         let adapter = NfsAdapter::new(Arc::clone(&vfs));
         let listener = NFSTcpListener::bind_with_generation(
             &config.listen.to_string(),
@@ -118,6 +143,8 @@ impl Gateway {
             reintegration,
             hurry,
             gateway_id,
+            control_path,
+            control,
             tasks,
         })
     }

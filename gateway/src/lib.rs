@@ -12,10 +12,12 @@
 
 pub mod coherence;
 pub mod conflict;
+pub mod control;
 pub mod fetch;
 pub mod follow;
 pub mod gateway;
 pub mod link;
+pub mod metrics;
 pub mod nfs;
 pub mod origin_client;
 pub mod reintegrate;

@@ -26,6 +26,7 @@ use imz_origin::wire::{self, Base, KeyedOp, NewObject, ObjRef, Op, OpResult};
 use tokio::sync::watch;
 
 use crate::conflict::{self, ConflictPolicy};
+use crate::metrics::Metrics;
 use crate::origin_client::OriginError;
 use crate::vfs::{Vfs, VfsError};
 
@@ -209,7 +210,26 @@ impl Reintegrator {
         self.vfs.cache.freeze_log(plan.seqs.iter().copied());
         let result = self.ship(&plan).await;
         self.vfs.cache.thaw_log(plan.seqs.iter().copied());
-        result
+        // Settle a refusal only now: settling may rewrite or cancel the
+        // records, which must not happen while they are frozen.
+        if let Some((seq, result)) = result? {
+            let record = plan
+                .records
+                .get(&seq)
+                .ok_or_else(|| VfsError::Io("planned record missing".into()))?;
+            self.progress.send_modify(|p| p.conflicts += 1);
+            Metrics::add(&self.vfs.metrics.conflicts, 1);
+            conflict::settle(
+                &self.vfs,
+                &self.gateway_id,
+                self.settings.policy,
+                seq,
+                record,
+                &result,
+            )
+            .await?;
+        }
+        Ok(Round::Shipped)
     }
 
     /// Picks the records to ship and turns them into operations.
@@ -495,8 +515,9 @@ impl Reintegrator {
         Ok(Ok(plan))
     }
 
-    /// Uploads content, sends the batch, records the outcome.
-    async fn ship(&self, plan: &Plan) -> Result<Round, VfsError> {
+    /// Uploads content, sends the batch, records what was applied. Returns
+    /// the first operation the origin refused, with its answer.
+    async fn ship(&self, plan: &Plan) -> Result<Option<(u64, OpResult)>, VfsError> {
         let mut uploaded = 0u64;
         for (upload_id, fid, size) in &plan.uploads {
             let body =
@@ -548,30 +569,18 @@ impl Reintegrator {
             })
             .await?;
         tracing::debug!(ops = n_applied, bytes = uploaded, took = ?started.elapsed(), "reintegrated");
+        Metrics::add(&self.vfs.metrics.reintegrated_ops, n_applied as u64);
+        Metrics::add(&self.vfs.metrics.reintegrated_bytes, uploaded);
         self.progress.send_modify(|p| {
             p.shipped_ops += n_applied as u64;
             p.shipped_bytes += uploaded;
             p.last_error = None;
         });
 
-        if let Some(result) = answer.results.get(n_applied) {
-            let done = &plan.done[n_applied];
-            let record = plan
-                .records
-                .get(&done.seq())
-                .ok_or_else(|| VfsError::Io("planned record missing".into()))?;
-            self.progress.send_modify(|p| p.conflicts += 1);
-            conflict::settle(
-                &self.vfs,
-                &self.gateway_id,
-                self.settings.policy,
-                done.seq(),
-                record,
-                result,
-            )
-            .await?;
-        }
-        Ok(Round::Shipped)
+        Ok(answer
+            .results
+            .get(n_applied)
+            .map(|result| (plan.done[n_applied].seq(), result.clone())))
     }
 }
 

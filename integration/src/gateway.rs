@@ -95,6 +95,34 @@ impl GatewayProc {
     }
 }
 
+impl GatewayProc {
+    /// Runs `imz SUBCOMMAND... --control SOCKET` against this gateway;
+    /// returns stdout, or fails with stderr.
+    pub fn ctl(&self, args: &[&str]) -> anyhow::Result<String> {
+        let socket = self.cache_dir.join("control.sock");
+        let out = std::process::Command::new(crate::imz_bin())
+            .args(args)
+            .arg("--control")
+            .arg(&socket)
+            .output()
+            .context("running imz")?;
+        if !out.status.success() {
+            anyhow::bail!(
+                "imz {args:?} failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// `imz status --json`, parsed.
+    pub fn status(&self) -> anyhow::Result<serde_json::Value> {
+        let out = self.ctl(&["status", "--json"])?;
+        serde_json::from_str(&out).context("parsing imz status --json")
+    }
+}
+
 /// One origin and one gateway over a fresh temporary directory.
 pub struct Fixture {
     pub dir: tempfile::TempDir,

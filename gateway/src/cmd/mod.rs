@@ -1,8 +1,12 @@
 //! The `imz` command line: one module per subcommand.
 
+mod conflicts;
+mod control_args;
 mod gateway;
 mod origin;
 mod serve;
+mod status;
+mod sync;
 
 use clap::{Parser, Subcommand};
 
@@ -26,6 +30,12 @@ pub enum Command {
     Origin(origin::Args),
     /// Serve an origin over NFSv3 from a local persistent cache.
     Gateway(gateway::Args),
+    /// Show what a running gateway is doing.
+    Status(status::Args),
+    /// Send pending changes to the origin now and wait until they are there.
+    Sync(sync::Args),
+    /// List or resolve conflicts.
+    Conflicts(conflicts::Args),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -33,6 +43,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve(args) => serve::run(args),
         Command::Origin(args) => origin::run(args),
         Command::Gateway(args) => gateway::run(args),
+        Command::Status(args) => status::run(args),
+        Command::Sync(args) => sync::run(args),
+        Command::Conflicts(args) => conflicts::run(args),
     }
 }
 

@@ -16,6 +16,7 @@ use imz_cache::{Cache, CacheError, FileId};
 
 use crate::fetch::Fetcher;
 use crate::link::Link;
+use crate::metrics::Metrics;
 use crate::origin_client::{OriginClient, OriginError};
 use crate::writer::Writer;
 
@@ -68,6 +69,7 @@ pub struct Vfs {
     pub link: Arc<Link>,
     pub fetcher: Fetcher,
     pub writer: Writer,
+    pub metrics: Arc<Metrics>,
     /// When each file's content last changed here (the reintegrator lets
     /// content age a moment before shipping it, so bursts travel once).
     pub touched: Mutex<HashMap<FileId, std::time::Instant>>,
@@ -84,6 +86,7 @@ impl Vfs {
         link: Arc<Link>,
         fetcher: Fetcher,
         writer: Writer,
+        metrics: Arc<Metrics>,
     ) -> Self {
         Self {
             cache,
@@ -91,6 +94,7 @@ impl Vfs {
             link,
             fetcher,
             writer,
+            metrics,
             touched: Mutex::new(HashMap::new()),
             log_changed: tokio::sync::Notify::new(),
             listing: Mutex::new(HashMap::new()),

@@ -9,6 +9,7 @@ use imz_cache::{FileId, Kind, Object, RangeRead};
 use super::{Vfs, VfsError};
 use crate::coherence::{self, Source};
 use crate::fetch::{FetchFailure, Target};
+use crate::metrics::Metrics;
 
 /// Attempts at a read whose file keeps changing at the origin.
 const READ_ATTEMPTS: usize = 3;
@@ -22,6 +23,22 @@ impl Vfs {
         offset: u64,
         count: u32,
     ) -> Result<(Vec<u8>, bool), VfsError> {
+        let (bytes, eof, hit) = self.read_inner(fid, offset, count).await?;
+        Metrics::add(&self.metrics.reads, 1);
+        Metrics::add(&self.metrics.read_bytes, bytes.len() as u64);
+        if hit {
+            Metrics::add(&self.metrics.read_hits, 1);
+        }
+        Ok((bytes, eof))
+    }
+
+    /// The read, and whether the cache answered it without fetching.
+    async fn read_inner(
+        &self,
+        fid: FileId,
+        offset: u64,
+        count: u32,
+    ) -> Result<(Vec<u8>, bool, bool), VfsError> {
         for _ in 0..READ_ATTEMPTS {
             let obj = self.getattr(fid)?;
             match obj.kind {
@@ -31,7 +48,7 @@ impl Vfs {
             }
             let size = obj.attrs.size;
             if offset >= size {
-                return Ok((Vec::new(), true));
+                return Ok((Vec::new(), true, true));
             }
             let end = offset.saturating_add(u64::from(count)).min(size);
             let eof = end >= size;
@@ -50,7 +67,7 @@ impl Vfs {
                     {
                         self.fetcher.readahead(&target, readahead);
                     }
-                    return Ok((bytes, eof));
+                    return Ok((bytes, eof, true));
                 }
                 RangeRead::Missing(missing) => missing,
             };
@@ -86,7 +103,7 @@ impl Vfs {
             let assembled =
                 tokio::task::block_in_place(|| assemble(self, fid, &obj, offset, end, &fetched))?;
             if let Some(bytes) = assembled {
-                return Ok((bytes, eof));
+                return Ok((bytes, eof, false));
             }
         }
         Err(VfsError::Io("file keeps changing at the origin".into()))

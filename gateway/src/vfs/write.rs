@@ -229,11 +229,12 @@ impl Vfs {
         // demand (only for files that are not entirely cached).
         let mut fetched: HashMap<u64, Vec<u8>> = HashMap::new();
         for _ in 0..3 {
-            let data = Arc::clone(&data);
+            let payload = Arc::clone(&data);
             let have = std::mem::take(&mut fetched);
             let outcome = self
                 .writer
-                .run(data.len(), move |tx| {
+                .run(payload.len(), move |tx| {
+                    let data = payload;
                     let now = now_nanos();
                     let mut obj = tx.get(fid)?.ok_or(VfsError::Stale)?;
                     match obj.kind {
@@ -264,6 +265,7 @@ impl Vfs {
                 .await?;
             match outcome {
                 Ok(obj) => {
+                    crate::metrics::Metrics::add(&self.metrics.written_bytes, data.len() as u64);
                     self.changed(fid);
                     return Ok(obj);
                 }

@@ -1,0 +1,376 @@
+//! The control socket: how `imz status`, `imz sync`, `imz conflicts` and
+//! `imz pin` talk to a running gateway.
+//!
+//! A Unix socket beside the cache (`control.sock`, mode 0600, so only the
+//! gateway's owner can use it). One JSON request per line, one JSON answer
+//! per line, then the connection closes.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::watch;
+
+use crate::conflict::{self, ConflictEntry, ConflictPolicy};
+use crate::link::LinkState;
+use crate::metrics::{Metrics, RateSample, Rates};
+use crate::reintegrate::Progress;
+use crate::vfs::Vfs;
+
+/// File name of the socket in the cache directory.
+pub const SOCKET_NAME: &str = "control.sock";
+
+/// The socket of the gateway whose cache is in `cache_dir`.
+pub fn socket_path(cache_dir: &Path) -> PathBuf {
+    cache_dir.join(SOCKET_NAME)
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case")]
+pub enum Request {
+    Status,
+    /// Reintegrate now; answer when the log is empty or why it is not.
+    Sync {
+        timeout_ms: u64,
+    },
+    ConflictsList,
+    ConflictsResolve {
+        which: String,
+        keep: ConflictPolicy,
+    },
+    Pin {
+        path: String,
+        recursive: bool,
+    },
+    Unpin {
+        path: String,
+    },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "answer", rename_all = "snake_case")]
+pub enum Response {
+    Status(Box<Status>),
+    Synced {
+        waited_ms: u64,
+    },
+    NotSynced {
+        reason: String,
+        pending: u64,
+    },
+    Conflicts {
+        conflicts: Vec<ConflictEntry>,
+    },
+    Resolved {
+        conflict: ConflictEntry,
+    },
+    Pinned {
+        path: String,
+        objects: u64,
+        bytes: u64,
+    },
+    Unpinned {
+        path: String,
+        objects: u64,
+    },
+    Error {
+        message: String,
+    },
+}
+
+/// What `imz status` shows.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Status {
+    pub origin: String,
+    pub mode: String,
+    pub connected: bool,
+    /// Unix seconds of the last connect or disconnect.
+    pub since: u64,
+    pub disconnect_reason: Option<String>,
+    /// Journal records applied / the origin's newest, as last seen.
+    pub journal_cursor: u64,
+    pub journal_origin_seq: u64,
+    pub journal_lag: u64,
+    /// Client modification log: records and content bytes waiting.
+    pub log_records: u64,
+    pub log_bytes: u64,
+    pub conflicts: u64,
+    pub conflicts_held: u64,
+    pub cache_used: u64,
+    pub cache_capacity: u64,
+    /// Dirty or pinned data (never evicted).
+    pub cache_protected: u64,
+    pub pinned_bytes: u64,
+    pub reads: u64,
+    pub read_hits: u64,
+    pub hit_ratio: f64,
+    pub fetched_bytes: u64,
+    pub written_bytes: u64,
+    pub reintegrated_ops: u64,
+    pub reintegrated_bytes: u64,
+    pub rates: RateSample,
+    pub last_error: Option<String>,
+}
+
+/// What the control server needs of the running gateway.
+pub struct Control {
+    pub vfs: Arc<Vfs>,
+    pub origin_url: String,
+    pub mode: String,
+    pub cursor: watch::Receiver<u64>,
+    pub progress: watch::Receiver<Progress>,
+    pub hurry: watch::Sender<u64>,
+    pub rates: Rates,
+    pub pins: Option<Arc<dyn Pinning>>,
+}
+
+/// Pinning, provided by the replication module.
+pub trait Pinning: Send + Sync {
+    fn pin(
+        &self,
+        path: String,
+        recursive: bool,
+    ) -> futures::future::BoxFuture<'_, Result<(u64, u64), String>>;
+    fn unpin(&self, path: String) -> futures::future::BoxFuture<'_, Result<u64, String>>;
+    fn pinned_bytes(&self) -> u64;
+}
+
+impl Control {
+    /// The gateway's status now.
+    pub fn status(&self) -> Status {
+        let m = &self.vfs.metrics;
+        let (connected, since, reason) = match self.vfs.link.state() {
+            LinkState::Connected { since } => (true, since, None),
+            LinkState::Disconnected { since, reason } => (false, since, Some(reason)),
+        };
+        let usage = self.vfs.cache.usage();
+        let (log_records, log_bytes) = log_size(&self.vfs).unwrap_or((0, 0));
+        let conflicts = conflict::list(&self.vfs.cache).unwrap_or_default();
+        let reads = Metrics::get(&m.reads);
+        let hits = Metrics::get(&m.read_hits);
+        let cursor = *self.cursor.borrow();
+        let origin_seq = Metrics::get(&m.origin_seq).max(cursor);
+        Status {
+            origin: self.origin_url.clone(),
+            mode: self.mode.clone(),
+            connected,
+            since: since
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            disconnect_reason: reason,
+            journal_cursor: cursor,
+            journal_origin_seq: origin_seq,
+            journal_lag: origin_seq - cursor,
+            log_records,
+            log_bytes,
+            conflicts: conflicts.len() as u64,
+            conflicts_held: conflicts
+                .iter()
+                .filter(|c| c.held.is_some() && c.decision.is_none())
+                .count() as u64,
+            cache_used: usage.used,
+            cache_capacity: usage.capacity,
+            cache_protected: usage.protected,
+            pinned_bytes: self.pins.as_ref().map_or(0, |p| p.pinned_bytes()),
+            reads,
+            read_hits: hits,
+            hit_ratio: if reads == 0 {
+                0.0
+            } else {
+                hits as f64 / reads as f64
+            },
+            fetched_bytes: Metrics::get(&m.fetched_bytes),
+            written_bytes: Metrics::get(&m.written_bytes),
+            reintegrated_ops: Metrics::get(&m.reintegrated_ops),
+            reintegrated_bytes: Metrics::get(&m.reintegrated_bytes),
+            rates: self.rates.sample(m),
+            last_error: self.progress.borrow().last_error.clone(),
+        }
+    }
+
+    async fn handle(&self, request: Request) -> Response {
+        match request {
+            Request::Status => Response::Status(Box::new(self.status())),
+            Request::Sync { timeout_ms } => self.sync(Duration::from_millis(timeout_ms)).await,
+            Request::ConflictsList => match conflict::list(&self.vfs.cache) {
+                Ok(conflicts) => Response::Conflicts { conflicts },
+                Err(e) => Response::Error {
+                    message: e.to_string(),
+                },
+            },
+            Request::ConflictsResolve { which, keep } => {
+                match conflict::decide(&self.vfs, &which, keep).await {
+                    Ok(conflict) => {
+                        self.hurry.send_modify(|h| *h += 1);
+                        Response::Resolved { conflict }
+                    }
+                    Err(crate::vfs::VfsError::NotFound) => Response::Error {
+                        message: format!("no held conflict for {which} (see imz conflicts list)"),
+                    },
+                    Err(e) => Response::Error {
+                        message: e.to_string(),
+                    },
+                }
+            }
+            Request::Pin { path, recursive } => match &self.pins {
+                Some(p) => match p.pin(path.clone(), recursive).await {
+                    Ok((objects, bytes)) => Response::Pinned {
+                        path,
+                        objects,
+                        bytes,
+                    },
+                    Err(message) => Response::Error { message },
+                },
+                None => Response::Error {
+                    message: "pinning is not available".into(),
+                },
+            },
+            Request::Unpin { path } => match &self.pins {
+                Some(p) => match p.unpin(path.clone()).await {
+                    Ok(objects) => Response::Unpinned { path, objects },
+                    Err(message) => Response::Error { message },
+                },
+                None => Response::Error {
+                    message: "pinning is not available".into(),
+                },
+            },
+        }
+    }
+
+    /// Ships the log now and waits for it to empty.
+    async fn sync(&self, timeout: Duration) -> Response {
+        let start = Instant::now();
+        self.hurry.send_modify(|h| *h += 1);
+        loop {
+            let (pending, _) = log_size(&self.vfs).unwrap_or((0, 0));
+            if pending == 0 {
+                return Response::Synced {
+                    waited_ms: start.elapsed().as_millis() as u64,
+                };
+            }
+            if let LinkState::Disconnected { reason, .. } = self.vfs.link.state() {
+                return Response::NotSynced {
+                    reason: format!("the origin is unreachable ({reason})"),
+                    pending,
+                };
+            }
+            let held = conflict::held_objects(&self.vfs.cache)
+                .map(|h| h.len())
+                .unwrap_or(0);
+            if held > 0 && start.elapsed() > Duration::from_millis(500) {
+                return Response::NotSynced {
+                    reason: format!(
+                        "{held} object(s) held by conflicts awaiting `imz conflicts resolve`"
+                    ),
+                    pending,
+                };
+            }
+            if start.elapsed() > timeout {
+                let last = self.progress.borrow().last_error.clone();
+                return Response::NotSynced {
+                    reason: match last {
+                        Some(e) => format!("timed out; last error: {e}"),
+                        None => "timed out".into(),
+                    },
+                    pending,
+                };
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            self.hurry.send_modify(|h| *h += 1);
+        }
+    }
+}
+
+/// Records in the log, and bytes of content they will upload.
+fn log_size(vfs: &Vfs) -> Result<(u64, u64), crate::vfs::VfsError> {
+    let rx = vfs.cache.read()?;
+    let records = rx.log_records(0, usize::MAX)?;
+    let mut bytes = 0;
+    for (_, raw) in &records {
+        if let Ok(rec) = imz_cache::log::decode(raw)
+            && let imz_cache::LogOp::Store { fid } = rec.op {
+                bytes += rx.get(fid)?.map_or(0, |o| o.attrs.size);
+            }
+    }
+    Ok((records.len() as u64, bytes))
+}
+
+/// Serves the control socket at `path` until the task is dropped.
+pub async fn serve(path: PathBuf, control: Arc<Control>) -> anyhow::Result<()> {
+    // A socket left by a gateway that died: nobody answers on it.
+    if path.exists() {
+        if UnixStream::connect(&path).await.is_ok() {
+            anyhow::bail!(
+                "another gateway is using the cache (its control socket {} answers)",
+                path.display()
+            );
+        }
+        std::fs::remove_file(&path)
+            .with_context(|| format!("removing the stale {}", path.display()))?;
+    }
+    let listener =
+        UnixListener::bind(&path).with_context(|| format!("binding {}", path.display()))?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("restricting {}", path.display()))?;
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let control = Arc::clone(&control);
+            tokio::spawn(async move {
+                if let Err(e) = answer(stream, &control).await {
+                    tracing::debug!(error = %e, "control connection failed");
+                }
+            });
+        }
+    });
+    Ok(())
+}
+
+async fn answer(stream: UnixStream, control: &Control) -> anyhow::Result<()> {
+    let (read, mut write) = stream.into_split();
+    let mut lines = BufReader::new(read).lines();
+    let Some(line) = lines.next_line().await? else {
+        return Ok(());
+    };
+    let response = match serde_json::from_str::<Request>(&line) {
+        Ok(req) => {
+            use tracing::Instrument;
+            let span = tracing::info_span!("control", request = ?req);
+            control.handle(req).instrument(span).await
+        }
+        Err(e) => Response::Error {
+            message: format!("bad request: {e}"),
+        },
+    };
+    let mut out = serde_json::to_vec(&response)?;
+    out.push(b'\n');
+    write.write_all(&out).await?;
+    Ok(())
+}
+
+/// Sends one request to the gateway whose socket is `path`.
+pub async fn request(path: &Path, request: &Request) -> anyhow::Result<Response> {
+    let stream = UnixStream::connect(path).await.with_context(|| {
+        format!(
+            "cannot reach a gateway at {} (is it running? pass its --cache directory)",
+            path.display()
+        )
+    })?;
+    let (read, mut write) = stream.into_split();
+    let mut line = serde_json::to_vec(request)?;
+    line.push(b'\n');
+    write.write_all(&line).await?;
+    let mut lines = BufReader::new(read).lines();
+    let answer = lines
+        .next_line()
+        .await?
+        .context("the gateway closed the connection")?;
+    serde_json::from_str(&answer).context("parsing the gateway's answer")
+}

@@ -1,0 +1,248 @@
+//! Conflicts under every policy: the gateway changes files while the origin
+//! is down, the origin's directory is changed meanwhile by another program,
+//! and when the origin returns the policy decides, losing nothing.
+
+use std::path::Path;
+use std::time::Duration;
+
+use imz_integration::Fixture;
+use imz_integration::gateway::eventually;
+use imz_integration::nfs::{Nfs, Stable};
+
+type Result = anyhow::Result<()>;
+
+const OURS: &[u8] = b"ours: written at the gateway";
+const THEIRS: &[u8] = b"theirs: written at the origin";
+
+/// Sets up every conflict case and returns once the origin is back.
+async fn make_conflicts(policy: &str) -> anyhow::Result<Fixture> {
+    let mut fx = Fixture::with_cache_size(
+        "1GiB",
+        &["--reintegrate-delay", "100ms", "--conflict-policy", policy],
+        |root| {
+            std::fs::write(root.join("shared.txt"), "v1")?;
+            std::fs::write(root.join("removed-by-us.txt"), "v1")?;
+            std::fs::write(root.join("removed-by-them.txt"), "v1")?;
+            std::fs::create_dir(root.join("doomed"))?;
+            std::fs::write(root.join("doomed/old.txt"), "v1")?;
+            Ok(())
+        },
+    )?;
+    let mut nfs = Nfs::mount(fx.port(), "/imz").await?;
+    let root = nfs.root.clone();
+    for f in [
+        "shared.txt",
+        "removed-by-us.txt",
+        "removed-by-them.txt",
+        "doomed/old.txt",
+    ] {
+        nfs.read_path(f).await?;
+    }
+    let doomed = nfs.lookup_path("doomed").await?;
+    nfs.readdir(&doomed, 4096).await?;
+
+    fx.origin.proc.kill9();
+    // The gateway's side, disconnected.
+    let shared = nfs.lookup_path("shared.txt").await?;
+    nfs.setattr(
+        &shared,
+        &imz_integration::nfs::Attrs {
+            size: Some(0),
+            ..Default::default()
+        },
+    )
+    .await?;
+    nfs.write(&shared, 0, OURS, Stable::FILE_SYNC).await?;
+    nfs.remove(&root, "removed-by-us.txt").await?;
+    let them = nfs.lookup_path("removed-by-them.txt").await?;
+    nfs.write(&them, 0, OURS, Stable::FILE_SYNC).await?;
+    nfs.put_file("both.txt", OURS).await?;
+    nfs.put_file("doomed/new.txt", OURS).await?;
+
+    // The origin's side, changed by another program meanwhile.
+    let r = &fx.root;
+    std::fs::write(r.join("shared.txt"), THEIRS)?;
+    std::fs::write(r.join("removed-by-us.txt"), THEIRS)?;
+    std::fs::remove_file(r.join("removed-by-them.txt"))?;
+    std::fs::write(r.join("both.txt"), THEIRS)?;
+    std::fs::remove_dir_all(r.join("doomed"))?;
+
+    fx.origin.restart()?;
+    Ok(fx)
+}
+
+fn read(fx: &Fixture, rel: &str) -> Option<Vec<u8>> {
+    std::fs::read(fx.origin_path(rel)).ok()
+}
+
+/// Waits until `check` holds for the origin's directory.
+fn settle(fx: &Fixture, what: &str, check: impl Fn(&Fixture) -> bool) -> Result {
+    eventually(Duration::from_secs(30), || check(fx).then_some(()))
+        .map(|_| ())
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "origin never reached: {what}; conflicts: {:?}",
+                fx.gateway.ctl(&["conflicts", "list"])
+            )
+        })
+}
+
+/// The conflict copies of `name` at the origin.
+fn copies(fx: &Fixture, dir: &str, name: &str) -> Vec<Vec<u8>> {
+    let prefix = format!("{name}.conflict-");
+    std::fs::read_dir(fx.origin_path(dir))
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+                .filter_map(|e| std::fs::read(e.path()).ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn saved_copies(fx: &Fixture) -> Vec<Vec<u8>> {
+    let dir = fx.gateway.cache_dir.join("conflicts");
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .filter_map(|e| std::fs::read(e.path()).ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keep_both_keeps_both_versions() -> Result {
+    let fx = make_conflicts("keep-both").await?;
+    settle(
+        &fx,
+        "update/update: theirs at the name, ours beside it",
+        |fx| {
+            read(fx, "shared.txt").as_deref() == Some(THEIRS)
+                && copies(fx, "", "shared.txt") == vec![OURS.to_vec()]
+        },
+    )?;
+    settle(
+        &fx,
+        "create/create: theirs at the name, ours beside it",
+        |fx| {
+            read(fx, "both.txt").as_deref() == Some(THEIRS)
+                && copies(fx, "", "both.txt") == vec![OURS.to_vec()]
+        },
+    )?;
+    settle(&fx, "remove/update: their change survives", |fx| {
+        read(fx, "removed-by-us.txt").as_deref() == Some(THEIRS)
+    })?;
+    settle(&fx, "update/remove: ours comes back", |fx| {
+        read(fx, "removed-by-them.txt").as_deref() == Some(OURS)
+    })?;
+    settle(&fx, "new file in a removed directory lands", |fx| {
+        read(fx, "doomed/new.txt").as_deref() == Some(OURS)
+    })?;
+    let listed = fx.gateway.ctl(&["conflicts", "list"])?;
+    for case in [
+        "update/update",
+        "create/create",
+        "remove/update",
+        "update/remove",
+        "create/remove-parent",
+    ] {
+        assert!(listed.contains(case), "{case} not listed:\n{listed}");
+    }
+    // The gateway's own view agrees with the origin's.
+    let mut nfs = Nfs::mount(fx.port(), "/imz").await?;
+    let seen = eventually(Duration::from_secs(10), || {
+        let got = block(nfs.read_path("shared.txt")).ok()?;
+        (got == THEIRS).then_some(())
+    });
+    assert!(
+        seen.is_some(),
+        "gateway still shows its own version at the name"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_wins_overwrites_the_origin() -> Result {
+    let fx = make_conflicts("gateway-wins").await?;
+    settle(&fx, "all ours", |fx| {
+        read(fx, "shared.txt").as_deref() == Some(OURS)
+            && read(fx, "both.txt").as_deref() == Some(OURS)
+            && read(fx, "removed-by-them.txt").as_deref() == Some(OURS)
+            && read(fx, "doomed/new.txt").as_deref() == Some(OURS)
+            && read(fx, "removed-by-us.txt").is_none()
+    })?;
+    assert!(copies(&fx, "", "shared.txt").is_empty());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn origin_wins_keeps_ours_in_the_conflicts_area() -> Result {
+    let fx = make_conflicts("origin-wins").await?;
+    settle(&fx, "all theirs", |fx| {
+        read(fx, "shared.txt").as_deref() == Some(THEIRS)
+            && read(fx, "both.txt").as_deref() == Some(THEIRS)
+            && read(fx, "removed-by-us.txt").as_deref() == Some(THEIRS)
+            && read(fx, "removed-by-them.txt").is_none()
+            && !fx.origin_path("doomed").exists()
+    })?;
+    // Nothing of ours is lost: each version sits in the conflicts area.
+    let saved = eventually(Duration::from_secs(10), || {
+        let s = saved_copies(&fx);
+        (s.iter().filter(|c| c.as_slice() == OURS).count() >= 4).then_some(s)
+    });
+    assert!(
+        saved.is_some(),
+        "saved copies: {:?}; conflicts: {:?}",
+        saved_copies(&fx)
+            .iter()
+            .map(|c| String::from_utf8_lossy(c).into_owned())
+            .collect::<Vec<_>>(),
+        fx.gateway.ctl(&["conflicts", "list"])
+    );
+    assert!(copies(&fx, "", "shared.txt").is_empty());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn manual_holds_until_a_person_decides() -> Result {
+    let fx = make_conflicts("manual").await?;
+    // Held: sync says why, the origin keeps its versions.
+    let held = eventually(Duration::from_secs(30), || {
+        let list = fx.gateway.ctl(&["conflicts", "list"]).ok()?;
+        (list.matches("HELD").count() >= 3).then_some(list)
+    })
+    .ok_or_else(|| anyhow::anyhow!("conflicts never held"))?
+    .0;
+    let err = fx
+        .gateway
+        .ctl(&["sync", "--timeout", "5s"])
+        .expect_err("sync with held conflicts");
+    assert!(err.to_string().contains("held"), "{err}");
+    assert_eq!(read(&fx, "shared.txt").as_deref(), Some(THEIRS));
+    assert!(held.contains("/shared.txt"), "{held}");
+
+    fx.gateway
+        .ctl(&["conflicts", "resolve", "/shared.txt", "--keep", "mine"])?;
+    fx.gateway
+        .ctl(&["conflicts", "resolve", "/both.txt", "--keep", "both"])?;
+    fx.gateway.ctl(&[
+        "conflicts",
+        "resolve",
+        "/removed-by-them.txt",
+        "--keep",
+        "theirs",
+    ])?;
+    settle(&fx, "decisions applied", |fx| {
+        read(fx, "shared.txt").as_deref() == Some(OURS)
+            && read(fx, "both.txt").as_deref() == Some(THEIRS)
+            && copies(fx, "", "both.txt") == vec![OURS.to_vec()]
+            && read(fx, "removed-by-them.txt").is_none()
+    })?;
+    let _ = Path::new("");
+    Ok(())
+}
+
+fn block<F: std::future::Future>(f: F) -> F::Output {
+    tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(f))
+}
