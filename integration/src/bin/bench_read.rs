@@ -168,6 +168,9 @@ struct Samples {
     /// Gateway CPU seconds per GiB served, cold and warm; origin's, cold.
     cpu_cold_imz: Vec<f64>,
     cpu_warm_imz: Vec<f64>,
+    cpu_warm_ganesha: Vec<f64>,
+    /// 1-minute load average at the start of each round.
+    load: Vec<f64>,
     cpu_cold_origin: Vec<f64>,
 }
 
@@ -219,7 +222,11 @@ fn run(opts: &Options) -> anyhow::Result<()> {
 
     let mut s = Samples::default();
     for round in 0..opts.rounds {
-        eprintln!("round {}/{}", round + 1, opts.rounds);
+        let load = bench::load_average();
+        eprintln!("round {}/{} (load average {load})", round + 1, opts.rounds);
+        if let Some(one) = load.split_whitespace().next().and_then(|l| l.parse().ok()) {
+            s.load.push(one);
+        }
         one_round(round, &base, &root, &origin, &data_url, &mut s)?;
     }
 
@@ -307,10 +314,13 @@ fn one_round(
     // Read, warm.
     for _ in 0..WARM_REPEATS {
         for &side in &nfs_sides {
-            let cpu = gw.cpu()?;
+            let (cpu, gcpu) = (gw.cpu()?, bench::cpu_time(ganesha.pid())?);
             let secs = timed_cat(&url(side, BIG))?;
-            if side == Side::Imz {
-                s.cpu_warm_imz.push((gw.cpu()? - cpu).as_secs_f64());
+            match side {
+                Side::Imz => s.cpu_warm_imz.push((gw.cpu()? - cpu).as_secs_f64()),
+                _ => s
+                    .cpu_warm_ganesha
+                    .push((bench::cpu_time(ganesha.pid())? - gcpu).as_secs_f64()),
             }
             push(
                 side,
@@ -688,10 +698,11 @@ fn report(
         println!("  {name:<26} {}", spread(v));
     }
     println!(
-        "CPU per GiB read (median): gateway cold {} s, gateway warm {} s, origin cold {} s",
+        "CPU s per GiB read (median): gateway cold {} + origin {}; warm: gateway {}, ganesha {}",
         f2(m(&s.cpu_cold_imz)),
-        f2(m(&s.cpu_warm_imz)),
         f2(m(&s.cpu_cold_origin)),
+        f2(m(&s.cpu_warm_imz)),
+        f2(m(&s.cpu_warm_ganesha)),
     );
     if let Some(f) = four {
         println!(
@@ -703,5 +714,16 @@ fn report(
         "cold: page cache {}dropped before each cold run; gateway: new process, empty cache; ganesha: new process",
         if cold_ok { "" } else { "NOT " }
     );
-    println!("load average before: {load_before}; after: {load_after}");
+    println!(
+        "load average before: {load_before}; after: {load_after}; 1-min at round starts: {}",
+        s.load
+            .iter()
+            .map(|l| format!("{l:.2}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    println!(
+        "imz: {} (2 cores shared: compare ratios, not absolute numbers)",
+        imz_integration::imz_bin().display()
+    );
 }
