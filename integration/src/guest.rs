@@ -528,7 +528,12 @@ impl Guest {
             forwards.insert(*gp, hp);
         }
         let console = run.path().join("console.log");
-        let mut cmd = Command::new("qemu-system-x86_64");
+        // Under coreutils `timeout`, so that QEMU goes away by itself even
+        // if this process is killed before it can clean up.
+        let mut cmd = Command::new("timeout");
+        cmd.args(["-k", "5"])
+            .arg((b.timeout + Duration::from_secs(30)).as_secs().to_string())
+            .arg("qemu-system-x86_64");
         cmd.args(["-accel", "tcg", "-cpu", "qemu64", "-smp", "1"])
             .args(["-m", &b.mem_mib.to_string()])
             .args(["-nodefaults", "-no-user-config", "-display", "none"])
@@ -557,7 +562,9 @@ impl Guest {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         let started = Instant::now();
-        let mut child = cmd.spawn().context("starting qemu-system-x86_64")?;
+        let mut child = cmd
+            .spawn()
+            .context("starting qemu-system-x86_64 (under timeout)")?;
         let stdout = child.stdout.take().context("qemu stdout")?;
         let mut stderr_pipe = child.stderr.take().context("qemu stderr")?;
         let stdin = child.stdin.take();
@@ -629,6 +636,27 @@ impl Guest {
         })
     }
 
+    /// Stops QEMU: SIGTERM to `timeout`, which passes it on to QEMU (a
+    /// SIGKILL would orphan QEMU), then SIGKILL if that did not work.
+    fn stop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(Some(_))) {
+            return;
+        }
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .stderr(Stdio::null())
+            .status();
+        let until = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < until {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// The host port (on 127.0.0.1) forwarded to `guest_port`.
     pub fn host_port(&self, guest_port: u16) -> u16 {
         self.forwards.get(&guest_port).copied().unwrap_or_else(|| {
@@ -667,8 +695,7 @@ impl Guest {
     /// An error carrying `what`, the guest's output, console and QEMU's
     /// stderr.
     pub fn failure(&mut self, what: &str) -> anyhow::Error {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.stop();
         // The reader threads finish once QEMU is gone.
         std::thread::sleep(Duration::from_millis(100));
         let stderr = self.stderr.lock().map(|s| s.clone()).unwrap_or_default();
@@ -750,8 +777,7 @@ impl Guest {
                 break;
             }
             if Instant::now() > until {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
+                self.stop();
                 break;
             }
             std::thread::sleep(Duration::from_millis(20));
@@ -786,8 +812,7 @@ impl Guest {
 
 impl Drop for Guest {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.stop();
     }
 }
 
