@@ -54,7 +54,14 @@ fn poll_until(
     let start = Instant::now();
     let mut last = (0, Vec::new());
     while start.elapsed() < CHANGE_DEADLINE {
-        last = get(client, url)?;
+        // While a page is being replaced, the server may stat the old file
+        // and read the new one (the client's attribute cache): a response
+        // cut short is a transient state of the page, not an error.
+        match get(client, url) {
+            Ok(got) => last = got,
+            Err(e) if format!("{e:#}").contains("end of file before message length") => {}
+            Err(e) => return Err(e),
+        }
         if last.0 == status && body.is_none_or(|b| last.1 == b) {
             return Ok(start.elapsed());
         }
@@ -149,9 +156,6 @@ fn busybox_httpd_serves_the_mount_and_shows_origin_changes() -> Result {
 }
 
 #[test]
-#[ignore = "origin bug: a file replaced by rename (write tmp, mv over) vanishes: the journal \
-            records the remove of the old file and no create; the gateway lists the \
-            directory without it"]
 fn busybox_httpd_shows_a_page_replaced_by_rename_at_the_origin() -> Result {
     if guest::skip() {
         return Ok(());

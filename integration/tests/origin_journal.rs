@@ -164,6 +164,32 @@ fn wait_for_change(
 }
 
 #[test]
+fn a_file_replaced_by_rename_over_it_is_journaled_as_the_new_file() {
+    // What editors and deploy scripts do: write a temporary, mv it over.
+    let s = start_with(|root| {
+        std::fs::create_dir(root.join("www")).expect("mkdir");
+        std::fs::write(root.join("www/page.html"), b"AAAA\n").expect("write");
+    });
+    let c = &s.client;
+    let root = s.root();
+    let www = c.lookup(ROOT_ID, "www").attr;
+    let old = c.lookup(www.id, "page.html").attr;
+    let cur = c.info().last_seq;
+    std::fs::write(root.join("www/page.tmp"), b"BBBB\n").expect("write tmp");
+    std::fs::rename(root.join("www/page.tmp"), root.join("www/page.html")).expect("mv over");
+    wait_for_change(
+        c,
+        cur,
+        "the new page",
+        |r| matches!(&r.change, Change::Create { name, .. } | Change::Rename { to_name: name, .. } if name == "page.html"),
+    );
+    let now = c.lookup(www.id, "page.html").attr;
+    assert_ne!(now.id, old.id, "the replaced file is another object");
+    assert_eq!(now.size, 5);
+    assert!(c.try_lookup(www.id, "page.tmp").is_none());
+}
+
+#[test]
 fn changes_made_directly_in_the_directory_are_journaled_while_running() {
     let s = start_with(|root| {
         std::fs::write(root.join("keep"), b"one").expect("write");

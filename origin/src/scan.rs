@@ -342,23 +342,26 @@ fn apply(cx: &mut WCtx<'_>, diff: &mut Diff) -> Result<()> {
         };
         record_rename(cx, id, source, dir, name, st, &mut dir_stats)?;
     }
+    let mut missing_ids: HashSet<ObjectId> = missing_ids.difference(&moved).copied().collect();
+    // A name whose object was replaced in place (`mv tmp name` over it):
+    // the old object goes first, so that the new one can take the name.
+    let created_names: HashSet<(ObjectId, &str)> =
+        creates.iter().map(|(d, n, _)| (*d, n.as_str())).collect();
+    for (dir, name, id) in &diff.missing {
+        if created_names.contains(&(*dir, name.as_str())) && missing_ids.contains(id) {
+            record_remove(cx, *dir, name.clone(), *id, &mut dir_stats)?;
+        }
+    }
     // Creates, whole subtrees for new directories; an object found inside a
     // new directory that vanished elsewhere moved there.
-    let mut missing_ids: HashSet<ObjectId> = missing_ids.difference(&moved).copied().collect();
     for (dir, name, st) in creates {
         create_tree(cx, dir, name, st, &mut dir_stats, &mut missing_ids)?;
     }
     // Removes: vanished objects that did not move.
     for (dir, name, id) in std::mem::take(&mut diff.missing) {
-        if !missing_ids.contains(&id) || cx.tx.child(dir, &name)? != Some(id) {
-            continue;
+        if missing_ids.contains(&id) {
+            record_remove(cx, dir, name, id, &mut dir_stats)?;
         }
-        cx.tx.unlink(dir, &name)?;
-        cx.tx.forget_subtree(id)?;
-        let seq = cx.tx.next_seq()?;
-        let parent = touch_dir(cx, dir, seq, -1, &mut dir_stats)?;
-        cx.tx
-            .append(seq, cx.now, None, Change::Remove { parent, name, id })?;
     }
     // Changed files and symlinks.
     for (id, st) in std::mem::take(&mut diff.changed) {
@@ -394,6 +397,26 @@ fn apply(cx: &mut WCtx<'_>, diff: &mut Diff) -> Result<()> {
             .append(seq, cx.now, None, Change::SetAttr { attr: m.attr })?;
     }
     Ok(())
+}
+
+/// Journals that `dir/name` (object `id`) is gone, if the store still has
+/// it there.
+fn record_remove(
+    cx: &mut WCtx<'_>,
+    dir: ObjectId,
+    name: String,
+    id: ObjectId,
+    dir_stats: &mut HashMap<ObjectId, Stat>,
+) -> Result<()> {
+    if cx.tx.child(dir, &name)? != Some(id) {
+        return Ok(());
+    }
+    cx.tx.unlink(dir, &name)?;
+    cx.tx.forget_subtree(id)?;
+    let seq = cx.tx.next_seq()?;
+    let parent = touch_dir(cx, dir, seq, -1, dir_stats)?;
+    cx.tx
+        .append(seq, cx.now, None, Change::Remove { parent, name, id })
 }
 
 /// Moves `id` from `source` (its old entry, already unlinked or not) to
