@@ -12,7 +12,11 @@ use clap::{Parser, Subcommand};
 
 /// imz: an InterMezzo-style caching NFSv3 gateway in front of an origin server.
 #[derive(Debug, Parser)]
-#[command(name = "imz", version, about, long_about = None)]
+#[command(
+    name = "imz",
+    version,
+    about = "imz: an InterMezzo-style NFSv3 gateway that caches an origin server, works disconnected and reintegrates"
+)]
 pub struct Cli {
     /// Log more (-v: debug, -vv: trace). RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
