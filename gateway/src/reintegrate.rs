@@ -45,7 +45,7 @@ pub struct Settings {
 impl Default for Settings {
     fn default() -> Self {
         Self {
-            aging: Duration::from_secs(3),
+            aging: Duration::from_secs(1),
             policy: ConflictPolicy::KeepBoth,
             max_ops: 1000,
             max_upload_bytes: 256 << 20,

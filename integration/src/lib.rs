@@ -7,6 +7,7 @@ pub mod data;
 pub mod gateway;
 pub mod guest;
 pub mod libnfs;
+pub mod netns;
 pub mod nfs;
 pub mod process;
 

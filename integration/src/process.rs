@@ -36,13 +36,31 @@ impl Imz {
     /// Starts `imz ARGS...` and waits until it prints a line starting with
     /// `ready_prefix`; returns the process and the rest of that line.
     pub fn spawn(args: &[&str], ready_prefix: &str) -> anyhow::Result<(Self, String)> {
+        Self::spawn_wrapped(&[], args, ready_prefix)
+    }
+
+    /// Like [`spawn`](Self::spawn), run through `wrapper` (e.g. `ip netns
+    /// exec NS`, which execs imz so that the pid is imz's own).
+    pub fn spawn_wrapped(
+        wrapper: &[String],
+        args: &[&str],
+        ready_prefix: &str,
+    ) -> anyhow::Result<(Self, String)> {
         let bin = imz_bin();
         anyhow::ensure!(
             bin.exists(),
             "{} does not exist: build it first (cargo build --release --bins)",
             bin.display()
         );
-        let mut child = Command::new(&bin)
+        let mut command = match wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(&bin);
+                c
+            }
+            None => Command::new(&bin),
+        };
+        let mut child = command
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -80,11 +98,17 @@ impl Imz {
                     }
                 }
                 Err(mpsc::RecvTimeoutError::Timeout) => {
-                    bail!("imz {}: no line starting with {prefix:?} within {timeout:?}", self.name)
+                    bail!(
+                        "imz {}: no line starting with {prefix:?} within {timeout:?}",
+                        self.name
+                    )
                 }
                 Err(mpsc::RecvTimeoutError::Disconnected) => {
                     let status = self.child.wait().ok();
-                    bail!("imz {} exited ({status:?}) before printing {prefix:?}", self.name)
+                    bail!(
+                        "imz {} exited ({status:?}) before printing {prefix:?}",
+                        self.name
+                    )
                 }
             }
         }
@@ -101,7 +125,11 @@ impl Imz {
     }
 
     /// Sends `signal` (e.g. `libc::SIGTERM` = 15) and waits for the exit status.
-    pub fn signal_and_wait(&mut self, signal: i32, timeout: Duration) -> anyhow::Result<std::process::ExitStatus> {
+    pub fn signal_and_wait(
+        &mut self,
+        signal: i32,
+        timeout: Duration,
+    ) -> anyhow::Result<std::process::ExitStatus> {
         let status = Command::new("kill")
             .arg(format!("-{signal}"))
             .arg(self.child.id().to_string())
@@ -115,7 +143,10 @@ impl Imz {
             }
             if std::time::Instant::now() > deadline {
                 self.kill9();
-                bail!("imz {} did not exit within {timeout:?} of signal {signal}", self.name);
+                bail!(
+                    "imz {} did not exit within {timeout:?} of signal {signal}",
+                    self.name
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -142,6 +173,8 @@ pub struct OriginProc {
     pub token: String,
     pub token_file: PathBuf,
     pub root: PathBuf,
+    /// How it was started (empty: directly).
+    pub wrapper: Vec<String>,
 }
 
 /// What `imz origin` prints on stdout once it accepts requests.
@@ -157,10 +190,30 @@ impl OriginProc {
     /// Like [`start`](Self::start) on a given listen address (to restart an
     /// origin on the port its gateways know).
     pub fn start_on(root: &Path, token_file: &Path, listen: &str) -> anyhow::Result<Self> {
+        Self::start_wrapped(&[], root, token_file, listen)
+    }
+
+    /// Starts the origin through `wrapper` (e.g. inside a network namespace:
+    /// see `netns.rs`).
+    pub fn start_wrapped(
+        wrapper: &[String],
+        root: &Path,
+        token_file: &Path,
+        listen: &str,
+    ) -> anyhow::Result<Self> {
         let root_s = root.to_str().context("root path is not UTF-8")?;
         let token_s = token_file.to_str().context("token path is not UTF-8")?;
-        let (proc, url) = Imz::spawn(
-            &["origin", "--root", root_s, "--listen", listen, "--token-file", token_s],
+        let (proc, url) = Imz::spawn_wrapped(
+            wrapper,
+            &[
+                "origin",
+                "--root",
+                root_s,
+                "--listen",
+                listen,
+                "--token-file",
+                token_s,
+            ],
             ORIGIN_READY,
         )?;
         let addr: SocketAddr = url
@@ -180,6 +233,7 @@ impl OriginProc {
             token,
             token_file: token_file.to_path_buf(),
             root: root.to_path_buf(),
+            wrapper: wrapper.to_vec(),
         })
     }
 
@@ -187,7 +241,7 @@ impl OriginProc {
     pub fn restart(&mut self) -> anyhow::Result<()> {
         self.proc.kill9();
         let addr = self.addr.to_string();
-        let fresh = Self::start_on(&self.root, &self.token_file, &addr)?;
+        let fresh = Self::start_wrapped(&self.wrapper, &self.root, &self.token_file, &addr)?;
         *self = fresh;
         Ok(())
     }

@@ -138,7 +138,7 @@ pub struct WritebackArgs {
     pub conflict_policy: imz_gateway::conflict::ConflictPolicy,
     /// How long a change waits before it is sent to the origin, so that a
     /// burst of writes to one file travels once (e.g. 3s, 500ms).
-    #[arg(long, default_value = "3s", value_parser = parse_duration)]
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
     pub reintegrate_delay: std::time::Duration,
 }
 
