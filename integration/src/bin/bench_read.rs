@@ -15,8 +15,9 @@
 //! cache and the page cache dropped (so the origin reads the file, and its
 //! metadata store, from disk); for ganesha, a freshly started ganesha (empty
 //! metadata cache) with the page cache dropped; for raw HTTP, the page cache
-//! dropped. "Warm": the same server again right after (gateway: data in its
-//! redb cache, redb file in the page cache; ganesha: file in the page cache).
+//! dropped. "Warm": the same server again after one untimed read (gateway:
+//! data in its redb cache, redb file in the page cache; ganesha: file in the
+//! page cache).
 //!
 //! Run (as root, loopback only; installs nfs-ganesha, nfs-ganesha-vfs,
 //! rpcbind with apt-get if missing, and starts them as children):
@@ -25,6 +26,10 @@
 //! cargo build --release --bins
 //! cargo run --release -p imz-integration --bin bench-read -- [--rounds N] [--dir DIR] [--skip-4g]
 //! ```
+//!
+//! `--compare OTHER_IMZ` also runs a gateway from another build of `imz`
+//! (e.g. a branch built in a scratch worktree) in the same rounds,
+//! interleaved, and prints its table too: a before/after in one run.
 //!
 //! The data set (1 GiB, 4 GiB, 10k files) is made once under DIR (default
 //! `.imz-bench/read`, or `$IMZ_BENCH_DIR`) and reused.
@@ -57,6 +62,8 @@ struct Options {
     rounds: usize,
     dir: PathBuf,
     skip_4g: bool,
+    /// A second imz binary whose gateway runs interleaved with the first.
+    compare: Option<PathBuf>,
 }
 
 fn options() -> anyhow::Result<Options> {
@@ -66,6 +73,7 @@ fn options() -> anyhow::Result<Options> {
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from(".imz-bench/read")),
         skip_4g: false,
+        compare: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -79,8 +87,15 @@ fn options() -> anyhow::Result<Options> {
             }
             "--dir" => o.dir = PathBuf::from(args.next().context("--dir DIR")?),
             "--skip-4g" => o.skip_4g = true,
+            "--compare" => {
+                o.compare = Some(std::path::absolute(
+                    args.next().context("--compare IMZ_BINARY")?,
+                )?)
+            }
             "-h" | "--help" => {
-                println!("bench-read [--rounds N (5)] [--dir DIR] [--skip-4g]");
+                println!(
+                    "bench-read [--rounds N (5)] [--dir DIR] [--skip-4g] [--compare OTHER_IMZ_BINARY]"
+                );
                 std::process::exit(0);
             }
             other => bail!("unknown argument {other:?} (try --help)"),
@@ -147,31 +162,49 @@ fn reexec_with_imz_bin() -> anyhow::Result<()> {
 
 /// Which server a measurement goes through.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Side {
+enum Server {
+    /// The gateway under test (`$IMZ_BIN`, started through the harness).
     Imz,
+    /// A second gateway binary (`--compare BIN`), interleaved with the first.
+    ImzB,
     Ganesha,
-    Http,
+}
+
+/// Samples of one server.
+#[derive(Default)]
+struct PerServer {
+    read_cold: Vec<f64>,
+    read_warm: Vec<f64>,
+    ls_cold: Vec<f64>,
+    ls_warm: Vec<f64>,
+    /// CPU seconds per GiB read, cold and warm.
+    cpu_cold: Vec<f64>,
+    cpu_warm: Vec<f64>,
+    /// Peak RSS over a round (gateways).
+    hwm_mib: Vec<f64>,
+    four: Option<FourGig>,
 }
 
 #[derive(Default)]
 struct Samples {
-    read_cold_imz: Vec<f64>,
-    read_cold_ganesha: Vec<f64>,
-    read_cold_http: Vec<f64>,
-    read_warm_imz: Vec<f64>,
-    read_warm_ganesha: Vec<f64>,
-    ls_cold_imz: Vec<f64>,
-    ls_cold_ganesha: Vec<f64>,
-    ls_warm_imz: Vec<f64>,
-    ls_warm_ganesha: Vec<f64>,
-    hwm_1g_mib: Vec<f64>,
-    /// Gateway CPU seconds per GiB served, cold and warm; origin's, cold.
-    cpu_cold_imz: Vec<f64>,
-    cpu_warm_imz: Vec<f64>,
-    cpu_warm_ganesha: Vec<f64>,
+    imz: PerServer,
+    imz_b: PerServer,
+    ganesha: PerServer,
+    http_cold: Vec<f64>,
+    /// Origin CPU seconds per GiB of gateway cold reads.
+    cpu_cold_origin: Vec<f64>,
     /// 1-minute load average at the start of each round.
     load: Vec<f64>,
-    cpu_cold_origin: Vec<f64>,
+}
+
+impl Samples {
+    fn of(&mut self, server: Server) -> &mut PerServer {
+        match server {
+            Server::Imz => &mut self.imz,
+            Server::ImzB => &mut self.imz_b,
+            Server::Ganesha => &mut self.ganesha,
+        }
+    }
 }
 
 struct FourGig {
@@ -197,6 +230,9 @@ fn run(opts: &Options) -> anyhow::Result<()> {
         "{} is missing: run `cargo build --release --bins` first",
         imz.display()
     );
+    if let Some(b) = &opts.compare {
+        ensure!(b.exists(), "--compare {}: no such file", b.display());
+    }
     let base = std::path::absolute(&opts.dir)?;
     let root = base.join("root");
     prepare_data(&root, !opts.skip_4g)?;
@@ -227,27 +263,36 @@ fn run(opts: &Options) -> anyhow::Result<()> {
         if let Some(one) = load.split_whitespace().next().and_then(|l| l.parse().ok()) {
             s.load.push(one);
         }
-        one_round(round, &base, &root, &origin, &data_url, &mut s)?;
+        one_round(opts, round, &base, &root, &origin, &data_url, &mut s)?;
     }
 
-    let four = if opts.skip_4g {
-        None
-    } else {
-        eprintln!("4 GiB read through a fresh gateway");
-        Some(four_gig(&base, &origin)?)
-    };
+    if !opts.skip_4g {
+        for server in gateways(opts) {
+            eprintln!("4 GiB read through a fresh gateway ({server:?})");
+            s.of(server).four = Some(four_gig(opts, server, &base, &origin)?);
+        }
+    }
     let load_after = bench::load_average();
     bench::unregister(origin.proc.pid());
     drop(origin);
     drop(rpcbind);
 
-    report(opts, &s, four.as_ref(), cold_ok, &load_before, &load_after);
+    report(opts, &s, cold_ok, &load_before, &load_after);
     Ok(())
 }
 
-/// One round: a fresh ganesha and a fresh gateway, listings cold then warm,
+fn gateways(opts: &Options) -> Vec<Server> {
+    let mut v = vec![Server::Imz];
+    if opts.compare.is_some() {
+        v.push(Server::ImzB);
+    }
+    v
+}
+
+/// One round: a fresh ganesha and fresh gateways, listings cold then warm,
 /// reads cold then warm; the order of the servers rotates by round.
 fn one_round(
+    opts: &Options,
     round: usize,
     base: &Path,
     root: &Path,
@@ -256,144 +301,236 @@ fn one_round(
     s: &mut Samples,
 ) -> anyhow::Result<()> {
     let ganesha = Ganesha::start(root, &base.join("ganesha"))?;
-    let cache_dir = base.join(format!("cache-{round}"));
-    let _ = std::fs::remove_dir_all(&cache_dir);
-    let gw = Gw::start(origin, &cache_dir)?;
-
-    let nfs_sides = if round.is_multiple_of(2) {
-        [Side::Ganesha, Side::Imz]
-    } else {
-        [Side::Imz, Side::Ganesha]
+    let mut gws = Vec::new();
+    for server in gateways(opts) {
+        let dir = base.join(format!("cache-{server:?}-{round}"));
+        gws.push((server, Gw::start(opts, server, origin, &dir)?));
+    }
+    let gw = |server: Server| gws.iter().find(|(s, _)| *s == server).map(|(_, g)| g);
+    let pid = |server: Server| match gw(server) {
+        Some(g) => g.pid(),
+        None => ganesha.pid(),
     };
-    let url = |side: Side, path: &str| match side {
-        Side::Imz => imz_integration::libnfs::url(gw.port(), path),
-        _ => ganesha.url(path),
+    let url = |server: Server, path: &str| match gw(server) {
+        Some(g) => imz_integration::libnfs::url(g.port(), path),
+        None => ganesha.url(path),
     };
+    let mut servers = vec![Server::Ganesha];
+    servers.extend(gateways(opts));
+    let n = servers.len();
+    servers.rotate_left(round % n);
 
     // Listing, cold: first listing through a fresh server, page cache dropped.
-    for &side in &nfs_sides {
+    for &server in &servers {
         bench::drop_page_cache();
-        let ms = timed_ls(&url(side, DIR10K))?;
-        push(side, ms, &mut s.ls_cold_imz, &mut s.ls_cold_ganesha);
+        let ms = timed_ls(&url(server, DIR10K))?;
+        s.of(server).ls_cold.push(ms);
     }
     for _ in 0..WARM_REPEATS {
-        for &side in &nfs_sides {
-            let ms = timed_ls(&url(side, DIR10K))?;
-            push(side, ms, &mut s.ls_warm_imz, &mut s.ls_warm_ganesha);
+        for &server in &servers {
+            let ms = timed_ls(&url(server, DIR10K))?;
+            s.of(server).ls_warm.push(ms);
         }
     }
 
     // Read, cold. The raw HTTP download takes its turn in the rotation.
-    let mut cold_sides = vec![Side::Ganesha, Side::Imz, Side::Http];
-    cold_sides.rotate_left(round % 3);
-    for &side in &cold_sides {
+    let mut cold: Vec<Option<Server>> = servers.iter().copied().map(Some).collect();
+    cold.push(None);
+    let n = cold.len();
+    cold.rotate_left(round % n);
+    for &server in &cold {
         bench::drop_page_cache();
-        match side {
-            Side::Http => {
-                let secs = timed_curl(data_url, &origin.token, GIB)?;
-                s.read_cold_http.push(GIB as f64 / MIB / secs);
-            }
-            Side::Imz => {
-                let (gw_cpu, origin_cpu) = (gw.cpu()?, bench::cpu_time(origin.proc.pid())?);
-                let secs = timed_cat(&url(side, BIG))?;
-                s.read_cold_imz.push(GIB as f64 / MIB / secs);
-                s.cpu_cold_imz.push((gw.cpu()? - gw_cpu).as_secs_f64());
-                s.cpu_cold_origin
-                    .push((bench::cpu_time(origin.proc.pid())? - origin_cpu).as_secs_f64());
-            }
-            Side::Ganesha => {
-                let secs = timed_cat(&url(side, BIG))?;
-                s.read_cold_ganesha.push(GIB as f64 / MIB / secs);
-            }
+        let Some(server) = server else {
+            let secs = timed_curl(data_url, &origin.token, GIB)?;
+            s.http_cold.push(GIB as f64 / MIB / secs);
+            continue;
+        };
+        let (cpu, origin_cpu) = (
+            bench::cpu_time(pid(server))?,
+            bench::cpu_time(origin.proc.pid())?,
+        );
+        let secs = timed_cat(&url(server, BIG))?;
+        let cpu = (bench::cpu_time(pid(server))? - cpu).as_secs_f64();
+        let origin_cpu = (bench::cpu_time(origin.proc.pid())? - origin_cpu).as_secs_f64();
+        let per = s.of(server);
+        per.read_cold.push(GIB as f64 / MIB / secs);
+        per.cpu_cold.push(cpu);
+        if server == Server::Imz {
+            s.cpu_cold_origin.push(origin_cpu);
         }
     }
-    // The gateway's storer may still be writing what it fetched.
+    // The gateways' storers may still be writing what they fetched.
     bench::sync();
     std::thread::sleep(Duration::from_millis(500));
 
-    // Read, warm.
+    // Read, warm: after one untimed read per server, because the page
+    // cache drops of later cold runs evicted what the earlier ones loaded
+    // (the gateway's redb file, ganesha's file).
+    for &server in &servers {
+        timed_cat(&url(server, BIG))?;
+    }
     for _ in 0..WARM_REPEATS {
-        for &side in &nfs_sides {
-            let (cpu, gcpu) = (gw.cpu()?, bench::cpu_time(ganesha.pid())?);
-            let secs = timed_cat(&url(side, BIG))?;
-            match side {
-                Side::Imz => s.cpu_warm_imz.push((gw.cpu()? - cpu).as_secs_f64()),
-                _ => s
-                    .cpu_warm_ganesha
-                    .push((bench::cpu_time(ganesha.pid())? - gcpu).as_secs_f64()),
-            }
-            push(
-                side,
-                GIB as f64 / MIB / secs,
-                &mut s.read_warm_imz,
-                &mut s.read_warm_ganesha,
-            );
+        for &server in &servers {
+            let cpu = bench::cpu_time(pid(server))?;
+            let secs = timed_cat(&url(server, BIG))?;
+            let cpu = (bench::cpu_time(pid(server))? - cpu).as_secs_f64();
+            let per = s.of(server);
+            per.read_warm.push(GIB as f64 / MIB / secs);
+            per.cpu_warm.push(cpu);
         }
     }
-    s.hwm_1g_mib.push(gw.hwm_mib()?);
+    for (server, g) in &gws {
+        s.of(*server).hwm_mib.push(g.hwm_mib()?);
+    }
 
     if round == 0 {
-        // Untimed: both servers give exactly the file's bytes.
-        for side in nfs_sides {
-            verify_cat(&url(side, BIG), &root.join(BIG))
-                .with_context(|| format!("verifying {BIG} through {side:?}"))?;
+        // Untimed: every server gives exactly the file's bytes.
+        for &server in &servers {
+            verify_cat(&url(server, BIG), &root.join(BIG))
+                .with_context(|| format!("verifying {BIG} through {server:?}"))?;
         }
     }
-    drop(gw);
-    let _ = std::fs::remove_dir_all(&cache_dir);
+    for (_, g) in gws {
+        let dir = g.cache_dir.clone();
+        drop(g);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
     ganesha.stop();
     Ok(())
 }
 
-fn push(side: Side, v: f64, imz: &mut Vec<f64>, peer: &mut Vec<f64>) {
-    match side {
-        Side::Imz => imz.push(v),
-        _ => peer.push(v),
-    }
-}
-
 /// The 4 GiB file read once through a fresh gateway: throughput, peak RSS.
-fn four_gig(base: &Path, origin: &OriginProc) -> anyhow::Result<FourGig> {
-    let cache_dir = base.join("cache-4g");
-    let _ = std::fs::remove_dir_all(&cache_dir);
-    let gw = Gw::start(origin, &cache_dir)?;
+fn four_gig(
+    opts: &Options,
+    server: Server,
+    base: &Path,
+    origin: &OriginProc,
+) -> anyhow::Result<FourGig> {
+    let cache_dir = base.join(format!("cache-{server:?}-4g"));
+    let gw = Gw::start(opts, server, origin, &cache_dir)?;
     bench::drop_page_cache();
-    let cpu = gw.cpu()?;
+    let cpu = bench::cpu_time(gw.pid())?;
     let secs = timed_cat(&imz_integration::libnfs::url(gw.port(), HUGE))?;
     let result = FourGig {
         mib_s: (4 * GIB) as f64 / MIB / secs,
         hwm_mib: gw.hwm_mib()?,
-        cpu_s: (gw.cpu()? - cpu).as_secs_f64(),
+        cpu_s: (bench::cpu_time(gw.pid())? - cpu).as_secs_f64(),
     };
     drop(gw);
     let _ = std::fs::remove_dir_all(&cache_dir);
     Ok(result)
 }
 
-/// A gateway registered for cleanup on a signal.
-struct Gw(GatewayProc);
+/// A running gateway with a fresh cache, registered for cleanup on a signal:
+/// the one under test through the harness, or the `--compare` binary.
+struct Gw {
+    proc: GwProc,
+    cache_dir: PathBuf,
+}
+
+enum GwProc {
+    Harness(GatewayProc),
+    Other { child: bench::ChildGuard, port: u16 },
+}
 
 impl Gw {
-    fn start(origin: &OriginProc, cache_dir: &Path) -> anyhow::Result<Self> {
-        let gw = GatewayProc::start(&origin.url, &origin.token_file, cache_dir, CACHE_SIZE, &[])?;
-        bench::register(gw.proc.pid());
-        Ok(Self(gw))
+    fn start(
+        opts: &Options,
+        server: Server,
+        origin: &OriginProc,
+        cache_dir: &Path,
+    ) -> anyhow::Result<Self> {
+        let _ = std::fs::remove_dir_all(cache_dir);
+        let proc = match (server, &opts.compare) {
+            (Server::ImzB, Some(bin)) => start_other_gateway(bin, origin, cache_dir)?,
+            _ => {
+                let gw = GatewayProc::start(
+                    &origin.url,
+                    &origin.token_file,
+                    cache_dir,
+                    CACHE_SIZE,
+                    &[],
+                )?;
+                bench::register(gw.proc.pid());
+                GwProc::Harness(gw)
+            }
+        };
+        Ok(Self {
+            proc,
+            cache_dir: cache_dir.to_path_buf(),
+        })
     }
+
     fn port(&self) -> u16 {
-        self.0.port
+        match &self.proc {
+            GwProc::Harness(g) => g.port,
+            GwProc::Other { port, .. } => *port,
+        }
     }
-    fn cpu(&self) -> anyhow::Result<Duration> {
-        bench::cpu_time(self.0.proc.pid())
+
+    fn pid(&self) -> u32 {
+        match &self.proc {
+            GwProc::Harness(g) => g.proc.pid(),
+            GwProc::Other { child, .. } => child.pid(),
+        }
     }
+
     fn hwm_mib(&self) -> anyhow::Result<f64> {
-        Ok(bench::proc_status_kib(self.0.proc.pid(), "VmHWM")? as f64 / 1024.0)
+        Ok(bench::proc_status_kib(self.pid(), "VmHWM")? as f64 / 1024.0)
     }
 }
 
 impl Drop for Gw {
     fn drop(&mut self) {
-        bench::unregister(self.0.proc.pid());
-        // GatewayProc's own drop kills it.
+        if let GwProc::Harness(g) = &self.proc {
+            // GatewayProc's own drop kills it; ChildGuard's stops the other.
+            bench::unregister(g.proc.pid());
+        }
+    }
+}
+
+/// `BIN gateway ...` as the harness starts one, for `--compare`.
+fn start_other_gateway(
+    bin: &Path,
+    origin: &OriginProc,
+    cache_dir: &Path,
+) -> anyhow::Result<GwProc> {
+    let mut cmd = Command::new(bin);
+    cmd.arg("gateway")
+        .arg("--origin")
+        .arg(&origin.url)
+        .arg("--token-file")
+        .arg(&origin.token_file)
+        .arg("--cache")
+        .arg(cache_dir)
+        .args(["--cache-size", CACHE_SIZE, "--listen", "127.0.0.1:0"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped());
+    let mut child = bench::ChildGuard::spawn("imz gateway (--compare)", &mut cmd)?;
+    let stdout = child.take_stdout().context("no stdout pipe")?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        // Keep draining after the ready line so the pipe never fills.
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = rx
+            .recv_timeout(left)
+            .context("the --compare gateway did not say it was listening")?;
+        if let Some(addr) = line.strip_prefix(imz_integration::gateway::GATEWAY_READY) {
+            let port = addr
+                .trim()
+                .rsplit(':')
+                .next()
+                .and_then(|p| p.parse().ok())
+                .with_context(|| format!("parsing the gateway address {addr:?}"))?;
+            return Ok(GwProc::Other { child, port });
+        }
     }
 }
 
@@ -552,114 +689,112 @@ fn write_big(path: &Path, len: u64, seed: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn report(
-    opts: &Options,
-    s: &Samples,
-    four: Option<&FourGig>,
-    cold_ok: bool,
-    load_before: &str,
-    load_after: &str,
-) {
-    struct Row {
-        name: &'static str,
-        imz: Option<f64>,
-        peer: Option<f64>,
-        peer_name: &'static str,
-        /// imz/peer for throughput; peer/imz for times.
-        ratio: Option<f64>,
-        target: Option<f64>,
-        unit: &'static str,
-    }
+struct Row {
+    name: &'static str,
+    unit: &'static str,
+    imz: Option<f64>,
+    peer: Option<f64>,
+    peer_name: &'static str,
+    /// imz/peer for throughput; peer/imz for times and for RSS vs its bound.
+    ratio: Option<f64>,
+    target: Option<f64>,
+}
+
+/// The issue's table for one gateway against the peers.
+fn rows(g: &PerServer, s: &Samples) -> Vec<Row> {
     let m = |v: &[f64]| median(v);
     let thr = |a: Option<f64>, b: Option<f64>| Some(a? / b?);
     let time = |a: Option<f64>, b: Option<f64>| Some(b? / a?);
+    let gan = &s.ganesha;
     let mut rows = vec![
         Row {
             name: "seq read 1 GiB, cold",
-            imz: m(&s.read_cold_imz),
-            peer: m(&s.read_cold_ganesha),
-            peer_name: "ganesha",
-            ratio: thr(m(&s.read_cold_imz), m(&s.read_cold_ganesha)),
-            target: None,
             unit: "MiB/s",
+            imz: m(&g.read_cold),
+            peer: m(&gan.read_cold),
+            peer_name: "ganesha",
+            ratio: thr(m(&g.read_cold), m(&gan.read_cold)),
+            target: None,
         },
         Row {
             name: "seq read 1 GiB, warm",
-            imz: m(&s.read_warm_imz),
-            peer: m(&s.read_warm_ganesha),
-            peer_name: "ganesha",
-            ratio: thr(m(&s.read_warm_imz), m(&s.read_warm_ganesha)),
-            target: Some(1.0),
             unit: "MiB/s",
+            imz: m(&g.read_warm),
+            peer: m(&gan.read_warm),
+            peer_name: "ganesha",
+            ratio: thr(m(&g.read_warm), m(&gan.read_warm)),
+            target: Some(1.0),
         },
         Row {
             name: "cold read vs raw HTTP GET",
-            imz: m(&s.read_cold_imz),
-            peer: m(&s.read_cold_http),
-            peer_name: "curl",
-            ratio: thr(m(&s.read_cold_imz), m(&s.read_cold_http)),
-            target: Some(0.8),
             unit: "MiB/s",
+            imz: m(&g.read_cold),
+            peer: m(&s.http_cold),
+            peer_name: "curl",
+            ratio: thr(m(&g.read_cold), m(&s.http_cold)),
+            target: Some(0.8),
         },
         Row {
             name: "nfs-ls 10k entries, cold",
-            imz: m(&s.ls_cold_imz),
-            peer: m(&s.ls_cold_ganesha),
-            peer_name: "ganesha",
-            ratio: time(m(&s.ls_cold_imz), m(&s.ls_cold_ganesha)),
-            target: Some(1.0),
             unit: "ms",
+            imz: m(&g.ls_cold),
+            peer: m(&gan.ls_cold),
+            peer_name: "ganesha",
+            ratio: time(m(&g.ls_cold), m(&gan.ls_cold)),
+            target: Some(1.0),
         },
         Row {
             name: "nfs-ls 10k entries, warm",
-            imz: m(&s.ls_warm_imz),
-            peer: m(&s.ls_warm_ganesha),
-            peer_name: "ganesha",
-            ratio: time(m(&s.ls_warm_imz), m(&s.ls_warm_ganesha)),
-            target: Some(1.0),
             unit: "ms",
+            imz: m(&g.ls_warm),
+            peer: m(&gan.ls_warm),
+            peer_name: "ganesha",
+            ratio: time(m(&g.ls_warm), m(&gan.ls_warm)),
+            target: Some(1.0),
         },
         Row {
             name: "gateway peak RSS, 1 GiB rounds",
-            imz: m(&s.hwm_1g_mib),
+            unit: "MiB",
+            imz: m(&g.hwm_mib),
             peer: None,
             peer_name: "",
             ratio: None,
             target: None,
-            unit: "MiB",
         },
     ];
-    if let Some(f) = four {
+    if let Some(f) = &g.four {
         rows.push(Row {
             name: "gateway peak RSS, 4 GiB read",
+            unit: "MiB",
             imz: Some(f.hwm_mib),
             peer: Some(RSS_BOUND_MIB),
             peer_name: "bound",
             ratio: Some(RSS_BOUND_MIB / f.hwm_mib),
             target: Some(1.0),
-            unit: "MiB",
         });
     }
-    let f1 = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.1}"));
-    let f2 = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.2}"));
+    rows
+}
+
+fn f1(v: Option<f64>) -> String {
+    v.map_or("-".to_owned(), |v| format!("{v:.1}"))
+}
+
+fn f2(v: Option<f64>) -> String {
+    v.map_or("-".to_owned(), |v| format!("{v:.2}"))
+}
+
+fn print_table(title: &str, rows: &[Row]) {
     println!();
-    println!(
-        "bench-read: {} rounds, medians; same client (libnfs-utils nfs-cat/nfs-ls, curl)",
-        opts.rounds
-    );
+    println!("{title}");
     println!(
         "{:<32} {:>6} {:>9} {:>9} {:<8} {:>7} {:>7} {:>4}",
         "workload", "unit", "imz", "peer", "(peer)", "ratio", "target", "met"
     );
-    for r in &rows {
+    for r in rows {
         let met = match (r.ratio, r.target) {
-            (Some(ratio), Some(t)) => {
-                if ratio >= t {
-                    "yes"
-                } else {
-                    "NO"
-                }
-            }
+            (Some(ratio), Some(t)) if ratio >= t => "yes",
+            (Some(_), Some(_)) => "NO",
             _ => "",
         };
         println!(
@@ -674,6 +809,27 @@ fn report(
             met
         );
     }
+}
+
+fn report(opts: &Options, s: &Samples, cold_ok: bool, load_before: &str, load_after: &str) {
+    let imz = imz_integration::imz_bin();
+    print_table(
+        &format!(
+            "bench-read: {} rounds, medians; same client (libnfs-utils nfs-cat/nfs-ls, curl); imz = {}",
+            opts.rounds,
+            imz.display()
+        ),
+        &rows(&s.imz, s),
+    );
+    if let Some(b) = &opts.compare {
+        print_table(
+            &format!(
+                "the same, interleaved in the same rounds: imz = {}",
+                b.display()
+            ),
+            &rows(&s.imz_b, s),
+        );
+    }
     println!(
         "ratio: imz/peer for throughput; peer/imz for times and for RSS vs its bound (>1: imz better)"
     );
@@ -684,38 +840,52 @@ fn report(
         format!("{lo:.1}..{hi:.1} (n={})", v.len())
     };
     println!("spread (min..max):");
-    for (name, v) in [
-        ("read cold imz MiB/s", &s.read_cold_imz),
-        ("read cold ganesha MiB/s", &s.read_cold_ganesha),
-        ("read cold curl MiB/s", &s.read_cold_http),
-        ("read warm imz MiB/s", &s.read_warm_imz),
-        ("read warm ganesha MiB/s", &s.read_warm_ganesha),
-        ("ls cold imz ms", &s.ls_cold_imz),
-        ("ls cold ganesha ms", &s.ls_cold_ganesha),
-        ("ls warm imz ms", &s.ls_warm_imz),
-        ("ls warm ganesha ms", &s.ls_warm_ganesha),
-    ] {
+    let mut lines = vec![("curl read cold MiB/s", &s.http_cold)];
+    let mut servers = vec![("ganesha", &s.ganesha), ("imz", &s.imz)];
+    if opts.compare.is_some() {
+        servers.push(("imz-b", &s.imz_b));
+    }
+    let names: Vec<(String, &Vec<f64>)> = servers
+        .iter()
+        .flat_map(|(n, p)| {
+            [
+                (format!("{n} read cold MiB/s"), &p.read_cold),
+                (format!("{n} read warm MiB/s"), &p.read_warm),
+                (format!("{n} ls cold ms"), &p.ls_cold),
+                (format!("{n} ls warm ms"), &p.ls_warm),
+            ]
+        })
+        .collect();
+    for (name, v) in names.iter().map(|(n, v)| (n.as_str(), *v)) {
+        lines.push((name, v));
+    }
+    for (name, v) in lines {
         println!("  {name:<26} {}", spread(v));
     }
-    println!(
-        "CPU s per GiB read (median): gateway cold {} + origin {}; warm: gateway {}, ganesha {}",
-        f2(m(&s.cpu_cold_imz)),
-        f2(m(&s.cpu_cold_origin)),
-        f2(m(&s.cpu_warm_imz)),
-        f2(m(&s.cpu_warm_ganesha)),
-    );
-    if let Some(f) = four {
+    let m = |v: &[f64]| median(v);
+    for (name, p) in &servers {
         println!(
-            "4 GiB cold read through a fresh gateway: {:.1} MiB/s, gateway CPU {:.1} s, peak RSS {:.1} MiB",
-            f.mib_s, f.cpu_s, f.hwm_mib
+            "CPU s per GiB read (median), {name}: cold {}, warm {}",
+            f2(m(&p.cpu_cold)),
+            f2(m(&p.cpu_warm)),
         );
+        if let Some(f) = &p.four {
+            println!(
+                "  4 GiB cold read through a fresh gateway: {:.1} MiB/s, CPU {:.1} s, peak RSS {:.1} MiB",
+                f.mib_s, f.cpu_s, f.hwm_mib
+            );
+        }
     }
+    println!(
+        "origin CPU s per GiB of gateway cold reads (median): {}",
+        f2(m(&s.cpu_cold_origin))
+    );
     println!(
         "cold: page cache {}dropped before each cold run; gateway: new process, empty cache; ganesha: new process",
         if cold_ok { "" } else { "NOT " }
     );
     println!(
-        "load average before: {load_before}; after: {load_after}; 1-min at round starts: {}",
+        "load average before: {load_before}; after: {load_after}; 1-min at round starts (includes this bench): {}",
         s.load
             .iter()
             .map(|l| format!("{l:.2}"))
@@ -723,7 +893,6 @@ fn report(
             .join(" ")
     );
     println!(
-        "imz: {} (2 cores shared: compare ratios, not absolute numbers)",
-        imz_integration::imz_bin().display()
+        "2 cores shared with other work: compare ratios within a run, not absolute numbers across runs"
     );
 }
