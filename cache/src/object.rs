@@ -77,7 +77,9 @@ pub struct Object {
     pub listed: bool,
     /// File: see the type's invariants.
     pub origin_extent: u64,
-    /// Pinned by a user (`imz pin`): never evicted, kept fetched.
+    /// Pinned by a user (`imz pin`): never evicted, kept fetched. On a
+    /// directory it is a recursive pin: objects that enter it (created or
+    /// moved in, here or at the origin) are pinned too.
     pub pinned: bool,
     /// Removed locally; kept only while log records still need it.
     pub removed: bool,

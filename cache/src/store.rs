@@ -523,6 +523,21 @@ macro_rules! getters {
             Ok(out)
         }
 
+        /// Up to `limit` objects with fileids from `start` on, in fileid
+        /// order (for sweeps that page through the whole cache).
+        pub fn objects_from(&self, start: FileId, limit: usize) -> Result<Vec<(FileId, Object)>> {
+            let t = self.tx.open_table(OBJECTS)?;
+            let mut out = Vec::new();
+            for item in t.range(start..)? {
+                if out.len() >= limit {
+                    break;
+                }
+                let (k, v) = item?;
+                out.push((k.value(), decode_object(v.value())?));
+            }
+            Ok(out)
+        }
+
         /// Every object, in fileid order (for revalidation sweeps).
         pub fn all_fileids(&self) -> Result<Vec<FileId>> {
             let t = self.tx.open_table(OBJECTS)?;
