@@ -145,6 +145,7 @@ pub fn upsert_entry(
                 }
                 obj.parent = dir;
                 obj.name = name.to_owned();
+                obj.pinned |= pins_entries(tx, dir)?;
             }
             tx.put(fid, &obj)?;
             fid
@@ -156,12 +157,19 @@ pub fn upsert_entry(
                     "origin id {fid} collides with a cached object"
                 )));
             }
-            tx.put(fid, &new_object(dir, name, attr))?;
+            let mut obj = new_object(dir, name, attr);
+            obj.pinned = pins_entries(tx, dir)?;
+            tx.put(fid, &obj)?;
             fid
         }
     };
     link_replacing(tx, dir, name, fid)?;
     Ok(fid)
+}
+
+/// Whether `dir` is recursively pinned, so that what enters it is pinned.
+fn pins_entries(tx: &WriteTxn<'_>, dir: FileId) -> Result<bool, CacheError> {
+    Ok(tx.get(dir)?.is_some_and(|d| d.is_dir() && d.pinned))
 }
 
 /// Points `dir/name` at `fid`; whatever it named before is forgotten (it
@@ -237,6 +245,8 @@ pub struct Applied {
     /// Files whose cached content was dropped or changed (readers to wake,
     /// replicas to refill).
     pub content_changed: Vec<FileId>,
+    /// Objects that entered a cached directory (created or moved there).
+    pub entered: Vec<FileId>,
 }
 
 /// Applies one journal record to the cache.
@@ -249,7 +259,8 @@ pub fn apply_record(
     match &record.change {
         Change::Create { parent, name, attr } => {
             if let Some(pfid) = touch_parent(tx, parent, seq)? {
-                upsert_entry(tx, pfid, name, attr, Source::Journal)?;
+                let fid = upsert_entry(tx, pfid, name, attr, Source::Journal)?;
+                applied.entered.push(fid);
             }
         }
         Change::Write { attr } | Change::Truncate { attr } | Change::SetAttr { attr } => {
@@ -323,7 +334,8 @@ pub fn apply_record(
             }
             match to {
                 Some(tfid) => {
-                    upsert_entry(tx, tfid, to_name, attr, Source::Journal)?;
+                    let fid = upsert_entry(tx, tfid, to_name, attr, Source::Journal)?;
+                    applied.entered.push(fid);
                 }
                 None => {
                     // Moved out of what we cache: forget it.

@@ -114,6 +114,9 @@ pub struct Status {
     pub reintegrated_bytes: u64,
     pub rates: RateSample,
     pub last_error: Option<String>,
+    /// Replication progress and how current kept (pinned) content is.
+    #[serde(default)]
+    pub replica: Option<crate::replicate::ReplicaStatus>,
 }
 
 /// What the control server needs of the running gateway.
@@ -126,6 +129,7 @@ pub struct Control {
     pub hurry: watch::Sender<u64>,
     pub rates: Rates,
     pub pins: Option<Arc<dyn Pinning>>,
+    pub replica: Option<watch::Receiver<crate::replicate::ReplicaStatus>>,
 }
 
 /// Pinning, provided by the replication module.
@@ -154,9 +158,12 @@ impl Control {
         let hits = Metrics::get(&m.read_hits);
         let cursor = *self.cursor.borrow();
         let origin_seq = Metrics::get(&m.origin_seq).max(cursor);
+        let replica = self.replica.as_ref().map(|r| r.borrow().clone());
         Status {
             origin: self.origin_url.clone(),
-            mode: self.mode.clone(),
+            mode: replica
+                .as_ref()
+                .map_or_else(|| self.mode.clone(), |r| r.mode.clone()),
             connected,
             since: since
                 .duration_since(SystemTime::UNIX_EPOCH)
@@ -189,6 +196,7 @@ impl Control {
             reintegrated_bytes: Metrics::get(&m.reintegrated_bytes),
             rates: self.rates.sample(m),
             last_error: self.progress.borrow().last_error.clone(),
+            replica,
         }
     }
 

@@ -105,6 +105,8 @@ struct Inner {
     store: mpsc::Sender<StoreJob>,
     patterns: Mutex<lru::LruCache<FileId, ReadPattern>>,
     metrics: Arc<Metrics>,
+    /// Bumped by the storer after each batch it has stored and retired.
+    stored: watch::Sender<u64>,
 }
 
 /// Handle to the fetcher; cheap to clone.
@@ -130,6 +132,7 @@ impl Fetcher {
             readahead: Arc::new(Semaphore::new(READAHEAD_STREAMS)),
             store,
             metrics,
+            stored: watch::channel(0).0,
             patterns: Mutex::new(lru::LruCache::new(
                 std::num::NonZeroUsize::new(TRACKED_FILES).unwrap_or(std::num::NonZeroUsize::MIN),
             )),
@@ -234,6 +237,44 @@ impl Fetcher {
         }
         for run in runs {
             self.abandon(target, run);
+        }
+    }
+
+    /// Fetches `chunks` of `target` (whatever the cache holds: pass the
+    /// missing ones) and waits until every one of them is stored in the
+    /// cache, or the storer has passed over it. Returns the bytes that
+    /// arrived. Used to fill replicas and pins, where bytes in a slot are
+    /// not enough: they must be in the cache when this returns.
+    pub async fn prefetch(&self, target: &Target, chunks: &[u64]) -> Result<u64, FetchFailure> {
+        // Subscribed before anything is fetched, so no storing is missed.
+        let mut stored = self.inner.stored.subscribe();
+        let mut bytes = 0;
+        let mut failure = None;
+        for (_, wait) in self.demand(target, chunks, 0..0) {
+            match wait.bytes().await {
+                Ok(b) => bytes += b.len() as u64,
+                Err(f) => {
+                    failure.get_or_insert(f);
+                }
+            }
+        }
+        if let Some(f) = failure {
+            return Err(f);
+        }
+        // A slot is retired once the storer has handled its chunk.
+        loop {
+            let in_flight = {
+                let slots = self.inner.slots.lock().unwrap_or_else(|p| p.into_inner());
+                chunks
+                    .iter()
+                    .any(|&i| slots.contains_key(&(target.fid, target.version, i)))
+            };
+            if !in_flight {
+                return Ok(bytes);
+            }
+            if stored.changed().await.is_err() {
+                return Err(FetchFailure::Io("cache storer stopped".into()));
+            }
         }
     }
 
@@ -455,6 +496,8 @@ fn run_storer(
                 slots.remove(&job.key);
             }
         }
+        drop(slots);
+        inner.stored.send_modify(|n| *n += 1);
     }
 }
 

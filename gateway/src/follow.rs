@@ -25,9 +25,36 @@ use crate::vfs::{Vfs, VfsError};
 /// How long one journal request waits for news.
 pub const POLL_WAIT: Duration = Duration::from_secs(20);
 
+/// What the follower shares with the rest of the gateway.
+#[derive(Clone, Default)]
+pub struct Hooks {
+    /// Held shared while a batch is applied or the cache revalidated.
+    /// Whoever folds a whole tree into the cache (the replicator) holds it
+    /// exclusively, so that no record lands on half of it.
+    pub gate: Arc<tokio::sync::RwLock<()>>,
+    /// Told what each batch changed, and awaited before the new cursor is
+    /// announced: an announced cursor means what the gateway keeps (a
+    /// replica, pins) is current up to it.
+    pub after: Option<Arc<dyn AfterApply>>,
+}
+
+/// Acts on what the follower applied (see [`Hooks::after`]).
+pub trait AfterApply: Send + Sync {
+    /// A batch up to journal sequence `cursor` was committed.
+    fn batch(&self, applied: Applied, cursor: u64) -> futures::future::BoxFuture<'_, ()>;
+    /// Every cached object was revalidated (the journal was compacted past
+    /// our cursor): anything may have changed.
+    fn revalidated(&self) -> futures::future::BoxFuture<'_, ()>;
+}
+
 /// Follows the journal until the process ends. `applied` is bumped with the
 /// cursor after each applied batch (tests and `imz status` watch it).
-pub async fn run_follower(vfs: Arc<Vfs>, gateway_id: String, applied: watch::Sender<u64>) {
+pub async fn run_follower(
+    vfs: Arc<Vfs>,
+    gateway_id: String,
+    applied: watch::Sender<u64>,
+    hooks: Hooks,
+) {
     // Our own changes coming back: the reintegrator already recorded them.
     let own = format!("{gateway_id}-");
     loop {
@@ -52,6 +79,7 @@ pub async fn run_follower(vfs: Arc<Vfs>, gateway_id: String, applied: watch::Sen
                 let last = page.records.last().map_or(cursor, |r| r.seq);
                 let count = page.records.len();
                 let own = own.clone();
+                let gate = hooks.gate.read().await;
                 let result = vfs
                     .blocking(move |cache| {
                         let mut tx = cache.write()?;
@@ -67,10 +95,14 @@ pub async fn run_follower(vfs: Arc<Vfs>, gateway_id: String, applied: watch::Sen
                         Ok(applied)
                     })
                     .await;
+                drop(gate);
                 match result {
-                    Ok(_) => {
+                    Ok(changes) => {
                         crate::metrics::Metrics::add(&vfs.metrics.journal_records, count as u64);
                         tracing::debug!(count, last, "applied journal records");
+                        if let Some(after) = &hooks.after {
+                            after.batch(changes, last).await;
+                        }
                         applied.send_replace(last);
                     }
                     Err(e) => {
@@ -85,8 +117,14 @@ pub async fn run_follower(vfs: Arc<Vfs>, gateway_id: String, applied: watch::Sen
                     cursor,
                     "origin journal compacted past our cursor: revalidating the cache"
                 );
-                match revalidate(&vfs).await {
+                let gate = hooks.gate.read().await;
+                let result = revalidate(&vfs).await;
+                drop(gate);
+                match result {
                     Ok(last) => {
+                        if let Some(after) = &hooks.after {
+                            after.revalidated().await;
+                        }
                         applied.send_replace(last);
                     }
                     Err(e) => {

@@ -21,6 +21,7 @@ use crate::metrics::Metrics;
 use crate::nfs::{EXPORT, NfsAdapter};
 use crate::origin_client::{OriginClient, OriginError, Timeouts};
 use crate::reintegrate;
+use crate::replicate::{self, Keeper};
 use crate::vfs::Vfs;
 use crate::writer::Writer;
 
@@ -34,6 +35,8 @@ pub struct GatewayConfig {
     pub listen: SocketAddr,
     pub timeouts: Timeouts,
     pub reintegration: reintegrate::Settings,
+    /// Fetch on demand, or replicate the whole tree.
+    pub mode: replicate::Mode,
 }
 
 /// A running gateway.
@@ -93,10 +96,17 @@ impl Gateway {
             Duration::from_millis(500),
         )));
         let gateway_id = reintegrate::gateway_id(&cache).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let gate = Arc::new(tokio::sync::RwLock::new(()));
+        let keeper = Keeper::new(Arc::clone(&vfs), config.mode, Arc::clone(&gate));
+        tasks.push(tokio::spawn(Arc::clone(&keeper).run()));
         tasks.push(tokio::spawn(follow::run_follower(
             Arc::clone(&vfs),
             gateway_id.clone(),
             cursor_tx,
+            follow::Hooks {
+                gate,
+                after: Some(Arc::clone(&keeper) as Arc<dyn follow::AfterApply>),
+            },
         )));
         let (progress_tx, reintegration) = watch::channel(reintegrate::Progress::default());
         let (hurry, hurry_rx) = watch::channel(0u64);
@@ -112,12 +122,16 @@ impl Gateway {
         let control = Arc::new(Control {
             vfs: Arc::clone(&vfs),
             origin_url: config.origin_url.clone(),
-            mode: "on-demand".into(),
+            mode: config.mode.to_string(),
             cursor: cursor.clone(),
             progress: reintegration.clone(),
             hurry: hurry.clone(),
             rates: Default::default(),
-            pins: None,
+            pins: Some(Arc::new(crate::pin::Pins::new(
+                Arc::clone(&vfs),
+                Arc::clone(&keeper),
+            ))),
+            replica: Some(keeper.status()),
         });
         let control_path = control::socket_path(&config.cache_dir);
         control::serve(control_path.clone(), Arc::clone(&control)).await?;

@@ -7,6 +7,9 @@
 //! - [`fetch`]: on-demand data transfers with readahead;
 //! - [`follow`]: the journal follower; [`coherence`]: folding origin state
 //!   into the cache;
+//! - [`replicate`]: replication mode and keeping replicated and pinned
+//!   content current; [`pin`]: `imz pin`; [`fill`]: fetching whole files
+//!   and subtrees for both;
 //! - [`origin_client`]: the origin's HTTP API; [`link`]: connectivity;
 //! - [`gateway`]: start-up, tying the pieces together.
 
@@ -14,13 +17,16 @@ pub mod coherence;
 pub mod conflict;
 pub mod control;
 pub mod fetch;
+pub mod fill;
 pub mod follow;
 pub mod gateway;
 pub mod link;
 pub mod metrics;
 pub mod nfs;
 pub mod origin_client;
+pub mod pin;
 pub mod reintegrate;
+pub mod replicate;
 pub mod vfs;
 pub mod writer;
 

@@ -276,6 +276,117 @@ impl OriginClient {
     }
 }
 
+/// Longest manifest line accepted (one object's JSON).
+const MAX_MANIFEST_LINE: usize = 1 << 20;
+
+impl OriginClient {
+    /// `GET /v1/manifest`: the whole tree as of one journal sequence, as a
+    /// header and a stream of entries, parents before children. Memory
+    /// stays bounded whatever the tree's size; the stream fails with
+    /// `Unreachable` if the origin stalls.
+    pub async fn manifest(
+        &self,
+    ) -> Result<
+        (
+            wire::ManifestHeader,
+            impl Stream<Item = Result<wire::ManifestEntry, OriginError>> + Send + use<>,
+        ),
+        OriginError,
+    > {
+        let send = self
+            .http
+            .get(self.url(wire::paths::MANIFEST))
+            .header(reqwest::header::AUTHORIZATION, &self.auth)
+            .send();
+        let resp = tokio::time::timeout(self.timeouts.request * 4, send)
+            .await
+            .map_err(|_| {
+                OriginError::Unreachable("no answer to the manifest request in time".into())
+            })?
+            .map_err(OriginError::from_reqwest)?;
+        let resp = check(resp).await?;
+        let mut lines = Lines {
+            body: Box::pin(resp.bytes_stream()),
+            buf: bytes::BytesMut::new(),
+            stall: self.timeouts.stall * 4,
+            done: false,
+        };
+        let first = lines
+            .next_line()
+            .await?
+            .ok_or_else(|| OriginError::Protocol("empty manifest".into()))?;
+        let header: wire::ManifestHeader = serde_json::from_slice(&first)
+            .map_err(|e| OriginError::Protocol(format!("manifest header: {e}")))?;
+        let entries = futures::stream::unfold(lines, |mut lines| async move {
+            match lines.next_line().await {
+                Ok(None) => None,
+                Ok(Some(line)) => {
+                    let entry = serde_json::from_slice::<wire::ManifestEntry>(&line)
+                        .map_err(|e| OriginError::Protocol(format!("manifest entry: {e}")));
+                    if entry.is_err() {
+                        lines.done = true;
+                    }
+                    Some((entry, lines))
+                }
+                Err(e) => {
+                    lines.done = true;
+                    Some((Err(e), lines))
+                }
+            }
+        });
+        Ok((header, entries))
+    }
+}
+
+type BodyStream =
+    std::pin::Pin<Box<dyn Stream<Item = Result<Bytes, reqwest::Error>> + Send + 'static>>;
+
+/// Splits a streamed body into newline-terminated lines.
+struct Lines {
+    body: BodyStream,
+    buf: bytes::BytesMut,
+    stall: Duration,
+    /// An error was reported: the stream ends.
+    done: bool,
+}
+
+impl Lines {
+    async fn next_line(&mut self) -> Result<Option<Bytes>, OriginError> {
+        loop {
+            if self.done {
+                return Ok(None);
+            }
+            if let Some(at) = self.buf.iter().position(|&b| b == b'\n') {
+                let mut line = self.buf.split_to(at + 1);
+                line.truncate(at);
+                if line.is_empty() {
+                    continue;
+                }
+                return Ok(Some(line.freeze()));
+            }
+            if self.buf.len() > MAX_MANIFEST_LINE {
+                return Err(OriginError::Protocol("manifest line too long".into()));
+            }
+            match tokio::time::timeout(self.stall, self.body.next()).await {
+                Err(_) => {
+                    return Err(OriginError::Unreachable(
+                        "origin stopped sending the manifest".into(),
+                    ));
+                }
+                Ok(None) if self.buf.is_empty() => return Ok(None),
+                Ok(None) => {
+                    return Err(OriginError::Unreachable(
+                        "the manifest ended in the middle of a line".into(),
+                    ));
+                }
+                Ok(Some(chunk)) => self
+                    .buf
+                    .extend_from_slice(&chunk.map_err(OriginError::from_reqwest)?),
+            }
+        }
+    }
+}
+
 impl OriginClient {
     /// Streams `len` bytes to the origin's upload `upload_id`.
     pub async fn upload(

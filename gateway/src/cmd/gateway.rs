@@ -23,6 +23,10 @@ pub struct Args {
     /// Address to serve NFS on (2049 is the standard port).
     #[arg(long, default_value = "127.0.0.1:2049")]
     pub listen: SocketAddr,
+    /// on-demand: fetch what clients use; replicate: fetch the whole tree
+    /// (progress shown) and keep it current, for use without the origin.
+    #[arg(long, value_enum, default_value_t = imz_gateway::replicate::Mode::OnDemand)]
+    pub mode: imz_gateway::replicate::Mode,
     #[command(flatten)]
     pub writeback: super::WritebackArgs,
 }
@@ -39,6 +43,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             listen: args.listen,
             timeouts: Default::default(),
             reintegration: args.writeback.settings(),
+            mode: args.mode,
         };
         let gateway = Gateway::start(config)
             .await

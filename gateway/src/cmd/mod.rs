@@ -4,6 +4,7 @@ mod conflicts;
 mod control_args;
 mod gateway;
 mod origin;
+mod pin;
 mod serve;
 mod status;
 mod sync;
@@ -40,6 +41,10 @@ pub enum Command {
     Sync(sync::Args),
     /// List or resolve conflicts.
     Conflicts(conflicts::Args),
+    /// Keep a file or subtree in the cache for use without the origin.
+    Pin(pin::PinArgs),
+    /// Stop keeping a file or subtree (it may be evicted again).
+    Unpin(pin::UnpinArgs),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -50,6 +55,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Status(args) => status::run(args),
         Command::Sync(args) => sync::run(args),
         Command::Conflicts(args) => conflicts::run(args),
+        Command::Pin(args) => pin::run_pin(args),
+        Command::Unpin(args) => pin::run_unpin(args),
     }
 }
 

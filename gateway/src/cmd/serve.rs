@@ -21,6 +21,10 @@ pub struct Args {
     /// without naming a port; if it is taken, any free port is used.
     #[arg(long)]
     pub listen: Option<SocketAddr>,
+    /// on-demand: fetch what clients use; replicate: fetch the whole tree
+    /// (progress shown) and keep it current, for use without the origin.
+    #[arg(long, value_enum, default_value_t = imz_gateway::replicate::Mode::OnDemand)]
+    pub mode: imz_gateway::replicate::Mode,
     #[command(flatten)]
     pub writeback: super::WritebackArgs,
 }
@@ -60,6 +64,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             listen: args.listen.unwrap_or(STANDARD_NFS.parse()?),
             timeouts: Default::default(),
             reintegration: args.writeback.settings(),
+            mode: args.mode,
         };
         let gateway = match Gateway::start(config.clone()).await {
             Ok(g) => g,

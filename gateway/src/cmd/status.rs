@@ -50,6 +50,9 @@ pub fn render(s: &Status) -> String {
     let mut out = String::new();
     out.push_str(&format!("origin      {}  {link}\n", s.origin));
     out.push_str(&format!("mode        {}\n", s.mode));
+    if let Some(r) = &s.replica {
+        out.push_str(&replica_line(r));
+    }
     out.push_str(&format!(
         "journal     at {} of {} (lag {})\n",
         s.journal_cursor, s.journal_origin_seq, s.journal_lag
@@ -88,4 +91,37 @@ pub fn render(s: &Status) -> String {
         out.push_str(&format!("last error  {e}\n"));
     }
     out
+}
+
+/// The replication line: progress, or why the gateway stays on demand.
+fn replica_line(r: &imz_gateway::replicate::ReplicaStatus) -> String {
+    use imz_gateway::replicate::ReplicaState;
+    let pending = if r.pending > 0 {
+        format!(", {} kept files waiting for the origin", r.pending)
+    } else {
+        String::new()
+    };
+    match r.state {
+        ReplicaState::Off if r.pending == 0 => String::new(),
+        ReplicaState::Off => format!("kept        {}\n", pending.trim_start_matches(", ")),
+        ReplicaState::Waiting => format!("replica     waiting for the origin{pending}\n"),
+        ReplicaState::Copying => format!(
+            "replica     copying: {} of {} files, {} of {}{pending}\n",
+            r.files_done,
+            r.files_total,
+            ByteSize(r.bytes_done),
+            ByteSize(r.bytes_total)
+        ),
+        ReplicaState::Current => format!(
+            "replica     current: {} files, {}{pending}\n",
+            r.files_total,
+            ByteSize(r.bytes_total)
+        ),
+        ReplicaState::Refused => format!(
+            "replica     refused: {}\n",
+            r.message
+                .as_deref()
+                .unwrap_or("the tree does not fit the cache")
+        ),
+    }
 }
