@@ -1,0 +1,466 @@
+//! Replication mode and pinning, end to end: real `imz origin` and
+//! `imz gateway` processes, a real NFS client, and the origin cut off to
+//! prove what the gateway holds.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use imz_integration::data;
+use imz_integration::gateway::{GATEWAY_READY, eventually};
+use imz_integration::nfs::{Nfs, NfsError, ctx, ftype3};
+use imz_integration::{Fixture, GatewayProc, imz_bin};
+use nfs3_client::nfs3_types::nfs3::{nfs_fh3, nfsstat3};
+use serde_json::Value;
+
+type Result = anyhow::Result<()>;
+
+const REPLICATE: &[&str] = &["--mode", "replicate"];
+
+/// Polls `imz status --json` until `check` holds; returns that status.
+fn wait_status(
+    gw: &GatewayProc,
+    timeout: Duration,
+    what: &str,
+    check: impl Fn(&Value) -> bool,
+) -> anyhow::Result<Value> {
+    let mut last = Value::Null;
+    eventually(timeout, || {
+        let s = gw.status().ok()?;
+        let ok = check(&s);
+        last = s.clone();
+        ok.then_some(s)
+    })
+    .map(|(s, _)| s)
+    .ok_or_else(|| anyhow::anyhow!("{what}: not within {timeout:?}; last status {last:#}"))
+}
+
+fn replica_state(s: &Value) -> &str {
+    s["replica"]["state"].as_str().unwrap_or("")
+}
+
+/// Every file under `root` (relative path -> content), read from disk.
+fn tree_on_disk(root: &Path) -> anyhow::Result<BTreeMap<String, Vec<u8>>> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir)? {
+            let entry = entry?;
+            let path = entry.path();
+            let rel = path.strip_prefix(root)?.to_string_lossy().into_owned();
+            if rel.starts_with(".imz") {
+                continue;
+            }
+            let kind = entry.file_type()?;
+            if kind.is_dir() {
+                stack.push(path);
+            } else if kind.is_file() {
+                out.insert(rel, std::fs::read(&path)?);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Every file the gateway serves under `dir` (relative path -> content),
+/// walking with READDIRPLUS and reading each file in full.
+async fn tree_over_nfs(
+    nfs: &mut Nfs,
+    dir: nfs_fh3,
+    prefix: &str,
+    out: &mut BTreeMap<String, Vec<u8>>,
+) -> anyhow::Result<()> {
+    let entries = ctx(nfs.readdirplus(&dir, 8192, 65536).await, prefix)?;
+    for (name, attr, fh) in entries {
+        let rel = if prefix.is_empty() {
+            name.clone()
+        } else {
+            format!("{prefix}/{name}")
+        };
+        if rel.starts_with(".imz") {
+            continue;
+        }
+        match attr.type_ {
+            ftype3::NF3DIR => Box::pin(tree_over_nfs(nfs, fh, &rel, out)).await?,
+            ftype3::NF3REG => {
+                let content = ctx(nfs.read_all(&fh).await, &rel)?;
+                out.insert(rel, content);
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+fn populate_tree(root: &Path) -> anyhow::Result<()> {
+    for i in 0..160u64 {
+        let rel = format!("d{}/sub{}/f{i}.bin", i % 5, i % 3);
+        data::write_file(&root.join(rel), i, (i * 7919 % 90_000) as usize)?;
+    }
+    // Large files span many chunks.
+    data::write_file(&root.join("large/a.bin"), 1001, 9 << 20)?;
+    data::write_file(&root.join("large/b.bin"), 1002, (5 << 20) + 12_345)?;
+    data::write_file(&root.join("empty.bin"), 0, 0)?;
+    std::fs::create_dir_all(root.join("empty-dir"))?;
+    std::os::unix::fs::symlink("d0/sub0/f0.bin", root.join("link"))?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replica_survives_restart_and_serves_everything_with_the_origin_gone() -> Result {
+    let mut fx = Fixture::with_cache_size("1GiB", REPLICATE, populate_tree)?;
+    let want = tree_on_disk(&fx.root)?;
+    let total: u64 = want.values().map(|c| c.len() as u64).sum();
+    let s = wait_status(
+        &fx.gateway,
+        Duration::from_secs(60),
+        "replica current",
+        |s| replica_state(s) == "current",
+    )?;
+    assert_eq!(s["mode"], "replicate");
+    assert_eq!(s["replica"]["files_total"], want.len() as u64);
+    assert_eq!(s["replica"]["bytes_total"], total);
+    assert_eq!(s["replica"]["bytes_done"], total);
+    assert!(s["cache_used"].as_u64() >= Some(total), "{s:#}");
+
+    // A restart (kill -9) keeps the replica: nothing is fetched again.
+    fx.gateway.restart()?;
+    let s = wait_status(
+        &fx.gateway,
+        Duration::from_secs(30),
+        "replica current again",
+        |s| replica_state(s) == "current",
+    )?;
+    assert_eq!(s["fetched_bytes"], 0, "a current replica was fetched again");
+
+    // Cut the origin off: every file is still there, byte for byte.
+    fx.origin.proc.kill9();
+    let mut nfs = Nfs::mount(fx.port(), "/imz").await?;
+    let mut got = BTreeMap::new();
+    let root = nfs.root.clone();
+    tree_over_nfs(&mut nfs, root.clone(), "", &mut got).await?;
+    assert_eq!(
+        got.keys().collect::<Vec<_>>(),
+        want.keys().collect::<Vec<_>>(),
+        "the replica's file list differs from the origin's"
+    );
+    for (rel, content) in &want {
+        assert!(got.get(rel) == Some(content), "{rel}: content differs");
+    }
+    let dir = nfs.lookup_path("empty-dir").await?;
+    assert!(nfs.readdir(&dir, 4096).await?.is_empty());
+    let link = nfs.lookup_path("link").await?;
+    assert_eq!(nfs.readlink(&link).await?, "d0/sub0/f0.bin");
+    // Directories are complete: a missing name is known not to exist.
+    match nfs.lookup(&root, "no-such-name").await {
+        Err(NfsError::Status(nfsstat3::NFS3ERR_NOENT)) => {}
+        other => anyhow::bail!("lookup of a missing name offline: {other:?}"),
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replica_fetches_origin_changes_before_anyone_reads_them() -> Result {
+    let mut fx = Fixture::with_cache_size("1GiB", REPLICATE, |root| {
+        data::write_file(&root.join("docs/report.bin"), 1, 300_000)?;
+        data::write_file(&root.join("docs/other.bin"), 2, 1000)?;
+        Ok(())
+    })?;
+    wait_status(
+        &fx.gateway,
+        Duration::from_secs(30),
+        "replica current",
+        |s| replica_state(s) == "current",
+    )?;
+    let mut nfs = Nfs::mount(fx.port(), "/imz").await?;
+    let report = nfs.lookup_path("docs/report.bin").await?;
+
+    // Changes at the origin: new content, a new file, a new directory.
+    data::write_file(&fx.origin_path("docs/report.bin"), 11, 2_500_000)?;
+    data::write_file(&fx.origin_path("docs/new.bin"), 12, 1_700_000)?;
+    data::write_file(&fx.origin_path("fresh/inner/deep.bin"), 13, 40_000)?;
+
+    // Wait until the journal has brought all three (GETATTR and LOOKUP in
+    // a complete directory never ask the origin) and the gateway says it is
+    // current with the origin's journal; no file data is read meanwhile.
+    let expect = [
+        ("docs/report.bin", 2_500_000u64),
+        ("docs/new.bin", 1_700_000),
+        ("fresh/inner/deep.bin", 40_000),
+    ];
+    let mut last = String::new();
+    let seen = eventually(Duration::from_secs(20), || {
+        for (rel, len) in expect {
+            let fh = match futures_block(nfs.lookup_path(rel)) {
+                Ok(fh) => fh,
+                Err(e) => {
+                    last = format!("{rel}: {e}");
+                    return None;
+                }
+            };
+            let size = futures_block(nfs.getattr(&fh)).ok()?.size;
+            if size != len {
+                last = format!("{rel}: size {size}");
+                return None;
+            }
+        }
+        let s = fx.gateway.status().ok()?;
+        last = format!("{s}");
+        (s["journal_lag"] == 0 && s["replica"]["pending"] == 0).then_some(())
+    });
+    anyhow::ensure!(seen.is_some(), "changes never applied: {last}");
+    let reads_before = fx.gateway.status()?["reads"].as_u64().unwrap_or(0);
+    assert_eq!(reads_before, 0, "something read file data");
+
+    // The origin goes away right then: the new content is already here.
+    fx.origin.proc.kill9();
+    assert!(nfs.read_all(&report).await? == data::bytes(11, 2_500_000));
+    assert!(nfs.read_path("docs/new.bin").await? == data::bytes(12, 1_700_000));
+    assert!(nfs.read_path("fresh/inner/deep.bin").await? == data::bytes(13, 40_000));
+    assert!(nfs.read_path("docs/other.bin").await? == data::bytes(2, 1000));
+    Ok(())
+}
+
+/// A gateway started by hand, with its stderr in a file.
+struct LoggedGateway {
+    child: Child,
+    stderr: std::path::PathBuf,
+    port: u16,
+}
+
+impl Drop for LoggedGateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_logged_gateway(
+    fx: &Fixture,
+    cache: &Path,
+    args: &[&str],
+) -> anyhow::Result<LoggedGateway> {
+    use std::io::BufRead;
+    let stderr = fx.dir.path().join("gateway2.err");
+    let mut child = Command::new(imz_bin())
+        .args(["gateway", "--origin", &fx.origin.url, "--token-file"])
+        .arg(&fx.origin.token_file)
+        .arg("--cache")
+        .arg(cache)
+        .args(["--listen", "127.0.0.1:0"])
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&stderr)?)
+        .spawn()?;
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| anyhow::anyhow!("no stdout"))?;
+    let mut gw = LoggedGateway {
+        child,
+        stderr,
+        port: 0,
+    };
+    let mut lines = std::io::BufReader::new(stdout).lines();
+    let addr = loop {
+        match lines.next() {
+            Some(line) => {
+                if let Some(rest) = line?.strip_prefix(GATEWAY_READY) {
+                    break rest.trim().to_owned();
+                }
+            }
+            None => anyhow::bail!("gateway exited before listening"),
+        }
+    };
+    gw.port = addr.rsplit(':').next().unwrap_or("").parse()?;
+    Ok(gw)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replication_that_does_not_fit_says_so_and_stays_on_demand() -> Result {
+    let fx = Fixture::new(|root| {
+        for i in 0..3u64 {
+            data::write_file(&root.join(format!("big{i}.bin")), 50 + i, 2_000_000)?;
+        }
+        Ok(())
+    })?;
+    let cache = fx.dir.path().join("small-cache");
+    let gw = start_logged_gateway(
+        &fx,
+        &cache,
+        &["--cache-size", "4MiB", "--mode", "replicate"],
+    )?;
+    let socket = cache.join("control.sock");
+    let status = || -> Option<Value> {
+        let out = Command::new(imz_bin())
+            .args(["status", "--json", "--control"])
+            .arg(&socket)
+            .output()
+            .ok()?;
+        serde_json::from_slice(&out.stdout).ok()
+    };
+    let (s, _) = eventually(Duration::from_secs(20), || {
+        status().filter(|s| replica_state(s) == "refused")
+    })
+    .ok_or_else(|| anyhow::anyhow!("replication was not refused: {:?}", status()))?;
+    assert_eq!(s["mode"], "on-demand");
+    let message = s["replica"]["message"].as_str().unwrap_or("");
+    assert!(
+        message.contains("6000000") && message.contains(&(4u64 << 20).to_string()),
+        "status message lacks the sizes: {message}"
+    );
+    // One clear log line with both numbers.
+    let log = std::fs::read_to_string(&gw.stderr)?;
+    let line = log
+        .lines()
+        .find(|l| l.contains("cannot replicate"))
+        .ok_or_else(|| anyhow::anyhow!("no log line about the refusal in:\n{log}"))?;
+    assert!(
+        line.contains("6000000") && line.contains("4194304") && line.contains("on-demand"),
+        "{line}"
+    );
+    // Nothing was fetched; reads fetch on demand.
+    assert_eq!(s["cache_used"], 0, "{s:#}");
+    let mut nfs = Nfs::mount(gw.port, "/imz").await?;
+    assert!(nfs.read_path("big1.bin").await? == data::bytes(51, 2_000_000));
+    // What was read is stored in the cache (the storer may trail the reply).
+    let (s, _) = eventually(Duration::from_secs(5), || {
+        status().filter(|s| s["cache_used"].as_u64() >= Some(2_000_000))
+    })
+    .ok_or_else(|| anyhow::anyhow!("read data never stored: {:?}", status()))?;
+    assert_eq!(replica_state(&s), "refused");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pinned_subtree_outlives_eviction_pressure_and_the_origin() -> Result {
+    const KEEP: u64 = 4;
+    const KEEP_LEN: usize = 1_000_000;
+    const OTHER: u64 = 16;
+    const OTHER_LEN: usize = 1_500_000;
+    let mut fx = Fixture::with_cache_size("8MiB", &[], |root| {
+        for i in 0..KEEP {
+            data::write_file(&root.join(format!("keep/sub/k{i}.bin")), 200 + i, KEEP_LEN)?;
+        }
+        for i in 0..OTHER {
+            data::write_file(&root.join(format!("other/o{i}.bin")), 300 + i, OTHER_LEN)?;
+        }
+        for i in 0..3u64 {
+            data::write_file(&root.join(format!("huge/h{i}.bin")), 400 + i, 3_000_000)?;
+        }
+        Ok(())
+    })?;
+    let out = fx.gateway.ctl(&["pin", "keep", "--recursive"])?;
+    assert!(out.contains("pinned keep"), "{out}");
+    let s = fx.gateway.status()?;
+    assert_eq!(s["pinned_bytes"], KEEP * KEEP_LEN as u64);
+    assert!(
+        s["cache_protected"].as_u64() >= Some(KEEP * KEEP_LEN as u64),
+        "{s:#}"
+    );
+
+    // More than the cache could hold: refused, nothing changes.
+    let err = fx
+        .gateway
+        .ctl(&["pin", "huge", "--recursive"])
+        .err()
+        .ok_or_else(|| anyhow::anyhow!("pinning 9 MB into an 8 MiB cache succeeded"))?;
+    let msg = format!("{err:#}");
+    assert!(
+        msg.contains("cannot pin huge") && msg.contains("--cache-size"),
+        "{msg}"
+    );
+    assert_eq!(fx.gateway.status()?["pinned_bytes"], KEEP * KEEP_LEN as u64);
+
+    // Read three times the cache's size of other data.
+    let mut nfs = Nfs::mount(fx.port(), "/imz").await?;
+    for i in 0..OTHER {
+        let got = nfs.read_path(&format!("other/o{i}.bin")).await?;
+        assert!(got == data::bytes(300 + i, OTHER_LEN), "other/o{i}.bin");
+    }
+    let s = fx.gateway.status()?;
+    assert!(
+        s["cache_used"].as_u64() <= Some(8 << 20),
+        "over capacity: {s:#}"
+    );
+
+    // Without the origin, the pinned files are all there; others are not.
+    fx.origin.proc.kill9();
+    for i in 0..KEEP {
+        let got = nfs.read_path(&format!("keep/sub/k{i}.bin")).await?;
+        assert!(got == data::bytes(200 + i, KEEP_LEN), "keep/sub/k{i}.bin");
+    }
+    let evicted = nfs.read_path("other/o0.bin").await;
+    assert!(
+        matches!(evicted, Err(ref e) if e.status() == Some(nfsstat3::NFS3ERR_IO)),
+        "the least recently read file should have been evicted: {evicted:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pins_survive_restart_and_follow_the_origin() -> Result {
+    let mut fx = Fixture::with_cache_size("64MiB", &[], |root| {
+        data::write_file(&root.join("docs/a.bin"), 1, 700_000)?;
+        data::write_file(&root.join("docs/deeper/b.bin"), 2, 300_000)?;
+        data::write_file(&root.join("loose.bin"), 3, 5000)?;
+        data::write_file(&root.join("unpinned.bin"), 4, 5000)?;
+        Ok(())
+    })?;
+    let out = fx.gateway.ctl(&["pin", "docs", "--recursive"])?;
+    assert!(out.contains("4 objects"), "{out}");
+    fx.gateway.ctl(&["pin", "/loose.bin"])?;
+    assert_eq!(fx.gateway.status()?["pinned_bytes"], 1_005_000);
+
+    fx.gateway.restart()?;
+    assert_eq!(
+        wait_status(&fx.gateway, Duration::from_secs(10), "pins counted", |s| {
+            s["pinned_bytes"].as_u64().is_some_and(|b| b > 0)
+        })?["pinned_bytes"],
+        1_005_000
+    );
+
+    // The origin changes a pinned file and adds one under the pinned
+    // directory: both are fetched as the journal reports them.
+    data::write_file(&fx.origin_path("docs/a.bin"), 21, 900_000)?;
+    data::write_file(&fx.origin_path("docs/deeper/new.bin"), 22, 250_000)?;
+    let mut nfs = Nfs::mount(fx.port(), "/imz").await?;
+    let mut last = String::new();
+    let applied = eventually(Duration::from_secs(20), || {
+        let a = futures_block(nfs.lookup_path("docs/a.bin")).ok()?;
+        let size = futures_block(nfs.getattr(&a)).ok()?.size;
+        let new = futures_block(nfs.lookup_path("docs/deeper/new.bin"));
+        let s = fx.gateway.status().ok()?;
+        last = format!("a.bin size {size}, new.bin {:?}, status {s}", new.is_ok());
+        (size == 900_000 && new.is_ok() && s["journal_lag"] == 0 && s["replica"]["pending"] == 0)
+            .then_some(())
+    });
+    anyhow::ensure!(applied.is_some(), "changes never applied: {last}");
+    wait_status(
+        &fx.gateway,
+        Duration::from_secs(10),
+        "new file counted",
+        |s| s["pinned_bytes"] == 900_000 + 300_000 + 250_000 + 5000,
+    )?;
+
+    fx.origin.proc.kill9();
+    assert!(nfs.read_path("docs/a.bin").await? == data::bytes(21, 900_000));
+    assert!(nfs.read_path("docs/deeper/b.bin").await? == data::bytes(2, 300_000));
+    assert!(nfs.read_path("docs/deeper/new.bin").await? == data::bytes(22, 250_000));
+    assert!(nfs.read_path("loose.bin").await? == data::bytes(3, 5000));
+    assert!(nfs.read_path("unpinned.bin").await.is_err());
+
+    // Unpinning needs no origin.
+    let out = fx.gateway.ctl(&["unpin", "docs"])?;
+    assert!(out.contains("5 objects"), "{out}");
+    assert_eq!(fx.gateway.status()?["pinned_bytes"], 5000);
+    Ok(())
+}
+
+/// Runs a future to completion from synchronous polling code inside a
+/// multi-threaded runtime.
+fn futures_block<F: std::future::Future>(f: F) -> F::Output {
+    tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(f))
+}
