@@ -82,9 +82,12 @@ pub async fn get(
         .acquire_owned()
         .await
         .map_err(|_| api(ErrorCode::Unavailable, "the origin is shutting down"))?;
+    let (start, end) = range.unwrap_or((0, size.saturating_sub(1)));
+    let len = if size == 0 { 0 } else { end - start + 1 };
+    let chunk = shared.config.read_chunk.max(4096);
     let s = shared.clone();
     let m = meta.clone();
-    let opened = tokio::task::spawn_blocking(move || -> Result<Option<File>, FsError> {
+    let opened = tokio::task::spawn_blocking(move || -> Result<Option<Opened>, FsError> {
         let Ok(Some(path)) = s.store.read().map(|r| r.path_of(m.parent)).and_then(|p| p) else {
             return Err(FsError::NotFound);
         };
@@ -95,12 +98,30 @@ pub async fn get(
             Err(e) => return Err(e),
         };
         let st = fsops::fstat(&file)?;
-        Ok((Fingerprint::of(&st) == m.fp).then_some(file))
+        if Fingerprint::of(&st) != m.fp {
+            return Ok(None);
+        }
+        // A small answer is read here, in one go, and sent whole: no
+        // second thread, and headers and body leave together.
+        if len <= chunk as u64 {
+            return match read_small(&file, m.fp, start, len) {
+                Ok(bytes) => Ok(Some(Opened::Read(bytes))),
+                Err(e) => {
+                    tracing::warn!(error = %e, "aborting a download");
+                    Ok(None)
+                }
+            };
+        }
+        Ok(Some(Opened::File(file)))
     })
     .await
     .map_err(|e| api(ErrorCode::Internal, format!("open task: {e}")))?;
     let file = match opened {
-        Ok(Some(f)) => f,
+        Ok(Some(Opened::File(f))) => f,
+        Ok(Some(Opened::Read(bytes))) => {
+            drop(permit);
+            return Ok(data_response(Body::from(bytes), &etag, range, len, size));
+        }
         Ok(None) | Err(FsError::NotFound) => {
             // Changed or gone behind our back: reconcile, then say so.
             let (tx, rx) = tokio::sync::oneshot::channel();
@@ -128,10 +149,7 @@ pub async fn get(
             return Err(api(ErrorCode::Internal, format!("opening the file: {e}")).into());
         }
     };
-    let (start, end) = range.unwrap_or((0, size.saturating_sub(1)));
-    let len = if size == 0 { 0 } else { end - start + 1 };
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(DATA_QUEUE);
-    let chunk = shared.config.read_chunk.max(4096);
     let fp = meta.fp;
     tokio::task::spawn_blocking(move || {
         let _permit = permit;
@@ -140,9 +158,47 @@ pub async fn get(
     let body = Body::from_stream(futures::stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|item| (item, rx))
     }));
+    Ok(data_response(body, &etag, range, len, size))
+}
+
+/// What opening a download gave: the file to stream, or a small answer
+/// already read.
+enum Opened {
+    File(File),
+    Read(Bytes),
+}
+
+/// Reads `len` bytes from `start` whole, then checks that the file did not
+/// change meanwhile.
+fn read_small(file: &File, fp: Fingerprint, start: u64, len: u64) -> std::io::Result<Bytes> {
+    let mut buf: Vec<u8> = Vec::with_capacity(len as usize);
+    while (buf.len() as u64) < len {
+        let at = start + buf.len() as u64;
+        match rustix::io::pread(file, rustix::buffer::spare_capacity(&mut buf), at) {
+            Ok(0) => return Err(std::io::Error::other("the file shrank while being served")),
+            Ok(_) => {}
+            Err(e) if e == rustix::io::Errno::INTR => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    buf.truncate(len as usize);
+    if Fingerprint::of(&rustix::fs::fstat(file)?) != fp {
+        return Err(std::io::Error::other("the file changed while being served"));
+    }
+    Ok(Bytes::from(buf))
+}
+
+fn data_response(
+    body: Body,
+    etag: &str,
+    range: Option<(u64, u64)>,
+    len: u64,
+    size: u64,
+) -> Response {
+    let (start, end) = range.unwrap_or((0, size.saturating_sub(1)));
     let mut resp = Response::new(body);
     let h = resp.headers_mut();
-    set_cache_headers(h, &etag);
+    set_cache_headers(h, etag);
     h.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/octet-stream"),
@@ -155,7 +211,7 @@ pub async fn get(
             resp.headers_mut().insert(header::CONTENT_RANGE, v);
         }
     }
-    Ok(resp)
+    resp
 }
 
 fn set_cache_headers(h: &mut HeaderMap, etag: &str) {
