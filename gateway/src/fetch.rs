@@ -52,6 +52,10 @@ const TRACKED_FILES: usize = 1024;
 /// soon as the storer is idle this long: a crash loses at most the last
 /// moment of fetching, and redb can reuse the pages freed meanwhile.
 const DURABLE_EVERY: Duration = Duration::from_secs(1);
+/// While whole files are being filled ([`Fetcher::prefetch`]: replicas,
+/// pins), durability waits longer: the filler makes its work durable when
+/// done, and a wait for the disk every second would stall the transfer.
+const DURABLE_EVERY_FILLING: Duration = Duration::from_secs(30);
 const DURABLE_WHEN_IDLE: Duration = Duration::from_millis(200);
 
 type SlotKey = (FileId, u64, u64);
@@ -107,6 +111,8 @@ struct Inner {
     metrics: Arc<Metrics>,
     /// Bumped by the storer after each batch it has stored and retired.
     stored: watch::Sender<u64>,
+    /// Fills running ([`Fetcher::prefetch`], [`Fetcher::fetch_for_fill`]).
+    filling: std::sync::atomic::AtomicUsize,
 }
 
 /// Handle to the fetcher; cheap to clone.
@@ -133,6 +139,7 @@ impl Fetcher {
             store,
             metrics,
             stored: watch::channel(0).0,
+            filling: Default::default(),
             patterns: Mutex::new(lru::LruCache::new(
                 std::num::NonZeroUsize::new(TRACKED_FILES).unwrap_or(std::num::NonZeroUsize::MIN),
             )),
@@ -248,19 +255,7 @@ impl Fetcher {
     pub async fn prefetch(&self, target: &Target, chunks: &[u64]) -> Result<u64, FetchFailure> {
         // Subscribed before anything is fetched, so no storing is missed.
         let mut stored = self.inner.stored.subscribe();
-        let mut bytes = 0;
-        let mut failure = None;
-        for (_, wait) in self.demand(target, chunks, 0..0) {
-            match wait.bytes().await {
-                Ok(b) => bytes += b.len() as u64,
-                Err(f) => {
-                    failure.get_or_insert(f);
-                }
-            }
-        }
-        if let Some(f) = failure {
-            return Err(f);
-        }
+        let bytes = self.fetch_for_fill(target, chunks).await?;
         // A slot is retired once the storer has handled its chunk.
         loop {
             let in_flight = {
@@ -275,6 +270,32 @@ impl Fetcher {
             if stored.changed().await.is_err() {
                 return Err(FetchFailure::Io("cache storer stopped".into()));
             }
+        }
+    }
+
+    /// Like [`prefetch`](Self::prefetch), but returns once the bytes have
+    /// arrived: the storer stores them a moment later (a filler that does
+    /// not wait for each file keeps more transfers going, and checks what
+    /// is stored at the end).
+    pub async fn fetch_for_fill(
+        &self,
+        target: &Target,
+        chunks: &[u64],
+    ) -> Result<u64, FetchFailure> {
+        let _filling = Filling::enter(&self.inner.filling);
+        let mut bytes = 0;
+        let mut failure = None;
+        for (_, wait) in self.demand(target, chunks, 0..0) {
+            match wait.bytes().await {
+                Ok(b) => bytes += b.len() as u64,
+                Err(f) => {
+                    failure.get_or_insert(f);
+                }
+            }
+        }
+        match failure {
+            Some(f) => Err(f),
+            None => Ok(bytes),
         }
     }
 
@@ -312,6 +333,22 @@ impl Fetcher {
             }
             .instrument(span),
         );
+    }
+}
+
+/// Counts a running prefetch.
+struct Filling<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl<'a> Filling<'a> {
+    fn enter(n: &'a std::sync::atomic::AtomicUsize) -> Self {
+        n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Self(n)
+    }
+}
+
+impl Drop for Filling<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
@@ -477,7 +514,12 @@ fn run_storer(
             }
         }
         let Some(inner) = inner.upgrade() else { return };
-        let durable = undurable_since.is_some_and(|t| t.elapsed() >= DURABLE_EVERY);
+        let every = if inner.filling.load(std::sync::atomic::Ordering::Relaxed) > 0 {
+            DURABLE_EVERY_FILLING
+        } else {
+            DURABLE_EVERY
+        };
+        let durable = undurable_since.is_some_and(|t| t.elapsed() >= every);
         match store_batch(&inner.cache, &batch, durable) {
             Ok(()) if durable => undurable_since = None,
             Ok(()) => {

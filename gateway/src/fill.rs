@@ -101,10 +101,26 @@ pub fn missing_bytes(vfs: &Vfs, fid: FileId, obj: &Object) -> Result<u64, VfsErr
 
 /// Brings all of file `fid`'s origin content into the cache.
 pub async fn fill_file(vfs: &Vfs, fid: FileId, counters: &Counters) -> Result<(), FillError> {
+    fill_file_with(vfs, fid, counters, true).await
+}
+
+/// With `stored`, returns once the content is in the cache; without, once
+/// it has arrived (one pass over what was missing; the storer stores it a
+/// moment later).
+async fn fill_file_with(
+    vfs: &Vfs,
+    fid: FileId,
+    counters: &Counters,
+    stored: bool,
+) -> Result<(), FillError> {
     let mut last_error = String::new();
-    for attempt in 0..ATTEMPTS {
-        if attempt > 0 {
-            tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
+    let mut rounds = 0;
+    let mut failed = false;
+    loop {
+        if failed {
+            // Back off a little before trying a failing file again.
+            tokio::time::sleep(Duration::from_millis(100 << rounds)).await;
+            failed = false;
         }
         let (target, missing) = {
             let rx = vfs.cache.read().map_err(VfsError::from)?;
@@ -124,10 +140,20 @@ pub async fn fill_file(vfs: &Vfs, fid: FileId, counters: &Counters) -> Result<()
         if !vfs.link.is_up() {
             return Err(FillError::Offline);
         }
+        if rounds == ATTEMPTS {
+            break;
+        }
+        rounds += 1;
         // Whatever happens, the next round checks what is in the cache then
         // (chunks can be evicted meanwhile, or the file change).
+        let mut complete = true;
         for window in windows(&missing) {
-            match vfs.fetcher.prefetch(&target, window).await {
+            let fetched = if stored {
+                vfs.fetcher.prefetch(&target, window).await
+            } else {
+                vfs.fetcher.fetch_for_fill(&target, window).await
+            };
+            match fetched {
                 Ok(bytes) => {
                     counters.bytes.fetch_add(bytes, Ordering::Relaxed);
                 }
@@ -146,13 +172,20 @@ pub async fn fill_file(vfs: &Vfs, fid: FileId, counters: &Counters) -> Result<()
                         Ok(())
                     })
                     .await?;
+                    complete = false;
                     break;
                 }
                 Err(FetchFailure::Io(e)) => {
                     last_error = e;
+                    failed = true;
+                    complete = false;
                     break;
                 }
             }
+        }
+        if complete && !stored {
+            counters.files.fetch_add(1, Ordering::Relaxed);
+            return Ok(());
         }
     }
     Err(FillError::Failed(if last_error.is_empty() {
@@ -177,15 +210,33 @@ fn windows(missing: &[u64]) -> Vec<&[u64]> {
     out
 }
 
-/// Fills every file in `fids`, [`FILES_IN_FLIGHT`] at a time.
+/// Fills every file in `fids`, [`FILES_IN_FLIGHT`] at a time: a first
+/// pass fetches, without waiting for each file to be stored; a second
+/// makes sure all of it is in the cache (waiting for the storer, fetching
+/// again what was evicted or changed meanwhile).
 pub async fn fill_all(
     vfs: &Vfs,
     fids: impl IntoIterator<Item = FileId>,
     counters: &Counters,
 ) -> Report {
     let mut report = Report::default();
+    let mut arrived = Vec::new();
     let mut results = futures::stream::iter(fids)
-        .map(|fid| async move { (fid, fill_file(vfs, fid, counters).await) })
+        .map(|fid| async move { (fid, fill_file_with(vfs, fid, counters, false).await) })
+        .buffer_unordered(FILES_IN_FLIGHT);
+    while let Some((fid, result)) = results.next().await {
+        match result {
+            Ok(()) => arrived.push(fid),
+            Err(FillError::Offline) => report.offline.push(fid),
+            Err(FillError::Failed(why)) => report.failed.push((fid, why)),
+        }
+    }
+    drop(results);
+    // Files already counted: the check does not count them again.
+    let check = Counters::default();
+    let check = &check;
+    let mut results = futures::stream::iter(arrived)
+        .map(|fid| async move { (fid, fill_file_with(vfs, fid, check, true).await) })
         .buffer_unordered(FILES_IN_FLIGHT);
     while let Some((fid, result)) = results.next().await {
         match result {
@@ -194,6 +245,9 @@ pub async fn fill_all(
             Err(FillError::Failed(why)) => report.failed.push((fid, why)),
         }
     }
+    counters
+        .bytes
+        .fetch_add(check.bytes.load(Ordering::Relaxed), Ordering::Relaxed);
     report
 }
 

@@ -388,7 +388,15 @@ impl Keeper {
                 }
                 PassError::from(e)
             })?;
-            fold(&self.vfs, header, entries).await?
+            let folding = Instant::now();
+            let summary = fold(&self.vfs, header, entries).await?;
+            tracing::info!(
+                seq = summary.seq,
+                files = summary.files,
+                ms = folding.elapsed().as_millis() as u64,
+                "folded the origin's manifest into the cache"
+            );
+            summary
         };
         let capacity = self.vfs.cache.usage().capacity;
         if summary.bytes > capacity {
