@@ -283,6 +283,7 @@ impl Fetcher {
         chunks: &[u64],
     ) -> Result<u64, FetchFailure> {
         let _filling = Filling::enter(&self.inner.filling);
+        let mut stored = self.inner.stored.subscribe();
         let mut bytes = 0;
         let mut failure = None;
         for (_, wait) in self.demand(target, chunks, 0..0) {
@@ -293,10 +294,18 @@ impl Fetcher {
                 }
             }
         }
-        match failure {
-            Some(f) => Err(f),
-            None => Ok(bytes),
+        if let Some(f) = failure {
+            return Err(f);
         }
+        // Arrived is not stored: while the storer's queue is full, the
+        // filler waits, so that fetched bytes cannot pile up in memory
+        // faster than the disk takes them.
+        while self.inner.store.capacity() == 0 {
+            if stored.changed().await.is_err() {
+                return Err(FetchFailure::Io("cache storer stopped".into()));
+            }
+        }
+        Ok(bytes)
     }
 
     fn abandon(&self, target: &Target, run: Vec<(u64, watch::Sender<SlotState>)>) {
