@@ -15,14 +15,16 @@
 //!   history (create, stores, renames), and a rename of such an object
 //!   just renames its pending create.
 //!
-//! Records being shipped are *frozen* ([`Cache::freeze_log`]): they are
-//! never rewritten or cancelled, since the origin may already have them.
+//! Records once sent to the origin are marked `shipped` (durably, before
+//! they are sent): the origin may have applied them under their key, so
+//! they are never rewritten, cancelled or extended afterwards; a later write
+//! to the same file starts a new upload.
 
 use serde::{Deserialize, Serialize};
 
 use crate::error::{CacheError, Result};
 use crate::object::{FileId, Kind, LogRefs, Object};
-use crate::store::{Cache, WriteTxn};
+use crate::store::WriteTxn;
 
 /// Attribute changes; `None` fields are left alone.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -119,6 +121,9 @@ pub struct LogRecord {
     /// When it was logged (nanoseconds since the epoch).
     pub time: i64,
     pub op: LogOp,
+    /// Sent to the origin at least once, so the origin may have applied it
+    /// under its key: it is never rewritten, cancelled or extended after.
+    pub shipped: bool,
 }
 
 /// Records which pending record of its kind `seq` is.
@@ -147,30 +152,41 @@ pub fn decode(bytes: &[u8]) -> Result<LogRecord> {
     postcard::from_bytes(bytes).map_err(|e| CacheError::corrupt(format!("log record: {e}")))
 }
 
-impl Cache {
-    /// Marks records as being shipped: they will not be rewritten.
-    pub fn freeze_log(&self, seqs: impl IntoIterator<Item = u64>) {
-        let mut frozen = self.frozen.lock().unwrap_or_else(|p| p.into_inner());
-        frozen.extend(seqs);
+impl WriteTxn<'_> {
+    /// Whether record `seq` may already be at the origin.
+    pub fn is_shipped(&self, seq: u64) -> Result<bool> {
+        Ok(self.log_record(seq)?.is_some_and(|r| r.shipped))
     }
 
-    /// Ends [`freeze_log`](Self::freeze_log).
-    pub fn thaw_log(&self, seqs: impl IntoIterator<Item = u64>) {
-        let mut frozen = self.frozen.lock().unwrap_or_else(|p| p.into_inner());
-        for s in seqs {
-            frozen.remove(&s);
+    /// Marks record `seq` shipped, if it still is exactly `expected` (the
+    /// bytes the caller read when planning what to send). Returns whether
+    /// it was.
+    pub fn log_mark_shipped(&mut self, seq: u64, expected: &[u8]) -> Result<bool> {
+        match self.log_bytes(seq)? {
+            Some(bytes) if bytes == expected => {
+                let mut rec = decode(&bytes)?;
+                if !rec.shipped {
+                    rec.shipped = true;
+                    self.put_log(seq, &encode(&rec)?)?;
+                }
+                Ok(true)
+            }
+            _ => Ok(false),
         }
     }
 
-    pub(crate) fn is_frozen(&self, seq: u64) -> bool {
-        self.frozen
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains(&seq)
+    /// The origin refused record `seq` (a conflict): it does not have it,
+    /// so the record may again be rewritten or cancelled.
+    pub fn log_unmark_shipped(&mut self, seq: u64) -> Result<()> {
+        if let Some(mut rec) = self.log_record(seq)?
+            && rec.shipped
+        {
+            rec.shipped = false;
+            self.put_log(seq, &encode(&rec)?)?;
+        }
+        Ok(())
     }
-}
 
-impl WriteTxn<'_> {
     /// A log record.
     pub fn log_record(&self, seq: u64) -> Result<Option<LogRecord>> {
         let Some(bytes) = self.log_bytes(seq)? else {
@@ -182,7 +198,7 @@ impl WriteTxn<'_> {
     fn obj_mut<R>(&mut self, fid: FileId, f: impl FnOnce(&mut Object) -> R) -> Result<R> {
         let mut obj = self.object(fid)?;
         let r = f(&mut obj);
-        self.put(fid, &obj)?;
+        self.put_with_log(fid, &obj)?;
         Ok(r)
     }
 
@@ -197,15 +213,21 @@ impl WriteTxn<'_> {
         let refs = self.object(fid)?.log;
         match &op {
             LogOp::Store { .. } => {
-                // One upload carries all writes; it reads the content when
-                // shipped, and notices writes made while it was shipping.
-                if let Some(seq) = refs.store {
+                // One upload carries all writes: it reads the content when
+                // shipped. Once shipped, later writes need a new upload.
+                if let Some(seq) = refs.store
+                    && !self.is_shipped(seq)?
+                {
                     return Ok(Some(seq));
                 }
                 // The upload carries the final size too: a pending size
                 // change would only undo it (an upload may travel with the
                 // object's create, ahead of the size change).
-                if let Some(seq) = refs.setattr.filter(|s| !self.cache_ref().is_frozen(*s)) {
+                let setattr = match refs.setattr {
+                    Some(s) if !self.is_shipped(s)? => Some(s),
+                    _ => None,
+                };
+                if let Some(seq) = setattr {
                     let mut rec = self
                         .log_record(seq)?
                         .ok_or_else(|| CacheError::corrupt("setattr record vanished"))?;
@@ -221,15 +243,22 @@ impl WriteTxn<'_> {
             }
             LogOp::SetAttr { set, .. } => {
                 let mut set = set.clone();
-                // Truncation bumps the content generation, so a pending
-                // upload carries the new size even if it is being shipped.
-                if refs.store.is_some() {
+                // An upload not yet shipped will carry the new size.
+                let store_pending = match refs.store {
+                    Some(s) => !self.is_shipped(s)?,
+                    None => false,
+                };
+                if store_pending {
                     set.size = None;
                 }
                 if set.is_empty() {
                     return Ok(refs.setattr.or(refs.store));
                 }
-                if let Some(seq) = refs.setattr.filter(|s| !self.cache_ref().is_frozen(*s)) {
+                let setattr = match refs.setattr {
+                    Some(s) if !self.is_shipped(s)? => Some(s),
+                    _ => None,
+                };
+                if let Some(seq) = setattr {
                     let mut rec = self
                         .log_record(seq)?
                         .ok_or_else(|| CacheError::corrupt("setattr record vanished"))?;
@@ -242,19 +271,27 @@ impl WriteTxn<'_> {
                 return self.append(LogOp::SetAttr { fid, set }, time).map(Some);
             }
             LogOp::Remove { .. } => {
-                let never_shipped = refs.create.is_some()
-                    && refs.ops.iter().all(|s| !self.cache_ref().is_frozen(*s));
+                // Only an object nothing else in the log needs: a directory
+                // that other records name as a parent must be created at the
+                // origin for them, even if it is removed afterwards.
+                let mut never_shipped = refs.create.is_some() && refs.other == 0;
+                for seq in &refs.ops {
+                    never_shipped &= !self.is_shipped(*seq)?;
+                }
                 if never_shipped {
                     self.cancel_history(fid)?;
                     return Ok(None);
                 }
                 // Content and attributes of an object about to be removed
-                // need not travel (unless already on their way).
-                for seq in [refs.store, refs.setattr].into_iter().flatten() {
-                    if !self.cache_ref().is_frozen(seq) {
-                        self.log_done(seq)?;
+                // need not travel (unless already on their way). The remove
+                // goes in first: it keeps the object while it waits.
+                let seq = self.append(op, time)?;
+                for pending in [refs.store, refs.setattr].into_iter().flatten() {
+                    if !self.is_shipped(pending)? {
+                        self.log_done(pending)?;
                     }
                 }
+                return Ok(Some(seq));
             }
             LogOp::Rename {
                 to_parent,
@@ -262,7 +299,10 @@ impl WriteTxn<'_> {
                 replaced: None,
                 ..
             } => {
-                let create = refs.create.filter(|c| !self.cache_ref().is_frozen(*c));
+                let create = match refs.create {
+                    Some(c) if !self.is_shipped(c)? => Some(c),
+                    _ => None,
+                };
                 // The new parent must exist at the origin before the create
                 // is shipped: either it is there already or it is created
                 // earlier in the log.
@@ -272,7 +312,24 @@ impl WriteTxn<'_> {
                     }
                     None => false,
                 };
-                if let Some(create) = create.filter(|_| parent_ready) {
+                // A rename already logged (while the create was being shipped)
+                // starts from the create's name: the create must keep it.
+                let mut renamed_since = false;
+                for seq in &refs.ops {
+                    if let Some(r) = self.log_record(*seq)? {
+                        renamed_since |= matches!(r.op, LogOp::Rename { .. });
+                    }
+                }
+                // Moving the create to the new name also moves it earlier in
+                // the log: nothing logged since may touch the new directory's
+                // names (e.g. remove what had the name before).
+                let dest_quiet = match create {
+                    Some(c) if parent_ready && !renamed_since => {
+                        self.names_untouched_since(*to_parent, c)?
+                    }
+                    _ => false,
+                };
+                if let Some(create) = create.filter(|_| dest_quiet) {
                     let mut rec = self
                         .log_record(create)?
                         .ok_or_else(|| CacheError::corrupt("create record vanished"))?;
@@ -292,9 +349,38 @@ impl WriteTxn<'_> {
         self.append(op, time).map(Some)
     }
 
+    /// Whether no record after `seq` changes names in directory `dir`
+    /// (looks at a bounded number of records; `false` if there are more).
+    fn names_untouched_since(&self, dir: FileId, seq: u64) -> Result<bool> {
+        const LOOK: usize = 256;
+        let later = self.log_records(seq + 1, LOOK + 1)?;
+        if later.len() > LOOK {
+            return Ok(false);
+        }
+        for (_, bytes) in later {
+            let touches = match decode(&bytes)?.op {
+                LogOp::Create { parent, .. } | LogOp::Remove { parent, .. } => parent == dir,
+                LogOp::Rename {
+                    from_parent,
+                    to_parent,
+                    ..
+                } => from_parent == dir || to_parent == dir,
+                LogOp::Store { .. } | LogOp::SetAttr { .. } => false,
+            };
+            if touches {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
     fn append(&mut self, op: LogOp, time: i64) -> Result<u64> {
         let fid = op.primary();
-        let record = LogRecord { time, op };
+        let record = LogRecord {
+            time,
+            op,
+            shipped: false,
+        };
         let seq = self.append_log(&encode(&record)?)?;
         self.obj_mut(fid, |o| {
             o.log.ops.push(seq);
@@ -317,12 +403,11 @@ impl WriteTxn<'_> {
     }
 
     fn put_or_forget(&mut self, fid: FileId, obj: Object) -> Result<()> {
+        self.put_with_log(fid, &obj)?;
         if obj.removed && obj.log == LogRefs::default() {
-            self.put(fid, &obj)?;
-            self.remove_tree(fid)
-        } else {
-            self.put(fid, &obj)
+            self.remove_tree(fid)?;
         }
+        Ok(())
     }
 
     /// The record `seq` is done (the origin has it, or it no longer
@@ -418,6 +503,7 @@ impl WriteTxn<'_> {
 mod tests {
     use super::*;
     use crate::object::{Attrs, OriginRef, ROOT_FILEID};
+    use crate::store::Cache;
 
     fn obj(kind: Kind, origin: Option<u64>) -> Object {
         Object {
@@ -547,6 +633,22 @@ mod tests {
     }
 
     #[test]
+    fn writes_after_an_upload_was_shipped_need_a_new_upload() {
+        let (_d, cache) = setup();
+        let mut tx = cache.write().expect("write");
+        let fid = local_file(&mut tx, "f");
+        let first = tx.log(LogOp::Store { fid }, 0).expect("log").expect("seq");
+        let bytes = tx.log_bytes(first).expect("bytes").expect("record");
+        assert!(tx.log_mark_shipped(first, &bytes).expect("mark"));
+        // The origin may have applied `first` under its key already: a
+        // replay would answer with that, so new content needs a new key.
+        let second = tx.log(LogOp::Store { fid }, 0).expect("log").expect("seq");
+        assert_ne!(first, second);
+        // And a shipped record is never changed under its key.
+        assert!(!tx.log_mark_shipped(second, b"other bytes").expect("mark"));
+    }
+
+    #[test]
     fn a_store_absorbs_an_earlier_truncation() {
         let (_d, cache) = setup();
         let mut tx = cache.write().expect("write");
@@ -594,7 +696,8 @@ mod tests {
         let mut tx = cache.write().expect("write");
         let fid = local_file(&mut tx, "f");
         let create = tx.object(fid).expect("obj").log.create.expect("create");
-        cache.freeze_log([create]);
+        let bytes = tx.log_bytes(create).expect("bytes").expect("record");
+        assert!(tx.log_mark_shipped(create, &bytes).expect("mark"));
         let removal = remove(&mut tx, "f");
         assert!(removal.is_some());
         assert_eq!(ops(&tx).len(), 2);
@@ -641,6 +744,31 @@ mod tests {
         );
         assert_eq!(tx.object(dir).expect("dir").log.other, 1);
         assert_eq!(tx.object(ROOT_FILEID).expect("root").log.other, 0);
+    }
+
+    #[test]
+    fn a_create_renamed_while_shipped_is_not_rewritten_later() {
+        let (_d, cache) = setup();
+        let mut tx = cache.write().expect("write");
+        let fid = local_file(&mut tx, "a");
+        let create = tx.object(fid).expect("obj").log.create.expect("create");
+        let rename = |to: &str, from: &str| LogOp::Rename {
+            from_parent: ROOT_FILEID,
+            from_name: from.into(),
+            fid,
+            to_parent: ROOT_FILEID,
+            to_name: to.into(),
+            replaced: None,
+        };
+        let bytes = tx.log_bytes(create).expect("bytes").expect("record");
+        assert!(tx.log_mark_shipped(create, &bytes).expect("mark"));
+        tx.log(rename("b", "a"), 0).expect("log");
+        // However the shipment ends, a second rename must not move the
+        // create away from the name the first rename starts from.
+        tx.log(rename("c", "b"), 0).expect("log");
+        let got = ops(&tx);
+        assert_eq!(got.len(), 3, "{got:?}");
+        assert!(matches!(&got[0], LogOp::Create { name, .. } if name == "a"));
     }
 
     #[test]

@@ -76,6 +76,11 @@ fn charged(len: u32) -> u64 {
     u64::from(len)
 }
 
+fn check_invariants_enabled() -> bool {
+    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ENABLED.get_or_init(|| std::env::var_os("IMZ_CACHE_CHECK").is_some())
+}
+
 /// How much of the cache is used.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Usage {
@@ -113,8 +118,6 @@ pub struct Cache {
     evict: Mutex<EvictIndex>,
     capacity: u64,
     generation: u64,
-    /// Log records being shipped (see `log`).
-    pub(crate) frozen: Mutex<std::collections::HashSet<u64>>,
 }
 
 impl std::fmt::Debug for Cache {
@@ -191,7 +194,6 @@ impl Cache {
             evict: Mutex::new(evict),
             capacity,
             generation,
-            frozen: Mutex::new(std::collections::HashSet::new()),
         })
     }
 
@@ -611,8 +613,29 @@ impl WriteTxn<'_> {
 
     /// Stores `obj` under `fid` (insert or replace), keeping the origin index
     /// and the eviction accounting in step.
+    ///
+    /// The object's log references belong to the client modification log
+    /// (see `log`): when replacing an object, the stored references are kept
+    /// and `obj.log` is ignored, so that a caller holding an object read
+    /// before a `log` call can never undo what the log recorded.
     pub fn put(&mut self, fid: FileId, obj: &Object) -> Result<()> {
+        match self.get(fid)? {
+            Some(old) if old.log != obj.log => {
+                let mut obj = obj.clone();
+                obj.log = old.log.clone();
+                self.put_raw(fid, &obj, Some(old))
+            }
+            old => self.put_raw(fid, obj, old),
+        }
+    }
+
+    /// [`put`](Self::put) including `obj.log` (for the log module).
+    pub(crate) fn put_with_log(&mut self, fid: FileId, obj: &Object) -> Result<()> {
         let old = self.get(fid)?;
+        self.put_raw(fid, obj, old)
+    }
+
+    fn put_raw(&mut self, fid: FileId, obj: &Object, old: Option<Object>) -> Result<()> {
         let bytes = encode_object(obj)?;
         {
             let mut t = self.tx.open_table(OBJECTS)?;
@@ -899,6 +922,9 @@ impl WriteTxn<'_> {
     /// Before committing, evicts least recently used clean chunks until the
     /// file data fits the capacity again.
     pub fn commit(mut self, durable: bool) -> Result<()> {
+        if check_invariants_enabled() {
+            self.check_invariants()?;
+        }
         let cache = self.cache;
         // Hold the accounting lock across commit and update, so that the next
         // writer sees the index as this commit leaves it.
@@ -943,6 +969,87 @@ impl WriteTxn<'_> {
             } else {
                 evict.release(key, len);
             }
+        }
+        Ok(())
+    }
+
+    /// Verifies the cache's invariants over the whole database (slow: for
+    /// tests, enabled by the `IMZ_CACHE_CHECK` environment variable, which
+    /// makes every commit check them and fail loudly if one is broken):
+    /// - every directory entry names an object, and `names` and `entries`
+    ///   agree;
+    /// - every object but the root and those removed is linked at its
+    ///   `(parent, name)`; removed objects are not;
+    /// - every log record is listed in its object's `log.ops`, and every
+    ///   `log.ops` entry is a record about that object;
+    /// - an object the origin does not have has a pending create.
+    pub fn check_invariants(&self) -> Result<()> {
+        let fail = |what: String| Err(CacheError::corrupt(format!("invariant broken: {what}")));
+        let names = self.tx.open_table(NAMES)?;
+        let entries = self.tx.open_table(ENTRIES)?;
+        let objects = self.tx.open_table(OBJECTS)?;
+        for item in entries.iter()? {
+            let (k, v) = item?;
+            let (dir, cookie) = k.value();
+            let (fid, name) = v.value();
+            if objects.get(fid)?.is_none() {
+                return fail(format!("entry {dir}/{name} names missing object {fid}"));
+            }
+            match names.get((dir, name))? {
+                Some(n) if n.value() == (fid, cookie) => {}
+                other => {
+                    return fail(format!(
+                        "entry {dir}/{name}: names says {:?}",
+                        other.map(|v| v.value())
+                    ));
+                }
+            }
+        }
+        let mut log_refs: HashMap<FileId, Vec<u64>> = HashMap::new();
+        let log = self.tx.open_table(LOG)?;
+        for item in log.iter()? {
+            let (k, v) = item?;
+            let rec = crate::log::decode(v.value())?;
+            log_refs
+                .entry(rec.op.primary())
+                .or_default()
+                .push(k.value());
+        }
+        for item in objects.iter()? {
+            let (k, v) = item?;
+            let fid = k.value();
+            let obj = decode_object(v.value())?;
+            let linked = names
+                .get((obj.parent, obj.name.as_str()))?
+                .map(|v| v.value().0)
+                == Some(fid);
+            if fid != crate::object::ROOT_FILEID && obj.removed == linked {
+                return fail(format!(
+                    "object {fid} ({}/{}) removed={} but linked={linked}",
+                    obj.parent, obj.name, obj.removed
+                ));
+            }
+            if obj.origin.is_none() && obj.log.create.is_none() && fid != crate::object::ROOT_FILEID
+            {
+                return fail(format!(
+                    "object {fid} ({}/{}) is at neither the origin nor in the log",
+                    obj.parent, obj.name
+                ));
+            }
+            let mut ops = obj.log.ops.clone();
+            ops.sort_unstable();
+            let mut want = log_refs.remove(&fid).unwrap_or_default();
+            want.sort_unstable();
+            if ops != want {
+                return fail(format!(
+                    "object {fid} lists log records {ops:?}, the log has {want:?}"
+                ));
+            }
+        }
+        if let Some((fid, seqs)) = log_refs.into_iter().next() {
+            return fail(format!(
+                "log records {seqs:?} are about missing object {fid}"
+            ));
         }
         Ok(())
     }

@@ -195,6 +195,20 @@ pub async fn settle(
     result: &OpResult,
 ) -> Result<(), VfsError> {
     let fid = record.op.primary();
+    // The origin refused it, so it does not have it: settling may rewrite
+    // or cancel it like a record never sent.
+    let refused_create = matches!(record.op, LogOp::Create { .. });
+    vfs.writer
+        .run(0, move |tx| {
+            tx.log_unmark_shipped(seq)?;
+            // Content that travelled inside a refused create was refused too
+            // (a file's uploads can only follow its create).
+            if refused_create && let Some(store) = tx.get(fid)?.and_then(|o| o.log.store) {
+                tx.log_unmark_shipped(store)?;
+            }
+            Ok(())
+        })
+        .await?;
     // A person's decision for this object overrides the policy, once.
     let decided = list(&vfs.cache)?
         .into_iter()
@@ -221,7 +235,7 @@ pub async fn settle(
         _ => return Ok(()),
     };
     let case = case_name(&record.op, reason);
-    tracing::warn!(%path, case, %policy, "conflict");
+    tracing::warn!(%path, case, %policy, ?reason, op = ?record.op, current = ?current, "conflict");
 
     if policy == ConflictPolicy::Manual {
         record_conflict(

@@ -261,10 +261,19 @@ impl Control {
                 };
             }
             if let LinkState::Disconnected { reason, .. } = self.vfs.link.state() {
-                return Response::NotSynced {
-                    reason: format!("the origin is unreachable ({reason})"),
-                    pending,
-                };
+                // Do not wait for the prober: ask now, the origin may be back.
+                match self.vfs.origin.health().await {
+                    Ok(_) => {
+                        self.vfs.link.up();
+                        continue;
+                    }
+                    Err(e) => {
+                        return Response::NotSynced {
+                            reason: format!("the origin is unreachable ({reason}; now: {e})"),
+                            pending,
+                        };
+                    }
+                }
             }
             let held = conflict::held_objects(&self.vfs.cache)
                 .map(|h| h.len())
@@ -300,9 +309,10 @@ fn log_size(vfs: &Vfs) -> Result<(u64, u64), crate::vfs::VfsError> {
     let mut bytes = 0;
     for (_, raw) in &records {
         if let Ok(rec) = imz_cache::log::decode(raw)
-            && let imz_cache::LogOp::Store { fid } = rec.op {
-                bytes += rx.get(fid)?.map_or(0, |o| o.attrs.size);
-            }
+            && let imz_cache::LogOp::Store { fid } = rec.op
+        {
+            bytes += rx.get(fid)?.map_or(0, |o| o.attrs.size);
+        }
     }
     Ok((records.len() as u64, bytes))
 }

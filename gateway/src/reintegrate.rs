@@ -84,7 +84,13 @@ pub struct Reintegrator {
     progress: watch::Sender<Progress>,
     /// Ship now, whatever the age of the records (`imz sync`).
     hurry: watch::Receiver<u64>,
+    /// How often each record was refused: a settlement that does not stick
+    /// must not loop forever.
+    refusals: HashMap<u64, u32>,
 }
+
+/// Refusals of one record after which it is held for a person.
+const MAX_REFUSALS: u32 = 3;
 
 /// What to record when an operation is applied.
 #[derive(Debug, Clone)]
@@ -92,13 +98,13 @@ enum Done {
     Create {
         seq: u64,
         fid: FileId,
-        /// A store shipped inside the create: (its record, data generation).
-        store: Option<(u64, u64)>,
+        /// A store shipped inside the create, and whether it had been
+        /// shipped (inside this create) before this round.
+        store: Option<(u64, bool)>,
     },
     Store {
         seq: u64,
         fid: FileId,
-        data_gen: u64,
     },
     SetAttr {
         seq: u64,
@@ -106,6 +112,7 @@ enum Done {
     },
     Remove {
         seq: u64,
+        fid: FileId,
     },
     Rename {
         seq: u64,
@@ -119,7 +126,7 @@ impl Done {
             Self::Create { seq, .. }
             | Self::Store { seq, .. }
             | Self::SetAttr { seq, .. }
-            | Self::Remove { seq }
+            | Self::Remove { seq, .. }
             | Self::Rename { seq, .. } => *seq,
         }
     }
@@ -135,6 +142,8 @@ struct Plan {
     uploads: Vec<(String, FileId, u64)>,
     /// The log records, by sequence number, for conflict handling.
     records: HashMap<u64, LogRecord>,
+    /// The records' bytes as planned (every seq in `seqs`).
+    raw: HashMap<u64, Vec<u8>>,
 }
 
 impl Reintegrator {
@@ -151,6 +160,7 @@ impl Reintegrator {
             settings,
             progress,
             hurry,
+            refusals: HashMap::new(),
         }
     }
 
@@ -207,27 +217,51 @@ impl Reintegrator {
             Ok(plan) => plan,
             Err(round) => return Ok(round),
         };
-        self.vfs.cache.freeze_log(plan.seqs.iter().copied());
-        let result = self.ship(&plan).await;
-        self.vfs.cache.thaw_log(plan.seqs.iter().copied());
-        // Settle a refusal only now: settling may rewrite or cancel the
-        // records, which must not happen while they are frozen.
-        if let Some((seq, result)) = result? {
+        // Before anything leaves, mark the records shipped (durably): from
+        // now on the origin may have them, so they must not change. If one
+        // changed since it was planned, plan again.
+        let marks: Vec<(u64, Vec<u8>)> = plan
+            .seqs
+            .iter()
+            .filter_map(|s| plan.raw.get(s).map(|b| (*s, b.clone())))
+            .collect();
+        let unchanged = self
+            .vfs
+            .writer
+            .run(0, move |tx| {
+                for (seq, bytes) in &marks {
+                    if !tx
+                        .log_mark_shipped(*seq, bytes)
+                        .map_err(|e| VfsError::Io(e.to_string()))?
+                    {
+                        return Ok(false);
+                    }
+                }
+                Ok(true)
+            })
+            .await?;
+        if !unchanged {
+            return Ok(Round::Shipped);
+        }
+        if let Some((seq, result)) = self.ship(&plan).await? {
             let record = plan
                 .records
                 .get(&seq)
                 .ok_or_else(|| VfsError::Io("planned record missing".into()))?;
             self.progress.send_modify(|p| p.conflicts += 1);
             Metrics::add(&self.vfs.metrics.conflicts, 1);
-            conflict::settle(
-                &self.vfs,
-                &self.gateway_id,
-                self.settings.policy,
-                seq,
-                record,
-                &result,
-            )
-            .await?;
+            let refusals = self.refusals.entry(seq).or_insert(0);
+            *refusals += 1;
+            let policy = if *refusals > MAX_REFUSALS {
+                tracing::error!(seq, op = ?record.op, "refused again after being settled; holding it for a person");
+                ConflictPolicy::Manual
+            } else {
+                self.settings.policy
+            };
+            if self.refusals.len() > 10_000 {
+                self.refusals.clear();
+            }
+            conflict::settle(&self.vfs, &self.gateway_id, policy, seq, record, &result).await?;
         }
         Ok(Round::Shipped)
     }
@@ -255,6 +289,7 @@ impl Reintegrator {
             seqs: Vec::new(),
             uploads: Vec::new(),
             records: HashMap::new(),
+            raw: HashMap::new(),
         };
         // Objects whose records are held back this round (held by a
         // conflict awaiting a person, or after such a record).
@@ -310,6 +345,7 @@ impl Reintegrator {
                 tracing::error!(
                     seq,
                     what,
+                    op = ?record.op,
                     "log record refers to an object the origin cannot know yet; holding it"
                 );
             };
@@ -344,7 +380,15 @@ impl Reintegrator {
                                         || upload_bytes == 0 =>
                                 {
                                     merged_stores.insert(s);
-                                    store = Some((s, obj.data_gen));
+                                    let before = match rx.log_bytes(s)? {
+                                        Some(b) => {
+                                            let shipped = imz_cache::log::decode(&b)?.shipped;
+                                            plan.raw.insert(s, b);
+                                            shipped
+                                        }
+                                        None => false,
+                                    };
+                                    store = Some((s, before));
                                     upload_bytes += obj.attrs.size;
                                     let id = format!("{}-{s}", self.gateway_id);
                                     plan.uploads.push((id.clone(), *fid, obj.attrs.size));
@@ -398,11 +442,7 @@ impl Reintegrator {
                             upload: key.clone(),
                             mtime: Some(obj.attrs.mtime),
                         },
-                        Done::Store {
-                            seq,
-                            fid: *fid,
-                            data_gen: obj.data_gen,
-                        },
+                        Done::Store { seq, fid: *fid },
                     )
                 }
                 LogOp::SetAttr { fid, set } => {
@@ -446,7 +486,7 @@ impl Reintegrator {
                             id,
                             base: base(*fid, &obj, &last_key),
                         },
-                        Done::Remove { seq },
+                        Done::Remove { seq, fid: *fid },
                     )
                 }
                 LogOp::Rename {
@@ -508,6 +548,7 @@ impl Reintegrator {
             plan.ops.push(KeyedOp { key, op: wire_op });
             plan.done.push(done);
             plan.records.insert(seq, record);
+            plan.raw.insert(seq, bytes);
         }
         if plan.ops.is_empty() {
             return Ok(Err(wait.map_or(Round::Idle, Round::Wait)));
@@ -606,44 +647,70 @@ fn record_applied(
         Done::Create { seq, fid, store } => {
             adopt(tx, *fid)?;
             tx.log_done(*seq)?;
-            // Content shipped with a create counts only if this answer is
-            // the create's first: a replay may be of a create sent without it.
-            if let Some((store_seq, data_gen)) = store
-                && !replayed
+            // Content shipped with a create counts if the origin applied
+            // this create now, or if it already travelled with it before (a
+            // replay answers the first sending, which may not have had it).
+            if let Some((store_seq, shipped_before)) = store
+                && (!replayed || *shipped_before)
             {
-                store_done(tx, *fid, *store_seq, *data_gen)?;
+                store_done(tx, *fid, *store_seq)?;
             }
         }
-        Done::Store { seq, fid, data_gen } => {
+        Done::Store { seq, fid } => {
             adopt(tx, *fid)?;
-            store_done(tx, *fid, *seq, *data_gen)?;
+            store_done(tx, *fid, *seq)?;
         }
         Done::SetAttr { seq, fid } | Done::Rename { seq, fid } => {
             adopt(tx, *fid)?;
             tx.log_done(*seq)?;
         }
-        Done::Remove { seq } => tx.log_done(*seq)?,
+        Done::Remove { seq, fid } => {
+            tx.log_done(*seq)?;
+            // Gone at the origin: content or attributes still waiting for it
+            // (a store shipped before the removal but not yet answered) no
+            // longer matter, and sent after the removal they would bring it
+            // back as a conflict.
+            if let Some(obj) = tx.get(*fid)? {
+                for pending in obj.log.ops.clone() {
+                    if matches!(
+                        tx.log_record(pending)?.map(|r| r.op),
+                        Some(LogOp::Store { .. } | LogOp::SetAttr { .. })
+                    ) {
+                        tx.log_done(pending)?;
+                    }
+                }
+            }
+        }
     }
+    match done {
+        Done::Create { fid, .. }
+        | Done::Store { fid, .. }
+        | Done::SetAttr { fid, .. }
+        | Done::Rename { fid, .. } => settle_extent(tx, *fid),
+        Done::Remove { .. } => Ok(()),
+    }
+}
+
+/// The content uploaded for store `seq` is at the origin. (Writes made
+/// since it was shipped went into a newer store record.)
+fn store_done(tx: &mut imz_cache::WriteTxn<'_>, _fid: FileId, seq: u64) -> Result<(), VfsError> {
+    tx.log_done(seq)?;
     Ok(())
 }
 
-/// The content uploaded for store `seq` is at the origin; done unless the
-/// file changed again since it was read.
-fn store_done(
-    tx: &mut imz_cache::WriteTxn<'_>,
-    fid: FileId,
-    seq: u64,
-    data_gen: u64,
-) -> Result<(), VfsError> {
-    let Some(mut obj) = tx.get(fid)? else {
-        return Ok(());
-    };
-    if obj.data_gen != data_gen {
-        return Ok(());
+/// Once nothing about a file is left to send, the origin holds exactly its
+/// content: every byte may be fetched again from there (its chunks become
+/// evictable). Until then, bytes not cached below `origin_extent` are the
+/// ones every upload so far carried unchanged, so the extent must not grow.
+fn settle_extent(tx: &mut imz_cache::WriteTxn<'_>, fid: FileId) -> Result<(), VfsError> {
+    if let Some(mut obj) = tx.get(fid)?
+        && obj.kind == Kind::File
+        && obj.log.ops.is_empty()
+        && obj.origin_extent != obj.attrs.size
+    {
+        obj.origin_extent = obj.attrs.size;
+        tx.put(fid, &obj)?;
     }
-    obj.origin_extent = obj.attrs.size;
-    tx.put(fid, &obj)?;
-    tx.log_done(seq)?;
     Ok(())
 }
 

@@ -85,8 +85,11 @@ fn apply_attrs(attrs: &mut Attrs, set: &SetAttrs, now: i64) {
     attrs.ctime = now;
 }
 
+/// A failure of the log is never a logical refusal: the change may be half
+/// made, so it must abort the whole transaction (see `writer`).
 fn log_err(e: CacheError) -> VfsError {
-    VfsError::from(e)
+    tracing::error!(error = %e, "client modification log failure");
+    VfsError::Io(e.to_string())
 }
 
 impl Vfs {
@@ -134,6 +137,9 @@ impl Vfs {
                             // may truncate.
                             if let Some(size) = set.size {
                                 set_size(tx, existing, &mut obj, size, now)?;
+                                // Store the object before logging: the log
+                                // updates its references in place.
+                                tx.put(existing, &obj)?;
                                 tx.log(
                                     LogOp::SetAttr {
                                         fid: existing,
@@ -146,8 +152,7 @@ impl Vfs {
                                 )
                                 .map_err(log_err)?;
                             }
-                            tx.put(existing, &obj)?;
-                            Ok((existing, obj, true))
+                            Ok((existing, tx.object(existing)?, true))
                         }
                         _ => Err(VfsError::Exists),
                     };
