@@ -9,6 +9,12 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 
+/// When set, `imz` processes started from now on verify the cache's
+/// invariants on every commit (`IMZ_CACHE_CHECK`): slow, for tests that hunt
+/// bugs (the model test).
+pub static CHECK_CACHE_INVARIANTS: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
 /// Path of the `imz` binary under test: `$IMZ_BIN`, or the one cargo built
 /// beside this test executable (`target/<profile>/imz`).
 pub fn imz_bin() -> PathBuf {
@@ -60,6 +66,9 @@ impl Imz {
             }
             None => Command::new(&bin),
         };
+        if CHECK_CACHE_INVARIANTS.load(std::sync::atomic::Ordering::Relaxed) {
+            command.env("IMZ_CACHE_CHECK", "1");
+        }
         let mut child = command
             .args(args)
             .stdin(Stdio::null())

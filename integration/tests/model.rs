@@ -165,6 +165,10 @@ async fn random_operations_with_disconnects_and_crashes_match_the_model() -> any
 }
 
 async fn run(seed: u64, ops: usize) -> anyhow::Result<()> {
+    // Every commit of the gateway checks the cache's invariants, so a bug
+    // shows where it happens, not at the end.
+    imz_integration::process::CHECK_CACHE_INVARIANTS
+        .store(true, std::sync::atomic::Ordering::Relaxed);
     let mut rng = Rng(seed);
     let mut fx = Fixture::with_cache_size("1GiB", &["--reintegrate-delay", "50ms"], |_| Ok(()))?;
     let mut nfs = Nfs::mount(fx.port(), "/imz").await?;
