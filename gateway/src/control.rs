@@ -146,6 +146,12 @@ pub trait Pinning: Send + Sync {
 impl Control {
     /// The gateway's status now.
     pub fn status(&self) -> Status {
+        self.snapshot(true)
+    }
+
+    /// The status; `rates` samples the per-second rates since the previous
+    /// sample (a scraper, which computes its own rates, passes `false`).
+    pub fn snapshot(&self, rates: bool) -> Status {
         let m = &self.vfs.metrics;
         let (connected, since, reason) = match self.vfs.link.state() {
             LinkState::Connected { since } => (true, since, None),
@@ -194,7 +200,11 @@ impl Control {
             written_bytes: Metrics::get(&m.written_bytes),
             reintegrated_ops: Metrics::get(&m.reintegrated_ops),
             reintegrated_bytes: Metrics::get(&m.reintegrated_bytes),
-            rates: self.rates.sample(m),
+            rates: if rates {
+                self.rates.sample(m)
+            } else {
+                RateSample::default()
+            },
             last_error: self.progress.borrow().last_error.clone(),
             replica,
         }

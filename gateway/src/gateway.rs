@@ -37,6 +37,8 @@ pub struct GatewayConfig {
     pub reintegration: reintegrate::Settings,
     /// Fetch on demand, or replicate the whole tree.
     pub mode: replicate::Mode,
+    /// Where to serve Prometheus metrics, if anywhere.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// A running gateway.
@@ -53,6 +55,8 @@ pub struct Gateway {
     /// The control socket (`imz status --control PATH`).
     pub control_path: std::path::PathBuf,
     pub control: Arc<Control>,
+    /// Where Prometheus metrics are served.
+    pub metrics_addr: Option<SocketAddr>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -135,6 +139,10 @@ impl Gateway {
         });
         let control_path = control::socket_path(&config.cache_dir);
         control::serve(control_path.clone(), Arc::clone(&control)).await?;
+        let metrics_addr = match config.metrics_listen {
+            Some(addr) => Some(crate::prometheus::serve(addr, Arc::clone(&control)).await?),
+            None => None,
+        };
 
         let adapter = NfsAdapter::new(Arc::clone(&vfs));
         let listener = NFSTcpListener::bind_with_generation(
@@ -159,6 +167,7 @@ impl Gateway {
             gateway_id,
             control_path,
             control,
+            metrics_addr,
             tasks,
         })
     }
@@ -196,8 +205,13 @@ impl Gateway {
     }
 
     /// Stops serving and makes everything in the cache durable.
+    /// Stops serving: no new NFS connections are accepted, changes already
+    /// queued are committed (their replies go out), and everything in the
+    /// cache is made durable. Changes not yet sent to the origin stay in the
+    /// log for the next start.
     pub async fn shutdown(self) -> anyhow::Result<()> {
         self.abort();
+        self.vfs.writer.drain().await;
         let cache = Arc::clone(&self.vfs.cache);
         tokio::task::spawn_blocking(move || cache.write().and_then(|tx| tx.commit(true)))
             .await?

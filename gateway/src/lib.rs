@@ -25,6 +25,7 @@ pub mod metrics;
 pub mod nfs;
 pub mod origin_client;
 pub mod pin;
+pub mod prometheus;
 pub mod reintegrate;
 pub mod replicate;
 pub mod vfs;

@@ -79,6 +79,15 @@ impl Writer {
     }
 }
 
+impl Writer {
+    /// Waits until every change queued before this call is committed.
+    pub async fn drain(&self) {
+        // The queue is first in, first out: an empty change behind the
+        // others is done when they are.
+        let _ = self.run(0, |_| Ok(())).await;
+    }
+}
+
 fn run(cache: &Cache, jobs: &mpsc::Receiver<Queued>) {
     while let Ok(first) = jobs.recv() {
         let mut batch = vec![first];

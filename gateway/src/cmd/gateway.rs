@@ -27,6 +27,9 @@ pub struct Args {
     /// (progress shown) and keep it current, for use without the origin.
     #[arg(long, value_enum, default_value_t = imz_gateway::replicate::Mode::OnDemand)]
     pub mode: imz_gateway::replicate::Mode,
+    /// Serve Prometheus metrics on this address (GET /metrics).
+    #[arg(long)]
+    pub metrics_listen: Option<SocketAddr>,
     #[command(flatten)]
     pub writeback: super::WritebackArgs,
 }
@@ -44,6 +47,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             timeouts: Default::default(),
             reintegration: args.writeback.settings(),
             mode: args.mode,
+            metrics_listen: args.metrics_listen,
         };
         let gateway = Gateway::start(config)
             .await

@@ -118,6 +118,13 @@ pub fn announce_gateway(gateway: &imz_gateway::Gateway) {
         "mount (macOS): {}",
         gateway.macos_mount_command("/Volumes/imz")
     );
+    println!(
+        "control: imz status --control {}",
+        gateway.control_path.display()
+    );
+    if let Some(addr) = gateway.metrics_addr {
+        println!("metrics: http://{addr}/metrics");
+    }
 }
 
 /// Resolves on SIGINT or SIGTERM.

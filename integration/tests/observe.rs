@@ -1,0 +1,149 @@
+//! Watching and controlling a running gateway: `imz status`, Prometheus
+//! metrics, `imz sync`, and a SIGTERM that loses nothing.
+
+use std::time::Duration;
+
+use imz_integration::Fixture;
+use imz_integration::gateway::eventually;
+use imz_integration::nfs::{Nfs, Stable};
+
+type Result = anyhow::Result<()>;
+
+fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("imz_{name} ")))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+fn scrape(addr: &str) -> anyhow::Result<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr)?;
+    write!(s, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut body = String::new();
+    s.read_to_string(&mut body)?;
+    Ok(body)
+}
+
+fn num(v: &serde_json::Value, key: &str) -> u64 {
+    v[key].as_u64().unwrap_or(u64::MAX)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_and_metrics_follow_what_happens() -> Result {
+    let mut fx = Fixture::with_cache_size(
+        "1GiB",
+        &[
+            "--reintegrate-delay",
+            "100ms",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ],
+        |root| {
+            std::fs::write(root.join("shared.txt"), "v1")?;
+            Ok(())
+        },
+    )?;
+    let metrics = fx
+        .gateway
+        .proc
+        .wait_for_line("metrics: http://", Duration::from_secs(10))?
+        .trim_end_matches("/metrics")
+        .to_owned();
+    let s = fx.gateway.status()?;
+    assert_eq!(s["connected"], true);
+    assert_eq!(num(&s, "log_records"), 0);
+    assert_eq!(metric(&scrape(&metrics)?, "connected"), Some(1.0));
+
+    let mut nfs = Nfs::mount(fx.port(), "/imz").await?;
+    let shared = nfs.lookup_path("shared.txt").await?;
+    nfs.read_all(&shared).await?;
+    fx.origin.proc.kill9();
+    nfs.put_file("offline.txt", &[7u8; 50_000]).await?;
+    nfs.write(&shared, 0, b"ours", Stable::FILE_SYNC).await?;
+    // Disconnected, with work waiting: status and metrics say so.
+    let seen = eventually(Duration::from_secs(10), || {
+        let s = fx.gateway.status().ok()?;
+        (s["connected"] == false && num(&s, "log_records") >= 2 && num(&s, "log_bytes") >= 50_000)
+            .then_some(s)
+    });
+    let (s, _) = seen.ok_or_else(|| {
+        anyhow::anyhow!("status never showed the disconnection and the waiting log")
+    })?;
+    assert!(
+        s["disconnect_reason"]
+            .as_str()
+            .is_some_and(|r| !r.is_empty())
+    );
+    let text = scrape(&metrics)?;
+    assert_eq!(metric(&text, "connected"), Some(0.0));
+    assert!(
+        metric(&text, "log_records").is_some_and(|n| n >= 2.0),
+        "{text}"
+    );
+    let human = fx.gateway.ctl(&["status"])?;
+    assert!(human.contains("DISCONNECTED"), "{human}");
+    // sync cannot finish without the origin, and says why.
+    let err = fx
+        .gateway
+        .ctl(&["sync", "--timeout", "2s"])
+        .expect_err("sync while disconnected");
+    assert!(err.to_string().contains("unreachable"), "{err}");
+
+    // Meanwhile another program changes the file at the origin's side.
+    std::fs::write(fx.origin_path("shared.txt"), "theirs")?;
+    fx.origin.restart()?;
+    fx.gateway.ctl(&["sync", "--timeout", "30s"])?;
+    let s = fx.gateway.status()?;
+    assert_eq!(s["connected"], true);
+    assert_eq!(num(&s, "log_records"), 0);
+    assert!(
+        num(&s, "conflicts") >= 1,
+        "the update/update conflict is not counted: {s}"
+    );
+    assert!(num(&s, "reintegrated_ops") >= 2);
+    let text = scrape(&metrics)?;
+    assert!(
+        metric(&text, "conflicts").is_some_and(|n| n >= 1.0),
+        "{text}"
+    );
+    assert!(
+        metric(&text, "reintegrated_ops_total").is_some_and(|n| n >= 2.0),
+        "{text}"
+    );
+    assert!(
+        fx.gateway
+            .ctl(&["conflicts", "list"])?
+            .contains("update/update")
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_cleanly_and_loses_nothing() -> Result {
+    let mut fx = Fixture::with_cache_size("1GiB", &["--reintegrate-delay", "100ms"], |_| Ok(()))?;
+    let mut nfs = Nfs::mount(fx.port(), "/imz").await?;
+    fx.origin.proc.kill9();
+    let mut files = Vec::new();
+    for i in 0..20u64 {
+        let body = imz_integration::data::bytes(i, 10_000 + i as usize * 1000);
+        nfs.put_file(&format!("f{i}"), &body).await?;
+        files.push((format!("f{i}"), body));
+    }
+    drop(nfs);
+    // SIGTERM: exit 0 (restart_graceful checks the status), then a new
+    // gateway still has every change and sends it once the origin is back.
+    fx.gateway.restart_graceful()?;
+    let mut nfs = Nfs::mount(fx.port(), "/imz").await?;
+    for (name, body) in &files {
+        assert!(
+            nfs.read_path(name).await? == *body,
+            "{name} lost by a graceful stop"
+        );
+    }
+    fx.origin.restart()?;
+    fx.gateway.ctl(&["sync", "--timeout", "30s"])?;
+    for (name, body) in &files {
+        assert_eq!(std::fs::read(fx.origin_path(name))?, *body);
+    }
+    Ok(())
+}
