@@ -368,6 +368,42 @@ macro_rules! getters {
             Ok(out)
         }
 
+        /// Like [`entries`](Self::entries), with each entry's object (entries
+        /// whose object is gone are skipped). Opens each table once.
+        pub fn entries_with_objects(
+            &self,
+            dir: FileId,
+            cookie: u64,
+            limit: usize,
+        ) -> Result<Vec<(DirEntry, Object)>> {
+            let t = self.tx.open_table(ENTRIES)?;
+            let objects = self.tx.open_table(OBJECTS)?;
+            let start = cookie.saturating_add(1);
+            let mut out = Vec::new();
+            if start == 0 {
+                return Ok(out);
+            }
+            for item in t.range((dir, start)..=(dir, u64::MAX))? {
+                if out.len() >= limit {
+                    break;
+                }
+                let (k, v) = item?;
+                let (fileid, name) = v.value();
+                let Some(obj) = objects.get(fileid)? else {
+                    continue;
+                };
+                out.push((
+                    DirEntry {
+                        cookie: k.value().1,
+                        name: name.to_owned(),
+                        fileid,
+                    },
+                    decode_object(obj.value())?,
+                ));
+            }
+            Ok(out)
+        }
+
         /// Number of entries in `dir`.
         pub fn entry_count(&self, dir: FileId) -> Result<u64> {
             let t = self.tx.open_table(ENTRIES)?;
@@ -662,6 +698,48 @@ impl WriteTxn<'_> {
     fn note_protection(&mut self, fid: FileId, was: bool, now: bool) {
         let entry = self.protect_changes.entry(fid).or_insert((was, was));
         entry.1 = now;
+    }
+
+    /// Fast path for filling a directory from an origin listing: inserts
+    /// each `(name, fid, obj)` whose origin id, fileid and name are all new,
+    /// with every table opened once and one block of cookies. Returns the
+    /// indexes of the items it left alone (for the general path). Objects
+    /// given here must be clean and unpinned.
+    pub fn insert_new_entries(
+        &mut self,
+        dir: FileId,
+        items: &[(&str, FileId, Object)],
+    ) -> Result<Vec<usize>> {
+        let first_cookie = self.meta_u64(meta::NEXT_ID)?.unwrap_or(LOCAL_ID_BASE);
+        self.put_meta(
+            meta::NEXT_ID,
+            &(first_cookie + items.len() as u64).to_le_bytes(),
+        )?;
+        let mut rest = Vec::new();
+        let mut objects = self.tx.open_table(OBJECTS)?;
+        let mut names = self.tx.open_table(NAMES)?;
+        let mut entries = self.tx.open_table(ENTRIES)?;
+        let mut origin_index = self.tx.open_table(ORIGIN_INDEX)?;
+        for (i, (name, fid, obj)) in items.iter().enumerate() {
+            let Some(origin) = obj.origin else {
+                rest.push(i);
+                continue;
+            };
+            if is_protected(obj)
+                || origin_index.get(origin.id)?.is_some()
+                || objects.get(*fid)?.is_some()
+                || names.get((dir, *name))?.is_some()
+            {
+                rest.push(i);
+                continue;
+            }
+            objects.insert(*fid, encode_object(obj)?.as_slice())?;
+            origin_index.insert(origin.id, *fid)?;
+            let cookie = first_cookie + i as u64;
+            names.insert((dir, *name), (*fid, cookie))?;
+            entries.insert((dir, cookie), (*fid, *name))?;
+        }
+        Ok(rest)
     }
 
     /// Creates an object named `name` in `dir` with a fresh fileid.

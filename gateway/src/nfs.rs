@@ -35,7 +35,7 @@ use crate::vfs::{Vfs, VfsError};
 pub const EXPORT: &str = "imz";
 
 /// Directory entries read from the cache per batch while a READDIR reply fills.
-const READDIR_BATCH: usize = 256;
+const READDIR_BATCH: usize = 64;
 
 pub struct NfsAdapter {
     vfs: Arc<Vfs>,

@@ -132,7 +132,23 @@ impl Vfs {
                         return Ok(false);
                     }
                     let mut names = HashSet::with_capacity(entries.len());
+                    // New names take the fast path; anything else (known
+                    // objects, local changes, a pinned directory whose
+                    // entries inherit the pin) goes through upsert_entry.
+                    let pinned_dir = obj.pinned;
+                    let items: Vec<(&str, FileId, Object)> = entries
+                        .iter()
+                        .map(|e| {
+                            let mut new = coherence::new_object(dir, &e.name, &e.attr);
+                            new.pinned = pinned_dir;
+                            (e.name.as_str(), e.attr.id, new)
+                        })
+                        .collect();
+                    let rest = tx.insert_new_entries(dir, &items)?;
                     for entry in &entries {
+                        names.insert(entry.name.as_str());
+                    }
+                    for entry in rest.into_iter().map(|i| &entries[i]) {
                         coherence::upsert_entry(
                             &mut tx,
                             dir,
@@ -207,16 +223,12 @@ impl Vfs {
         cookie: u64,
         limit: usize,
     ) -> Result<Vec<(DirEntry, Object)>, VfsError> {
-        let rx = self.cache.read()?;
-        let mut out = Vec::new();
-        for entry in rx.entries(dir, cookie, limit)? {
-            // An entry whose object is gone is skipped, not an error: the
-            // listing goes on past it.
-            if let Some(obj) = rx.get(entry.fileid)? {
-                out.push((entry, obj));
-            }
-        }
-        Ok(out)
+        // An entry whose object is gone is skipped, not an error: the
+        // listing goes on past it.
+        Ok(self
+            .cache
+            .read()?
+            .entries_with_objects(dir, cookie, limit)?)
     }
 }
 

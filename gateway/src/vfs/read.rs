@@ -53,10 +53,14 @@ impl Vfs {
             let end = offset.saturating_add(u64::from(count)).min(size);
             let eof = end >= size;
             let window = self.fetcher.note_read(fid, offset, end - offset);
-            let cached = tokio::task::block_in_place(|| {
-                let rx = self.cache.read()?;
-                rx.read_range(fid, &obj, offset, end - offset)
-            })?;
+            // Synchronous on purpose: a redb read of cached pages takes tens
+            // of microseconds, while block_in_place hands this worker's core
+            // to another thread on every READ (measured: half the CPU of a
+            // warm sequential read).
+            let cached = self
+                .cache
+                .read()?
+                .read_range(fid, &obj, offset, end - offset)?;
             let readahead = chunk::index_of(end.saturating_sub(1)) + 1;
             let readahead = readahead..readahead + window;
             let missing = match cached {
@@ -100,8 +104,7 @@ impl Vfs {
                 self.object_changed_at_origin(fid, current).await?;
                 continue;
             }
-            let assembled =
-                tokio::task::block_in_place(|| assemble(self, fid, &obj, offset, end, &fetched))?;
+            let assembled = assemble(self, fid, &obj, offset, end, &fetched)?;
             if let Some(bytes) = assembled {
                 return Ok((bytes, eof, false));
             }
