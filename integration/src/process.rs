@@ -127,6 +127,17 @@ impl Imz {
         self.child.id()
     }
 
+    /// Sends `signal` (e.g. 19 = SIGSTOP, 18 = SIGCONT) without waiting.
+    pub fn signal(&self, signal: i32) -> anyhow::Result<()> {
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .context("running kill")?;
+        anyhow::ensure!(status.success(), "kill -{signal} failed");
+        Ok(())
+    }
+
     /// kill -9: the process gets no chance to clean up.
     pub fn kill9(&mut self) {
         let _ = self.child.kill();
@@ -184,6 +195,8 @@ pub struct OriginProc {
     pub root: PathBuf,
     /// How it was started (empty: directly).
     pub wrapper: Vec<String>,
+    /// More arguments it was started with.
+    pub extra: Vec<String>,
 }
 
 /// What `imz origin` prints on stdout once it accepts requests.
@@ -210,21 +223,35 @@ impl OriginProc {
         token_file: &Path,
         listen: &str,
     ) -> anyhow::Result<Self> {
+        Self::start_full(wrapper, root, token_file, listen, &[])
+    }
+
+    /// Starts the origin with more command-line arguments (kept for restarts).
+    pub fn start_with_args(root: &Path, token_file: &Path, extra: &[&str]) -> anyhow::Result<Self> {
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        Self::start_full(&[], root, token_file, "127.0.0.1:0", &extra)
+    }
+
+    fn start_full(
+        wrapper: &[String],
+        root: &Path,
+        token_file: &Path,
+        listen: &str,
+        extra: &[String],
+    ) -> anyhow::Result<Self> {
         let root_s = root.to_str().context("root path is not UTF-8")?;
         let token_s = token_file.to_str().context("token path is not UTF-8")?;
-        let (proc, url) = Imz::spawn_wrapped(
-            wrapper,
-            &[
-                "origin",
-                "--root",
-                root_s,
-                "--listen",
-                listen,
-                "--token-file",
-                token_s,
-            ],
-            ORIGIN_READY,
-        )?;
+        let mut args = vec![
+            "origin",
+            "--root",
+            root_s,
+            "--listen",
+            listen,
+            "--token-file",
+            token_s,
+        ];
+        args.extend(extra.iter().map(String::as_str));
+        let (proc, url) = Imz::spawn_wrapped(wrapper, &args, ORIGIN_READY)?;
         let addr: SocketAddr = url
             .strip_prefix("http://")
             .context("origin URL is not http://")?
@@ -243,6 +270,7 @@ impl OriginProc {
             token_file: token_file.to_path_buf(),
             root: root.to_path_buf(),
             wrapper: wrapper.to_vec(),
+            extra: extra.to_vec(),
         })
     }
 
@@ -250,7 +278,13 @@ impl OriginProc {
     pub fn restart(&mut self) -> anyhow::Result<()> {
         self.proc.kill9();
         let addr = self.addr.to_string();
-        let fresh = Self::start_wrapped(&self.wrapper, &self.root, &self.token_file, &addr)?;
+        let fresh = Self::start_full(
+            &self.wrapper,
+            &self.root,
+            &self.token_file,
+            &addr,
+            &self.extra,
+        )?;
         *self = fresh;
         Ok(())
     }

@@ -339,3 +339,116 @@ async fn bad_export_path_and_wrong_token_fail_clearly() -> Result {
     assert!(format!("{err:#}").contains("exited"), "{err:#}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_fetch_never_blocks_cached_reads() -> Result {
+    let fx = Fixture::new(|root| {
+        data::write_file(&root.join("cached.bin"), 31, 2_000_000)?;
+        data::write_file(&root.join("cold.bin"), 32, 2_000_000)?;
+        Ok(())
+    })?;
+    let mut nfs = Nfs::mount(fx.port(), "/imz").await?;
+    let cached = nfs.lookup_path("cached.bin").await?;
+    let cold = nfs.lookup_path("cold.bin").await?;
+    assert!(nfs.read_all(&cached).await? == data::bytes(31, 2_000_000));
+
+    // The origin stops answering (SIGSTOP): connections hang, nothing is
+    // refused. One client waits on an uncached read...
+    fx.origin.proc.signal(19)?;
+    let port = fx.port();
+    let slow = tokio::spawn(async move {
+        let mut other = Nfs::mount(port, "/imz").await?;
+        let start = Instant::now();
+        let r = other.read(&cold, 0, 1 << 20).await;
+        anyhow::Ok((r.map(|_| ()), start.elapsed()))
+    });
+    // ...while reads of cached data go on at full speed for everyone.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut worst = Duration::ZERO;
+    for _ in 0..20 {
+        let start = Instant::now();
+        let (bytes, _) = nfs.read(&cached, 500_000, 65_536).await?;
+        worst = worst.max(start.elapsed());
+        assert_eq!(bytes.len(), 65_536);
+    }
+    let (result, waited) = slow.await??;
+    fx.origin.proc.signal(18)?;
+    assert!(
+        worst < Duration::from_millis(300),
+        "a cached read waited {worst:?} behind a stuck fetch"
+    );
+    assert!(
+        matches!(result, Err(NfsError::Status(nfsstat3::NFS3ERR_IO))),
+        "the stuck read should fail with EIO, got {result:?}"
+    );
+    assert!(
+        waited < Duration::from_secs(2),
+        "the stuck read took {waited:?} to fail"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compacted_journal_makes_the_gateway_revalidate() -> Result {
+    let dir = tempfile::tempdir()?;
+    let root = dir.path().join("root");
+    data::write_file(&root.join("kept.txt"), 41, 1000)?;
+    data::write_file(&root.join("changed.txt"), 42, 1000)?;
+    data::write_file(&root.join("removed.txt"), 43, 1000)?;
+    let token = dir.path().join("token");
+    // The origin keeps only a handful of journal records.
+    let origin =
+        imz_integration::OriginProc::start_with_args(&root, &token, &["--journal-keep", "3"])?;
+    let cache = dir.path().join("cache");
+    let mut gateway = GatewayProc::start(&origin.url, &token, &cache, "1GiB", &[])?;
+    let mut nfs = Nfs::mount(gateway.port, "/imz").await?;
+    for f in ["kept.txt", "changed.txt", "removed.txt"] {
+        nfs.read_path(f).await?;
+    }
+    let changed = nfs.lookup_path("changed.txt").await?;
+    drop(nfs);
+    let status = gateway.proc.signal_and_wait(15, Duration::from_secs(20))?;
+    assert!(status.success());
+
+    // While the gateway is away, more changes than the journal keeps.
+    let seq_before = origin_last_seq(&origin.url)?;
+    std::fs::write(root.join("changed.txt"), "new content, new size")?;
+    std::fs::remove_file(root.join("removed.txt"))?;
+    for i in 0..10 {
+        std::fs::write(root.join(format!("new{i}.txt")), format!("{i}"))?;
+    }
+    let journaled = eventually(Duration::from_secs(10), || {
+        (origin_last_seq(&origin.url).ok()? >= seq_before + 12).then_some(())
+    });
+    assert!(
+        journaled.is_some(),
+        "the origin did not journal the changes"
+    );
+
+    gateway = GatewayProc::start(&origin.url, &token, &cache, "1GiB", &[])?;
+    let mut nfs = Nfs::mount(gateway.port, "/imz").await?;
+    let seen = eventually(Duration::from_secs(10), || {
+        let got = futures_block(nfs.read_all(&changed)).ok()?;
+        (got == b"new content, new size").then_some(())
+    });
+    assert!(
+        seen.is_some(),
+        "cached content was not revalidated after compaction"
+    );
+    assert!(matches!(
+        nfs.lookup_path("removed.txt").await,
+        Err(NfsError::Status(nfsstat3::NFS3ERR_NOENT))
+    ));
+    assert_eq!(nfs.read_path("new7.txt").await?, b"7");
+    assert!(nfs.read_path("kept.txt").await? == data::bytes(41, 1000));
+    drop(origin);
+    Ok(())
+}
+
+/// The origin's newest journal sequence (its health check needs no token).
+fn origin_last_seq(url: &str) -> anyhow::Result<u64> {
+    let health: serde_json::Value = reqwest::blocking::get(format!("{url}/v1/health"))?.json()?;
+    health["last_seq"]
+        .as_u64()
+        .ok_or_else(|| anyhow::anyhow!("no last_seq in {health}"))
+}
