@@ -792,13 +792,61 @@ async fn rename_pending(
                 other => other,
             };
             tx.log_rewrite(seq, rewritten)?;
+            // Later records that start from the old name (a rename or the
+            // removal of it) now start from the new one.
+            let later: Vec<u64> = tx
+                .object(fid)?
+                .log
+                .ops
+                .iter()
+                .copied()
+                .filter(|s| *s > seq)
+                .collect();
+            for later_seq in later {
+                let Some(rec) = tx.log_record(later_seq)? else {
+                    continue;
+                };
+                let moved = match rec.op {
+                    LogOp::Rename {
+                        from_parent,
+                        from_name,
+                        fid,
+                        to_parent,
+                        to_name,
+                        replaced,
+                    } if from_parent == dir && from_name == name => Some(LogOp::Rename {
+                        from_parent,
+                        from_name: new_name.clone(),
+                        fid,
+                        to_parent,
+                        to_name,
+                        replaced,
+                    }),
+                    LogOp::Remove {
+                        parent,
+                        name: n,
+                        fid,
+                    } if parent == dir && n == name => Some(LogOp::Remove {
+                        parent,
+                        name: new_name.clone(),
+                        fid,
+                    }),
+                    _ => None,
+                };
+                if let Some(op) = moved {
+                    tx.log_rewrite(later_seq, op)?;
+                }
+            }
+            // Here, the object takes the new name only if it is still at
+            // the old one (it may have moved on, or been removed, since).
             if tx.lookup(dir, &name)? == Some(fid) {
                 tx.unlink(dir, &name)?;
+                tx.link(dir, &new_name, fid)?;
+                let mut obj = tx.object(fid)?;
+                obj.parent = dir;
+                obj.name = new_name;
+                tx.put(fid, &obj)?;
             }
-            tx.link(dir, &new_name, fid)?;
-            let mut obj = tx.object(fid)?;
-            obj.name = new_name;
-            tx.put(fid, &obj)?;
             Ok(())
         })
         .await?;

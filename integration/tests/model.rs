@@ -340,6 +340,14 @@ async fn run(seed: u64, ops: usize) -> anyhow::Result<()> {
         fx.origin.restart()?;
     }
     fx.gateway.ctl(&["sync", "--timeout", "120s"])?;
+    // Nobody but the gateway changed the origin's tree: every journal
+    // record must carry one of its keys (a keyless record means the origin
+    // took its own half-finished work for someone else's change).
+    let keyless = keyless_journal_records(&fx)?;
+    anyhow::ensure!(
+        keyless.is_empty(),
+        "the origin journaled changes of its own: {keyless:#?}"
+    );
     let at_origin = origin_model(&fx.root)?;
     anyhow::ensure!(
         at_origin == model,
@@ -374,5 +382,34 @@ async fn run(seed: u64, ops: usize) -> anyhow::Result<()> {
 fn tracing_note(step: usize, what: &str) {
     if std::env::var_os("IMZ_MODEL_VERBOSE").is_some() {
         eprintln!("step {step}: {what}");
+    }
+}
+
+/// Journal records without an idempotency key (changes the origin did not
+/// get from a gateway), the root's creation aside.
+fn keyless_journal_records(fx: &Fixture) -> anyhow::Result<Vec<serde_json::Value>> {
+    let client = reqwest::blocking::Client::new();
+    let mut out = Vec::new();
+    let mut after = 0u64;
+    loop {
+        let page: serde_json::Value = client
+            .get(format!(
+                "{}/v1/journal?after={after}&wait_ms=0&limit=10000",
+                fx.origin.url
+            ))
+            .bearer_auth(&fx.origin.token)
+            .send()?
+            .error_for_status()?
+            .json()?;
+        let records = page["records"].as_array().cloned().unwrap_or_default();
+        if records.is_empty() {
+            return Ok(out);
+        }
+        for r in records {
+            after = r["seq"].as_u64().unwrap_or(after + 1);
+            if r.get("key").is_none_or(|k| k.is_null()) {
+                out.push(r);
+            }
+        }
     }
 }
