@@ -126,7 +126,7 @@ pub struct Control {
     pub mode: String,
     pub cursor: watch::Receiver<u64>,
     pub progress: watch::Receiver<Progress>,
-    pub hurry: watch::Sender<u64>,
+    pub hurry: watch::Sender<i64>,
     pub rates: Rates,
     pub pins: Option<Arc<dyn Pinning>>,
     pub replica: Option<watch::Receiver<crate::replicate::ReplicaStatus>>,
@@ -223,7 +223,7 @@ impl Control {
             Request::ConflictsResolve { which, keep } => {
                 match conflict::decide(&self.vfs, &which, keep).await {
                     Ok(conflict) => {
-                        self.hurry.send_modify(|h| *h += 1);
+                        crate::reintegrate::hurry(&self.hurry);
                         Response::Resolved { conflict }
                     }
                     Err(crate::vfs::VfsError::NotFound) => Response::Error {
@@ -262,7 +262,7 @@ impl Control {
     /// Ships the log now and waits for it to empty.
     async fn sync(&self, timeout: Duration) -> Response {
         let start = Instant::now();
-        self.hurry.send_modify(|h| *h += 1);
+        crate::reintegrate::hurry(&self.hurry);
         loop {
             let (pending, _) = log_size(&self.vfs).unwrap_or((0, 0));
             if pending == 0 {
@@ -307,7 +307,7 @@ impl Control {
                 };
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
-            self.hurry.send_modify(|h| *h += 1);
+            crate::reintegrate::hurry(&self.hurry);
         }
     }
 }

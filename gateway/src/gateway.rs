@@ -50,7 +50,7 @@ pub struct Gateway {
     /// What the reintegrator has done.
     pub reintegration: watch::Receiver<reintegrate::Progress>,
     /// Bump to make the reintegrator ship now, ignoring the aging window.
-    pub hurry: watch::Sender<u64>,
+    pub hurry: watch::Sender<i64>,
     pub gateway_id: String,
     /// The control socket (`imz status --control PATH`).
     pub control_path: std::path::PathBuf,
@@ -113,7 +113,7 @@ impl Gateway {
             },
         )));
         let (progress_tx, reintegration) = watch::channel(reintegrate::Progress::default());
-        let (hurry, hurry_rx) = watch::channel(0u64);
+        let (hurry, hurry_rx) = watch::channel(i64::MIN);
         let reintegrator = reintegrate::Reintegrator::new(
             Arc::clone(&vfs),
             gateway_id.clone(),

@@ -82,8 +82,9 @@ pub struct Reintegrator {
     gateway_id: String,
     settings: Settings,
     progress: watch::Sender<Progress>,
-    /// Ship now, whatever the age of the records (`imz sync`).
-    hurry: watch::Receiver<u64>,
+    /// Records logged at or before this time ship whatever their age
+    /// (`imz sync`).
+    hurry: watch::Receiver<i64>,
     /// How often each record was refused: a settlement that does not stick
     /// must not loop forever.
     refusals: HashMap<u64, u32>,
@@ -152,7 +153,7 @@ impl Reintegrator {
         gateway_id: String,
         settings: Settings,
         progress: watch::Sender<Progress>,
-        hurry: watch::Receiver<u64>,
+        hurry: watch::Receiver<i64>,
     ) -> Self {
         Self {
             vfs,
@@ -209,11 +210,10 @@ impl Reintegrator {
     }
 
     async fn round(&mut self) -> Result<Round, VfsError> {
-        let hurry = self.hurry.has_changed().unwrap_or(false);
-        if hurry {
-            self.hurry.borrow_and_update();
-        }
-        let plan = match self.plan(hurry)? {
+        // A threshold, not a one-shot flag: every round until those records
+        // are gone ships them, however many batches that takes.
+        let hurried_until = *self.hurry.borrow_and_update();
+        let plan = match self.plan(hurried_until)? {
             Ok(plan) => plan,
             Err(round) => return Ok(round),
         };
@@ -267,7 +267,7 @@ impl Reintegrator {
     }
 
     /// Picks the records to ship and turns them into operations.
-    fn plan(&self, hurry: bool) -> Result<Result<Plan, Round>, VfsError> {
+    fn plan(&self, hurried_until: i64) -> Result<Result<Plan, Round>, VfsError> {
         let rx = self.vfs.cache.read()?;
         let raw = rx.log_records(0, self.settings.max_ops)?;
         if raw.is_empty() {
@@ -312,7 +312,7 @@ impl Reintegrator {
                 continue;
             }
             // Aging: the record, and for content the last write to it.
-            if !hurry {
+            if record.time > hurried_until {
                 let age = Duration::from_nanos(u64::try_from(now - record.time).unwrap_or(0));
                 let mut left = aging.saturating_sub(age);
                 if let LogOp::Store { fid } | LogOp::Create { fid, .. } = op
@@ -747,6 +747,13 @@ fn content_stream(
 
 fn now_nanos() -> i64 {
     crate::vfs::write::now_nanos()
+}
+
+/// Asks the reintegrator to ship everything logged until now, whatever its
+/// age, and to keep doing so until it is gone.
+pub fn hurry(sender: &watch::Sender<i64>) {
+    let now = now_nanos();
+    sender.send_modify(|until| *until = (*until).max(now));
 }
 
 /// The gateway's id (prefix of its idempotency keys), created with the cache.

@@ -10,6 +10,7 @@ use nfs3_client::nfs3_types::nfs3::{
     fattr3, filename3, nfs_fh3, nfspath3, nfsstat3, nfstime3, post_op_attr, post_op_fh3, sattr3,
     set_atime, set_mtime, stable_how, symlinkdata3,
 };
+use nfs3_client::nfs3_types::rpc::{auth_unix, opaque_auth};
 use nfs3_client::nfs3_types::xdr_codec::Opaque;
 use nfs3_client::tokio::{TokioConnector, TokioIo};
 use tokio::net::TcpStream;
@@ -54,13 +55,32 @@ pub struct Nfs {
 impl Nfs {
     /// Mounts `path` (e.g. `/imz`) from a server on 127.0.0.1:`port`.
     pub async fn mount(port: u16, path: &str) -> anyhow::Result<Self> {
+        Self::connect(port, port, path, opaque_auth::default()).await
+    }
+
+    /// Mounts `path` from a server whose NFS and MOUNT services listen on
+    /// different ports of 127.0.0.1, as root with AUTH_UNIX credentials, as
+    /// the kernel client sends them (nfs-ganesha refuses AUTH_NULL
+    /// changes; benchmarks use this for every server alike).
+    pub async fn mount_ports(nfs_port: u16, mount_port: u16, path: &str) -> anyhow::Result<Self> {
+        let root = opaque_auth::auth_unix(&auth_unix::default());
+        Self::connect(nfs_port, mount_port, path, root).await
+    }
+
+    async fn connect(
+        nfs_port: u16,
+        mount_port: u16,
+        path: &str,
+        credential: opaque_auth<'static>,
+    ) -> anyhow::Result<Self> {
         let conn = Nfs3ConnectionBuilder::new(TokioConnector, "127.0.0.1", path)
             .connect_from_privileged_port(false)
-            .mount_port(port)
-            .nfs3_port(port)
+            .credential(credential)
+            .mount_port(mount_port)
+            .nfs3_port(nfs_port)
             .mount()
             .await
-            .map_err(|e| anyhow!("mounting {path} from port {port}: {e:?}"))?;
+            .map_err(|e| anyhow!("mounting {path} from port {nfs_port}: {e:?}"))?;
         let root = conn.root_nfs_fh3();
         Ok(Self { conn, root })
     }

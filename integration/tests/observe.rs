@@ -147,3 +147,29 @@ async fn sigterm_stops_cleanly_and_loses_nothing() -> Result {
     }
     Ok(())
 }
+
+/// `imz sync` ships everything now, even under a long aging window and a
+/// backlog bigger than one batch (a thousand operations): every batch, not
+/// only the first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_ships_a_backlog_of_many_batches_at_once() -> Result {
+    let fx = Fixture::with_cache_size("1GiB", &["--reintegrate-delay", "30m"], |_| Ok(()))?;
+    let mut nfs = Nfs::mount(fx.port(), "/imz").await?;
+    let root = nfs.root.clone();
+    nfs.mkdir(&root, "many").await?;
+    for i in 0..700u64 {
+        nfs.put_file(&format!("many/f{i}"), &i.to_le_bytes()).await?;
+    }
+    // 1,401 records: the directory, and a create and a store per file.
+    let s = fx.gateway.status()?;
+    assert!(num(&s, "log_records") > 1000, "{s}");
+    fx.gateway.ctl(&["sync", "--timeout", "60s"])?;
+    assert_eq!(num(&fx.gateway.status()?, "log_records"), 0);
+    for i in 0..700u64 {
+        assert_eq!(
+            std::fs::read(fx.origin_path(&format!("many/f{i}")))?,
+            i.to_le_bytes()
+        );
+    }
+    Ok(())
+}

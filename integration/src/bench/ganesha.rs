@@ -57,6 +57,17 @@ impl Ganesha {
     /// Starts ganesha exporting `export` read-only as `/imz`; its config,
     /// log and pid file go in `work`.
     pub fn start(export: &Path, work: &Path) -> anyhow::Result<Self> {
+        Self::start_with(export, work, false)
+    }
+
+    /// Like [`start`](Self::start), exported read-write (for write
+    /// benchmarks: WRITE UNSTABLE + COMMIT reach the local disk through
+    /// the VFS FSAL, COMMIT being an fsync).
+    pub fn start_rw(export: &Path, work: &Path) -> anyhow::Result<Self> {
+        Self::start_with(export, work, true)
+    }
+
+    fn start_with(export: &Path, work: &Path, writable: bool) -> anyhow::Result<Self> {
         std::fs::create_dir_all(work)?;
         let nfs_port = free_port()?;
         let mut mount_port = free_port()?;
@@ -69,7 +80,7 @@ impl Ganesha {
         let export = export
             .canonicalize()
             .with_context(|| format!("resolving {}", export.display()))?;
-        std::fs::write(&conf, config(&export, nfs_port, mount_port))?;
+        std::fs::write(&conf, config(&export, nfs_port, mount_port, writable))?;
         let _ = std::fs::remove_file(&log);
         let mut child = ChildGuard::spawn(
             "ganesha.nfsd",
@@ -125,9 +136,11 @@ impl Ganesha {
     }
 }
 
-/// Loopback only, NFSv3 over TCP only, no NLM/RQUOTA, no grace period, and
-/// the pseudo path (`/imz`) as the MOUNT path.
-fn config(export: &Path, nfs_port: u16, mount_port: u16) -> String {
+/// Loopback only, NFSv3 over TCP only, read-only unless `writable`, no
+/// NLM/RQUOTA, no grace period, and the pseudo path (`/imz`) as the MOUNT
+/// path.
+fn config(export: &Path, nfs_port: u16, mount_port: u16, writable: bool) -> String {
+    let access = if writable { "RW" } else { "RO" };
     format!(
         r#"NFS_CORE_PARAM {{
     Protocols = 3;
@@ -146,7 +159,7 @@ EXPORT {{
     Export_Id = 77;
     Path = "{path}";
     Pseudo = /imz;
-    Access_Type = RO;
+    Access_Type = {access};
     Squash = No_Root_Squash;
     Protocols = 3;
     Transports = TCP;

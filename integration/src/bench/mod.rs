@@ -6,6 +6,8 @@
 //! and [`ChildGuard`] stops them when dropped (normal exit, error, panic).
 
 pub mod ganesha;
+pub mod gateway;
+pub mod table;
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
@@ -70,6 +72,55 @@ pub fn cleanup_on_signal() {
             std::process::exit(130);
         });
     });
+}
+
+/// The harness finds `imz` through `$IMZ_BIN` or beside a test executable
+/// (`target/<profile>/deps/..`); a benchmark binary lives in
+/// `target/<profile>/` itself, so it runs itself again with `IMZ_BIN`
+/// pointing beside it (signals passed on as SIGTERM, so the child cleans up
+/// its own children). Returns only on failure to start; exits with the
+/// child's status.
+pub fn reexec_with_imz_bin() -> anyhow::Result<()> {
+    let exe = std::env::current_exe().context("locating this executable")?;
+    let imz = exe.with_file_name("imz");
+    let mut child = Command::new(&exe)
+        .args(std::env::args_os().skip(1))
+        .env("IMZ_BIN", &imz)
+        .spawn()
+        .context("re-running with IMZ_BIN set")?;
+    let pid = child.id();
+    // Pass SIGINT/SIGTERM/SIGHUP on as SIGTERM: the child cleans up its own
+    // children, then exits.
+    std::thread::spawn(move || {
+        let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        else {
+            return;
+        };
+        rt.block_on(async {
+            use tokio::signal::unix::{SignalKind, signal};
+            let (Ok(mut int), Ok(mut term), Ok(mut hup)) = (
+                signal(SignalKind::interrupt()),
+                signal(SignalKind::terminate()),
+                signal(SignalKind::hangup()),
+            ) else {
+                return;
+            };
+            loop {
+                tokio::select! {
+                    _ = int.recv() => {}
+                    _ = term.recv() => {}
+                    _ = hup.recv() => {}
+                }
+                let _ = Command::new("kill")
+                    .args(["-TERM", &pid.to_string()])
+                    .status();
+            }
+        });
+    });
+    let status = child.wait()?;
+    std::process::exit(status.code().unwrap_or(1));
 }
 
 /// A child process stopped (SIGTERM, then SIGKILL) and reaped when dropped.

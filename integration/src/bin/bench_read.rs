@@ -42,8 +42,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 use imz_integration::bench::ganesha::{Ganesha, Rpcbind};
+use imz_integration::bench::gateway::Gw;
+use imz_integration::bench::table::{Row, f2, print_table};
 use imz_integration::bench::{self, median};
-use imz_integration::{GatewayProc, OriginProc, data};
+use imz_integration::{OriginProc, data};
 
 const GIB: u64 = 1 << 30;
 const MIB: f64 = (1 << 20) as f64;
@@ -106,58 +108,12 @@ fn options() -> anyhow::Result<Options> {
 }
 
 fn main() -> anyhow::Result<()> {
-    // The harness finds `imz` through $IMZ_BIN or beside a test executable
-    // (target/<profile>/deps/..); a bin lives in target/<profile>/ itself, so
-    // run ourselves again with IMZ_BIN pointing beside us.
     if std::env::var_os("IMZ_BIN").is_none() {
-        return reexec_with_imz_bin();
+        return bench::reexec_with_imz_bin();
     }
     bench::cleanup_on_signal();
     let opts = options()?;
     run(&opts)
-}
-
-fn reexec_with_imz_bin() -> anyhow::Result<()> {
-    let exe = std::env::current_exe().context("locating this executable")?;
-    let imz = exe.with_file_name("imz");
-    let mut child = Command::new(&exe)
-        .args(std::env::args_os().skip(1))
-        .env("IMZ_BIN", &imz)
-        .spawn()
-        .context("re-running with IMZ_BIN set")?;
-    let pid = child.id();
-    // Pass SIGINT/SIGTERM/SIGHUP on as SIGTERM: the child cleans up its own
-    // children, then exits.
-    std::thread::spawn(move || {
-        let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-        else {
-            return;
-        };
-        rt.block_on(async {
-            use tokio::signal::unix::{SignalKind, signal};
-            let (Ok(mut int), Ok(mut term), Ok(mut hup)) = (
-                signal(SignalKind::interrupt()),
-                signal(SignalKind::terminate()),
-                signal(SignalKind::hangup()),
-            ) else {
-                return;
-            };
-            loop {
-                tokio::select! {
-                    _ = int.recv() => {}
-                    _ = term.recv() => {}
-                    _ = hup.recv() => {}
-                }
-                let _ = Command::new("kill")
-                    .args(["-TERM", &pid.to_string()])
-                    .status();
-            }
-        });
-    });
-    let status = child.wait()?;
-    std::process::exit(status.code().unwrap_or(1));
 }
 
 /// Which server a measurement goes through.
@@ -304,7 +260,7 @@ fn one_round(
     let mut gws = Vec::new();
     for server in gateways(opts) {
         let dir = base.join(format!("cache-{server:?}-{round}"));
-        gws.push((server, Gw::start(opts, server, origin, &dir)?));
+        gws.push((server, start_gw(opts, server, origin, &dir)?));
     }
     let gw = |server: Server| gws.iter().find(|(s, _)| *s == server).map(|(_, g)| g);
     let pid = |server: Server| match gw(server) {
@@ -407,7 +363,7 @@ fn four_gig(
     origin: &OriginProc,
 ) -> anyhow::Result<FourGig> {
     let cache_dir = base.join(format!("cache-{server:?}-4g"));
-    let gw = Gw::start(opts, server, origin, &cache_dir)?;
+    let gw = start_gw(opts, server, origin, &cache_dir)?;
     bench::drop_page_cache();
     let cpu = bench::cpu_time(gw.pid())?;
     let secs = timed_cat(&imz_integration::libnfs::url(gw.port(), HUGE))?;
@@ -421,117 +377,18 @@ fn four_gig(
     Ok(result)
 }
 
-/// A running gateway with a fresh cache, registered for cleanup on a signal:
-/// the one under test through the harness, or the `--compare` binary.
-struct Gw {
-    proc: GwProc,
-    cache_dir: PathBuf,
-}
-
-enum GwProc {
-    Harness(GatewayProc),
-    Other { child: bench::ChildGuard, port: u16 },
-}
-
-impl Gw {
-    fn start(
-        opts: &Options,
-        server: Server,
-        origin: &OriginProc,
-        cache_dir: &Path,
-    ) -> anyhow::Result<Self> {
-        let _ = std::fs::remove_dir_all(cache_dir);
-        let proc = match (server, &opts.compare) {
-            (Server::ImzB, Some(bin)) => start_other_gateway(bin, origin, cache_dir)?,
-            _ => {
-                let gw = GatewayProc::start(
-                    &origin.url,
-                    &origin.token_file,
-                    cache_dir,
-                    CACHE_SIZE,
-                    &[],
-                )?;
-                bench::register(gw.proc.pid());
-                GwProc::Harness(gw)
-            }
-        };
-        Ok(Self {
-            proc,
-            cache_dir: cache_dir.to_path_buf(),
-        })
-    }
-
-    fn port(&self) -> u16 {
-        match &self.proc {
-            GwProc::Harness(g) => g.port,
-            GwProc::Other { port, .. } => *port,
-        }
-    }
-
-    fn pid(&self) -> u32 {
-        match &self.proc {
-            GwProc::Harness(g) => g.proc.pid(),
-            GwProc::Other { child, .. } => child.pid(),
-        }
-    }
-
-    fn hwm_mib(&self) -> anyhow::Result<f64> {
-        Ok(bench::proc_status_kib(self.pid(), "VmHWM")? as f64 / 1024.0)
-    }
-}
-
-impl Drop for Gw {
-    fn drop(&mut self) {
-        if let GwProc::Harness(g) = &self.proc {
-            // GatewayProc's own drop kills it; ChildGuard's stops the other.
-            bench::unregister(g.proc.pid());
-        }
-    }
-}
-
-/// `BIN gateway ...` as the harness starts one, for `--compare`.
-fn start_other_gateway(
-    bin: &Path,
+/// A fresh gateway: the one under test, or the `--compare` build.
+fn start_gw(
+    opts: &Options,
+    server: Server,
     origin: &OriginProc,
     cache_dir: &Path,
-) -> anyhow::Result<GwProc> {
-    let mut cmd = Command::new(bin);
-    cmd.arg("gateway")
-        .arg("--origin")
-        .arg(&origin.url)
-        .arg("--token-file")
-        .arg(&origin.token_file)
-        .arg("--cache")
-        .arg(cache_dir)
-        .args(["--cache-size", CACHE_SIZE, "--listen", "127.0.0.1:0"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped());
-    let mut child = bench::ChildGuard::spawn("imz gateway (--compare)", &mut cmd)?;
-    let stdout = child.take_stdout().context("no stdout pipe")?;
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        // Keep draining after the ready line so the pipe never fills.
-        for line in std::io::BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            let _ = tx.send(line);
-        }
-    });
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let line = rx
-            .recv_timeout(left)
-            .context("the --compare gateway did not say it was listening")?;
-        if let Some(addr) = line.strip_prefix(imz_integration::gateway::GATEWAY_READY) {
-            let port = addr
-                .trim()
-                .rsplit(':')
-                .next()
-                .and_then(|p| p.parse().ok())
-                .with_context(|| format!("parsing the gateway address {addr:?}"))?;
-            return Ok(GwProc::Other { child, port });
-        }
-    }
+) -> anyhow::Result<Gw> {
+    let other = match server {
+        Server::ImzB => opts.compare.as_deref(),
+        _ => None,
+    };
+    Gw::start(other, origin, cache_dir, CACHE_SIZE, &[])
 }
 
 /// `GET /v1/objects/1/lookup?name=NAME` -> the data URL of its current version.
@@ -689,17 +546,6 @@ fn write_big(path: &Path, len: u64, seed: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
-struct Row {
-    name: &'static str,
-    unit: &'static str,
-    imz: Option<f64>,
-    peer: Option<f64>,
-    peer_name: &'static str,
-    /// imz/peer for throughput; peer/imz for times and for RSS vs its bound.
-    ratio: Option<f64>,
-    target: Option<f64>,
-}
-
 /// The table for one gateway against the peers.
 fn rows(g: &PerServer, s: &Samples) -> Vec<Row> {
     let m = |v: &[f64]| median(v);
@@ -774,41 +620,6 @@ fn rows(g: &PerServer, s: &Samples) -> Vec<Row> {
         });
     }
     rows
-}
-
-fn f1(v: Option<f64>) -> String {
-    v.map_or("-".to_owned(), |v| format!("{v:.1}"))
-}
-
-fn f2(v: Option<f64>) -> String {
-    v.map_or("-".to_owned(), |v| format!("{v:.2}"))
-}
-
-fn print_table(title: &str, rows: &[Row]) {
-    println!();
-    println!("{title}");
-    println!(
-        "{:<32} {:>6} {:>9} {:>9} {:<8} {:>7} {:>7} {:>4}",
-        "workload", "unit", "imz", "peer", "(peer)", "ratio", "target", "met"
-    );
-    for r in rows {
-        let met = match (r.ratio, r.target) {
-            (Some(ratio), Some(t)) if ratio >= t => "yes",
-            (Some(_), Some(_)) => "NO",
-            _ => "",
-        };
-        println!(
-            "{:<32} {:>6} {:>9} {:>9} {:<8} {:>7} {:>7} {:>4}",
-            r.name,
-            r.unit,
-            f1(r.imz),
-            f1(r.peer),
-            r.peer_name,
-            r.ratio.map_or("-".into(), |x| format!("{x:.2}x")),
-            r.target.map_or("-".into(), |x| format!(">={x:.1}x")),
-            met
-        );
-    }
 }
 
 fn report(opts: &Options, s: &Samples, cold_ok: bool, load_before: &str, load_after: &str) {

@@ -1,0 +1,75 @@
+//! The table every benchmark prints: one row per workload, imz against a
+//! peer, with the ratio and the target.
+
+/// One workload's medians.
+pub struct Row {
+    pub name: &'static str,
+    pub unit: &'static str,
+    pub imz: Option<f64>,
+    pub peer: Option<f64>,
+    pub peer_name: &'static str,
+    /// imz/peer for throughput; peer/imz for times and for RSS vs its bound.
+    pub ratio: Option<f64>,
+    pub target: Option<f64>,
+}
+
+impl Row {
+    /// A throughput row (higher is better): ratio imz/peer.
+    pub fn throughput(
+        name: &'static str,
+        unit: &'static str,
+        imz: Option<f64>,
+        peer: Option<f64>,
+        peer_name: &'static str,
+        target: Option<f64>,
+    ) -> Self {
+        Self {
+            name,
+            unit,
+            imz,
+            peer,
+            peer_name,
+            ratio: imz.zip(peer).map(|(a, b)| a / b),
+            target,
+        }
+    }
+}
+
+/// One decimal, or `-`.
+pub fn f1(v: Option<f64>) -> String {
+    v.map_or("-".to_owned(), |v| format!("{v:.1}"))
+}
+
+/// Two decimals, or `-`.
+pub fn f2(v: Option<f64>) -> String {
+    v.map_or("-".to_owned(), |v| format!("{v:.2}"))
+}
+
+/// Prints `title` and the rows; `met` says whether the ratio reaches the
+/// target (a row whose target is absolute has the bound as its peer).
+pub fn print_table(title: &str, rows: &[Row]) {
+    println!();
+    println!("{title}");
+    println!(
+        "{:<34} {:>6} {:>9} {:>9} {:<8} {:>7} {:>7} {:>4}",
+        "workload", "unit", "imz", "peer", "(peer)", "ratio", "target", "met"
+    );
+    for r in rows {
+        let met = match (r.ratio, r.target) {
+            (Some(ratio), Some(t)) if ratio >= t => "yes",
+            (Some(_), Some(_)) => "NO",
+            _ => "",
+        };
+        println!(
+            "{:<34} {:>6} {:>9} {:>9} {:<8} {:>7} {:>7} {:>4}",
+            r.name,
+            r.unit,
+            f1(r.imz),
+            f1(r.peer),
+            r.peer_name,
+            r.ratio.map_or("-".into(), |x| format!("{x:.2}x")),
+            r.target.map_or("-".into(), |x| format!(">={x:.1}x")),
+            met
+        );
+    }
+}
