@@ -21,6 +21,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use futures::StreamExt;
 use imz_cache::{FileId, Kind, LogOp, LogRecord, Object, OriginRef, meta};
 use imz_origin::wire::{self, Base, KeyedOp, NewObject, ObjRef, Op, OpResult};
 use tokio::sync::watch;
@@ -89,6 +90,9 @@ pub struct Reintegrator {
     /// must not loop forever.
     refusals: HashMap<u64, u32>,
 }
+
+/// Uploads of one batch sent at once.
+const UPLOADS_IN_FLIGHT: usize = 8;
 
 /// Refusals of one record after which it is held for a person.
 const MAX_REFUSALS: u32 = 3;
@@ -183,9 +187,11 @@ impl Reintegrator {
                     }
                 }
                 Ok(Round::Wait(d)) => {
+                    // Not woken by new records: they are younger than the
+                    // one being waited for, so none can be ready sooner, and
+                    // planning again on every client write costs a log scan.
                     tokio::select! {
                         _ = tokio::time::sleep(d) => {}
-                        _ = self.vfs.log_changed.notified() => {}
                         _ = self.hurry.changed() => {}
                     }
                 }
@@ -559,17 +565,26 @@ impl Reintegrator {
     /// Uploads content, sends the batch, records what was applied. Returns
     /// the first operation the origin refused, with its answer.
     async fn ship(&self, plan: &Plan) -> Result<Option<(u64, OpResult)>, VfsError> {
-        let mut uploaded = 0u64;
-        for (upload_id, fid, size) in &plan.uploads {
-            let body =
-                reqwest::Body::wrap_stream(content_stream(Arc::clone(&self.vfs), *fid, *size));
-            self.vfs
-                .origin
-                .upload(upload_id, body, *size)
-                .await
-                .map_err(|e| self.vfs.origin_failed(e))?;
-            uploaded += size;
+        // Several uploads at once: the origin makes each durable (fsync of
+        // the file and of its directory), and a small file is mostly that
+        // wait, which overlaps well.
+        let mut sends = Vec::with_capacity(plan.uploads.len());
+        for (upload_id, fid, size) in plan.uploads.iter().cloned() {
+            let vfs = Arc::clone(&self.vfs);
+            sends.push(async move {
+                let body = reqwest::Body::wrap_stream(content_stream(Arc::clone(&vfs), fid, size));
+                vfs.origin
+                    .upload(&upload_id, body, size)
+                    .await
+                    .map(|_| size)
+            });
         }
+        let mut uploads = futures::stream::iter(sends).buffer_unordered(UPLOADS_IN_FLIGHT);
+        let mut uploaded = 0u64;
+        while let Some(result) = uploads.next().await {
+            uploaded += result.map_err(|e| self.vfs.origin_failed(e))?;
+        }
+        drop(uploads);
         let batch = wire::Batch {
             ops: plan.ops.clone(),
         };

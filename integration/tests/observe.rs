@@ -158,7 +158,8 @@ async fn sync_ships_a_backlog_of_many_batches_at_once() -> Result {
     let root = nfs.root.clone();
     nfs.mkdir(&root, "many").await?;
     for i in 0..700u64 {
-        nfs.put_file(&format!("many/f{i}"), &i.to_le_bytes()).await?;
+        nfs.put_file(&format!("many/f{i}"), &i.to_le_bytes())
+            .await?;
     }
     // 1,401 records: the directory, and a create and a store per file.
     let s = fx.gateway.status()?;
