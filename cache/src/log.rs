@@ -9,7 +9,8 @@
 //! The log is kept short the way Coda kept it:
 //! - a file's content travels as one `Store` however many writes made it
 //!   (the bytes are read from the cache when the record is shipped);
-//! - attribute changes to one object merge into one `SetAttr`, and a size
+//! - attribute changes to one object merge into one `SetAttr` (except a
+//!   grow after a shrink, which must zero what lies between), and a size
 //!   change is dropped when a `Store` will carry the content anyway;
 //! - removing an object that never reached the origin cancels its whole
 //!   history (create, stores, renames), and a rename of such an object
@@ -263,10 +264,17 @@ impl WriteTxn<'_> {
                         .log_record(seq)?
                         .ok_or_else(|| CacheError::corrupt("setattr record vanished"))?;
                     if let LogOp::SetAttr { set: old, .. } = &mut rec.op {
-                        old.merge(&set);
+                        // Growing after a pending shrink must leave zeros
+                        // between the two sizes: one truncate to the final
+                        // size would bring the origin's old bytes back. The
+                        // two travel as two records.
+                        let regrow = matches!((old.size, set.size), (Some(a), Some(b)) if b > a);
+                        if !regrow {
+                            old.merge(&set);
+                            self.put_log(seq, &encode(&rec)?)?;
+                            return Ok(Some(seq));
+                        }
                     }
-                    self.put_log(seq, &encode(&rec)?)?;
-                    return Ok(Some(seq));
                 }
                 return self.append(LogOp::SetAttr { fid, set }, time).map(Some);
             }
@@ -646,6 +654,57 @@ mod tests {
         assert_ne!(first, second);
         // And a shipped record is never changed under its key.
         assert!(!tx.log_mark_shipped(second, b"other bytes").expect("mark"));
+    }
+
+    #[test]
+    fn a_grow_after_a_shrink_is_not_merged_into_it() {
+        let (_d, cache) = setup();
+        let mut tx = cache.write().expect("write");
+        let fid = local_file(&mut tx, "f");
+        let size = |n| SetAttrs {
+            size: Some(n),
+            ..Default::default()
+        };
+        tx.log(
+            LogOp::SetAttr {
+                fid,
+                set: size(456),
+            },
+            0,
+        )
+        .expect("log");
+        tx.log(
+            LogOp::SetAttr {
+                fid,
+                set: size(8686),
+            },
+            0,
+        )
+        .expect("log");
+        // Shrinking again merges: nothing between needs zeros.
+        tx.log(
+            LogOp::SetAttr {
+                fid,
+                set: size(100),
+            },
+            0,
+        )
+        .expect("log");
+        let got = ops(&tx);
+        assert_eq!(
+            &got[1..],
+            &[
+                LogOp::SetAttr {
+                    fid,
+                    set: size(456)
+                },
+                LogOp::SetAttr {
+                    fid,
+                    set: size(100)
+                },
+            ],
+            "{got:?}"
+        );
     }
 
     #[test]

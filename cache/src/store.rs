@@ -874,11 +874,16 @@ impl WriteTxn<'_> {
     }
 
     /// Writes `data` at `offset` into file `fid`, updating `obj`'s size (the
-    /// caller stores `obj`). A chunk that is only partly overwritten and
-    /// still has bytes at the origin needs those bytes first: `fetched`
-    /// supplies them (the chunk's origin bytes by index); without them the
-    /// write fails with [`CacheError::NeedFetch`] listing every such chunk,
-    /// having changed nothing.
+    /// caller stores `obj`).
+    ///
+    /// A written file must not depend on the origin any more: its content
+    /// will be uploaded whole, possibly after the origin has moved on and
+    /// can no longer give the old bytes. So every chunk that still has
+    /// bytes at the origin and is not entirely overwritten needs those bytes
+    /// first: `fetched` supplies them (the chunk's origin bytes by index);
+    /// without them the write fails with [`CacheError::NeedFetch`] listing
+    /// every such chunk, having changed nothing. Afterwards the file is
+    /// wholly in the cache (`origin_extent` is 0).
     pub fn write_data(
         &mut self,
         fid: FileId,
@@ -909,12 +914,29 @@ impl WriteTxn<'_> {
             };
             plan.push((index, cstart, from, to, base));
         }
+        // Origin bytes the write does not touch.
+        let mut untouched = Vec::new();
+        let touched = chunk::covering(offset, data.len() as u64);
+        for index in 0..chunk::count(obj.origin_extent.min(obj.attrs.size)) {
+            if touched.contains(&index) || self.has_chunk(fid, index)? {
+                continue;
+            }
+            match fetched(index) {
+                Some(bytes) => untouched.push((index, bytes)),
+                None => missing.push(index),
+            }
+        }
         if !missing.is_empty() {
+            missing.sort_unstable();
             return Err(CacheError::NeedFetch {
                 fileid: fid,
                 indexes: missing,
             });
         }
+        for (index, bytes) in untouched {
+            self.put_chunk(fid, index, &bytes)?;
+        }
+        obj.origin_extent = 0;
         for (index, cstart, from, to, mut buf) in plan {
             let lo = (from - cstart) as usize;
             let hi = (to - cstart) as usize;
@@ -1258,35 +1280,48 @@ mod tests {
         assert_eq!(&all[100..], &payload[..]);
         drop(rx);
 
-        // Partly overwriting an unfetched origin chunk must not invent bytes.
-        let mut remote = file(2 * CHUNK_SIZE, 2 * CHUNK_SIZE);
+        // Writing into a file whose bytes are at the origin must not invent
+        // bytes, and must leave nothing depending on the origin: every
+        // origin chunk the write does not wholly replace is needed first.
+        let mut remote = file(3 * CHUNK_SIZE, 3 * CHUNK_SIZE);
         let mut tx = cache.write().expect("write");
         let err = tx
             .write_data(12, &mut remote, 10, b"abc", &|_| None)
             .expect_err("needs fetch");
         assert!(
-            matches!(err, CacheError::NeedFetch { fileid: 12, ref indexes } if indexes == &[0])
+            matches!(err, CacheError::NeedFetch { fileid: 12, ref indexes } if indexes == &[0, 1, 2])
         );
         assert!(
             !tx.has_chunk(12, 0).expect("has"),
             "a failed write changed data"
         );
-        // With the origin's bytes supplied, the write goes in on top of them.
-        tx.write_data(12, &mut remote, 10, b"abc", &|_| {
-            Some(vec![7u8; CHUNK_SIZE as usize])
+        // Overwriting a whole chunk needs only the others.
+        let err = tx
+            .write_data(
+                12,
+                &mut remote,
+                CHUNK_SIZE,
+                &vec![1u8; CHUNK_SIZE as usize],
+                &|_| None,
+            )
+            .expect_err("needs the other chunks");
+        assert!(matches!(err, CacheError::NeedFetch { ref indexes, .. } if indexes == &[0, 2]));
+        // With the origin's bytes supplied, the write goes in on top of them
+        // and the whole file is stored.
+        tx.write_data(12, &mut remote, 10, b"abc", &|i| {
+            Some(vec![7 + i as u8; CHUNK_SIZE as usize])
         })
         .expect("write over fetched bytes");
         let chunk0 = tx.chunk(12, 0).expect("chunk").expect("stored");
         assert_eq!(&chunk0[8..14], &[7, 7, b'a', b'b', b'c', 7]);
-        // Overwriting a whole chunk needs nothing from the origin.
-        tx.write_data(
-            12,
-            &mut remote,
-            CHUNK_SIZE,
-            &vec![1u8; CHUNK_SIZE as usize],
-            &|_| None,
-        )
-        .expect("whole chunk");
+        for i in 1..3u64 {
+            let c = tx.chunk(12, i).expect("chunk").expect("stored");
+            assert!(c.iter().all(|b| *b == 7 + i as u8), "chunk {i}");
+        }
+        assert_eq!(
+            remote.origin_extent, 0,
+            "the file still depends on the origin"
+        );
     }
 
     #[test]

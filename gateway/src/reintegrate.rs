@@ -378,11 +378,23 @@ impl Reintegrator {
                         },
                         Kind::File => {
                             // Ship the content with the create when its store
-                            // is in this batch.
-                            let upload = match obj.log.store {
+                            // is in this batch. A create sent before goes
+                            // again exactly as it went: with the store it
+                            // carried then (shipped with it, so the file's
+                            // oldest shipped store), not a newer one, or the
+                            // origin would answer the create as a replay
+                            // and the older store would travel alone, based
+                            // on a version the origin has since moved past.
+                            let merge = if record.shipped {
+                                first_shipped_store(&rx, &obj.log.ops, seq)?
+                            } else {
+                                obj.log.store
+                            };
+                            let upload = match merge {
                                 Some(s)
-                                    if upload_bytes + obj.attrs.size
-                                        <= self.settings.max_upload_bytes
+                                    if record.shipped
+                                        || upload_bytes + obj.attrs.size
+                                            <= self.settings.max_upload_bytes
                                         || upload_bytes == 0 =>
                                 {
                                     merged_stores.insert(s);
@@ -596,6 +608,9 @@ impl Reintegrator {
             }
             Err(e) => return Err(self.vfs.origin_failed(e)),
         };
+        for ((op, done), result) in plan.ops.iter().zip(&plan.done).zip(&answer.results) {
+            tracing::debug!(seq = done.seq(), op = ?op.op, ?result, "origin answered");
+        }
         let applied: Vec<(Done, wire::Attr)> = answer
             .results
             .iter()
@@ -731,6 +746,24 @@ fn settle_extent(tx: &mut imz_cache::WriteTxn<'_>, fid: FileId) -> Result<(), Vf
 
 /// The bytes of file `fid` as the cache has them now (missing origin bytes
 /// are fetched), `size` long, streamed in 1 MiB pieces.
+/// The oldest shipped store record among `ops` (an object's pending
+/// records, oldest first) after `after`.
+fn first_shipped_store(
+    rx: &imz_cache::ReadTxn,
+    ops: &[u64],
+    after: u64,
+) -> Result<Option<u64>, VfsError> {
+    for &s in ops.iter().filter(|s| **s > after) {
+        if let Some(bytes) = rx.log_bytes(s)? {
+            let record = imz_cache::log::decode(&bytes)?;
+            if record.shipped && matches!(record.op, LogOp::Store { .. }) {
+                return Ok(Some(s));
+            }
+        }
+    }
+    Ok(None)
+}
+
 fn content_stream(
     vfs: Arc<Vfs>,
     fid: FileId,
@@ -754,7 +787,10 @@ fn content_stream(
                     let pad = vec![0u8; want as usize];
                     Some((Ok(Bytes::from(pad)), offset + u64::from(want)))
                 }
-                Err(e) => Some((Err(std::io::Error::other(e.to_string())), size)),
+                Err(e) => {
+                    tracing::warn!(fid, offset, error = %e, "reading a file's content for its upload failed");
+                    Some((Err(std::io::Error::other(e.to_string())), size))
+                }
             }
         }
     })

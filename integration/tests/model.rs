@@ -339,7 +339,7 @@ async fn run(seed: u64, ops: usize) -> anyhow::Result<()> {
     if !origin_up {
         fx.origin.restart()?;
     }
-    fx.gateway.ctl(&["sync", "--timeout", "120s"])?;
+    fx.gateway.ctl(&["sync", "--timeout", "60s"])?;
     // Nobody but the gateway changed the origin's tree: every journal
     // record must carry one of its keys (a keyless record means the origin
     // took its own half-finished work for someone else's change).

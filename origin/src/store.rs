@@ -34,6 +34,10 @@ const NEXT_ID: &str = "next_id";
 const LAST_SEQ: &str = "last_seq";
 const FIRST_SEQ: &str = "first_seq";
 const NEXT_INTENT: &str = "next_intent";
+
+fn intent_progress_key(n: u64) -> String {
+    format!("intent_progress_{n}")
+}
 const STORE_ID: &str = "store_id";
 
 /// One object as the store holds it.
@@ -419,7 +423,20 @@ impl<'a> Tx<'a> {
 
     pub fn drop_intent(&self, n: u64) -> Result<()> {
         self.txn.open_table(INTENTS)?.remove(n)?;
+        self.txn
+            .open_table(COUNTERS)?
+            .remove(intent_progress_key(n).as_str())?;
         Ok(())
+    }
+
+    /// Where intent `n` resumes: the operations before this position were
+    /// committed by earlier transactions (0: none).
+    pub fn intent_progress(&self, n: u64) -> Result<u64> {
+        self.counter(&intent_progress_key(n))
+    }
+
+    pub fn set_intent_progress(&self, n: u64, at: u64) -> Result<()> {
+        self.set_counter(&intent_progress_key(n), at)
     }
 
     /// Removes `id` and, for a directory, everything below it, from the

@@ -2,20 +2,25 @@
 //! the origin makes to the tree goes through one thread, which groups the
 //! jobs waiting at the moment into one durable redb commit (group commit).
 //!
-//! A group of reintegration batches runs in two commits:
-//! 1. an **intent** holding the group's operations is committed durably;
-//! 2. the operations are applied to the tree one after the other, their
-//!    metadata, journal records and idempotency keys are written in one
-//!    transaction, touched directories are fsynced, the intent is dropped
-//!    and the transaction is committed durably. Only then are the HTTP
+//! A group of reintegration batches runs as:
+//! 1. an **intent** holding the group's operations, committed durably;
+//! 2. one or more **segments**: operations applied to the tree one after
+//!    the other, their metadata, journal records and idempotency keys
+//!    written in one transaction with the intent's progress (or, for the
+//!    last segment, the intent dropped), touched directories fsynced, the
+//!    commit made durable. A segment ends where an operation touches what
+//!    the segment already touched (see `Segment`), so usually a whole
+//!    group is one segment. Only after the last commit are the HTTP
 //!    answers sent and journal readers woken.
 //!
-//! If the process dies between the two commits, [`recover`] replays the
-//! intent at start-up against what the tree shows: each operation whose
-//! effect is on disk is recorded (with its key, so a retry is `Replayed`),
-//! and the first one whose effect is absent ends the recovery (operations
-//! were applied in order by one thread, so nothing after it happened).
-//! Each object is thus before or after an operation, and the journal agrees
+//! If the process dies with an intent left, [`recover`] resumes it at
+//! start-up from its progress against what the tree shows: each operation
+//! whose effect is on disk is recorded (with its key, so a retry is
+//! `Replayed`), and the first one whose effect is absent ends the recovery
+//! (operations were applied in order by one thread, so nothing after it
+//! happened). Inside one segment no operation hides another's effect, so
+//! the tree tells exactly. Each object is thus before or after an
+//! operation, every applied operation keeps its key, and the journal agrees
 //! with the files.
 
 use std::collections::VecDeque;
@@ -29,7 +34,7 @@ use crate::error::OriginError;
 use crate::reintegrate::{self, Mode, Outcome};
 use crate::scan::{self, Dirty};
 use crate::store::Tx;
-use crate::wire::{ApiError, BatchResult, KeyedOp, ObjectId, OpResult};
+use crate::wire::{ApiError, BatchResult, KeyedOp, Kind, ObjRef, ObjectId, Op, OpResult};
 
 /// Most jobs merged into one group commit.
 const MAX_GROUP: usize = 256;
@@ -172,8 +177,36 @@ pub fn run(shared: Arc<Shared>, mut rx: mpsc::Receiver<Job>) {
 
 type Pending = (Vec<KeyedOp>, oneshot::Sender<Result<BatchResult, ApiError>>);
 
-/// Applies a group of batches (intent, then one commit); returns the
-/// batches not tried because an earlier operation failed on the disk.
+/// Where a group stands: the next operation to try.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Position {
+    batch: usize,
+    op: usize,
+}
+
+impl Position {
+    fn encode(self) -> u64 {
+        (self.batch as u64) << 32 | self.op as u64
+    }
+
+    fn decode(v: u64) -> Self {
+        Self {
+            batch: (v >> 32) as usize,
+            op: (v & 0xffff_ffff) as usize,
+        }
+    }
+
+    fn next_batch(self) -> Self {
+        Self {
+            batch: self.batch + 1,
+            op: 0,
+        }
+    }
+}
+
+/// Applies a group of batches: an intent, then one commit per segment (see
+/// [`Segment`]); returns the batches not tried because an earlier
+/// operation failed on the disk.
 fn run_batches(shared: &Shared, batches: Vec<Pending>) -> Vec<Pending> {
     let all: Vec<&Vec<KeyedOp>> = batches.iter().map(|(ops, _)| ops).collect();
     let intent = match serde_json::to_vec(&all)
@@ -189,60 +222,181 @@ fn run_batches(shared: &Shared, batches: Vec<Pending>) -> Vec<Pending> {
             return Vec::new();
         }
     };
-    let applied = transact(shared, |cx| {
-        let mut results = Vec::with_capacity(batches.len());
-        let mut stopped = false;
-        for (ops, _) in &batches {
-            if stopped {
-                break;
-            }
-            let mut out = Vec::new();
-            for op in ops {
+    let mut results: Vec<Vec<OpResult>> = vec![Vec::new(); batches.len()];
+    let mut at = Position { batch: 0, op: 0 };
+    // Batches tried (all of them unless the disk failed one).
+    let mut tried = batches.len();
+    loop {
+        let segment = transact(shared, |cx| {
+            let mut segment = Segment::default();
+            let mut out: Vec<(usize, OpResult)> = Vec::new();
+            let mut pos = at;
+            while let Some((ops, _)) = batches.get(pos.batch) {
+                let Some(op) = ops.get(pos.op) else {
+                    pos = pos.next_batch();
+                    continue;
+                };
+                if !segment.admits(cx, op)? {
+                    cx.tx.set_intent_progress(intent, pos.encode())?;
+                    return Ok((out, Some(pos), None));
+                }
                 match reintegrate::apply(cx, op, Mode::Live)? {
                     Outcome::Done(r) => {
                         let go_on =
                             matches!(r, OpResult::Applied { .. } | OpResult::Replayed { .. });
-                        out.push(r);
-                        if !go_on {
-                            break;
-                        }
+                        segment.applied(op, &r);
+                        out.push((pos.batch, r));
+                        pos = if go_on {
+                            Position {
+                                op: pos.op + 1,
+                                ..pos
+                            }
+                        } else {
+                            pos.next_batch()
+                        };
                     }
                     Outcome::FsFailed(r) => {
-                        out.push(r);
-                        stopped = true;
-                        break;
+                        out.push((pos.batch, r));
+                        cx.tx.drop_intent(intent)?;
+                        return Ok((out, None, Some(pos.batch + 1)));
                     }
-                    Outcome::NotApplied => unreachable_not_applied(),
+                    Outcome::NotApplied => {
+                        unreachable_not_applied();
+                        pos = pos.next_batch();
+                    }
                 }
             }
-            results.push(out);
+            cx.tx.drop_intent(intent)?;
+            Ok((out, None, None))
+        });
+        match segment {
+            Ok((out, next, stopped)) => {
+                for (batch, r) in out {
+                    results[batch].push(r);
+                }
+                if let Some(n) = stopped {
+                    tried = n;
+                }
+                match next {
+                    Some(pos) => at = pos,
+                    None => break,
+                }
+            }
+            Err(e) => {
+                // The transaction is gone but the tree may hold some of its
+                // effects: recover them now, as at start-up.
+                tracing::error!(error = %e, "applying a reintegration group failed; recovering its intent");
+                if let Err(e2) = recover(shared) {
+                    tracing::error!(error = %e2, "recovering the intent failed; it will be retried at start-up");
+                }
+                let err = ApiError::from(e);
+                for (_, reply) in batches {
+                    let _ = reply.send(Err(err.clone()));
+                }
+                return Vec::new();
+            }
         }
-        cx.tx.drop_intent(intent)?;
-        Ok(results)
-    });
-    match applied {
-        Ok(results) => {
-            let n = results.len();
-            let mut iter = batches.into_iter();
-            for ((_, reply), results) in iter.by_ref().zip(results) {
-                let _ = reply.send(Ok(BatchResult { results }));
+    }
+    let mut iter = batches.into_iter();
+    for ((_, reply), results) in iter.by_ref().take(tried).zip(results) {
+        let _ = reply.send(Ok(BatchResult { results }));
+    }
+    iter.collect()
+}
+
+/// Operations committed together, cut so that recovery can tell exactly
+/// which of them reached the disk.
+///
+/// Recovery looks for each operation's effect in the tree as it is after
+/// the crash. That is exact only if no later operation of the same commit
+/// touched the same names or objects (a create then a rename of the new
+/// file leaves no file at the created name), nor moved or removed a
+/// directory above them. So an operation that touches a name or an object
+/// the segment already touched, or that moves or removes a directory,
+/// starts a new segment (and a new durable commit). A burst of creates, or
+/// of writes to different files, stays one commit.
+#[derive(Default)]
+struct Segment {
+    len: usize,
+    objects: std::collections::HashSet<Token>,
+    names: std::collections::HashSet<(Token, String)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Token {
+    Id(ObjectId),
+    /// An object created in this group whose id is not known yet.
+    Created(String),
+}
+
+impl Segment {
+    /// Whether `op` may join the segment; if so, it is counted in.
+    fn admits(&mut self, cx: &WCtx<'_>, kop: &KeyedOp) -> Result<bool, OriginError> {
+        let token = |r: &ObjRef| -> Result<Token, OriginError> {
+            Ok(match r {
+                ObjRef::Id(id) => Token::Id(*id),
+                ObjRef::Created(key) => match cx.tx.key(key)? {
+                    Some(k) => Token::Id(k.attr.id),
+                    None => Token::Created(key.clone()),
+                },
+            })
+        };
+        let is_dir = |t: &Token| -> Result<bool, OriginError> {
+            Ok(match t {
+                Token::Id(id) => cx.tx.meta(*id)?.is_some_and(|m| m.attr.kind == Kind::Dir),
+                Token::Created(_) => true,
+            })
+        };
+        let mut objects = Vec::new();
+        let mut names = Vec::new();
+        let mut moves_dir = false;
+        match &kop.op {
+            Op::Create { parent, name, .. } => names.push((token(parent)?, name.clone())),
+            Op::Write { id, .. } | Op::SetAttr { id, .. } => objects.push(token(id)?),
+            Op::Remove {
+                parent, name, id, ..
+            } => {
+                let t = token(id)?;
+                moves_dir = is_dir(&t)?;
+                objects.push(t);
+                names.push((token(parent)?, name.clone()));
             }
-            let leftover: Vec<Pending> = iter.collect();
-            debug_assert!(leftover.is_empty() || n > 0);
-            leftover
+            Op::Rename {
+                from_parent,
+                from_name,
+                id,
+                to_parent,
+                to_name,
+                replace,
+                ..
+            } => {
+                let t = token(id)?;
+                moves_dir = is_dir(&t)?;
+                objects.push(t);
+                if let Some((r, _)) = replace {
+                    objects.push(token(r)?);
+                }
+                names.push((token(from_parent)?, from_name.clone()));
+                names.push((token(to_parent)?, to_name.clone()));
+            }
         }
-        Err(e) => {
-            // The transaction is gone but the tree may hold some of the
-            // group's effects: recover them now, as at start-up.
-            tracing::error!(error = %e, "applying a reintegration group failed; recovering its intent");
-            if let Err(e2) = recover(shared) {
-                tracing::error!(error = %e2, "recovering the intent failed; it will be retried at start-up");
-            }
-            let err = ApiError::from(e);
-            for (_, reply) in batches {
-                let _ = reply.send(Err(err.clone()));
-            }
-            Vec::new()
+        let clash = moves_dir
+            || objects.iter().any(|o| self.objects.contains(o))
+            || names.iter().any(|n| self.names.contains(n));
+        if clash && self.len > 0 {
+            return Ok(false);
+        }
+        self.len += 1;
+        self.objects.extend(objects);
+        self.names.extend(names);
+        Ok(true)
+    }
+
+    /// Notes what an applied operation created.
+    fn applied(&mut self, kop: &KeyedOp, result: &OpResult) {
+        if let (Op::Create { .. }, OpResult::Applied { attr, .. }) = (&kop.op, result) {
+            self.objects.insert(Token::Id(attr.id));
+            self.objects.insert(Token::Created(kop.key.clone()));
         }
     }
 }
@@ -264,13 +418,22 @@ pub fn recover(shared: &Shared) -> Result<(), OriginError> {
         };
         let adopted = transact(shared, |cx| {
             let mut adopted = 0usize;
-            'all: for ops in &groups {
-                for op in ops {
+            // Operations before this position were committed already.
+            let from = Position::decode(cx.tx.intent_progress(n)?);
+            'all: for (b, ops) in groups.iter().enumerate().skip(from.batch) {
+                let first = if b == from.batch { from.op } else { 0 };
+                for op in ops.iter().skip(first) {
                     match reintegrate::apply(cx, op, Mode::Recover)? {
                         Outcome::Done(OpResult::Applied { .. }) => adopted += 1,
                         Outcome::Done(OpResult::Replayed { .. }) => {}
-                        Outcome::Done(_) => break,
-                        Outcome::FsFailed(_) | Outcome::NotApplied => break 'all,
+                        Outcome::Done(other) => {
+                            tracing::info!(key = %op.key, op = ?op.op, result = ?other, "recovery: the batch had stopped here");
+                            break;
+                        }
+                        Outcome::FsFailed(_) | Outcome::NotApplied => {
+                            tracing::info!(key = %op.key, op = ?op.op, "recovery: not on disk; the group had stopped here");
+                            break 'all;
+                        }
                     }
                 }
             }

@@ -13,6 +13,10 @@ use imz_origin::wire;
 use super::{Vfs, VfsError};
 use crate::fetch::{FetchFailure, Target};
 
+/// Chunks of origin data one write fetches and holds in memory at most;
+/// more are brought into the cache first, this many at a time.
+const MAX_WRITE_FETCH: usize = 64;
+
 /// Nanoseconds since the epoch, now.
 pub fn now_nanos() -> i64 {
     std::time::SystemTime::now()
@@ -228,12 +232,19 @@ impl Vfs {
     }
 
     /// Writes `data` at `offset` of file `fid`. Durable when it returns.
+    /// The first write to a file not wholly cached fetches the rest of it
+    /// (see [`imz_cache::WriteTxn::write_data`]), so offline such a write
+    /// fails.
     pub async fn write(&self, fid: FileId, offset: u64, data: Vec<u8>) -> Result<Object, VfsError> {
         let data = Arc::new(data);
         // Origin bytes of chunks this write only partly covers, fetched on
         // demand (only for files that are not entirely cached).
         let mut fetched: HashMap<u64, Vec<u8>> = HashMap::new();
-        for _ in 0..3 {
+        // Tries that did not get closer: the file kept changing, or its
+        // pieces were evicted as fast as they came.
+        let mut stalls = 0;
+        let mut last_missing = usize::MAX;
+        while stalls < 3 {
             let payload = Arc::clone(&data);
             let have = std::mem::take(&mut fetched);
             let outcome = self
@@ -275,14 +286,48 @@ impl Vfs {
                     return Ok(obj);
                 }
                 Err((indexes, have)) => {
-                    fetched = have;
-                    self.fetch_for_write(fid, &indexes, &mut fetched).await?;
+                    if indexes.len() >= last_missing {
+                        stalls += 1;
+                    }
+                    last_missing = indexes.len();
+                    if indexes.len() <= MAX_WRITE_FETCH {
+                        fetched = have;
+                        self.fetch_for_write(fid, &indexes, &mut fetched).await?;
+                    } else {
+                        // A big file, mostly not cached: bring it in a
+                        // piece at a time (bounded memory), then write.
+                        self.cache_origin_chunks(fid, &indexes[..MAX_WRITE_FETCH])
+                            .await?;
+                    }
                 }
             }
         }
         Err(VfsError::Io(
             "file keeps changing while it is written".into(),
         ))
+    }
+
+    /// Fetches chunks of `fid` from the origin and stores them as clean
+    /// data, unless the file changed meanwhile.
+    async fn cache_origin_chunks(&self, fid: FileId, indexes: &[u64]) -> Result<(), VfsError> {
+        let mut fetched = HashMap::new();
+        self.fetch_for_write(fid, indexes, &mut fetched).await?;
+        let before = self.getattr(fid)?;
+        let bytes: usize = fetched.values().map(Vec::len).sum();
+        self.writer
+            .run(bytes, move |tx| {
+                let obj = tx.get(fid)?.ok_or(VfsError::Stale)?;
+                if obj.origin != before.origin || obj.data_gen != before.data_gen {
+                    return Ok(());
+                }
+                for (index, chunk) in fetched {
+                    if !tx.has_chunk(fid, index)? {
+                        tx.put_chunk(fid, index, &chunk)?;
+                    }
+                }
+                Ok(())
+            })
+            .await
     }
 
     /// Fetches the origin bytes of chunks a partial write needs.
