@@ -161,7 +161,7 @@ async fn random_operations_with_disconnects_and_crashes_match_the_model() -> any
     let ops: usize = std::env::var("IMZ_MODEL_OPS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(160);
+        .unwrap_or(400);
     let result = run(seed, ops).await;
     if let Err(e) = &result {
         eprintln!("model test failed with IMZ_MODEL_SEED={seed} IMZ_MODEL_OPS={ops}: {e:#}");
