@@ -440,3 +440,59 @@ async fn a_full_cache_refuses_new_data_and_keeps_what_it_logged() -> Result {
     let _ = libnfs::available();
     Ok(())
 }
+
+/// Shrinking a file and growing it again must leave zeros between the two
+/// sizes at the origin, not the origin's old bytes (the two size changes
+/// cannot travel as one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shrink_then_grow_reaches_the_origin_as_zeros() -> Result {
+    let old = data::bytes(41, 17_179);
+    let fx = Fixture::with_cache_size("1GiB", &["--reintegrate-delay", "2s"], |root| {
+        std::fs::write(root.join("f"), &old)?;
+        Ok(())
+    })?;
+    let mut nfs = Nfs::mount(fx.port(), "/imz").await?;
+    let fh = nfs.lookup_path("f").await?;
+    let size = |n| Attrs {
+        size: Some(n),
+        ..Attrs::default()
+    };
+    // Both inside one aging window, so they meet in the log.
+    nfs.setattr(&fh, &size(456)).await?;
+    nfs.setattr(&fh, &size(8686)).await?;
+    let mut want = old[..456].to_vec();
+    want.resize(8686, 0);
+    assert_eq!(nfs.read_all(&fh).await?, want);
+    fx.gateway.ctl(&["sync", "--timeout", "30s"])?;
+    assert_eq!(std::fs::read(fx.origin_path("f"))?, want);
+    Ok(())
+}
+
+/// The first write to a file only partly cached brings the rest of it in:
+/// a written file never depends on origin bytes, so with the origin gone
+/// it still reads whole, and its upload is whole when the origin returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writing_a_partly_cached_file_makes_it_whole_first() -> Result {
+    let big = data::bytes(42, 5 << 20);
+    let mut fx = quick_fixture(|root| {
+        std::fs::write(root.join("big"), &big)?;
+        Ok(())
+    })?;
+    let mut nfs = Nfs::mount(fx.port(), "/imz").await?;
+    let fh = nfs.lookup_path("big").await?;
+    // Only the first megabyte has been read.
+    let (head, _) = nfs.read(&fh, 0, 1 << 20).await?;
+    assert_eq!(head, big[..1 << 20]);
+    nfs.write(&fh, 10, b"patched", Stable::FILE_SYNC).await?;
+    let mut want = big.clone();
+    want[10..17].copy_from_slice(b"patched");
+    fx.origin.proc.kill9();
+    assert!(
+        nfs.read_all(&fh).await? == want,
+        "the written file is not whole in the cache"
+    );
+    fx.origin.restart()?;
+    fx.gateway.ctl(&["sync", "--timeout", "30s"])?;
+    assert!(std::fs::read(fx.origin_path("big"))? == want);
+    Ok(())
+}
