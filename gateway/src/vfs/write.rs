@@ -260,7 +260,14 @@ impl Vfs {
                             return Err(VfsError::Invalid("not a regular file".into()));
                         }
                     }
-                    if !tx.cache_room_for_protected(data.len() as u64) {
+                    // A file becoming dirty turns all of its bytes into
+                    // data that may not be evicted (it is made whole).
+                    let more = if obj.is_dirty() {
+                        data.len() as u64
+                    } else {
+                        obj.attrs.size.max(offset + data.len() as u64)
+                    };
+                    if !tx.cache_room_for_protected(more) {
                         return Err(VfsError::NoSpace);
                     }
                     let fill = |index: u64| have.get(&index).cloned();
@@ -303,7 +310,7 @@ impl Vfs {
             }
         }
         Err(VfsError::Io(
-            "file keeps changing while it is written".into(),
+            "file keeps changing while it is written, or the cache cannot hold all of it".into(),
         ))
     }
 
