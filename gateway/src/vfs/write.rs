@@ -317,9 +317,11 @@ impl Vfs {
     /// Fetches chunks of `fid` from the origin and stores them as clean
     /// data, unless the file changed meanwhile.
     async fn cache_origin_chunks(&self, fid: FileId, indexes: &[u64]) -> Result<(), VfsError> {
+        // Taken before the fetch: bytes of a version the file has since left
+        // must not be stored.
+        let before = self.getattr(fid)?;
         let mut fetched = HashMap::new();
         self.fetch_for_write(fid, indexes, &mut fetched).await?;
-        let before = self.getattr(fid)?;
         let bytes: usize = fetched.values().map(Vec::len).sum();
         self.writer
             .run(bytes, move |tx| {
