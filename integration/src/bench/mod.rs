@@ -43,54 +43,19 @@ fn kill(signal: &str, pid: u32) {
 
 /// On SIGINT, SIGTERM or SIGHUP: kills every registered child, then exits.
 pub fn cleanup_on_signal() {
-    std::thread::spawn(|| {
-        let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-        else {
-            return;
-        };
-        rt.block_on(async {
-            use tokio::signal::unix::{SignalKind, signal};
-            let (Ok(mut int), Ok(mut term), Ok(mut hup)) = (
-                signal(SignalKind::interrupt()),
-                signal(SignalKind::terminate()),
-                signal(SignalKind::hangup()),
-            ) else {
-                return;
-            };
-            tokio::select! {
-                _ = int.recv() => {}
-                _ = term.recv() => {}
-                _ = hup.recv() => {}
-            }
-            let pids = CHILDREN.lock().unwrap_or_else(|p| p.into_inner()).clone();
-            eprintln!("interrupted: killing {} child process(es)", pids.len());
-            for pid in pids {
-                kill("KILL", pid);
-            }
-            std::process::exit(130);
-        });
+    on_signals(|| {
+        let pids = CHILDREN.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        eprintln!("interrupted: killing {} child process(es)", pids.len());
+        for pid in pids {
+            kill("KILL", pid);
+        }
+        std::process::exit(130);
     });
 }
 
-/// The harness finds `imz` through `$IMZ_BIN` or beside a test executable
-/// (`target/<profile>/deps/..`); a benchmark binary lives in
-/// `target/<profile>/` itself, so it runs itself again with `IMZ_BIN`
-/// pointing beside it (signals passed on as SIGTERM, so the child cleans up
-/// its own children). Returns only on failure to start; exits with the
-/// child's status.
-pub fn reexec_with_imz_bin() -> anyhow::Result<()> {
-    let exe = std::env::current_exe().context("locating this executable")?;
-    let imz = exe.with_file_name("imz");
-    let mut child = Command::new(&exe)
-        .args(std::env::args_os().skip(1))
-        .env("IMZ_BIN", &imz)
-        .spawn()
-        .context("re-running with IMZ_BIN set")?;
-    let pid = child.id();
-    // Pass SIGINT/SIGTERM/SIGHUP on as SIGTERM: the child cleans up its own
-    // children, then exits.
+/// Runs `handler` on a thread of its own for every SIGINT, SIGTERM or
+/// SIGHUP this process receives.
+fn on_signals(mut handler: impl FnMut() + Send + 'static) {
     std::thread::spawn(move || {
         let Ok(rt) = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -113,14 +78,48 @@ pub fn reexec_with_imz_bin() -> anyhow::Result<()> {
                     _ = term.recv() => {}
                     _ = hup.recv() => {}
                 }
-                let _ = Command::new("kill")
-                    .args(["-TERM", &pid.to_string()])
-                    .status();
+                handler();
             }
         });
     });
+}
+
+/// The harness finds `imz` through `$IMZ_BIN` or beside a test executable
+/// (`target/<profile>/deps/..`); a benchmark binary lives in
+/// `target/<profile>/` itself, so it runs itself again with `IMZ_BIN`
+/// pointing beside it (signals passed on as SIGTERM, so the child cleans up
+/// its own children). Returns only on failure to start; exits with the
+/// child's status.
+pub fn reexec_with_imz_bin() -> anyhow::Result<()> {
+    let exe = std::env::current_exe().context("locating this executable")?;
+    let imz = exe.with_file_name("imz");
+    let mut child = Command::new(&exe)
+        .args(std::env::args_os().skip(1))
+        .env("IMZ_BIN", &imz)
+        .spawn()
+        .context("re-running with IMZ_BIN set")?;
+    let pid = child.id();
+    on_signals(move || kill("TERM", pid));
     let status = child.wait()?;
     std::process::exit(status.code().unwrap_or(1));
+}
+
+/// Writes `len` bytes (whole MiB) of seeded data to `path`, unless a file
+/// of that length is already there (benchmarks keep their inputs between
+/// runs).
+pub fn write_data_file(path: &Path, len: u64, seed: u64) -> anyhow::Result<()> {
+    if std::fs::metadata(path).map(|m| m.len()).unwrap_or(0) == len {
+        return Ok(());
+    }
+    eprintln!("writing {} ({} MiB)...", path.display(), len >> 20);
+    let tmp = path.with_extension("partial");
+    let mut f = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
+    for i in 0..len >> 20 {
+        std::io::Write::write_all(&mut f, &crate::data::bytes(seed << 32 | i, 1 << 20))?;
+    }
+    f.into_inner()?.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
 }
 
 /// A child process stopped (SIGTERM, then SIGKILL) and reaped when dropped.

@@ -73,3 +73,18 @@ pub fn print_table(title: &str, rows: &[Row]) {
         );
     }
 }
+
+/// The machine's load around a run, and the caveat that goes with it.
+pub fn print_load(before: &str, after: &str, at_round_starts: &[f64]) {
+    println!(
+        "load average before: {before}; after: {after}; 1-min at round starts (includes this bench): {}",
+        at_round_starts
+            .iter()
+            .map(|l| format!("{l:.2}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    println!(
+        "2 cores shared with other work: compare ratios within a run, not absolute numbers across runs"
+    );
+}

@@ -35,17 +35,17 @@
 //! `.imz-bench/read`, or `$IMZ_BENCH_DIR`) and reused.
 
 use std::fs::File;
-use std::io::{BufRead, Read, Write};
+use std::io::{BufRead, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
+use imz_integration::OriginProc;
 use imz_integration::bench::ganesha::{Ganesha, Rpcbind};
 use imz_integration::bench::gateway::Gw;
-use imz_integration::bench::table::{Row, f2, print_table};
+use imz_integration::bench::table::{Row, f2, print_load, print_table};
 use imz_integration::bench::{self, median};
-use imz_integration::{OriginProc, data};
 
 const GIB: u64 = 1 << 30;
 const MIB: f64 = (1 << 20) as f64;
@@ -514,9 +514,9 @@ fn verify_cat(url: &str, local: &Path) -> anyhow::Result<()> {
 /// Makes the data set once: the 1 GiB and 4 GiB files and the 10k directory.
 fn prepare_data(root: &Path, with_4g: bool) -> anyhow::Result<()> {
     std::fs::create_dir_all(root)?;
-    write_big(&root.join(BIG), GIB, 1)?;
+    bench::write_data_file(&root.join(BIG), GIB, 1)?;
     if with_4g {
-        write_big(&root.join(HUGE), 4 * GIB, 4)?;
+        bench::write_data_file(&root.join(HUGE), 4 * GIB, 4)?;
     }
     let dir = root.join(DIR10K);
     let count = std::fs::read_dir(&dir).map(|d| d.count()).unwrap_or(0);
@@ -528,21 +528,6 @@ fn prepare_data(root: &Path, with_4g: bool) -> anyhow::Result<()> {
             std::fs::write(dir.join(format!("f{i:05}")), format!("file {i}\n"))?;
         }
     }
-    Ok(())
-}
-
-fn write_big(path: &Path, len: u64, seed: u64) -> anyhow::Result<()> {
-    if std::fs::metadata(path).map(|m| m.len()).unwrap_or(0) == len {
-        return Ok(());
-    }
-    eprintln!("writing {} ({} MiB)...", path.display(), len >> 20);
-    let tmp = path.with_extension("partial");
-    let mut f = std::io::BufWriter::new(File::create(&tmp)?);
-    for i in 0..len >> 20 {
-        f.write_all(&data::bytes(seed << 32 | i, 1 << 20))?;
-    }
-    f.into_inner()?.sync_all()?;
-    std::fs::rename(&tmp, path)?;
     Ok(())
 }
 
@@ -695,15 +680,5 @@ fn report(opts: &Options, s: &Samples, cold_ok: bool, load_before: &str, load_af
         "cold: page cache {}dropped before each cold run; gateway: new process, empty cache; ganesha: new process",
         if cold_ok { "" } else { "NOT " }
     );
-    println!(
-        "load average before: {load_before}; after: {load_after}; 1-min at round starts (includes this bench): {}",
-        s.load
-            .iter()
-            .map(|l| format!("{l:.2}"))
-            .collect::<Vec<_>>()
-            .join(" ")
-    );
-    println!(
-        "2 cores shared with other work: compare ratios within a run, not absolute numbers across runs"
-    );
+    print_load(load_before, load_after, &s.load);
 }

@@ -42,7 +42,7 @@
 //! `$IMZ_BENCH_DIR/write`); everything else is removed after each round.
 
 use std::collections::HashMap;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -51,7 +51,7 @@ use std::time::Instant;
 use anyhow::{Context, bail, ensure};
 use imz_integration::bench::ganesha::{Ganesha, Rpcbind};
 use imz_integration::bench::gateway::Gw;
-use imz_integration::bench::table::{Row, f2, print_table};
+use imz_integration::bench::table::{Row, f2, print_load, print_table};
 use imz_integration::bench::{self, median};
 use imz_integration::nfs::{Attrs, CreateMode, Nfs, Stable};
 use imz_integration::{OriginProc, data};
@@ -226,7 +226,7 @@ fn run(opts: &Options) -> anyhow::Result<()> {
     let base = std::path::absolute(&opts.dir)?;
     std::fs::create_dir_all(&base)?;
     let big_path = base.join(SRC);
-    write_big(&big_path, opts.big_mib)?;
+    bench::write_data_file(&big_path, (opts.big_mib * MIB) as u64, 5)?;
     let payload = Payload {
         small: Arc::new(
             (0..opts.files)
@@ -793,22 +793,6 @@ fn read_full(f: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
     Ok(n)
 }
 
-fn write_big(path: &Path, mib: usize) -> anyhow::Result<()> {
-    let len = (mib * MIB) as u64;
-    if std::fs::metadata(path).map(|m| m.len()).unwrap_or(0) == len {
-        return Ok(());
-    }
-    eprintln!("writing {} ({mib} MiB)...", path.display());
-    let tmp = path.with_extension("partial");
-    let mut f = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
-    for i in 0..mib as u64 {
-        f.write_all(&data::bytes(5 << 32 | i, MIB))?;
-    }
-    f.into_inner()?.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    Ok(())
-}
-
 /// The table for one gateway against the peers.
 fn rows(opts: &Options, g: &PerServer, s: &Samples) -> Vec<Row> {
     let m = |v: &[f64]| median(v);
@@ -968,15 +952,5 @@ fn report(opts: &Options, s: &Samples, load_before: &str, load_after: &str) {
     println!(
         "reintegration: gateway with --reintegrate-delay {HOLD}, backlog shipped by `imz sync` (timed until the log is empty)"
     );
-    println!(
-        "load average before: {load_before}; after: {load_after}; 1-min at round starts (includes this bench): {}",
-        s.load
-            .iter()
-            .map(|l| format!("{l:.2}"))
-            .collect::<Vec<_>>()
-            .join(" ")
-    );
-    println!(
-        "2 cores shared with other work: compare ratios within a run, not absolute numbers across runs"
-    );
+    print_load(load_before, load_after, &s.load);
 }
