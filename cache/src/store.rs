@@ -67,6 +67,12 @@ pub mod meta {
     pub const ORIGIN_STORE: &str = "origin_store";
     /// string: this gateway's id (prefix of its idempotency keys).
     pub const GATEWAY_ID: &str = "gateway_id";
+    /// u64: the last unstable write (the gateway's unstable-write log) this
+    /// state includes.
+    pub const UNSTABLE_SEQ: &str = "unstable_seq";
+    /// string: the boot id of the system that acknowledged unstable writes
+    /// not yet known durable; empty or absent when there are none.
+    pub const UNSTABLE_BOOT: &str = "unstable_boot";
 }
 
 const DB_FILE: &str = "imz-cache.redb";
@@ -223,9 +229,23 @@ impl Cache {
         Ok(evict)
     }
 
-    /// The NFS file handle generation of this cache (constant for its life).
+    /// The NFS file handle generation of this cache: constant, unless
+    /// [`Cache::renew_generation`] is called.
     pub fn generation(&self) -> u64 {
         self.generation
+    }
+
+    /// Moves to a new, greater handle generation, durably. Every file handle
+    /// handed out before goes stale, and the NFS write verifier changes:
+    /// the way to tell clients that writes they were told were unstable may
+    /// have been lost.
+    pub fn renew_generation(&mut self) -> Result<u64> {
+        let next = self.generation.saturating_add(1);
+        let mut tx = self.write()?;
+        tx.put_meta_u64(meta::GENERATION, next)?;
+        tx.commit(true)?;
+        self.generation = next;
+        Ok(next)
     }
 
     pub fn path(&self) -> &Path {

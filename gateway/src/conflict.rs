@@ -26,7 +26,7 @@ use imz_origin::wire::{self, ConflictReason, OpResult};
 use serde::{Deserialize, Serialize};
 
 use crate::coherence::{self, Source};
-use crate::vfs::write::{NewNode, now_nanos};
+use crate::vfs::write::{NewNode, Stability, now_nanos};
 use crate::vfs::{Vfs, VfsError};
 
 /// How conflicts are settled.
@@ -632,8 +632,10 @@ async fn copy_beside(vfs: &Vfs, fid: FileId, gateway_id: &str) -> Result<String,
             imz_cache::SetAttrs::default(),
         )
         .await?;
-    copy_content(vfs, fid, obj.attrs.size, |offset, bytes| {
-        vfs.write(copy, offset, bytes)
+    copy_content(vfs, fid, obj.attrs.size, |offset, bytes| async move {
+        vfs.write(copy, offset, bytes, Stability::Stable)
+            .await
+            .map(|(obj, _)| obj)
     })
     .await?;
     let set = imz_cache::SetAttrs {

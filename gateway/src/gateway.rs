@@ -64,9 +64,25 @@ impl Gateway {
     pub async fn start(config: GatewayConfig) -> anyhow::Result<Self> {
         let cache_dir = config.cache_dir.clone();
         let cache_size = config.cache_size;
-        let cache = tokio::task::spawn_blocking(move || Cache::open(&cache_dir, cache_size))
-            .await?
-            .with_context(|| format!("opening the cache in {}", config.cache_dir.display()))?;
+        let boot = crate::unstable::boot_id();
+        let (cache, unstable_log) = {
+            let boot = boot.clone();
+            tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+                let mut cache = Cache::open(&cache_dir, cache_size)
+                    .with_context(|| format!("opening the cache in {}", cache_dir.display()))?;
+                crate::unstable::recover(
+                    &mut cache,
+                    &cache_dir,
+                    boot.as_deref(),
+                    crate::vfs::write::replay_write,
+                )
+                .context("recovering unstable writes")?;
+                let log = crate::unstable::UnstableLog::open(&cache_dir)
+                    .context("opening the unstable-write log")?;
+                Ok((cache, log))
+            })
+            .await??
+        };
         let cache = Arc::new(cache);
         let origin = OriginClient::new(&config.origin_url, &config.token, config.timeouts)
             .map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -81,7 +97,11 @@ impl Gateway {
             Arc::clone(&metrics),
         )
         .context("starting the fetcher")?;
-        let writer = Writer::start(Arc::clone(&cache)).context("starting the cache writer")?;
+        // Without a boot id a system crash could not be told from a process
+        // crash: every write is then answered stable.
+        let unstable = boot.map(|boot| (unstable_log, boot));
+        let writer =
+            Writer::start(Arc::clone(&cache), unstable).context("starting the cache writer")?;
         let vfs = Arc::new(Vfs::new(
             Arc::clone(&cache),
             origin.clone(),
@@ -211,10 +231,11 @@ impl Gateway {
     /// log for the next start.
     pub async fn shutdown(self) -> anyhow::Result<()> {
         self.abort();
-        self.vfs.writer.drain().await;
-        let cache = Arc::clone(&self.vfs.cache);
-        tokio::task::spawn_blocking(move || cache.write().and_then(|tx| tx.commit(true)))
-            .await?
+        self.vfs
+            .writer
+            .settle()
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))
             .context("making the cache durable")?;
         Ok(())
     }

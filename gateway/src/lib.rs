@@ -28,6 +28,7 @@ pub mod pin;
 pub mod prometheus;
 pub mod reintegrate;
 pub mod replicate;
+pub mod unstable;
 pub mod vfs;
 pub mod writer;
 

@@ -28,8 +28,9 @@ use nfs3_server::vfs::{
     VFSCapabilities,
 };
 
-use crate::vfs::write::NewNode;
+use crate::vfs::write::{NewNode, Stability};
 use crate::vfs::{Vfs, VfsError};
+use crate::writer::Committed;
 
 /// The export path clients mount.
 pub const EXPORT: &str = "imz";
@@ -275,9 +276,11 @@ fn new_name<'a>(name: &'a filename3<'_>) -> Result<&'a str, nfsstat3> {
     std::str::from_utf8(name.as_ref()).map_err(|_| nfsstat3::NFS3ERR_INVAL)
 }
 
-/// Every change is durable before the reply (group-committed), so WRITEs
-/// are answered `FILE_SYNC` and COMMIT has nothing left to do: the write
-/// verifier never needs to change, and no acknowledged byte can be lost.
+/// Every change but an UNSTABLE write is durable before the reply
+/// (group-committed). An UNSTABLE write may be answered before its fsync,
+/// kept safe from a gateway crash by the unstable-write log; COMMIT makes
+/// it durable. The write verifier is the handle generation, which changes
+/// only when a system crash may have lost such writes (see `unstable`).
 impl NfsFileSystem for NfsAdapter {
     fn capabilities(&self) -> VFSCapabilities {
         VFSCapabilities::ReadWrite
@@ -300,15 +303,23 @@ impl NfsFileSystem for NfsAdapter {
         id: &FileHandleU64,
         offset: u64,
         data: &[u8],
-        _stable: stable_how,
+        stable: stable_how,
     ) -> Result<(fattr3, stable_how), nfsstat3> {
         let fid = id.as_u64();
-        let obj = self
+        let stability = match stable {
+            stable_how::UNSTABLE => Stability::Unstable,
+            _ => Stability::Stable,
+        };
+        let (obj, committed) = self
             .vfs
-            .write(fid, offset, data.to_vec())
+            .write(fid, offset, data.to_vec(), stability)
             .await
             .map_err(status)?;
-        Ok((self.fattr(fid, &obj), stable_how::FILE_SYNC))
+        let committed = match committed {
+            Committed::Durable => stable_how::FILE_SYNC,
+            Committed::Unstable => stable_how::UNSTABLE,
+        };
+        Ok((self.fattr(fid, &obj), committed))
     }
 
     #[tracing::instrument(level = "debug", skip_all, fields(dir = dirid.as_u64()))]
@@ -421,7 +432,6 @@ impl NfsFileSystem for NfsAdapter {
     }
 
     async fn commit(&self, id: &FileHandleU64, _offset: u64, _count: u32) -> Result<(), nfsstat3> {
-        // Everything acknowledged is already durable.
-        self.vfs.getattr(id.as_u64()).map(|_| ()).map_err(status)
+        self.vfs.commit(id.as_u64()).await.map_err(status)
     }
 }

@@ -17,6 +17,8 @@ pub struct GatewayProc {
     pub port: u16,
     pub cache_dir: PathBuf,
     args: Vec<String>,
+    /// Environment the gateway starts with (and restarts with).
+    env: Vec<(String, String)>,
 }
 
 impl GatewayProc {
@@ -41,15 +43,26 @@ impl GatewayProc {
             cache_size.into(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
-        Self::spawn(args, "127.0.0.1:0", cache_dir)
+        Self::spawn(args, Vec::new(), "127.0.0.1:0", cache_dir)
     }
 
-    fn spawn(args: Vec<String>, listen: &str, cache_dir: &Path) -> anyhow::Result<Self> {
+    /// Sets `key=value` in the environment of every later (re)start.
+    pub fn set_env(&mut self, key: &str, value: &str) {
+        self.env.retain(|(k, _)| k != key);
+        self.env.push((key.to_owned(), value.to_owned()));
+    }
+
+    fn spawn(
+        args: Vec<String>,
+        env: Vec<(String, String)>,
+        listen: &str,
+        cache_dir: &Path,
+    ) -> anyhow::Result<Self> {
         let mut full = args.clone();
         full.push("--listen".into());
         full.push(listen.into());
         let refs: Vec<&str> = full.iter().map(String::as_str).collect();
-        let (proc, addr) = Imz::spawn(&refs, GATEWAY_READY)?;
+        let (proc, addr) = Imz::spawn_full(&[], &env, &refs, GATEWAY_READY)?;
         let port = addr
             .rsplit(':')
             .next()
@@ -60,6 +73,7 @@ impl GatewayProc {
             port,
             cache_dir: cache_dir.to_path_buf(),
             args,
+            env,
         })
     }
 
@@ -80,7 +94,12 @@ impl GatewayProc {
         let listen = format!("127.0.0.1:{}", self.port);
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            match Self::spawn(self.args.clone(), &listen, &self.cache_dir) {
+            match Self::spawn(
+                self.args.clone(),
+                self.env.clone(),
+                &listen,
+                &self.cache_dir,
+            ) {
                 Ok(fresh) => {
                     *self = fresh;
                     return Ok(());

@@ -52,6 +52,17 @@ impl Imz {
         args: &[&str],
         ready_prefix: &str,
     ) -> anyhow::Result<(Self, String)> {
+        Self::spawn_full(wrapper, &[], args, ready_prefix)
+    }
+
+    /// The general form: through `wrapper`, with `env` added to the
+    /// environment.
+    pub fn spawn_full(
+        wrapper: &[String],
+        env: &[(String, String)],
+        args: &[&str],
+        ready_prefix: &str,
+    ) -> anyhow::Result<(Self, String)> {
         let bin = imz_bin();
         anyhow::ensure!(
             bin.exists(),
@@ -70,6 +81,7 @@ impl Imz {
             command.env("IMZ_CACHE_CHECK", "1");
         }
         let mut child = command
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

@@ -179,10 +179,12 @@ async fn writes_are_stable_when_answered_and_create_modes_behave() -> Result {
         .await,
         nfsstat3::NFS3ERR_EXIST,
     )?;
-    // Every write is on disk when answered: FILE_SYNC, and the verifier
-    // COMMIT gives is the one WRITE gave.
-    let w = nfs.write(&x1, 0, b"hello", Stable::UNSTABLE).await?;
+    // A FILE_SYNC write is answered FILE_SYNC; COMMIT gives the verifier
+    // WRITE gave (unstable writes: see the kill -9 tests below).
+    let w = nfs.write(&x1, 0, b"hello", Stable::FILE_SYNC).await?;
     assert_eq!(w.committed, Stable::FILE_SYNC);
+    let u = nfs.write(&x1, 5, b"", Stable::UNSTABLE).await?;
+    assert_eq!(u.verf, w.verf);
     assert_eq!(nfs.commit(&x1).await?, w.verf);
     // Names that can never exist at the origin are refused.
     expect_status(
@@ -336,6 +338,119 @@ async fn acknowledged_writes_survive_kill_9_mid_loop() -> Result {
         let want = data::bytes(1000 + i, 20_000 + (*i as usize % 7) * 1000);
         await_origin_file(&fx, &format!("f{i:04}"), &want, Duration::from_secs(30))?;
     }
+    Ok(())
+}
+
+/// A gateway whose reintegrator waits (so nothing but the client's own
+/// requests commits), started as if on boot `boot`.
+fn held_fixture(boot: &str) -> anyhow::Result<Fixture> {
+    let mut fx = Fixture::with_cache_size("1GiB", &["--reintegrate-delay", "10m"], |_| Ok(()))?;
+    fx.gateway.set_env("IMZ_TEST_BOOT_ID", boot);
+    fx.gateway.restart_graceful()?;
+    Ok(fx)
+}
+
+const PIECE: usize = 300_000;
+
+/// Creates `name` and writes `pieces` pieces of it UNSTABLE, without a
+/// COMMIT. Returns the handle, the content, the verifier, and the length of
+/// the prefix that was answered FILE_SYNC (the writer makes the first
+/// unstable write of a run durable).
+async fn unstable_file(
+    nfs: &mut Nfs,
+    name: &str,
+    pieces: usize,
+) -> anyhow::Result<(
+    nfs3_client::nfs3_types::nfs3::nfs_fh3,
+    Vec<u8>,
+    [u8; 8],
+    usize,
+)> {
+    let root = nfs.root.clone();
+    let fh = nfs
+        .create(&root, name, CreateMode::Guarded, &Attrs::default())
+        .await?;
+    let body = data::bytes(77, pieces * PIECE);
+    let mut verf = None;
+    let mut stable_prefix = 0;
+    let mut unstable = 0;
+    for (i, piece) in body.chunks(PIECE).enumerate() {
+        let w = nfs
+            .write(&fh, (i * PIECE) as u64, piece, Stable::UNSTABLE)
+            .await?;
+        assert!(verf.is_none_or(|v| v == w.verf), "the verifier changed");
+        verf = Some(w.verf);
+        if w.committed == Stable::UNSTABLE {
+            unstable += 1;
+        } else {
+            assert_eq!(unstable, 0, "a stable answer after unstable ones");
+            stable_prefix = (i + 1) * PIECE;
+        }
+    }
+    assert!(
+        unstable >= pieces - 1,
+        "only {unstable} of {pieces} writes were answered UNSTABLE"
+    );
+    Ok((fh, body, verf.unwrap_or_default(), stable_prefix))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unstable_writes_survive_kill_9_before_their_commit() -> Result {
+    let mut fx = held_fixture("boot-a")?;
+    let mut nfs = Nfs::mount(fx.port(), "/imz").await?;
+    let (fh, body, verf, _) = unstable_file(&mut nfs, "u.bin", 6).await?;
+    drop(nfs);
+
+    // No COMMIT yet; the gateway dies. Same system, so the unstable-write
+    // log is replayed: the handle stays good, COMMIT answers with the same
+    // verifier (nothing to resend), and every byte is there.
+    fx.gateway.restart()?;
+    let mut nfs = Nfs::mount(fx.port(), "/imz").await?;
+    assert_eq!(nfs.commit(&fh).await?, verf, "the verifier changed");
+    assert!(nfs.read_all(&fh).await? == body, "unstable writes lost");
+    // The replayed writes are in the log for the origin, too.
+    fx.gateway.ctl(&["sync"])?;
+    await_origin_file(&fx, "u.bin", &body, Duration::from_secs(30))?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_system_crash_with_unstable_writes_outstanding_changes_the_verifier() -> Result {
+    let mut fx = held_fixture("boot-a")?;
+    let mut nfs = Nfs::mount(fx.port(), "/imz").await?;
+    let (fh, body, verf, stable_prefix) = unstable_file(&mut nfs, "s.bin", 6).await?;
+    drop(nfs);
+
+    // Killed, and "rebooted": the page cache holding the unstable-write log
+    // is gone, as far as the gateway can tell. It must not answer COMMIT
+    // with the old verifier; it takes a new handle generation, so the
+    // client gets an error instead of silently losing its writes.
+    fx.gateway.set_env("IMZ_TEST_BOOT_ID", "boot-b");
+    fx.gateway.restart()?;
+    let mut nfs = Nfs::mount(fx.port(), "/imz").await?;
+    expect_status(nfs.commit(&fh).await, nfsstat3::NFS3ERR_STALE)?;
+    // What was answered FILE_SYNC survived; the new verifier differs.
+    let fresh = nfs.lookup_path("s.bin").await?;
+    assert!(nfs.read_all(&fresh).await? == body[..stable_prefix]);
+    let w = nfs.write(&fresh, 0, b"x", Stable::FILE_SYNC).await?;
+    assert_ne!(w.verf, verf);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clean_stop_makes_unstable_writes_durable_for_any_later_boot() -> Result {
+    let mut fx = held_fixture("boot-a")?;
+    let mut nfs = Nfs::mount(fx.port(), "/imz").await?;
+    let (fh, body, verf, _) = unstable_file(&mut nfs, "c.bin", 4).await?;
+    drop(nfs);
+
+    // SIGTERM, then a start on another boot: nothing was outstanding, so
+    // handles and verifier stay.
+    fx.gateway.set_env("IMZ_TEST_BOOT_ID", "boot-b");
+    fx.gateway.restart_graceful()?;
+    let mut nfs = Nfs::mount(fx.port(), "/imz").await?;
+    assert_eq!(nfs.commit(&fh).await?, verf);
+    assert!(nfs.read_all(&fh).await? == body);
     Ok(())
 }
 

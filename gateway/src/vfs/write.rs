@@ -12,6 +12,8 @@ use imz_origin::wire;
 
 use super::{Vfs, VfsError};
 use crate::fetch::{FetchFailure, Target};
+use crate::unstable::UnstableWrite;
+use crate::writer::Committed;
 
 /// Chunks of origin data one write fetches and holds in memory at most;
 /// more are brought into the cache first, this many at a time.
@@ -94,6 +96,63 @@ fn apply_attrs(attrs: &mut Attrs, set: &SetAttrs, now: i64) {
 fn log_err(e: CacheError) -> VfsError {
     tracing::error!(error = %e, "client modification log failure");
     VfsError::Io(e.to_string())
+}
+
+/// How durable a WRITE must be before its reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stability {
+    /// On disk first (NFS FILE_SYNC and DATA_SYNC).
+    Stable,
+    /// May be acknowledged before it is durable (NFS UNSTABLE).
+    Unstable,
+}
+
+/// Writes `data` at `offset` into file `fid` (whose object is `obj`) and
+/// logs the store, with `now` as its mtime. Chunks of origin data the write
+/// needs come from `fill`; the ones it lacks are returned instead, with
+/// nothing changed. Shared by WRITE and by the replay of unstable writes.
+pub(crate) fn apply_write(
+    tx: &mut WriteTxn<'_>,
+    fid: FileId,
+    mut obj: Object,
+    offset: u64,
+    data: &[u8],
+    now: i64,
+    fill: &dyn Fn(u64) -> Option<Vec<u8>>,
+) -> Result<Result<Object, Vec<u64>>, VfsError> {
+    match obj.kind {
+        Kind::File => {}
+        Kind::Dir => return Err(VfsError::IsDir),
+        Kind::Symlink => return Err(VfsError::Invalid("not a regular file".into())),
+    }
+    match tx.write_data(fid, &mut obj, offset, data, fill) {
+        Ok(()) => {}
+        Err(CacheError::NeedFetch { indexes, .. }) => return Ok(Err(indexes)),
+        Err(e) => return Err(e.into()),
+    }
+    obj.attrs.mtime = now;
+    obj.attrs.ctime = now;
+    obj.data_gen += 1;
+    tx.put(fid, &obj)?;
+    tx.log(LogOp::Store { fid }, now).map_err(log_err)?;
+    Ok(Ok(tx.object(fid)?))
+}
+
+/// Replays an unstable write after a crash (see [`crate::unstable`]).
+pub(crate) fn replay_write(tx: &mut WriteTxn<'_>, w: &UnstableWrite) -> Result<(), String> {
+    let obj = tx
+        .get(w.fid)
+        .map_err(|e| e.to_string())?
+        .filter(|o| !o.removed)
+        .ok_or("the file is gone")?;
+    match apply_write(tx, w.fid, obj, w.offset, &w.data, w.mtime, &|_| None) {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(missing)) => Err(format!(
+            "{} chunks of origin data are missing",
+            missing.len()
+        )),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 impl Vfs {
@@ -235,7 +294,13 @@ impl Vfs {
     /// The first write to a file not wholly cached fetches the rest of it
     /// (see [`imz_cache::WriteTxn::write_data`]), so offline such a write
     /// fails.
-    pub async fn write(&self, fid: FileId, offset: u64, data: Vec<u8>) -> Result<Object, VfsError> {
+    pub async fn write(
+        &self,
+        fid: FileId,
+        offset: u64,
+        data: Vec<u8>,
+        stability: Stability,
+    ) -> Result<(Object, Committed), VfsError> {
         let data = Arc::new(data);
         // Origin bytes of chunks this write only partly covers, fetched on
         // demand (only for files that are not entirely cached).
@@ -247,52 +312,48 @@ impl Vfs {
         while stalls < 3 {
             let payload = Arc::clone(&data);
             let have = std::mem::take(&mut fetched);
-            let outcome = self
-                .writer
-                .run(payload.len(), move |tx| {
-                    let data = payload;
-                    let now = now_nanos();
-                    let mut obj = tx.get(fid)?.ok_or(VfsError::Stale)?;
-                    match obj.kind {
-                        Kind::File => {}
-                        Kind::Dir => return Err(VfsError::IsDir),
-                        Kind::Symlink => {
-                            return Err(VfsError::Invalid("not a regular file".into()));
+            let outcome =
+                self.writer
+                    .run_write(payload.len(), move |tx| {
+                        let now = now_nanos();
+                        let obj = tx.get(fid)?.ok_or(VfsError::Stale)?;
+                        // A file becoming dirty turns all of its bytes into
+                        // data that may not be evicted (it is made whole).
+                        let more = if obj.is_dirty() {
+                            payload.len() as u64
+                        } else {
+                            obj.attrs.size.max(offset + payload.len() as u64)
+                        };
+                        if !tx.cache_room_for_protected(more) {
+                            return Err(VfsError::NoSpace);
                         }
-                    }
-                    // A file becoming dirty turns all of its bytes into
-                    // data that may not be evicted (it is made whole).
-                    let more = if obj.is_dirty() {
-                        data.len() as u64
-                    } else {
-                        obj.attrs.size.max(offset + data.len() as u64)
-                    };
-                    if !tx.cache_room_for_protected(more) {
-                        return Err(VfsError::NoSpace);
-                    }
-                    let fill = |index: u64| have.get(&index).cloned();
-                    match tx.write_data(fid, &mut obj, offset, &data, &fill) {
-                        Ok(()) => {}
-                        Err(CacheError::NeedFetch { indexes, .. }) => {
-                            return Ok(Err((indexes, have)));
+                        // Only a write into a file that is already dirty (all
+                        // of it local and durable) and needs no fetched bytes
+                        // can be replayed from the unstable-write log alone.
+                        let replayable = obj.is_dirty() && have.is_empty();
+                        let fill = |index: u64| have.get(&index).cloned();
+                        match apply_write(tx, fid, obj, offset, &payload, now, &fill)? {
+                            Ok(obj) => {
+                                let unstable = (stability == Stability::Unstable && replayable)
+                                    .then_some(UnstableWrite {
+                                        fid,
+                                        offset,
+                                        mtime: now,
+                                        data: payload,
+                                    });
+                                Ok((Ok(obj), unstable))
+                            }
+                            Err(indexes) => Ok((Err((indexes, have)), None)),
                         }
-                        Err(e) => return Err(e.into()),
-                    }
-                    obj.attrs.mtime = now;
-                    obj.attrs.ctime = now;
-                    obj.data_gen += 1;
-                    tx.put(fid, &obj)?;
-                    tx.log(LogOp::Store { fid }, now).map_err(log_err)?;
-                    Ok(Ok(tx.object(fid)?))
-                })
-                .await?;
+                    })
+                    .await?;
             match outcome {
-                Ok(obj) => {
+                (Ok(obj), committed) => {
                     crate::metrics::Metrics::add(&self.metrics.written_bytes, data.len() as u64);
                     self.changed(fid);
-                    return Ok(obj);
+                    return Ok((obj, committed));
                 }
-                Err((indexes, have)) => {
+                (Err((indexes, have)), _) => {
                     if indexes.len() >= last_missing {
                         stalls += 1;
                     }
@@ -312,6 +373,12 @@ impl Vfs {
         Err(VfsError::Io(
             "file keeps changing while it is written, or the cache cannot hold all of it".into(),
         ))
+    }
+
+    /// Makes every write acknowledged so far durable (NFS COMMIT).
+    pub async fn commit(&self, fid: FileId) -> Result<(), VfsError> {
+        self.getattr(fid)?;
+        self.writer.make_durable().await
     }
 
     /// Fetches chunks of `fid` from the origin and stores them as clean

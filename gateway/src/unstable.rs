@@ -1,0 +1,437 @@
+//! The unstable-write log: how a WRITE can be answered `UNSTABLE` without
+//! waiting for an fsync, and still never lose a byte the client was told
+//! is safe.
+//!
+//! An unstable WRITE goes into the cache in a non-durable redb commit (a
+//! crash of the gateway process rolls redb back to its last durable
+//! commit) and is appended here, to a plain file, without fsync. A file's
+//! bytes live in the kernel's page cache, which outlives the process: after
+//! `kill -9` the gateway replays every write newer than the durable state
+//! ([`meta::UNSTABLE_SEQ`]) and the client's COMMIT, answered with the same
+//! verifier, finds its data there.
+//!
+//! Only a crash of the whole system loses the page cache. Before the first
+//! unstable reply the writer durably records the boot id
+//! ([`meta::UNSTABLE_BOOT`]); it is cleared once everything is durable again
+//! (idle, or a clean stop). Finding it set under another boot id means
+//! acknowledged unstable data may be gone: the cache takes a new handle
+//! generation, so the write verifier changes as NFSv3 requires (and, since
+//! nfs3_server ties the two together, old file handles go stale, so the
+//! client reports an error instead of losing data silently).
+//!
+//! Invariants:
+//! - every write appended here was applied, in the same order, to a redb
+//!   transaction carrying its sequence number in `UNSTABLE_SEQ`;
+//! - only writes that need nothing but the file's own dirty, local data are
+//!   logged (the writer makes any other change durable), so replaying them
+//!   on the durable state reproduces exactly what was acknowledged.
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use imz_cache::{Cache, FileId, meta};
+
+/// The log file, in the cache directory.
+pub const LOG_FILE: &str = "imz-unstable.log";
+/// Record marker, "IMZU".
+const MAGIC: u32 = 0x495a_4d55;
+/// magic, crc, seq, fid, offset, mtime, len.
+const HEADER_LEN: usize = 4 + 4 + 8 + 8 + 8 + 8 + 4;
+/// Largest record payload accepted when reading (a WRITE is at most a few
+/// MiB; anything bigger is garbage).
+const MAX_RECORD: usize = 64 << 20;
+
+/// One unstable WRITE, as applied to the cache.
+#[derive(Debug, Clone)]
+pub struct UnstableWrite {
+    pub fid: FileId,
+    pub offset: u64,
+    /// The mtime/ctime the write gave the file.
+    pub mtime: i64,
+    pub data: Arc<Vec<u8>>,
+}
+
+/// A logged write and its sequence number.
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub seq: u64,
+    pub write: UnstableWrite,
+}
+
+/// This system's boot id: unstable replies are only safe when a change of
+/// it can be seen. `IMZ_TEST_BOOT_ID` stands in for it in crash tests (a
+/// test cannot reboot the machine).
+pub fn boot_id() -> Option<String> {
+    if let Some(id) = std::env::var_os("IMZ_TEST_BOOT_ID") {
+        return Some(id.to_string_lossy().into_owned());
+    }
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .ok()
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+}
+
+/// The append side, owned by the writer thread.
+pub struct UnstableLog {
+    file: File,
+    len: u64,
+}
+
+impl UnstableLog {
+    pub fn open(dir: &Path) -> std::io::Result<Self> {
+        let file = OpenOptions::new()
+            .create(true)
+            .read(true)
+            .append(true)
+            .open(dir.join(LOG_FILE))?;
+        let len = file.metadata()?.len();
+        Ok(Self { file, len })
+    }
+
+    /// Appends `records`, in order. No fsync: see the module comment.
+    pub fn append(&mut self, records: &[Record]) -> std::io::Result<()> {
+        let mut buf = Vec::new();
+        for r in records {
+            encode(r, &mut buf)?;
+        }
+        if let Err(e) = self.file.write_all(&buf) {
+            // A partial record at the end is ignored by `read`; the next
+            // append must not follow it, though.
+            let _ = self.file.set_len(self.len);
+            return Err(e);
+        }
+        self.len += buf.len() as u64;
+        Ok(())
+    }
+
+    /// Empties the log once everything in it is durable in the cache,
+    /// when it has grown past `at_least` bytes.
+    pub fn reset(&mut self, at_least: u64) -> std::io::Result<()> {
+        if self.len > at_least {
+            self.file.set_len(0)?;
+            self.len = 0;
+        }
+        Ok(())
+    }
+}
+
+enum LogMsg {
+    Append(
+        Vec<Record>,
+        std::sync::mpsc::SyncSender<std::io::Result<()>>,
+    ),
+    /// Undo the last append (its transaction failed).
+    Rollback,
+    Reset(u64),
+}
+
+/// The log on a thread of its own, so that appending a batch overlaps
+/// with the redb commit of the same batch.
+pub struct LogThread {
+    queue: std::sync::mpsc::Sender<LogMsg>,
+}
+
+/// An append under way.
+pub struct PendingAppend(std::sync::mpsc::Receiver<std::io::Result<()>>);
+
+impl PendingAppend {
+    pub fn wait(self) -> std::io::Result<()> {
+        self.0
+            .recv()
+            .unwrap_or_else(|_| Err(std::io::Error::other("unstable-write log thread stopped")))
+    }
+}
+
+impl LogThread {
+    pub fn start(mut log: UnstableLog) -> std::io::Result<Self> {
+        let (queue, msgs) = std::sync::mpsc::channel::<LogMsg>();
+        std::thread::Builder::new()
+            .name("imz-unstable".into())
+            .spawn(move || {
+                let mut before = log.len;
+                for msg in msgs {
+                    match msg {
+                        LogMsg::Append(records, done) => {
+                            before = log.len;
+                            let _ = done.send(log.append(&records));
+                        }
+                        LogMsg::Rollback => {
+                            if let Err(e) = log.file.set_len(before) {
+                                tracing::error!(error = %e, "could not undo an unstable-write log append");
+                            }
+                            log.len = before;
+                        }
+                        LogMsg::Reset(at_least) => {
+                            if let Err(e) = log.reset(at_least) {
+                                tracing::warn!(error = %e, "could not empty the unstable-write log");
+                            }
+                        }
+                    }
+                }
+            })?;
+        Ok(Self { queue })
+    }
+
+    /// Starts appending `records`.
+    pub fn append(&self, records: Vec<Record>) -> PendingAppend {
+        let (done, wait) = std::sync::mpsc::sync_channel(1);
+        if let Err(std::sync::mpsc::SendError(LogMsg::Append(_, done))) =
+            self.queue.send(LogMsg::Append(records, done))
+        {
+            let _ = done.send(Err(std::io::Error::other(
+                "unstable-write log thread stopped",
+            )));
+        }
+        PendingAppend(wait)
+    }
+
+    /// Undoes the last append.
+    pub fn rollback(&self) {
+        let _ = self.queue.send(LogMsg::Rollback);
+    }
+
+    /// Empties the log, if longer than `at_least` bytes; everything in it
+    /// must be durable in the cache.
+    pub fn reset(&self, at_least: u64) {
+        let _ = self.queue.send(LogMsg::Reset(at_least));
+    }
+}
+
+fn encode(r: &Record, buf: &mut Vec<u8>) -> std::io::Result<()> {
+    let len = u32::try_from(r.write.data.len())
+        .ok()
+        .filter(|&l| l as usize <= MAX_RECORD)
+        .ok_or_else(|| std::io::Error::other("write too large for the unstable log"))?;
+    let mut body = Vec::with_capacity(HEADER_LEN - 8);
+    body.extend_from_slice(&r.seq.to_le_bytes());
+    body.extend_from_slice(&r.write.fid.to_le_bytes());
+    body.extend_from_slice(&r.write.offset.to_le_bytes());
+    body.extend_from_slice(&r.write.mtime.to_le_bytes());
+    body.extend_from_slice(&len.to_le_bytes());
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&body);
+    crc.update(&r.write.data);
+    buf.extend_from_slice(&MAGIC.to_le_bytes());
+    buf.extend_from_slice(&crc.finalize().to_le_bytes());
+    buf.extend_from_slice(&body);
+    buf.extend_from_slice(&r.write.data);
+    Ok(())
+}
+
+/// Every whole record in the log, up to the first torn or damaged one.
+pub fn read(path: &Path) -> std::io::Result<Vec<Record>> {
+    let file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let mut input = BufReader::with_capacity(1 << 20, file);
+    let mut records = Vec::new();
+    let mut header = [0u8; HEADER_LEN];
+    loop {
+        match input.read_exact(&mut header) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
+            Err(e) => return Err(e),
+        }
+        let field = |at: usize| -> [u8; 8] {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&header[at..at + 8]);
+            b
+        };
+        let word = |at: usize| -> [u8; 4] {
+            let mut b = [0u8; 4];
+            b.copy_from_slice(&header[at..at + 4]);
+            b
+        };
+        if u32::from_le_bytes(word(0)) != MAGIC {
+            break;
+        }
+        let crc = u32::from_le_bytes(word(4));
+        let len = u32::from_le_bytes(word(40)) as usize;
+        if len > MAX_RECORD {
+            break;
+        }
+        let mut data = vec![0u8; len];
+        match input.read_exact(&mut data) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
+            Err(e) => return Err(e),
+        }
+        let mut check = crc32fast::Hasher::new();
+        check.update(&header[8..]);
+        check.update(&data);
+        if check.finalize() != crc {
+            break;
+        }
+        records.push(Record {
+            seq: u64::from_le_bytes(field(8)),
+            write: UnstableWrite {
+                fid: u64::from_le_bytes(field(16)),
+                offset: u64::from_le_bytes(field(24)),
+                mtime: i64::from_le_bytes(field(32)),
+                data: Arc::new(data),
+            },
+        });
+    }
+    Ok(records)
+}
+
+/// What start-up recovery did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Recovery {
+    /// Unstable writes applied again from the log.
+    pub replayed: usize,
+    /// Unstable writes may have been lost; the handle generation changed.
+    pub generation_renewed: bool,
+}
+
+/// Brings the cache back to every write acknowledged before a crash, or,
+/// when that cannot be known, changes the handle generation. Runs before
+/// anything else uses the cache. `apply` replays one write in a transaction
+/// (the same code path as a live WRITE).
+pub fn recover(
+    cache: &mut Cache,
+    dir: &Path,
+    boot: Option<&str>,
+    apply: impl Fn(&mut imz_cache::WriteTxn<'_>, &UnstableWrite) -> Result<(), String>,
+) -> anyhow::Result<Recovery> {
+    use anyhow::Context;
+    let path: PathBuf = dir.join(LOG_FILE);
+    let (through, mark) = {
+        let rx = cache.read()?;
+        (
+            rx.meta_u64(meta::UNSTABLE_SEQ)?.unwrap_or(0),
+            rx.meta_str(meta::UNSTABLE_BOOT)?.filter(|b| !b.is_empty()),
+        )
+    };
+    let mut recovery = Recovery::default();
+    let mut last = through;
+    match mark {
+        // Nothing unstable was outstanding: the log holds nothing newer
+        // than the durable state.
+        None => {}
+        Some(marked) if boot == Some(marked.as_str()) => {
+            let records = read(&path).with_context(|| format!("reading {}", path.display()))?;
+            let mut tx = cache.write()?;
+            let mut lost = false;
+            for r in records.iter().filter(|r| r.seq > through) {
+                if r.seq != last + 1 {
+                    tracing::error!(
+                        expected = last + 1,
+                        found = r.seq,
+                        "unstable-write log has a gap"
+                    );
+                    lost = true;
+                    break;
+                }
+                if let Err(e) = apply(&mut tx, &r.write) {
+                    tracing::error!(seq = r.seq, fid = r.write.fid, error = %e,
+                        "an unstable write cannot be applied again");
+                    lost = true;
+                    break;
+                }
+                last = r.seq;
+                recovery.replayed += 1;
+            }
+            if lost {
+                // Keep what did apply: it is what clients wrote.
+                recovery.generation_renewed = true;
+            }
+            tx.put_meta_u64(meta::UNSTABLE_SEQ, last)?;
+            tx.commit(true)?;
+        }
+        Some(marked) => {
+            tracing::warn!(
+                then = %marked,
+                now = boot.unwrap_or("unknown"),
+                "the system restarted while writes were acknowledged as unstable"
+            );
+            recovery.generation_renewed = true;
+        }
+    }
+    if recovery.generation_renewed {
+        let generation = cache.renew_generation()?;
+        tracing::warn!(
+            generation,
+            "unstable writes may have been lost: new file handle generation and write verifier \
+             (clients see stale handles and report the loss instead of hiding it)"
+        );
+    }
+    let mut tx = cache.write()?;
+    tx.put_meta(meta::UNSTABLE_BOOT, b"")?;
+    tx.put_meta_u64(meta::UNSTABLE_SEQ, last)?;
+    tx.commit(true)?;
+    let file = OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(false)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    file.set_len(0)?;
+    file.sync_all()?;
+    if recovery.replayed > 0 {
+        tracing::info!(
+            writes = recovery.replayed,
+            "unstable writes applied again after a crash"
+        );
+    }
+    Ok(recovery)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(seq: u64, data: &[u8]) -> Record {
+        Record {
+            seq,
+            write: UnstableWrite {
+                fid: 7,
+                offset: seq * 10,
+                mtime: -5,
+                data: Arc::new(data.to_vec()),
+            },
+        }
+    }
+
+    #[test]
+    fn records_read_back_and_a_torn_tail_is_ignored() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut log = UnstableLog::open(dir.path()).expect("open");
+        log.append(&[rec(1, b"one"), rec(2, b"")]).expect("append");
+        log.append(&[rec(3, &[9u8; 5000])]).expect("append");
+        let path = dir.path().join(LOG_FILE);
+        let all = read(&path).expect("read");
+        assert_eq!(all.iter().map(|r| r.seq).collect::<Vec<_>>(), [1, 2, 3]);
+        assert_eq!(all[0].write.data.as_slice(), b"one");
+        assert_eq!((all[2].write.offset, all[2].write.mtime), (30, -5));
+
+        // A crash in the middle of the last record.
+        let len = std::fs::metadata(&path).expect("len").len();
+        let f = OpenOptions::new().write(true).open(&path).expect("open");
+        f.set_len(len - 100).expect("truncate");
+        assert_eq!(read(&path).expect("read").len(), 2);
+
+        // A damaged byte ends the log there.
+        let mut bytes = std::fs::read(&path).expect("bytes");
+        bytes[HEADER_LEN + 1] ^= 1;
+        std::fs::write(&path, &bytes).expect("write");
+        assert!(read(&path).expect("read").is_empty());
+    }
+
+    #[test]
+    fn reset_empties_only_past_the_threshold() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut log = UnstableLog::open(dir.path()).expect("open");
+        log.append(&[rec(1, &[1u8; 100])]).expect("append");
+        log.reset(1000).expect("reset");
+        assert_eq!(read(&dir.path().join(LOG_FILE)).expect("read").len(), 1);
+        log.reset(10).expect("reset");
+        log.append(&[rec(2, b"x")]).expect("append");
+        let all = read(&dir.path().join(LOG_FILE)).expect("read");
+        assert_eq!(all.iter().map(|r| r.seq).collect::<Vec<_>>(), [2]);
+    }
+}
