@@ -352,6 +352,10 @@ impl State {
         if let Err(e) = txn.commit(false) {
             let _ = pending.wait();
             log.rollback();
+            // Those numbers were never used: the log's must stay gapless.
+            if let Some(first) = records.first() {
+                self.next_seq = first.seq;
+            }
             return Err(e.into());
         }
         match pending.wait() {

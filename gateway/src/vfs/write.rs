@@ -312,41 +312,41 @@ impl Vfs {
         while stalls < 3 {
             let payload = Arc::clone(&data);
             let have = std::mem::take(&mut fetched);
-            let outcome =
-                self.writer
-                    .run_write(payload.len(), move |tx| {
-                        let now = now_nanos();
-                        let obj = tx.get(fid)?.ok_or(VfsError::Stale)?;
-                        // A file becoming dirty turns all of its bytes into
-                        // data that may not be evicted (it is made whole).
-                        let more = if obj.is_dirty() {
-                            payload.len() as u64
-                        } else {
-                            obj.attrs.size.max(offset + payload.len() as u64)
-                        };
-                        if !tx.cache_room_for_protected(more) {
-                            return Err(VfsError::NoSpace);
+            let outcome = self
+                .writer
+                .run_write(payload.len(), move |tx| {
+                    let now = now_nanos();
+                    let obj = tx.get(fid)?.ok_or(VfsError::Stale)?;
+                    // A file becoming dirty turns all of its bytes into
+                    // data that may not be evicted (it is made whole).
+                    let more = if obj.is_dirty() {
+                        payload.len() as u64
+                    } else {
+                        obj.attrs.size.max(offset + payload.len() as u64)
+                    };
+                    if !tx.cache_room_for_protected(more) {
+                        return Err(VfsError::NoSpace);
+                    }
+                    // Only a write into a file that is already dirty (all
+                    // of it local and durable) and needs no fetched bytes
+                    // can be replayed from the unstable-write log alone.
+                    let replayable = obj.is_dirty() && have.is_empty();
+                    let fill = |index: u64| have.get(&index).cloned();
+                    match apply_write(tx, fid, obj, offset, &payload, now, &fill)? {
+                        Ok(obj) => {
+                            let unstable = (stability == Stability::Unstable && replayable)
+                                .then_some(UnstableWrite {
+                                    fid,
+                                    offset,
+                                    mtime: now,
+                                    data: payload,
+                                });
+                            Ok((Ok(obj), unstable))
                         }
-                        // Only a write into a file that is already dirty (all
-                        // of it local and durable) and needs no fetched bytes
-                        // can be replayed from the unstable-write log alone.
-                        let replayable = obj.is_dirty() && have.is_empty();
-                        let fill = |index: u64| have.get(&index).cloned();
-                        match apply_write(tx, fid, obj, offset, &payload, now, &fill)? {
-                            Ok(obj) => {
-                                let unstable = (stability == Stability::Unstable && replayable)
-                                    .then_some(UnstableWrite {
-                                        fid,
-                                        offset,
-                                        mtime: now,
-                                        data: payload,
-                                    });
-                                Ok((Ok(obj), unstable))
-                            }
-                            Err(indexes) => Ok((Err((indexes, have)), None)),
-                        }
-                    })
-                    .await?;
+                        Err(indexes) => Ok((Err((indexes, have)), None)),
+                    }
+                })
+                .await?;
             match outcome {
                 (Ok(obj), committed) => {
                     crate::metrics::Metrics::add(&self.metrics.written_bytes, data.len() as u64);
