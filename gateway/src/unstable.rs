@@ -365,6 +365,16 @@ pub fn recover(
         }
     }
     if recovery.generation_renewed {
+        // An upload already on its way may have carried bytes of the lost
+        // writes: the origin could end up holding content this cache no
+        // longer has. Each such file is uploaded again as it is now.
+        let again = store_shipped_files_again(cache)?;
+        if again > 0 {
+            tracing::warn!(
+                files = again,
+                "files in flight to the origin will be uploaded again"
+            );
+        }
         let generation = cache.renew_generation()?;
         tracing::warn!(
             generation,
@@ -391,6 +401,35 @@ pub fn recover(
         );
     }
     Ok(recovery)
+}
+
+/// Logs a new store for every file whose store is shipped (possibly at
+/// the origin) but not yet acknowledged; returns how many.
+fn store_shipped_files_again(cache: &Cache) -> imz_cache::Result<usize> {
+    let fids: std::collections::BTreeSet<FileId> = {
+        let rx = cache.read()?;
+        let mut fids = std::collections::BTreeSet::new();
+        for (_, bytes) in rx.log_records(0, usize::MAX)? {
+            let record = imz_cache::log::decode(&bytes)?;
+            if let (true, imz_cache::LogOp::Store { fid }) = (record.shipped, &record.op) {
+                fids.insert(*fid);
+            }
+        }
+        fids
+    };
+    let mut tx = cache.write()?;
+    let mut count = 0;
+    for fid in fids {
+        if tx.get(fid)?.is_some_and(|o| !o.removed) {
+            tx.log(
+                imz_cache::LogOp::Store { fid },
+                crate::vfs::write::now_nanos(),
+            )?;
+            count += 1;
+        }
+    }
+    tx.commit(true)?;
+    Ok(count)
 }
 
 #[cfg(test)]
@@ -432,6 +471,80 @@ mod tests {
         bytes[HEADER_LEN + 1] ^= 1;
         std::fs::write(&path, &bytes).expect("write");
         assert!(read(&path).expect("read").is_empty());
+    }
+
+    fn stores(cache: &Cache) -> Vec<(u64, bool)> {
+        let rx = cache.read().expect("read");
+        rx.log_records(0, usize::MAX)
+            .expect("log")
+            .into_iter()
+            .map(|(seq, b)| (seq, imz_cache::log::decode(&b).expect("decode").shipped))
+            .collect()
+    }
+
+    #[test]
+    fn another_boot_renews_the_generation_and_uploads_in_flight_again() {
+        use imz_cache::{Attrs, Kind, LogOp, Object, OriginRef, ROOT_FILEID};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut cache = Cache::open(dir.path(), 64 << 20).expect("open");
+        let before = cache.generation();
+        let fid = 1000;
+        let mut tx = cache.write().expect("write");
+        let obj = Object {
+            kind: Kind::File,
+            attrs: Attrs {
+                size: 0,
+                mode: 0o644,
+                uid: 0,
+                gid: 0,
+                nlink: 1,
+                atime: 0,
+                mtime: 0,
+                ctime: 0,
+            },
+            origin: Some(OriginRef { id: 5, version: 1 }),
+            parent: ROOT_FILEID,
+            name: "f".into(),
+            target: None,
+            listed: false,
+            origin_extent: 0,
+            pinned: false,
+            removed: false,
+            log: Default::default(),
+            data_gen: 0,
+            verifier: None,
+        };
+        tx.put(fid, &obj).expect("put");
+        let seq = tx
+            .log(LogOp::Store { fid }, 1)
+            .expect("log")
+            .expect("a record");
+        tx.commit(true).expect("commit");
+        let (_, bytes) = cache
+            .read()
+            .expect("read")
+            .log_records(seq, 1)
+            .expect("log")[0]
+            .clone();
+        let mut tx = cache.write().expect("write");
+        assert!(tx.log_mark_shipped(seq, &bytes).expect("mark"));
+        tx.put_meta(meta::UNSTABLE_BOOT, b"boot-a").expect("meta");
+        tx.commit(true).expect("commit");
+
+        // Same boot: nothing was lost, nothing changes.
+        let same = recover(&mut cache, dir.path(), Some("boot-a"), |_, _| Ok(()));
+        assert_eq!(same.expect("recover"), Recovery::default());
+        assert_eq!(cache.generation(), before);
+
+        let mut tx = cache.write().expect("write");
+        tx.put_meta(meta::UNSTABLE_BOOT, b"boot-a").expect("meta");
+        tx.commit(true).expect("commit");
+        let other = recover(&mut cache, dir.path(), Some("boot-b"), |_, _| Ok(()));
+        assert!(other.expect("recover").generation_renewed);
+        assert!(cache.generation() > before);
+        // The shipped store stays; a new one will carry the content as the
+        // cache has it.
+        assert_eq!(stores(&cache), [(seq, true), (seq + 1, false)]);
     }
 
     #[test]
