@@ -36,13 +36,13 @@ const MAX_BATCH: usize = 256;
 const MAX_BATCH_BYTES: usize = 64 << 20;
 /// Most bytes of unstable writes outstanding: past it, the next commit is
 /// durable (bounds what a crash replays and what sits only in page cache).
-const MAX_UNSTABLE_BYTES: u64 = 512 << 20;
+const MAX_UNSTABLE_BYTES: u64 = 128 << 20;
 /// After this long without changes, outstanding unstable writes are made
 /// durable, as the kernel would write back dirty pages.
 const IDLE_SETTLE: Duration = Duration::from_secs(2);
 /// The unstable-write log is emptied after a durable commit once it is
 /// this big (records older than the durable state are skipped on replay).
-const LOG_RESET_BYTES: u64 = 64 << 20;
+const LOG_RESET_BYTES: u64 = 0;
 
 /// How a change was committed when its reply went out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -9,7 +9,9 @@
 //!   UNSTABLE, COMMIT; over `--conns` connections (4) at once, so no
 //!   process start-up is in the numbers;
 //! - a 1 GiB sequential write: the same client, CREATE + 1 MiB UNSTABLE
-//!   WRITEs one at a time + COMMIT; and `nfs-cp` (Debian libnfs-utils) of a
+//!   WRITEs one at a time + COMMIT; again with `--conns` WRITEs in flight
+//!   (one per connection, pieces dealt round-robin: what the kernel
+//!   client's write-behind does); and `nfs-cp` (Debian libnfs-utils) of a
 //!   local file (1 MiB WRITEs, UNSTABLE, COMMIT at close);
 //! - reintegration throughput: the gateway runs with a long
 //!   `--reintegrate-delay`, so that what the writes above logged stays in
@@ -61,6 +63,7 @@ const SRC: &str = "src-1g.bin";
 const SMALL_DIR: &str = "small";
 const BIG_RUST: &str = "big.bin";
 const BIG_CP: &str = "big-cp.bin";
+const BIG_PAR: &str = "big-par.bin";
 /// Gateway cache: holds everything a round writes (nothing is evicted
 /// before it is reintegrated anyway).
 const CACHE_SIZE: &str = "8GiB";
@@ -164,6 +167,8 @@ struct PerServer {
     big: Vec<f64>,
     /// 1 GiB with nfs-cp, MiB/s.
     big_cp: Vec<f64>,
+    /// 1 GiB with several WRITEs in flight, MiB/s.
+    big_par: Vec<f64>,
     /// CPU seconds of the server process per small-file run / per GiB.
     cpu_small: Vec<f64>,
     cpu_big: Vec<f64>,
@@ -414,7 +419,20 @@ fn one_round(
             }
         }
     }
-    // 5. The big file again, with nfs-cp.
+    // 5. The big file again, several WRITEs in flight (not reintegrated
+    // until the final check).
+    for &server in &servers {
+        bench::sync();
+        let (nfs_port, mount_port) = ports(server);
+        let secs = rt.block_on(big_file_parallel(
+            nfs_port,
+            mount_port,
+            opts.conns,
+            Arc::clone(&payload.big),
+        ))?;
+        s.of(server).big_par.push(big_bytes / MIB as f64 / secs);
+    }
+    // 6. And with nfs-cp.
     if opts.nfs_cp {
         for &server in &servers {
             bench::sync();
@@ -425,9 +443,7 @@ fn one_round(
     if round == 0 {
         eprintln!("checking that every byte arrived (untimed)...");
         for (server, origin, g) in &gws {
-            if opts.nfs_cp {
-                g.ctl(&["sync", "--timeout", "10m"])?;
-            }
+            g.ctl(&["sync", "--timeout", "10m"])?;
             verify_tree(&origin.proc.root, payload, opts.nfs_cp)
                 .with_context(|| format!("at the origin of {server:?}"))?;
         }
@@ -520,6 +536,57 @@ async fn big_file(nfs_port: u16, mount_port: u16, data: Arc<Vec<u8>>) -> anyhow:
             .context("WRITE")?;
         ensure!(w.count as usize == piece.len(), "short WRITE");
     }
+    c.commit(&fh).await.context("COMMIT")?;
+    Ok(start.elapsed().as_secs_f64())
+}
+
+/// CREATE + 1 MiB UNSTABLE WRITEs, `conns` in flight (one per
+/// connection, pieces dealt round-robin), + COMMIT; seconds.
+async fn big_file_parallel(
+    nfs_port: u16,
+    mount_port: u16,
+    conns: usize,
+    data: Arc<Vec<u8>>,
+) -> anyhow::Result<f64> {
+    let mut clients = Vec::new();
+    for _ in 0..conns {
+        clients.push(Nfs::mount_ports(nfs_port, mount_port, "/imz").await?);
+    }
+    let attrs = Attrs {
+        mode: Some(0o644),
+        size: Some(0),
+        mtime: None,
+    };
+    let start = Instant::now();
+    let fh = {
+        let c = &mut clients[0];
+        let root = c.root.clone();
+        c.create(&root, BIG_PAR, CreateMode::Unchecked, &attrs)
+            .await
+            .context("CREATE")?
+    };
+    let pieces = data.len().div_ceil(MIB);
+    let mut tasks = tokio::task::JoinSet::new();
+    for (k, mut c) in clients.into_iter().enumerate() {
+        let data = Arc::clone(&data);
+        let fh = fh.clone();
+        tasks.spawn(async move {
+            for i in (k..pieces).step_by(conns) {
+                let piece = &data[i * MIB..((i + 1) * MIB).min(data.len())];
+                let w = c
+                    .write(&fh, (i * MIB) as u64, piece, Stable::UNSTABLE)
+                    .await
+                    .context("WRITE")?;
+                ensure!(w.count as usize == piece.len(), "short WRITE");
+            }
+            anyhow::Ok(c)
+        });
+    }
+    let mut last = None;
+    while let Some(r) = tasks.join_next().await {
+        last = Some(r??);
+    }
+    let mut c = last.context("no connection")?;
     c.commit(&fh).await.context("COMMIT")?;
     Ok(start.elapsed().as_secs_f64())
 }
@@ -722,11 +789,12 @@ fn timed_nfs_cp(local: &Path, url: &str) -> anyhow::Result<f64> {
     Ok(secs)
 }
 
-/// `dir` holds SMALL_DIR with every small file, BIG_RUST and (with
-/// nfs-cp) BIG_CP, byte for byte.
+/// `dir` holds SMALL_DIR with every small file, BIG_RUST, BIG_PAR and
+/// (with nfs-cp) BIG_CP, byte for byte.
 fn verify_tree(dir: &Path, payload: &Payload, with_cp: bool) -> anyhow::Result<()> {
     verify_small(&dir.join(SMALL_DIR), payload)?;
     same_file(&dir.join(BIG_RUST), &payload.big_path)?;
+    same_file(&dir.join(BIG_PAR), &payload.big_path)?;
     if with_cp {
         same_file(&dir.join(BIG_CP), &payload.big_path)?;
     }
@@ -812,6 +880,14 @@ fn rows(opts: &Options, g: &PerServer, s: &Samples) -> Vec<Row> {
             "MiB/s",
             m(&g.big),
             gm(|p| &p.big),
+            "ganesha",
+            Some(1.0),
+        ),
+        Row::throughput(
+            "seq write 1 GiB, WRITEs in flight",
+            "MiB/s",
+            m(&g.big_par),
+            gm(|p| &p.big_par),
             "ganesha",
             Some(1.0),
         ),
@@ -909,6 +985,7 @@ fn report(opts: &Options, s: &Samples, load_before: &str, load_after: &str) {
     for (name, p) in &servers {
         println!("  {name:<8} small files/s      {}", spread(&p.small));
         println!("  {name:<8} big MiB/s          {}", spread(&p.big));
+        println!("  {name:<8} big par MiB/s      {}", spread(&p.big_par));
         if opts.nfs_cp {
             println!("  {name:<8} nfs-cp MiB/s       {}", spread(&p.big_cp));
         }
