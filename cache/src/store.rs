@@ -921,9 +921,13 @@ impl WriteTxn<'_> {
             let to = end.min(cstart + CHUNK_SIZE);
             let whole =
                 from == cstart && (to == cstart + CHUNK_SIZE || to >= obj.attrs.size.max(end));
-            let base = match self.chunk(fid, index)? {
+            // A chunk the write covers whole keeps nothing of its old bytes:
+            // not worth reading.
+            let old = if whole { None } else { self.chunk(fid, index)? };
+            let base = match old {
                 Some(existing) => existing,
-                None if !whole && cstart < obj.origin_extent => match fetched(index) {
+                None if whole => Vec::new(),
+                None if cstart < obj.origin_extent => match fetched(index) {
                     Some(bytes) => bytes,
                     None => {
                         missing.push(index);
