@@ -38,6 +38,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let token = super::read_token(&args.token_file)?;
     let runtime = super::runtime()?;
     runtime.block_on(async move {
+        let signals = super::ShutdownSignals::install()?;
         let config = GatewayConfig {
             origin_url: args.origin,
             token,
@@ -53,7 +54,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             .await
             .context("starting the gateway")?;
         super::announce_gateway(&gateway);
-        super::wait_for_shutdown().await;
+        signals.wait().await;
         tracing::info!("shutting down");
         gateway.shutdown().await
     })

@@ -33,6 +33,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let token = read_or_create_token(&args.token_file)?;
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(async move {
+        let signals = super::ShutdownSignals::install()?;
         let mut config = imz_origin::OriginConfig::new(&args.root, args.listen, token);
         config.journal_keep = args.journal_keep.max(1);
         config.max_upload = args.max_upload;
@@ -42,21 +43,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             .with_context(|| format!("starting the origin over {}", args.root.display()))?;
         println!("imz origin listening on http://{}", origin.local_addr());
         std::io::stdout().flush().ok();
-        wait_for_signal().await?;
+        signals.wait().await;
         tracing::info!("shutting down");
         origin.shutdown().await.context("shutting down")?;
         Ok(())
     })
-}
-
-async fn wait_for_signal() -> anyhow::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    tokio::select! {
-        r = tokio::signal::ctrl_c() => r.context("waiting for ctrl-c")?,
-        _ = term.recv() => {}
-    }
-    Ok(())
 }
 
 /// Reads the token, or creates the file (mode 0600) with a random one.

@@ -50,6 +50,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     });
     let runtime = super::runtime()?;
     runtime.block_on(async move {
+        let signals = super::ShutdownSignals::install()?;
         // The two halves talk over loopback HTTP with a token that lives
         // only in this process.
         let token = uuid::Uuid::new_v4().simple().to_string();
@@ -81,7 +82,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         };
         println!("imz serve: serving {} (origin at {origin_url})", dir.display());
         super::announce_gateway(&gateway);
-        super::wait_for_shutdown().await;
+        signals.wait().await;
         tracing::info!("shutting down");
         gateway.shutdown().await?;
         origin.shutdown().await.context("stopping the origin")?;
