@@ -19,12 +19,12 @@
 //! storage error is different: it aborts the whole transaction and every
 //! mutation in it fails.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::collections::HashSet;
 use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use imz_cache::{Cache, WriteTxn, meta};
+use imz_cache::{Cache, FileId, WriteTxn, meta};
 use tokio::sync::oneshot;
 
 use crate::unstable::{LogThread, Record, UnstableLog, UnstableWrite};
@@ -80,8 +80,18 @@ enum Msg {
 #[derive(Clone)]
 pub struct Writer {
     queue: mpsc::Sender<Msg>,
-    /// Some unstable write was acknowledged and is not durable yet.
-    outstanding: Arc<AtomicBool>,
+    /// Files with unstable writes acknowledged and not durable yet.
+    outstanding: Outstanding,
+}
+
+/// Files with acknowledged unstable writes not yet durable. The writer
+/// thread adds them before the replies go out and clears the set after
+/// each durable commit, so a COMMIT that finds its file absent has nothing
+/// to wait for.
+type Outstanding = Arc<Mutex<HashSet<FileId>>>;
+
+fn lock(set: &Outstanding) -> std::sync::MutexGuard<'_, HashSet<FileId>> {
+    set.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Writer {
@@ -92,7 +102,7 @@ impl Writer {
         unstable: Option<(UnstableLog, String)>,
     ) -> std::io::Result<Self> {
         let (queue, jobs) = mpsc::channel();
-        let outstanding = Arc::new(AtomicBool::new(false));
+        let outstanding = Outstanding::default();
         let log = match unstable {
             Some((log, boot)) => Some((LogThread::start(log)?, boot)),
             None => None,
@@ -176,9 +186,11 @@ impl Writer {
         let _ = self.run(0, |_| Ok(())).await;
     }
 
-    /// Makes every write acknowledged so far durable (NFS COMMIT).
-    pub async fn make_durable(&self) -> Result<(), VfsError> {
-        if !self.outstanding.load(Ordering::SeqCst) {
+    /// Makes every write to `fid` acknowledged so far durable (NFS
+    /// COMMIT). Often there is nothing to do: a durable commit since (any
+    /// client's metadata change, say) took them along.
+    pub async fn make_durable(&self, fid: FileId) -> Result<(), VfsError> {
+        if !lock(&self.outstanding).contains(&fid) {
             return Ok(());
         }
         self.run(0, |_| Ok(())).await
@@ -200,7 +212,7 @@ impl Writer {
 struct State {
     cache: Arc<Cache>,
     log: Option<(LogThread, String)>,
-    outstanding: Arc<AtomicBool>,
+    outstanding: Outstanding,
     /// This run recorded its boot id as having unstable writes outstanding.
     marked: bool,
     /// Bytes of unstable writes since the last durable commit.
@@ -360,7 +372,7 @@ impl State {
         }
         match pending.wait() {
             Ok(()) => {
-                self.outstanding.store(true, Ordering::SeqCst);
+                lock(&self.outstanding).extend(records.iter().map(|r| r.write.fid));
                 Ok(Committed::Unstable)
             }
             Err(e) => {
@@ -374,7 +386,7 @@ impl State {
 
     /// Everything committed so far is on disk.
     fn became_durable(&mut self) {
-        self.outstanding.store(false, Ordering::SeqCst);
+        lock(&self.outstanding).clear();
         self.unstable_bytes = 0;
         if let Some((log, _)) = &self.log {
             log.reset(LOG_RESET_BYTES);

@@ -378,7 +378,7 @@ impl Vfs {
     /// Makes every write acknowledged so far durable (NFS COMMIT).
     pub async fn commit(&self, fid: FileId) -> Result<(), VfsError> {
         self.getattr(fid)?;
-        self.writer.make_durable().await
+        self.writer.make_durable(fid).await
     }
 
     /// Fetches chunks of `fid` from the origin and stores them as clean
