@@ -321,6 +321,21 @@ impl State {
     /// be taken), else logging `records`.
     fn commit(
         &mut self,
+        txn: WriteTxn<'_>,
+        durable: bool,
+        records: &mut [Record],
+    ) -> Result<Committed, VfsError> {
+        let first_seq = self.next_seq;
+        let result = self.try_commit(txn, durable, records);
+        if result.is_err() {
+            // Those numbers were never used: the log's must stay gapless.
+            self.next_seq = first_seq;
+        }
+        result
+    }
+
+    fn try_commit(
+        &mut self,
         mut txn: WriteTxn<'_>,
         mut durable: bool,
         records: &mut [Record],
@@ -364,10 +379,6 @@ impl State {
         if let Err(e) = txn.commit(false) {
             let _ = pending.wait();
             log.rollback();
-            // Those numbers were never used: the log's must stay gapless.
-            if let Some(first) = records.first() {
-                self.next_seq = first.seq;
-            }
             return Err(e.into());
         }
         match pending.wait() {
