@@ -98,6 +98,10 @@ pub struct Status {
     /// Client modification log: records and content bytes waiting.
     pub log_records: u64,
     pub log_bytes: u64,
+    /// Files with UNSTABLE writes acknowledged but not yet durable (a
+    /// COMMIT, or 2 s without writes, makes them so).
+    #[serde(default)]
+    pub unstable_files: u64,
     pub conflicts: u64,
     pub conflicts_held: u64,
     pub cache_used: u64,
@@ -180,6 +184,7 @@ impl Control {
             journal_lag: origin_seq - cursor,
             log_records,
             log_bytes,
+            unstable_files: self.vfs.writer.unstable_files() as u64,
             conflicts: conflicts.len() as u64,
             conflicts_held: conflicts
                 .iter()

@@ -45,6 +45,12 @@ pub fn render(s: &Status) -> String {
         s.log_bytes as f64,
     );
     metric(
+        "unstable_files",
+        "gauge",
+        "Files with UNSTABLE writes acknowledged but not yet durable.",
+        s.unstable_files as f64,
+    );
+    metric(
         "conflicts",
         "gauge",
         "Conflicts recorded.",

@@ -186,6 +186,11 @@ impl Writer {
         let _ = self.run(0, |_| Ok(())).await;
     }
 
+    /// How many files have unstable writes not yet durable.
+    pub fn unstable_files(&self) -> usize {
+        lock(&self.outstanding).len()
+    }
+
     /// Makes every write to `fid` acknowledged so far durable (NFS
     /// COMMIT). Often there is nothing to do: a durable commit since (any
     /// client's metadata change, say) took them along.

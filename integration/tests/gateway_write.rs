@@ -454,6 +454,29 @@ async fn a_clean_stop_makes_unstable_writes_durable_for_any_later_boot() -> Resu
     Ok(())
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unstable_writes_left_without_commit_settle_by_themselves() -> Result {
+    let mut fx = held_fixture("boot-a")?;
+    let mut nfs = Nfs::mount(fx.port(), "/imz").await?;
+    let (fh, body, verf, _) = unstable_file(&mut nfs, "i.bin", 4).await?;
+    drop(nfs);
+
+    // No COMMIT comes. Nothing else here commits durably (reintegration is
+    // held), so the outstanding writes clear only when the gateway, idle,
+    // makes them durable and forgets the boot it recorded.
+    let unstable = || -> Option<u64> { fx.gateway.status().ok()?["unstable_files"].as_u64() };
+    eventually(Duration::from_secs(20), || (unstable()? == 0).then_some(()))
+        .ok_or_else(|| anyhow::anyhow!("unstable writes still outstanding: {:?}", unstable()))?;
+
+    // So even a crash and a reboot keep every byte and every handle.
+    fx.gateway.set_env("IMZ_TEST_BOOT_ID", "boot-b");
+    fx.gateway.restart()?;
+    let mut nfs = Nfs::mount(fx.port(), "/imz").await?;
+    assert_eq!(nfs.commit(&fh).await?, verf);
+    assert!(nfs.read_all(&fh).await? == body);
+    Ok(())
+}
+
 /// Writes `n` small files and returns their names and contents.
 async fn write_many(nfs: &mut Nfs, n: u64, seed: u64) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
     let mut files = Vec::new();

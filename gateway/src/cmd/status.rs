@@ -62,6 +62,12 @@ pub fn render(s: &Status) -> String {
         s.log_records,
         ByteSize(s.log_bytes)
     ));
+    if s.unstable_files > 0 {
+        out.push_str(&format!(
+            "unstable    {} file(s) with writes not yet on disk (until COMMIT or 2 s idle)\n",
+            s.unstable_files
+        ));
+    }
     out.push_str(&format!(
         "conflicts   {} ({} held for you: imz conflicts list)\n",
         s.conflicts, s.conflicts_held
