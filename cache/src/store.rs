@@ -367,25 +367,7 @@ macro_rules! getters {
 
         /// Up to `limit` entries of `dir` after `cookie` (0: from the start).
         pub fn entries(&self, dir: FileId, cookie: u64, limit: usize) -> Result<Vec<DirEntry>> {
-            let t = self.tx.open_table(ENTRIES)?;
-            let start = cookie.saturating_add(1);
-            let mut out = Vec::new();
-            if start == 0 {
-                return Ok(out);
-            }
-            for item in t.range((dir, start)..=(dir, u64::MAX))? {
-                if out.len() >= limit {
-                    break;
-                }
-                let (k, v) = item?;
-                let (fileid, name) = v.value();
-                out.push(DirEntry {
-                    cookie: k.value().1,
-                    name: name.to_owned(),
-                    fileid,
-                });
-            }
-            Ok(out)
+            self.scan_entries(dir, cookie, limit, |e| Ok(Some(e)))
         }
 
         /// Like [`entries`](Self::entries), with each entry's object (entries
@@ -396,8 +378,25 @@ macro_rules! getters {
             cookie: u64,
             limit: usize,
         ) -> Result<Vec<(DirEntry, Object)>> {
-            let t = self.tx.open_table(ENTRIES)?;
             let objects = self.tx.open_table(OBJECTS)?;
+            self.scan_entries(dir, cookie, limit, |e| {
+                objects
+                    .get(e.fileid)?
+                    .map(|obj| Ok((e, decode_object(obj.value())?)))
+                    .transpose()
+            })
+        }
+
+        /// Up to `limit` of `dir`'s entries after `cookie`, each passed
+        /// through `keep` (which may skip it).
+        fn scan_entries<T>(
+            &self,
+            dir: FileId,
+            cookie: u64,
+            limit: usize,
+            mut keep: impl FnMut(DirEntry) -> Result<Option<T>>,
+        ) -> Result<Vec<T>> {
+            let t = self.tx.open_table(ENTRIES)?;
             let start = cookie.saturating_add(1);
             let mut out = Vec::new();
             if start == 0 {
@@ -409,17 +408,14 @@ macro_rules! getters {
                 }
                 let (k, v) = item?;
                 let (fileid, name) = v.value();
-                let Some(obj) = objects.get(fileid)? else {
-                    continue;
+                let entry = DirEntry {
+                    cookie: k.value().1,
+                    name: name.to_owned(),
+                    fileid,
                 };
-                out.push((
-                    DirEntry {
-                        cookie: k.value().1,
-                        name: name.to_owned(),
-                        fileid,
-                    },
-                    decode_object(obj.value())?,
-                ));
+                if let Some(kept) = keep(entry)? {
+                    out.push(kept);
+                }
             }
             Ok(out)
         }
