@@ -118,28 +118,36 @@ impl GatewayProc {
     /// Runs `imz SUBCOMMAND... --control SOCKET` against this gateway;
     /// returns stdout, or fails with stderr.
     pub fn ctl(&self, args: &[&str]) -> anyhow::Result<String> {
-        let socket = self.cache_dir.join("control.sock");
-        let out = std::process::Command::new(crate::imz_bin())
-            .args(args)
-            .arg("--control")
-            .arg(&socket)
-            .output()
-            .context("running imz")?;
-        if !out.status.success() {
-            anyhow::bail!(
-                "imz {args:?} failed ({}): {}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        control(&crate::imz_bin(), &self.cache_dir, args)
     }
 
     /// `imz status --json`, parsed.
     pub fn status(&self) -> anyhow::Result<serde_json::Value> {
-        let out = self.ctl(&["status", "--json"])?;
-        serde_json::from_str(&out).context("parsing imz status --json")
+        parse_status(&self.ctl(&["status", "--json"])?)
     }
+}
+
+/// Runs `BIN SUBCOMMAND... --control SOCKET` against the gateway whose
+/// cache is `cache_dir`; returns stdout, or fails with stderr.
+pub fn control(bin: &Path, cache_dir: &Path, args: &[&str]) -> anyhow::Result<String> {
+    let out = std::process::Command::new(bin)
+        .args(args)
+        .arg("--control")
+        .arg(cache_dir.join("control.sock"))
+        .output()
+        .with_context(|| format!("running {}", bin.display()))?;
+    anyhow::ensure!(
+        out.status.success(),
+        "imz {args:?} failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The output of `imz status --json`, parsed.
+pub fn parse_status(out: &str) -> anyhow::Result<serde_json::Value> {
+    serde_json::from_str(out).context("parsing imz status --json")
 }
 
 /// One origin and one gateway over a fresh temporary directory.

@@ -83,25 +83,12 @@ impl Gw {
     /// `BIN SUBCOMMAND... --control CACHE/control.sock` with this gateway's
     /// own binary; stdout, or an error with stderr.
     pub fn ctl(&self, args: &[&str]) -> anyhow::Result<String> {
-        let out = Command::new(&self.bin)
-            .args(args)
-            .arg("--control")
-            .arg(self.cache_dir.join("control.sock"))
-            .output()
-            .with_context(|| format!("running {}", self.bin.display()))?;
-        anyhow::ensure!(
-            out.status.success(),
-            "imz {args:?} failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        crate::gateway::control(&self.bin, &self.cache_dir, args)
     }
 
     /// `imz status --json`, parsed.
     pub fn status(&self) -> anyhow::Result<serde_json::Value> {
-        let out = self.ctl(&["status", "--json"])?;
-        serde_json::from_str(&out).context("parsing imz status --json")
+        crate::gateway::parse_status(&self.ctl(&["status", "--json"])?)
     }
 }
 

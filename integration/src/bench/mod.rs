@@ -41,6 +41,48 @@ fn kill(signal: &str, pid: u32) {
         .status();
 }
 
+/// Which server a measurement goes through (bench-read, bench-write).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Server {
+    /// The gateway under test (`$IMZ_BIN`, started through the harness).
+    Imz,
+    /// A second gateway binary (`--compare BIN`), interleaved with the first.
+    ImzB,
+    Ganesha,
+}
+
+impl Server {
+    /// The gateways a run measures: the one under test, and the
+    /// `--compare` build if there is one.
+    pub fn gateways(compare: Option<&Path>) -> Vec<Server> {
+        let mut v = vec![Server::Imz];
+        if compare.is_some() {
+            v.push(Server::ImzB);
+        }
+        v
+    }
+
+    /// The binary this gateway runs: the `--compare` build's, or `None`
+    /// for the harness's own.
+    pub fn binary(self, compare: Option<&Path>) -> Option<&Path> {
+        match self {
+            Server::ImzB => compare,
+            _ => None,
+        }
+    }
+}
+
+/// What every benchmark's `main` does first: run again with `IMZ_BIN` set
+/// (see [`reexec_with_imz_bin`]; that never returns but on failure), or,
+/// in the run that has it, clean up children on a signal.
+pub fn prepare() -> anyhow::Result<()> {
+    if std::env::var_os("IMZ_BIN").is_none() {
+        reexec_with_imz_bin()?;
+    }
+    cleanup_on_signal();
+    Ok(())
+}
+
 /// On SIGINT, SIGTERM or SIGHUP: kills every registered child, then exits.
 pub fn cleanup_on_signal() {
     on_signals(|| {

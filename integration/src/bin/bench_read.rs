@@ -45,7 +45,7 @@ use imz_integration::OriginProc;
 use imz_integration::bench::ganesha::{Ganesha, Rpcbind};
 use imz_integration::bench::gateway::Gw;
 use imz_integration::bench::table::{Row, f2, print_load, print_table};
-use imz_integration::bench::{self, median};
+use imz_integration::bench::{self, Server, median};
 
 const GIB: u64 = 1 << 30;
 const MIB: f64 = (1 << 20) as f64;
@@ -108,22 +108,8 @@ fn options() -> anyhow::Result<Options> {
 }
 
 fn main() -> anyhow::Result<()> {
-    if std::env::var_os("IMZ_BIN").is_none() {
-        return bench::reexec_with_imz_bin();
-    }
-    bench::cleanup_on_signal();
-    let opts = options()?;
-    run(&opts)
-}
-
-/// Which server a measurement goes through.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Server {
-    /// The gateway under test (`$IMZ_BIN`, started through the harness).
-    Imz,
-    /// A second gateway binary (`--compare BIN`), interleaved with the first.
-    ImzB,
-    Ganesha,
+    bench::prepare()?;
+    run(&options()?)
 }
 
 /// Samples of one server.
@@ -223,7 +209,7 @@ fn run(opts: &Options) -> anyhow::Result<()> {
     }
 
     if !opts.skip_4g {
-        for server in gateways(opts) {
+        for server in Server::gateways(opts.compare.as_deref()) {
             eprintln!("4 GiB read through a fresh gateway ({server:?})");
             s.of(server).four = Some(four_gig(opts, server, &base, &origin)?);
         }
@@ -235,14 +221,6 @@ fn run(opts: &Options) -> anyhow::Result<()> {
 
     report(opts, &s, cold_ok, &load_before, &load_after);
     Ok(())
-}
-
-fn gateways(opts: &Options) -> Vec<Server> {
-    let mut v = vec![Server::Imz];
-    if opts.compare.is_some() {
-        v.push(Server::ImzB);
-    }
-    v
 }
 
 /// One round: a fresh ganesha and fresh gateways, listings cold then warm,
@@ -258,7 +236,7 @@ fn one_round(
 ) -> anyhow::Result<()> {
     let ganesha = Ganesha::start(root, &base.join("ganesha"))?;
     let mut gws = Vec::new();
-    for server in gateways(opts) {
+    for server in Server::gateways(opts.compare.as_deref()) {
         let dir = base.join(format!("cache-{server:?}-{round}"));
         gws.push((server, start_gw(opts, server, origin, &dir)?));
     }
@@ -272,7 +250,7 @@ fn one_round(
         None => ganesha.url(path),
     };
     let mut servers = vec![Server::Ganesha];
-    servers.extend(gateways(opts));
+    servers.extend(Server::gateways(opts.compare.as_deref()));
     let n = servers.len();
     servers.rotate_left(round % n);
 
@@ -384,11 +362,13 @@ fn start_gw(
     origin: &OriginProc,
     cache_dir: &Path,
 ) -> anyhow::Result<Gw> {
-    let other = match server {
-        Server::ImzB => opts.compare.as_deref(),
-        _ => None,
-    };
-    Gw::start(other, origin, cache_dir, CACHE_SIZE, &[])
+    Gw::start(
+        server.binary(opts.compare.as_deref()),
+        origin,
+        cache_dir,
+        CACHE_SIZE,
+        &[],
+    )
 }
 
 /// `GET /v1/objects/1/lookup?name=NAME` -> the data URL of its current version.

@@ -54,7 +54,7 @@ use anyhow::{Context, bail, ensure};
 use imz_integration::bench::ganesha::{Ganesha, Rpcbind};
 use imz_integration::bench::gateway::Gw;
 use imz_integration::bench::table::{Row, f2, print_load, print_table};
-use imz_integration::bench::{self, median};
+use imz_integration::bench::{self, Server, median};
 use imz_integration::nfs::{Attrs, CreateMode, Nfs, Stable};
 use imz_integration::{OriginProc, data};
 
@@ -141,21 +141,8 @@ fn options() -> anyhow::Result<Options> {
 }
 
 fn main() -> anyhow::Result<()> {
-    if std::env::var_os("IMZ_BIN").is_none() {
-        return bench::reexec_with_imz_bin();
-    }
-    bench::cleanup_on_signal();
-    let opts = options()?;
-    run(&opts)
-}
-
-/// Which server a measurement goes through.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-enum Server {
-    Imz,
-    /// `--compare BIN`, interleaved with the first.
-    ImzB,
-    Ganesha,
+    bench::prepare()?;
+    run(&options()?)
 }
 
 /// Samples of one server.
@@ -192,14 +179,6 @@ impl Samples {
     fn of(&mut self, server: Server) -> &mut PerServer {
         self.per.entry(server).or_default()
     }
-}
-
-fn gateways(opts: &Options) -> Vec<Server> {
-    let mut v = vec![Server::Imz];
-    if opts.compare.is_some() {
-        v.push(Server::ImzB);
-    }
-    v
 }
 
 /// The data written: the small files' contents and the big file.
@@ -309,12 +288,9 @@ fn one_round(
     std::fs::create_dir_all(&export)?;
     let ganesha = Ganesha::start_rw(&export, &work.join("ganesha"))?;
     let mut gws: Vec<(Server, Origin, Gw)> = Vec::new();
-    for server in gateways(opts) {
+    for server in Server::gateways(opts.compare.as_deref()) {
         let origin = Origin::start(&work.join(format!("origin-{server:?}")))?;
-        let other = match server {
-            Server::ImzB => opts.compare.as_deref(),
-            _ => None,
-        };
+        let other = server.binary(opts.compare.as_deref());
         let gw = Gw::start(
             other,
             &origin.proc,
@@ -339,11 +315,14 @@ fn one_round(
         None => ganesha.url(path),
     };
     let mut servers = vec![Server::Ganesha];
-    servers.extend(gateways(opts));
+    servers.extend(Server::gateways(opts.compare.as_deref()));
     let n = servers.len();
     servers.rotate_left(round % n);
     // Reintegration: the gateways and the raw upload (None) take turns.
-    let mut drains: Vec<Option<Server>> = gateways(opts).into_iter().map(Some).collect();
+    let mut drains: Vec<Option<Server>> = Server::gateways(opts.compare.as_deref())
+        .into_iter()
+        .map(Some)
+        .collect();
     drains.push(None);
     let n = drains.len();
     drains.rotate_left(round % n);
