@@ -115,12 +115,10 @@ impl UnstableLog {
         Ok(())
     }
 
-    /// Starts the log again from the beginning once everything in it is
-    /// durable in the cache, if it has grown past `at_least` bytes.
-    pub fn reset(&mut self, at_least: u64) {
-        if self.pos > at_least {
-            self.pos = 0;
-        }
+    /// Starts the log again from the beginning (everything in it is
+    /// durable in the cache).
+    pub fn reset(&mut self) {
+        self.pos = 0;
     }
 }
 
@@ -131,7 +129,7 @@ enum LogMsg {
     ),
     /// Undo the last append (its transaction failed).
     Rollback,
-    Reset(u64),
+    Reset,
 }
 
 /// The log on a thread of its own, so that appending a batch overlaps
@@ -165,7 +163,7 @@ impl LogThread {
                             let _ = done.send(log.append(&records));
                         }
                         LogMsg::Rollback => rollback(&mut log, before),
-                        LogMsg::Reset(at_least) => log.reset(at_least),
+                        LogMsg::Reset => log.reset(),
                     }
                 }
             })?;
@@ -190,10 +188,9 @@ impl LogThread {
         let _ = self.queue.send(LogMsg::Rollback);
     }
 
-    /// Empties the log, if longer than `at_least` bytes; everything in it
-    /// must be durable in the cache.
-    pub fn reset(&self, at_least: u64) {
-        let _ = self.queue.send(LogMsg::Reset(at_least));
+    /// Starts the log over; everything in it must be durable in the cache.
+    pub fn reset(&self) {
+        let _ = self.queue.send(LogMsg::Reset);
     }
 }
 
@@ -554,10 +551,9 @@ mod tests {
         let mut log = UnstableLog::open(dir.path()).expect("open");
         log.append(&[rec(1, &[1u8; 100]), rec(2, &[2u8; 100])])
             .expect("append");
-        log.reset(1000);
         log.append(&[rec(3, b"x")]).expect("append");
-        assert_eq!(read(&path).expect("read").len(), 3, "below the threshold");
-        log.reset(10);
+        assert_eq!(read(&path).expect("read").len(), 3);
+        log.reset();
         log.append(&[rec(4, &[4u8; 100])]).expect("append");
         // Record 4 took record 1's place exactly; 2 and 3 follow, older.
         let seqs: Vec<u64> = read(&path).expect("read").iter().map(|r| r.seq).collect();

@@ -40,9 +40,6 @@ const MAX_UNSTABLE_BYTES: u64 = 128 << 20;
 /// After this long without changes, outstanding unstable writes are made
 /// durable, as the kernel would write back dirty pages.
 const IDLE_SETTLE: Duration = Duration::from_secs(2);
-/// The unstable-write log is emptied after a durable commit once it is
-/// this big (records older than the durable state are skipped on replay).
-const LOG_RESET_BYTES: u64 = 0;
 
 /// How a change was committed when its reply went out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -368,15 +365,13 @@ impl State {
         } else {
             durable = true;
         }
-        if durable {
-            txn.commit(true)?;
-            self.became_durable();
-            return Ok(Committed::Durable);
-        }
-        let Some((log, _)) = &self.log else {
-            txn.commit(true)?;
-            self.became_durable();
-            return Ok(Committed::Durable);
+        let log = match &self.log {
+            Some((log, _)) if !durable => log,
+            _ => {
+                txn.commit(true)?;
+                self.became_durable();
+                return Ok(Committed::Durable);
+            }
         };
         // The append runs beside the commit; a reply waits for both. An
         // append of a batch whose commit fails is undone.
@@ -404,8 +399,10 @@ impl State {
     fn became_durable(&mut self) {
         lock(&self.outstanding).clear();
         self.unstable_bytes = 0;
+        // Its records are all in the durable state now (and would be
+        // skipped on replay): writing starts over at the beginning.
         if let Some((log, _)) = &self.log {
-            log.reset(LOG_RESET_BYTES);
+            log.reset();
         }
     }
 
@@ -418,9 +415,6 @@ impl State {
         txn.commit(true)?;
         self.marked = false;
         self.became_durable();
-        if let Some((log, _)) = &self.log {
-            log.reset(0);
-        }
         Ok(())
     }
 }
