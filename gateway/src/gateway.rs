@@ -224,7 +224,6 @@ impl Gateway {
         )
     }
 
-    /// Stops serving and makes everything in the cache durable.
     /// Stops serving: no new NFS connections are accepted, changes already
     /// queued are committed (their replies go out), and everything in the
     /// cache is made durable. Changes not yet sent to the origin stay in the
