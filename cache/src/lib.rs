@@ -12,6 +12,7 @@ pub mod chunk;
 mod error;
 mod evict;
 pub mod log;
+mod objcache;
 mod object;
 pub mod store;
 

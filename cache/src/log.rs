@@ -510,33 +510,14 @@ impl WriteTxn<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::object::{Attrs, OriginRef, ROOT_FILEID};
+    use crate::object::{OriginRef, ROOT_FILEID};
     use crate::store::Cache;
 
     fn obj(kind: Kind, origin: Option<u64>) -> Object {
         Object {
-            kind,
-            attrs: Attrs {
-                size: 0,
-                mode: 0o644,
-                uid: 0,
-                gid: 0,
-                nlink: 1,
-                atime: 0,
-                mtime: 0,
-                ctime: 0,
-            },
             origin: origin.map(|id| OriginRef { id, version: 1 }),
-            parent: ROOT_FILEID,
-            name: String::new(),
-            target: None,
             listed: true,
-            origin_extent: 0,
-            pinned: false,
-            removed: false,
-            log: LogRefs::default(),
-            data_gen: 0,
-            verifier: None,
+            ..Object::sample(kind)
         }
     }
 

@@ -124,3 +124,34 @@ impl Object {
         self.origin.is_none()
     }
 }
+
+#[cfg(test)]
+impl Object {
+    /// A clean, unlisted object of `kind` under the root, for tests.
+    pub(crate) fn sample(kind: Kind) -> Self {
+        Self {
+            kind,
+            attrs: Attrs {
+                size: 0,
+                mode: 0o644,
+                uid: 0,
+                gid: 0,
+                nlink: 1,
+                atime: 0,
+                mtime: 0,
+                ctime: 0,
+            },
+            origin: None,
+            parent: ROOT_FILEID,
+            name: String::new(),
+            target: None,
+            listed: false,
+            origin_extent: 0,
+            pinned: false,
+            removed: false,
+            log: LogRefs::default(),
+            data_gen: 0,
+            verifier: None,
+        }
+    }
+}

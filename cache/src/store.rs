@@ -25,7 +25,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use redb::{
     Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
@@ -34,6 +34,7 @@ use redb::{
 use crate::chunk::{self, CHUNK_SIZE};
 use crate::error::{CacheError, Result};
 use crate::evict::{ChunkKey, EvictIndex};
+use crate::objcache::ObjectCache;
 use crate::object::{FileId, LOCAL_ID_BASE, Object};
 
 pub(crate) const OBJECTS: TableDefinition<u64, &[u8]> = TableDefinition::new("objects");
@@ -122,6 +123,7 @@ pub struct Cache {
     db: Database,
     path: PathBuf,
     evict: Mutex<EvictIndex>,
+    objects: Mutex<ObjectCache>,
     capacity: u64,
     generation: u64,
 }
@@ -198,6 +200,7 @@ impl Cache {
             db,
             path,
             evict: Mutex::new(evict),
+            objects: Mutex::new(ObjectCache::new()),
             capacity,
             generation,
         })
@@ -269,10 +272,22 @@ impl Cache {
 
     /// Starts a read transaction: a consistent snapshot.
     pub fn read(&self) -> Result<ReadTxn<'_>> {
+        // Noted before the snapshot opens: see `objcache`.
+        let epoch = self.lock_objects().epoch();
         Ok(ReadTxn {
             cache: self,
             tx: self.db.begin_read()?,
+            epoch,
         })
+    }
+
+    /// The latest committed version of object `fid`, from memory when it
+    /// was read recently (no redb transaction, no decoding).
+    pub fn object_now(&self, fid: FileId) -> Result<Option<Arc<Object>>> {
+        if let Some(obj) = self.lock_objects().get(fid) {
+            return Ok(Some(obj));
+        }
+        self.read()?.get_now(fid)
     }
 
     /// Starts a write transaction (waits for the current one to finish).
@@ -283,6 +298,12 @@ impl Cache {
             chunk_changes: HashMap::new(),
             protect_changes: HashMap::new(),
         })
+    }
+
+    fn lock_objects(&self) -> std::sync::MutexGuard<'_, ObjectCache> {
+        // The object cache only ever holds committed objects, whatever a
+        // panicking holder was doing: safe to keep using.
+        self.objects.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn lock_evict(&self) -> std::sync::MutexGuard<'_, EvictIndex> {
@@ -368,23 +389,6 @@ macro_rules! getters {
         /// Up to `limit` entries of `dir` after `cookie` (0: from the start).
         pub fn entries(&self, dir: FileId, cookie: u64, limit: usize) -> Result<Vec<DirEntry>> {
             self.scan_entries(dir, cookie, limit, |e| Ok(Some(e)))
-        }
-
-        /// Like [`entries`](Self::entries), with each entry's object (entries
-        /// whose object is gone are skipped). Opens each table once.
-        pub fn entries_with_objects(
-            &self,
-            dir: FileId,
-            cookie: u64,
-            limit: usize,
-        ) -> Result<Vec<(DirEntry, Object)>> {
-            let objects = self.tx.open_table(OBJECTS)?;
-            self.scan_entries(dir, cookie, limit, |e| {
-                objects
-                    .get(e.fileid)?
-                    .map(|obj| Ok((e, decode_object(obj.value())?)))
-                    .transpose()
-            })
         }
 
         /// Up to `limit` of `dir`'s entries after `cookie`, each passed
@@ -608,6 +612,8 @@ macro_rules! getters {
 pub struct ReadTxn<'c> {
     cache: &'c Cache,
     tx: redb::ReadTransaction,
+    /// The object cache's epoch when the snapshot was opened.
+    epoch: u64,
 }
 
 impl ReadTxn<'_> {
@@ -615,6 +621,52 @@ impl ReadTxn<'_> {
         self.cache
     }
     getters!();
+
+    /// Object `fid` as last committed: from the object cache if it is
+    /// there (then possibly newer than this snapshot), otherwise from this
+    /// snapshot.
+    pub fn get_now(&self, fid: FileId) -> Result<Option<Arc<Object>>> {
+        if let Some(obj) = self.cache.lock_objects().get(fid) {
+            return Ok(Some(obj));
+        }
+        let t = self.tx.open_table(OBJECTS)?;
+        self.decode_and_keep(fid, t.get(fid)?)
+    }
+
+    fn decode_and_keep(
+        &self,
+        fid: FileId,
+        stored: Option<redb::AccessGuard<'_, &[u8]>>,
+    ) -> Result<Option<Arc<Object>>> {
+        let Some(stored) = stored else {
+            return Ok(None);
+        };
+        let obj = Arc::new(decode_object(stored.value())?);
+        self.cache
+            .lock_objects()
+            .insert_if_current(self.epoch, fid, &obj);
+        Ok(Some(obj))
+    }
+
+    /// Up to `limit` of `dir`'s entries after `cookie`, each with its object
+    /// as [`get_now`](Self::get_now) gives it (entries whose object is gone
+    /// are skipped). Opens each table once.
+    pub fn entries_with_objects(
+        &self,
+        dir: FileId,
+        cookie: u64,
+        limit: usize,
+    ) -> Result<Vec<(DirEntry, Arc<Object>)>> {
+        let objects = self.tx.open_table(OBJECTS)?;
+        self.scan_entries(dir, cookie, limit, |e| {
+            if let Some(obj) = self.cache.lock_objects().get(e.fileid) {
+                return Ok(Some((e, obj)));
+            }
+            Ok(self
+                .decode_and_keep(e.fileid, objects.get(e.fileid)?)?
+                .map(|obj| (e, obj)))
+        })
+    }
 }
 
 /// A write transaction. Dropping it without [`commit`](Self::commit)
@@ -624,7 +676,9 @@ pub struct WriteTxn<'c> {
     tx: redb::WriteTransaction,
     /// Chunk key -> (length before this transaction, length now).
     chunk_changes: HashMap<ChunkKey, (Option<u32>, Option<u32>)>,
-    /// Fileid -> (protected before, protected now).
+    /// Every object this transaction wrote or removed: fileid ->
+    /// (protected before, protected now). Its keys leave the object cache
+    /// at commit.
     protect_changes: HashMap<FileId, (bool, bool)>,
 }
 
@@ -750,6 +804,7 @@ impl WriteTxn<'_> {
                 continue;
             }
             objects.insert(*fid, encode_object(obj)?.as_slice())?;
+            self.protect_changes.entry(*fid).or_insert((false, false));
             origin_index.insert(origin.id, *fid)?;
             let cookie = first_cookie + i as u64;
             names.insert((dir, *name), (*fid, cookie))?;
@@ -1072,7 +1127,14 @@ impl WriteTxn<'_> {
         } else {
             Durability::None
         })?;
-        tx.commit()?;
+        let committed = tx.commit();
+        // Objects this transaction may have changed leave the object cache
+        // even if the commit failed: whichever state redb is in, the next
+        // read goes to it.
+        cache
+            .lock_objects()
+            .committed(self.protect_changes.keys().copied());
+        committed?;
 
         for (key, (old, new)) in self.chunk_changes {
             if let Some(len) = old {
@@ -1204,33 +1266,16 @@ impl WriteTxn<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::object::{Attrs, Kind, ROOT_FILEID};
+    use crate::object::{Kind, ROOT_FILEID};
 
     fn file(size: u64, origin_extent: u64) -> Object {
-        Object {
-            kind: Kind::File,
-            attrs: Attrs {
-                size,
-                mode: 0o644,
-                uid: 0,
-                gid: 0,
-                nlink: 1,
-                atime: 0,
-                mtime: 0,
-                ctime: 0,
-            },
-            origin: None,
-            parent: ROOT_FILEID,
+        let mut obj = Object {
             name: "f".into(),
-            target: None,
-            listed: false,
             origin_extent,
-            pinned: false,
-            removed: false,
-            log: Default::default(),
-            data_gen: 0,
-            verifier: None,
-        }
+            ..Object::sample(Kind::File)
+        };
+        obj.attrs.size = size;
+        obj
     }
 
     fn open(capacity: u64) -> (tempfile::TempDir, Cache) {

@@ -682,7 +682,7 @@ async fn save_copy(vfs: &Vfs, fid: FileId) -> Result<Option<String>, VfsError> {
             let mut out = Vec::new();
             copy_content(vfs, fid, obj.attrs.size, |_, bytes| {
                 out.extend_from_slice(&bytes);
-                std::future::ready(Ok(obj.clone()))
+                std::future::ready(Ok(Object::clone(&obj)))
             })
             .await?;
             std::fs::write(&path, out)

@@ -2,6 +2,7 @@
 //! from the cache and filled from the origin on a miss.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 
 use imz_cache::{DirEntry, FileId, Kind, Object, ROOT_FILEID};
 use imz_origin::wire;
@@ -17,9 +18,8 @@ const LISTING_ATTEMPTS: usize = 4;
 impl Vfs {
     /// The cached object `fid`. Never asks the origin: coherence comes from
     /// the journal, so attributes are answered at memory speed.
-    pub fn getattr(&self, fid: FileId) -> Result<Object, VfsError> {
-        let rx = self.cache.read()?;
-        rx.get(fid)?.ok_or(VfsError::Stale)
+    pub fn getattr(&self, fid: FileId) -> Result<Arc<Object>, VfsError> {
+        self.cache.object_now(fid)?.ok_or(VfsError::Stale)
     }
 
     /// Resolves `name` in directory `dir`.
@@ -222,7 +222,7 @@ impl Vfs {
         dir: FileId,
         cookie: u64,
         limit: usize,
-    ) -> Result<Vec<(DirEntry, Object)>, VfsError> {
+    ) -> Result<Vec<(DirEntry, Arc<Object>)>, VfsError> {
         // An entry whose object is gone is skipped, not an error: the
         // listing goes on past it.
         Ok(self

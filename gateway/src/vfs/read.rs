@@ -140,8 +140,8 @@ impl Vfs {
     /// The target of symlink `fid`.
     pub fn readlink(&self, fid: FileId) -> Result<String, VfsError> {
         let obj = self.getattr(fid)?;
-        match (obj.kind, obj.target) {
-            (Kind::Symlink, Some(target)) => Ok(target),
+        match (obj.kind, &obj.target) {
+            (Kind::Symlink, Some(target)) => Ok(target.clone()),
             (Kind::Symlink, None) => Err(VfsError::Io("symlink target missing".into())),
             _ => Err(VfsError::Invalid("not a symlink".into())),
         }
