@@ -102,6 +102,9 @@ pub struct Status {
     /// COMMIT, or 2 s without writes, makes them so).
     #[serde(default)]
     pub unstable_files: u64,
+    /// Bytes of those writes.
+    #[serde(default)]
+    pub unstable_bytes: u64,
     pub conflicts: u64,
     pub conflicts_held: u64,
     pub cache_used: u64,
@@ -163,6 +166,7 @@ impl Control {
         };
         let usage = self.vfs.cache.usage();
         let (log_records, log_bytes) = log_size(&self.vfs).unwrap_or((0, 0));
+        let (unstable_files, unstable_bytes) = self.vfs.writer.unstable();
         let conflicts = conflict::list(&self.vfs.cache).unwrap_or_default();
         let reads = Metrics::get(&m.reads);
         let hits = Metrics::get(&m.read_hits);
@@ -184,7 +188,8 @@ impl Control {
             journal_lag: origin_seq - cursor,
             log_records,
             log_bytes,
-            unstable_files: self.vfs.writer.unstable_files() as u64,
+            unstable_files: unstable_files as u64,
+            unstable_bytes,
             conflicts: conflicts.len() as u64,
             conflicts_held: conflicts
                 .iter()

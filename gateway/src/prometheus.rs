@@ -51,6 +51,12 @@ pub fn render(s: &Status) -> String {
         s.unstable_files as f64,
     );
     metric(
+        "unstable_bytes",
+        "gauge",
+        "Bytes of UNSTABLE writes acknowledged but not yet durable.",
+        s.unstable_bytes as f64,
+    );
+    metric(
         "conflicts",
         "gauge",
         "Conflicts recorded.",

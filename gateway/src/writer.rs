@@ -81,13 +81,19 @@ pub struct Writer {
     outstanding: Outstanding,
 }
 
-/// Files with acknowledged unstable writes not yet durable. The writer
-/// thread adds them before the replies go out and clears the set after
-/// each durable commit, so a COMMIT that finds its file absent has nothing
-/// to wait for.
-type Outstanding = Arc<Mutex<HashSet<FileId>>>;
+/// Acknowledged unstable writes not yet durable. The writer thread adds
+/// their files before the replies go out and clears them after each
+/// durable commit, so a COMMIT that finds its file absent has nothing to
+/// wait for.
+type Outstanding = Arc<Mutex<OutstandingWrites>>;
 
-fn lock(set: &Outstanding) -> std::sync::MutexGuard<'_, HashSet<FileId>> {
+#[derive(Debug, Default)]
+struct OutstandingWrites {
+    files: HashSet<FileId>,
+    bytes: u64,
+}
+
+fn lock(set: &Outstanding) -> std::sync::MutexGuard<'_, OutstandingWrites> {
     set.lock().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -183,16 +189,17 @@ impl Writer {
         let _ = self.run(0, |_| Ok(())).await;
     }
 
-    /// How many files have unstable writes not yet durable.
-    pub fn unstable_files(&self) -> usize {
-        lock(&self.outstanding).len()
+    /// Files with unstable writes not yet durable, and those writes' bytes.
+    pub fn unstable(&self) -> (usize, u64) {
+        let o = lock(&self.outstanding);
+        (o.files.len(), o.bytes)
     }
 
     /// Makes every write to `fid` acknowledged so far durable (NFS
     /// COMMIT). Often there is nothing to do: a durable commit since (any
     /// client's metadata change, say) took them along.
     pub async fn make_durable(&self, fid: FileId) -> Result<(), VfsError> {
-        if !lock(&self.outstanding).contains(&fid) {
+        if !lock(&self.outstanding).files.contains(&fid) {
             return Ok(());
         }
         self.run(0, |_| Ok(())).await
@@ -383,7 +390,12 @@ impl State {
         }
         match pending.wait() {
             Ok(()) => {
-                lock(&self.outstanding).extend(records.iter().map(|r| r.write.fid));
+                let mut o = lock(&self.outstanding);
+                o.files.extend(records.iter().map(|r| r.write.fid));
+                o.bytes += records
+                    .iter()
+                    .map(|r| r.write.data.len() as u64)
+                    .sum::<u64>();
                 Ok(Committed::Unstable)
             }
             Err(e) => {
@@ -397,7 +409,7 @@ impl State {
 
     /// Everything committed so far is on disk.
     fn became_durable(&mut self) {
-        lock(&self.outstanding).clear();
+        *lock(&self.outstanding) = OutstandingWrites::default();
         self.unstable_bytes = 0;
         // Its records are all in the durable state now (and would be
         // skipped on replay): writing starts over at the beginning.

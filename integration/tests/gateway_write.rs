@@ -458,8 +458,23 @@ async fn a_clean_stop_makes_unstable_writes_durable_for_any_later_boot() -> Resu
 async fn unstable_writes_left_without_commit_settle_by_themselves() -> Result {
     let mut fx = held_fixture("boot-a")?;
     let mut nfs = Nfs::mount(fx.port(), "/imz").await?;
-    let (fh, body, verf, _) = unstable_file(&mut nfs, "i.bin", 4).await?;
+    let (fh, body, verf, stable_prefix) = unstable_file(&mut nfs, "i.bin", 4).await?;
+    let written = Instant::now();
     drop(nfs);
+
+    // Status counts what awaits COMMIT. Read within the idle settle's 2 s
+    // it must be exactly the unstable part; later it may already be 0.
+    let status = fx.gateway.status()?;
+    if written.elapsed() < Duration::from_millis(1500) {
+        assert_eq!(status["unstable_files"].as_u64(), Some(1), "{status}");
+        assert_eq!(
+            status["unstable_bytes"].as_u64(),
+            Some((body.len() - stable_prefix) as u64),
+            "{status}"
+        );
+    } else {
+        eprintln!("status read too late to see the outstanding writes");
+    }
 
     // No COMMIT comes. Nothing else here commits durably (reintegration is
     // held), so the outstanding writes clear only when the gateway, idle,

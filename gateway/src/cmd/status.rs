@@ -64,7 +64,8 @@ pub fn render(s: &Status) -> String {
     ));
     if s.unstable_files > 0 {
         out.push_str(&format!(
-            "unstable    {} file(s) with writes not yet on disk (until COMMIT or 2 s idle)\n",
+            "unstable    {} in {} file(s), written but not yet on disk (until COMMIT or 2 s idle)\n",
+            ByteSize(s.unstable_bytes),
             s.unstable_files
         ));
     }
