@@ -37,7 +37,7 @@ pub struct OriginRef {
 }
 
 /// Attributes as NFS presents them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Attrs {
     pub size: u64,
     /// Permission bits only (`0o7777`).
@@ -109,6 +109,26 @@ pub struct LogRefs {
 }
 
 impl Object {
+    /// An object of `kind` named `name` in `parent`, with nothing else to
+    /// it yet: not at the origin, no content, no log records, not pinned.
+    pub fn new(kind: Kind, parent: FileId, name: String, attrs: Attrs) -> Self {
+        Self {
+            kind,
+            attrs,
+            origin: None,
+            parent,
+            name,
+            target: None,
+            listed: false,
+            origin_extent: 0,
+            pinned: false,
+            removed: false,
+            log: LogRefs::default(),
+            data_gen: 0,
+            verifier: None,
+        }
+    }
+
     pub fn is_dir(&self) -> bool {
         self.kind == Kind::Dir
     }
@@ -127,31 +147,13 @@ impl Object {
 
 #[cfg(test)]
 impl Object {
-    /// A clean, unlisted object of `kind` under the root, for tests.
+    /// An unnamed object of `kind` under the root, mode 0644, for tests.
     pub(crate) fn sample(kind: Kind) -> Self {
-        Self {
-            kind,
-            attrs: Attrs {
-                size: 0,
-                mode: 0o644,
-                uid: 0,
-                gid: 0,
-                nlink: 1,
-                atime: 0,
-                mtime: 0,
-                ctime: 0,
-            },
-            origin: None,
-            parent: ROOT_FILEID,
-            name: String::new(),
-            target: None,
-            listed: false,
-            origin_extent: 0,
-            pinned: false,
-            removed: false,
-            log: LogRefs::default(),
-            data_gen: 0,
-            verifier: None,
-        }
+        let attrs = Attrs {
+            mode: 0o644,
+            nlink: 1,
+            ..Attrs::default()
+        };
+        Self::new(kind, ROOT_FILEID, String::new(), attrs)
     }
 }

@@ -43,26 +43,22 @@ pub fn kind_from(k: wire::Kind) -> Kind {
 /// A fresh cache object for origin object `attr`, named `name` in `parent`.
 pub fn new_object(parent: FileId, name: &str, attr: &wire::Attr) -> Object {
     Object {
-        kind: kind_from(attr.kind),
-        attrs: attrs_from(attr),
         origin: Some(OriginRef {
             id: attr.id,
             version: attr.version,
         }),
-        parent,
-        name: name.to_owned(),
         target: attr.target.clone(),
-        listed: false,
         origin_extent: if attr.kind == wire::Kind::File {
             attr.size
         } else {
             0
         },
-        pinned: false,
-        removed: false,
-        log: Default::default(),
-        data_gen: 0,
-        verifier: None,
+        ..Object::new(
+            kind_from(attr.kind),
+            parent,
+            name.to_owned(),
+            attrs_from(attr),
+        )
     }
 }
 

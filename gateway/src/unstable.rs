@@ -487,29 +487,14 @@ mod tests {
         let before = cache.generation();
         let fid = 1000;
         let mut tx = cache.write().expect("write");
+        let attrs = Attrs {
+            mode: 0o644,
+            nlink: 1,
+            ..Attrs::default()
+        };
         let obj = Object {
-            kind: Kind::File,
-            attrs: Attrs {
-                size: 0,
-                mode: 0o644,
-                uid: 0,
-                gid: 0,
-                nlink: 1,
-                atime: 0,
-                mtime: 0,
-                ctime: 0,
-            },
             origin: Some(OriginRef { id: 5, version: 1 }),
-            parent: ROOT_FILEID,
-            name: "f".into(),
-            target: None,
-            listed: false,
-            origin_extent: 0,
-            pinned: false,
-            removed: false,
-            log: Default::default(),
-            data_gen: 0,
-            verifier: None,
+            ..Object::new(Kind::File, ROOT_FILEID, "f".into(), attrs)
         };
         tx.put(fid, &obj).expect("put");
         let seq = tx

@@ -250,22 +250,14 @@ impl Vfs {
                 set.size = None;
                 apply_attrs(&mut attrs, &set, now);
                 let obj = Object {
-                    kind,
-                    attrs,
-                    origin: None,
-                    parent: dir,
-                    name: name.clone(),
                     target,
                     listed: true,
-                    origin_extent: 0,
                     pinned: dir_obj.pinned,
-                    removed: false,
-                    log: Default::default(),
-                    data_gen: 0,
                     verifier: match node {
                         NewNode::File { exclusive } => exclusive,
                         _ => None,
                     },
+                    ..Object::new(kind, dir, name.clone(), attrs)
                 };
                 let fid = tx.create(dir, &name, &obj)?;
                 touch_dir(tx, dir, &mut dir_obj, 1, now)?;
