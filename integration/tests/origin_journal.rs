@@ -324,3 +324,46 @@ fn changes_made_while_the_origin_was_down_are_found_at_start_up() {
             .any(|r| matches!(&r.change, Change::Create { name, .. } if name == "fresh"))
     );
 }
+
+/// Write syscalls (`syscw` in /proc/PID/io) the process has made.
+fn write_syscalls(pid: u32) -> u64 {
+    let io = std::fs::read_to_string(format!("/proc/{pid}/io")).expect("read /proc/PID/io");
+    io.lines()
+        .find_map(|l| l.strip_prefix("syscw:"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("syscw in /proc/PID/io")
+}
+
+#[test]
+fn an_origin_left_idle_after_serving_reads_writes_nothing() {
+    let s = start_with(|root| {
+        std::fs::write(root.join("file"), b"content").expect("write");
+        std::fs::create_dir(root.join("sub")).expect("mkdir");
+        std::fs::write(root.join("sub/inner"), b"more").expect("write");
+    });
+    let c = &s.client;
+    // Serving opens the file and the directories it reads: inotify reports
+    // those opens, and they are no change to the tree.
+    let file = c.lookup(ROOT_ID, "file").attr;
+    let body = c.data(file.id, file.version).bytes().expect("data");
+    assert_eq!(&body[..], b"content");
+    let sub = c.lookup(ROOT_ID, "sub").attr;
+    assert_eq!(c.lookup(sub.id, "inner").attr.size, 4);
+    assert_eq!(c.entries(sub.id, None, 100).entries.len(), 1);
+    let seq = c.info().last_seq;
+
+    // Let the watcher's debounce (20 ms) and any reconcile pass, then watch
+    // a quiet origin: taking its own opens for changes, it used to
+    // reconcile (and commit its store) about fifty times a second.
+    std::thread::sleep(Duration::from_millis(500));
+    let pid = s.origin.proc.pid();
+    let before = write_syscalls(pid);
+    std::thread::sleep(Duration::from_secs(2));
+    let after = write_syscalls(pid);
+    assert!(
+        after - before <= 5,
+        "an idle origin made {} write syscalls in 2 s",
+        after - before
+    );
+    assert_eq!(c.info().last_seq, seq, "nothing was journaled");
+}

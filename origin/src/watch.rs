@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::sync::mpsc as std_mpsc;
 use std::time::{Duration, Instant};
 
+use notify::event::{AccessKind, AccessMode, EventKind};
 use notify::{RecursiveMode, Watcher as _};
 
 use crate::error::OriginError;
@@ -39,6 +40,9 @@ impl Watcher {
                     if event.need_rescan() {
                         let _ = tx.send(Seen::Rescan);
                     }
+                    if !changes_content(&event.kind) {
+                        return;
+                    }
                     for path in event.paths {
                         if !path.starts_with(&state) {
                             let _ = tx.send(Seen::Path(path));
@@ -63,6 +67,19 @@ impl Watcher {
             .spawn(move || debounce_loop(rx, jobs, root, debounce))
             .map_err(|e| OriginError::io("spawning the watcher thread", e))?;
         Ok(Self { _inner: inner })
+    }
+}
+
+/// Whether an event can mean the tree changed. inotify also reports every
+/// open, including the origin's own opens to serve data and to reconcile;
+/// taking those as changes made an idle origin reconcile (and sync its
+/// store) over and over, each reconcile's opens calling for the next.
+fn changes_content(kind: &EventKind) -> bool {
+    match kind {
+        // A file closed after writing: its content is final now.
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+        EventKind::Access(_) => false,
+        _ => true,
     }
 }
 
