@@ -1498,4 +1498,42 @@ mod tests {
         assert_eq!(rest, vec!["n2", "n3", "n4", "late"]);
         assert_eq!(rx.lookup(ROOT_FILEID, "n3").expect("lookup"), Some(fids[3]));
     }
+
+    #[test]
+    fn readers_never_see_an_object_go_back_nor_keep_a_stale_one() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        const FID: FileId = 7;
+        const VERSIONS: u64 = 20_000;
+        let (_dir, cache) = open(1 << 20);
+        let put = |size: u64| {
+            let mut tx = cache.write().expect("write");
+            tx.put(FID, &file(size, 0)).expect("put");
+            tx.commit(false).expect("commit");
+        };
+        put(0);
+        let done = AtomicBool::new(false);
+        std::thread::scope(|s| {
+            for _ in 0..2 {
+                s.spawn(|| {
+                    let mut seen = 0;
+                    while !done.load(Ordering::Acquire) {
+                        // Both ways in: the map-first call and a snapshot's.
+                        let a = cache.object_now(FID).expect("read").expect("obj");
+                        let rx = cache.read().expect("read");
+                        let b = rx.get_now(FID).expect("read").expect("obj");
+                        for size in [a.attrs.size, b.attrs.size] {
+                            assert!(size >= seen, "went back from {seen} to {size}");
+                            seen = size;
+                        }
+                    }
+                });
+            }
+            for size in 1..=VERSIONS {
+                put(size);
+            }
+            done.store(true, Ordering::Release);
+        });
+        let last = cache.object_now(FID).expect("read").expect("obj");
+        assert_eq!(last.attrs.size, VERSIONS, "a stale object stayed in memory");
+    }
 }
