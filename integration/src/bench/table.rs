@@ -87,4 +87,29 @@ pub fn print_load(before: &str, after: &str, at_round_starts: &[f64]) {
     println!(
         "2 cores shared with other work: compare ratios within a run, not absolute numbers across runs"
     );
+    if let Some(note) = free_page_reporting() {
+        println!("{note}");
+    }
+}
+
+/// A note when this machine is a VM that hands freed memory back to its
+/// host at once: then touching memory the guest freed earlier costs a
+/// fault on the host (measured here: about 3 s per GiB, against 0.3 s
+/// for memory still held), so any run that grows the page cache or the
+/// heap pays for it, by luck of what was freed when. It is the main source
+/// of the run-to-run swings of write and cold-read figures here.
+fn free_page_reporting() -> Option<String> {
+    let dir = std::path::Path::new("/sys/module/page_reporting/parameters");
+    let read = |name: &str| std::fs::read_to_string(dir.join(name)).ok();
+    let reported_kib: u64 = read("reported_kib")?.trim().parse().ok()?;
+    if reported_kib == 0 {
+        return None;
+    }
+    let delay = read("min_free_ms").map_or_else(|| "?".into(), |v| v.trim().to_owned());
+    Some(format!(
+        "this VM returns freed memory to its host (free page reporting, {} GiB so far, \
+         min_free_ms {delay}): memory first touched again costs a host fault, so figures \
+         that grow the page cache swing from run to run",
+        reported_kib >> 20
+    ))
 }
