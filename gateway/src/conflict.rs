@@ -219,18 +219,8 @@ pub async fn settle(
         OpResult::Conflict(c) => (Some(c.reason), c.current.clone()),
         OpResult::Rejected { error } => {
             tracing::error!(%path, seq, %error, "origin rejected a logged change; holding it for a person");
-            record_conflict(
-                vfs,
-                &path,
-                "rejected",
-                policy,
-                &format!("origin rejected it: {error}"),
-                None,
-                Some(fid),
-                decided.as_ref(),
-            )
-            .await?;
-            return Ok(());
+            let held = Settled::held(policy, fid, format!("origin rejected it: {error}"));
+            return record_conflict(vfs, &path, "rejected", held, decided.as_ref()).await;
         }
         _ => return Ok(()),
     };
@@ -238,20 +228,14 @@ pub async fn settle(
     tracing::warn!(%path, case, %policy, ?reason, op = ?record.op, current = ?current, "conflict");
 
     if policy == ConflictPolicy::Manual {
-        record_conflict(
-            vfs,
-            &path,
-            case,
-            policy,
-            "held until resolved",
-            None,
-            Some(fid),
-            decided.as_ref(),
-        )
-        .await?;
-        return Ok(());
+        let held = Settled::held(policy, fid, "held until resolved");
+        return record_conflict(vfs, &path, case, held, decided.as_ref()).await;
     }
-    let outcome = match (&record.op, reason) {
+    let saved = |outcome: &str, copy: Option<String>| Settled {
+        saved_copy: copy,
+        ..Settled::by(policy, outcome)
+    };
+    let settled: Settled = match (&record.op, reason) {
         // Already as we wanted it, or nothing left to do.
         (
             LogOp::Remove { .. },
@@ -262,34 +246,26 @@ pub async fn settle(
             ),
         ) => {
             finish(vfs, seq, record, None).await?;
-            "already gone at the origin".to_owned()
+            Settled::by(policy, "already gone at the origin")
         }
         (LogOp::Store { .. } | LogOp::SetAttr { .. }, Some(ConflictReason::VersionMismatch)) => {
             match policy {
                 ConflictPolicy::GatewayWins => {
                     rebase(vfs, fid, current.as_ref()).await?;
-                    "ours replaces theirs".to_owned()
+                    Settled::by(policy, "ours replaces theirs")
                 }
                 ConflictPolicy::KeepBoth => {
                     let copy = copy_beside(vfs, fid, gateway_id).await?;
                     take_theirs(vfs, fid, current.as_ref()).await?;
-                    format!("ours kept as {copy}, theirs keeps the name")
+                    Settled::by(
+                        policy,
+                        format!("ours kept as {copy}, theirs keeps the name"),
+                    )
                 }
                 _ => {
-                    let saved = save_copy(vfs, fid).await?;
+                    let copy = save_copy(vfs, fid).await?;
                     take_theirs(vfs, fid, current.as_ref()).await?;
-                    record_conflict(
-                        vfs,
-                        &path,
-                        case,
-                        policy,
-                        "theirs stays; ours saved",
-                        saved,
-                        None,
-                        decided.as_ref(),
-                    )
-                    .await?;
-                    return Ok(());
+                    saved("theirs stays; ours saved", copy)
                 }
             }
         }
@@ -298,24 +274,13 @@ pub async fn settle(
             Some(ConflictReason::Removed),
         ) => match policy {
             ConflictPolicy::OriginWins => {
-                let saved = save_copy(vfs, fid).await?;
+                let copy = save_copy(vfs, fid).await?;
                 drop_object(vfs, fid).await?;
-                record_conflict(
-                    vfs,
-                    &path,
-                    case,
-                    policy,
-                    "removed as at the origin; ours saved",
-                    saved,
-                    None,
-                    decided.as_ref(),
-                )
-                .await?;
-                return Ok(());
+                saved("removed as at the origin; ours saved", copy)
             }
             _ => {
                 recreate(vfs, seq, fid).await?;
-                "ours created again".to_owned()
+                Settled::by(policy, "ours created again")
             }
         },
         (
@@ -326,11 +291,11 @@ pub async fn settle(
                 && reason == Some(ConflictReason::VersionMismatch)
             {
                 rebase(vfs, fid, current.as_ref()).await?;
-                "removed anyway".to_owned()
+                Settled::by(policy, "removed anyway")
             } else {
                 finish(vfs, seq, record, None).await?;
                 restore_entry(vfs, *parent, name, current.as_ref()).await?;
-                "theirs comes back".to_owned()
+                Settled::by(policy, "theirs comes back")
             }
         }
         (
@@ -344,34 +309,23 @@ pub async fn settle(
                 .ok_or_else(|| VfsError::Io("name conflict without the origin's object".into()))?;
             if *kind == Kind::Dir && theirs.kind == wire::Kind::Dir {
                 adopt(vfs, seq, fid, theirs, true).await?;
-                "directories merged".to_owned()
+                Settled::by(policy, "directories merged")
             } else if policy == ConflictPolicy::GatewayWins
                 && *kind == Kind::File
                 && theirs.kind == wire::Kind::File
             {
                 adopt(vfs, seq, fid, theirs, false).await?;
-                "ours replaces theirs".to_owned()
+                Settled::by(policy, "ours replaces theirs")
             } else if policy == ConflictPolicy::OriginWins && *kind != Kind::Dir {
-                let saved = save_copy(vfs, fid).await?;
+                let copy = save_copy(vfs, fid).await?;
                 vfs.remove(*parent, name).await?;
                 restore_entry(vfs, *parent, name, Some(theirs)).await?;
-                record_conflict(
-                    vfs,
-                    &path,
-                    case,
-                    policy,
-                    "theirs stays; ours saved",
-                    saved,
-                    None,
-                    decided.as_ref(),
-                )
-                .await?;
-                return Ok(());
+                saved("theirs stays; ours saved", copy)
             } else {
                 let new_name = conflict_name(name, gateway_id, now_nanos());
                 rename_pending(vfs, seq, fid, *parent, name, &new_name).await?;
                 restore_entry(vfs, *parent, name, Some(theirs)).await?;
-                format!("ours renamed to {new_name}")
+                Settled::by(policy, format!("ours renamed to {new_name}"))
             }
         }
         (
@@ -382,23 +336,13 @@ pub async fn settle(
             Some(ConflictReason::ParentMissing),
         ) => {
             if policy == ConflictPolicy::OriginWins {
-                let saved = save_copy(vfs, fid).await?;
+                let copy = save_copy(vfs, fid).await?;
                 drop_object(vfs, fid).await?;
-                record_conflict(
-                    vfs,
-                    &path,
-                    case,
-                    policy,
-                    "parent gone at the origin; ours saved",
-                    saved,
-                    None,
-                    decided.as_ref(),
-                )
-                .await?;
-                return Ok(());
+                saved("parent gone at the origin; ours saved", copy)
+            } else {
+                recreate_dir_chain(vfs, gateway_id, *parent).await?;
+                Settled::by(policy, "parent directory created again")
             }
-            recreate_dir_chain(vfs, gateway_id, *parent).await?;
-            "parent directory created again".to_owned()
         }
         (
             LogOp::Rename {
@@ -416,7 +360,7 @@ pub async fn settle(
             match policy {
                 ConflictPolicy::GatewayWins => {
                     replace_at_rename(vfs, seq, record, theirs).await?;
-                    "ours replaces theirs".to_owned()
+                    Settled::by(policy, "ours replaces theirs")
                 }
                 ConflictPolicy::OriginWins => {
                     finish(vfs, seq, record, None).await?;
@@ -431,20 +375,20 @@ pub async fn settle(
                     )
                     .await?;
                     restore_entry(vfs, *to_parent, to_name, Some(theirs)).await?;
-                    "ours stays where it was".to_owned()
+                    Settled::by(policy, "ours stays where it was")
                 }
                 _ => {
                     let new_name = conflict_name(to_name, gateway_id, now_nanos());
                     rename_pending(vfs, seq, fid, *to_parent, to_name, &new_name).await?;
                     restore_entry(vfs, *to_parent, to_name, Some(theirs)).await?;
-                    format!("ours renamed to {new_name}")
+                    Settled::by(policy, format!("ours renamed to {new_name}"))
                 }
             }
         }
         (LogOp::Rename { .. }, Some(ConflictReason::VersionMismatch)) => {
             // The content changed at the origin; a move does not care.
             rebase(vfs, fid, current.as_ref()).await?;
-            "moved as well".to_owned()
+            Settled::by(policy, "moved as well")
         }
         (
             LogOp::Rename {
@@ -457,7 +401,7 @@ pub async fn settle(
             // Renamed differently at the origin: its name there stays.
             finish(vfs, seq, record, None).await?;
             forget_location(vfs, fid, &[*from_parent, *to_parent]).await?;
-            "the origin's name stays".to_owned()
+            Settled::by(policy, "the origin's name stays")
         }
         (op, reason) => {
             tracing::error!(
@@ -465,31 +409,38 @@ pub async fn settle(
                 ?reason,
                 "conflict of a kind nothing settles; holding it"
             );
-            record_conflict(
-                vfs,
-                &path,
-                case,
-                ConflictPolicy::Manual,
-                "held: no automatic resolution",
-                None,
-                Some(fid),
-                decided.as_ref(),
-            )
-            .await?;
-            return Ok(());
+            Settled::held(ConflictPolicy::Manual, fid, "held: no automatic resolution")
         }
     };
-    record_conflict(
-        vfs,
-        &path,
-        case,
-        policy,
-        &outcome,
-        None,
-        None,
-        decided.as_ref(),
-    )
-    .await
+    record_conflict(vfs, &path, case, settled, decided.as_ref()).await
+}
+
+/// How a conflict ended, as it is recorded.
+struct Settled {
+    policy: ConflictPolicy,
+    outcome: String,
+    /// Where our version was saved, if the policy set it aside.
+    saved_copy: Option<String>,
+    /// The object whose record waits for a person.
+    held: Option<FileId>,
+}
+
+impl Settled {
+    fn by(policy: ConflictPolicy, outcome: impl Into<String>) -> Self {
+        Self {
+            policy,
+            outcome: outcome.into(),
+            saved_copy: None,
+            held: None,
+        }
+    }
+
+    fn held(policy: ConflictPolicy, fid: FileId, outcome: impl Into<String>) -> Self {
+        Self {
+            held: Some(fid),
+            ..Self::by(policy, outcome)
+        }
+    }
 }
 
 fn case_name(op: &LogOp, reason: Option<ConflictReason>) -> &'static str {
@@ -511,30 +462,32 @@ fn case_name(op: &LogOp, reason: Option<ConflictReason>) -> &'static str {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn record_conflict(
     vfs: &Vfs,
     path: &str,
     case: &str,
-    policy: ConflictPolicy,
-    outcome: &str,
-    saved_copy: Option<String>,
-    held: Option<FileId>,
+    settled: Settled,
     decided: Option<&ConflictEntry>,
 ) -> Result<(), VfsError> {
+    let Settled {
+        policy,
+        outcome,
+        saved_copy,
+        held,
+    } = settled;
+    tracing::warn!(path, case, %policy, %outcome, "conflict settled");
     let mut entry = ConflictEntry {
         id: 0,
         time: now_nanos(),
         path: path.to_owned(),
         case: case.to_owned(),
         policy,
-        outcome: outcome.to_owned(),
+        outcome,
         saved_copy,
         held,
         decision: None,
     };
     let replaces = decided.map(|d| d.id);
-    tracing::warn!(path, case, %policy, outcome, "conflict settled");
     vfs.writer
         .run(0, move |tx| {
             if let Some(old) = replaces {
