@@ -6,7 +6,8 @@
 //! NFS or HTTP: the gateway decides what to store; this crate keeps the
 //! invariants of what is stored (see [`Object`] and [`store`]) and keeps file
 //! data within the configured capacity by evicting least recently used clean
-//! chunks (never dirty or pinned ones).
+//! chunks (never dirty or pinned ones). Objects recently read are also kept
+//! decoded in memory (`objcache`), so that attribute lookups skip redb.
 
 pub mod chunk;
 mod error;
