@@ -626,19 +626,20 @@ impl ReadTxn<'_> {
     /// there (then possibly newer than this snapshot), otherwise from this
     /// snapshot.
     pub fn get_now(&self, fid: FileId) -> Result<Option<Arc<Object>>> {
+        let objects = self.tx.open_table(OBJECTS)?;
+        self.object_in(&objects, fid)
+    }
+
+    /// [`get_now`](Self::get_now), with the objects table already open.
+    fn object_in(
+        &self,
+        objects: &redb::ReadOnlyTable<u64, &[u8]>,
+        fid: FileId,
+    ) -> Result<Option<Arc<Object>>> {
         if let Some(obj) = self.cache.lock_objects().get(fid) {
             return Ok(Some(obj));
         }
-        let t = self.tx.open_table(OBJECTS)?;
-        self.decode_and_keep(fid, t.get(fid)?)
-    }
-
-    fn decode_and_keep(
-        &self,
-        fid: FileId,
-        stored: Option<redb::AccessGuard<'_, &[u8]>>,
-    ) -> Result<Option<Arc<Object>>> {
-        let Some(stored) = stored else {
+        let Some(stored) = objects.get(fid)? else {
             return Ok(None);
         };
         let obj = Arc::new(decode_object(stored.value())?);
@@ -659,12 +660,7 @@ impl ReadTxn<'_> {
     ) -> Result<Vec<(DirEntry, Arc<Object>)>> {
         let objects = self.tx.open_table(OBJECTS)?;
         self.scan_entries(dir, cookie, limit, |e| {
-            if let Some(obj) = self.cache.lock_objects().get(e.fileid) {
-                return Ok(Some((e, obj)));
-            }
-            Ok(self
-                .decode_and_keep(e.fileid, objects.get(e.fileid)?)?
-                .map(|obj| (e, obj)))
+            Ok(self.object_in(&objects, e.fileid)?.map(|obj| (e, obj)))
         })
     }
 }
