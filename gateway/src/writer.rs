@@ -90,6 +90,7 @@ type Outstanding = Arc<Mutex<OutstandingWrites>>;
 #[derive(Debug, Default)]
 struct OutstandingWrites {
     files: HashSet<FileId>,
+    /// Their bytes: past [`MAX_UNSTABLE_BYTES`] the next commit is durable.
     bytes: u64,
 }
 
@@ -115,7 +116,6 @@ impl Writer {
             log,
             outstanding: Arc::clone(&outstanding),
             marked: false,
-            unstable_bytes: 0,
             next_seq: 0,
         };
         state.next_seq = state
@@ -224,8 +224,6 @@ struct State {
     outstanding: Outstanding,
     /// This run recorded its boot id as having unstable writes outstanding.
     marked: bool,
-    /// Bytes of unstable writes since the last durable commit.
-    unstable_bytes: u64,
     next_seq: u64,
 }
 
@@ -300,10 +298,7 @@ impl State {
             let outcome = job(Some(&mut txn));
             poisoned |= outcome.poisoned;
             match outcome.unstable {
-                Some(write) if self.log.is_some() => {
-                    self.unstable_bytes += write.data.len() as u64;
-                    records.push(Record { seq: 0, write });
-                }
+                Some(write) if self.log.is_some() => records.push(Record { seq: 0, write }),
                 _ => needs_durable = true,
             }
             replies.push(outcome.reply);
@@ -349,6 +344,7 @@ impl State {
         mut durable: bool,
         records: &mut [Record],
     ) -> Result<Committed, VfsError> {
+        let batch_bytes: u64 = records.iter().map(|r| r.write.data.len() as u64).sum();
         if !records.is_empty() {
             for r in records.iter_mut() {
                 r.seq = self.next_seq;
@@ -357,7 +353,7 @@ impl State {
             if let Some(last) = records.last() {
                 txn.put_meta_u64(meta::UNSTABLE_SEQ, last.seq)?;
             }
-            if self.unstable_bytes > MAX_UNSTABLE_BYTES {
+            if lock(&self.outstanding).bytes + batch_bytes > MAX_UNSTABLE_BYTES {
                 durable = true;
             }
             if !self.marked && !durable {
@@ -392,10 +388,7 @@ impl State {
             Ok(()) => {
                 let mut o = lock(&self.outstanding);
                 o.files.extend(records.iter().map(|r| r.write.fid));
-                o.bytes += records
-                    .iter()
-                    .map(|r| r.write.data.len() as u64)
-                    .sum::<u64>();
+                o.bytes += batch_bytes;
                 Ok(Committed::Unstable)
             }
             Err(e) => {
@@ -410,7 +403,6 @@ impl State {
     /// Everything committed so far is on disk.
     fn became_durable(&mut self) {
         *lock(&self.outstanding) = OutstandingWrites::default();
-        self.unstable_bytes = 0;
         // Its records are all in the durable state now (and would be
         // skipped on replay): writing starts over at the beginning.
         if let Some((log, _)) = &self.log {
