@@ -58,6 +58,8 @@ pub struct Gateway {
     /// Where Prometheus metrics are served.
     pub metrics_addr: Option<SocketAddr>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// The entry that lets `imz status` find this gateway unasked.
+    _registration: Option<crate::registry::Registration>,
 }
 
 impl Gateway {
@@ -159,6 +161,12 @@ impl Gateway {
         });
         let control_path = control::socket_path(&config.cache_dir);
         control::serve(control_path.clone(), Arc::clone(&control)).await?;
+        // Only a convenience: `--cache` and `--control` still find it.
+        let registration = crate::registry::register(&control_path)
+            .inspect_err(|e| {
+                tracing::warn!(error = %e, "not registered: control commands need --cache or --control")
+            })
+            .ok();
         let metrics_addr = match config.metrics_listen {
             Some(addr) => Some(crate::prometheus::serve(addr, Arc::clone(&control)).await?),
             None => None,
@@ -189,6 +197,7 @@ impl Gateway {
             control,
             metrics_addr,
             tasks,
+            _registration: registration,
         })
     }
 

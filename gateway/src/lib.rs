@@ -26,6 +26,7 @@ pub mod nfs;
 pub mod origin_client;
 pub mod pin;
 pub mod prometheus;
+pub mod registry;
 pub mod reintegrate;
 pub mod replicate;
 pub mod unstable;

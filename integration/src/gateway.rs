@@ -43,7 +43,14 @@ impl GatewayProc {
             cache_size.into(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
-        Self::spawn(args, Vec::new(), "127.0.0.1:0", cache_dir)
+        // Gateways whose caches share a directory find each other there,
+        // and nowhere else: tests stay out of the machine's /run/imz.
+        let registry = registry_dir(cache_dir);
+        let env = vec![(
+            "IMZ_RUNTIME_DIR".to_owned(),
+            registry.to_str().context("registry path")?.to_owned(),
+        )];
+        Self::spawn(args, env, "127.0.0.1:0", cache_dir)
     }
 
     /// Sets `key=value` in the environment of every later (re)start.
@@ -125,6 +132,24 @@ impl GatewayProc {
     pub fn status(&self) -> anyhow::Result<serde_json::Value> {
         parse_status(&self.ctl(&["status", "--json"])?)
     }
+}
+
+/// Where gateways started by [`GatewayProc::start`] with caches in
+/// `cache_dir`'s parent register (`IMZ_RUNTIME_DIR`).
+pub fn registry_dir(cache_dir: &Path) -> PathBuf {
+    cache_dir.parent().unwrap_or(cache_dir).join("imz-run")
+}
+
+/// Runs `imz SUBCOMMAND...` without saying which gateway, as a user would
+/// with only the gateways registered in `registry` running.
+pub fn control_unaddressed(registry: &Path, args: &[&str]) -> anyhow::Result<std::process::Output> {
+    let bin = crate::imz_bin();
+    std::process::Command::new(&bin)
+        .args(args)
+        .env("IMZ_RUNTIME_DIR", registry)
+        .env_remove("IMZ_CACHE")
+        .output()
+        .with_context(|| format!("running {}", bin.display()))
 }
 
 /// Runs `BIN SUBCOMMAND... --control SOCKET` against the gateway whose

@@ -4,7 +4,8 @@
 use std::time::Duration;
 
 use imz_integration::Fixture;
-use imz_integration::gateway::eventually;
+use imz_integration::GatewayProc;
+use imz_integration::gateway::{control_unaddressed, eventually, registry_dir};
 use imz_integration::nfs::{Nfs, Stable};
 
 type Result = anyhow::Result<()>;
@@ -172,5 +173,65 @@ async fn sync_ships_a_backlog_of_many_batches_at_once() -> Result {
             i.to_le_bytes()
         );
     }
+    Ok(())
+}
+
+/// `imz status` (and every control command) without `--cache` or
+/// `--control` talks to the one running gateway; with several running it
+/// names them instead of guessing; a killed gateway is forgotten.
+#[test]
+fn control_commands_find_the_running_gateway_unasked() -> Result {
+    let mut fx = Fixture::new(|root| {
+        std::fs::write(root.join("a.txt"), "a")?;
+        Ok(())
+    })?;
+    let registry = registry_dir(&fx.gateway.cache_dir);
+    let ask = |args: &[&str]| control_unaddressed(&registry, args);
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+
+    let out = ask(&["status", "--json"])?;
+    anyhow::ensure!(out.status.success(), "status: {}", text(&out.stderr));
+    let s: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(s["origin"], fx.origin.url.as_str());
+    let out = ask(&["pin", "a.txt"])?;
+    anyhow::ensure!(out.status.success(), "pin: {}", text(&out.stderr));
+    assert_eq!(num(&fx.gateway.status()?, "pinned_bytes"), 1);
+
+    let mut second = GatewayProc::start(
+        &fx.origin.url,
+        &fx.origin.token_file,
+        &fx.dir.path().join("cache-2"),
+        "1GiB",
+        &[],
+    )?;
+    let out = ask(&["status"])?;
+    let err = text(&out.stderr);
+    assert!(!out.status.success(), "two gateways, yet status chose one");
+    assert!(err.contains("2 gateways are running"), "{err}");
+    for g in [&fx.gateway, &second] {
+        let socket = g.cache_dir.join("control.sock");
+        assert!(
+            err.contains(&format!("--control {}", socket.display())),
+            "{err}"
+        );
+    }
+
+    let status = second.proc.signal_and_wait(15, Duration::from_secs(20))?;
+    assert!(status.success(), "second gateway exited with {status}");
+    let out = ask(&["status", "--json"])?;
+    anyhow::ensure!(out.status.success(), "status: {}", text(&out.stderr));
+    let s: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(num(&s, "pinned_bytes"), 1, "answered by the first gateway");
+
+    fx.gateway.proc.kill9();
+    let out = ask(&["status"])?;
+    let err = text(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("no running gateway found"), "{err}");
+    assert_eq!(
+        std::fs::read_dir(&registry)?.count(),
+        0,
+        "the killed gateway's entry was not removed"
+    );
     Ok(())
 }

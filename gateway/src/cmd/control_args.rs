@@ -4,10 +4,12 @@ use std::path::PathBuf;
 
 use imz_gateway::control::{self, Request, Response};
 
-/// Which gateway to talk to.
+/// Which gateway to talk to: without either option, the one running
+/// (see [`imz_gateway::registry`]).
 #[derive(Debug, Clone, clap::Args)]
 pub struct Target {
     /// The gateway's --cache directory (its control socket is in it).
+    /// Without this or --control: the one gateway running
     #[arg(long, env = "IMZ_CACHE", conflicts_with = "control")]
     pub cache: Option<PathBuf>,
     /// The gateway's control socket, as it printed at start.
@@ -20,9 +22,7 @@ impl Target {
         match (&self.control, &self.cache) {
             (Some(p), _) => Ok(p.clone()),
             (None, Some(dir)) => Ok(control::socket_path(dir)),
-            (None, None) => anyhow::bail!(
-                "which gateway? pass --cache DIR (its cache directory) or --control SOCKET"
-            ),
+            (None, None) => Ok(imz_gateway::registry::the_running_gateway()?),
         }
     }
 
