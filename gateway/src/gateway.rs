@@ -60,6 +60,8 @@ pub struct Gateway {
     tasks: Vec<tokio::task::JoinHandle<()>>,
     /// The entry that lets `imz status` find this gateway unasked.
     _registration: Option<crate::registry::Registration>,
+    /// How portmapper clients learn our ports (standard port only).
+    pub portmap: Option<crate::portmap::Presence>,
 }
 
 impl Gateway {
@@ -181,6 +183,7 @@ impl Gateway {
         .await
         .with_context(|| format!("listening for NFS on {}", config.listen))?;
         let nfs_addr = SocketAddr::new(listener.get_listen_ip(), listener.get_listen_port());
+        let portmap = crate::portmap::announce(nfs_addr).await;
         tasks.push(tokio::spawn(async move {
             if let Err(e) = listener.handle_forever().await {
                 tracing::error!(error = %e, "NFS listener failed");
@@ -198,20 +201,20 @@ impl Gateway {
             metrics_addr,
             tasks,
             _registration: registration,
+            portmap,
         })
     }
 
-    /// The mount command that works on Linux for this gateway.
+    /// The mount command that works on Linux for this gateway. The ports
+    /// are named even when standard: without `port=` and `mountport=` the
+    /// kernel asks a portmapper, and the gateway registers with none; MOUNT
+    /// is answered on the NFS port, over TCP only.
     pub fn linux_mount_command(&self, mountpoint: &str) -> String {
         let port = self.nfs_addr.port();
         let host = mount_host(self.nfs_addr);
-        if port == 2049 {
-            format!("mount -t nfs -o vers=3,tcp,nolock {host}:/{EXPORT} {mountpoint}")
-        } else {
-            format!(
-                "mount -t nfs -o vers=3,tcp,nolock,port={port},mountport={port} {host}:/{EXPORT} {mountpoint}"
-            )
-        }
+        format!(
+            "mount -t nfs -o vers=3,tcp,nolock,port={port},mountport={port},mountproto=tcp {host}:/{EXPORT} {mountpoint}"
+        )
     }
 
     /// The mount command for macOS.

@@ -25,6 +25,7 @@ pub mod metrics;
 pub mod nfs;
 pub mod origin_client;
 pub mod pin;
+pub mod portmap;
 pub mod prometheus;
 pub mod registry;
 pub mod reintegrate;
