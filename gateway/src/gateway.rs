@@ -217,6 +217,15 @@ impl Gateway {
         )
     }
 
+    /// The short Linux mount command, without version or ports: it works
+    /// when portmapper clients can learn them ([`Gateway::portmap`]).
+    pub fn linux_short_mount_command(&self, mountpoint: &str) -> Option<String> {
+        let host = mount_host(self.nfs_addr);
+        self.portmap
+            .as_ref()
+            .map(|_| format!("mount -t nfs -o nolock {host}:/{EXPORT} {mountpoint}"))
+    }
+
     /// The mount command for macOS.
     pub fn macos_mount_command(&self, mountpoint: &str) -> String {
         let port = self.nfs_addr.port();

@@ -6,9 +6,10 @@
 # The base directory holds:
 #   vmlinuz        Debian's stock cloud kernel (it has the NFSv3 client as modules)
 #   base.cpio.gz   busybox + the NFS/virtio modules + /init (guest/init)
+#                  + mount.nfs (nfs-common) and its libraries
 #                  + guest/lib.sh + pure-ftpd and the host libraries it needs
 #
-# Everything comes from Debian packages: the kernel, busybox-static and
+# Everything comes from Debian packages: the kernel, busybox-static, nfs-common and
 # pure-ftpd .debs are fetched with `apt-get download` (never installed on the
 # host) and unpacked in the cache; shared libraries come from the host (same
 # distribution), resolved with ldd. Host tools needed: qemu-system-x86 (to run
@@ -62,8 +63,9 @@ if [ ! -s "$CACHE/packages" ]; then
   [ -n "$KPKG" ] || die "cannot resolve linux-image-cloud-amd64 in the apt lists"
   echo "$KPKG busybox-static pure-ftpd" > "$CACHE/packages"
 fi
-read -r -a PKGS < "$CACHE/packages"
-KPKG=${PKGS[0]}
+# The kernel is the pinned one; the rest is this script's list.
+read -r KPKG _ < "$CACHE/packages"
+PKGS=("$KPKG" busybox-static pure-ftpd nfs-common)
 
 DEBS=$CACHE/debs
 mkdir -p "$DEBS"
@@ -99,6 +101,7 @@ trap 'rm -rf "$W"' EXIT
 dpkg-deb -x "$(deb_of "$KPKG")" "$W/k"
 dpkg-deb -x "$(deb_of busybox-static)" "$W/bb"
 dpkg-deb -x "$(deb_of pure-ftpd)" "$W/ftp"
+dpkg-deb -x "$(deb_of nfs-common)" "$W/nfsc"
 KVER=$(ls "$W/k/lib/modules" | head -1)
 [ -f "$W/k/boot/vmlinuz-$KVER" ] || die "no vmlinuz in $KPKG"
 depmod -b "$W/k" "$KVER"
@@ -136,6 +139,14 @@ copy_libs() {
   done
 }
 copy_libs "$R/usr/sbin/pure-ftpd"
+# mount.nfs (nfs-utils), the mount helper of real Linux machines, for the
+# test of the bare `mount -t nfs HOST:/imz`: it asks the portmapper, through
+# libtirpc, which needs its transports list, and names protocols.
+cp "$W/nfsc/sbin/mount.nfs" "$R/sbin/mount.nfs"
+copy_libs "$R/sbin/mount.nfs"
+[ -s /etc/netconfig ] || die "/etc/netconfig missing on the host (Debian: libtirpc-common)"
+cp /etc/netconfig "$R/etc/netconfig"
+printf 'ip 0 IP\ntcp 6 TCP\nudp 17 UDP\n' > "$R/etc/protocols"
 # ld.so looks in /lib/x86_64-linux-gnu by default on Debian; /lib64 holds the loader.
 printf 'root:x:0:0:root:/root:/bin/sh\nftp:x:21:21:ftp:/mnt:/bin/false\nnobody:x:65534:65534:nobody:/:/bin/false\n' > "$R/etc/passwd"
 printf 'root:x:0:\nftp:x:21:\nnogroup:x:65534:\n' > "$R/etc/group"

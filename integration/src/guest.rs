@@ -142,6 +142,8 @@ pub struct GuestBuilder {
     files: Vec<GuestFile>,
     binaries: Vec<PathBuf>,
     forwards: Vec<u16>,
+    /// Also relay the guestfwd address's port 111 (the portmapper).
+    portmapper: bool,
     env: Vec<(String, String)>,
     timeout: Duration,
     mem_mib: u32,
@@ -159,6 +161,7 @@ impl GuestBuilder {
             files: Vec::new(),
             binaries: Vec::new(),
             forwards: Vec::new(),
+            portmapper: false,
             env: Vec::new(),
             timeout: Duration::from_secs(180),
             mem_mib: 512,
@@ -192,6 +195,13 @@ impl GuestBuilder {
     /// [`Guest::host_port`].
     pub fn forward(mut self, guest_port: u16) -> Self {
         self.forwards.push(guest_port);
+        self
+    }
+
+    /// Lets the guest reach the host's portmapper too: [`GUEST_NFS_ADDR`]:111
+    /// is relayed to 127.0.0.1:111 (TCP only, like every guestfwd).
+    pub fn portmapper(mut self) -> Self {
+        self.portmapper = true;
         self
     }
 
@@ -521,6 +531,11 @@ impl Guest {
             "user,id=n0,restrict=on,guestfwd=tcp:{GUEST_NFS_ADDR}:{port}-cmd:{relay} {port}",
             port = b.nfs_port,
         );
+        if b.portmapper {
+            netdev.push_str(&format!(
+                ",guestfwd=tcp:{GUEST_NFS_ADDR}:111-cmd:{relay} 111"
+            ));
+        }
         let mut forwards = HashMap::new();
         for gp in &b.forwards {
             let hp = free_port()?;

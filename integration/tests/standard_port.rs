@@ -16,6 +16,7 @@ use anyhow::Context;
 use imz_integration::bench::accepts;
 use imz_integration::bench::ganesha::Rpcbind;
 use imz_integration::gateway::{control_unaddressed, eventually};
+use imz_integration::guest::{self, GuestBuilder};
 use imz_integration::{Imz, libnfs};
 
 type Result = anyhow::Result<()>;
@@ -48,9 +49,9 @@ fn registered() -> anyhow::Result<Vec<(u32, u16)>> {
         .collect())
 }
 
-/// Starts `imz serve` over `dir`, checks it took 2049, mounts by the bare
-/// URL, writes through it, and stops it with SIGTERM.
-fn serve_and_mount_by_bare_url(dir: &Path, runtime: &Path) -> Result {
+/// Starts `imz serve` over `dir` (holding `hello.txt`), checks it took
+/// 2049; returns it and its printed Linux mount command.
+fn start_serve(dir: &Path, runtime: &Path) -> anyhow::Result<(Imz, String)> {
     std::fs::write(dir.join("hello.txt"), "hello from the origin\n")?;
     TcpListener::bind("127.0.0.1:2049")
         .context("port 2049 is taken: these tests need the standard NFS port")?;
@@ -67,7 +68,24 @@ fn serve_and_mount_by_bare_url(dir: &Path, runtime: &Path) -> Result {
     );
     let mount = serve.wait_for_line("mount (Linux): ", Duration::from_secs(5))?;
     assert!(mount.contains("port=2049,mountport=2049"), "{mount}");
+    let short = serve.wait_for_line("mount (Linux, short): ", Duration::from_secs(5))?;
+    assert_eq!(short, "mount -t nfs -o nolock 127.0.0.1:/imz /mnt");
+    Ok((serve, mount))
+}
 
+/// Waits until `dir/name` holds `want`.
+fn lands(dir: &Path, name: &str, want: &[u8]) -> Result {
+    let landed = eventually(Duration::from_secs(10), || {
+        std::fs::read(dir.join(name)).ok().filter(|b| b == want)
+    });
+    anyhow::ensure!(landed.is_some(), "{name} did not reach {}", dir.display());
+    Ok(())
+}
+
+/// Starts `imz serve`, mounts by the bare URL, writes through it, and
+/// stops it with SIGTERM.
+fn serve_and_mount_by_bare_url(dir: &Path, runtime: &Path) -> Result {
+    let (mut serve, _) = start_serve(dir, runtime)?;
     assert_eq!(
         registered()?,
         vec![(100_003, 2049), (100_005, 2049)],
@@ -158,5 +176,59 @@ fn standard_port_serve_registers_with_a_running_rpcbind() -> Result {
     serve_and_mount_by_bare_url(&dir, &tmp.path().join("run"))?;
     assert_eq!(registered()?, vec![], "still registered after SIGTERM");
     drop(rpcbind);
+    Ok(())
+}
+
+/// The Linux kernel client through `mount.nfs` (nfs-utils, what `mount -t
+/// nfs` runs), as a real machine mounts with the printed short command
+/// `mount -t nfs -o nolock HOST:/imz /mnt`: no version, no ports. mount.nfs tries NFSv4 (refused), then asks the portmapper
+/// (whichever of the two ways the gateway uses here) for NFS and MOUNT v3.
+/// The guest reaches the host over TCP only, so mount.nfs's UDP query for
+/// MOUNT times out first (about 3 s) before its TCP one answers.
+#[test]
+fn standard_port_kernel_client_mounts_without_naming_ports() -> Result {
+    if guest::skip() {
+        return Ok(());
+    }
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path().join("served");
+    std::fs::create_dir(&dir)?;
+    let (mut serve, printed) = start_serve(&dir, &tmp.path().join("run"))?;
+    let run = GuestBuilder::new(&printed, &[])?
+        .portmapper()
+        .script(
+            r#"mkdir -p /mnt2
+t=$(now)
+# -n: the guest has no /etc/mtab. nolock: no statd in the guest.
+mount.nfs imz-host:/imz /mnt2 -n -o nolock > /tmp/mount.out 2>&1
+kv bare_rc "$?"
+kv bare_secs "$(since "$t")"
+kv bare_mount "$(grep ' /mnt2 ' /proc/mounts)"
+kv bare_read "$(cat /mnt2/hello.txt)"
+echo "written through mount.nfs" > /mnt2/bare.txt && sync
+kv mount_out "$(tr '\n' ' ' < /tmp/mount.out)"
+"#,
+        )
+        .timeout(Duration::from_secs(120))
+        .boot()?
+        .finish()?
+        .ok()?;
+    let report = run.report();
+    anyhow::ensure!(run.get("bare_rc")? == "0", "mount.nfs failed\n{report}");
+    anyhow::ensure!(
+        run.get("bare_read")? == "hello from the origin",
+        "read through the bare mount\n{report}"
+    );
+    lands(&dir, "bare.txt", b"written through mount.nfs\n")?;
+    eprintln!(
+        "mount.nfs took {} s: {}",
+        run.get("bare_secs")?,
+        run.get("bare_mount")?
+    );
+    let status = serve.signal_and_wait(15, Duration::from_secs(20))?;
+    assert!(
+        status.success(),
+        "imz serve exited with {status} on SIGTERM"
+    );
     Ok(())
 }

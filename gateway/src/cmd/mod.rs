@@ -114,6 +114,9 @@ pub fn read_token(path: &std::path::Path) -> anyhow::Result<String> {
 pub fn announce_gateway(gateway: &imz_gateway::Gateway) {
     println!("imz gateway listening on {}", gateway.nfs_addr);
     println!("mount (Linux): {}", gateway.linux_mount_command("/mnt"));
+    if let Some(short) = gateway.linux_short_mount_command("/mnt") {
+        println!("mount (Linux, short): {short}");
+    }
     println!(
         "mount (macOS): {}",
         gateway.macos_mount_command("/Volumes/imz")
