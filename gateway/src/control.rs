@@ -86,6 +86,12 @@ pub enum Response {
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct Status {
     pub origin: String,
+    /// Where NFS is served (empty until the listener is bound).
+    #[serde(default)]
+    pub nfs: String,
+    /// The cache directory.
+    #[serde(default)]
+    pub cache_dir: String,
     pub mode: String,
     pub connected: bool,
     /// Unix seconds of the last connect or disconnect.
@@ -130,6 +136,9 @@ pub struct Status {
 pub struct Control {
     pub vfs: Arc<Vfs>,
     pub origin_url: String,
+    pub cache_dir: std::path::PathBuf,
+    /// Set once NFS is bound (the control socket opens first).
+    pub nfs_addr: std::sync::OnceLock<std::net::SocketAddr>,
     pub mode: String,
     pub cursor: watch::Receiver<u64>,
     pub progress: watch::Receiver<Progress>,
@@ -175,6 +184,12 @@ impl Control {
         let replica = self.replica.as_ref().map(|r| r.borrow().clone());
         Status {
             origin: self.origin_url.clone(),
+            nfs: self
+                .nfs_addr
+                .get()
+                .map(ToString::to_string)
+                .unwrap_or_default(),
+            cache_dir: self.cache_dir.display().to_string(),
             mode: replica
                 .as_ref()
                 .map_or_else(|| self.mode.clone(), |r| r.mode.clone()),

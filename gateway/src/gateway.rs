@@ -150,6 +150,9 @@ impl Gateway {
         let control = Arc::new(Control {
             vfs: Arc::clone(&vfs),
             origin_url: config.origin_url.clone(),
+            cache_dir: std::path::absolute(&config.cache_dir)
+                .unwrap_or_else(|_| config.cache_dir.clone()),
+            nfs_addr: Default::default(),
             mode: config.mode.to_string(),
             cursor: cursor.clone(),
             progress: reintegration.clone(),
@@ -183,6 +186,7 @@ impl Gateway {
         .await
         .with_context(|| format!("listening for NFS on {}", config.listen))?;
         let nfs_addr = SocketAddr::new(listener.get_listen_ip(), listener.get_listen_port());
+        let _ = control.nfs_addr.set(nfs_addr);
         let portmap = crate::portmap::announce(nfs_addr).await;
         tasks.push(tokio::spawn(async move {
             if let Err(e) = listener.handle_forever().await {

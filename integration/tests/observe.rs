@@ -193,6 +193,9 @@ fn control_commands_find_the_running_gateway_unasked() -> Result {
     anyhow::ensure!(out.status.success(), "status: {}", text(&out.stderr));
     let s: serde_json::Value = serde_json::from_slice(&out.stdout)?;
     assert_eq!(s["origin"], fx.origin.url.as_str());
+    assert_eq!(s["nfs"], format!("127.0.0.1:{}", fx.port()).as_str());
+    let cache = std::path::absolute(&fx.gateway.cache_dir)?;
+    assert_eq!(s["cache_dir"], cache.to_str().unwrap_or_default());
     let out = ask(&["pin", "a.txt"])?;
     anyhow::ensure!(out.status.success(), "pin: {}", text(&out.stderr));
     assert_eq!(num(&fx.gateway.status()?, "pinned_bytes"), 1);
@@ -221,6 +224,7 @@ fn control_commands_find_the_running_gateway_unasked() -> Result {
     let out = ask(&["status", "--json"])?;
     anyhow::ensure!(out.status.success(), "status: {}", text(&out.stderr));
     let s: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(s["nfs"], format!("127.0.0.1:{}", fx.port()).as_str());
     assert_eq!(num(&s, "pinned_bytes"), 1, "answered by the first gateway");
 
     fx.gateway.proc.kill9();

@@ -49,6 +49,12 @@ pub fn render(s: &Status) -> String {
     };
     let mut out = String::new();
     out.push_str(&format!("origin      {}  {link}\n", s.origin));
+    if !s.nfs.is_empty() {
+        out.push_str(&format!(
+            "serving     NFS on {}, cache in {}\n",
+            s.nfs, s.cache_dir
+        ));
+    }
     out.push_str(&format!("mode        {}\n", s.mode));
     if let Some(r) = &s.replica {
         out.push_str(&replica_line(r));
