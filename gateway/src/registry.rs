@@ -9,9 +9,10 @@
 //! stops; one left by a gateway that died is removed by the next lookup,
 //! which finds nothing answering behind it.
 //!
-//! The directory must belong to the user and be closed to everyone else
-//! (0700): a link planted by another user would point control commands,
-//! `imz conflicts resolve` among them, at a socket of their choosing.
+//! The directory is created 0700, and used only if it belongs to the user
+//! and nobody else may write to it: a link planted by another user would
+//! point control commands, `imz conflicts resolve` among them, at a socket
+//! of their choosing.
 
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
@@ -93,7 +94,7 @@ fn checked_dir(dir: &Path, create: bool) -> Result<Option<PathBuf>, RegistryErro
         return Err(unsafe_because("it belongs to another user"));
     }
     if meta.permissions().mode() & 0o022 != 0 {
-        return Err(unsafe_because("others may write to it (it must be 0700)"));
+        return Err(unsafe_because("others may write to it"));
     }
     Ok(Some(dir.to_owned()))
 }
