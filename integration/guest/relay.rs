@@ -4,7 +4,9 @@
 //! TCP connection the guest opens to the forwarded address; stdin/stdout
 //! are that connection. It relays to 127.0.0.1:PORT and nowhere else, with
 //! TCP_NODELAY (without it, Nagle's algorithm and delayed ACKs add ~40 ms
-//! to many NFS calls; `busybox nc` has no such option) and large buffers.
+//! to many NFS calls; `busybox nc` has no such option) and large buffers;
+//! towards the guest it passes whole RPC records (record marking), which
+//! both NFS and the portmapper use.
 //! When either side closes, the other is shut down and the relay exits
 //! (after at most 2 s, should the server keep its half open).
 
@@ -48,19 +50,30 @@ fn main() -> ExitCode {
     });
     let mut from_server = sock;
     let mut stdout = std::io::stdout().lock();
-    let mut buf = vec![0u8; 1 << 20];
+    // Whole RPC records, each in one write: the gateway sends a reply's
+    // 4-byte record mark and its body in two writes, and relayed apart the
+    // mark reaches the guest alone; QEMU's user-mode TCP then holds the
+    // body back until the guest acknowledges the mark, which the guest
+    // delays by 40 ms. (Measured: 53 ms per file created in the guest.)
+    let mut record = Vec::with_capacity(1 << 20);
     loop {
-        match from_server.read(&mut buf) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => {
-                if stdout
-                    .write_all(&buf[..n])
-                    .and_then(|()| stdout.flush())
-                    .is_err()
-                {
-                    break;
-                }
-            }
+        record.clear();
+        let mut mark = [0u8; 4];
+        if from_server.read_exact(&mut mark).is_err() {
+            break;
+        }
+        let len = (u32::from_be_bytes(mark) & 0x7fff_ffff) as usize;
+        record.extend_from_slice(&mark);
+        record.resize(4 + len, 0);
+        if from_server.read_exact(&mut record[4..]).is_err() {
+            break;
+        }
+        if stdout
+            .write_all(&record)
+            .and_then(|()| stdout.flush())
+            .is_err()
+        {
+            break;
         }
     }
     ExitCode::SUCCESS
