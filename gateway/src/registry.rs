@@ -128,8 +128,15 @@ fn register_in(dir: &Path, socket: &Path) -> Result<Registration, RegistryError>
         NEXT.fetch_add(1, Ordering::Relaxed)
     );
     let link = dir.join(name);
-    // A pid reused after a crash may have left this very name behind.
-    let _ = std::fs::remove_file(&link);
+    // Entries to this socket are of gateways killed on this cache: the
+    // socket is ours now (nobody answered on it when we bound it), and
+    // they would make one gateway look like several. A pid reused after
+    // a crash may also have left this very name behind.
+    for (entry, points_to) in entries(&dir)? {
+        if points_to == target || entry == link {
+            let _ = std::fs::remove_file(&entry);
+        }
+    }
     std::os::unix::fs::symlink(&target, &link).map_err(io(&link))?;
     Ok(Registration { link })
 }
@@ -145,17 +152,7 @@ fn running_in(dir: &Path) -> Result<Vec<PathBuf>, RegistryError> {
         return Ok(Vec::new());
     };
     let mut live = Vec::new();
-    for entry in std::fs::read_dir(&dir).map_err(io(&dir))? {
-        let entry = entry.map_err(io(&dir))?;
-        let name = entry.file_name();
-        let Some(name) = name.to_str() else { continue };
-        if !(name.starts_with(ENTRY_PREFIX) && name.ends_with(ENTRY_SUFFIX)) {
-            continue;
-        }
-        let link = entry.path();
-        let Ok(target) = std::fs::read_link(&link) else {
-            continue;
-        };
+    for (link, target) in entries(&dir)? {
         match UnixStream::connect(&link) {
             Ok(_) => live.push(target),
             Err(e)
@@ -172,7 +169,26 @@ fn running_in(dir: &Path) -> Result<Vec<PathBuf>, RegistryError> {
         }
     }
     live.sort();
+    live.dedup();
     Ok(live)
+}
+
+/// The registry's entries and where each points.
+fn entries(dir: &Path) -> Result<Vec<(PathBuf, PathBuf)>, RegistryError> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(io(dir))? {
+        let entry = entry.map_err(io(dir))?;
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if !(name.starts_with(ENTRY_PREFIX) && name.ends_with(ENTRY_SUFFIX)) {
+            continue;
+        }
+        let link = entry.path();
+        if let Ok(target) = std::fs::read_link(&link) {
+            out.push((link, target));
+        }
+    }
+    Ok(out)
 }
 
 /// The control socket of the one running gateway.
@@ -230,6 +246,22 @@ mod tests {
 
         drop(registered_a);
         assert_eq!(std::fs::read_dir(&runtime)?.count(), 0);
+        Ok(())
+    }
+
+    #[test]
+    fn a_gateway_restarted_on_its_cache_replaces_the_entry_of_the_one_killed() -> anyhow::Result<()>
+    {
+        let tmp = tempfile::tempdir()?;
+        let runtime = tmp.path().join("run");
+        let socket = tmp.path().join("control.sock");
+        let killed = register_in(&runtime, &socket)?;
+        std::mem::forget(killed);
+        // The restarted gateway binds the same socket path.
+        let _serving = std::os::unix::net::UnixListener::bind(&socket)?;
+        let _registered = register_in(&runtime, &socket)?;
+        assert_eq!(std::fs::read_dir(&runtime)?.count(), 1);
+        assert_eq!(the_one_in(&runtime)?, socket);
         Ok(())
     }
 

@@ -173,6 +173,11 @@ fn standard_port_serve_registers_with_a_running_rpcbind() -> Result {
     let tmp = tempfile::tempdir()?;
     let dir = tmp.path().join("served");
     std::fs::create_dir(&dir)?;
+    // A gateway killed leaves its registration behind; the next one
+    // replaces it.
+    let (mut killed, _) = start_serve(&dir, &tmp.path().join("run"))?;
+    killed.kill9();
+    assert_eq!(registered()?, vec![(100_003, 2049), (100_005, 2049)]);
     serve_and_mount_by_bare_url(&dir, &tmp.path().join("run"))?;
     assert_eq!(registered()?, vec![], "still registered after SIGTERM");
     drop(rpcbind);
