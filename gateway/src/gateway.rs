@@ -277,11 +277,15 @@ impl Drop for Gateway {
     }
 }
 
+/// The host to name in mount commands: the listening address, or for a
+/// wildcard one the loopback address of its family (not `localhost`, which
+/// resolves to `::1` first on many machines, where an IPv4 listener is not).
 fn mount_host(addr: SocketAddr) -> String {
-    if addr.ip().is_unspecified() {
-        "localhost".to_owned()
-    } else {
-        addr.ip().to_string()
+    match addr.ip() {
+        std::net::IpAddr::V4(ip) if ip.is_unspecified() => "127.0.0.1".to_owned(),
+        std::net::IpAddr::V6(ip) if ip.is_unspecified() => "[::1]".to_owned(),
+        std::net::IpAddr::V6(ip) => format!("[{ip}]"),
+        ip => ip.to_string(),
     }
 }
 
@@ -348,4 +352,23 @@ async fn meet_origin(
     })
     .await??;
     Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mount_commands_name_an_address_the_listener_answers_on() {
+        for (listen, host) in [
+            ("127.0.0.1:2049", "127.0.0.1"),
+            ("0.0.0.0:2049", "127.0.0.1"),
+            ("192.0.2.7:2049", "192.0.2.7"),
+            ("[::]:2049", "[::1]"),
+            ("[2001:db8::1]:2049", "[2001:db8::1]"),
+        ] {
+            let addr: SocketAddr = listen.parse().expect("address");
+            assert_eq!(mount_host(addr), host, "{listen}");
+        }
+    }
 }
