@@ -11,6 +11,9 @@
 //!   content current; [`pin`]: `imz pin`; [`fill`]: fetching whole files
 //!   and subtrees for both;
 //! - [`origin_client`]: the origin's HTTP API; [`link`]: connectivity;
+//! - [`control`]: the control socket behind `imz status` and friends;
+//!   [`registry`]: how those find a gateway unasked;
+//! - [`portmap`]: the portmapper side of the bare `mount -t nfs HOST:/imz`;
 //! - [`gateway`]: start-up, tying the pieces together.
 
 pub mod coherence;
