@@ -92,6 +92,9 @@ pub struct Status {
     /// The cache directory.
     #[serde(default)]
     pub cache_dir: String,
+    /// How clients not told the ports find them (empty off port 2049).
+    #[serde(default)]
+    pub portmapper: String,
     pub mode: String,
     pub connected: bool,
     /// Unix seconds of the last connect or disconnect.
@@ -139,6 +142,8 @@ pub struct Control {
     pub cache_dir: std::path::PathBuf,
     /// Set once NFS is bound (the control socket opens first).
     pub nfs_addr: std::sync::OnceLock<std::net::SocketAddr>,
+    /// How portmapper clients find the gateway; set with `nfs_addr`.
+    pub portmapper: std::sync::OnceLock<String>,
     pub mode: String,
     pub cursor: watch::Receiver<u64>,
     pub progress: watch::Receiver<Progress>,
@@ -190,6 +195,7 @@ impl Control {
                 .map(ToString::to_string)
                 .unwrap_or_default(),
             cache_dir: self.cache_dir.display().to_string(),
+            portmapper: self.portmapper.get().cloned().unwrap_or_default(),
             mode: replica
                 .as_ref()
                 .map_or_else(|| self.mode.clone(), |r| r.mode.clone()),

@@ -153,6 +153,7 @@ impl Gateway {
             cache_dir: std::path::absolute(&config.cache_dir)
                 .unwrap_or_else(|_| config.cache_dir.clone()),
             nfs_addr: Default::default(),
+            portmapper: Default::default(),
             mode: config.mode.to_string(),
             cursor: cursor.clone(),
             progress: reintegration.clone(),
@@ -188,6 +189,9 @@ impl Gateway {
         let nfs_addr = SocketAddr::new(listener.get_listen_ip(), listener.get_listen_port());
         let _ = control.nfs_addr.set(nfs_addr);
         let portmap = crate::portmap::announce(nfs_addr).await;
+        let _ = control
+            .portmapper
+            .set(crate::portmap::describe(portmap.as_ref(), nfs_addr));
         tasks.push(tokio::spawn(async move {
             if let Err(e) = listener.handle_forever().await {
                 tracing::error!(error = %e, "NFS listener failed");

@@ -73,6 +73,18 @@ impl Drop for Presence {
     }
 }
 
+/// What `imz status` says of `presence` for a gateway at `nfs`.
+pub fn describe(presence: Option<&Presence>, nfs: SocketAddr) -> String {
+    match presence {
+        Some(Presence::Registered { .. }) => "registered with the running rpcbind".into(),
+        Some(Presence::Serving(_)) => "answering portmapper queries on port 111".into(),
+        None if nfs.port() == 2049 => {
+            "none (rpcbind refused, or port 111 not ours): mount with port= and mountport=".into()
+        }
+        None => String::new(),
+    }
+}
+
 /// Makes the gateway listening at `nfs` known to portmapper clients, if it
 /// is on the standard port. `None`: not on it, or neither way worked
 /// (logged).

@@ -194,6 +194,7 @@ fn control_commands_find_the_running_gateway_unasked() -> Result {
     let s: serde_json::Value = serde_json::from_slice(&out.stdout)?;
     assert_eq!(s["origin"], fx.origin.url.as_str());
     assert_eq!(s["nfs"], format!("127.0.0.1:{}", fx.port()).as_str());
+    assert_eq!(s["portmapper"], "", "off the standard port, no portmapper");
     let cache = std::path::absolute(&fx.gateway.cache_dir)?;
     assert_eq!(s["cache_dir"], cache.to_str().unwrap_or_default());
     let out = ask(&["pin", "a.txt"])?;

@@ -85,6 +85,7 @@ fn lands(dir: &Path, name: &str, want: &[u8]) -> Result {
 /// Starts `imz serve`, mounts by the bare URL, writes through it, and
 /// stops it with SIGTERM.
 fn serve_and_mount_by_bare_url(dir: &Path, runtime: &Path) -> Result {
+    let rpcbind_ran = accepts(PORTMAPPER);
     let (mut serve, _) = start_serve(dir, runtime)?;
     assert_eq!(
         registered()?,
@@ -134,6 +135,13 @@ fn serve_and_mount_by_bare_url(dir: &Path, runtime: &Path) -> Result {
         "imz status found no gateway: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let way = if rpcbind_ran {
+        "registered with the running rpcbind"
+    } else {
+        "answering portmapper queries on port 111"
+    };
+    assert_eq!(status["portmapper"], way);
 
     let status = serve.signal_and_wait(15, Duration::from_secs(20))?;
     assert!(

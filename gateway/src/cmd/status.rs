@@ -55,6 +55,9 @@ pub fn render(s: &Status) -> String {
             s.nfs, s.cache_dir
         ));
     }
+    if !s.portmapper.is_empty() {
+        out.push_str(&format!("portmapper  {}\n", s.portmapper));
+    }
     out.push_str(&format!("mode        {}\n", s.mode));
     if let Some(r) = &s.replica {
         out.push_str(&replica_line(r));
