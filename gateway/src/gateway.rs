@@ -215,8 +215,9 @@ impl Gateway {
 
     /// The mount command that works on Linux for this gateway. The ports
     /// are named even when standard: without `port=` and `mountport=` the
-    /// kernel asks a portmapper, and the gateway registers with none; MOUNT
-    /// is answered on the NFS port, over TCP only.
+    /// kernel asks a portmapper, which knows the gateway only in some cases
+    /// (see [`crate::portmap`]); MOUNT is answered on the NFS port, over TCP
+    /// only.
     pub fn linux_mount_command(&self, mountpoint: &str) -> String {
         let port = self.nfs_addr.port();
         let host = mount_host(self.nfs_addr);

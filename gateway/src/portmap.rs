@@ -23,6 +23,8 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 pub const PORTMAP_PORT: u16 = 111;
+/// The standard NFS port; only a gateway there takes part.
+pub const NFS_PORT: u16 = 2049;
 const PORTMAP_PROG: u32 = 100_000;
 const NFS_PROG: u32 = 100_003;
 const MOUNT_PROG: u32 = 100_005;
@@ -78,7 +80,7 @@ pub fn describe(presence: Option<&Presence>, nfs: SocketAddr) -> String {
     match presence {
         Some(Presence::Registered { .. }) => "registered with the running rpcbind".into(),
         Some(Presence::Serving(_)) => "answering portmapper queries on port 111".into(),
-        None if nfs.port() == 2049 => {
+        None if nfs.port() == NFS_PORT => {
             "none (rpcbind refused, or port 111 not ours): mount with port= and mountport=".into()
         }
         None => String::new(),
@@ -89,10 +91,10 @@ pub fn describe(presence: Option<&Presence>, nfs: SocketAddr) -> String {
 /// is on the standard port. `None`: not on it, or neither way worked
 /// (logged).
 pub async fn announce(nfs: SocketAddr) -> Option<Presence> {
-    if nfs.port() != 2049 {
+    let port = nfs.port();
+    if port != NFS_PORT {
         return None;
     }
-    let port = nfs.port();
     let rpcbind_runs = tokio::net::TcpStream::connect((Ipv4Addr::LOCALHOST, PORTMAP_PORT))
         .await
         .is_ok();
@@ -204,14 +206,14 @@ async fn serve(
             });
         }
     });
+    let local = udp.local_addr()?.ip();
     let udp_task = tokio::spawn(async move {
         let mut buf = vec![0u8; MAX_CALL];
         loop {
             let Ok((n, peer)) = udp.recv_from(&mut buf).await else {
                 continue;
             };
-            let local = udp.local_addr().unwrap_or(addr);
-            if let Some(reply) = answer(&buf[..n], local.ip(), nfs_port) {
+            if let Some(reply) = answer(&buf[..n], local, nfs_port) {
                 let _ = udp.send_to(&reply, peer).await;
             }
         }

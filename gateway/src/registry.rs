@@ -68,9 +68,9 @@ pub fn runtime_dir() -> PathBuf {
     }
 }
 
-/// The runtime directory, created if `create`; checked to be ours alone.
-/// `Ok(None)`: it does not exist (and was not to be created).
-fn checked_dir(dir: &Path, create: bool) -> Result<Option<PathBuf>, RegistryError> {
+/// Whether the runtime directory `dir` exists (created first if `create`);
+/// checked to be ours alone.
+fn checked_dir(dir: &Path, create: bool) -> Result<bool, RegistryError> {
     if create {
         match std::fs::DirBuilder::new().mode(0o700).create(dir) {
             Ok(()) => {}
@@ -80,7 +80,7 @@ fn checked_dir(dir: &Path, create: bool) -> Result<Option<PathBuf>, RegistryErro
     }
     let meta = match std::fs::symlink_metadata(dir) {
         Ok(m) => m,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !create => return Ok(false),
         Err(e) => return Err(io(dir)(e)),
     };
     let unsafe_because = |why: &str| RegistryError::Unsafe {
@@ -96,7 +96,7 @@ fn checked_dir(dir: &Path, create: bool) -> Result<Option<PathBuf>, RegistryErro
     if meta.permissions().mode() & 0o022 != 0 {
         return Err(unsafe_because("others may write to it"));
     }
-    Ok(Some(dir.to_owned()))
+    Ok(true)
 }
 
 /// A gateway's entry; removed on drop.
@@ -119,9 +119,7 @@ pub fn register(socket: &Path) -> Result<Registration, RegistryError> {
 fn register_in(dir: &Path, socket: &Path) -> Result<Registration, RegistryError> {
     static NEXT: AtomicU64 = AtomicU64::new(0);
     let target = std::path::absolute(socket).map_err(io(socket))?;
-    let Some(dir) = checked_dir(dir, true)? else {
-        return Err(io(dir)(std::io::ErrorKind::NotFound.into()));
-    };
+    checked_dir(dir, true)?;
     let name = format!(
         "{ENTRY_PREFIX}{}-{}{ENTRY_SUFFIX}",
         std::process::id(),
@@ -132,7 +130,7 @@ fn register_in(dir: &Path, socket: &Path) -> Result<Registration, RegistryError>
     // socket is ours now (nobody answered on it when we bound it), and
     // they would make one gateway look like several. A pid reused after
     // a crash may also have left this very name behind.
-    for (entry, points_to) in entries(&dir)? {
+    for (entry, points_to) in entries(dir)? {
         if points_to == target || entry == link {
             let _ = std::fs::remove_file(&entry);
         }
@@ -143,16 +141,12 @@ fn register_in(dir: &Path, socket: &Path) -> Result<Registration, RegistryError>
 
 /// The control sockets of the gateways running now. Entries of gateways
 /// that died are removed on the way.
-pub fn running() -> Result<Vec<PathBuf>, RegistryError> {
-    running_in(&runtime_dir())
-}
-
 fn running_in(dir: &Path) -> Result<Vec<PathBuf>, RegistryError> {
-    let Some(dir) = checked_dir(dir, false)? else {
+    if !checked_dir(dir, false)? {
         return Ok(Vec::new());
-    };
+    }
     let mut live = Vec::new();
-    for (link, target) in entries(&dir)? {
+    for (link, target) in entries(dir)? {
         match UnixStream::connect(&link) {
             Ok(_) => live.push(target),
             Err(e)
