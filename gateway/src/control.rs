@@ -128,6 +128,9 @@ pub struct Status {
     pub written_bytes: u64,
     pub reintegrated_ops: u64,
     pub reintegrated_bytes: u64,
+    /// Times the NFS listener stopped and was bound again.
+    #[serde(default)]
+    pub nfs_listener_restarts: u64,
     pub rates: RateSample,
     pub last_error: Option<String>,
     /// Replication progress and how current kept (pinned) content is.
@@ -231,6 +234,7 @@ impl Control {
             written_bytes: Metrics::get(&m.written_bytes),
             reintegrated_ops: Metrics::get(&m.reintegrated_ops),
             reintegrated_bytes: Metrics::get(&m.reintegrated_bytes),
+            nfs_listener_restarts: Metrics::get(&m.nfs_listener_restarts),
             rates: if rates {
                 self.rates.sample(m)
             } else {
@@ -378,8 +382,14 @@ pub async fn serve(path: PathBuf, control: Arc<Control>) -> anyhow::Result<()> {
         .with_context(|| format!("restricting {}", path.display()))?;
     tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
+            let (stream, _) = match listener.accept().await {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of descriptors, say: pause rather than spin.
+                    tracing::debug!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
             };
             let control = Arc::clone(&control);
             tokio::spawn(async move {

@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use imz_cache::{Cache, ROOT_FILEID, meta};
 use imz_origin::wire;
-use nfs3_server::tcp::{NFSTcp, NFSTcpListener};
+use nfs3_server::tcp::NFSTcp;
 use tokio::sync::watch;
 
 use crate::coherence;
@@ -18,7 +18,7 @@ use crate::fetch::Fetcher;
 use crate::follow;
 use crate::link::{self, Link};
 use crate::metrics::Metrics;
-use crate::nfs::{EXPORT, NfsAdapter};
+use crate::nfs::EXPORT;
 use crate::origin_client::{OriginClient, OriginError, Timeouts};
 use crate::reintegrate;
 use crate::replicate::{self, Keeper};
@@ -178,25 +178,21 @@ impl Gateway {
             None => None,
         };
 
-        let adapter = NfsAdapter::new(Arc::clone(&vfs));
-        let listener = NFSTcpListener::bind_with_generation(
-            &config.listen.to_string(),
-            adapter,
-            cache.generation(),
-        )
-        .await
-        .with_context(|| format!("listening for NFS on {}", config.listen))?;
+        let listener = crate::listener::bind(config.listen, &vfs, cache.generation())
+            .await
+            .with_context(|| format!("listening for NFS on {}", config.listen))?;
         let nfs_addr = SocketAddr::new(listener.get_listen_ip(), listener.get_listen_port());
         let _ = control.nfs_addr.set(nfs_addr);
         let portmap = crate::portmap::announce(nfs_addr).await;
         let _ = control
             .portmapper
             .set(crate::portmap::describe(portmap.as_ref(), nfs_addr));
-        tasks.push(tokio::spawn(async move {
-            if let Err(e) = listener.handle_forever().await {
-                tracing::error!(error = %e, "NFS listener failed");
-            }
-        }));
+        tasks.push(tokio::spawn(crate::listener::keep_serving(
+            listener,
+            nfs_addr,
+            Arc::clone(&vfs),
+            cache.generation(),
+        )));
         Ok(Self {
             vfs,
             nfs_addr,

@@ -3,6 +3,7 @@
 //!
 //! Map (see ARCHITECTURE.md for the whole picture):
 //! - [`nfs`]: the thin adapter to the NFS layer (`nfs3_server`);
+//!   [`listener`]: keeps its listener up;
 //! - [`vfs`]: the protocol-neutral filesystem over the cache;
 //! - [`fetch`]: on-demand data transfers with readahead;
 //! - [`follow`]: the journal follower; [`coherence`]: folding origin state
@@ -24,6 +25,7 @@ pub mod fill;
 pub mod follow;
 pub mod gateway;
 pub mod link;
+pub mod listener;
 pub mod metrics;
 pub mod nfs;
 pub mod origin_client;

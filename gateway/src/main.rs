@@ -9,6 +9,7 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     keep_big_buffers_mapped();
+    imz_gateway::listener::quiet_accept_panics();
     let cli = cmd::Cli::parse();
     cmd::init_logging(cli.verbose);
     match cmd::run(cli) {

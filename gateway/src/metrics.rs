@@ -29,6 +29,9 @@ pub struct Metrics {
     pub journal_records: AtomicU64,
     /// The origin's newest journal sequence as last seen.
     pub origin_seq: AtomicU64,
+    /// Times the NFS listener stopped and was bound again (see
+    /// `listener`).
+    pub nfs_listener_restarts: AtomicU64,
 }
 
 impl Metrics {

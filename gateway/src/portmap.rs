@@ -196,8 +196,14 @@ async fn serve(
     let udp = tokio::net::UdpSocket::bind(addr).await?;
     let tcp_task = tokio::spawn(async move {
         loop {
-            let Ok((stream, peer)) = tcp.accept().await else {
-                continue;
+            let (stream, peer) = match tcp.accept().await {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of descriptors, say: pause rather than spin.
+                    tracing::debug!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
             };
             tokio::spawn(async move {
                 if let Err(e) = serve_stream(stream, nfs_port).await {

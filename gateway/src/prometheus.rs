@@ -128,6 +128,12 @@ pub fn render(s: &Status) -> String {
         "Content bytes sent to the origin.",
         s.reintegrated_bytes as f64,
     );
+    metric(
+        "nfs_listener_restarts_total",
+        "counter",
+        "Times the NFS listener stopped (an accept error, or a connection reset before it was accepted) and was bound again.",
+        s.nfs_listener_restarts as f64,
+    );
     out
 }
 

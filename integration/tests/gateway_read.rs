@@ -452,3 +452,35 @@ fn origin_last_seq(url: &str) -> anyhow::Result<u64> {
         .as_u64()
         .ok_or_else(|| anyhow::anyhow!("no last_seq in {health}"))
 }
+
+/// A port scan (connect, then reset at once) must not stop NFS. Most such
+/// connections are reset before the gateway accepts them, which makes
+/// `nfs3_server`'s accept loop panic; it used to stop listening for good
+/// after about 130 of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_reset_before_accept_do_not_stop_nfs() -> Result {
+    const SCANS: usize = 600;
+    let fx = Fixture::new(|root| {
+        data::write_file(&root.join("f.bin"), 9, 5000)?;
+        Ok(())
+    })?;
+    let mut refused = 0;
+    for _ in 0..SCANS {
+        match tokio::net::TcpStream::connect(("127.0.0.1", fx.port())).await {
+            Ok(stream) => {
+                stream.set_zero_linger()?;
+                drop(stream);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => refused += 1,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    assert_eq!(refused, 0, "connections refused during {SCANS} scans");
+    let mut nfs = Nfs::mount(fx.port(), "/imz").await?;
+    assert!(nfs.read_path("f.bin").await? == data::bytes(9, 5000));
+    let restarts = fx.gateway.status()?["nfs_listener_restarts"]
+        .as_u64()
+        .ok_or_else(|| anyhow::anyhow!("no nfs_listener_restarts in imz status --json"))?;
+    eprintln!("{SCANS} connect-then-reset: the accept loop restarted {restarts} times");
+    Ok(())
+}
