@@ -208,8 +208,13 @@ impl Fetcher {
         waits
     }
 
-    /// Fetches chunks in `range` that are neither cached nor in flight, if a
-    /// readahead stream is free.
+    /// Fetches chunks in `range` that are neither cached nor in flight, as
+    /// far as readahead streams are free.
+    ///
+    /// A chunk's slot is published only once a stream is held for it: a
+    /// reader that finds the slot can count on its transfer (publishing
+    /// first and withdrawing on a busy stream failed such readers, seen
+    /// with 400 READs in flight on one connection).
     pub fn readahead(&self, target: &Target, range: Range<u64>) {
         let range = range.start..range.end.min(chunk::count(target.extent));
         if range.is_empty() {
@@ -218,32 +223,40 @@ impl Fetcher {
         let Ok(rx) = self.inner.cache.read() else {
             return;
         };
-        let mut to_fetch = Vec::new();
-        {
-            let mut slots = self.inner.slots.lock().unwrap_or_else(|p| p.into_inner());
-            for index in range {
-                let key = (target.fid, target.version, index);
-                if slots.contains_key(&key) || rx.has_chunk(target.fid, index).unwrap_or(true) {
-                    continue;
+        let wanted: Vec<(u64, ())> = {
+            let slots = self.inner.slots.lock().unwrap_or_else(|p| p.into_inner());
+            range
+                .filter(|&index| {
+                    !slots.contains_key(&(target.fid, target.version, index))
+                        && !rx.has_chunk(target.fid, index).unwrap_or(true)
+                })
+                .map(|index| (index, ()))
+                .collect()
+        };
+        for run in runs(wanted, READAHEAD_RUN) {
+            let Ok(permit) = Arc::clone(&self.inner.readahead).try_acquire_owned() else {
+                // Busy: whoever reads these chunks first fetches them.
+                return;
+            };
+            let mut claimed = Vec::with_capacity(run.len());
+            {
+                let mut slots = self.inner.slots.lock().unwrap_or_else(|p| p.into_inner());
+                for (index, ()) in run {
+                    let key = (target.fid, target.version, index);
+                    if slots.contains_key(&key) {
+                        continue; // demanded meanwhile
+                    }
+                    let (tx, rx) = watch::channel(SlotState::Pending);
+                    slots.insert(key, rx);
+                    claimed.push((index, tx));
                 }
-                let (tx, rx) = watch::channel(SlotState::Pending);
-                slots.insert(key, rx);
-                to_fetch.push((index, tx));
             }
-        }
-        let mut runs = runs(to_fetch, READAHEAD_RUN).into_iter();
-        for run in runs.by_ref() {
-            match Arc::clone(&self.inner.readahead).try_acquire_owned() {
-                Ok(permit) => self.spawn_run(*target, run, Some(permit)),
-                Err(_) => {
-                    // Busy: give these chunks back to whoever asks next.
-                    self.abandon(target, run);
-                    break;
-                }
+            // Chunks demanded meanwhile may split the run; the stream goes
+            // to its first part.
+            let mut permit = Some(permit);
+            for part in runs(claimed, READAHEAD_RUN) {
+                self.spawn_run(*target, part, permit.take());
             }
-        }
-        for run in runs {
-            self.abandon(target, run);
         }
     }
 
@@ -308,17 +321,6 @@ impl Fetcher {
         Ok(bytes)
     }
 
-    fn abandon(&self, target: &Target, run: Vec<(u64, watch::Sender<SlotState>)>) {
-        let mut slots = self.inner.slots.lock().unwrap_or_else(|p| p.into_inner());
-        for (index, tx) in run {
-            slots.remove(&(target.fid, target.version, index));
-            // Anyone who raced onto this slot meanwhile must not wait forever.
-            let _ = tx.send(SlotState::Failed(FetchFailure::Io(
-                "readahead abandoned".into(),
-            )));
-        }
-    }
-
     fn spawn_run(
         &self,
         target: Target,
@@ -380,12 +382,9 @@ impl SlotWait {
 }
 
 /// Groups slots into runs of consecutive chunks, at most `max` long.
-fn runs(
-    mut slots: Vec<(u64, watch::Sender<SlotState>)>,
-    max: u64,
-) -> Vec<Vec<(u64, watch::Sender<SlotState>)>> {
+fn runs<T>(mut slots: Vec<(u64, T)>, max: u64) -> Vec<Vec<(u64, T)>> {
     slots.sort_by_key(|(i, _)| *i);
-    let mut out: Vec<Vec<(u64, watch::Sender<SlotState>)>> = Vec::new();
+    let mut out: Vec<Vec<(u64, T)>> = Vec::new();
     for slot in slots {
         match out.last_mut() {
             Some(run)

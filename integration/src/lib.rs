@@ -9,6 +9,7 @@ pub mod guest;
 pub mod libnfs;
 pub mod netns;
 pub mod nfs;
+pub mod pipelined;
 pub mod process;
 
 pub use gateway::{Fixture, GatewayProc};

@@ -8,6 +8,7 @@ use imz_integration::data;
 use imz_integration::gateway::eventually;
 use imz_integration::libnfs;
 use imz_integration::nfs::{Nfs, NfsError, ctx, expect_status, ftype3};
+use imz_integration::pipelined::{self, ReadReply};
 use imz_integration::{Fixture, GatewayProc};
 use nfs3_client::nfs3_types::nfs3::nfsstat3;
 
@@ -482,5 +483,43 @@ async fn connections_reset_before_accept_do_not_stop_nfs() -> Result {
         .as_u64()
         .ok_or_else(|| anyhow::anyhow!("no nfs_listener_restarts in imz status --json"))?;
     eprintln!("{SCANS} connect-then-reset: the accept loop restarted {restarts} times");
+    Ok(())
+}
+
+/// Many READs in flight on one connection, as the kernel client sends them
+/// under readahead: each is answered with its bytes. Readahead used to
+/// publish the chunks it meant to fetch, then give them up when no stream
+/// was free, failing the READs that had begun to wait on them with
+/// NFS3ERR_IO.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_reads_in_flight_on_one_connection_all_get_their_bytes() -> Result {
+    const FILES: u64 = 4;
+    // Under the 256 calls in progress that nfs3_server allows a connection.
+    const READS: u64 = 250;
+    const PIECE: u32 = 128 << 10;
+    let len = 2 * READS as usize * PIECE as usize;
+    let fx = Fixture::new(|root| {
+        for f in 0..FILES {
+            data::write_file(&root.join(format!("f{f}")), 100 + f, len)?;
+        }
+        Ok(())
+    })?;
+    let mut nfs = Nfs::mount(fx.port(), "/imz").await?;
+    for f in 0..FILES {
+        let fh = nfs.lookup_path(&format!("f{f}")).await?;
+        let reads: Vec<_> = (0..READS).map(|i| (i * u64::from(PIECE), PIECE)).collect();
+        let replies = pipelined::read_all_at_once(fx.port(), &fh.data, &reads).await?;
+        let expected = data::bytes(100 + f, len);
+        for (i, reply) in replies.iter().enumerate() {
+            let at = i * PIECE as usize;
+            match reply {
+                ReadReply::Data(bytes) => assert!(
+                    bytes[..] == expected[at..at + PIECE as usize],
+                    "READ {i} of f{f}: wrong bytes"
+                ),
+                other => panic!("READ {i} of f{f} failed: {other:?}"),
+            }
+        }
+    }
     Ok(())
 }
