@@ -10,6 +10,7 @@
 //! decoded in memory (`objcache`), so that attribute lookups skip redb.
 
 pub mod chunk;
+pub mod disk;
 mod error;
 mod evict;
 pub mod log;

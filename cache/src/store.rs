@@ -76,7 +76,8 @@ pub mod meta {
     pub const UNSTABLE_BOOT: &str = "unstable_boot";
 }
 
-const DB_FILE: &str = "imz-cache.redb";
+/// The database file, in the cache directory.
+pub const DB_FILE: &str = "imz-cache.redb";
 
 /// Space taken by one chunk of `len` bytes, as accounted against capacity.
 fn charged(len: u32) -> u64 {

@@ -67,7 +67,9 @@ pub struct Gateway {
 impl Gateway {
     pub async fn start(config: GatewayConfig) -> anyhow::Result<Self> {
         let cache_dir = config.cache_dir.clone();
-        let cache_size = config.cache_size;
+        std::fs::create_dir_all(&cache_dir)
+            .with_context(|| format!("creating the cache directory {}", cache_dir.display()))?;
+        let cache_size = fit_to_disk(&cache_dir, config.cache_size);
         let boot = crate::unstable::boot_id();
         let (cache, unstable_log) = {
             let boot = boot.clone();
@@ -276,6 +278,42 @@ impl Drop for Gateway {
     fn drop(&mut self) {
         self.abort();
     }
+}
+
+/// The cache capacity the disk takes: `requested`, or less, with a
+/// warning, when the filesystem holding `dir` lacks the room. Without this
+/// the disk would fill before the capacity does, and the cache would stop
+/// working (see `imz_cache::disk`) where it should answer NOSPC.
+///
+/// The cache's own files count as room. Not counted: the disk reserve; the
+/// unstable-write log at its largest; twice that again, as redb reuses the
+/// pages a commit frees only after the next durable commit, and a stretch
+/// of unstable writes rewrites chunks between durable commits (measured: a
+/// 326 MiB cache written over grew its file to 572 MB); and 5% of the rest
+/// for redb's own overhead.
+fn fit_to_disk(dir: &std::path::Path, requested: u64) -> u64 {
+    let Ok(available) = imz_cache::disk::available(dir) else {
+        return requested;
+    };
+    let ours: u64 = [imz_cache::store::DB_FILE, crate::unstable::LOG_FILE]
+        .iter()
+        .filter_map(|name| std::fs::metadata(dir.join(name)).ok())
+        .map(|m| m.len())
+        .sum();
+    let room = (ours + available)
+        .saturating_sub(imz_cache::disk::RESERVE + 3 * crate::writer::MAX_UNSTABLE_LOG_BYTES);
+    let fits = room / 100 * 95;
+    if fits >= requested {
+        return requested;
+    }
+    tracing::warn!(
+        "--cache-size {} does not fit: the filesystem holding {} has {} free; the cache holds at most {}",
+        bytesize::ByteSize(requested).display().iec(),
+        dir.display(),
+        bytesize::ByteSize(available).display().iec(),
+        bytesize::ByteSize(fits).display().iec(),
+    );
+    fits
 }
 
 /// The host to name in mount commands: the listening address, or for a

@@ -37,6 +37,9 @@ const MAX_BATCH_BYTES: usize = 64 << 20;
 /// Most bytes of unstable writes outstanding: past it, the next commit is
 /// durable (bounds what a crash replays and what sits only in page cache).
 const MAX_UNSTABLE_BYTES: u64 = 128 << 20;
+/// The largest the unstable-write log grows: what may be outstanding, and
+/// one more batch.
+pub const MAX_UNSTABLE_LOG_BYTES: u64 = MAX_UNSTABLE_BYTES + MAX_BATCH_BYTES as u64;
 /// After this long without changes, outstanding unstable writes are made
 /// durable, as the kernel would write back dirty pages.
 const IDLE_SETTLE: Duration = Duration::from_secs(2);

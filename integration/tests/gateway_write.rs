@@ -649,3 +649,116 @@ async fn writing_a_partly_cached_file_makes_it_whole_first() -> Result {
     assert!(std::fs::read(fx.origin_path("big"))? == want);
     Ok(())
 }
+
+/// A tmpfs mounted for one test, unmounted when dropped.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(path: &Path, bytes: u64) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(path)?;
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "tmpfs"])
+            .arg(path)
+            .output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "mount -t tmpfs (needs root): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(Self(path.to_owned()))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// A cache on a disk smaller than `--cache-size` holds what the disk takes:
+/// writes past that get NOSPC, and the gateway goes on serving. A full
+/// disk used to fail that write with an I/O error, and every later call
+/// too, reads included (redb stops at its first failed write).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cache_on_a_small_disk_takes_what_fits_and_answers_nospc_past_it() -> Result {
+    const DISK: u64 = 1200 << 20;
+    const PIECE: usize = 1 << 20;
+    let dir = tempfile::tempdir()?;
+    let disk = Tmpfs::mount(&dir.path().join("disk"), DISK)?;
+    let root = dir.path().join("root");
+    std::fs::create_dir_all(&root)?;
+    let token = dir.path().join("token");
+    let mut origin = imz_integration::OriginProc::start(&root, &token)?;
+    let gateway = imz_integration::GatewayProc::start(
+        &origin.url,
+        &token,
+        &disk.0.join("cache"),
+        "10GiB",
+        QUICK,
+    )?;
+    let capacity = gateway.status()?["cache_capacity"]
+        .as_u64()
+        .ok_or_else(|| anyhow::anyhow!("no cache_capacity in imz status --json"))?;
+    assert!(
+        capacity > 0 && capacity < DISK,
+        "capacity {capacity} on a disk of {DISK}"
+    );
+
+    // With the origin away nothing drains: written data piles up. (The
+    // root is listed first, so that it can be listed offline.)
+    let mut nfs = Nfs::mount(gateway.port, "/imz").await?;
+    nfs.readdir(&nfs.root.clone(), 4096).await?;
+    origin.proc.kill9();
+    let fh = nfs
+        .create(
+            &nfs.root.clone(),
+            "big",
+            CreateMode::Unchecked,
+            &Attrs::default(),
+        )
+        .await?;
+    let body = data::bytes(77, capacity as usize + 64 * PIECE);
+    let mut written = 0;
+    loop {
+        let piece = &body[written..written + PIECE];
+        match nfs
+            .write(&fh, written as u64, piece, Stable::FILE_SYNC)
+            .await
+        {
+            Ok(_) => written += PIECE,
+            Err(NfsError::Status(nfsstat3::NFS3ERR_NOSPC)) => break,
+            Err(e) => return Err(anyhow::anyhow!("write at {written}: {e:?}")),
+        }
+        assert!(
+            written as u64 <= capacity,
+            "took {written} bytes past a capacity of {capacity}"
+        );
+    }
+    assert!(
+        written as u64 >= capacity / 2,
+        "refused at {written} of a capacity of {capacity}"
+    );
+    let listed = nfs.readdir(&nfs.root.clone(), 4096).await?;
+    assert!(listed.iter().any(|(name, _)| name == "big"));
+    assert!(nfs.read_all(&fh).await? == body[..written], "big damaged");
+
+    // The origin back, the logged data drains, and new data fits again.
+    origin.restart()?;
+    let path = root.join("big");
+    let drained = eventually(Duration::from_secs(60), || {
+        (std::fs::read(&path).ok()? == body[..written]).then_some(())
+    });
+    assert!(drained.is_some(), "big never reached the origin whole");
+    let more = data::bytes(78, written);
+    let ok = eventually(Duration::from_secs(30), || {
+        block(nfs.put_file("more", &more)).ok()
+    });
+    assert!(ok.is_some(), "space never came back after reintegration");
+    drop(nfs);
+    drop(gateway);
+    drop(disk);
+    Ok(())
+}

@@ -1,0 +1,30 @@
+//! Room on the filesystem that holds the cache.
+//!
+//! redb latches its first failed write, ENOSPC included: every later
+//! transaction fails, reads too, until the database is opened again (a
+//! gateway restart). So the capacity the cache fills must fit the disk; the
+//! gateway lowers `--cache-size` at start to what the filesystem takes,
+//! keeping [`RESERVE`] free for metadata and redb's own growth.
+
+use std::path::Path;
+
+/// Bytes kept free on the cache's filesystem.
+pub const RESERVE: u64 = 64 << 20;
+
+/// Bytes available to this process on the filesystem holding `dir`.
+pub fn available(dir: &Path) -> std::io::Result<u64> {
+    let st = rustix::fs::statvfs(dir)?;
+    Ok(st.f_bavail.saturating_mul(st.f_frsize))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_real_directory_has_room_and_a_missing_one_is_an_error() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        assert!(available(dir.path()).expect("statvfs") > 0);
+        assert!(available(&dir.path().join("missing")).is_err());
+    }
+}
