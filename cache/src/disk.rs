@@ -5,11 +5,24 @@
 //! gateway restart). So the capacity the cache fills must fit the disk; the
 //! gateway lowers `--cache-size` at start to what the filesystem takes,
 //! keeping [`RESERVE`] free for metadata and redb's own growth.
+//!
+//! The disk can still fill later, from other programs. Then, with less
+//! than [`FLOOR`] left, changes that add data are refused (NOSPC) and
+//! fetched data is served without being kept, until there is room again.
 
 use std::path::Path;
 
 /// Bytes kept free on the cache's filesystem.
 pub const RESERVE: u64 = 64 << 20;
+
+/// Below this many free bytes, nothing that adds data is stored.
+pub const FLOOR: u64 = 32 << 20;
+
+/// Whether the filesystem holding `dir` takes `bytes` more and still has
+/// [`FLOOR`] left; yes if it cannot be asked.
+pub fn takes(dir: &Path, bytes: u64) -> bool {
+    available(dir).map_or(true, |a| a >= bytes.saturating_add(FLOOR))
+}
 
 /// Bytes available to this process on the filesystem holding `dir`.
 pub fn available(dir: &Path) -> std::io::Result<u64> {
@@ -26,5 +39,8 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         assert!(available(dir.path()).expect("statvfs") > 0);
         assert!(available(&dir.path().join("missing")).is_err());
+        assert!(takes(dir.path(), 1));
+        assert!(!takes(dir.path(), u64::MAX));
+        assert!(takes(&dir.path().join("missing"), u64::MAX));
     }
 }

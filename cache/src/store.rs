@@ -265,6 +265,14 @@ impl Cache {
         }
     }
 
+    /// Whether the disk holding the cache takes `bytes` more (see
+    /// [`crate::disk`]).
+    pub fn disk_takes(&self, bytes: u64) -> bool {
+        self.path
+            .parent()
+            .is_none_or(|dir| crate::disk::takes(dir, bytes))
+    }
+
     /// Whether `more` bytes of protected (dirty or pinned) data fit.
     pub fn has_room_for_protected(&self, more: u64) -> bool {
         let evict = self.lock_evict();
@@ -688,6 +696,11 @@ impl WriteTxn<'_> {
     /// Whether `more` bytes of dirty data still fit the cache.
     pub fn cache_room_for_protected(&self, more: u64) -> bool {
         self.cache.has_room_for_protected(more)
+    }
+
+    /// Whether the disk holding the cache takes `bytes` more.
+    pub fn disk_takes(&self, bytes: u64) -> bool {
+        self.cache.disk_takes(bytes)
     }
 
     /// Hands out a fresh local fileid or cookie (never reused).

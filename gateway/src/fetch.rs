@@ -57,6 +57,8 @@ const DURABLE_EVERY: Duration = Duration::from_secs(1);
 /// done, and a wait for the disk every second would stall the transfer.
 const DURABLE_EVERY_FILLING: Duration = Duration::from_secs(30);
 const DURABLE_WHEN_IDLE: Duration = Duration::from_millis(200);
+/// How often the storer repeats that it cannot keep fetched data.
+const DISK_FULL_WARNING_EVERY: Duration = Duration::from_secs(30);
 
 type SlotKey = (FileId, u64, u64);
 
@@ -552,6 +554,24 @@ fn run_storer(
 }
 
 fn store_batch(cache: &Cache, batch: &[StoreJob], durable: bool) -> imz_cache::Result<()> {
+    let bytes: u64 = batch.iter().map(|job| job.bytes.len() as u64).sum();
+    if !cache.disk_takes(bytes) {
+        // Readers had their bytes from the slots; the next read of these
+        // chunks fetches them again.
+        static WARNED: Mutex<Option<Instant>> = Mutex::new(None);
+        let mut warned = WARNED.lock().unwrap_or_else(|p| p.into_inner());
+        if warned.is_none_or(|at| at.elapsed() > DISK_FULL_WARNING_EVERY) {
+            *warned = Some(Instant::now());
+            tracing::warn!(
+                "the disk holding the cache is nearly full: fetched data is served but not kept"
+            );
+        }
+        return if durable {
+            cache.write()?.commit(true)
+        } else {
+            Ok(())
+        };
+    }
     let mut tx = cache.write()?;
     for job in batch {
         let (fid, version, index) = job.key;

@@ -762,3 +762,70 @@ async fn a_cache_on_a_small_disk_takes_what_fits_and_answers_nospc_past_it() -> 
     drop(disk);
     Ok(())
 }
+
+/// The disk under the cache filled by another program: writes get NOSPC,
+/// cached and uncached files still read, and once there is room again
+/// writes go through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disk_filled_by_another_program_gives_nospc_until_there_is_room() -> Result {
+    let dir = tempfile::tempdir()?;
+    let disk = Tmpfs::mount(&dir.path().join("disk"), 1200 << 20)?;
+    let root = dir.path().join("root");
+    data::write_file(&root.join("cached.bin"), 5, 3 << 20)?;
+    data::write_file(&root.join("uncached.bin"), 6, 3 << 20)?;
+    let token = dir.path().join("token");
+    let origin = imz_integration::OriginProc::start(&root, &token)?;
+    let gateway = imz_integration::GatewayProc::start(
+        &origin.url,
+        &token,
+        &disk.0.join("cache"),
+        "10GiB",
+        QUICK,
+    )?;
+    let mut nfs = Nfs::mount(gateway.port, "/imz").await?;
+    assert!(nfs.read_path("cached.bin").await? == data::bytes(5, 3 << 20));
+
+    // Another program takes all but 16 MiB.
+    let free = available_bytes(&disk.0)?;
+    let status = std::process::Command::new("fallocate")
+        .args(["-l", &(free - (16 << 20)).to_string()])
+        .arg(disk.0.join("filler"))
+        .status()?;
+    anyhow::ensure!(status.success(), "fallocate failed");
+
+    let body = data::bytes(7, 24 << 20);
+    match nfs.put_file("new.bin", &body).await {
+        Err(NfsError::Status(nfsstat3::NFS3ERR_NOSPC)) => {}
+        other => anyhow::bail!("a write to a full disk: {other:?}"),
+    }
+    assert!(nfs.read_path("cached.bin").await? == data::bytes(5, 3 << 20));
+    assert!(nfs.read_path("uncached.bin").await? == data::bytes(6, 3 << 20));
+
+    std::fs::remove_file(disk.0.join("filler"))?;
+    nfs.put_file("new.bin", &body).await?;
+    await_origin_file(
+        &imz_integration::Fixture {
+            dir,
+            root: root.clone(),
+            origin,
+            gateway,
+        },
+        "new.bin",
+        &body,
+        Duration::from_secs(20),
+    )?;
+    Ok(())
+}
+
+/// Free bytes on the filesystem holding `path`, as `df` counts them.
+fn available_bytes(path: &Path) -> anyhow::Result<u64> {
+    let out = std::process::Command::new("df")
+        .args(["--output=avail", "-B1"])
+        .arg(path)
+        .output()?;
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .nth(1)
+        .and_then(|l| l.trim().parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("df of {}: {:?}", path.display(), out))
+}

@@ -316,7 +316,10 @@ impl Vfs {
                     } else {
                         obj.attrs.size.max(offset + payload.len() as u64)
                     };
-                    if !tx.cache_room_for_protected(more) {
+                    let arriving: usize = have.values().map(Vec::len).sum();
+                    if !tx.cache_room_for_protected(more)
+                        || !tx.disk_takes((payload.len() + arriving) as u64)
+                    {
                         return Err(VfsError::NoSpace);
                     }
                     // Only a write into a file that is already dirty (all
