@@ -413,6 +413,23 @@ fn bad_operations_are_rejected_not_applied() {
         },
     )]);
     assert_eq!(rejected(&r.results[0]), ErrorCode::BadRequest);
+    // Keys are kept for ever: an oversized one refuses the whole batch.
+    let resp = c
+        .http
+        .post(c.url(wire::paths::REINTEGRATE))
+        .bearer_auth(&c.token)
+        .json(&wire::Batch {
+            ops: vec![create(
+                &"k".repeat(wire::MAX_KEY_LEN + 1),
+                ObjRef::Id(ROOT_ID),
+                "keyed",
+                NewObject::Dir,
+            )],
+        })
+        .send()
+        .expect("reintegrate");
+    assert_eq!(resp.status(), 400);
+    assert!(resp.text().expect("body").contains("idempotency keys"));
     let entries = c.entries(ROOT_ID, None, 10).entries;
     assert_eq!(entries.len(), 1);
     assert_eq!(entries[0].attr.kind, Kind::Dir);

@@ -149,3 +149,20 @@ fn names_that_walk_are_refused_everywhere() {
         .collect();
     assert!(staged.is_empty());
 }
+
+/// The origin's state (staged uploads, the store naming everything) is
+/// for its own user only, even where it already existed more open.
+#[test]
+fn the_origin_state_is_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let s = start_with(|root| {
+        let state = root.join(wire::STATE_DIR_NAME);
+        std::fs::create_dir(&state).expect("mkdir");
+        std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    });
+    let mode = std::fs::metadata(s.root().join(wire::STATE_DIR_NAME))
+        .expect("state dir")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o700, "state dir mode {mode:o}");
+}

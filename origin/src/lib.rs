@@ -216,6 +216,14 @@ fn open_shared(
         std::fs::create_dir_all(dir)
             .map_err(|e| OriginError::io(format!("creating {}", dir.display()), e))?;
     }
+    // Staged uploads hold file content before it takes its mode in the
+    // tree, and the store names everything, private directories too: the
+    // state is the origin's alone.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| OriginError::io(format!("restricting {}", state.display()), e))?;
+    }
     let uploads_fd = rustix::fs::open(
         &uploads_dir,
         rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,

@@ -211,7 +211,7 @@ async fn require_token(State(shared): State<Arc<Shared>>, req: Request, next: Ne
     let presented = req
         .headers()
         .get(header::AUTHORIZATION)
-        .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+        .and_then(|v| bearer_credentials(v.as_bytes()))
         .unwrap_or(b"");
     let expected = shared.config.token.as_bytes();
     if presented.is_empty() || !bool::from(presented.ct_eq(expected)) {
@@ -225,6 +225,13 @@ async fn require_token(State(shared): State<Arc<Shared>>, req: Request, next: Ne
         return resp;
     }
     next.run(req).await
+}
+
+/// The credentials of an `Authorization: Bearer ...` value; the scheme is
+/// case-insensitive (RFC 9110).
+fn bearer_credentials(value: &[u8]) -> Option<&[u8]> {
+    let (scheme, rest) = value.split_at_checked(7)?;
+    scheme.eq_ignore_ascii_case(b"Bearer ").then_some(rest)
 }
 
 async fn not_found() -> ApiFailure {
@@ -509,6 +516,21 @@ async fn reintegrate(
         )
         .into());
     }
+    if let Some(op) = batch
+        .ops
+        .iter()
+        .find(|op| op.key.is_empty() || op.key.len() > wire::MAX_KEY_LEN)
+    {
+        return Err(api(
+            ErrorCode::BadRequest,
+            format!(
+                "idempotency keys are 1 to {} bytes; one is {}",
+                wire::MAX_KEY_LEN,
+                op.key.len()
+            ),
+        )
+        .into());
+    }
     if batch.ops.is_empty() {
         return Ok(Json(BatchResult {
             results: Vec::new(),
@@ -543,5 +565,19 @@ pub async fn reconcile_now(shared: &Shared, dirty: Dirty) {
         .is_ok()
     {
         let _ = rx.await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bearer_credentials;
+
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive_and_required() {
+        assert_eq!(bearer_credentials(b"Bearer abc"), Some(&b"abc"[..]));
+        assert_eq!(bearer_credentials(b"bearer abc"), Some(&b"abc"[..]));
+        assert_eq!(bearer_credentials(b"BEARER abc"), Some(&b"abc"[..]));
+        assert_eq!(bearer_credentials(b"Basic abcdefg"), None);
+        assert_eq!(bearer_credentials(b"Bear"), None);
     }
 }

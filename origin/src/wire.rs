@@ -42,6 +42,8 @@ pub const MAX_JOURNAL_RECORDS: usize = 10_000;
 pub const MAX_WAIT_MS: u64 = 60_000;
 /// Longest upload id accepted.
 pub const MAX_UPLOAD_ID_LEN: usize = 128;
+/// Longest idempotency key (gateways send `GATEWAY-SEQ`, well under this).
+pub const MAX_KEY_LEN: usize = 128;
 
 /// URL paths of the API, relative to the origin's base URL.
 ///

@@ -106,6 +106,12 @@ pub fn read_token(path: &std::path::Path) -> anyhow::Result<String> {
         "the token file {} is empty",
         path.display()
     );
+    // It travels in an HTTP header: printable ASCII, no spaces.
+    anyhow::ensure!(
+        token.bytes().all(|b| b.is_ascii_graphic()),
+        "the token in {} has spaces, line breaks or characters that are not printable ASCII; an HTTP header cannot carry it",
+        path.display()
+    );
     Ok(token)
 }
 
@@ -211,6 +217,19 @@ mod tests {
         assert_eq!(parse_duration("1.5m"), Ok(Duration::from_secs(90)));
         assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
         assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
+    }
+
+    #[test]
+    fn a_token_must_fit_an_http_header() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("token");
+        std::fs::write(&file, "  abc123-XYZ\n").expect("write");
+        assert_eq!(super::read_token(&file).expect("token"), "abc123-XYZ");
+        std::fs::write(&file, "abc\ndef\n").expect("write");
+        let err = super::read_token(&file).expect_err("a line break inside");
+        assert!(err.to_string().contains("HTTP header"), "{err}");
+        std::fs::write(&file, "\n").expect("write");
+        assert!(super::read_token(&file).is_err());
     }
 
     #[test]

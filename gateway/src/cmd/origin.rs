@@ -53,11 +53,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 /// Reads the token, or creates the file (mode 0600) with a random one.
 fn read_or_create_token(path: &Path) -> anyhow::Result<String> {
     use std::os::unix::fs::OpenOptionsExt;
-    match std::fs::read_to_string(path) {
-        Ok(s) if !s.trim().is_empty() => return Ok(s.trim().to_owned()),
-        Ok(_) => anyhow::bail!("token file {} is empty", path.display()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    if path.exists() {
+        return super::read_token(path);
     }
     let mut bytes = [0u8; 32];
     std::fs::File::open("/dev/urandom")
