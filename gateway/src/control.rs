@@ -11,7 +11,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
 
@@ -402,21 +402,47 @@ pub async fn serve(path: PathBuf, control: Arc<Control>) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Longest request line (requests are small JSON objects; a pin path is
+/// the largest part).
+const MAX_REQUEST: u64 = 64 << 10;
+/// How long a client has to send its request line.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Reads the request line: at most [`MAX_REQUEST`] bytes, within
+/// `timeout`; `None` if the client sent nothing.
+async fn read_request(
+    read: impl AsyncRead + Unpin,
+    timeout: Duration,
+) -> Result<Option<Vec<u8>>, String> {
+    let mut line = Vec::new();
+    let mut limited = BufReader::new(read.take(MAX_REQUEST + 1));
+    match tokio::time::timeout(timeout, limited.read_until(b'\n', &mut line)).await {
+        Err(_) => Err(format!("no complete request within {:?}", timeout)),
+        Ok(Err(e)) => Err(format!("reading the request: {e}")),
+        Ok(Ok(0)) => Ok(None),
+        Ok(Ok(_)) if line.len() as u64 > MAX_REQUEST => {
+            Err(format!("requests are limited to {MAX_REQUEST} bytes"))
+        }
+        Ok(Ok(_)) => Ok(Some(line)),
+    }
+}
+
 async fn answer(stream: UnixStream, control: &Control) -> anyhow::Result<()> {
     let (read, mut write) = stream.into_split();
-    let mut lines = BufReader::new(read).lines();
-    let Some(line) = lines.next_line().await? else {
-        return Ok(());
+    let parsed = match read_request(read, REQUEST_TIMEOUT).await {
+        Ok(None) => return Ok(()),
+        Ok(Some(line)) => {
+            serde_json::from_slice::<Request>(&line).map_err(|e| format!("bad request: {e}"))
+        }
+        Err(e) => Err(e),
     };
-    let response = match serde_json::from_str::<Request>(&line) {
+    let response = match parsed {
         Ok(req) => {
             use tracing::Instrument;
             let span = tracing::info_span!("control", request = ?req);
             control.handle(req).instrument(span).await
         }
-        Err(e) => Response::Error {
-            message: format!("bad request: {e}"),
-        },
+        Err(message) => Response::Error { message },
     };
     let mut out = serde_json::to_vec(&response)?;
     out.push(b'\n');
@@ -442,4 +468,26 @@ pub async fn request(path: &Path, request: &Request) -> anyhow::Result<Response>
         .await?
         .context("the gateway closed the connection")?;
     serde_json::from_str(&answer).context("parsing the gateway's answer")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_request_is_one_bounded_line_sent_in_time() {
+        let quick = Duration::from_millis(50);
+        let line = b"{\"cmd\":\"status\"}\n".to_vec();
+        assert_eq!(read_request(&line[..], quick).await, Ok(Some(line.clone())));
+        assert_eq!(read_request(&b""[..], quick).await, Ok(None));
+        let huge = vec![b'x'; MAX_REQUEST as usize + 10];
+        let err = read_request(&huge[..], quick).await.expect_err("too long");
+        assert!(err.contains("limited"), "{err}");
+        // Half a request, then silence.
+        let (client, server) = tokio::io::duplex(64);
+        let mut client = client;
+        client.write_all(b"{\"cmd\":\"sta").await.expect("write");
+        let err = read_request(server, quick).await.expect_err("stalled");
+        assert!(err.contains("no complete request"), "{err}");
+    }
 }
