@@ -8,6 +8,11 @@
 //! It is a multiple of 4 KiB so that page-aligned client writes never
 //! straddle two chunks.
 
+/// Largest file the cache holds: what the gateway advertises as FSINFO's
+/// `maxfilesize` (128 GiB), inside the origin's upload limit (1 TiB) and
+/// far from where offset arithmetic overflows.
+pub const MAX_FILE_SIZE: u64 = 128 << 30;
+
 /// Bytes per chunk: 1 MiB - 4 KiB.
 pub const CHUNK_SIZE: u64 = (1 << 20) - 4096;
 

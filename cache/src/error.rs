@@ -19,6 +19,8 @@ pub enum CacheError {
     },
     #[error("the cache is full of data not yet reintegrated ({needed} more bytes needed)")]
     NoSpace { needed: u64 },
+    #[error("a file cannot grow past {max} bytes")]
+    TooLarge { max: u64 },
     #[error("no such object {0}")]
     NoObject(u64),
     #[error("chunks {indexes:?} of object {fileid} must be fetched from the origin first")]

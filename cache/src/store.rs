@@ -973,7 +973,12 @@ impl WriteTxn<'_> {
         data: &[u8],
         fetched: &dyn Fn(u64) -> Option<Vec<u8>>,
     ) -> Result<()> {
-        let end = offset + data.len() as u64;
+        let end = offset
+            .checked_add(data.len() as u64)
+            .filter(|&end| end <= chunk::MAX_FILE_SIZE)
+            .ok_or(CacheError::TooLarge {
+                max: chunk::MAX_FILE_SIZE,
+            })?;
         let mut plan = Vec::new();
         let mut missing = Vec::new();
         for index in chunk::covering(offset, data.len() as u64) {
@@ -1043,6 +1048,11 @@ impl WriteTxn<'_> {
     /// the last one, and forgets origin bytes past it (the caller stores
     /// `obj`). Growing leaves a hole.
     pub fn truncate_data(&mut self, fid: FileId, obj: &mut Object, size: u64) -> Result<()> {
+        if size > chunk::MAX_FILE_SIZE {
+            return Err(CacheError::TooLarge {
+                max: chunk::MAX_FILE_SIZE,
+            });
+        }
         if size < obj.attrs.size {
             for (index, len) in self.chunks_of(fid)? {
                 let cstart = chunk::start_of(index);

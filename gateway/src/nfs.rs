@@ -72,6 +72,7 @@ pub fn status(e: VfsError) -> nfsstat3 {
         VfsError::Invalid(_) => nfsstat3::NFS3ERR_INVAL,
         VfsError::NameTooLong => nfsstat3::NFS3ERR_NAMETOOLONG,
         VfsError::NoSpace => nfsstat3::NFS3ERR_NOSPC,
+        VfsError::TooLarge => nfsstat3::NFS3ERR_FBIG,
         VfsError::NotSupported => nfsstat3::NFS3ERR_NOTSUPP,
     }
 }
@@ -415,8 +416,16 @@ impl NfsFileSystem for NfsAdapter {
         let target = std::str::from_utf8(symlink.as_ref())
             .map_err(|_| nfsstat3::NFS3ERR_INVAL)?
             .to_owned();
-        if target.is_empty() || target.len() > imz_origin::wire::MAX_SYMLINK_LEN {
+        if !imz_origin::fsops::valid_target(&target) {
             return Err(nfsstat3::NFS3ERR_INVAL);
+        }
+        // The origin refuses targets that lead outside the export by their
+        // text (absolute, or `..` above the root): say so now, rather than
+        // accept one that could never reach the origin.
+        let depth = self.vfs.depth(dirid.as_u64()).map_err(status)?;
+        if !imz_origin::fsops::target_stays_inside(depth, &target) {
+            tracing::info!(%target, "symlink refused: it leads outside the export");
+            return Err(nfsstat3::NFS3ERR_ACCES);
         }
         let (fid, obj) = self
             .vfs

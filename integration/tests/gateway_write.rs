@@ -829,3 +829,62 @@ fn available_bytes(path: &Path) -> anyhow::Result<u64> {
         .and_then(|l| l.trim().parse().ok())
         .ok_or_else(|| anyhow::anyhow!("df of {}: {:?}", path.display(), out))
 }
+
+/// Offsets and sizes past the largest file (FSINFO's 128 GiB) are refused
+/// with FBIG, where a WRITE near 2^64 used to stop the cache's writer for
+/// good and one at 2^63 was acknowledged, then held every later change
+/// back from the origin; and other requests a client should not send harm
+/// nothing either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_past_the_largest_file_are_refused_and_harm_nothing() -> Result {
+    let fx = quick_fixture(|root| {
+        data::write_file(&root.join("three.bin"), 3, 3 << 20)?;
+        Ok(())
+    })?;
+    let mut nfs = Nfs::mount(fx.port(), "/imz").await?;
+    let root = nfs.root.clone();
+    let fh = nfs
+        .create(&root, "f", CreateMode::Unchecked, &Attrs::default())
+        .await?;
+    for offset in [u64::MAX - 60_000, u64::MAX, 1 << 63, (128 << 30) - 50] {
+        expect_status(
+            nfs.write(&fh, offset, &[7; 100], Stable::FILE_SYNC).await,
+            nfsstat3::NFS3ERR_FBIG,
+        )?;
+    }
+    let huge = Attrs {
+        size: Some(1 << 63),
+        ..Attrs::default()
+    };
+    expect_status(nfs.setattr(&fh, &huge).await, nfsstat3::NFS3ERR_FBIG)?;
+    // A WRITE of nothing past the end extends nothing.
+    nfs.write(&fh, 0, b"abc", Stable::FILE_SYNC).await?;
+    nfs.write(&fh, 1_000_000, &[], Stable::FILE_SYNC).await?;
+    assert_eq!(nfs.getattr(&fh).await?.size, 3);
+    // A READ of 4 GiB gets at most what FSINFO allows (1 MiB).
+    let three = nfs.lookup_path("three.bin").await?;
+    let (bytes, eof) = nfs.read(&three, 0, u32::MAX).await?;
+    assert_eq!(bytes.len(), 1 << 20);
+    assert!(!eof);
+    assert!(bytes[..] == data::bytes(3, 3 << 20)[..1 << 20]);
+    // Symlinks the origin would refuse are refused now.
+    expect_status(
+        nfs.symlink(&root, "abs", "/usr/bin").await,
+        nfsstat3::NFS3ERR_ACCES,
+    )?;
+    expect_status(
+        nfs.symlink(&root, "up", "../x").await,
+        nfsstat3::NFS3ERR_ACCES,
+    )?;
+    expect_status(
+        nfs.symlink(&root, "nul", "a\0b").await,
+        nfsstat3::NFS3ERR_INVAL,
+    )?;
+    nfs.symlink(&root, "fine", "three.bin").await?;
+    // Nothing above stopped writing or reintegration.
+    let body = data::bytes(4, 200_000);
+    nfs.put_file("after.bin", &body).await?;
+    await_origin_file(&fx, "after.bin", &body, Duration::from_secs(20))?;
+    await_origin_file(&fx, "f", b"abc", Duration::from_secs(20))?;
+    Ok(())
+}

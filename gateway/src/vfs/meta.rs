@@ -5,6 +5,10 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use imz_cache::{DirEntry, FileId, Kind, Object, ROOT_FILEID};
+
+/// Deeper than any real tree (a path of single-letter names this deep is
+/// past PATH_MAX many times): a parent chain longer than this is broken.
+const MAX_DEPTH: usize = 100_000;
 use imz_origin::wire;
 
 use super::{Vfs, VfsError};
@@ -20,6 +24,20 @@ impl Vfs {
     /// the journal, so attributes are answered at memory speed.
     pub fn getattr(&self, fid: FileId) -> Result<Arc<Object>, VfsError> {
         self.cache.object_now(fid)?.ok_or(VfsError::Stale)
+    }
+
+    /// How many levels directory `dir` lies below the root.
+    pub fn depth(&self, dir: FileId) -> Result<usize, VfsError> {
+        let mut at = dir;
+        for depth in 0..MAX_DEPTH {
+            if at == ROOT_FILEID {
+                return Ok(depth);
+            }
+            at = self.getattr(at)?.parent;
+        }
+        Err(VfsError::Io(format!(
+            "directory {dir} is not under the root"
+        )))
     }
 
     /// Resolves `name` in directory `dir`.

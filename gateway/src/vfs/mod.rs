@@ -43,6 +43,8 @@ pub enum VfsError {
     NameTooLong,
     #[error("the cache is full of changes not yet reintegrated")]
     NoSpace,
+    #[error("file too large")]
+    TooLarge,
     #[error("operation not supported")]
     NotSupported,
     #[error("I/O error: {0}")]
@@ -54,6 +56,7 @@ impl From<CacheError> for VfsError {
         match e {
             CacheError::NoObject(_) => Self::Stale,
             CacheError::NoSpace { .. } => Self::NoSpace,
+            CacheError::TooLarge { .. } => Self::TooLarge,
             other => {
                 tracing::error!(error = %other, "cache failure");
                 Self::Io(other.to_string())

@@ -13,6 +13,8 @@ use crate::metrics::Metrics;
 
 /// Attempts at a read whose file keeps changing at the origin.
 const READ_ATTEMPTS: usize = 3;
+/// Largest READ answered: FSINFO's `rtmax` (nfs3_server's default, 1 MiB).
+pub const MAX_READ: u32 = 1 << 20;
 
 impl Vfs {
     /// Reads up to `count` bytes at `offset`; returns the bytes and whether
@@ -23,6 +25,9 @@ impl Vfs {
         offset: u64,
         count: u32,
     ) -> Result<(Vec<u8>, bool), VfsError> {
+        // Clients are told (FSINFO rtmax) to ask for at most this; one that
+        // asks for more gets that much, not a reply of any size it names.
+        let count = count.min(MAX_READ);
         let (bytes, eof, hit) = self.read_inner(fid, offset, count).await?;
         Metrics::add(&self.metrics.reads, 1);
         Metrics::add(&self.metrics.read_bytes, bytes.len() as u64);

@@ -293,6 +293,17 @@ impl Vfs {
         data: Vec<u8>,
         stability: Stability,
     ) -> Result<(Object, Committed), VfsError> {
+        if offset.saturating_add(data.len() as u64) > imz_cache::chunk::MAX_FILE_SIZE {
+            return Err(VfsError::TooLarge);
+        }
+        if data.is_empty() {
+            // Writes nothing, extends nothing (as write(2) of 0 bytes).
+            let obj = self.getattr(fid)?;
+            if obj.kind != Kind::File {
+                return Err(VfsError::Invalid("not a regular file".into()));
+            }
+            return Ok(((*obj).clone(), Committed::Durable));
+        }
         let data = Arc::new(data);
         // Origin bytes of chunks this write only partly covers, fetched on
         // demand (only for files that are not entirely cached).
