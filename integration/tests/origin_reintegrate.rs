@@ -413,6 +413,22 @@ fn bad_operations_are_rejected_not_applied() {
         },
     )]);
     assert_eq!(rejected(&r.results[0]), ErrorCode::BadRequest);
+    let r = c.reintegrate(vec![create("f", ObjRef::Id(ROOT_ID), "f", file(None))]);
+    let f = applied(&r.results[0]).0.clone();
+    for (key, size) in [("huge", 1u64 << 62), ("huger", u64::MAX)] {
+        let r = c.reintegrate(vec![op(
+            key,
+            Op::SetAttr {
+                id: ObjRef::Id(f.id),
+                base: Base::Version(f.version),
+                attrs: SetAttrs {
+                    size: Some(size),
+                    ..SetAttrs::default()
+                },
+            },
+        )]);
+        assert_eq!(rejected(&r.results[0]), ErrorCode::TooLarge, "size {size}");
+    }
     // Keys are kept for ever: an oversized one refuses the whole batch.
     let resp = c
         .http
@@ -431,6 +447,6 @@ fn bad_operations_are_rejected_not_applied() {
     assert_eq!(resp.status(), 400);
     assert!(resp.text().expect("body").contains("idempotency keys"));
     let entries = c.entries(ROOT_ID, None, 10).entries;
-    assert_eq!(entries.len(), 1);
-    assert_eq!(entries[0].attr.kind, Kind::Dir);
+    assert_eq!(entries.len(), 2);
+    assert!(entries.iter().any(|e| e.attr.kind == Kind::Dir));
 }

@@ -528,6 +528,16 @@ impl Apply<'_, '_, '_> {
                     format!("not permitted: {e}"),
                 ));
             }
+            // A size the filesystem cannot hold fails the same way on every
+            // retry: refuse it rather than call it a passing failure.
+            let too_big = e.raw_os_error() == Some(rustix::io::Errno::FBIG.raw_os_error())
+                || (attrs.size.is_some() && e.kind() == std::io::ErrorKind::InvalidInput);
+            if too_big {
+                return Err(rejected(
+                    ErrorCode::TooLarge,
+                    format!("the filesystem cannot hold that size: {e}"),
+                ));
+            }
             return Err(fs_failed("setattr", e));
         }
         let st = stat_or_fail(&pfd, &name)?;
