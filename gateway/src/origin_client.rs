@@ -107,6 +107,9 @@ impl OriginClient {
             .connect_timeout(timeouts.connect)
             .tcp_nodelay(true)
             .pool_max_idle_per_host(16)
+            // Before the origin would close them itself, so that a request
+            // never goes out on a connection it is closing.
+            .pool_idle_timeout(imz_origin::http::CLIENT_IDLE)
             .build()
             .map_err(|e| OriginError::Protocol(format!("building the HTTP client: {e}")))?;
         Ok(Self {

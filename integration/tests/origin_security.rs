@@ -166,3 +166,40 @@ fn the_origin_state_is_private() {
         .mode();
     assert_eq!(mode & 0o777, 0o700, "state dir mode {mode:o}");
 }
+
+/// Connections that never send a request are closed after the header
+/// timeout, so that clients without a token cannot hold the origin's
+/// descriptors (they used to stay open for ever); requests go on being
+/// served.
+#[test]
+fn silent_connections_are_closed_after_the_header_timeout() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().join("root");
+    std::fs::create_dir(&root).expect("mkdir");
+    let (_origin, url) = spawn_origin(
+        &root,
+        &dir.path().join("token"),
+        &["--header-timeout", "1s", "--max-connections", "64"],
+    );
+    let addr = url.trim_start_matches("http://").to_owned();
+    let mut silent: Vec<std::net::TcpStream> = (0..20)
+        .map(|_| std::net::TcpStream::connect(&addr).expect("connect"))
+        .collect();
+    // Half a request head is no better than none.
+    silent[0]
+        .write_all(b"GET /v1/health HTTP/1.1\r\nHost: x\r\n")
+        .expect("write");
+    for (i, conn) in silent.iter_mut().enumerate() {
+        conn.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .expect("timeout");
+        let mut buf = [0u8; 1024];
+        match conn.read(&mut buf) {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+            Err(e) => panic!("connection {i} still open after 10 s: {e}"),
+        }
+    }
+    let health = reqwest::blocking::get(format!("{url}/v1/health")).expect("health");
+    assert!(health.status().is_success());
+}

@@ -16,6 +16,7 @@
 pub mod data;
 pub mod error;
 pub mod fsops;
+pub mod http;
 pub mod reintegrate;
 pub mod scan;
 pub mod server;
@@ -60,6 +61,11 @@ pub struct OriginConfig {
     pub watch_debounce: Duration,
     /// Watch the tree for changes other programs make (inotify).
     pub watch: bool,
+    /// How long a connection may take to send a request's head, or stay
+    /// idle between requests (see [`http`]).
+    pub header_timeout: Duration,
+    /// HTTP connections open at once; more are closed as they arrive.
+    pub max_connections: usize,
 }
 
 impl OriginConfig {
@@ -75,6 +81,8 @@ impl OriginConfig {
             max_downloads: 256,
             watch_debounce: Duration::from_millis(20),
             watch: true,
+            header_timeout: http::HEADER_TIMEOUT,
+            max_connections: http::MAX_CONNECTIONS,
         }
     }
 }
@@ -172,26 +180,16 @@ pub async fn start(config: OriginConfig) -> Result<RunningOrigin, OriginError> {
         .map_err(|e| OriginError::io("spawning the writer thread", e))?;
     let janitor = tokio::spawn(uploads::janitor(shared.clone()));
     let app = server::router(shared.clone());
-    let mut stopping = shared.stopping.subscribe();
-    let server = tokio::spawn(async move {
-        let graceful = async move {
-            let _ = stopping.wait_for(|s| *s).await;
-        };
-        // Without TCP_NODELAY a small response's body waits behind its
-        // headers for the client's delayed ACK (~40 ms a request).
-        use axum::serve::ListenerExt;
-        let listener = listener.tap_io(|tcp| {
-            if let Err(e) = tcp.set_nodelay(true) {
-                tracing::debug!(error = %e, "cannot set TCP_NODELAY");
-            }
-        });
-        if let Err(e) = axum::serve(listener, app)
-            .with_graceful_shutdown(graceful)
-            .await
-        {
-            tracing::error!(error = %e, "HTTP server failed");
-        }
-    });
+    let limits = http::Limits {
+        header_timeout: shared.config.header_timeout,
+        max_connections: shared.config.max_connections.max(1),
+    };
+    let server = tokio::spawn(http::serve(
+        listener,
+        app,
+        limits,
+        shared.stopping.subscribe(),
+    ));
     tracing::info!(%addr, root = %shared.tree.root_path().display(), "origin serving");
     Ok(RunningOrigin {
         addr,

@@ -24,6 +24,14 @@ pub struct Args {
     /// Largest upload accepted, in bytes.
     #[arg(long, default_value_t = 1 << 40)]
     pub max_upload: u64,
+    /// How long a connection may take to send a request's head, or stay
+    /// idle between requests, before it is closed. Keep it above 30s, how
+    /// long gateways keep an idle connection.
+    #[arg(long, default_value = "60s", value_parser = super::parse_duration)]
+    pub header_timeout: std::time::Duration,
+    /// HTTP connections open at once; more are closed as they arrive.
+    #[arg(long, default_value_t = imz_origin::http::MAX_CONNECTIONS)]
+    pub max_connections: usize,
     /// Bytes read from disk per chunk when serving file data.
     #[arg(long, default_value_t = 1 << 20, hide = true)]
     pub read_chunk: usize,
@@ -38,6 +46,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         config.journal_keep = args.journal_keep.max(1);
         config.max_upload = args.max_upload;
         config.read_chunk = args.read_chunk.max(4096);
+        config.header_timeout = args.header_timeout;
+        config.max_connections = args.max_connections.max(1);
         let origin = imz_origin::start(config)
             .await
             .with_context(|| format!("starting the origin over {}", args.root.display()))?;
