@@ -203,3 +203,51 @@ fn silent_connections_are_closed_after_the_header_timeout() {
     let health = reqwest::blocking::get(format!("{url}/v1/health")).expect("health");
     assert!(health.status().is_success());
 }
+
+/// A client that asks for data and reads none of it loses the response
+/// after the send timeout, rather than holding a download slot (and a
+/// thread) for ever: 256 of them used to block every other download.
+#[test]
+fn a_download_nobody_reads_is_dropped_after_the_send_timeout() {
+    use std::io::{Read, Write};
+    const SIZE: usize = 64 << 20;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().join("root");
+    std::fs::create_dir(&root).expect("mkdir");
+    std::fs::write(root.join("big"), vec![7u8; SIZE]).expect("write");
+    let token_file = dir.path().join("token");
+    let (_origin, url) = spawn_origin(&root, &token_file, &["--send-timeout", "1s"]);
+    let token = std::fs::read_to_string(&token_file).expect("token");
+    let c = Client::at(&url, token.trim());
+    let big = c.lookup(ROOT_ID, "big").attr;
+    let addr = url.trim_start_matches("http://").to_owned();
+    let mut conn = std::net::TcpStream::connect(&addr).expect("connect");
+    write!(
+        conn,
+        "GET {} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\r\n",
+        wire::paths::data(big.id, big.version),
+        token.trim()
+    )
+    .expect("request");
+    // Read nothing for a while; then whatever the origin sent before it
+    // gave up, and the end of the connection.
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    conn.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .expect("timeout");
+    let mut got = 0usize;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        match conn.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+            Err(e) => panic!("the response was neither finished nor dropped: {e}"),
+        }
+    }
+    assert!(got < SIZE, "the whole response arrived ({got} bytes)");
+    // The origin goes on serving downloads.
+    assert_eq!(
+        c.data(big.id, big.version).bytes().expect("body").len(),
+        SIZE
+    );
+}

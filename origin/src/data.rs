@@ -151,6 +151,7 @@ pub async fn get(
     };
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(DATA_QUEUE);
     let fp = meta.fp;
+    let tx = PieceSender::new(tx, shared.config.send_timeout);
     tokio::task::spawn_blocking(move || {
         let _permit = permit;
         stream_file(file, fp, start, len, chunk, &tx);
@@ -223,14 +224,7 @@ fn set_cache_headers(h: &mut HeaderMap, etag: &str) {
 
 /// Reads `len` bytes from `start`, checking the fingerprint after each
 /// read; sends an error (which aborts the HTTP body) if the file changed.
-fn stream_file(
-    file: File,
-    fp: Fingerprint,
-    start: u64,
-    len: u64,
-    chunk: usize,
-    tx: &tokio::sync::mpsc::Sender<Result<Bytes, std::io::Error>>,
-) {
+fn stream_file(file: File, fp: Fingerprint, start: u64, len: u64, chunk: usize, tx: &PieceSender) {
     let _ = rustix::fs::fadvise(
         &file,
         start,
@@ -272,12 +266,12 @@ fn stream_file(
         }
         if let Some(e) = failed {
             tracing::warn!(error = %e, "aborting a download");
-            let _ = tx.blocking_send(Err(e));
+            let _ = tx.send(Err(e));
             return;
         }
         offset += buf.len() as u64;
-        if tx.blocking_send(Ok(Bytes::from(buf))).is_err() {
-            return; // client gone
+        if !tx.send(Ok(Bytes::from(buf))) {
+            return; // client gone, or not reading
         }
     }
 }
@@ -328,6 +322,50 @@ pub fn parse_range(header: &str, size: u64) -> RangeReq {
         return RangeReq::Unsatisfiable;
     }
     RangeReq::Part(start, end)
+}
+
+/// Hands a streamed response's pieces to its connection, from a blocking
+/// thread. A client that takes nothing for `timeout` loses the response,
+/// so that its thread (and download slot) is freed rather than held for
+/// ever (probing found 256 unread downloads blocking every other one).
+pub(crate) struct PieceSender {
+    tx: tokio::sync::mpsc::Sender<Result<Bytes, std::io::Error>>,
+    timeout: std::time::Duration,
+    runtime: tokio::runtime::Handle,
+}
+
+impl PieceSender {
+    /// Call from the task that will run the blocking thread.
+    pub(crate) fn new(
+        tx: tokio::sync::mpsc::Sender<Result<Bytes, std::io::Error>>,
+        timeout: std::time::Duration,
+    ) -> Self {
+        Self {
+            tx,
+            timeout,
+            runtime: tokio::runtime::Handle::current(),
+        }
+    }
+
+    /// Whether the piece went out; false once the client is gone or has
+    /// read nothing for the timeout.
+    pub(crate) fn send(&self, piece: Result<Bytes, std::io::Error>) -> bool {
+        use tokio::sync::mpsc::error::SendTimeoutError;
+        match self
+            .runtime
+            .block_on(self.tx.send_timeout(piece, self.timeout))
+        {
+            Ok(()) => true,
+            Err(SendTimeoutError::Timeout(_)) => {
+                tracing::info!(
+                    "a client read nothing for {:?}: dropping its response",
+                    self.timeout
+                );
+                false
+            }
+            Err(SendTimeoutError::Closed(_)) => false,
+        }
+    }
 }
 
 #[cfg(test)]

@@ -66,6 +66,9 @@ pub struct OriginConfig {
     pub header_timeout: Duration,
     /// HTTP connections open at once; more are closed as they arrive.
     pub max_connections: usize,
+    /// A client that reads nothing of a streamed response (data, manifest)
+    /// for this long loses it.
+    pub send_timeout: Duration,
 }
 
 impl OriginConfig {
@@ -83,6 +86,7 @@ impl OriginConfig {
             watch: true,
             header_timeout: http::HEADER_TIMEOUT,
             max_connections: http::MAX_CONNECTIONS,
+            send_timeout: Duration::from_secs(60),
         }
     }
 }

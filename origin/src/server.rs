@@ -421,11 +421,9 @@ async fn manifest(State(shared): State<Arc<Shared>>) -> Result<Response, ApiFail
             .ok_or_else(|| api(ErrorCode::Internal, "no root object"))?,
     };
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(4);
+    let tx = crate::data::PieceSender::new(tx, shared.config.send_timeout);
     tokio::task::spawn_blocking(move || {
-        let send = |buf: &mut Vec<u8>| {
-            tx.blocking_send(Ok(Bytes::from(std::mem::take(buf))))
-                .is_ok()
-        };
+        let send = |buf: &mut Vec<u8>| tx.send(Ok(Bytes::from(std::mem::take(buf))));
         let mut buf = Vec::with_capacity(MANIFEST_CHUNK);
         let line = |buf: &mut Vec<u8>, v: &dyn erased::Ser| -> bool {
             if v.write(buf).is_err() {
@@ -443,7 +441,7 @@ async fn manifest(State(shared): State<Arc<Shared>>) -> Result<Response, ApiFail
             let children = match reader.child_ids(dir) {
                 Ok(c) => c,
                 Err(e) => {
-                    let _ = tx.blocking_send(Err(std::io::Error::other(e.to_string())));
+                    let _ = tx.send(Err(std::io::Error::other(e.to_string())));
                     return;
                 }
             };
@@ -452,7 +450,7 @@ async fn manifest(State(shared): State<Arc<Shared>>) -> Result<Response, ApiFail
                     Ok(Some(a)) => a,
                     Ok(None) => continue,
                     Err(e) => {
-                        let _ = tx.blocking_send(Err(std::io::Error::other(e.to_string())));
+                        let _ = tx.send(Err(std::io::Error::other(e.to_string())));
                         return;
                     }
                 };

@@ -32,6 +32,10 @@ pub struct Args {
     /// HTTP connections open at once; more are closed as they arrive.
     #[arg(long, default_value_t = imz_origin::http::MAX_CONNECTIONS)]
     pub max_connections: usize,
+    /// A client that reads nothing of a download (or a manifest) for this
+    /// long loses it, freeing its download slot.
+    #[arg(long, default_value = "60s", value_parser = super::parse_duration)]
+    pub send_timeout: std::time::Duration,
     /// Bytes read from disk per chunk when serving file data.
     #[arg(long, default_value_t = 1 << 20, hide = true)]
     pub read_chunk: usize,
@@ -48,6 +52,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         config.read_chunk = args.read_chunk.max(4096);
         config.header_timeout = args.header_timeout;
         config.max_connections = args.max_connections.max(1);
+        config.send_timeout = args.send_timeout;
         let origin = imz_origin::start(config)
             .await
             .with_context(|| format!("starting the origin over {}", args.root.display()))?;
