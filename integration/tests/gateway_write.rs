@@ -678,6 +678,36 @@ impl Drop for Tmpfs {
     }
 }
 
+/// A fixture whose gateway (`--cache-size 10GiB`) keeps its cache on a
+/// tmpfs of `disk` bytes; dropped in order, the gateway stops before the
+/// tmpfs goes.
+fn fixture_on_small_disk(
+    disk: u64,
+    populate: impl FnOnce(&Path) -> anyhow::Result<()>,
+) -> anyhow::Result<(Fixture, Tmpfs)> {
+    let dir = tempfile::tempdir()?;
+    let tmpfs = Tmpfs::mount(&dir.path().join("disk"), disk)?;
+    let root = dir.path().join("root");
+    std::fs::create_dir_all(&root)?;
+    populate(&root)?;
+    let token = dir.path().join("token");
+    let origin = imz_integration::OriginProc::start(&root, &token)?;
+    let gateway = imz_integration::GatewayProc::start(
+        &origin.url,
+        &token,
+        &tmpfs.0.join("cache"),
+        "10GiB",
+        QUICK,
+    )?;
+    let fx = Fixture {
+        dir,
+        root,
+        origin,
+        gateway,
+    };
+    Ok((fx, tmpfs))
+}
+
 /// A cache on a disk smaller than `--cache-size` holds what the disk takes:
 /// writes past that get NOSPC, and the gateway goes on serving. A full
 /// disk used to fail that write with an I/O error, and every later call
@@ -686,20 +716,8 @@ impl Drop for Tmpfs {
 async fn a_cache_on_a_small_disk_takes_what_fits_and_answers_nospc_past_it() -> Result {
     const DISK: u64 = 1200 << 20;
     const PIECE: usize = 1 << 20;
-    let dir = tempfile::tempdir()?;
-    let disk = Tmpfs::mount(&dir.path().join("disk"), DISK)?;
-    let root = dir.path().join("root");
-    std::fs::create_dir_all(&root)?;
-    let token = dir.path().join("token");
-    let mut origin = imz_integration::OriginProc::start(&root, &token)?;
-    let gateway = imz_integration::GatewayProc::start(
-        &origin.url,
-        &token,
-        &disk.0.join("cache"),
-        "10GiB",
-        QUICK,
-    )?;
-    let capacity = gateway.status()?["cache_capacity"]
+    let (mut fx, _disk) = fixture_on_small_disk(DISK, |_| Ok(()))?;
+    let capacity = fx.gateway.status()?["cache_capacity"]
         .as_u64()
         .ok_or_else(|| anyhow::anyhow!("no cache_capacity in imz status --json"))?;
     assert!(
@@ -709,9 +727,9 @@ async fn a_cache_on_a_small_disk_takes_what_fits_and_answers_nospc_past_it() -> 
 
     // With the origin away nothing drains: written data piles up. (The
     // root is listed first, so that it can be listed offline.)
-    let mut nfs = Nfs::mount(gateway.port, "/imz").await?;
+    let mut nfs = Nfs::mount(fx.port(), "/imz").await?;
     nfs.readdir(&nfs.root.clone(), 4096).await?;
-    origin.proc.kill9();
+    fx.origin.proc.kill9();
     let fh = nfs
         .create(
             &nfs.root.clone(),
@@ -746,8 +764,8 @@ async fn a_cache_on_a_small_disk_takes_what_fits_and_answers_nospc_past_it() -> 
     assert!(nfs.read_all(&fh).await? == body[..written], "big damaged");
 
     // The origin back, the logged data drains, and new data fits again.
-    origin.restart()?;
-    let path = root.join("big");
+    fx.origin.restart()?;
+    let path = fx.origin_path("big");
     let drained = eventually(Duration::from_secs(60), || {
         (std::fs::read(&path).ok()? == body[..written]).then_some(())
     });
@@ -757,9 +775,6 @@ async fn a_cache_on_a_small_disk_takes_what_fits_and_answers_nospc_past_it() -> 
         block(nfs.put_file("more", &more)).ok()
     });
     assert!(ok.is_some(), "space never came back after reintegration");
-    drop(nfs);
-    drop(gateway);
-    drop(disk);
     Ok(())
 }
 
@@ -768,21 +783,12 @@ async fn a_cache_on_a_small_disk_takes_what_fits_and_answers_nospc_past_it() -> 
 /// writes go through.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_disk_filled_by_another_program_gives_nospc_until_there_is_room() -> Result {
-    let dir = tempfile::tempdir()?;
-    let disk = Tmpfs::mount(&dir.path().join("disk"), 1200 << 20)?;
-    let root = dir.path().join("root");
-    data::write_file(&root.join("cached.bin"), 5, 3 << 20)?;
-    data::write_file(&root.join("uncached.bin"), 6, 3 << 20)?;
-    let token = dir.path().join("token");
-    let origin = imz_integration::OriginProc::start(&root, &token)?;
-    let gateway = imz_integration::GatewayProc::start(
-        &origin.url,
-        &token,
-        &disk.0.join("cache"),
-        "10GiB",
-        QUICK,
-    )?;
-    let mut nfs = Nfs::mount(gateway.port, "/imz").await?;
+    let (fx, disk) = fixture_on_small_disk(1200 << 20, |root| {
+        data::write_file(&root.join("cached.bin"), 5, 3 << 20)?;
+        data::write_file(&root.join("uncached.bin"), 6, 3 << 20)?;
+        Ok(())
+    })?;
+    let mut nfs = Nfs::mount(fx.port(), "/imz").await?;
     assert!(nfs.read_path("cached.bin").await? == data::bytes(5, 3 << 20));
 
     // Another program takes all but 16 MiB.
@@ -803,17 +809,7 @@ async fn a_disk_filled_by_another_program_gives_nospc_until_there_is_room() -> R
 
     std::fs::remove_file(disk.0.join("filler"))?;
     nfs.put_file("new.bin", &body).await?;
-    await_origin_file(
-        &imz_integration::Fixture {
-            dir,
-            root: root.clone(),
-            origin,
-            gateway,
-        },
-        "new.bin",
-        &body,
-        Duration::from_secs(20),
-    )?;
+    await_origin_file(&fx, "new.bin", &body, Duration::from_secs(20))?;
     Ok(())
 }
 
