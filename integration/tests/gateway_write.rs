@@ -884,3 +884,39 @@ async fn requests_past_the_largest_file_are_refused_and_harm_nothing() -> Result
     await_origin_file(&fx, "f", b"abc", Duration::from_secs(20))?;
     Ok(())
 }
+
+/// A file written with a hole stays sparse at the origin: one byte 256 MiB
+/// into a new file used to take 256 MiB of the origin's disk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hole_written_through_the_gateway_stays_a_hole_at_the_origin() -> Result {
+    use std::os::unix::fs::MetadataExt;
+    const AT: u64 = 256 << 20;
+    let fx = quick_fixture(|_| Ok(()))?;
+    let mut nfs = Nfs::mount(fx.port(), "/imz").await?;
+    let root = nfs.root.clone();
+    let fh = nfs
+        .create(&root, "sparse", CreateMode::Unchecked, &Attrs::default())
+        .await?;
+    nfs.write(&fh, AT, b"x", Stable::FILE_SYNC).await?;
+    let path = fx.origin_path("sparse");
+    let arrived = eventually(Duration::from_secs(30), || {
+        (std::fs::metadata(&path).ok()?.len() == AT + 1).then_some(())
+    });
+    assert!(arrived.is_some(), "the file never reached the origin");
+    let meta = std::fs::metadata(&path)?;
+    assert!(
+        meta.blocks() * 512 < 1 << 20,
+        "{} bytes allocated for one byte",
+        meta.blocks() * 512
+    );
+    let (tail, _) = nfs.read(&fh, AT - 3, 4).await?;
+    assert_eq!(tail, b"\0\0\0x");
+    let mut at_origin = [0u8; 4];
+    std::os::unix::fs::FileExt::read_exact_at(
+        &std::fs::File::open(&path)?,
+        &mut at_origin,
+        AT - 3,
+    )?;
+    assert_eq!(&at_origin, b"\0\0\0x");
+    Ok(())
+}

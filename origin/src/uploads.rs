@@ -6,7 +6,6 @@
 //! complete and durable: an interrupted upload (client gone, origin killed)
 //! never looks finished, and partial files are deleted at start-up.
 
-use std::io::Write;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -72,19 +71,15 @@ pub async fn put(
                 .write(true)
                 .create_new(true)
                 .open(&partial)?;
-            let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
-            let mut size = 0u64;
+            let mut out = SparseFile::new(file);
             loop {
                 match rx.blocking_recv() {
-                    Some(Msg::Data(b)) => {
-                        out.write_all(&b)?;
-                        size += b.len() as u64;
-                    }
+                    Some(Msg::Data(b)) => out.push(&b)?,
                     Some(Msg::Done) => break,
                     None => return Err(std::io::Error::other("upload interrupted")),
                 }
             }
-            let file = out.into_inner().map_err(|e| e.into_error())?;
+            let (file, size) = out.finish()?;
             file.sync_all()?;
             std::fs::rename(&partial, &target)?;
             std::fs::File::open(&uploads_dir)?.sync_all()?;
@@ -183,5 +178,123 @@ pub async fn janitor(shared: Arc<Shared>) {
         let s = shared.clone();
         let _ =
             tokio::task::spawn_blocking(move || expire(&s.uploads_dir, s.config.upload_ttl)).await;
+    }
+}
+
+/// Writes a stream into a new file, leaving a hole wherever a whole
+/// block is zeros: gateways send a sparse file's holes as zeros, and a
+/// 1-byte write 2 GiB into a file used to take 2 GiB of disk here.
+struct SparseFile {
+    file: std::fs::File,
+    /// Bytes not yet written, starting at file offset `offset`.
+    pending: Vec<u8>,
+    offset: u64,
+}
+
+impl SparseFile {
+    /// Holes are made of whole blocks of this size, aligned in the file.
+    const BLOCK: usize = 4096;
+    /// Bytes gathered before they are written.
+    const BATCH: usize = 1 << 20;
+
+    fn new(file: std::fs::File) -> Self {
+        Self {
+            file,
+            pending: Vec::with_capacity(Self::BATCH + (64 << 10)),
+            offset: 0,
+        }
+    }
+
+    fn push(&mut self, data: &[u8]) -> std::io::Result<()> {
+        self.pending.extend_from_slice(data);
+        if self.pending.len() >= Self::BATCH {
+            let whole = self.pending.len() / Self::BLOCK * Self::BLOCK;
+            self.write_out(whole)?;
+        }
+        Ok(())
+    }
+
+    /// Writes everything and sizes the file; returns it and its size.
+    fn finish(mut self) -> std::io::Result<(std::fs::File, u64)> {
+        self.write_out(self.pending.len())?;
+        self.file.set_len(self.offset)?;
+        Ok((self.file, self.offset))
+    }
+
+    /// Writes the first `n` pending bytes (a multiple of `BLOCK` unless they
+    /// are the last), skipping blocks of zeros.
+    fn write_out(&mut self, n: usize) -> std::io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        let mut run_start = None;
+        let mut at = 0;
+        while at < n {
+            let end = (at + Self::BLOCK).min(n);
+            let zero = self.pending[at..end].iter().all(|&b| b == 0);
+            match (zero, run_start) {
+                (false, None) => run_start = Some(at),
+                (true, Some(start)) => {
+                    self.file
+                        .write_all_at(&self.pending[start..at], self.offset + start as u64)?;
+                    run_start = None;
+                }
+                _ => {}
+            }
+            at = end;
+        }
+        if let Some(start) = run_start {
+            self.file
+                .write_all_at(&self.pending[start..n], self.offset + start as u64)?;
+        }
+        self.pending.drain(..n);
+        self.offset += n as u64;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::SparseFile;
+    use std::os::unix::fs::MetadataExt;
+
+    fn through_sparse_file(pieces: &[Vec<u8>]) -> (Vec<u8>, u64) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("f");
+        let mut out = SparseFile::new(std::fs::File::create(&path).expect("create"));
+        for piece in pieces {
+            out.push(piece).expect("push");
+        }
+        let (_, size) = out.finish().expect("finish");
+        let bytes = std::fs::read(&path).expect("read");
+        assert_eq!(bytes.len() as u64, size);
+        let allocated = std::fs::metadata(&path).expect("stat").blocks() * 512;
+        (bytes, allocated)
+    }
+
+    #[test]
+    fn content_comes_out_as_it_went_in_whatever_the_pieces() {
+        let mut want = vec![0u8; 3 << 20];
+        for (i, b) in want.iter_mut().enumerate() {
+            // Data, then zeros over block boundaries, then data again.
+            if !(100_000..2_500_000).contains(&i) {
+                *b = (i % 251) as u8 | 1;
+            }
+        }
+        want.extend_from_slice(&[0; 10]); // ends in zeros, not a block
+        for piece in [1usize, 4095, 4096, 65_537, 1 << 20] {
+            let pieces: Vec<Vec<u8>> = want.chunks(piece).map(<[u8]>::to_vec).collect();
+            let (got, _) = through_sparse_file(&pieces);
+            assert!(got == want, "pieces of {piece} bytes");
+        }
+    }
+
+    #[test]
+    fn zeros_take_no_disk() {
+        let mut data = vec![0u8; 64 << 20];
+        data.push(1);
+        let (got, allocated) = through_sparse_file(&[data.clone()]);
+        assert!(got == data);
+        assert!(allocated < 1 << 20, "{allocated} bytes allocated");
+        let (got, _) = through_sparse_file(&[vec![0u8; 5000]]);
+        assert_eq!(got, vec![0u8; 5000]);
     }
 }
