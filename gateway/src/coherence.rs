@@ -72,6 +72,10 @@ pub enum Source {
     /// A journal record that says exactly what changed; the caller drops
     /// what that change invalidates.
     Journal,
+    /// The origin went back (restored from a backup): its version is the
+    /// truth even when lower than ours, and cached content is dropped as
+    /// for [`Source::Fetch`].
+    Restore,
 }
 
 /// Updates cached object `obj` from origin attributes, if they are newer.
@@ -84,7 +88,11 @@ pub fn refresh(
     source: Source,
 ) -> Result<bool, CacheError> {
     let cached = obj.origin.map_or(0, |o| o.version);
-    if attr.version <= cached || obj.is_dirty() {
+    let stale = match source {
+        Source::Restore => attr.version != cached,
+        Source::Fetch | Source::Journal => attr.version > cached,
+    };
+    if !stale || obj.is_dirty() {
         return Ok(false);
     }
     let had_version = obj.origin.is_some();
@@ -94,7 +102,7 @@ pub fn refresh(
     });
     obj.attrs = attrs_from(attr);
     obj.target = attr.target.clone();
-    if source == Source::Fetch && had_version {
+    if matches!(source, Source::Fetch | Source::Restore) && had_version {
         match obj.kind {
             Kind::File => {
                 tx.drop_data(fid)?;
@@ -387,6 +395,25 @@ mod tests {
             key: None,
             change,
         }
+    }
+
+    #[test]
+    fn only_a_restored_origin_takes_a_file_back_to_a_lower_version() {
+        let (_d, cache) = setup();
+        let mut tx = cache.write().expect("write");
+        let fid = 7;
+        let mut obj = new_object(fid, "f", &attr(7, wire::Kind::File, 10, 3));
+        tx.put(fid, &obj).expect("put");
+        tx.put_chunk(fid, 0, b"new").expect("chunk");
+        let older = attr(7, wire::Kind::File, 4, 6);
+        for source in [Source::Fetch, Source::Journal] {
+            assert!(!refresh(&mut tx, fid, &mut obj, &older, source).expect("refresh"));
+        }
+        assert_eq!(obj.origin.map(|o| o.version), Some(10));
+        assert!(refresh(&mut tx, fid, &mut obj, &older, Source::Restore).expect("refresh"));
+        assert_eq!(obj.origin.map(|o| o.version), Some(4));
+        assert_eq!(obj.attrs.size, 6);
+        assert!(!tx.has_chunk(fid, 0).expect("has"), "old content dropped");
     }
 
     #[test]

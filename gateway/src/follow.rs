@@ -118,7 +118,7 @@ pub async fn run_follower(
                     "origin journal compacted past our cursor: revalidating the cache"
                 );
                 let gate = hooks.gate.read().await;
-                let result = revalidate(&vfs).await;
+                let result = revalidate(&vfs, cursor).await;
                 drop(gate);
                 match result {
                     Ok(last) => {
@@ -145,8 +145,20 @@ pub async fn run_follower(
 /// vanished, then moves the cursor to the journal's end as it was before
 /// the sweep (so changes made during the sweep are replayed). Returns the
 /// new cursor.
-pub async fn revalidate(vfs: &Vfs) -> Result<u64, VfsError> {
+pub async fn revalidate(vfs: &Vfs, cursor: u64) -> Result<u64, VfsError> {
     let info = vfs.origin.info().await.map_err(|e| vfs.origin_failed(e))?;
+    // A journal that ends before our cursor went back: the origin was
+    // restored, and its versions may be lower than ours yet be the truth.
+    let source = if info.last_seq < cursor {
+        tracing::warn!(
+            cursor,
+            origin = info.last_seq,
+            "the origin's journal went back (restored from a backup?): taking its state as it is"
+        );
+        Source::Restore
+    } else {
+        Source::Fetch
+    };
     let fids = vfs.cache.read()?.all_fileids()?;
     for fid in fids {
         let Some(obj) = vfs.cache.read()?.get(fid)? else {
@@ -165,7 +177,7 @@ pub async fn revalidate(vfs: &Vfs) -> Result<u64, VfsError> {
             };
             match fresh {
                 Some(attr) => {
-                    coherence::refresh(&mut tx, fid, &mut obj, &attr, Source::Fetch)?;
+                    coherence::refresh(&mut tx, fid, &mut obj, &attr, source)?;
                     // Entries may have changed without the directory's
                     // version telling us which: list it again when used.
                     if obj.kind == Kind::Dir {

@@ -523,3 +523,64 @@ async fn many_reads_in_flight_on_one_connection_all_get_their_bytes() -> Result 
     }
     Ok(())
 }
+
+/// An origin restored from a backup has a journal that went back, behind
+/// the gateway's cursor: the gateway resynchronises, where it used to wait
+/// for the journal to pass its cursor and skip whatever came before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_origin_restored_from_a_backup_is_followed_again() -> Result {
+    let mut fx = Fixture::new(|root| {
+        std::fs::write(root.join("a.txt"), "before")?;
+        Ok(())
+    })?;
+    let mut nfs = Nfs::mount(fx.port(), "/imz").await?;
+    assert_eq!(nfs.read_path("a.txt").await?, b"before");
+
+    // A backup of the stopped origin; then it moves on, and the gateway
+    // follows.
+    fx.origin.proc.kill9();
+    let backup = fx.dir.path().join("backup");
+    copy_tree(&fx.root, &backup)?;
+    fx.origin.restart()?;
+    for i in 0..5 {
+        std::fs::write(fx.root.join(format!("later{i}.txt")), "x")?;
+    }
+    std::fs::write(fx.root.join("a.txt"), "after")?;
+    let followed = eventually(Duration::from_secs(10), || {
+        (futures_block(nfs.read_path("a.txt")).ok()? == b"after").then_some(())
+    });
+    assert!(followed.is_some(), "the gateway did not follow the origin");
+
+    // The backup comes back, and the restored origin moves on.
+    fx.origin.proc.kill9();
+    std::fs::remove_dir_all(&fx.root)?;
+    copy_tree(&backup, &fx.root)?;
+    fx.origin.restart()?;
+    std::fs::write(fx.root.join("new.txt"), "new")?;
+    let resynced = eventually(Duration::from_secs(15), || {
+        let new = futures_block(nfs.read_path("new.txt")).ok()? == b"new";
+        let restored = futures_block(nfs.read_path("a.txt")).ok()? == b"before";
+        let gone = matches!(
+            futures_block(nfs.lookup_path("later0.txt")),
+            Err(NfsError::Status(nfsstat3::NFS3ERR_NOENT))
+        );
+        (new && restored && gone).then_some(())
+    });
+    assert!(
+        resynced.is_some(),
+        "the gateway does not show the restored origin (a.txt: {:?})",
+        nfs.read_path("a.txt").await
+    );
+    Ok(())
+}
+
+/// `cp -a FROM TO`.
+fn copy_tree(from: &std::path::Path, to: &std::path::Path) -> Result {
+    let status = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(from)
+        .arg(to)
+        .status()?;
+    anyhow::ensure!(status.success(), "cp -a failed");
+    Ok(())
+}

@@ -366,6 +366,20 @@ async fn journal(
             })
             .await
             .map_err(|e| api(ErrorCode::Internal, format!("journal task: {e}")))??;
+        if q.after > last {
+            // A cursor the journal never reached: the origin went back (its
+            // directory restored from a backup, say). Waiting for it to
+            // catch up would skip what it records meanwhile.
+            return Err(ApiError {
+                code: ErrorCode::JournalCompacted,
+                message: format!(
+                    "the journal ends at {last}, before {}: the origin went back (restored?); resynchronise and continue from last_seq {last}",
+                    q.after
+                ),
+                current: None,
+            }
+            .into());
+        }
         if q.after.saturating_add(1) < first {
             return Err(ApiError {
                 code: ErrorCode::JournalCompacted,

@@ -442,7 +442,9 @@ pub enum ErrorCode {
     WrongKind,
     /// 410: `/v1/data/{id}/{version}` of a version that is no longer current.
     VersionGone,
-    /// 410: the journal no longer holds records after the given sequence.
+    /// 410: the journal no longer holds records after the given sequence,
+    /// or never reached it (the origin went back, restored from a backup):
+    /// resynchronise.
     JournalCompacted,
     /// 413: the request body is too large.
     TooLarge,
