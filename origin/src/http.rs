@@ -1,15 +1,14 @@
-//! Serves the API's HTTP connections, with the limits a server reachable
-//! by anyone needs: a connection must send a request's head within a
-//! timeout ([`HEADER_TIMEOUT`] by default; a connection idle between
-//! requests counts too), and at most so many are open at once
-//! ([`MAX_CONNECTIONS`]), so that clients holding
-//! connections open without a token cannot take every descriptor (probing
-//! found 20,000 silent connections locked every gateway out).
+//! Serves the API's HTTP connections with the limits a server reachable by
+//! anyone needs: a connection must send a request's head within a timeout
+//! (a connection idle between requests counts too), and only so many are
+//! open at once, so that clients holding connections open without a token
+//! cannot take every descriptor (probing found 20,000 silent connections
+//! locked every gateway out).
 //!
 //! `axum::serve` sets neither limit; this is its accept loop with them,
 //! TCP_NODELAY (a small response's body would otherwise wait behind its
-//! headers for the client's delayed ACK, ~40 ms a request), and a
-//! graceful stop.
+//! headers for the client's delayed ACK, ~40 ms a request), and a graceful
+//! stop.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,6 +34,7 @@ pub struct Limits {
     pub header_timeout: Duration,
     pub max_connections: usize,
 }
+
 /// How long a stop waits for requests in progress.
 const STOP_GRACE: Duration = Duration::from_secs(5);
 
