@@ -839,6 +839,11 @@ async fn requests_past_the_largest_file_are_refused_and_harm_nothing() -> Result
     })?;
     let mut nfs = Nfs::mount(fx.port(), "/imz").await?;
     let root = nfs.root.clone();
+    // Names the origin refuses, looked up in a directory not yet listed
+    // (so the lookup would go to the origin): no I/O error.
+    expect_status(nfs.lookup(&root, "a/b").await, nfsstat3::NFS3ERR_INVAL)?;
+    expect_status(nfs.lookup(&root, "a\0b").await, nfsstat3::NFS3ERR_INVAL)?;
+    expect_status(nfs.lookup(&root, ".imz").await, nfsstat3::NFS3ERR_NOENT)?;
     let fh = nfs
         .create(&root, "f", CreateMode::Unchecked, &Attrs::default())
         .await?;

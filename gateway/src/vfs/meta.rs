@@ -57,8 +57,13 @@ impl Vfs {
             }
             _ => {}
         }
-        if name.len() > wire::MAX_NAME_LEN {
-            return Err(VfsError::NameTooLong);
+        // Names the origin would refuse to look up: answered here, not
+        // turned into an I/O error by its refusal.
+        match wire::validate_name(name, dir == ROOT_FILEID) {
+            Ok(()) => {}
+            Err(wire::NameError::TooLong) => return Err(VfsError::NameTooLong),
+            Err(wire::NameError::Reserved) => return Err(VfsError::NotFound),
+            Err(e) => return Err(VfsError::Invalid(e.to_string())),
         }
         for _ in 0..LISTING_ATTEMPTS {
             if let Some(fid) = self.cache.read()?.lookup(dir, name)? {
