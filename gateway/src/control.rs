@@ -385,9 +385,7 @@ pub async fn serve(path: PathBuf, control: Arc<Control>) -> anyhow::Result<()> {
             let (stream, _) = match listener.accept().await {
                 Ok(accepted) => accepted,
                 Err(e) => {
-                    // Out of descriptors, say: pause rather than spin.
-                    tracing::debug!(error = %e, "accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    crate::listener::pause_after_accept_error(&e).await;
                     continue;
                 }
             };

@@ -14,6 +14,9 @@
 //! `nfs3_server`'s (its retransmission cache cleaner) that only ends with
 //! the listener, so after [`RESTARTS_BEFORE_REBIND`] restarts the listener
 //! is dropped and its address bound again.
+//!
+//! The gateway's own accept loops (control socket, portmapper) share
+//! [`pause_after_accept_error`].
 
 use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
@@ -33,6 +36,8 @@ pub const RESTARTS_BEFORE_REBIND: u32 = 1000;
 /// to [`MAX_PAUSE`] while errors follow each other.
 const PAUSE: Duration = Duration::from_millis(10);
 const MAX_PAUSE: Duration = Duration::from_secs(1);
+/// The pause of the gateway's own accept loops after an accept error.
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
 
 pub type Listener = NFSTcpListener<NfsAdapter>;
 
@@ -103,6 +108,14 @@ async fn rebind(addr: SocketAddr, vfs: &Arc<Vfs>, generation: u64) -> Listener {
             }
         }
     }
+}
+
+/// What the gateway's own accept loops (control socket, portmapper) do on
+/// an accept error: an error like running out of descriptors repeats at
+/// once, so pause rather than spin.
+pub async fn pause_after_accept_error(e: &std::io::Error) {
+    tracing::debug!(error = %e, "accept failed");
+    tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
 }
 
 /// Keeps the panic of `nfs3_server`'s accept loop over a connection reset

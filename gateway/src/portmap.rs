@@ -199,9 +199,7 @@ async fn serve(
             let (stream, peer) = match tcp.accept().await {
                 Ok(accepted) => accepted,
                 Err(e) => {
-                    // Out of descriptors, say: pause rather than spin.
-                    tracing::debug!(error = %e, "accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    crate::listener::pause_after_accept_error(&e).await;
                     continue;
                 }
             };
