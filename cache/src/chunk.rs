@@ -13,6 +13,12 @@
 /// far from where offset arithmetic overflows.
 pub const MAX_FILE_SIZE: u64 = 128 << 30;
 
+/// Where a write of `len` bytes at `offset` ends, if a file may grow that
+/// far ([`MAX_FILE_SIZE`]).
+pub fn write_end(offset: u64, len: u64) -> Option<u64> {
+    offset.checked_add(len).filter(|&end| end <= MAX_FILE_SIZE)
+}
+
 /// Bytes per chunk: 1 MiB - 4 KiB.
 pub const CHUNK_SIZE: u64 = (1 << 20) - 4096;
 

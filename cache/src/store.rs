@@ -973,12 +973,9 @@ impl WriteTxn<'_> {
         data: &[u8],
         fetched: &dyn Fn(u64) -> Option<Vec<u8>>,
     ) -> Result<()> {
-        let end = offset
-            .checked_add(data.len() as u64)
-            .filter(|&end| end <= chunk::MAX_FILE_SIZE)
-            .ok_or(CacheError::TooLarge {
-                max: chunk::MAX_FILE_SIZE,
-            })?;
+        let end = chunk::write_end(offset, data.len() as u64).ok_or(CacheError::TooLarge {
+            max: chunk::MAX_FILE_SIZE,
+        })?;
         let mut plan = Vec::new();
         let mut missing = Vec::new();
         for index in chunk::covering(offset, data.len() as u64) {

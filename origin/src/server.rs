@@ -366,27 +366,26 @@ async fn journal(
             })
             .await
             .map_err(|e| api(ErrorCode::Internal, format!("journal task: {e}")))??;
-        if q.after > last {
-            // A cursor the journal never reached: the origin went back (its
-            // directory restored from a backup, say). Waiting for it to
-            // catch up would skip what it records meanwhile.
+        // A cursor the journal never reached means the origin went back (its
+        // directory restored from a backup, say): waiting for the journal to
+        // catch up would skip what it records meanwhile.
+        let unanswerable = if q.after > last {
+            Some(format!(
+                "the journal ends at {last}, before {}: the origin went back (restored?)",
+                q.after
+            ))
+        } else if q.after.saturating_add(1) < first {
+            Some(format!(
+                "records after {} are compacted (oldest held: {first})",
+                q.after
+            ))
+        } else {
+            None
+        };
+        if let Some(why) = unanswerable {
             return Err(ApiError {
                 code: ErrorCode::JournalCompacted,
-                message: format!(
-                    "the journal ends at {last}, before {}: the origin went back (restored?); resynchronise and continue from last_seq {last}",
-                    q.after
-                ),
-                current: None,
-            }
-            .into());
-        }
-        if q.after.saturating_add(1) < first {
-            return Err(ApiError {
-                code: ErrorCode::JournalCompacted,
-                message: format!(
-                    "records after {} are compacted (oldest held: {first}); resynchronise and continue from last_seq {last}",
-                    q.after
-                ),
+                message: format!("{why}; resynchronise and continue from last_seq {last}"),
                 current: None,
             }
             .into());

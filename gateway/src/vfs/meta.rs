@@ -5,14 +5,14 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use imz_cache::{DirEntry, FileId, Kind, Object, ROOT_FILEID};
-
-/// Deeper than any real tree (a path of single-letter names this deep is
-/// past PATH_MAX many times): a parent chain longer than this is broken.
-const MAX_DEPTH: usize = 100_000;
 use imz_origin::wire;
 
 use super::{Vfs, VfsError};
 use crate::coherence::{self, Source};
+
+/// Deeper than any real tree (a path of single-letter names this deep is
+/// past PATH_MAX many times): a parent chain longer than this is broken.
+const MAX_DEPTH: usize = 100_000;
 
 /// Entries asked of the origin per listing page.
 const LISTING_PAGE: usize = 5000;

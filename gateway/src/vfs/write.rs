@@ -293,7 +293,9 @@ impl Vfs {
         data: Vec<u8>,
         stability: Stability,
     ) -> Result<(Object, Committed), VfsError> {
-        if offset.saturating_add(data.len() as u64) > imz_cache::chunk::MAX_FILE_SIZE {
+        // Checked before anything adds offset and length (the cache checks
+        // again where it splices).
+        if imz_cache::chunk::write_end(offset, data.len() as u64).is_none() {
             return Err(VfsError::TooLarge);
         }
         if data.is_empty() {
