@@ -10,6 +10,7 @@
 //! decoded in memory (`objcache`), so that attribute lookups skip redb.
 
 pub mod chunk;
+mod chunkmemo;
 pub mod disk;
 mod error;
 mod evict;

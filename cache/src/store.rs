@@ -32,6 +32,7 @@ use redb::{
 };
 
 use crate::chunk::{self, CHUNK_SIZE};
+use crate::chunkmemo::{ChunkGuard, ChunkMemo};
 use crate::error::{CacheError, Result};
 use crate::evict::{ChunkKey, EvictIndex};
 use crate::objcache::ObjectCache;
@@ -125,6 +126,7 @@ pub struct Cache {
     path: PathBuf,
     evict: Mutex<EvictIndex>,
     objects: Mutex<ObjectCache>,
+    chunk_memo: Mutex<ChunkMemo>,
     capacity: u64,
     generation: u64,
 }
@@ -202,6 +204,7 @@ impl Cache {
             path,
             evict: Mutex::new(evict),
             objects: Mutex::new(ObjectCache::new()),
+            chunk_memo: Mutex::new(ChunkMemo::new()),
             capacity,
             generation,
         })
@@ -283,10 +286,12 @@ impl Cache {
     pub fn read(&self) -> Result<ReadTxn<'_>> {
         // Noted before the snapshot opens: see `objcache`.
         let epoch = self.lock_objects().epoch();
+        let chunk_epoch = self.lock_chunk_memo().epoch();
         Ok(ReadTxn {
             cache: self,
             tx: self.db.begin_read()?,
             epoch,
+            chunk_epoch,
         })
     }
 
@@ -313,6 +318,12 @@ impl Cache {
         // The object cache only ever holds committed objects, whatever a
         // panicking holder was doing: safe to keep using.
         self.objects.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn lock_chunk_memo(&self) -> std::sync::MutexGuard<'_, ChunkMemo> {
+        // Entries are whole (key, guard) pairs: a panicking holder cannot
+        // leave a half-made one behind.
+        self.chunk_memo.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn lock_evict(&self) -> std::sync::MutexGuard<'_, EvictIndex> {
@@ -492,59 +503,6 @@ macro_rules! getters {
             Ok(missing)
         }
 
-        /// Reads `len` bytes at `offset` of file `fid` (clamped to its size).
-        pub fn read_range(
-            &self,
-            fid: FileId,
-            obj: &Object,
-            offset: u64,
-            len: u64,
-        ) -> Result<RangeRead> {
-            let size = obj.attrs.size;
-            let end = offset.saturating_add(len).min(size);
-            if offset >= end {
-                return Ok(RangeRead::Data(Vec::new()));
-            }
-            let chunks = self.tx.open_table(CHUNKS)?;
-            let mut out = Vec::with_capacity((end - offset) as usize);
-            let mut missing = Vec::new();
-            let mut touched = Vec::new();
-            for index in chunk::covering(offset, end - offset) {
-                let cstart = chunk::start_of(index);
-                let from = offset.max(cstart);
-                let to = end.min(cstart + CHUNK_SIZE);
-                match chunks.get((fid, index))? {
-                    Some(v) => {
-                        touched.push((fid, index));
-                        if !missing.is_empty() {
-                            continue;
-                        }
-                        let bytes = v.value();
-                        let lo = (from - cstart) as usize;
-                        let hi = (to - cstart) as usize;
-                        let have = bytes.len().min(hi);
-                        if lo < have {
-                            out.extend_from_slice(&bytes[lo..have]);
-                        }
-                        // Past the stored bytes of a chunk: a hole.
-                        out.resize(out.len() + (hi - have.max(lo)), 0);
-                    }
-                    None if cstart < obj.origin_extent => missing.push(index),
-                    None => {
-                        if missing.is_empty() {
-                            out.resize(out.len() + (to - from) as usize, 0);
-                        }
-                    }
-                }
-            }
-            self.cache_ref().touch(touched);
-            if missing.is_empty() {
-                Ok(RangeRead::Data(out))
-            } else {
-                Ok(RangeRead::Missing(missing))
-            }
-        }
-
         /// The stored bytes of one chunk.
         pub fn chunk(&self, fid: FileId, index: u64) -> Result<Option<Vec<u8>>> {
             let t = self.tx.open_table(CHUNKS)?;
@@ -623,13 +581,104 @@ pub struct ReadTxn<'c> {
     tx: redb::ReadTransaction,
     /// The object cache's epoch when the snapshot was opened.
     epoch: u64,
+    /// The chunk memo's epoch when the snapshot was opened.
+    chunk_epoch: u64,
 }
 
 impl ReadTxn<'_> {
-    fn cache_ref(&self) -> &Cache {
-        self.cache
-    }
     getters!();
+
+    /// Bytes `offset..offset+len` of `fid` (clipped to its size), or the
+    /// chunks that must be fetched first. Chunks recently read come from the
+    /// chunk memo (see `chunkmemo`) rather than from redb again.
+    pub fn read_range(
+        &self,
+        fid: FileId,
+        obj: &Object,
+        offset: u64,
+        len: u64,
+    ) -> Result<RangeRead> {
+        let size = obj.attrs.size;
+        let end = offset.saturating_add(len).min(size);
+        if offset >= end {
+            return Ok(RangeRead::Data(Vec::new()));
+        }
+        let chunks = self.tx.open_table(CHUNKS)?;
+        let mut out = Vec::with_capacity((end - offset) as usize);
+        let mut missing = Vec::new();
+        let mut touched = Vec::new();
+        for index in chunk::covering(offset, end - offset) {
+            let cstart = chunk::start_of(index);
+            let from = offset.max(cstart);
+            let to = end.min(cstart + CHUNK_SIZE);
+            match self.chunk_guard(&chunks, (fid, index))? {
+                Some(guard) => {
+                    touched.push((fid, index));
+                    if !missing.is_empty() {
+                        continue;
+                    }
+                    let bytes = guard.value();
+                    let lo = (from - cstart) as usize;
+                    let hi = (to - cstart) as usize;
+                    let have = bytes.len().min(hi);
+                    if lo < have {
+                        out.extend_from_slice(&bytes[lo..have]);
+                    }
+                    // Past the stored bytes of a chunk: a hole.
+                    out.resize(out.len() + (hi - have.max(lo)), 0);
+                }
+                None if cstart < obj.origin_extent => missing.push(index),
+                None => {
+                    if missing.is_empty() {
+                        out.resize(out.len() + (to - from) as usize, 0);
+                    }
+                }
+            }
+        }
+        self.cache.touch(touched);
+        if missing.is_empty() {
+            Ok(RangeRead::Data(out))
+        } else {
+            Ok(RangeRead::Missing(missing))
+        }
+    }
+
+    /// Reads chunks `indices` of `fid` into the chunk memo, ahead of a
+    /// sequential reader, so that its next READs find them in memory.
+    /// Chunks not stored here are skipped.
+    pub fn read_ahead(&self, fid: FileId, indices: std::ops::Range<u64>) -> Result<()> {
+        let chunks = self.tx.open_table(CHUNKS)?;
+        for index in indices {
+            self.chunk_guard(&chunks, (fid, index))?;
+        }
+        Ok(())
+    }
+
+    /// Chunk `key`, from the memo or from this snapshot (then memoised).
+    fn chunk_guard(
+        &self,
+        chunks: &redb::ReadOnlyTable<(u64, u64), &'static [u8]>,
+        key: ChunkKey,
+    ) -> Result<Option<ChunkGuard>> {
+        let memo = self.cache.lock_chunk_memo();
+        if memo.epoch() == self.chunk_epoch
+            && let Some(guard) = memo.get(key)
+        {
+            return Ok(Some(guard));
+        }
+        drop(memo);
+        let Some(guard) = chunks.get(key)? else {
+            return Ok(None);
+        };
+        let guard = Arc::new(guard);
+        let pushed_out = self.cache.lock_chunk_memo().insert_if_current(
+            self.chunk_epoch,
+            key,
+            Arc::clone(&guard),
+        );
+        drop(pushed_out);
+        Ok(Some(guard))
+    }
 
     /// Object `fid` as last committed: from the object cache if it is
     /// there (then possibly newer than this snapshot), otherwise from this
@@ -688,9 +737,6 @@ pub struct WriteTxn<'c> {
 }
 
 impl WriteTxn<'_> {
-    pub(crate) fn cache_ref(&self) -> &Cache {
-        self.cache
-    }
     getters!();
 
     /// Whether `more` bytes of dirty data still fit the cache.
@@ -1151,6 +1197,7 @@ impl WriteTxn<'_> {
         cache
             .lock_objects()
             .committed(self.protect_changes.keys().copied());
+        cache.lock_chunk_memo().committed(self.chunk_changes.keys());
         committed?;
 
         for (key, (old, new)) in self.chunk_changes {
@@ -1463,6 +1510,70 @@ mod tests {
         );
         assert!(!rx.has_chunk(200, 0).expect("has"), "oldest chunk was kept");
         assert_eq!(cache.usage().protected, CHUNK_SIZE);
+    }
+
+    #[test]
+    fn chunks_read_or_preloaded_earlier_never_outlive_a_change() {
+        let (_d, cache) = open(2 * CHUNK_SIZE);
+        let obj = file(2 * CHUNK_SIZE, 2 * CHUNK_SIZE);
+        let mut tx = cache.write().expect("write");
+        tx.put(10, &obj).expect("put");
+        tx.put_chunk(10, 0, &vec![1u8; CHUNK_SIZE as usize])
+            .expect("chunk");
+        tx.put_chunk(10, 1, &vec![2u8; CHUNK_SIZE as usize])
+            .expect("chunk");
+        tx.commit(false).expect("commit");
+        let whole = |cache: &Cache| {
+            cache
+                .read()
+                .expect("read")
+                .read_range(10, &obj, 0, 2 * CHUNK_SIZE)
+                .expect("range")
+        };
+        let expect = |a: u8, b: u8| {
+            let mut v = vec![a; CHUNK_SIZE as usize];
+            v.extend(vec![b; CHUNK_SIZE as usize]);
+            RangeRead::Data(v)
+        };
+        cache
+            .read()
+            .expect("read")
+            .read_ahead(10, 0..2)
+            .expect("preload");
+        assert_eq!(whole(&cache), expect(1, 2));
+
+        // Rewritten: the memo must not answer with the old bytes.
+        let mut tx = cache.write().expect("write");
+        tx.put_chunk(10, 1, &vec![3u8; CHUNK_SIZE as usize])
+            .expect("chunk");
+        tx.commit(false).expect("commit");
+        assert_eq!(whole(&cache), expect(1, 3));
+
+        // A snapshot opened before a change keeps reading what it saw.
+        let before = cache.read().expect("read");
+        let mut tx = cache.write().expect("write");
+        tx.put_chunk(10, 0, &vec![4u8; CHUNK_SIZE as usize])
+            .expect("chunk");
+        tx.commit(false).expect("commit");
+        assert_eq!(
+            before.read_range(10, &obj, 0, 1).expect("range"),
+            RangeRead::Data(vec![1])
+        );
+        drop(before);
+        assert_eq!(whole(&cache), expect(4, 3));
+
+        // Evicted (another file's chunks need the room): fetch again, not
+        // served from memory.
+        let other = file(CHUNK_SIZE, CHUNK_SIZE);
+        let mut tx = cache.write().expect("write");
+        tx.put(11, &other).expect("put");
+        tx.put_chunk(11, 0, &vec![5u8; CHUNK_SIZE as usize])
+            .expect("chunk");
+        tx.commit(false).expect("commit");
+        let RangeRead::Missing(missing) = whole(&cache) else {
+            panic!("an evicted chunk was still read");
+        };
+        assert!(!missing.is_empty());
     }
 
     #[test]

@@ -31,6 +31,7 @@ pub mod nfs;
 pub mod origin_client;
 pub mod pin;
 pub mod portmap;
+pub mod preload;
 pub mod prometheus;
 pub mod registry;
 pub mod reintegrate;

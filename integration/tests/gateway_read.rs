@@ -10,7 +10,7 @@ use imz_integration::libnfs;
 use imz_integration::nfs::{Nfs, NfsError, ctx, expect_status, ftype3};
 use imz_integration::pipelined::{self, ReadReply};
 use imz_integration::{Fixture, GatewayProc};
-use nfs3_client::nfs3_types::nfs3::nfsstat3;
+use nfs3_client::nfs3_types::nfs3::{nfsstat3, stable_how};
 
 type Result = anyhow::Result<()>;
 
@@ -582,5 +582,57 @@ fn copy_tree(from: &std::path::Path, to: &std::path::Path) -> Result {
         .arg(to)
         .status()?;
     anyhow::ensure!(status.success(), "cp -a failed");
+    Ok(())
+}
+
+/// Warm sequential reads are answered from chunks held in memory (read by
+/// the previous READ, or preloaded ahead of the reader): a write through the
+/// gateway, or a change at the origin, must show in the very next read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warm_sequential_reads_show_every_change_at_once() -> Result {
+    const LEN: usize = 12 << 20;
+    let fx = Fixture::new(|root| {
+        data::write_file(&root.join("warm.bin"), 50, LEN)?;
+        Ok(())
+    })?;
+    let mut nfs = Nfs::mount(fx.port(), "/imz").await?;
+    let fh = nfs.lookup_path("warm.bin").await?;
+    let mut expected = data::bytes(50, LEN);
+    for _ in 0..3 {
+        assert!(nfs.read_all(&fh).await? == expected, "warm read differs");
+    }
+
+    // Rewrites straddling chunk and READ boundaries, each followed at once
+    // by a full sequential read.
+    for (i, offset) in [(3 << 20) - 100, 5 << 20, (9 << 20) + 4095]
+        .into_iter()
+        .enumerate()
+    {
+        let piece = data::bytes(60 + i as u64, 1_500_000);
+        nfs.write(&fh, offset as u64, &piece, stable_how::UNSTABLE)
+            .await?;
+        expected[offset..offset + piece.len()].copy_from_slice(&piece);
+        assert!(
+            nfs.read_all(&fh).await? == expected,
+            "read after write {i} shows old bytes"
+        );
+    }
+    nfs.commit(&fh).await?;
+    // The log reaches the origin before it changes there, so what it does
+    // next is not a conflict.
+    let reached = eventually(Duration::from_secs(20), || {
+        (std::fs::read(fx.origin_path("warm.bin")).ok()? == expected).then_some(())
+    });
+    assert!(reached.is_some(), "writes never reached the origin");
+
+    // Changed at the origin, same size: the journal must invalidate what
+    // reads hold in memory too.
+    let changed = data::bytes(70, LEN);
+    std::fs::write(fx.origin_path("warm.bin"), &changed)?;
+    let seen = eventually(Duration::from_secs(5), || {
+        (futures_block(nfs.read_all(&fh)).ok()? == changed).then_some(())
+    });
+    assert!(seen.is_some(), "the origin's change never showed");
+    assert!(nfs.read_all(&fh).await? == changed, "old bytes came back");
     Ok(())
 }

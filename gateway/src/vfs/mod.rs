@@ -18,6 +18,7 @@ use crate::fetch::Fetcher;
 use crate::link::Link;
 use crate::metrics::Metrics;
 use crate::origin_client::{OriginClient, OriginError};
+use crate::preload::Preloader;
 use crate::writer::Writer;
 
 /// Why a filesystem operation failed; each maps to one NFS status.
@@ -80,6 +81,8 @@ pub struct Vfs {
     pub log_changed: tokio::sync::Notify,
     /// One listing of a directory at a time (single flight).
     listing: Mutex<HashMap<FileId, Arc<tokio::sync::Mutex<()>>>>,
+    /// Reads cached chunks ahead of sequential readers.
+    preloader: Preloader,
 }
 
 impl Vfs {
@@ -92,6 +95,7 @@ impl Vfs {
         metrics: Arc<Metrics>,
     ) -> Self {
         Self {
+            preloader: Preloader::start(Arc::clone(&cache)),
             cache,
             origin,
             link,

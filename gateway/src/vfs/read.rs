@@ -10,6 +10,7 @@ use super::{Vfs, VfsError};
 use crate::coherence::{self, Source};
 use crate::fetch::{FetchFailure, Target};
 use crate::metrics::Metrics;
+use crate::preload;
 
 /// Attempts at a read whose file keeps changing at the origin.
 const READ_ATTEMPTS: usize = 3;
@@ -70,11 +71,14 @@ impl Vfs {
             let readahead = readahead..readahead + window;
             let missing = match cached {
                 RangeRead::Data(bytes) => {
-                    if let Some(target) = target_of(fid, &obj)
-                        && window > 0
-                        && self.link.is_up()
-                    {
-                        self.fetcher.readahead(&target, readahead);
+                    if window > 0 {
+                        let next = readahead.start;
+                        self.preloader.ask(fid, next..next + preload::AHEAD);
+                        if let Some(target) = target_of(fid, &obj)
+                            && self.link.is_up()
+                        {
+                            self.fetcher.readahead(&target, readahead);
+                        }
                     }
                     return Ok((bytes, eof, true));
                 }
