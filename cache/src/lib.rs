@@ -7,7 +7,9 @@
 //! invariants of what is stored (see [`Object`] and [`store`]) and keeps file
 //! data within the configured capacity by evicting least recently used clean
 //! chunks (never dirty or pinned ones). Objects recently read are also kept
-//! decoded in memory (`objcache`), so that attribute lookups skip redb.
+//! decoded in memory (`objcache`), so that attribute lookups skip redb, and
+//! the last chunks read are kept (`chunkmemo`), so that consecutive READs
+//! sharing a chunk read it from the file once.
 
 pub mod chunk;
 mod chunkmemo;
