@@ -13,9 +13,11 @@
 //! [`READAHEAD_STREAMS`] concurrent requests and is skipped, never waited
 //! for, when they are busy.
 //!
-//! Memory stays bounded whatever the file size: a transfer holds at most one
-//! chunk in assembly, and the storer's queue ([`STORE_QUEUE`] chunks) pushes
-//! back on transfers when redb falls behind.
+//! Memory stays bounded whatever the file size and however many transfers
+//! run: a chunk takes one of [`MAX_UNSTORED`] places before its first byte
+//! is kept and gives it back once the storer is done with it, so when redb
+//! falls behind, transfers wait (and the readers waiting on them: the disk
+//! sets the pace, as the kernel's dirty-page throttling does).
 //!
 //! Slots are keyed by (fileid, origin version, chunk): bytes of one version
 //! can never answer a read of another, and the storer only stores a chunk
@@ -50,7 +52,7 @@ pub const STORE_QUEUE: usize = 24;
 /// this bound a disk slower than the network piled up chunks, one per
 /// demanded READ, in transfers waiting for the storer (measured: 130 MiB
 /// during a 4 GiB read).
-const MAX_UNSTORED: usize = 2 * STORE_QUEUE;
+pub const MAX_UNSTORED: usize = 2 * STORE_QUEUE;
 /// Files whose read pattern is remembered.
 const TRACKED_FILES: usize = 1024;
 /// Fetched data is committed without waiting for the disk (it can be
