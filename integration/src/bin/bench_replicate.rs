@@ -170,10 +170,18 @@ fn control(socket: &Path, request: &str) -> anyhow::Result<serde_json::Value> {
 }
 
 /// Replicates with a fresh gateway; returns the time until current.
-fn run_imz(imz: &Path, origin_url: &str, token: &Path, work: &Path) -> anyhow::Result<Duration> {
+/// Replicates the tree with a fresh gateway; its log is kept in
+/// `work/gateway-round-N.log`, so that a slow round can be looked into.
+fn run_imz(
+    imz: &Path,
+    origin_url: &str,
+    token: &Path,
+    work: &Path,
+    round: usize,
+) -> anyhow::Result<Duration> {
     let cache = work.join("imz-cache");
     let _ = std::fs::remove_dir_all(&cache);
-    let log = std::fs::File::create(work.join("gateway.log"))?;
+    let log = std::fs::File::create(work.join(format!("gateway-round-{round}.log")))?;
     let socket = cache.join("control.sock");
     let start = Instant::now();
     let mut gw = ChildGuard::spawn(
@@ -361,7 +369,7 @@ fn main() -> anyhow::Result<()> {
                 bench::drop_page_cache();
             }
             if imz_turn {
-                let t = run_imz(&imz, &origin_url, &token, &work)?;
+                let t = run_imz(&imz, &origin_url, &token, &work, round + 1)?;
                 println!(
                     "round {}: imz replicate  {:7.2} s  {:6.0} MiB/s",
                     round + 1,
