@@ -30,7 +30,7 @@ pub(crate) type ChunkGuard = Arc<AccessGuard<'static, &'static [u8]>>;
 
 /// Chunks kept (about 1 MiB each): the chunk a sequential READ ended in and
 /// the ones preloaded after it, for several readers at once.
-const CAPACITY: usize = 12;
+pub const CAPACITY: usize = 12;
 
 pub(crate) struct ChunkMemo {
     epoch: u64,

@@ -21,6 +21,8 @@ mod objcache;
 mod object;
 pub mod store;
 
+/// Chunks the chunk memo keeps (about 1 MiB each).
+pub use chunkmemo::CAPACITY as CHUNK_MEMO_CAPACITY;
 pub use error::{CacheError, Result};
 pub use log::{LogOp, LogRecord, SetAttrs};
 pub use object::{Attrs, FileId, Kind, LOCAL_ID_BASE, LogRefs, Object, OriginRef, ROOT_FILEID};
