@@ -54,19 +54,17 @@ impl Preloader {
                     }
                 }
             });
-        match spawned {
-            Ok(_) => Self {
-                requests: Some(tx),
-                readers: Mutex::new(HashMap::new()),
-            },
+        let requests = match spawned {
+            Ok(_) => Some(tx),
             Err(e) => {
                 // Reads work without it, only slower.
                 tracing::warn!(error = %e, "cannot start the preloading thread");
-                Self {
-                    requests: None,
-                    readers: Mutex::new(HashMap::new()),
-                }
+                None
             }
+        };
+        Self {
+            requests,
+            readers: Mutex::new(HashMap::new()),
         }
     }
 
