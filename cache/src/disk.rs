@@ -9,6 +9,8 @@
 //! The disk can still fill later, from other programs. Then, with less
 //! than [`FLOOR`] left, changes that add data are refused (NOSPC) and
 //! fetched data is served without being kept, until there is room again.
+//! Filled to the last byte, a commit can still fail and latch redb:
+//! [`crate::Cache::storage_failure`] says so, and the gateway restarts.
 
 use std::path::Path;
 

@@ -129,7 +129,14 @@ pub struct Cache {
     chunk_memo: Mutex<ChunkMemo>,
     capacity: u64,
     generation: u64,
+    /// Set once redb has latched a failed write (see [`Cache::storage_failure`]).
+    failure: std::sync::OnceLock<String>,
+    /// Told of that failure.
+    failure_hook: std::sync::OnceLock<FailureHook>,
 }
+
+/// What [`Cache::on_storage_failure`] calls.
+type FailureHook = Box<dyn Fn(&str) + Send + Sync>;
 
 impl std::fmt::Debug for Cache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -207,6 +214,8 @@ impl Cache {
             chunk_memo: Mutex::new(ChunkMemo::new()),
             capacity,
             generation,
+            failure: std::sync::OnceLock::new(),
+            failure_hook: std::sync::OnceLock::new(),
         })
     }
 
@@ -287,9 +296,10 @@ impl Cache {
         // Noted before the snapshot opens: see `objcache`.
         let epoch = self.lock_objects().epoch();
         let chunk_epoch = self.lock_chunk_memo().epoch();
+        let tx = self.watch(self.db.begin_read().map_err(CacheError::from))?;
         Ok(ReadTxn {
             cache: self,
-            tx: self.db.begin_read()?,
+            tx,
             epoch,
             chunk_epoch,
         })
@@ -308,10 +318,48 @@ impl Cache {
     pub fn write(&self) -> Result<WriteTxn<'_>> {
         Ok(WriteTxn {
             cache: self,
-            tx: self.db.begin_write()?,
+            tx: self.watch(self.db.begin_write().map_err(CacheError::from))?,
             chunk_changes: HashMap::new(),
             protect_changes: HashMap::new(),
         })
+    }
+
+    /// Why the database stopped working, if it did.
+    ///
+    /// redb latches the first write that fails (a full disk, an I/O error):
+    /// from then on every transaction fails, reads too, until the database
+    /// is opened again. Nothing committed durably is lost; the owner must
+    /// reopen the cache (the gateway restarts itself, see its `restart`).
+    pub fn storage_failure(&self) -> Option<&str> {
+        self.failure.get().map(String::as_str)
+    }
+
+    /// Calls `hook` when the database stops working (at once if it already
+    /// has; a race between the two may call it twice). Only the first hook
+    /// set is kept.
+    pub fn on_storage_failure(&self, hook: impl Fn(&str) + Send + Sync + 'static) {
+        let _ = self.failure_hook.set(Box::new(hook));
+        if let Some(why) = self.failure.get() {
+            self.tell_failure(why);
+        }
+    }
+
+    /// Notes `result`'s error if it means redb has latched.
+    fn watch<T>(&self, result: Result<T>) -> Result<T> {
+        if let Err(CacheError::Db(e)) = &result
+            && matches!(e, redb::Error::PreviousIo | redb::Error::Io(_))
+            && self.failure.set(e.to_string()).is_ok()
+        {
+            tracing::error!(error = %e, "the cache database stopped after a failed write");
+            self.tell_failure(&e.to_string());
+        }
+        result
+    }
+
+    fn tell_failure(&self, why: &str) {
+        if let Some(hook) = self.failure_hook.get() {
+            hook(why);
+        }
     }
 
     fn lock_objects(&self) -> std::sync::MutexGuard<'_, ObjectCache> {
@@ -1190,7 +1238,7 @@ impl WriteTxn<'_> {
         } else {
             Durability::None
         })?;
-        let committed = tx.commit();
+        let committed = cache.watch(tx.commit().map_err(CacheError::from));
         // Objects this transaction may have changed leave the object cache
         // even if the commit failed: whichever state redb is in, the next
         // read goes to it.

@@ -62,6 +62,8 @@ pub struct Gateway {
     _registration: Option<crate::registry::Registration>,
     /// How portmapper clients learn our ports (standard port only).
     pub portmap: Option<crate::portmap::Presence>,
+    /// Why the cache's storage stopped working, once it has.
+    storage_failure: watch::Receiver<Option<String>>,
 }
 
 impl Gateway {
@@ -69,6 +71,9 @@ impl Gateway {
         let cache_dir = config.cache_dir.clone();
         std::fs::create_dir_all(&cache_dir)
             .with_context(|| format!("creating the cache directory {}", cache_dir.display()))?;
+        if crate::restart::restarted() {
+            tracing::warn!("restarted after the cache's storage failed: reopening it");
+        }
         let cache_size = fit_to_disk(&cache_dir, config.cache_size);
         let boot = crate::unstable::boot_id();
         let (cache, unstable_log) = {
@@ -90,6 +95,10 @@ impl Gateway {
             .await??
         };
         let cache = Arc::new(cache);
+        let (failure_tx, storage_failure) = watch::channel(None);
+        cache.on_storage_failure(move |why| {
+            failure_tx.send_replace(Some(why.to_owned()));
+        });
         let origin = OriginClient::new(&config.origin_url, &config.token, config.timeouts)
             .map_err(|e| anyhow::anyhow!("{e}"))?;
 
@@ -208,7 +217,44 @@ impl Gateway {
             tasks,
             _registration: registration,
             portmap,
+            storage_failure,
         })
+    }
+
+    /// Resolves once the cache's storage has stopped working (a write
+    /// failed, on a full disk say), with the reason: the gateway must then
+    /// restart ([`crate::restart`]).
+    pub async fn storage_failure(&self) -> String {
+        let mut rx = self.storage_failure.clone();
+        match rx.wait_for(Option::is_some).await {
+            Ok(why) => why.clone().unwrap_or_default(),
+            // The sender lives in the cache, which outlives this gateway.
+            Err(_) => std::future::pending().await,
+        }
+    }
+
+    /// The addresses this gateway listens on, by role, for a restart
+    /// ([`crate::restart::exec_self`]).
+    pub fn listening(&self) -> Vec<(&'static str, SocketAddr)> {
+        let mut addrs = vec![("nfs", self.nfs_addr)];
+        addrs.extend(self.metrics_addr.map(|a| ("metrics", a)));
+        addrs
+    }
+
+    /// Restarts the gateway in place after [`Gateway::storage_failure`]:
+    /// stops serving NFS, waits for room on the disk, then runs this program
+    /// again in this process. Returns only if that failed.
+    pub async fn restart_after_storage_failure(self, why: &str) -> anyhow::Error {
+        tracing::error!(
+            error = why,
+            "the cache's storage failed; the gateway restarts to reopen it (nothing durable is lost)"
+        );
+        self.abort();
+        crate::restart::pace().await;
+        crate::restart::wait_for_room(&self.control.cache_dir).await;
+        let listening = self.listening();
+        let err = crate::restart::exec_self(&listening);
+        anyhow::Error::new(err).context("restarting the gateway after its cache's storage failed")
     }
 
     /// The mount command that works on Linux for this gateway. The ports

@@ -36,6 +36,7 @@ pub mod prometheus;
 pub mod registry;
 pub mod reintegrate;
 pub mod replicate;
+pub mod restart;
 pub mod unstable;
 pub mod vfs;
 pub mod writer;

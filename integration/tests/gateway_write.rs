@@ -813,6 +813,85 @@ async fn a_disk_filled_by_another_program_gives_nospc_until_there_is_room() -> R
     Ok(())
 }
 
+/// The disk filled to its last byte by another program: a change then
+/// fails where redb writes its pages, and redb stops for good (every later
+/// call fails, reads too, until the database is opened again). The gateway
+/// restarts itself once there is room: same process, same port, the
+/// handles clients hold still good, and nothing it acknowledged lost,
+/// unstable writes included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disk_filled_to_the_last_byte_restarts_the_gateway_and_loses_nothing() -> Result {
+    let (mut fx, disk) = fixture_on_small_disk(1200 << 20, |root| {
+        data::write_file(&root.join("cached.bin"), 5, 3 << 20)?;
+        Ok(())
+    })?;
+    let pid = fx.gateway.proc.pid();
+    let mut nfs = Nfs::mount(fx.port(), "/imz").await?;
+    let root = nfs.root.clone();
+    assert!(nfs.read_path("cached.bin").await? == data::bytes(5, 3 << 20));
+    let stable = data::bytes(8, 2 << 20);
+    nfs.put_file("stable.bin", &stable).await?;
+    let (fh, body, verf, _) = unstable_file(&mut nfs, "u.bin", 4).await?;
+
+    // Another program takes every byte left.
+    {
+        use std::io::Write;
+        let mut filler = std::fs::File::create(disk.0.join("filler"))?;
+        let zeros = vec![0u8; 1 << 20];
+        while filler.write(&zeros).is_ok_and(|n| n > 0) {}
+    }
+    // Changes that add no data are not refused up front; one of them soon
+    // needs a page the disk cannot give.
+    let mut made = Vec::new();
+    for i in 0..500 {
+        let name = format!("d{i}");
+        match nfs.mkdir(&root, &name).await {
+            Ok(_) => made.push(name),
+            Err(_) => break,
+        }
+    }
+    assert!(made.len() < 500, "500 directories made on a full disk");
+    drop(nfs);
+
+    std::fs::remove_file(disk.0.join("filler"))?;
+    let back = eventually(Duration::from_secs(30), || {
+        block(async {
+            let mut nfs = Nfs::mount(fx.port(), "/imz").await.ok()?;
+            let root = nfs.root.clone();
+            nfs.mkdir(&root, "after").await.ok()?;
+            Some(nfs)
+        })
+    });
+    let (mut nfs, took) = back.ok_or_else(|| anyhow::anyhow!("the gateway never came back"))?;
+    eprintln!("serving again {took:?} after the disk had room");
+    assert!(fx.gateway.proc.is_running(), "the gateway process is gone");
+    assert_eq!(fx.gateway.proc.pid(), pid);
+
+    assert_eq!(nfs.commit(&fh).await?, verf, "the verifier changed");
+    assert!(nfs.read_all(&fh).await? == body, "unstable writes lost");
+    assert!(nfs.read_path("stable.bin").await? == stable);
+    assert!(nfs.read_path("cached.bin").await? == data::bytes(5, 3 << 20));
+    let listed: Vec<String> = nfs
+        .readdir(&nfs.root.clone(), 4096)
+        .await?
+        .into_iter()
+        .map(|(name, _)| name)
+        .collect();
+    for name in made.iter().map(String::as_str).chain(["after", "u.bin"]) {
+        assert!(listed.iter().any(|n| n == name), "{name} is gone");
+    }
+    fx.gateway.ctl(&["sync", "--timeout", "30s"])?;
+    await_origin_file(&fx, "u.bin", &body, Duration::from_secs(5))?;
+    await_origin_file(&fx, "stable.bin", &stable, Duration::from_secs(5))?;
+    for name in made.iter().map(String::as_str).chain(["after"]) {
+        assert!(
+            fx.origin_path(name).is_dir(),
+            "{name} never reached the origin"
+        );
+    }
+    Ok(())
+}
+
 /// Free bytes on the filesystem holding `path`, as `df` counts them.
 fn available_bytes(path: &Path) -> anyhow::Result<u64> {
     let out = std::process::Command::new("df")

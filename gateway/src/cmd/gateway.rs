@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::Context;
-use imz_gateway::{Gateway, GatewayConfig};
+use imz_gateway::{Gateway, GatewayConfig, restart};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -38,23 +38,23 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let token = super::read_token(&args.token_file)?;
     let runtime = super::runtime()?;
     runtime.block_on(async move {
-        let signals = super::ShutdownSignals::install()?;
+        let mut signals = super::ShutdownSignals::install()?;
         let config = GatewayConfig {
             origin_url: args.origin,
             token,
             cache_dir: args.cache,
             cache_size: args.cache_size,
-            listen: args.listen,
+            listen: restart::listen_addr("nfs", Some(args.listen)).unwrap_or(args.listen),
             timeouts: Default::default(),
             reintegration: args.writeback.settings(),
             mode: args.mode,
-            metrics_listen: args.metrics_listen,
+            metrics_listen: restart::listen_addr("metrics", args.metrics_listen),
         };
         let gateway = Gateway::start(config)
             .await
             .context("starting the gateway")?;
         super::announce_gateway(&gateway);
-        signals.wait().await;
+        let gateway = super::serve_until_stopped(gateway, &mut signals).await?;
         tracing::info!("shutting down");
         gateway.shutdown().await
     })

@@ -155,12 +155,31 @@ impl ShutdownSignals {
         })
     }
 
-    /// Resolves on the first SIGINT or SIGTERM.
-    pub async fn wait(mut self) {
+    /// Resolves on the next SIGINT or SIGTERM.
+    pub async fn wait(&mut self) {
         tokio::select! {
             _ = self.term.recv() => {}
             _ = self.interrupt.recv() => {}
         }
+    }
+}
+
+/// Serves `gateway` until SIGINT or SIGTERM. If its cache's storage fails
+/// meanwhile, restarts the process in place (see `imz_gateway::restart`);
+/// a signal while that waits for room on the disk stops it instead.
+pub async fn serve_until_stopped(
+    gateway: imz_gateway::Gateway,
+    signals: &mut ShutdownSignals,
+) -> anyhow::Result<imz_gateway::Gateway> {
+    let why = tokio::select! {
+        () = signals.wait() => return Ok(gateway),
+        why = gateway.storage_failure() => why,
+    };
+    tokio::select! {
+        () = signals.wait() => Err(anyhow::anyhow!(
+            "stopped while waiting to restart after the cache's storage failed ({why}); the next start recovers the cache"
+        )),
+        err = gateway.restart_after_storage_failure(&why) => Err(err),
     }
 }
 

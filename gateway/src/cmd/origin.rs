@@ -45,7 +45,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let token = read_or_create_token(&args.token_file)?;
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(async move {
-        let signals = super::ShutdownSignals::install()?;
+        let mut signals = super::ShutdownSignals::install()?;
         let mut config = imz_origin::OriginConfig::new(&args.root, args.listen, token);
         config.journal_keep = args.journal_keep.max(1);
         config.max_upload = args.max_upload;

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::Context;
-use imz_gateway::{Gateway, GatewayConfig};
+use imz_gateway::{Gateway, GatewayConfig, restart};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -50,7 +50,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     });
     let runtime = super::runtime()?;
     runtime.block_on(async move {
-        let signals = super::ShutdownSignals::install()?;
+        let mut signals = super::ShutdownSignals::install()?;
         // The two halves talk over loopback HTTP with a token that lives
         // only in this process.
         let token = uuid::Uuid::new_v4().simple().to_string();
@@ -65,11 +65,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             token,
             cache_dir,
             cache_size: args.cache_size,
-            listen: args.listen.unwrap_or(STANDARD_NFS.parse()?),
+            listen: restart::listen_addr("nfs", args.listen).unwrap_or(STANDARD_NFS.parse()?),
             timeouts: Default::default(),
             reintegration: args.writeback.settings(),
             mode: args.mode,
-            metrics_listen: args.metrics_listen,
+            metrics_listen: restart::listen_addr("metrics", args.metrics_listen),
         };
         let gateway = match Gateway::start(config.clone()).await {
             Ok(g) => g,
@@ -82,7 +82,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         };
         println!("imz serve: serving {} (origin at {origin_url})", dir.display());
         super::announce_gateway(&gateway);
-        signals.wait().await;
+        let gateway = super::serve_until_stopped(gateway, &mut signals).await?;
         tracing::info!("shutting down");
         gateway.shutdown().await?;
         origin.shutdown().await.context("stopping the origin")?;
