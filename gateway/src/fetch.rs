@@ -527,6 +527,7 @@ fn run_storer(
 ) {
     // When the oldest commit not yet durable was made.
     let mut undurable_since: Option<Instant> = None;
+    let pause = test_store_pause();
     loop {
         let first = match undurable_since {
             None => jobs.blocking_recv(),
@@ -566,6 +567,9 @@ fn run_storer(
             }
             Err(e) => tracing::warn!(error = %e, "could not store fetched data in the cache"),
         }
+        if let Some(pause) = pause {
+            std::thread::sleep(pause.saturating_mul(batch.len() as u32));
+        }
         let mut slots = inner.slots.lock().unwrap_or_else(|p| p.into_inner());
         for job in &batch {
             // Readers that still find the slot gone will read the cache (or
@@ -580,6 +584,17 @@ fn run_storer(
         drop(slots);
         inner.stored.send_modify(|n| *n += 1);
     }
+}
+
+/// A pause after storing each chunk, from `IMZ_TEST_STORE_PAUSE_MS`: a
+/// slow disk, for tests (one cannot be had on demand).
+fn test_store_pause() -> Option<Duration> {
+    let ms: u64 = std::env::var("IMZ_TEST_STORE_PAUSE_MS")
+        .ok()?
+        .parse()
+        .ok()?;
+    tracing::warn!(ms, "storing of fetched chunks slowed for a test");
+    Some(Duration::from_millis(ms))
 }
 
 fn store_batch(cache: &Cache, batch: &[StoreJob], durable: bool) -> imz_cache::Result<()> {

@@ -180,6 +180,56 @@ async fn large_file_reads_in_full_and_in_pieces() -> Result {
     Ok(())
 }
 
+/// The gateway's memory stays bounded whatever the file's size, even when
+/// a client asks for much of the file at once (160 READs of 1 MiB in
+/// flight on one connection) and the disk takes fetched data slower than the network
+/// brings it (here each chunk's storing is slowed by 8 ms): READs then wait
+/// for the disk. Transfers used to keep their chunks while the storer fell
+/// behind, and those piled up without bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_stays_bounded_when_the_disk_is_slower_than_the_network() -> Result {
+    const LEN: usize = 320 << 20;
+    const PIECE: u32 = 1 << 20;
+    const BOUND_MIB: u64 = 256;
+    let mut content = Vec::new();
+    let mut fx = Fixture::new(|root| {
+        content = data::write_file(&root.join("big.bin"), 9, LEN)?;
+        Ok(())
+    })?;
+    fx.gateway.set_env("IMZ_TEST_STORE_PAUSE_MS", "8");
+    fx.gateway.restart_graceful()?;
+    let mut nfs = Nfs::mount(fx.port(), "/imz").await?;
+    let fh = nfs.lookup_path("big.bin").await?;
+    let reads: Vec<_> = (0..LEN as u64)
+        .step_by(PIECE as usize)
+        .map(|at| (at, PIECE))
+        .collect();
+    let mut replies = Vec::new();
+    // nfs3_server refuses more than 256 calls in flight on a connection.
+    for batch in reads.chunks(160) {
+        replies.extend(pipelined::read_all_at_once(fx.port(), &fh.data, batch).await?);
+    }
+    for ((at, _), reply) in reads.iter().zip(&replies) {
+        let at = *at as usize;
+        match reply {
+            ReadReply::Data(bytes) => assert!(
+                bytes[..] == content[at..at + PIECE as usize],
+                "READ at {at}: wrong bytes"
+            ),
+            other => panic!("READ at {at} failed: {other:?}"),
+        }
+    }
+    let peak_kib = imz_integration::bench::proc_status_kib(fx.gateway.proc.pid(), "VmHWM")?;
+    eprintln!("gateway peak RSS {} MiB", peak_kib >> 10);
+    assert!(
+        peak_kib < BOUND_MIB << 10,
+        "gateway peak RSS {} MiB reading {} MiB",
+        peak_kib >> 10,
+        LEN >> 20
+    );
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_with_origin_down_serves_cache_and_keeps_handles() -> Result {
     let mut fx = Fixture::new(|root| {
