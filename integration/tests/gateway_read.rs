@@ -230,6 +230,38 @@ async fn memory_stays_bounded_when_the_disk_is_slower_than_the_network() -> Resu
     Ok(())
 }
 
+/// A sparse file reads back exactly, and its holes take no room in the
+/// cache (the zeros still cross the network).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sparse_file_reads_back_and_its_holes_take_no_room_in_the_cache() -> Result {
+    const LEN: u64 = 256 << 20;
+    let mut fx = Fixture::new(|root| {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::File::create(root.join("sparse.img"))?;
+        f.set_len(LEN)?;
+        f.write_all_at(b"boot sector", 0)?;
+        f.write_all_at(&data::bytes(3, 100_000), 100 << 20)?;
+        f.write_all_at(b"the end", LEN - 7)?;
+        Ok(())
+    })?;
+    let want = std::fs::read(fx.origin_path("sparse.img"))?;
+    let got = tokio::task::block_in_place(|| libnfs::cat(fx.port(), "sparse.img"))?;
+    assert!(got == want, "sparse.img read back wrong");
+    // Read again from the cache alone: all of it was kept.
+    fx.origin.proc.kill9();
+    let again = tokio::task::block_in_place(|| libnfs::cat(fx.port(), "sparse.img"))?;
+    assert!(again == want, "sparse.img read back wrong from the cache");
+    let used = fx.gateway.status()?["cache_used"]
+        .as_u64()
+        .ok_or_else(|| anyhow::anyhow!("no cache_used in imz status --json"))?;
+    assert!(
+        used < 2 << 20,
+        "{used} bytes of cache for {} KiB of data",
+        (11 + 100_000 + 7) >> 10
+    );
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_with_origin_down_serves_cache_and_keeps_handles() -> Result {
     let mut fx = Fixture::new(|root| {
