@@ -241,20 +241,15 @@ impl Gateway {
         addrs
     }
 
-    /// Restarts the gateway in place after [`Gateway::storage_failure`]:
-    /// stops serving NFS, waits for room on the disk, then runs this program
-    /// again in this process. Returns only if that failed.
-    pub async fn restart_after_storage_failure(self, why: &str) -> anyhow::Error {
-        tracing::error!(
-            error = why,
-            "the cache's storage failed; the gateway restarts to reopen it (nothing durable is lost)"
-        );
-        self.abort();
-        crate::restart::pace().await;
-        crate::restart::wait_for_room(&self.control.cache_dir).await;
-        let listening = self.listening();
-        let err = crate::restart::exec_self(&listening);
-        anyhow::Error::new(err).context("restarting the gateway after its cache's storage failed")
+    /// What a restart after [`Gateway::storage_failure`] must wait for:
+    /// room for redb's recovery and the replay of the unstable-write log.
+    pub fn restart_room(&self) -> crate::restart::Room {
+        let dir = self.control.cache_dir.clone();
+        let log = std::fs::metadata(dir.join(crate::unstable::LOG_FILE)).map_or(0, |m| m.len());
+        crate::restart::Room {
+            dir,
+            bytes: imz_cache::disk::RESERVE + log,
+        }
     }
 
     /// The mount command that works on Linux for this gateway. The ports

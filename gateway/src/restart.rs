@@ -1,8 +1,10 @@
-//! Restarting in place once the cache's storage has failed.
+//! Restarting in place once the cache's storage (or, for `imz origin` and
+//! `imz serve`, the origin's metadata store) has failed.
 //!
 //! redb stops at the first write that fails, a full disk included: from
 //! then on every transaction fails, reads too, until the database is opened
-//! again (see [`imz_cache::Cache::storage_failure`]). Reopening it inside a
+//! again (see [`imz_cache::Cache::storage_failure`],
+//! [`imz_origin::store::Store::failure`]). Reopening it inside a
 //! running gateway would mean rebuilding every piece that holds the cache;
 //! a restart already does exactly that, and is what the crash tests prove
 //! loses nothing. So the gateway restarts itself, without needing a
@@ -14,7 +16,7 @@
 //! unstable, is recovered as after `kill -9`.
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 /// Carries the addresses a gateway listened on to the program it restarts
@@ -61,24 +63,43 @@ fn addr_of(value: &str, role: &str) -> Option<SocketAddr> {
     })
 }
 
-/// Waits until the filesystem holding `cache_dir` has room for a restart:
-/// redb's recovery and the replay of the unstable-write log both write.
-pub async fn wait_for_room(cache_dir: &Path) {
+/// Room a restart needs: `bytes` free on the filesystem holding `dir`.
+#[derive(Debug, Clone)]
+pub struct Room {
+    pub dir: PathBuf,
+    pub bytes: u64,
+}
+
+/// Bytes free the origin's state directory needs for it to restart (its
+/// metadata store's recovery writes little).
+pub const ORIGIN_ROOM: u64 = 16 << 20;
+
+/// Restarts this process in place: waits for [`MIN_RESTART_INTERVAL`]
+/// since the last restart and for every `room`, then runs this program
+/// again, telling it the addresses `listening`. Returns only if that could
+/// not be done.
+pub async fn restart_in_place(rooms: &[Room], listening: &[(&str, SocketAddr)]) -> std::io::Error {
+    pace().await;
+    for room in rooms {
+        wait_for_room(room).await;
+    }
+    exec_self(listening)
+}
+
+/// Waits until the filesystem holding `room.dir` has `room.bytes` free.
+async fn wait_for_room(room: &Room) {
     let mut last_warning: Option<Instant> = None;
     loop {
-        let log =
-            std::fs::metadata(cache_dir.join(crate::unstable::LOG_FILE)).map_or(0, |m| m.len());
-        let needed = imz_cache::disk::RESERVE + log;
-        match imz_cache::disk::available(cache_dir) {
-            Ok(available) if available >= needed => return,
+        match imz_cache::disk::available(&room.dir) {
+            Ok(available) if available >= room.bytes => return,
             Err(_) => return, // cannot tell: let the restart try
             Ok(available) => {
                 if last_warning.is_none_or(|t| t.elapsed() >= ROOM_WARNING_EVERY) {
                     last_warning = Some(Instant::now());
                     tracing::error!(
-                        "waiting for the disk holding {} to have {} free (it has {}) before the gateway restarts",
-                        cache_dir.display(),
-                        bytesize::ByteSize(needed).display().iec(),
+                        "waiting for the disk holding {} to have {} free (it has {}) before restarting",
+                        room.dir.display(),
+                        bytesize::ByteSize(room.bytes).display().iec(),
                         bytesize::ByteSize(available).display().iec(),
                     );
                 }
@@ -90,7 +111,7 @@ pub async fn wait_for_room(cache_dir: &Path) {
 
 /// Waits until [`MIN_RESTART_INTERVAL`] has passed since this process
 /// last restarted itself, if it did.
-pub async fn pace() {
+async fn pace() {
     let Some(at) = std::env::var(RESTARTED_AT_ENV)
         .ok()
         .and_then(|v| v.parse::<u64>().ok())
@@ -116,7 +137,7 @@ fn unix_now() -> u64 {
 /// Replaces this process with a fresh run of its own program and
 /// arguments, telling it the addresses `listening` (role, address). Returns
 /// only if that could not be done.
-pub fn exec_self(listening: &[(&str, SocketAddr)]) -> std::io::Error {
+fn exec_self(listening: &[(&str, SocketAddr)]) -> std::io::Error {
     use std::os::unix::process::CommandExt;
     let addrs = listening
         .iter()

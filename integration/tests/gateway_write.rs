@@ -854,6 +854,14 @@ async fn a_disk_filled_to_the_last_byte_restarts_the_gateway_and_loses_nothing()
     drop(nfs);
 
     std::fs::remove_file(disk.0.join("filler"))?;
+    let again = fx.gateway.proc.wait_for_line(
+        imz_integration::gateway::GATEWAY_READY,
+        Duration::from_secs(30),
+    )?;
+    assert!(
+        again.starts_with(&format!("127.0.0.1:{}", fx.port())),
+        "{again}"
+    );
     let back = eventually(Duration::from_secs(30), || {
         block(async {
             let mut nfs = Nfs::mount(fx.port(), "/imz").await.ok()?;
@@ -889,6 +897,75 @@ async fn a_disk_filled_to_the_last_byte_restarts_the_gateway_and_loses_nothing()
             "{name} never reached the origin"
         );
     }
+    Ok(())
+}
+
+/// The origin's disk filled to its last byte by another program: the
+/// origin cannot journal changes made in its directory, and its metadata
+/// store (redb) stops for good. It restarts itself once there is room
+/// (same process, same port), and what changed meanwhile reaches the
+/// gateway.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_origin_whose_disk_fills_to_the_last_byte_restarts_and_catches_up() -> Result {
+    let dir = tempfile::tempdir()?;
+    let disk = Tmpfs::mount(&dir.path().join("disk"), 600 << 20)?;
+    let root = disk.0.join("root");
+    std::fs::create_dir_all(&root)?;
+    std::fs::write(root.join("a.txt"), b"before")?;
+    let token = dir.path().join("token");
+    let mut origin = imz_integration::OriginProc::start(&root, &token)?;
+    let gateway = imz_integration::GatewayProc::start(
+        &origin.url,
+        &token,
+        &dir.path().join("cache"),
+        "1GiB",
+        QUICK,
+    )?;
+    let pid = origin.proc.pid();
+    let mut nfs = Nfs::mount(gateway.port, "/imz").await?;
+    assert_eq!(nfs.read_path("a.txt").await?, b"before");
+
+    {
+        use std::io::Write;
+        let mut filler = std::fs::File::create(disk.0.join("filler"))?;
+        let zeros = vec![0u8; 1 << 20];
+        while filler.write(&zeros).is_ok_and(|n| n > 0) {}
+    }
+    // Directories take no data blocks on a tmpfs: these are made, but the
+    // origin's journal cannot take them.
+    for i in 0..20 {
+        std::fs::create_dir(root.join(format!("during{i}")))?;
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::fs::remove_file(disk.0.join("filler"))?;
+    let again = origin
+        .proc
+        .wait_for_line("imz origin listening on ", Duration::from_secs(30))?;
+    assert_eq!(again, origin.url, "the origin moved");
+    assert!(origin.proc.is_running());
+    assert_eq!(origin.proc.pid(), pid);
+    std::fs::create_dir(root.join("after"))?;
+
+    let names = |nfs: &mut Nfs| {
+        block(async {
+            let root = nfs.root.clone();
+            let listed = nfs.readdir(&root, 4096).await.ok()?;
+            Some(listed.into_iter().map(|(n, _)| n).collect::<Vec<_>>())
+        })
+    };
+    let seen = eventually(Duration::from_secs(30), || {
+        let names = names(&mut nfs)?;
+        let all = (0..20)
+            .map(|i| format!("during{i}"))
+            .chain(["after".to_owned(), "a.txt".to_owned()])
+            .all(|want| names.contains(&want));
+        all.then_some(())
+    });
+    assert!(
+        seen.is_some(),
+        "the gateway never saw what changed at the origin: {:?}",
+        names(&mut nfs)
+    );
     Ok(())
 }
 

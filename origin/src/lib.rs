@@ -126,6 +126,17 @@ impl RunningOrigin {
         self.addr
     }
 
+    /// Where the origin keeps its own state (`ROOT/.imz`).
+    pub fn state_dir(&self) -> PathBuf {
+        self.shared.config.root.join(wire::STATE_DIR_NAME)
+    }
+
+    /// Resolves once the metadata store has stopped working (see
+    /// [`store::Store::failure`]), with the reason.
+    pub async fn storage_failure(&self) -> String {
+        self.shared.store.failure().await
+    }
+
     /// Stops accepting requests, lets running ones finish (long polls
     /// return at once), then stops the watcher and the writer.
     pub async fn shutdown(self) -> Result<(), OriginError> {

@@ -61,13 +61,18 @@ type Result<T> = std::result::Result<T, OriginError>;
 
 pub struct Store {
     db: Database,
+    /// Why the store stopped working, once redb latched a failed write.
+    failure: tokio::sync::watch::Sender<Option<String>>,
 }
 
 impl Store {
     /// Opens (or creates) the store at `path`.
     pub fn open(path: &std::path::Path) -> Result<Self> {
         let db = Database::create(path)?;
-        let store = Self { db };
+        let store = Self {
+            db,
+            failure: tokio::sync::watch::Sender::new(None),
+        };
         let txn = store.db.begin_write()?;
         {
             // Create every table so read transactions never miss one.
@@ -94,13 +99,43 @@ impl Store {
     }
 
     pub fn read(&self) -> Result<Reader> {
-        Ok(Reader {
-            txn: self.db.begin_read()?,
-        })
+        let txn = self.watch(self.db.begin_read().map_err(OriginError::from))?;
+        Ok(Reader { txn })
     }
 
     pub fn begin_write(&self) -> Result<WriteTransaction> {
-        Ok(self.db.begin_write()?)
+        self.watch(self.db.begin_write().map_err(OriginError::from))
+    }
+
+    /// Commits `txn` (durably: the origin commits nothing otherwise).
+    pub fn commit(&self, txn: WriteTransaction) -> Result<()> {
+        self.watch(txn.commit().map_err(OriginError::from))
+    }
+
+    /// Resolves once the store has stopped working, with the reason.
+    ///
+    /// redb latches the first write that fails (a full disk, an I/O error):
+    /// from then on every transaction fails, reads too, until the database
+    /// is opened again. Nothing committed is lost; the process must restart
+    /// (`imz origin` does so by itself).
+    pub async fn failure(&self) -> String {
+        let mut rx = self.failure.subscribe();
+        match rx.wait_for(Option::is_some).await {
+            Ok(why) => why.clone().unwrap_or_default(),
+            Err(_) => std::future::pending().await,
+        }
+    }
+
+    /// Notes `result`'s error if it means redb has latched.
+    fn watch<T>(&self, result: Result<T>) -> Result<T> {
+        if let Err(OriginError::Store(e)) = &result
+            && matches!(e, redb::Error::PreviousIo | redb::Error::Io(_))
+            && self.failure.borrow().is_none()
+        {
+            tracing::error!(error = %e, "the metadata store stopped after a failed write");
+            self.failure.send_replace(Some(e.to_string()));
+        }
+        result
     }
 }
 

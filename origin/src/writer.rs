@@ -114,7 +114,7 @@ pub fn transact<T>(
     } else {
         None
     };
-    txn.commit()?;
+    shared.store.commit(txn)?;
     if let Some(last) = last {
         shared.seq.send_replace(last);
     }

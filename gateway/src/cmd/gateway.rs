@@ -54,7 +54,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             .await
             .context("starting the gateway")?;
         super::announce_gateway(&gateway);
-        let gateway = super::serve_until_stopped(gateway, &mut signals).await?;
+        let gateway = super::serve_until_stopped(gateway, None, &mut signals).await?;
         tracing::info!("shutting down");
         gateway.shutdown().await
     })

@@ -164,22 +164,45 @@ impl ShutdownSignals {
     }
 }
 
-/// Serves `gateway` until SIGINT or SIGTERM. If its cache's storage fails
-/// meanwhile, restarts the process in place (see `imz_gateway::restart`);
-/// a signal while that waits for room on the disk stops it instead.
+/// Serves `gateway` (and `origin`, the one of `imz serve`) until SIGINT
+/// or SIGTERM. If the cache's storage or the origin's metadata store fails
+/// meanwhile, restarts the process in place (see `imz_gateway::restart`); a
+/// signal while that waits for room on the disk stops it instead.
 pub async fn serve_until_stopped(
     gateway: imz_gateway::Gateway,
+    origin: Option<&imz_origin::RunningOrigin>,
     signals: &mut ShutdownSignals,
 ) -> anyhow::Result<imz_gateway::Gateway> {
+    use imz_gateway::restart;
+    let origin_failure = async {
+        match origin {
+            Some(o) => o.storage_failure().await,
+            None => std::future::pending().await,
+        }
+    };
     let why = tokio::select! {
         () = signals.wait() => return Ok(gateway),
         why = gateway.storage_failure() => why,
+        why = origin_failure => why,
     };
+    tracing::error!(
+        error = why,
+        "storage failed; restarting in place to reopen it (nothing durable is lost)"
+    );
+    gateway.abort();
+    let mut rooms = vec![gateway.restart_room()];
+    rooms.extend(origin.map(|o| restart::Room {
+        dir: o.state_dir(),
+        bytes: restart::ORIGIN_ROOM,
+    }));
+    let listening = gateway.listening();
     tokio::select! {
         () = signals.wait() => Err(anyhow::anyhow!(
-            "stopped while waiting to restart after the cache's storage failed ({why}); the next start recovers the cache"
+            "stopped while waiting to restart after a storage failure ({why}); the next start recovers"
         )),
-        err = gateway.restart_after_storage_failure(&why) => Err(err),
+        err = restart::restart_in_place(&rooms, &listening) => {
+            Err(anyhow::Error::new(err).context("restarting after a storage failure"))
+        }
     }
 }
 

@@ -46,7 +46,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(async move {
         let mut signals = super::ShutdownSignals::install()?;
-        let mut config = imz_origin::OriginConfig::new(&args.root, args.listen, token);
+        let listen =
+            imz_gateway::restart::listen_addr("origin", Some(args.listen)).unwrap_or(args.listen);
+        let mut config = imz_origin::OriginConfig::new(&args.root, listen, token);
         config.journal_keep = args.journal_keep.max(1);
         config.max_upload = args.max_upload;
         config.read_chunk = args.read_chunk.max(4096);
@@ -58,11 +60,44 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             .with_context(|| format!("starting the origin over {}", args.root.display()))?;
         println!("imz origin listening on http://{}", origin.local_addr());
         std::io::stdout().flush().ok();
-        signals.wait().await;
+        let why = tokio::select! {
+            () = signals.wait() => None,
+            why = origin.storage_failure() => Some(why),
+        };
+        if let Some(why) = why {
+            return Err(restart_after_storage_failure(&origin, &why, &mut signals).await);
+        }
         tracing::info!("shutting down");
         origin.shutdown().await.context("shutting down")?;
         Ok(())
     })
+}
+
+/// Restarts the origin in place once its metadata store has failed (see
+/// `imz_gateway::restart`), or stops at a signal while that waits for room.
+async fn restart_after_storage_failure(
+    origin: &imz_origin::RunningOrigin,
+    why: &str,
+    signals: &mut super::ShutdownSignals,
+) -> anyhow::Error {
+    use imz_gateway::restart;
+    tracing::error!(
+        error = why,
+        "the metadata store failed; the origin restarts to reopen it (nothing committed is lost)"
+    );
+    let rooms = [restart::Room {
+        dir: origin.state_dir(),
+        bytes: restart::ORIGIN_ROOM,
+    }];
+    let listening = [("origin", origin.local_addr())];
+    tokio::select! {
+        () = signals.wait() => anyhow::anyhow!(
+            "stopped while waiting to restart after the metadata store failed ({why}); the next start recovers"
+        ),
+        err = restart::restart_in_place(&rooms, &listening) => {
+            anyhow::Error::new(err).context("restarting the origin after its metadata store failed")
+        }
+    }
 }
 
 /// Reads the token, or creates the file (mode 0600) with a random one.

@@ -82,7 +82,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         };
         println!("imz serve: serving {} (origin at {origin_url})", dir.display());
         super::announce_gateway(&gateway);
-        let gateway = super::serve_until_stopped(gateway, &mut signals).await?;
+        let gateway = super::serve_until_stopped(gateway, Some(&origin), &mut signals).await?;
         tracing::info!("shutting down");
         gateway.shutdown().await?;
         origin.shutdown().await.context("stopping the origin")?;
