@@ -72,7 +72,7 @@ impl Gateway {
         std::fs::create_dir_all(&cache_dir)
             .with_context(|| format!("creating the cache directory {}", cache_dir.display()))?;
         if crate::restart::restarted() {
-            tracing::warn!("restarted after the cache's storage failed: reopening it");
+            tracing::warn!("restarted after a storage failure: reopening the cache");
         }
         let cache_size = fit_to_disk(&cache_dir, config.cache_size);
         let boot = crate::unstable::boot_id();

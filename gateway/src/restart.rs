@@ -19,26 +19,26 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-/// Carries the addresses a gateway listened on to the program it restarts
+/// Carries the addresses a process listened on to the program it restarts
 /// as: `role=address` pairs separated by commas.
 pub const ADDRS_ENV: &str = "IMZ_RESTART_ADDRS";
 /// When this process last restarted itself, in seconds since the epoch.
 const RESTARTED_AT_ENV: &str = "IMZ_RESTARTED_AT";
 /// Restarts come at most this often: a disk that fails every write must
-/// not turn the gateway into a restart loop.
+/// not turn the process into a restart loop.
 const MIN_RESTART_INTERVAL: Duration = Duration::from_secs(10);
 /// How often the disk is looked at while waiting for room.
 const ROOM_CHECK_EVERY: Duration = Duration::from_millis(500);
 /// How often the wait for room is reported.
 const ROOM_WARNING_EVERY: Duration = Duration::from_secs(30);
 
-/// Whether this process is a gateway that restarted itself.
+/// Whether this process restarted itself (after a storage failure).
 pub fn restarted() -> bool {
     std::env::var_os(ADDRS_ENV).is_some()
 }
 
 /// The address to listen on for `role`: `configured`, unless its port is
-/// left to the system (0 or none given) and the gateway this process
+/// left to the system (0 or none given) and the process this one
 /// restarted from listened on `role` (then that address, so that clients
 /// find it again).
 pub fn listen_addr(role: &str, configured: Option<SocketAddr>) -> Option<SocketAddr> {

@@ -46,6 +46,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(async move {
         let mut signals = super::ShutdownSignals::install()?;
+        if imz_gateway::restart::restarted() {
+            tracing::warn!("restarted after a storage failure: reopening the metadata store");
+        }
         let listen =
             imz_gateway::restart::listen_addr("origin", Some(args.listen)).unwrap_or(args.listen);
         let mut config = imz_origin::OriginConfig::new(&args.root, listen, token);
