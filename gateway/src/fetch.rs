@@ -19,6 +19,10 @@
 //! falls behind, transfers wait (and the readers waiting on them: the disk
 //! sets the pace, as the kernel's dirty-page throttling does).
 //!
+//! A range that is wholly a hole of a sparse file comes back from the
+//! origin as a length, not as zeros: its chunks are empty (they read as
+//! zeros) and stored as such.
+//!
 //! Slots are keyed by (fileid, origin version, chunk): bytes of one version
 //! can never answer a read of another, and the storer only stores a chunk
 //! if the object still has that version.
@@ -102,8 +106,8 @@ struct StoreJob {
     key: SlotKey,
     bytes: Bytes,
     /// This chunk's place among the unstored ones, given back once the
-    /// storer is done with it.
-    _unstored: OwnedSemaphorePermit,
+    /// storer is done with it (none for a hole: it holds no memory).
+    _unstored: Option<OwnedSemaphorePermit>,
 }
 
 /// Per-file read pattern, for readahead.
@@ -316,9 +320,10 @@ impl Fetcher {
         let mut stored = self.inner.stored.subscribe();
         let mut bytes = 0;
         let mut failure = None;
-        for (_, wait) in self.demand(target, chunks, 0..0) {
+        for (index, wait) in self.demand(target, chunks, 0..0) {
             match wait.bytes().await {
-                Ok(b) => bytes += b.len() as u64,
+                // A hole arrives empty: count what it stands for.
+                Ok(_) => bytes += chunk_span(index, target.extent),
                 Err(f) => {
                     failure.get_or_insert(f);
                 }
@@ -398,6 +403,12 @@ impl SlotWait {
     }
 }
 
+/// Bytes of chunk `index` below `extent`.
+fn chunk_span(index: u64, extent: u64) -> u64 {
+    let start = chunk::start_of(index);
+    (start + CHUNK_SIZE).min(extent).saturating_sub(start)
+}
+
 /// Groups slots into runs of consecutive chunks, at most `max` long.
 fn runs<T>(mut slots: Vec<(u64, T)>, max: u64) -> Vec<Vec<(u64, T)>> {
     slots.sort_by_key(|(i, _)| *i);
@@ -430,7 +441,22 @@ async fn fetch_run(inner: &Arc<Inner>, target: Target, run: Vec<(u64, watch::Sen
         .await
     {
         Err(e) => Some(classify(inner, e)),
-        Ok(stream) => {
+        Ok(None) => {
+            // Wholly a hole: every chunk is empty (it reads as zeros).
+            for (index, tx) in pending.by_ref() {
+                let _ = tx.send(SlotState::Ready(Bytes::new()));
+                let job = StoreJob {
+                    key: (target.fid, target.version, index),
+                    bytes: Bytes::new(),
+                    _unstored: None,
+                };
+                if inner.store.send(job).await.is_err() {
+                    break;
+                }
+            }
+            None
+        }
+        Ok(Some(stream)) => {
             let mut stream = std::pin::pin!(stream);
             let mut buf = BytesMut::new();
             let mut place = None;
@@ -476,7 +502,7 @@ async fn fetch_run(inner: &Arc<Inner>, target: Target, run: Vec<(u64, watch::Sen
                         let job = StoreJob {
                             key: (target.fid, target.version, index),
                             bytes: chunk,
-                            _unstored: unstored,
+                            _unstored: Some(unstored),
                         };
                         if inner.store.send(job).await.is_err() {
                             failure = Some(FetchFailure::Io("cache storer stopped".into()));

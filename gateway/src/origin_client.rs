@@ -228,15 +228,18 @@ impl OriginClient {
         .await
     }
 
-    /// Streams bytes `start..end` of object `id` at `version`. The stream
-    /// fails with `Unreachable` if it stalls longer than the stall timeout.
+    /// Streams bytes `start..end` of object `id` at `version`; `None` if
+    /// they are wholly a hole of a sparse file (all zeros, not sent). The
+    /// stream fails with `Unreachable` if it stalls longer than the stall
+    /// timeout.
     pub async fn data(
         &self,
         id: wire::ObjectId,
         version: wire::Version,
         start: u64,
         end: u64,
-    ) -> Result<impl Stream<Item = Result<Bytes, OriginError>> + Send + use<>, OriginError> {
+    ) -> Result<Option<impl Stream<Item = Result<Bytes, OriginError>> + Send + use<>>, OriginError>
+    {
         let send = self
             .http
             .get(self.url(&wire::paths::data(id, version)))
@@ -245,12 +248,27 @@ impl OriginClient {
                 reqwest::header::RANGE,
                 format!("bytes={}-{}", start, end.saturating_sub(1)),
             )
+            .header(wire::paths::ACCEPT_HOLES, "1")
             .send();
         let resp = tokio::time::timeout(self.timeouts.request, send)
             .await
             .map_err(|_| OriginError::Unreachable("no answer to a data request in time".into()))?
             .map_err(OriginError::from_reqwest)?;
         let resp = check(resp).await?;
+        if resp.status() == StatusCode::NO_CONTENT {
+            let hole = resp
+                .headers()
+                .get(wire::paths::HOLE)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok());
+            return match hole {
+                Some(len) if len == end - start => Ok(None),
+                _ => Err(OriginError::Protocol(format!(
+                    "data request of {} bytes answered 204 with hole {hole:?}",
+                    end - start
+                ))),
+            };
+        }
         if resp.status() != StatusCode::PARTIAL_CONTENT
             && !(start == 0 && resp.status() == StatusCode::OK)
         {
@@ -261,7 +279,7 @@ impl OriginClient {
         }
         let stall = self.timeouts.stall;
         let body = resp.bytes_stream();
-        Ok(futures::stream::unfold(
+        Ok(Some(futures::stream::unfold(
             Box::pin(body),
             move |mut body| async move {
                 match tokio::time::timeout(stall, body.next()).await {
@@ -275,7 +293,7 @@ impl OriginClient {
                     Ok(Some(item)) => Some((item.map_err(OriginError::from_reqwest), body)),
                 }
             },
-        ))
+        )))
     }
 }
 

@@ -259,6 +259,50 @@ fn data_is_served_with_range_etag_and_immutable_caching() {
     );
 }
 
+/// A client that accepts holes gets a range that is wholly a hole as its
+/// length (204, `imz-hole`); any other range, and any other client, gets
+/// the bytes, zeros included.
+#[test]
+fn ranges_wholly_in_a_hole_are_answered_by_their_length_to_clients_that_ask() {
+    const MIB: u64 = 1 << 20;
+    let s = start_with(|root| {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::File::create(root.join("sparse")).expect("create");
+        f.set_len(16 * MIB).expect("set_len");
+        f.write_all_at(b"data", 8 * MIB).expect("write");
+    });
+    let f = s.client.lookup(ROOT_ID, "sparse").attr;
+    let get = |range: &str, holes: bool| {
+        let mut req = s
+            .client
+            .get(&wire::paths::data(f.id, f.version))
+            .header("range", range);
+        if holes {
+            req = req.header(wire::paths::ACCEPT_HOLES, "1");
+        }
+        req.send().expect("data")
+    };
+    let hole = get("bytes=0-1048575", true);
+    assert_eq!(hole.status(), 204);
+    assert_eq!(hole.headers()[wire::paths::HOLE], "1048576");
+    assert!(hole.bytes().expect("body").is_empty());
+    // The same range to a client that did not ask: zeros.
+    let zeros = get("bytes=0-1048575", false);
+    assert_eq!(zeros.status(), 206);
+    assert_eq!(
+        zeros.bytes().expect("body").as_ref(),
+        vec![0u8; MIB as usize]
+    );
+    // A range holding data is sent whole, zeros and all.
+    let around = get(&format!("bytes={}-{}", 8 * MIB - 2, 8 * MIB + 5), true);
+    assert_eq!(around.status(), 206);
+    assert_eq!(around.bytes().expect("body").as_ref(), b"\0\0data\0\0");
+    // The hole at the end of the file, past the last data.
+    let tail = get(&format!("bytes={}-{}", 12 * MIB, 16 * MIB - 1), true);
+    assert_eq!(tail.status(), 204);
+    assert_eq!(tail.headers()[wire::paths::HOLE], (4 * MIB).to_string());
+}
+
 #[test]
 fn a_file_changed_behind_the_origin_is_never_served_under_its_old_version() {
     let s = start_with(|root| std::fs::write(root.join("f"), b"old content").expect("write"));

@@ -7,7 +7,9 @@
 //! after every chunk read; if the file changes, the body is aborted so the
 //! client sees a truncated transfer, never other bytes under this URL.
 //! One blocking thread per download reads large chunks into a small bounded
-//! queue, so memory does not grow with the file.
+//! queue, so memory does not grow with the file. A client that accepts
+//! holes ([`wire::paths::ACCEPT_HOLES`]) gets a range that is wholly a hole
+//! of a sparse file as `204 No Content` and its length, not as zeros.
 
 use std::fs::File;
 use std::sync::Arc;
@@ -84,6 +86,9 @@ pub async fn get(
         .map_err(|_| api(ErrorCode::Unavailable, "the origin is shutting down"))?;
     let (start, end) = range.unwrap_or((0, size.saturating_sub(1)));
     let len = if size == 0 { 0 } else { end - start + 1 };
+    let holes_accepted = headers
+        .get(wire::paths::ACCEPT_HOLES)
+        .is_some_and(|v| v.as_bytes() == b"1");
     let chunk = shared.config.read_chunk.max(4096);
     let s = shared.clone();
     let m = meta.clone();
@@ -100,6 +105,15 @@ pub async fn get(
         let st = fsops::fstat(&file)?;
         if Fingerprint::of(&st) != m.fp {
             return Ok(None);
+        }
+        if holes_accepted && len > 0 && is_hole(&file, start, len) {
+            // Still this version: no data was written into the hole since
+            // the fingerprint was taken.
+            let st = fsops::fstat(&file)?;
+            if Fingerprint::of(&st) != m.fp {
+                return Ok(None);
+            }
+            return Ok(Some(Opened::Hole));
         }
         // A small answer is read here, in one go, and sent whole: no
         // second thread, and headers and body leave together.
@@ -121,6 +135,14 @@ pub async fn get(
         Ok(Some(Opened::Read(bytes))) => {
             drop(permit);
             return Ok(data_response(Body::from(bytes), &etag, range, len, size));
+        }
+        Ok(Some(Opened::Hole)) => {
+            drop(permit);
+            let mut resp = StatusCode::NO_CONTENT.into_response();
+            resp.headers_mut()
+                .insert(wire::paths::HOLE, HeaderValue::from(len));
+            set_cache_headers(resp.headers_mut(), &etag);
+            return Ok(resp);
         }
         Ok(None) | Err(FsError::NotFound) => {
             // Changed or gone behind our back: reconcile, then say so.
@@ -167,6 +189,18 @@ pub async fn get(
 enum Opened {
     File(File),
     Read(Bytes),
+    /// The range is wholly a hole: zeros the file does not store.
+    Hole,
+}
+
+/// Whether `start..start+len` of `file` is wholly a hole (no data: the
+/// next data starts past it, or there is none). Filesystems that cannot
+/// tell say no.
+fn is_hole(file: &File, start: u64, len: u64) -> bool {
+    match rustix::fs::seek(file, rustix::fs::SeekFrom::Data(start)) {
+        Ok(data) => data >= start + len,
+        Err(e) => e == rustix::io::Errno::NXIO,
+    }
 }
 
 /// Reads `len` bytes from `start` whole, then checks that the file did not

@@ -54,7 +54,7 @@ pub const MAX_KEY_LEN: usize = 128;
 /// | GET | `/v1/objects/{id}` | | [`Attr`] |
 /// | GET | `/v1/objects/{id}/lookup?name=N` | | [`Entry`] |
 /// | GET | `/v1/objects/{id}/entries?after=N&limit=L` | | [`DirPage`] |
-/// | GET | `/v1/data/{id}/{version}` (`Range` honoured) | | raw bytes |
+/// | GET | `/v1/data/{id}/{version}` (`Range` honoured) | | raw bytes (or 204 for a hole, see [`paths::ACCEPT_HOLES`]) |
 /// | GET | `/v1/journal?after=S&wait_ms=W&limit=L` | | [`JournalPage`] |
 /// | GET | `/v1/manifest` | | NDJSON: one [`ManifestHeader`], then [`ManifestEntry`]s |
 /// | PUT | `/v1/uploads/{upload_id}` | raw bytes | [`Uploaded`] |
@@ -64,6 +64,15 @@ pub const MAX_KEY_LEN: usize = 128;
 /// Errors are JSON [`ApiError`] with a matching HTTP status.
 pub mod paths {
     use super::{ObjectId, Version};
+
+    /// Request header of a data GET: the client takes a hole for an answer
+    /// (value `1`). A range that is wholly a hole in the file (a sparse
+    /// file) is then answered `204 No Content` with [`HOLE`] instead of
+    /// its zeros.
+    pub const ACCEPT_HOLES: &str = "imz-accept-holes";
+    /// Response header of such an answer: the length of the range, all
+    /// zeros.
+    pub const HOLE: &str = "imz-hole";
 
     pub const HEALTH: &str = "/v1/health";
     pub const INFO: &str = "/v1/info";
