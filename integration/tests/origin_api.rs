@@ -285,6 +285,7 @@ fn ranges_wholly_in_a_hole_are_answered_by_their_length_to_clients_that_ask() {
     let hole = get("bytes=0-1048575", true);
     assert_eq!(hole.status(), 204);
     assert_eq!(hole.headers()[wire::paths::HOLE], "1048576");
+    assert_eq!(hole.headers()["vary"], wire::paths::ACCEPT_HOLES);
     assert!(hole.bytes().expect("body").is_empty());
     // The same range to a client that did not ask: zeros.
     let zeros = get("bytes=0-1048575", false);

@@ -254,6 +254,12 @@ fn set_cache_headers(h: &mut HeaderMap, etag: &str) {
         h.insert(header::ETAG, v);
     }
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static(IMMUTABLE));
+    // A cache in front of the origin must not give a hole's answer to a
+    // client that asked for bytes.
+    h.insert(
+        header::VARY,
+        HeaderValue::from_static(wire::paths::ACCEPT_HOLES),
+    );
 }
 
 /// Reads `len` bytes from `start`, checking the fingerprint after each
