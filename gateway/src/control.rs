@@ -133,6 +133,10 @@ pub struct Status {
     pub nfs_listener_restarts: u64,
     pub rates: RateSample,
     pub last_error: Option<String>,
+    /// Why the cache's storage stopped working, if it did: the gateway
+    /// restarts itself once the disk has room (see `restart`).
+    #[serde(default)]
+    pub storage_failure: Option<String>,
     /// Replication progress and how current kept (pinned) content is.
     #[serde(default)]
     pub replica: Option<crate::replicate::ReplicaStatus>,
@@ -241,6 +245,7 @@ impl Control {
                 RateSample::default()
             },
             last_error: self.progress.borrow().last_error.clone(),
+            storage_failure: self.vfs.cache.storage_failure().map(str::to_owned),
             replica,
         }
     }

@@ -852,6 +852,16 @@ async fn a_disk_filled_to_the_last_byte_restarts_the_gateway_and_loses_nothing()
     }
     assert!(made.len() < 500, "500 directories made on a full disk");
     drop(nfs);
+    // While it waits for room, it says why.
+    let status = fx.gateway.status()?;
+    assert!(
+        status["storage_failure"]
+            .as_str()
+            .is_some_and(|s| s.contains("space")),
+        "{status}"
+    );
+    let human = fx.gateway.ctl(&["status"])?;
+    assert!(human.contains("STORAGE"), "{human}");
 
     std::fs::remove_file(disk.0.join("filler"))?;
     let again = fx.gateway.proc.wait_for_line(

@@ -48,6 +48,11 @@ pub fn render(s: &Status) -> String {
         )
     };
     let mut out = String::new();
+    if let Some(why) = &s.storage_failure {
+        out.push_str(&format!(
+            "STORAGE     FAILED ({why}): restarting once the cache's disk has room\n"
+        ));
+    }
     out.push_str(&format!("origin      {}  {link}\n", s.origin));
     if !s.nfs.is_empty() {
         out.push_str(&format!(
