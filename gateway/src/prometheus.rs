@@ -69,6 +69,16 @@ pub fn render(s: &Status) -> String {
         s.conflicts_held as f64,
     );
     metric(
+        "storage_failed",
+        "gauge",
+        "1 while the cache's storage has failed and the gateway waits to restart.",
+        if s.storage_failure.is_some() {
+            1.0
+        } else {
+            0.0
+        },
+    );
+    metric(
         "cache_used_bytes",
         "gauge",
         "File data in the cache.",

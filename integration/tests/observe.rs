@@ -53,7 +53,9 @@ async fn status_and_metrics_follow_what_happens() -> Result {
     let s = fx.gateway.status()?;
     assert_eq!(s["connected"], true);
     assert_eq!(num(&s, "log_records"), 0);
-    assert_eq!(metric(&scrape(&metrics)?, "connected"), Some(1.0));
+    let text = scrape(&metrics)?;
+    assert_eq!(metric(&text, "connected"), Some(1.0));
+    assert_eq!(metric(&text, "storage_failed"), Some(0.0));
 
     let mut nfs = Nfs::mount(fx.port(), "/imz").await?;
     let shared = nfs.lookup_path("shared.txt").await?;
