@@ -323,7 +323,7 @@ impl Fetcher {
         for (index, wait) in self.demand(target, chunks, 0..0) {
             match wait.bytes().await {
                 // A hole arrives empty: count what it stands for.
-                Ok(_) => bytes += chunk_span(index, target.extent),
+                Ok(_) => bytes += chunk::len_in(index, target.extent),
                 Err(f) => {
                     failure.get_or_insert(f);
                 }
@@ -401,12 +401,6 @@ impl SlotWait {
             SlotState::Pending => Err(FetchFailure::Io("fetch ended without an answer".into())),
         }
     }
-}
-
-/// Bytes of chunk `index` below `extent`.
-fn chunk_span(index: u64, extent: u64) -> u64 {
-    let start = chunk::start_of(index);
-    (start + CHUNK_SIZE).min(extent).saturating_sub(start)
 }
 
 /// Groups slots into runs of consecutive chunks, at most `max` long.
