@@ -72,7 +72,17 @@ pub struct Room {
 
 /// Bytes free the origin's state directory needs for it to restart (its
 /// metadata store's recovery writes little).
-pub const ORIGIN_ROOM: u64 = 16 << 20;
+const ORIGIN_ROOM: u64 = 16 << 20;
+
+impl Room {
+    /// What `origin` needs to restart: room beside its metadata store.
+    pub fn for_origin(origin: &imz_origin::RunningOrigin) -> Self {
+        Self {
+            dir: origin.state_dir(),
+            bytes: ORIGIN_ROOM,
+        }
+    }
+}
 
 /// Restarts this process in place: waits for [`MIN_RESTART_INTERVAL`]
 /// since the last restart and for every `room`, then runs this program

@@ -191,17 +191,25 @@ pub async fn serve_until_stopped(
     );
     gateway.abort();
     let mut rooms = vec![gateway.restart_room()];
-    rooms.extend(origin.map(|o| restart::Room {
-        dir: o.state_dir(),
-        bytes: restart::ORIGIN_ROOM,
-    }));
-    let listening = gateway.listening();
+    rooms.extend(origin.map(restart::Room::for_origin));
+    Err(restart_unless_stopped(&why, &rooms, &gateway.listening(), signals).await)
+}
+
+/// Restarts the process in place after a storage failure (`why`), once
+/// every one of `rooms` has room, listening again on `listening`; a
+/// signal meanwhile stops it instead. Returns why it did not restart.
+pub async fn restart_unless_stopped(
+    why: &str,
+    rooms: &[imz_gateway::restart::Room],
+    listening: &[(&str, std::net::SocketAddr)],
+    signals: &mut ShutdownSignals,
+) -> anyhow::Error {
     tokio::select! {
-        () = signals.wait() => Err(anyhow::anyhow!(
+        () = signals.wait() => anyhow::anyhow!(
             "stopped while waiting to restart after a storage failure ({why}); the next start recovers"
-        )),
-        err = restart::restart_in_place(&rooms, &listening) => {
-            Err(anyhow::Error::new(err).context("restarting after a storage failure"))
+        ),
+        err = imz_gateway::restart::restart_in_place(rooms, listening) => {
+            anyhow::Error::new(err).context("restarting after a storage failure")
         }
     }
 }

@@ -68,39 +68,20 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             why = origin.storage_failure() => Some(why),
         };
         if let Some(why) = why {
-            return Err(restart_after_storage_failure(&origin, &why, &mut signals).await);
+            tracing::error!(
+                error = why,
+                "the metadata store failed; the origin restarts to reopen it (nothing committed is lost)"
+            );
+            let rooms = [imz_gateway::restart::Room::for_origin(&origin)];
+            let listening = [("origin", origin.local_addr())];
+            return Err(
+                super::restart_unless_stopped(&why, &rooms, &listening, &mut signals).await,
+            );
         }
         tracing::info!("shutting down");
         origin.shutdown().await.context("shutting down")?;
         Ok(())
     })
-}
-
-/// Restarts the origin in place once its metadata store has failed (see
-/// `imz_gateway::restart`), or stops at a signal while that waits for room.
-async fn restart_after_storage_failure(
-    origin: &imz_origin::RunningOrigin,
-    why: &str,
-    signals: &mut super::ShutdownSignals,
-) -> anyhow::Error {
-    use imz_gateway::restart;
-    tracing::error!(
-        error = why,
-        "the metadata store failed; the origin restarts to reopen it (nothing committed is lost)"
-    );
-    let rooms = [restart::Room {
-        dir: origin.state_dir(),
-        bytes: restart::ORIGIN_ROOM,
-    }];
-    let listening = [("origin", origin.local_addr())];
-    tokio::select! {
-        () = signals.wait() => anyhow::anyhow!(
-            "stopped while waiting to restart after the metadata store failed ({why}); the next start recovers"
-        ),
-        err = restart::restart_in_place(&rooms, &listening) => {
-            anyhow::Error::new(err).context("restarting the origin after its metadata store failed")
-        }
-    }
 }
 
 /// Reads the token, or creates the file (mode 0600) with a random one.
