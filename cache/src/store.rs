@@ -363,9 +363,13 @@ impl Cache {
         if let Err(CacheError::Db(e)) = &result
             && matches!(e, redb::Error::PreviousIo | redb::Error::Io(_))
             && self.failure.set(e.to_string()).is_ok()
+            && let Some(why) = self.failure.get()
         {
-            tracing::error!(error = %e, "the cache database stopped after a failed write");
-            self.tell_failure(&e.to_string());
+            tracing::error!(
+                error = why,
+                "the cache database stopped after a failed write"
+            );
+            self.tell_failure(why);
         }
         result
     }
@@ -1017,7 +1021,7 @@ impl WriteTxn<'_> {
     ///
     /// Trailing zeros are not stored: past its stored bytes a chunk reads
     /// as zeros. So a sparse file, or any run of zeros, takes next to no
-    /// room in the cache (the origin still sends the zeros).
+    /// room in the cache.
     pub fn put_chunk(&mut self, fid: FileId, index: u64, bytes: &[u8]) -> Result<()> {
         let bytes = without_trailing_zeros(bytes);
         let len = u32::try_from(bytes.len())

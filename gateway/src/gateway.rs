@@ -234,7 +234,7 @@ impl Gateway {
     }
 
     /// The addresses this gateway listens on, by role, for a restart
-    /// ([`crate::restart::exec_self`]).
+    /// ([`crate::restart::restart_in_place`]).
     pub fn listening(&self) -> Vec<(&'static str, SocketAddr)> {
         let mut addrs = vec![("nfs", self.nfs_addr)];
         addrs.extend(self.metrics_addr.map(|a| ("metrics", a)));

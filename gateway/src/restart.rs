@@ -5,9 +5,9 @@
 //! then on every transaction fails, reads too, until the database is opened
 //! again (see [`imz_cache::Cache::storage_failure`],
 //! [`imz_origin::store::Store::failure`]). Reopening it inside a
-//! running gateway would mean rebuilding every piece that holds the cache;
-//! a restart already does exactly that, and is what the crash tests prove
-//! loses nothing. So the gateway restarts itself, without needing a
+//! running process would mean rebuilding every piece that holds it; a
+//! restart already does exactly that, and is what the crash tests prove
+//! loses nothing. So the process restarts itself, without needing a
 //! supervisor: it waits until the disk has room for a restart's recovery,
 //! then executes its own program again in the same process (same pid, same
 //! arguments), listening on the same addresses even where the system chose
@@ -84,8 +84,8 @@ impl Room {
     }
 }
 
-/// Restarts this process in place: waits for [`MIN_RESTART_INTERVAL`]
-/// since the last restart and for every `room`, then runs this program
+/// Restarts this process in place: waits until 10 s have passed since its
+/// last restart, if any, and for every `room`, then runs this program
 /// again, telling it the addresses `listening`. Returns only if that could
 /// not be done.
 pub async fn restart_in_place(rooms: &[Room], listening: &[(&str, SocketAddr)]) -> std::io::Error {
