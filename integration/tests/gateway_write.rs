@@ -667,6 +667,15 @@ impl Tmpfs {
         );
         Ok(Self(path.to_owned()))
     }
+
+    /// Takes every byte left, as another program would, with file `name`.
+    fn fill(&self, name: &str) -> anyhow::Result<()> {
+        use std::io::Write;
+        let mut filler = std::fs::File::create(self.0.join(name))?;
+        let zeros = vec![0u8; 1 << 20];
+        while filler.write(&zeros).is_ok_and(|n| n > 0) {}
+        Ok(())
+    }
 }
 
 impl Drop for Tmpfs {
@@ -834,12 +843,7 @@ async fn a_disk_filled_to_the_last_byte_restarts_the_gateway_and_loses_nothing()
     let (fh, body, verf, _) = unstable_file(&mut nfs, "u.bin", 4).await?;
 
     // Another program takes every byte left.
-    {
-        use std::io::Write;
-        let mut filler = std::fs::File::create(disk.0.join("filler"))?;
-        let zeros = vec![0u8; 1 << 20];
-        while filler.write(&zeros).is_ok_and(|n| n > 0) {}
-    }
+    disk.fill("filler")?;
     // Changes that add no data are not refused up front; one of them soon
     // needs a page the disk cannot give.
     let mut made = Vec::new();
@@ -935,12 +939,7 @@ async fn an_origin_whose_disk_fills_to_the_last_byte_restarts_and_catches_up() -
     let mut nfs = Nfs::mount(gateway.port, "/imz").await?;
     assert_eq!(nfs.read_path("a.txt").await?, b"before");
 
-    {
-        use std::io::Write;
-        let mut filler = std::fs::File::create(disk.0.join("filler"))?;
-        let zeros = vec![0u8; 1 << 20];
-        while filler.write(&zeros).is_ok_and(|n| n > 0) {}
-    }
+    disk.fill("filler")?;
     // Directories take no data blocks on a tmpfs: these are made, but the
     // origin's journal cannot take them.
     for i in 0..20 {
