@@ -59,6 +59,12 @@ pub struct KeyResult {
 
 type Result<T> = std::result::Result<T, OriginError>;
 
+/// redb's page cache for the store. Its default (1 GiB) fills with the
+/// first scan of a big tree and stays: 216 MiB of RSS after importing
+/// 200,000 files, against 48 MiB with this bound and no slower scan (the
+/// kernel's page cache still holds the file).
+const PAGE_CACHE_BYTES: usize = 64 << 20;
+
 pub struct Store {
     db: Database,
     /// Why the store stopped working, once redb latched a failed write.
@@ -68,7 +74,9 @@ pub struct Store {
 impl Store {
     /// Opens (or creates) the store at `path`.
     pub fn open(path: &std::path::Path) -> Result<Self> {
-        let db = Database::create(path)?;
+        let db = Database::builder()
+            .set_cache_size(PAGE_CACHE_BYTES)
+            .create(path)?;
         let store = Self {
             db,
             failure: tokio::sync::watch::Sender::new(None),
