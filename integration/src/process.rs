@@ -244,7 +244,9 @@ impl OriginProc {
         Self::start_full(&[], root, token_file, "127.0.0.1:0", &extra)
     }
 
-    fn start_full(
+    /// The general form: through `wrapper`, with more arguments (both kept
+    /// for restarts).
+    pub fn start_full(
         wrapper: &[String],
         root: &Path,
         token_file: &Path,

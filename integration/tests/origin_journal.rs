@@ -367,3 +367,102 @@ fn an_origin_left_idle_after_serving_reads_writes_nothing() {
     );
     assert_eq!(c.info().last_seq, seq, "nothing was journaled");
 }
+
+/// Polls `what` until it holds, for up to 20 s.
+fn eventually(what: &str, mut holds: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !holds() {
+        assert!(Instant::now() < deadline, "never true: {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_directory_moved_within_the_tree_is_watched_at_its_new_place() {
+    let s = start_with(|root| {
+        std::fs::create_dir_all(root.join("a/b/c")).expect("mkdir -p");
+        std::fs::create_dir(root.join("z")).expect("mkdir");
+    });
+    let c = &s.client;
+    let root = s.root();
+    let outside = s.dir.path().join("outside");
+    std::fs::create_dir_all(outside.join("deep")).expect("mkdir outside");
+
+    std::fs::rename(root.join("a/b"), root.join("z/b")).expect("mv a/b z/b");
+    eventually("z/b/c after the move", || c.walk("z/b/c").is_some());
+    // Changes in the moved subtree are found under its new path.
+    std::fs::write(root.join("z/b/c/after"), b"after the move").expect("write");
+    eventually("z/b/c/after", || c.walk("z/b/c/after").is_some());
+    assert!(c.walk("a/b").is_none());
+
+    // A subtree moved in from outside is watched too, however deep.
+    std::fs::rename(&outside, root.join("in")).expect("mv into the tree");
+    eventually("in/deep", || c.walk("in/deep").is_some());
+    std::fs::write(root.join("in/deep/new"), b"inside").expect("write");
+    eventually("in/deep/new", || c.walk("in/deep/new").is_some());
+}
+
+/// Watches the process holds, from its inotify descriptors' fdinfo.
+fn inotify_watches(pid: u32) -> usize {
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
+        return 0;
+    };
+    fds.flatten()
+        .filter_map(|fd| std::fs::read_to_string(fd.path()).ok())
+        .map(|info| {
+            info.lines()
+                .filter(|l| l.starts_with("inotify wd:"))
+                .count()
+        })
+        .sum()
+}
+
+/// Runs the origin in a user namespace of its own whose inotify limit is
+/// `limit` watches (the limit is per user namespace; the host's stays).
+fn watch_limited(limit: usize) -> Vec<String> {
+    let script = format!("echo {limit} > /proc/sys/user/max_inotify_watches && exec \"$0\" \"$@\"");
+    ["unshare", "--user", "--map-root-user", "sh", "-c", &script]
+        .map(String::from)
+        .to_vec()
+}
+
+#[test]
+fn a_tree_with_more_directories_than_the_watch_limit_starts_and_stays_current() {
+    const DIRS: usize = 30;
+    const LIMIT: usize = 8;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().join("root");
+    for i in 0..DIRS {
+        std::fs::create_dir_all(root.join(format!("d{i:02}/inner"))).expect("mkdir");
+    }
+    let origin = imz_integration::OriginProc::start_full(
+        &watch_limited(LIMIT),
+        &root,
+        &dir.path().join("token"),
+        "127.0.0.1:0",
+        &["--rescan-every".into(), "1s".into()],
+    )
+    .expect("the origin starts although it cannot watch every directory");
+    let pid = origin.proc.pid();
+    assert_eq!(inotify_watches(pid), LIMIT, "as many watches as allowed");
+    let c = Client::new(&origin);
+
+    // Changes in every directory, watched or not, reach the journal.
+    for i in 0..DIRS {
+        std::fs::write(root.join(format!("d{i:02}/inner/new")), b"new").expect("write");
+    }
+    for i in 0..DIRS {
+        let path = format!("d{i:02}/inner/new");
+        eventually(&path, || c.walk(&path).is_some());
+    }
+
+    // Raising the limit: the next rescan watches every directory.
+    let status = std::process::Command::new("nsenter")
+        .args(["--user", "--target", &pid.to_string(), "sh", "-c"])
+        .arg("echo 1000 > /proc/sys/user/max_inotify_watches")
+        .status()
+        .expect("nsenter");
+    assert!(status.success());
+    let every = 1 + 2 * DIRS;
+    eventually("every directory watched", || inotify_watches(pid) == every);
+}

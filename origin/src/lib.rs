@@ -61,6 +61,9 @@ pub struct OriginConfig {
     pub watch_debounce: Duration,
     /// Watch the tree for changes other programs make (inotify).
     pub watch: bool,
+    /// While the system's inotify limit leaves directories unwatched, how
+    /// often the whole tree is rescanned to find changes made in them.
+    pub rescan_every: Duration,
     /// How long a connection may take to send a request's head, or stay
     /// idle between requests (see [`http`]).
     pub header_timeout: Duration,
@@ -84,6 +87,7 @@ impl OriginConfig {
             max_downloads: 256,
             watch_debounce: Duration::from_millis(20),
             watch: true,
+            rescan_every: Duration::from_secs(60),
             header_timeout: http::HEADER_TIMEOUT,
             max_connections: http::MAX_CONNECTIONS,
             send_timeout: Duration::from_secs(60),

@@ -1,103 +1,382 @@
-//! Watching the tree with inotify (the `notify` crate, recursive): changed
-//! paths are gathered for a short debounce and handed to the writer as one
-//! reconcile job. Events under the state directory are ignored; a queue
-//! overflow asks for a full rescan.
+//! Watching the tree with inotify so that changes other programs make reach
+//! the journal: every directory but the state directory has a watch;
+//! changed paths are gathered for a short debounce and handed to the writer
+//! as one reconcile job. A queue overflow asks for a full rescan.
+//!
+//! The watches are kept here, on `rustix`'s inotify, rather than by a
+//! general watcher crate, for three reasons:
+//!
+//! - **the events asked for**: no `IN_OPEN`, so the origin's own opens (each
+//!   download, each directory a scan lists) wake nobody, and no watch on the
+//!   state directory, whose store and uploads are written all the time;
+//! - **the watch limit**: a tree with more directories than the system's
+//!   `fs.inotify.max_user_watches` still starts. What could not be watched
+//!   is covered by a full rescan every [`OriginConfig::rescan_every`], and
+//!   each rescan tries the missing watches again, so raising the limit
+//!   heals a running origin;
+//! - **moved directories**: a watch names its directory by path, so a
+//!   directory moved inside the tree is watched again under its new path.
+//!
+//! [`OriginConfig::rescan_every`]: crate::OriginConfig::rescan_every
 
-use std::path::PathBuf;
-use std::sync::mpsc as std_mpsc;
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::mem::MaybeUninit;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use notify::event::{AccessKind, AccessMode, EventKind};
-use notify::{RecursiveMode, Watcher as _};
+use rustix::event::{EventfdFlags, PollFd, PollFlags, Timespec};
+use rustix::fs::inotify::{self, CreateFlags, ReadFlags, WatchFlags};
+use rustix::io::Errno;
 
 use crate::error::OriginError;
-use crate::fsops;
 use crate::scan::Dirty;
 use crate::writer::Job;
-use crate::{Shared, wire};
+use crate::{Shared, fsops, wire};
 
 /// Paths gathered beyond this many make one full rescan instead.
 const MAX_PATHS: usize = 10_000;
 
-/// The running watcher; dropping it stops watching.
+/// What each directory's watch reports: everything that can change an
+/// entry or its content. Not `IN_OPEN` nor `IN_ACCESS` (reads change
+/// nothing, and the origin's own would wake the watcher for each).
+const EVENTS: WatchFlags = WatchFlags::ATTRIB
+    .union(WatchFlags::CREATE)
+    .union(WatchFlags::DELETE)
+    .union(WatchFlags::CLOSE_WRITE)
+    .union(WatchFlags::MODIFY)
+    .union(WatchFlags::MOVED_FROM)
+    .union(WatchFlags::MOVED_TO)
+    .union(WatchFlags::DELETE_SELF)
+    .union(WatchFlags::MOVE_SELF)
+    .union(WatchFlags::ONLYDIR)
+    .union(WatchFlags::DONT_FOLLOW)
+    .union(WatchFlags::EXCL_UNLINK);
+
+/// The running watcher; dropping it stops its thread.
 pub struct Watcher {
-    _inner: notify::RecommendedWatcher,
+    stop: Arc<OwnedFd>,
+}
+
+impl Drop for Watcher {
+    fn drop(&mut self) {
+        let _ = rustix::io::write(&*self.stop, &1u64.to_ne_bytes());
+    }
+}
+
+impl Watcher {
+    /// Watches every directory of the tree, then follows changes on a
+    /// thread of its own. Returns once the watches are in place, so that a
+    /// scan started afterwards misses nothing.
+    pub fn start(shared: &Arc<Shared>) -> Result<Self, OriginError> {
+        let stop = rustix::event::eventfd(0, EventfdFlags::CLOEXEC)
+            .map_err(|e| OriginError::io("creating the watcher's stop signal", e))?;
+        let stop = Arc::new(stop);
+        let mut watches = Watches::new(shared.tree.root_path().to_path_buf());
+        watches.add_tree(Path::new(""));
+        watches.report_coverage();
+        let config = Config {
+            debounce: shared.config.watch_debounce,
+            rescan_every: shared.config.rescan_every,
+        };
+        let jobs = shared.jobs.clone();
+        let thread_stop = stop.clone();
+        std::thread::Builder::new()
+            .name("imz-watch".into())
+            .spawn(move || follow(watches, &thread_stop, &jobs, config))
+            .map_err(|e| OriginError::io("spawning the watcher thread", e))?;
+        Ok(Self { stop })
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Config {
+    debounce: Duration,
+    rescan_every: Duration,
+}
+
+/// The inotify instance and what each of its watches names.
+struct Watches {
+    root: PathBuf,
+    /// `None` when the system would not give an inotify instance: then
+    /// every directory counts as unwatched. Shared with the event reader,
+    /// which reads while watches are added.
+    fd: Option<Arc<OwnedFd>>,
+    /// Watch descriptor to directory, relative to the root.
+    dirs: HashMap<i32, PathBuf>,
+    /// Directories found without a watch (the limit) since the last full
+    /// pass; periodic rescans cover them.
+    unwatched: usize,
+}
+
+impl Watches {
+    fn new(root: PathBuf) -> Self {
+        let fd = match inotify::init(CreateFlags::CLOEXEC | CreateFlags::NONBLOCK) {
+            Ok(fd) => Some(Arc::new(fd)),
+            Err(e) => {
+                tracing::warn!(
+                    error = %e,
+                    "no inotify instance (fs.inotify.max_user_instances?): changes made \
+                     directly in the directory are found by periodic rescans only"
+                );
+                None
+            }
+        };
+        Self {
+            root,
+            fd,
+            dirs: HashMap::new(),
+            unwatched: 0,
+        }
+    }
+
+    /// Watches `rel` and every directory below it (again, for those already
+    /// watched: that renames them). Symlinks are not followed.
+    fn add_tree(&mut self, rel: &Path) {
+        let mut stack = vec![rel.to_path_buf()];
+        while let Some(dir) = stack.pop() {
+            let abs = self.root.join(&dir);
+            if !self.add(&dir, &abs) {
+                continue;
+            }
+            let Ok(entries) = std::fs::read_dir(&abs) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
+                let name = entry.file_name();
+                if is_dir && !is_state_dir(&dir, &name) {
+                    stack.push(dir.join(name));
+                }
+            }
+        }
+    }
+
+    /// Adds one watch; whether the directory is there to descend into.
+    fn add(&mut self, rel: &Path, abs: &Path) -> bool {
+        let Some(fd) = &self.fd else {
+            self.unwatched += 1;
+            return true;
+        };
+        match inotify::add_watch(fd, abs, EVENTS) {
+            Ok(wd) => {
+                self.dirs.insert(wd, rel.to_path_buf());
+                true
+            }
+            Err(Errno::NOSPC) => {
+                self.unwatched += 1;
+                true
+            }
+            // Gone, or not a directory any more: its parent's events say so.
+            Err(Errno::NOENT | Errno::NOTDIR | Errno::LOOP) => false,
+            Err(e) => {
+                tracing::debug!(dir = %abs.display(), error = %e, "not watching a directory");
+                self.unwatched += 1;
+                true
+            }
+        }
+    }
+
+    /// Drops the watches on `rel` and below (moved away; if it moved within
+    /// the tree, its new place is watched afresh).
+    fn forget_tree(&mut self, rel: &Path) {
+        let Some(fd) = &self.fd else { return };
+        self.dirs.retain(|wd, dir| {
+            if dir.starts_with(rel) {
+                let _ = inotify::remove_watch(fd, *wd);
+                false
+            } else {
+                true
+            }
+        });
+    }
+
+    fn report_coverage(&self) {
+        if self.unwatched == 0 {
+            tracing::debug!(watched = self.dirs.len(), "watching every directory");
+            return;
+        }
+        tracing::warn!(
+            watched = self.dirs.len(),
+            unwatched = self.unwatched,
+            "the system's inotify limit leaves directories unwatched: changes other \
+             programs make in them are found by a full rescan (see --rescan-every); \
+             raise fs.inotify.max_user_watches to see them at once"
+        );
+    }
+
+    /// Takes in one event: the path it is about (relative to the root), if
+    /// it can mean a change.
+    fn on_event(&mut self, wd: i32, events: ReadFlags, name: Option<&OsStr>) -> Seen {
+        if events.contains(ReadFlags::QUEUE_OVERFLOW) {
+            // Lost events may have been new directories: watch them too.
+            self.add_tree(Path::new(""));
+            return Seen::Rescan;
+        }
+        if events.contains(ReadFlags::IGNORED) {
+            // The directory was deleted (or its watch removed).
+            self.dirs.remove(&wd);
+            return Seen::Nothing;
+        }
+        let Some(dir) = self.dirs.get(&wd) else {
+            return Seen::Nothing;
+        };
+        let path = match name {
+            Some(name) if is_state_dir(dir, name) => return Seen::Nothing,
+            Some(name) => dir.join(name),
+            // About the directory itself (its attributes, or it moved).
+            None => dir.clone(),
+        };
+        if events.contains(ReadFlags::ISDIR) && name.is_some() {
+            if events.contains(ReadFlags::MOVED_FROM) {
+                self.forget_tree(&path);
+            }
+            if events.intersects(ReadFlags::CREATE | ReadFlags::MOVED_TO) {
+                self.add_tree(&path);
+            }
+        }
+        Seen::Path(path)
+    }
+}
+
+fn is_state_dir(parent: &Path, name: &OsStr) -> bool {
+    parent.as_os_str().is_empty() && name == wire::STATE_DIR_NAME
 }
 
 enum Seen {
+    Nothing,
     Path(PathBuf),
     Rescan,
 }
 
-impl Watcher {
-    pub fn start(shared: &std::sync::Arc<Shared>) -> Result<Self, OriginError> {
-        let root = shared.tree.root_path().to_path_buf();
-        let state = root.join(wire::STATE_DIR_NAME);
-        let (tx, rx) = std_mpsc::channel::<Seen>();
-        let mut inner =
-            notify::recommended_watcher(move |res: notify::Result<notify::Event>| match res {
-                Ok(event) => {
-                    if event.need_rescan() {
-                        let _ = tx.send(Seen::Rescan);
-                    }
-                    if !changes_content(&event.kind) {
-                        return;
-                    }
-                    for path in event.paths {
-                        if !path.starts_with(&state) {
-                            let _ = tx.send(Seen::Path(path));
-                        }
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "watcher error; rescanning");
-                    let _ = tx.send(Seen::Rescan);
-                }
-            })
-            .map_err(|e| {
-                OriginError::io("starting the watcher", std::io::Error::other(e.to_string()))
-            })?;
-        inner.watch(&root, RecursiveMode::Recursive).map_err(|e| {
-            OriginError::io("watching the root", std::io::Error::other(e.to_string()))
-        })?;
-        let jobs = shared.jobs.clone();
-        let debounce = shared.config.watch_debounce;
-        std::thread::Builder::new()
-            .name("imz-watch".into())
-            .spawn(move || debounce_loop(rx, jobs, root, debounce))
-            .map_err(|e| OriginError::io("spawning the watcher thread", e))?;
-        Ok(Self { _inner: inner })
-    }
-}
-
-/// Whether an event can mean the tree changed. inotify also reports every
-/// open, including the origin's own opens to serve data and to reconcile;
-/// taking those as changes made an idle origin reconcile (and sync its
-/// store) over and over, each reconcile's opens calling for the next.
-fn changes_content(kind: &EventKind) -> bool {
-    match kind {
-        // A file closed after writing: its content is final now.
-        EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
-        EventKind::Access(_) => false,
-        _ => true,
-    }
-}
-
-fn debounce_loop(
-    rx: std_mpsc::Receiver<Seen>,
-    jobs: tokio::sync::mpsc::Sender<Job>,
-    root: PathBuf,
-    debounce: Duration,
+/// The watcher's thread: reads events, gathers them for the debounce, and
+/// sends reconcile jobs; while directories are unwatched, also a full
+/// rescan every `rescan_every`.
+fn follow(
+    mut watches: Watches,
+    stop: &OwnedFd,
+    jobs: &tokio::sync::mpsc::Sender<Job>,
+    config: Config,
 ) {
-    while let Ok(first) = rx.recv() {
-        let mut dirty = Dirty::default();
-        let add = |seen: Seen, dirty: &mut Dirty| match seen {
+    let mut buf = vec![MaybeUninit::<u8>::uninit(); 64 << 10];
+    let mut dirty = Dirty::default();
+    let mut send_at: Option<Instant> = None;
+    let mut rescan_at = Instant::now() + config.rescan_every;
+    loop {
+        let now = Instant::now();
+        let mut wake = send_at;
+        if watches.unwatched > 0 {
+            wake = Some(wake.map_or(rescan_at, |w| w.min(rescan_at)));
+        }
+        let timeout = wake.map(|w| {
+            let left = w.saturating_duration_since(now);
+            Timespec {
+                tv_sec: left.as_secs() as _,
+                tv_nsec: left.subsec_nanos() as _,
+            }
+        });
+        let (stopped, readable) = wait(stop, watches.fd.as_deref(), timeout.as_ref());
+        if stopped {
+            return;
+        }
+        if readable && let Some(fd) = watches.fd.clone() {
+            let degraded = watches.unwatched > 0;
+            if !drain(&fd, &mut buf, &mut watches, &mut dirty) {
+                return;
+            }
+            if !degraded && watches.unwatched > 0 {
+                // New directories met the limit.
+                watches.report_coverage();
+            }
+            if !dirty.is_empty() && send_at.is_none() {
+                send_at = Some(Instant::now() + config.debounce);
+            }
+        }
+        let now = Instant::now();
+        if watches.unwatched > 0 && now >= rescan_at {
+            // Try the missing watches again first: the limit may have been
+            // raised, or directories removed.
+            watches.unwatched = 0;
+            watches.add_tree(Path::new(""));
+            if watches.unwatched == 0 {
+                tracing::info!(
+                    watched = watches.dirs.len(),
+                    "every directory is watched again"
+                );
+            }
+            dirty.full = true;
+            rescan_at = now + config.rescan_every;
+            send_at = Some(now);
+        }
+        if send_at.is_some_and(|at| now >= at) {
+            send_at = None;
+            let mut job = std::mem::take(&mut dirty);
+            job.paths.sort();
+            job.paths.dedup();
+            if jobs
+                .blocking_send(Job::Reconcile {
+                    dirty: job,
+                    reply: None,
+                })
+                .is_err()
+            {
+                return;
+            }
+        }
+    }
+}
+
+/// Polls until the stop signal, events, or the timeout: `(stopped,
+/// readable)`.
+fn wait(stop: &OwnedFd, fd: Option<&OwnedFd>, timeout: Option<&Timespec>) -> (bool, bool) {
+    let mut fds = vec![PollFd::new(stop, PollFlags::IN)];
+    if let Some(fd) = fd {
+        fds.push(PollFd::new(fd, PollFlags::IN));
+    }
+    match rustix::event::poll(&mut fds, timeout) {
+        Ok(_) => {
+            let stopped = !fds[0].revents().is_empty();
+            let readable = fds.get(1).is_some_and(|f| !f.revents().is_empty());
+            (stopped, readable)
+        }
+        Err(Errno::INTR) => (false, false),
+        Err(e) => {
+            tracing::error!(error = %e, "the watcher cannot poll; it stops");
+            (true, false)
+        }
+    }
+}
+
+/// Reads every pending event into `dirty`; false if the watcher must stop.
+fn drain(
+    fd: &OwnedFd,
+    buf: &mut [MaybeUninit<u8>],
+    watches: &mut Watches,
+    dirty: &mut Dirty,
+) -> bool {
+    let mut reader = inotify::Reader::new(fd.as_fd(), buf);
+    loop {
+        let seen = match reader.next() {
+            Ok(event) => {
+                let name = event.file_name().map(|n| OsStr::from_bytes(n.to_bytes()));
+                watches.on_event(event.wd(), event.events(), name)
+            }
+            Err(Errno::AGAIN) => return true,
+            Err(Errno::INTR) => continue,
+            Err(e) => {
+                tracing::error!(error = %e, "reading inotify events failed; the watcher stops");
+                return false;
+            }
+        };
+        match seen {
+            Seen::Nothing => {}
             Seen::Rescan => dirty.full = true,
-            Seen::Path(p) => {
-                if dirty.full {
-                    return;
-                }
-                match p.strip_prefix(&root).ok().and_then(fsops::components) {
+            Seen::Path(_) if dirty.full => {}
+            Seen::Path(path) => {
+                match fsops::components(&path) {
                     Some(c) => dirty.paths.push(c),
                     None => {
                         dirty.dirs.insert(wire::ROOT_ID);
@@ -108,24 +387,6 @@ fn debounce_loop(
                     dirty.full = true;
                 }
             }
-        };
-        add(first, &mut dirty);
-        let deadline = Instant::now() + debounce;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left) {
-                Ok(seen) => add(seen, &mut dirty),
-                Err(std_mpsc::RecvTimeoutError::Timeout) => break,
-                Err(std_mpsc::RecvTimeoutError::Disconnected) => break,
-            }
-        }
-        dirty.paths.sort();
-        dirty.paths.dedup();
-        if jobs
-            .blocking_send(Job::Reconcile { dirty, reply: None })
-            .is_err()
-        {
-            break;
         }
     }
 }

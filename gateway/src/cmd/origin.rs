@@ -36,6 +36,11 @@ pub struct Args {
     /// long loses it, freeing its download slot.
     #[arg(long, default_value = "60s", value_parser = super::parse_duration)]
     pub send_timeout: std::time::Duration,
+    /// When the system's inotify limit (fs.inotify.max_user_watches) leaves
+    /// directories unwatched, how often the whole tree is rescanned to find
+    /// changes other programs make in them.
+    #[arg(long, default_value = "60s", value_parser = super::parse_duration)]
+    pub rescan_every: std::time::Duration,
     /// Bytes read from disk per chunk when serving file data.
     #[arg(long, default_value_t = 1 << 20, hide = true)]
     pub read_chunk: usize,
@@ -58,6 +63,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         config.header_timeout = args.header_timeout;
         config.max_connections = args.max_connections.max(1);
         config.send_timeout = args.send_timeout;
+        config.rescan_every = args.rescan_every.max(std::time::Duration::from_millis(100));
         let origin = imz_origin::start(config)
             .await
             .with_context(|| format!("starting the origin over {}", args.root.display()))?;
