@@ -37,6 +37,9 @@ use tokio::sync::{mpsc, watch as tokio_watch};
 pub use error::OriginError;
 use wire::Seq;
 
+/// How often the start-up scan reports its progress.
+const SCAN_PROGRESS_EVERY: Duration = Duration::from_secs(5);
+
 /// How an origin runs. Build with [`OriginConfig::new`] and adjust knobs.
 #[derive(Debug, Clone)]
 pub struct OriginConfig {
@@ -112,6 +115,8 @@ pub struct Shared {
     /// Set once shutdown starts, so long polls return at once.
     pub stopping: tokio_watch::Sender<bool>,
     pub downloads: Arc<tokio::sync::Semaphore>,
+    /// Entries the scans have looked at, for the start-up scan's progress.
+    pub scanned: std::sync::atomic::AtomicU64,
 }
 
 /// A running origin.
@@ -181,7 +186,7 @@ pub async fn start(config: OriginConfig) -> Result<RunningOrigin, OriginError> {
         None
     };
     let prep = shared.clone();
-    tokio::task::spawn_blocking(move || -> Result<(), OriginError> {
+    let mut scan = tokio::task::spawn_blocking(move || -> Result<(), OriginError> {
         writer::transact(&prep, scan::ensure_root)?;
         writer::recover(&prep)?;
         let t = std::time::Instant::now();
@@ -189,9 +194,23 @@ pub async fn start(config: OriginConfig) -> Result<RunningOrigin, OriginError> {
         tracing::info!(elapsed = ?t.elapsed(), "start-up scan done");
         uploads::clean_at_start(&prep);
         Ok(())
-    })
-    .await
-    .map_err(|e| OriginError::Config(format!("start-up task failed: {e}")))??;
+    });
+    // The first scan of a big tree takes a while (a million files: half a
+    // minute): say that it is under way rather than seem to hang.
+    let mut progress = tokio::time::interval_at(
+        tokio::time::Instant::now() + SCAN_PROGRESS_EVERY,
+        SCAN_PROGRESS_EVERY,
+    );
+    let scanned = loop {
+        tokio::select! {
+            done = &mut scan => break done,
+            _ = progress.tick() => tracing::info!(
+                entries = shared.scanned.load(std::sync::atomic::Ordering::Relaxed),
+                "start-up scan under way"
+            ),
+        }
+    };
+    scanned.map_err(|e| OriginError::Config(format!("start-up task failed: {e}")))??;
     let writer_shared = shared.clone();
     let writer = std::thread::Builder::new()
         .name("imz-writer".into())
@@ -263,5 +282,6 @@ fn open_shared(
         jobs,
         stopping,
         downloads,
+        scanned: std::sync::atomic::AtomicU64::new(0),
     })
 }

@@ -13,6 +13,7 @@
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::os::fd::OwnedFd;
+use std::sync::atomic::Ordering;
 
 use rustix::fs::Stat;
 
@@ -268,6 +269,9 @@ fn list(cx: &mut WCtx<'_>, work: BTreeSet<ObjectId>, full: bool, diff: &mut Diff
             }
         };
         diff.listed.push((dir, own));
+        cx.shared
+            .scanned
+            .fetch_add(listing.len() as u64, Ordering::Relaxed);
         let mut stored: HashMap<String, ObjectId> = cx.tx.child_ids(dir)?.into_iter().collect();
         for (name, st) in listing {
             let kind = fsops::kind_of(&st);
@@ -579,6 +583,7 @@ fn create_tree(
         let Some(kind) = fsops::kind_of(&st) else {
             continue;
         };
+        cx.shared.scanned.fetch_add(1, Ordering::Relaxed);
         if !top
             && let Some(id) = cx.tx.by_ino(st.st_ino)?.filter(|id| missing.contains(id))
             && let Some(m) = cx.tx.meta(id)?.filter(|m| plausibly_moved(m, &st))
