@@ -466,3 +466,45 @@ fn a_tree_with_more_directories_than_the_watch_limit_starts_and_stays_current() 
     let every = 1 + 2 * DIRS;
     eventually("every directory watched", || inotify_watches(pid) == every);
 }
+
+#[test]
+fn a_file_written_for_seconds_is_journaled_about_once_a_second_not_per_write() {
+    use std::io::Write as _;
+    let s = start();
+    let c = &s.client;
+    let seq = c.info().last_seq;
+    let mut file = std::fs::File::create(s.root().join("growing")).expect("create");
+    let is_write = |r: &wire::Record| matches!(&r.change, Change::Write { .. });
+    let started = Instant::now();
+    let mut size = 0u64;
+    let mut writes = 0;
+    let mut seen_open = None;
+    // Writes every 20 ms, as a copy or a logger would; readers must see the
+    // file grow while it is still open, and it goes on for 2 s after that.
+    while seen_open.is_none_or(|at: Instant| at.elapsed() < Duration::from_secs(2)) {
+        file.write_all(&[b'x'; 16 << 10]).expect("write");
+        size += 16 << 10;
+        writes += 1;
+        std::thread::sleep(Duration::from_millis(20));
+        if seen_open.is_none() && c.records(seq).iter().any(is_write) {
+            seen_open = Some(Instant::now());
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "no Write record while the file was open"
+        );
+    }
+    let secs = started.elapsed().as_secs();
+    drop(file);
+    wait_for_change(
+        c,
+        seq,
+        "the final size",
+        |r| matches!(&r.change, Change::Write { attr } if attr.size == size),
+    );
+    let journaled = c.records(seq).iter().filter(|r| is_write(r)).count();
+    assert!(
+        journaled as u64 <= secs + 3,
+        "{journaled} Write records for {writes} writes over {secs} s"
+    );
+}
