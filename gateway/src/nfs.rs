@@ -16,9 +16,11 @@
 //! (it would take `/imzfoo` as `/imz` + `foo`), so the listener exports `/`
 //! and [`NfsAdapter::lookup_by_path`] insists on the `imz` component itself.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use imz_cache::{FileId, Kind, Object, ROOT_FILEID, SetAttrs};
+use imz_origin::names;
 use nfs3_server::nfs3_types::nfs3::{
     createverf3, fattr3, filename3, ftype3, nfspath3, nfsstat3, nfstime3, sattr3, specdata3,
     stable_how,
@@ -108,9 +110,9 @@ pub fn to_fattr(fid: FileId, obj: &Object, fsid: u64) -> fattr3 {
     }
 }
 
-fn name_of<'a>(name: &'a filename3<'_>) -> Result<&'a str, nfsstat3> {
-    // The origin only has UTF-8 names, so no other name can exist.
-    std::str::from_utf8(name.as_ref()).map_err(|_| nfsstat3::NFS3ERR_NOENT)
+/// A client's name as imz carries it (see `imz_origin::names`).
+fn name_of<'a>(name: &'a filename3<'_>) -> Cow<'a, str> {
+    names::from_bytes(name.as_ref())
 }
 
 impl NfsReadFileSystem for NfsAdapter {
@@ -126,7 +128,7 @@ impl NfsReadFileSystem for NfsAdapter {
         dirid: &FileHandleU64,
         filename: &filename3<'_>,
     ) -> Result<FileHandleU64, nfsstat3> {
-        let name = name_of(filename)?;
+        let name = &*name_of(filename);
         self.vfs
             .lookup(dirid.as_u64(), name)
             .await
@@ -194,7 +196,7 @@ impl NfsReadFileSystem for NfsAdapter {
     #[tracing::instrument(level = "debug", skip_all, fields(fid = id.as_u64()))]
     async fn readlink(&self, id: &FileHandleU64) -> Result<nfspath3<'_>, nfsstat3> {
         let target = self.vfs.readlink(id.as_u64()).map_err(status)?;
-        Ok(nfspath3::from(target.into_bytes()))
+        Ok(nfspath3::from(names::to_bytes(&target).into_owned()))
     }
 }
 
@@ -221,7 +223,7 @@ impl ReadDirPlusIterator<FileHandleU64> for DirIter {
                         self.cookie = entry.cookie;
                         self.buffer.push_back(DirEntryPlus {
                             fileid: entry.fileid,
-                            name: entry.name.into_bytes().into(),
+                            name: names::to_bytes(&entry.name).into_owned().into(),
                             cookie: entry.cookie,
                             name_attributes: Some(to_fattr(entry.fileid, &obj, self.fsid)),
                             name_handle: Some(FileHandleU64::new(entry.fileid)),
@@ -271,10 +273,6 @@ fn set_attrs(s: &sattr3) -> SetAttrs {
             set_mtime::SET_TO_CLIENT_TIME(t) => Some(time(t)),
         },
     }
-}
-
-fn new_name<'a>(name: &'a filename3<'_>) -> Result<&'a str, nfsstat3> {
-    std::str::from_utf8(name.as_ref()).map_err(|_| nfsstat3::NFS3ERR_INVAL)
 }
 
 /// Every change but an UNSTABLE write is durable before the reply
@@ -330,7 +328,7 @@ impl NfsFileSystem for NfsAdapter {
         filename: &filename3<'_>,
         attr: sattr3,
     ) -> Result<(FileHandleU64, fattr3), nfsstat3> {
-        let name = new_name(filename)?;
+        let name = &*name_of(filename);
         let (fid, obj) = self
             .vfs
             .create(
@@ -351,7 +349,7 @@ impl NfsFileSystem for NfsAdapter {
         filename: &filename3<'_>,
         createverf: createverf3,
     ) -> Result<FileHandleU64, nfsstat3> {
-        let name = new_name(filename)?;
+        let name = &*name_of(filename);
         let node = NewNode::File {
             exclusive: Some(createverf.0),
         };
@@ -369,7 +367,7 @@ impl NfsFileSystem for NfsAdapter {
         dirid: &FileHandleU64,
         dirname: &filename3<'_>,
     ) -> Result<(FileHandleU64, fattr3), nfsstat3> {
-        let name = new_name(dirname)?;
+        let name = &*name_of(dirname);
         let (fid, obj) = self
             .vfs
             .create(dirid.as_u64(), name, NewNode::Dir, SetAttrs::default())
@@ -384,7 +382,7 @@ impl NfsFileSystem for NfsAdapter {
         dirid: &FileHandleU64,
         filename: &filename3<'_>,
     ) -> Result<(), nfsstat3> {
-        let name = name_of(filename)?;
+        let name = &*name_of(filename);
         self.vfs.remove(dirid.as_u64(), name).await.map_err(status)
     }
 
@@ -396,8 +394,8 @@ impl NfsFileSystem for NfsAdapter {
         to_dirid: &FileHandleU64,
         to_filename: &filename3<'a>,
     ) -> Result<(), nfsstat3> {
-        let from = name_of(from_filename)?;
-        let to = new_name(to_filename)?;
+        let from = &*name_of(from_filename);
+        let to = &*name_of(to_filename);
         self.vfs
             .rename(from_dirid.as_u64(), from, to_dirid.as_u64(), to)
             .await
@@ -412,10 +410,8 @@ impl NfsFileSystem for NfsAdapter {
         symlink: &nfspath3<'a>,
         attr: &sattr3,
     ) -> Result<(FileHandleU64, fattr3), nfsstat3> {
-        let name = new_name(linkname)?;
-        let target = std::str::from_utf8(symlink.as_ref())
-            .map_err(|_| nfsstat3::NFS3ERR_INVAL)?
-            .to_owned();
+        let name = &*name_of(linkname);
+        let target = names::from_bytes(symlink.as_ref()).into_owned();
         if !imz_origin::fsops::valid_target(&target) {
             return Err(nfsstat3::NFS3ERR_INVAL);
         }

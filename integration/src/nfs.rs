@@ -97,12 +97,14 @@ impl Nfs {
         }
     }
 
-    pub async fn lookup(&mut self, dir: &nfs_fh3, name: &str) -> Result<nfs_fh3, NfsError> {
+    /// Looks up `name` (any bytes, as a client may send) in `dir`.
+    pub async fn lookup<N: AsRef<[u8]> + ?Sized>(
+        &mut self,
+        dir: &nfs_fh3,
+        name: &N,
+    ) -> Result<nfs_fh3, NfsError> {
         let args = LOOKUP3args {
-            what: diropargs3 {
-                dir: dir.clone(),
-                name: filename3::from(name.as_bytes()),
-            },
+            what: dirop(dir, name),
         };
         match self.conn.lookup(&args).await.map_err(rpc)? {
             Nfs3Result::Ok(ok) => Ok(ok.object),
@@ -157,11 +159,17 @@ impl Nfs {
     }
 
     pub async fn readlink(&mut self, fh: &nfs_fh3) -> Result<String, NfsError> {
+        let target = self.readlink_bytes(fh).await?;
+        Ok(String::from_utf8_lossy(&target).into_owned())
+    }
+
+    /// The symlink's target as the server sent it.
+    pub async fn readlink_bytes(&mut self, fh: &nfs_fh3) -> Result<Vec<u8>, NfsError> {
         let args = READLINK3args {
             symlink: fh.clone(),
         };
         match self.conn.readlink(&args).await.map_err(rpc)? {
-            Nfs3Result::Ok(ok) => Ok(String::from_utf8_lossy(ok.data.as_ref()).into_owned()),
+            Nfs3Result::Ok(ok) => Ok(ok.data.as_ref().to_vec()),
             Nfs3Result::Err((s, _)) => Err(NfsError::Status(s)),
         }
     }
@@ -173,6 +181,19 @@ impl Nfs {
         dir: &nfs_fh3,
         count: u32,
     ) -> Result<Vec<(String, u64)>, NfsError> {
+        let raw = self.readdir_bytes(dir, count).await?;
+        Ok(raw
+            .into_iter()
+            .map(|(name, id)| (String::from_utf8_lossy(&name).into_owned(), id))
+            .collect())
+    }
+
+    /// [`readdir`](Self::readdir) with names as the server sent them.
+    pub async fn readdir_bytes(
+        &mut self,
+        dir: &nfs_fh3,
+        count: u32,
+    ) -> Result<Vec<(Vec<u8>, u64)>, NfsError> {
         let mut out = Vec::new();
         let mut cookie = 0;
         let mut verf = cookieverf3::default();
@@ -187,10 +208,7 @@ impl Nfs {
                 Nfs3Result::Ok(ok) => {
                     verf = ok.cookieverf;
                     for e in &ok.reply.entries.0 {
-                        out.push((
-                            String::from_utf8_lossy(e.name.as_ref()).into_owned(),
-                            e.fileid,
-                        ));
+                        out.push((e.name.as_ref().to_vec(), e.fileid));
                         cookie = e.cookie;
                     }
                     if ok.reply.eof {
@@ -313,18 +331,18 @@ fn fh_of(fh: post_op_fh3) -> Result<nfs_fh3, NfsError> {
     }
 }
 
-fn dirop<'a>(dir: &nfs_fh3, name: &'a str) -> diropargs3<'a> {
+fn dirop<'a, N: AsRef<[u8]> + ?Sized>(dir: &nfs_fh3, name: &'a N) -> diropargs3<'a> {
     diropargs3 {
         dir: dir.clone(),
-        name: filename3::from(name.as_bytes()),
+        name: filename3::from(name.as_ref()),
     }
 }
 
 impl Nfs {
-    pub async fn create(
+    pub async fn create<N: AsRef<[u8]> + ?Sized>(
         &mut self,
         dir: &nfs_fh3,
-        name: &str,
+        name: &N,
         mode: CreateMode,
         attrs: &Attrs,
     ) -> Result<nfs_fh3, NfsError> {
@@ -429,7 +447,11 @@ impl Nfs {
         }
     }
 
-    pub async fn mkdir(&mut self, dir: &nfs_fh3, name: &str) -> Result<nfs_fh3, NfsError> {
+    pub async fn mkdir<N: AsRef<[u8]> + ?Sized>(
+        &mut self,
+        dir: &nfs_fh3,
+        name: &N,
+    ) -> Result<nfs_fh3, NfsError> {
         let args = MKDIR3args {
             where_: dirop(dir, name),
             attributes: Attrs::default().sattr(),
@@ -440,17 +462,17 @@ impl Nfs {
         }
     }
 
-    pub async fn symlink(
+    pub async fn symlink<N: AsRef<[u8]> + ?Sized, T: AsRef<[u8]> + ?Sized>(
         &mut self,
         dir: &nfs_fh3,
-        name: &str,
-        target: &str,
+        name: &N,
+        target: &T,
     ) -> Result<nfs_fh3, NfsError> {
         let args = SYMLINK3args {
             where_: dirop(dir, name),
             symlink: symlinkdata3 {
                 symlink_attributes: Attrs::default().sattr(),
-                symlink_data: nfspath3::from(target.as_bytes()),
+                symlink_data: nfspath3::from(target.as_ref()),
             },
         };
         match self.conn.symlink(&args).await.map_err(rpc)? {
@@ -459,7 +481,11 @@ impl Nfs {
         }
     }
 
-    pub async fn remove(&mut self, dir: &nfs_fh3, name: &str) -> Result<(), NfsError> {
+    pub async fn remove<N: AsRef<[u8]> + ?Sized>(
+        &mut self,
+        dir: &nfs_fh3,
+        name: &N,
+    ) -> Result<(), NfsError> {
         let args = REMOVE3args {
             object: dirop(dir, name),
         };
@@ -479,12 +505,12 @@ impl Nfs {
         }
     }
 
-    pub async fn rename(
+    pub async fn rename<F: AsRef<[u8]> + ?Sized, T: AsRef<[u8]> + ?Sized>(
         &mut self,
         from: &nfs_fh3,
-        from_name: &str,
+        from_name: &F,
         to: &nfs_fh3,
-        to_name: &str,
+        to_name: &T,
     ) -> Result<(), NfsError> {
         let args = RENAME3args {
             from: dirop(from, from_name),

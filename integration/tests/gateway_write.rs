@@ -1090,3 +1090,100 @@ async fn a_hole_written_through_the_gateway_stays_a_hole_at_the_origin() -> Resu
     assert_eq!(&at_origin, b"\0\0\0x");
     Ok(())
 }
+
+/// A path under the origin's root from raw name bytes.
+fn origin_raw(fx: &Fixture, parts: &[&[u8]]) -> std::path::PathBuf {
+    use std::os::unix::ffi::OsStrExt;
+    let mut path = fx.origin_path("");
+    for part in parts {
+        path.push(std::ffi::OsStr::from_bytes(part));
+    }
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn names_that_are_not_utf8_are_served_and_written_as_their_bytes() -> Result {
+    use std::os::unix::ffi::OsStrExt;
+    // A legacy Latin-1 tree, and a UTF-8 name in the range imz uses to
+    // carry such bytes, which must stay a different name.
+    let pua = "pua\u{F7E9}";
+    let fx = quick_fixture(|root| {
+        std::fs::write(
+            root.join(std::ffi::OsStr::from_bytes(b"caf\xe9.txt")),
+            "latin1",
+        )?;
+        std::fs::write(root.join(pua), "private use")?;
+        let dir = root.join(std::ffi::OsStr::from_bytes(b"d\xff"));
+        std::fs::create_dir(&dir)?;
+        std::fs::write(dir.join("f"), "inside")?;
+        Ok(())
+    })?;
+    let mut nfs = Nfs::mount(fx.port(), "/imz").await?;
+    let root = nfs.root.clone();
+
+    let mut listed: Vec<Vec<u8>> = nfs
+        .readdir_bytes(&root, 4096)
+        .await?
+        .into_iter()
+        .map(|(name, _)| name)
+        .collect();
+    listed.sort();
+    let mut want = vec![
+        b"caf\xe9.txt".to_vec(),
+        b"d\xff".to_vec(),
+        pua.as_bytes().to_vec(),
+    ];
+    want.sort();
+    assert_eq!(listed, want, "every name, as the disk has it");
+    let latin = nfs.lookup(&root, b"caf\xe9.txt").await?;
+    assert_eq!(nfs.read_all(&latin).await?, b"latin1");
+    let private = nfs.lookup(&root, pua).await?;
+    assert_eq!(nfs.read_all(&private).await?, b"private use");
+    let dir = nfs.lookup(&root, b"d\xff").await?;
+    let inside = nfs.lookup(&dir, "f").await?;
+    assert_eq!(nfs.read_all(&inside).await?, b"inside");
+
+    // Changes with such names reach the origin under the same bytes.
+    let attrs = Attrs {
+        size: Some(0),
+        ..Default::default()
+    };
+    let naive = nfs
+        .create(&root, b"na\xefve", CreateMode::Unchecked, &attrs)
+        .await?;
+    nfs.write_all(&naive, b"written").await?;
+    nfs.commit(&naive).await?;
+    let new_dir = nfs.mkdir(&root, b"n\xe8w").await?;
+    nfs.rename(&root, b"na\xefve", &new_dir, b"r\xe9sum\xe9")
+        .await?;
+    let link = nfs.symlink(&root, b"l\xe9", b"caf\xe9.txt").await?;
+    assert_eq!(nfs.readlink_bytes(&link).await?, b"caf\xe9.txt");
+    // The length limit counts the name's bytes, however imz carries them.
+    let longest = vec![0xe9u8; 255];
+    let long = nfs
+        .create(&root, &longest, CreateMode::Unchecked, &attrs)
+        .await?;
+    nfs.write_all(&long, b"long").await?;
+    nfs.commit(&long).await?;
+    expect_status(
+        nfs.create(&root, &[0xe9u8; 256], CreateMode::Unchecked, &attrs)
+            .await,
+        nfsstat3::NFS3ERR_NAMETOOLONG,
+    )?;
+
+    let resume = origin_raw(&fx, &[b"n\xe8w", b"r\xe9sum\xe9"]);
+    let long_path = origin_raw(&fx, &[&longest]);
+    eventually(Duration::from_secs(20), || {
+        (std::fs::read(&resume).ok()? == b"written" && std::fs::read(&long_path).ok()? == b"long")
+            .then_some(())
+    })
+    .ok_or_else(|| anyhow::anyhow!("the new names never reached the origin"))?;
+    assert_eq!(
+        std::fs::read_link(origin_raw(&fx, &[b"l\xe9"]))?
+            .as_os_str()
+            .as_bytes(),
+        b"caf\xe9.txt"
+    );
+    assert!(!origin_raw(&fx, &[b"na\xefve"]).exists());
+    Ok(())
+}

@@ -7,7 +7,6 @@
 //! whose target is served as data, and a directory replaced by a symlink is
 //! refused as an escape.
 
-use std::ffi::OsStr;
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
@@ -17,6 +16,7 @@ use std::path::{Component, Path, PathBuf};
 use rustix::fs::{AtFlags, Mode, OFlags, Stat};
 use serde::{Deserialize, Serialize};
 
+use crate::names;
 use crate::wire::{Attr, Kind, Nanos, ObjectId, STATE_DIR_NAME, Version};
 
 /// Why a path could not be used.
@@ -94,7 +94,7 @@ fn dup_dir(fd: &OwnedFd) -> Result<OwnedFd, FsError> {
 pub fn open_subdir(dir: &OwnedFd, name: &str) -> Result<OwnedFd, FsError> {
     match rustix::fs::openat(
         dir,
-        name,
+        names::to_os(name),
         OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
         Mode::empty(),
     ) {
@@ -107,7 +107,7 @@ pub fn open_subdir(dir: &OwnedFd, name: &str) -> Result<OwnedFd, FsError> {
 }
 
 fn classify_not_dir<T>(dir: &OwnedFd, name: &str) -> Result<T, FsError> {
-    match rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
+    match rustix::fs::statat(dir, names::to_os(name), AtFlags::SYMLINK_NOFOLLOW) {
         Ok(st) if kind_of(&st) == Some(Kind::Symlink) => Err(FsError::Escape),
         Ok(_) => Err(FsError::NotFound),
         Err(e) => Err(e.into()),
@@ -123,7 +123,7 @@ pub fn open_file(dir: &OwnedFd, name: &str, write: bool) -> Result<File, FsError
     };
     match rustix::fs::openat(
         dir,
-        name,
+        names::to_os(name),
         access | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK,
         Mode::empty(),
     ) {
@@ -144,7 +144,7 @@ pub fn open_file(dir: &OwnedFd, name: &str, write: bool) -> Result<File, FsError
 
 /// `lstat` of `dir/name`; `None` if it does not exist.
 pub fn stat_at(dir: &OwnedFd, name: &str) -> Result<Option<Stat>, FsError> {
-    match rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
+    match rustix::fs::statat(dir, names::to_os(name), AtFlags::SYMLINK_NOFOLLOW) {
         Ok(st) => Ok(Some(st)),
         Err(e) if e == rustix::io::Errno::NOENT => Ok(None),
         Err(e) => Err(FsError::Io(e.into())),
@@ -156,13 +156,13 @@ pub fn fstat(fd: impl AsFd) -> Result<Stat, FsError> {
 }
 
 pub fn read_link(dir: &OwnedFd, name: &str) -> Result<Option<String>, FsError> {
-    let target = rustix::fs::readlinkat(dir, name, Vec::new())?;
-    Ok(target.into_string().ok())
+    let target = rustix::fs::readlinkat(dir, names::to_os(name), Vec::new())?;
+    Ok(Some(names::from_bytes(target.as_bytes()).into_owned()))
 }
 
-/// Lists `dir`: `(name, lstat)` for each entry the origin exports. Names
-/// that are not UTF-8 and kinds other than file/dir/symlink are skipped with
-/// a warning; at the root, the state directory is skipped.
+/// Lists `dir`: `(name, lstat)` for each entry the origin exports (names as
+/// [`names`] carries them). Kinds other than file/dir/symlink are skipped;
+/// at the root, the state directory is skipped.
 pub fn list_dir(dir: &OwnedFd, is_root: bool) -> Result<Vec<(String, Stat)>, FsError> {
     let mut out = Vec::new();
     let mut reader = rustix::fs::Dir::read_from(dir)?;
@@ -172,10 +172,8 @@ pub fn list_dir(dir: &OwnedFd, is_root: bool) -> Result<Vec<(String, Stat)>, FsE
         if raw == b"." || raw == b".." {
             continue;
         }
-        let Ok(name) = std::str::from_utf8(raw) else {
-            tracing::warn!(name = %String::from_utf8_lossy(raw), "skipping a name that is not valid UTF-8");
-            continue;
-        };
+        let name = names::from_bytes(raw);
+        let name = name.as_ref();
         if is_root && name == STATE_DIR_NAME {
             continue;
         }
@@ -299,26 +297,22 @@ pub fn target_stays_inside(depth: usize, target: &str) -> bool {
 /// Checks a symlink target for storage: not empty, no NUL, not too long.
 pub fn valid_target(target: &str) -> bool {
     !target.is_empty()
-        && target.len() <= crate::wire::MAX_SYMLINK_LEN
+        && names::to_bytes(target).len() <= crate::wire::MAX_SYMLINK_LEN
         && !target.as_bytes().contains(&0)
 }
 
-/// Converts a relative path (from the watcher) to UTF-8 components; `None`
-/// for paths with non-UTF-8 or non-normal components.
+/// Converts a relative path (from the watcher) to components as [`names`]
+/// carries them; `None` for paths with non-normal components.
 pub fn components(rel: &Path) -> Option<Vec<String>> {
     let mut out = Vec::new();
     for comp in rel.components() {
         match comp {
-            Component::Normal(n) => out.push(os_str_utf8(n)?.to_owned()),
+            Component::Normal(n) => out.push(names::from_bytes(n.as_bytes()).into_owned()),
             Component::CurDir => {}
             _ => return None,
         }
     }
     Some(out)
-}
-
-fn os_str_utf8(s: &OsStr) -> Option<&str> {
-    std::str::from_utf8(s.as_bytes()).ok()
 }
 
 pub fn fsync_dir(fd: &OwnedFd) -> io::Result<()> {

@@ -17,6 +17,7 @@ pub mod data;
 pub mod error;
 pub mod fsops;
 pub mod http;
+pub mod names;
 pub mod reintegrate;
 pub mod scan;
 pub mod server;

@@ -21,6 +21,7 @@ use rustix::fs::{AtFlags, Mode as FsMode, OFlags, RenameFlags, Stat, Timespec, T
 
 use crate::error::{OriginError, api};
 use crate::fsops::{self, Fingerprint, FsError};
+use crate::names;
 use crate::store::{KeyResult, Meta};
 use crate::wire::{
     self, Attr, Base, Change, Conflict, ConflictReason, ErrorCode, KeyedOp, Kind, NewObject,
@@ -580,7 +581,7 @@ impl Apply<'_, '_, '_> {
             } else {
                 AtFlags::empty()
             };
-            match rustix::fs::unlinkat(&pfd, name, flags) {
+            match rustix::fs::unlinkat(&pfd, names::to_os(name), flags) {
                 Ok(()) => {}
                 Err(e) if e == rustix::io::Errno::NOTEMPTY || e == rustix::io::Errno::EXIST => {
                     self.cx.reconcile_dirs(&[m.attr.id])?;
@@ -722,7 +723,13 @@ impl Apply<'_, '_, '_> {
             } else {
                 RenameFlags::NOREPLACE
             };
-            match rustix::fs::renameat_with(&ffd, from_name, &tfd, to_name, flags) {
+            match rustix::fs::renameat_with(
+                &ffd,
+                names::to_os(from_name),
+                &tfd,
+                names::to_os(to_name),
+                flags,
+            ) {
                 Ok(()) => {}
                 Err(e) if e == rustix::io::Errno::EXIST && replaced.is_none() => {
                     self.cx.reconcile_dirs(&[tpid])?;
@@ -850,11 +857,18 @@ fn set_attrs_at(
     let has_times = attrs.atime.is_some() || attrs.mtime.is_some();
     if kind == Kind::Symlink {
         if owner.0.is_some() || owner.1.is_some() {
-            rustix::fs::chownat(dir, name, owner.0, owner.1, AtFlags::SYMLINK_NOFOLLOW)
-                .map_err(io)?;
+            rustix::fs::chownat(
+                dir,
+                names::to_os(name),
+                owner.0,
+                owner.1,
+                AtFlags::SYMLINK_NOFOLLOW,
+            )
+            .map_err(io)?;
         }
         if has_times {
-            rustix::fs::utimensat(dir, name, &times, AtFlags::SYMLINK_NOFOLLOW).map_err(io)?;
+            rustix::fs::utimensat(dir, names::to_os(name), &times, AtFlags::SYMLINK_NOFOLLOW)
+                .map_err(io)?;
         }
         return Ok(());
     }
@@ -941,7 +955,14 @@ fn install_new(
 ) -> std::io::Result<()> {
     let fd = open_staged(uploads, upload)?;
     finish_new(&fd, attrs, DEFAULT_FILE_MODE)?;
-    rustix::fs::renameat_with(uploads, upload, dir, name, RenameFlags::NOREPLACE).map_err(io)
+    rustix::fs::renameat_with(
+        uploads,
+        upload,
+        dir,
+        names::to_os(name),
+        RenameFlags::NOREPLACE,
+    )
+    .map_err(io)
 }
 
 fn install_over(
@@ -960,13 +981,13 @@ fn install_over(
         ..SetAttrs::default()
     };
     finish_new(&fd, &attrs, DEFAULT_FILE_MODE)?;
-    rustix::fs::renameat(uploads, upload, dir, old.name.as_str()).map_err(io)
+    rustix::fs::renameat(uploads, upload, dir, names::to_os(&old.name)).map_err(io)
 }
 
 fn create_file(dir: &OwnedFd, name: &str, attrs: &SetAttrs) -> std::io::Result<()> {
     let fd = rustix::fs::openat(
         dir,
-        name,
+        names::to_os(name),
         OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
         FsMode::from_raw_mode(0o600),
     )
@@ -975,7 +996,7 @@ fn create_file(dir: &OwnedFd, name: &str, attrs: &SetAttrs) -> std::io::Result<(
 }
 
 fn create_dir(dir: &OwnedFd, name: &str, attrs: &SetAttrs) -> std::io::Result<()> {
-    rustix::fs::mkdirat(dir, name, FsMode::from_raw_mode(0o700)).map_err(io)?;
+    rustix::fs::mkdirat(dir, names::to_os(name), FsMode::from_raw_mode(0o700)).map_err(io)?;
     let fd = fsops::open_subdir(dir, name).map_err(|e| std::io::Error::other(e.to_string()))?;
     finish_new(&fd, attrs, DEFAULT_DIR_MODE)
 }
@@ -986,7 +1007,7 @@ fn create_symlink(
     target: &str,
     attrs: &SetAttrs,
 ) -> std::io::Result<()> {
-    rustix::fs::symlinkat(target, dir, name).map_err(io)?;
+    rustix::fs::symlinkat(names::to_os(target), dir, names::to_os(name)).map_err(io)?;
     let finish = SetAttrs {
         mode: None,
         size: None,

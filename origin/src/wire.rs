@@ -531,7 +531,7 @@ pub fn validate_name(name: &str, in_root: bool) -> Result<(), NameError> {
     if name.bytes().any(|b| b == b'/' || b == 0) {
         return Err(NameError::BadChar);
     }
-    if name.len() > MAX_NAME_LEN {
+    if crate::names::to_bytes(name).len() > MAX_NAME_LEN {
         return Err(NameError::TooLong);
     }
     if in_root && name == STATE_DIR_NAME {

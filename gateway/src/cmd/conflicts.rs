@@ -21,7 +21,7 @@ pub enum Action {
     /// Settle a held conflict.
     Resolve {
         /// The path (as `imz conflicts list` shows it) or the conflict id.
-        path: String,
+        path: std::ffi::OsString,
         /// mine: the gateway's version wins; theirs: the origin's; both:
         /// keep both, the gateway's under a conflict name.
         #[arg(long, value_enum)]
@@ -59,10 +59,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 };
                 println!(
                     "{:>6}  {:<12} {:<10} {}  [{}] {}",
-                    c.id, c.case, state, c.path, c.policy, c.outcome
+                    c.id,
+                    c.case,
+                    state,
+                    imz_origin::names::display(&c.path),
+                    c.policy,
+                    c.outcome
                 );
                 if let Some(copy) = c.saved_copy {
-                    println!("        saved copy: {copy}");
+                    println!("        saved copy: {}", imz_origin::names::display(&copy));
                 }
             }
             Ok(())
@@ -73,14 +78,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 Keep::Theirs => ConflictPolicy::OriginWins,
                 Keep::Both => ConflictPolicy::KeepBoth,
             };
-            let Response::Resolved { conflict } =
-                target.ask(&Request::ConflictsResolve { which: path, keep })?
+            let Response::Resolved { conflict } = target.ask(&Request::ConflictsResolve {
+                which: imz_origin::names::from_os(&path),
+                keep,
+            })?
             else {
                 anyhow::bail!("unexpected answer from the gateway");
             };
             println!(
                 "{}: will be settled as {keep} on the next reintegration",
-                conflict.path
+                imz_origin::names::display(&conflict.path)
             );
             Ok(())
         }

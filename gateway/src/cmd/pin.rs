@@ -3,11 +3,12 @@
 
 use bytesize::ByteSize;
 use imz_gateway::control::{Request, Response};
+use imz_origin::names;
 
 #[derive(Debug, clap::Args)]
 pub struct PinArgs {
     /// Path inside the export, e.g. projects/report.pdf or /photos.
-    pub path: String,
+    pub path: std::ffi::OsString,
     /// Pin a directory's whole subtree, including what is created in it
     /// later (without it, a directory's files are pinned, not its subdirectories).
     #[arg(short, long)]
@@ -19,14 +20,14 @@ pub struct PinArgs {
 #[derive(Debug, clap::Args)]
 pub struct UnpinArgs {
     /// Path inside the export; a directory is unpinned with all below it.
-    pub path: String,
+    pub path: std::ffi::OsString,
     #[command(flatten)]
     pub target: super::control_args::Target,
 }
 
 pub fn run_pin(args: PinArgs) -> anyhow::Result<()> {
     let request = Request::Pin {
-        path: args.path,
+        path: names::from_os(&args.path),
         recursive: args.recursive,
     };
     match args.target.ask(&request)? {
@@ -36,7 +37,8 @@ pub fn run_pin(args: PinArgs) -> anyhow::Result<()> {
             bytes,
         } => {
             println!(
-                "pinned {path}: {objects} objects, {} in the cache and kept current",
+                "pinned {}: {objects} objects, {} in the cache and kept current",
+                names::display(&path),
                 ByteSize(bytes)
             );
             Ok(())
@@ -46,9 +48,13 @@ pub fn run_pin(args: PinArgs) -> anyhow::Result<()> {
 }
 
 pub fn run_unpin(args: UnpinArgs) -> anyhow::Result<()> {
-    match args.target.ask(&Request::Unpin { path: args.path })? {
+    let path = names::from_os(&args.path);
+    match args.target.ask(&Request::Unpin { path })? {
         Response::Unpinned { path, objects } => {
-            println!("unpinned {path}: {objects} objects may be evicted again");
+            println!(
+                "unpinned {}: {objects} objects may be evicted again",
+                names::display(&path)
+            );
             Ok(())
         }
         other => anyhow::bail!("unexpected answer from the gateway: {other:?}"),
