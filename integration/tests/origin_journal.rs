@@ -417,10 +417,11 @@ fn inotify_watches(pid: u32) -> usize {
         .sum()
 }
 
-/// Runs the origin in a user namespace of its own whose inotify limit is
-/// `limit` watches (the limit is per user namespace; the host's stays).
-fn watch_limited(limit: usize) -> Vec<String> {
-    let script = format!("echo {limit} > /proc/sys/user/max_inotify_watches && exec \"$0\" \"$@\"");
+/// Runs the origin in a user namespace of its own whose inotify limit
+/// `limit` (`max_inotify_watches` or `max_inotify_instances`) is `value`
+/// (such limits are per user namespace; the host's stay).
+fn inotify_limited(limit: &str, value: usize) -> Vec<String> {
+    let script = format!("echo {value} > /proc/sys/user/{limit} && exec \"$0\" \"$@\"");
     ["unshare", "--user", "--map-root-user", "sh", "-c", &script]
         .map(String::from)
         .to_vec()
@@ -436,7 +437,7 @@ fn a_tree_with_more_directories_than_the_watch_limit_starts_and_stays_current() 
         std::fs::create_dir_all(root.join(format!("d{i:02}/inner"))).expect("mkdir");
     }
     let origin = imz_integration::OriginProc::start_full(
-        &watch_limited(LIMIT),
+        &inotify_limited("max_inotify_watches", LIMIT),
         &root,
         &dir.path().join("token"),
         "127.0.0.1:0",
@@ -507,4 +508,23 @@ fn a_file_written_for_seconds_is_journaled_about_once_a_second_not_per_write() {
         journaled as u64 <= secs + 3,
         "{journaled} Write records for {writes} writes over {secs} s"
     );
+}
+
+#[test]
+fn an_origin_without_inotify_finds_changes_by_rescanning() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().join("root");
+    std::fs::create_dir_all(root.join("sub")).expect("mkdir");
+    let origin = imz_integration::OriginProc::start_full(
+        &inotify_limited("max_inotify_instances", 0),
+        &root,
+        &dir.path().join("token"),
+        "127.0.0.1:0",
+        &["--rescan-every".into(), "1s".into()],
+    )
+    .expect("the origin starts without an inotify instance");
+    assert_eq!(inotify_watches(origin.proc.pid()), 0);
+    let c = Client::new(&origin);
+    std::fs::write(root.join("sub/new"), b"new").expect("write");
+    eventually("sub/new", || c.walk("sub/new").is_some());
 }
