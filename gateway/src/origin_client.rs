@@ -39,6 +39,20 @@ impl OriginError {
         }
     }
 
+    /// A data body that broke off. The origin ends a transfer early, on
+    /// purpose, when the file changes while being sent.
+    fn from_body(err: reqwest::Error) -> Self {
+        if err.is_decode() {
+            Self::Protocol(format!(
+                "the origin ended the transfer early (the file may have changed while \
+                 being sent): {}",
+                error_chain(&err)
+            ))
+        } else {
+            Self::from_reqwest(err)
+        }
+    }
+
     fn from_reqwest(err: reqwest::Error) -> Self {
         if err.is_decode() {
             Self::Protocol(err.to_string())
@@ -290,7 +304,7 @@ impl OriginClient {
                         body,
                     )),
                     Ok(None) => None,
-                    Ok(Some(item)) => Some((item.map_err(OriginError::from_reqwest), body)),
+                    Ok(Some(item)) => Some((item.map_err(OriginError::from_body), body)),
                 }
             },
         )))
