@@ -436,6 +436,32 @@ async fn bad_export_path_and_wrong_token_fail_clearly() -> Result {
     Ok(())
 }
 
+#[test]
+fn serve_refuses_a_cache_inside_the_directory_it_serves() -> Result {
+    let dir = tempfile::tempdir()?;
+    let served = dir.path().join("served");
+    std::fs::create_dir(&served)?;
+    std::fs::write(served.join("a"), "a")?;
+    // Also through a symlink to the served directory.
+    std::os::unix::fs::symlink(&served, dir.path().join("alias"))?;
+    for cache in [served.join("cache"), dir.path().join("alias/cache")] {
+        let out = std::process::Command::new(imz_integration::imz_bin())
+            .arg("serve")
+            .arg(&served)
+            .arg("--cache")
+            .arg(&cache)
+            .output()?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "served its own cache at {cache:?}");
+        assert!(
+            err.contains("inside") && err.contains("leave --cache out"),
+            "{err}"
+        );
+        assert!(!cache.exists(), "{cache:?} was made anyway");
+    }
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_fetch_never_blocks_cached_reads() -> Result {
     let fx = Fixture::new(|root| {

@@ -2,7 +2,7 @@
 //! in front of it, in one process, ready to mount.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use imz_gateway::{Gateway, GatewayConfig, restart};
@@ -44,10 +44,22 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .dir
         .canonicalize()
         .with_context(|| format!("resolving {}", args.dir.display()))?;
-    let cache_dir = args.cache.unwrap_or_else(|| {
-        dir.join(imz_origin::wire::STATE_DIR_NAME)
-            .join("gateway-cache")
-    });
+    let state_dir = dir.join(imz_origin::wire::STATE_DIR_NAME);
+    let cache_dir = args
+        .cache
+        .unwrap_or_else(|| state_dir.join("gateway-cache"));
+    let resolved =
+        resolve(&cache_dir).with_context(|| format!("resolving {}", cache_dir.display()))?;
+    // Inside the served tree, the cache would be served and followed by
+    // itself: each commit a change at the origin, journaled, followed.
+    anyhow::ensure!(
+        !resolved.starts_with(&dir) || resolved.starts_with(&state_dir),
+        "the cache {} is inside {}, the directory being served: the gateway would serve its \
+         own cache. Put it elsewhere, or leave --cache out (it then lives in {})",
+        cache_dir.display(),
+        dir.display(),
+        state_dir.display()
+    );
     let runtime = super::runtime()?;
     runtime.block_on(async move {
         let mut signals = super::ShutdownSignals::install()?;
@@ -88,4 +100,32 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         origin.shutdown().await.context("stopping the origin")?;
         Ok(())
     })
+}
+
+/// `path` made absolute with symlinks resolved, for as much of it as exists.
+fn resolve(path: &Path) -> std::io::Result<PathBuf> {
+    let mut existing = PathBuf::new();
+    for part in std::path::absolute(path)?.components() {
+        match part {
+            std::path::Component::ParentDir => {
+                existing.pop();
+            }
+            std::path::Component::CurDir => {}
+            other => existing.push(other),
+        }
+    }
+    let mut rest = Vec::new();
+    loop {
+        match existing.canonicalize() {
+            Ok(real) => return Ok(rest.iter().rev().fold(real, |p, c| p.join(c))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let Some(name) = existing.file_name().map(ToOwned::to_owned) else {
+                    return Err(e);
+                };
+                rest.push(name);
+                existing.pop();
+            }
+            Err(e) => return Err(e),
+        }
+    }
 }
