@@ -82,6 +82,8 @@ pub enum FetchFailure {
     /// The version is no longer current at the origin; its current
     /// attributes, or `None` if the object is gone.
     Gone(Option<wire::Attr>),
+    /// The origin may not read the file (its permissions on its disk).
+    Denied,
     Io(String),
 }
 
@@ -532,6 +534,7 @@ fn classify(inner: &Inner, err: OriginError) -> FetchFailure {
         OriginError::Api(api) => match api.code {
             ErrorCode::VersionGone => FetchFailure::Gone(api.current),
             ErrorCode::NotFound => FetchFailure::Gone(None),
+            ErrorCode::PermissionDenied => FetchFailure::Denied,
             _ => FetchFailure::Io(api.to_string()),
         },
         other => FetchFailure::Io(other.to_string()),

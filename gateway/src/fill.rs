@@ -175,6 +175,13 @@ async fn fill_file_with(
                     complete = false;
                     break;
                 }
+                Err(FetchFailure::Denied) => {
+                    // Retrying cannot help until someone changes the
+                    // file's permissions at the origin.
+                    return Err(FillError::Failed(
+                        "the origin may not read this file (its permissions there)".into(),
+                    ));
+                }
                 Err(FetchFailure::Io(e)) => {
                     last_error = e;
                     failed = true;

@@ -76,6 +76,7 @@ pub fn status(e: VfsError) -> nfsstat3 {
         VfsError::NoSpace => nfsstat3::NFS3ERR_NOSPC,
         VfsError::TooLarge => nfsstat3::NFS3ERR_FBIG,
         VfsError::NotSupported => nfsstat3::NFS3ERR_NOTSUPP,
+        VfsError::Access => nfsstat3::NFS3ERR_ACCES,
     }
 }
 

@@ -436,6 +436,54 @@ async fn bad_export_path_and_wrong_token_fail_clearly() -> Result {
     Ok(())
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_the_origin_may_not_read_is_permission_denied_not_a_lost_origin() -> Result {
+    use std::os::unix::fs::PermissionsExt;
+    // The origin runs as `nobody` (root reads everything), over a tree
+    // with a file nobody may read.
+    const NOBODY: u32 = 65534;
+    let dir = tempfile::tempdir()?;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))?;
+    let root = dir.path().join("root");
+    std::fs::create_dir(&root)?;
+    std::fs::write(root.join("open.txt"), "open")?;
+    std::fs::write(root.join("later.txt"), "later")?;
+    std::fs::write(root.join("locked.txt"), "locked")?;
+    std::fs::set_permissions(
+        root.join("locked.txt"),
+        std::fs::Permissions::from_mode(0o000),
+    )?;
+    let token = dir.path().join("token");
+    std::fs::write(&token, "a-token-for-nobody")?;
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600))?;
+    for path in [
+        root.join("open.txt"),
+        root.join("later.txt"),
+        root.join("locked.txt"),
+        root.clone(),
+        token.clone(),
+    ] {
+        std::os::unix::fs::chown(&path, Some(NOBODY), Some(NOBODY))?;
+    }
+    let as_nobody = [
+        "setpriv",
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+    ]
+    .map(String::from);
+    let origin =
+        imz_integration::OriginProc::start_full(&as_nobody, &root, &token, "127.0.0.1:0", &[])?;
+    let gateway = GatewayProc::start(&origin.url, &token, &dir.path().join("cache"), "1GiB", &[])?;
+    let mut nfs = Nfs::mount(gateway.port, "/imz").await?;
+    assert_eq!(nfs.read_path("open.txt").await?, b"open");
+    expect_status(nfs.read_path("locked.txt").await, nfsstat3::NFS3ERR_ACCES)?;
+    // The origin is still the gateway's: an uncached file reads at once
+    // (a gateway that took the refusal for a lost origin answers EIO).
+    assert_eq!(nfs.read_path("later.txt").await?, b"later");
+    Ok(())
+}
+
 #[test]
 fn serve_refuses_a_cache_inside_the_directory_it_serves() -> Result {
     let dir = tempfile::tempdir()?;

@@ -167,6 +167,13 @@ pub async fn get(
             )
             .into());
         }
+        Err(FsError::Io(e)) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            return Err(api(
+                ErrorCode::PermissionDenied,
+                format!("the origin may not read the file: {e}"),
+            )
+            .into());
+        }
         Err(FsError::Io(e)) => {
             return Err(api(ErrorCode::Internal, format!("opening the file: {e}")).into());
         }

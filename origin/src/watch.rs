@@ -172,6 +172,9 @@ impl Watches {
             }
             // Gone, or not a directory any more: its parent's events say so.
             Err(Errno::NOENT | Errno::NOTDIR | Errno::LOOP) => false,
+            // Unreadable by the origin, which cannot list it either; a
+            // chmod shows on its parent's watch, and it is tried again then.
+            Err(Errno::ACCESS | Errno::PERM) => false,
             Err(e) => {
                 tracing::debug!(dir = %abs.display(), error = %e, "not watching a directory");
                 self.unwatched += 1;
@@ -237,7 +240,7 @@ impl Watches {
             if events.contains(ReadFlags::MOVED_FROM) {
                 self.forget_tree(&path);
             }
-            if events.intersects(ReadFlags::CREATE | ReadFlags::MOVED_TO) {
+            if events.intersects(ReadFlags::CREATE | ReadFlags::MOVED_TO | ReadFlags::ATTRIB) {
                 self.add_tree(&path);
             }
         }

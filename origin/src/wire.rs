@@ -445,6 +445,9 @@ pub enum ErrorCode {
     InvalidName,
     /// 403: the request would reach outside the exported directory.
     Escape,
+    /// 403: the origin's own permissions on its disk do not let it read the
+    /// object (an unreadable file in the tree).
+    PermissionDenied,
     /// 404: no such object, name or upload.
     NotFound,
     /// 409: the object is not of the kind the request needs.
@@ -470,7 +473,7 @@ impl ErrorCode {
         match self {
             Self::Unauthorized => 401,
             Self::BadRequest | Self::InvalidName => 400,
-            Self::Escape => 403,
+            Self::Escape | Self::PermissionDenied => 403,
             Self::NotFound => 404,
             Self::WrongKind => 409,
             Self::VersionGone | Self::JournalCompacted => 410,

@@ -48,6 +48,8 @@ pub enum VfsError {
     TooLarge,
     #[error("operation not supported")]
     NotSupported,
+    #[error("permission denied")]
+    Access,
     #[error("I/O error: {0}")]
     Io(String),
 }
@@ -118,6 +120,9 @@ impl Vfs {
             }
             OriginError::Api(api) if api.code == imz_origin::wire::ErrorCode::NotFound => {
                 VfsError::NotFound
+            }
+            OriginError::Api(api) if api.code == imz_origin::wire::ErrorCode::PermissionDenied => {
+                VfsError::Access
             }
             other => {
                 tracing::warn!(error = %other, "origin request failed");

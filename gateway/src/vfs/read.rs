@@ -101,6 +101,7 @@ impl Vfs {
                     }
                     Err(FetchFailure::Offline) => return Err(VfsError::Offline),
                     Err(FetchFailure::Io(e)) => return Err(VfsError::Io(e)),
+                    Err(FetchFailure::Denied) => return Err(VfsError::Access),
                     Err(FetchFailure::Gone(current)) => {
                         gone = Some(current);
                         break;

@@ -450,6 +450,7 @@ impl Vfs {
                     ));
                 }
                 Err(FetchFailure::Io(e)) => return Err(VfsError::Io(e)),
+                Err(FetchFailure::Denied) => return Err(VfsError::Access),
             }
         }
         Ok(())
