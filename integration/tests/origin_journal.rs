@@ -504,8 +504,11 @@ fn a_file_written_for_seconds_is_journaled_about_once_a_second_not_per_write() {
         |r| matches!(&r.change, Change::Write { attr } if attr.size == size),
     );
     let journaled = c.records(seq).iter().filter(|r| is_write(r)).count();
+    // About one a second and one at close; a few more if this thread
+    // stalls past the pause a busy machine may give it. Per write, it
+    // was over 30 a second.
     assert!(
-        journaled as u64 <= secs + 3,
+        journaled as u64 <= secs + 5,
         "{journaled} Write records for {writes} writes over {secs} s"
     );
 }
