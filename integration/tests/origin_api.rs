@@ -434,3 +434,51 @@ fn uploads_are_staged_outside_the_tree_and_limited_in_size() {
         .collect();
     assert!(partial.is_empty(), "a refused upload leaves nothing behind");
 }
+
+#[test]
+fn many_downloads_at_once_are_served_whatever_the_soft_open_files_limit() {
+    use std::io::Read;
+    // Started with a soft limit of 64 open files (the usual one is 1,024,
+    // below what a busy origin holds): 100 downloads held open at once
+    // each need a socket and a file.
+    const DOWNLOADS: usize = 100;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().join("root");
+    std::fs::create_dir(&root).expect("mkdir");
+    let body = vec![7u8; 4 << 20];
+    std::fs::write(root.join("f"), &body).expect("write");
+    let origin = imz_integration::OriginProc::start_full(
+        &["prlimit".into(), "--nofile=64:4096".into()],
+        &root,
+        &dir.path().join("token"),
+        "127.0.0.1:0",
+        &[],
+    )
+    .expect("start origin");
+    let c = Client::new(&origin);
+    let f = c.lookup(ROOT_ID, "f").attr;
+    let all_open = std::sync::Barrier::new(DOWNLOADS);
+    std::thread::scope(|scope| {
+        let readers: Vec<_> = (0..DOWNLOADS)
+            .map(|_| {
+                scope.spawn(|| {
+                    let resp = c.get(&wire::paths::data(f.id, f.version)).send();
+                    // Hold every download open until all have started (a
+                    // failed one too, so that none waits for ever).
+                    all_open.wait();
+                    let Ok(mut resp) = resp else {
+                        return (0, false);
+                    };
+                    let mut got = Vec::new();
+                    let read = resp.read_to_end(&mut got);
+                    (resp.status().as_u16(), read.is_ok() && got == body)
+                })
+            })
+            .collect();
+        for reader in readers {
+            let (status, whole) = reader.join().expect("reader thread");
+            assert_eq!(status, 200, "a download was refused (0: not answered)");
+            assert!(whole, "a download was cut short");
+        }
+    });
+}
