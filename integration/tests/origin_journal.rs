@@ -531,3 +531,44 @@ fn an_origin_without_inotify_finds_changes_by_rescanning() {
     std::fs::write(root.join("sub/new"), b"new").expect("write");
     eventually("sub/new", || c.walk("sub/new").is_some());
 }
+
+#[test]
+fn a_directory_the_origin_could_not_read_is_followed_once_it_may() {
+    use std::os::unix::fs::PermissionsExt;
+    // The origin runs as `nobody` (root reads everything).
+    const NOBODY: u32 = 65534;
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let root = dir.path().join("root");
+    let locked = root.join("locked");
+    std::fs::create_dir_all(&locked).expect("mkdir");
+    std::fs::write(locked.join("inside"), b"x").expect("write");
+    let token = dir.path().join("token");
+    std::fs::write(&token, "a-token-for-nobody").expect("token");
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    for path in [&root, &locked, &locked.join("inside"), &token] {
+        std::os::unix::fs::chown(path, Some(NOBODY), Some(NOBODY)).expect("chown");
+    }
+    std::fs::set_permissions(&locked, std::fs::Permissions::from_mode(0o000)).expect("chmod");
+    let as_nobody = [
+        "setpriv",
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+    ]
+    .map(String::from);
+    let origin =
+        imz_integration::OriginProc::start_full(&as_nobody, &root, &token, "127.0.0.1:0", &[])
+            .expect("start origin");
+    let c = Client::new(&origin);
+    assert!(
+        c.walk("locked").is_none(),
+        "an unreadable directory is not listed"
+    );
+
+    std::fs::set_permissions(&locked, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    eventually("locked/inside", || c.walk("locked/inside").is_some());
+    // Watched now, not only listed once: a later change inside is seen.
+    std::fs::write(locked.join("later"), b"y").expect("write");
+    eventually("locked/later", || c.walk("locked/later").is_some());
+}
