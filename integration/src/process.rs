@@ -288,6 +288,37 @@ impl OriginProc {
         })
     }
 
+    /// Starts the origin as the user `nobody` (root may read everything)
+    /// over `root`, inside `dir`: `dir` is opened to others, `root` and
+    /// everything in it given to `nobody` (modes kept), and `dir/token`
+    /// written for it.
+    pub fn start_as_nobody(dir: &Path, root: &Path) -> anyhow::Result<Self> {
+        use std::os::unix::fs::PermissionsExt;
+        const NOBODY: u32 = 65534;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))?;
+        let token = dir.join("token");
+        std::fs::write(&token, "a-token-for-nobody")?;
+        std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600))?;
+        let mut give = vec![token.clone(), root.to_path_buf()];
+        while let Some(path) = give.pop() {
+            std::os::unix::fs::lchown(&path, Some(NOBODY), Some(NOBODY))
+                .with_context(|| format!("chown {}", path.display()))?;
+            if path.symlink_metadata()?.is_dir() {
+                for entry in std::fs::read_dir(&path)? {
+                    give.push(entry?.path());
+                }
+            }
+        }
+        let as_nobody = [
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+        ]
+        .map(String::from);
+        Self::start_full(&as_nobody, root, &token, "127.0.0.1:0", &[])
+    }
+
     /// Restarts on the same address after a kill.
     pub fn restart(&mut self) -> anyhow::Result<()> {
         self.proc.kill9();

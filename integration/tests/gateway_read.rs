@@ -441,9 +441,7 @@ async fn a_file_the_origin_may_not_read_is_permission_denied_not_a_lost_origin()
     use std::os::unix::fs::PermissionsExt;
     // The origin runs as `nobody` (root reads everything), over a tree
     // with a file nobody may read.
-    const NOBODY: u32 = 65534;
     let dir = tempfile::tempdir()?;
-    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))?;
     let root = dir.path().join("root");
     std::fs::create_dir(&root)?;
     std::fs::write(root.join("open.txt"), "open")?;
@@ -453,28 +451,9 @@ async fn a_file_the_origin_may_not_read_is_permission_denied_not_a_lost_origin()
         root.join("locked.txt"),
         std::fs::Permissions::from_mode(0o000),
     )?;
-    let token = dir.path().join("token");
-    std::fs::write(&token, "a-token-for-nobody")?;
-    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600))?;
-    for path in [
-        root.join("open.txt"),
-        root.join("later.txt"),
-        root.join("locked.txt"),
-        root.clone(),
-        token.clone(),
-    ] {
-        std::os::unix::fs::chown(&path, Some(NOBODY), Some(NOBODY))?;
-    }
-    let as_nobody = [
-        "setpriv",
-        "--reuid=65534",
-        "--regid=65534",
-        "--clear-groups",
-    ]
-    .map(String::from);
-    let origin =
-        imz_integration::OriginProc::start_full(&as_nobody, &root, &token, "127.0.0.1:0", &[])?;
-    let gateway = GatewayProc::start(&origin.url, &token, &dir.path().join("cache"), "1GiB", &[])?;
+    let origin = imz_integration::OriginProc::start_as_nobody(dir.path(), &root)?;
+    let cache = dir.path().join("cache");
+    let gateway = GatewayProc::start(&origin.url, &origin.token_file, &cache, "1GiB", &[])?;
     let mut nfs = Nfs::mount(gateway.port, "/imz").await?;
     assert_eq!(nfs.read_path("open.txt").await?, b"open");
     expect_status(nfs.read_path("locked.txt").await, nfsstat3::NFS3ERR_ACCES)?;

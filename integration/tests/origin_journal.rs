@@ -536,30 +536,14 @@ fn an_origin_without_inotify_finds_changes_by_rescanning() {
 fn a_directory_the_origin_could_not_read_is_followed_once_it_may() {
     use std::os::unix::fs::PermissionsExt;
     // The origin runs as `nobody` (root reads everything).
-    const NOBODY: u32 = 65534;
     let dir = tempfile::tempdir().expect("tempdir");
-    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
     let root = dir.path().join("root");
     let locked = root.join("locked");
     std::fs::create_dir_all(&locked).expect("mkdir");
     std::fs::write(locked.join("inside"), b"x").expect("write");
-    let token = dir.path().join("token");
-    std::fs::write(&token, "a-token-for-nobody").expect("token");
-    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).expect("chmod");
-    for path in [&root, &locked, &locked.join("inside"), &token] {
-        std::os::unix::fs::chown(path, Some(NOBODY), Some(NOBODY)).expect("chown");
-    }
     std::fs::set_permissions(&locked, std::fs::Permissions::from_mode(0o000)).expect("chmod");
-    let as_nobody = [
-        "setpriv",
-        "--reuid=65534",
-        "--regid=65534",
-        "--clear-groups",
-    ]
-    .map(String::from);
     let origin =
-        imz_integration::OriginProc::start_full(&as_nobody, &root, &token, "127.0.0.1:0", &[])
-            .expect("start origin");
+        imz_integration::OriginProc::start_as_nobody(dir.path(), &root).expect("start origin");
     let c = Client::new(&origin);
     assert!(
         c.walk("locked").is_none(),
