@@ -35,6 +35,10 @@ const WALK_PAGE: usize = 1024;
 pub enum FillError {
     #[error("the origin is unreachable")]
     Offline,
+    /// The origin may not read the file: retrying cannot help until its
+    /// permissions there change (which the journal then says).
+    #[error("the origin may not read this file (its permissions there)")]
+    Denied,
     #[error("{0}")]
     Failed(String),
 }
@@ -62,11 +66,15 @@ pub struct Counters {
 pub struct Report {
     /// Files left because the origin was unreachable (fill them later).
     pub offline: Vec<FileId>,
+    /// Files the origin may not read (left until they change there).
+    pub denied: Vec<FileId>,
     /// Files that failed otherwise, with why.
     pub failed: Vec<(FileId, String)>,
 }
 
 impl Report {
+    /// Whether nothing is left to try again (files the origin may not
+    /// read wait for a change at the origin, not for a retry).
     pub fn is_complete(&self) -> bool {
         self.offline.is_empty() && self.failed.is_empty()
     }
@@ -175,13 +183,7 @@ async fn fill_file_with(
                     complete = false;
                     break;
                 }
-                Err(FetchFailure::Denied) => {
-                    // Retrying cannot help until someone changes the
-                    // file's permissions at the origin.
-                    return Err(FillError::Failed(
-                        "the origin may not read this file (its permissions there)".into(),
-                    ));
-                }
+                Err(FetchFailure::Denied) => return Err(FillError::Denied),
                 Err(FetchFailure::Io(e)) => {
                     last_error = e;
                     failed = true;
@@ -235,6 +237,7 @@ pub async fn fill_all(
         match result {
             Ok(()) => arrived.push(fid),
             Err(FillError::Offline) => report.offline.push(fid),
+            Err(FillError::Denied) => report.denied.push(fid),
             Err(FillError::Failed(why)) => report.failed.push((fid, why)),
         }
     }
@@ -249,6 +252,7 @@ pub async fn fill_all(
         match result {
             Ok(()) => {}
             Err(FillError::Offline) => report.offline.push(fid),
+            Err(FillError::Denied) => report.denied.push(fid),
             Err(FillError::Failed(why)) => report.failed.push((fid, why)),
         }
     }

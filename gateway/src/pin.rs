@@ -223,6 +223,14 @@ impl Pins {
                 offline + failed
             ));
         }
+        if !report.denied.is_empty() {
+            return Err(format!(
+                "pinned {path} ({objects} objects, {}), but the origin may not read {} of its \
+                 files (their permissions there): they are tried again every 5 minutes",
+                ByteSize(bytes),
+                report.denied.len()
+            ));
+        }
         Ok((objects, bytes))
     }
 

@@ -339,6 +339,7 @@ impl Keeper {
         for (fid, why) in &report.failed {
             tracing::warn!(fid, error = %why, "cannot fetch the new content of a kept file");
         }
+        warn_denied(&self.vfs, &report.denied);
         if !report.is_complete() {
             ok = false;
             let mut p = self.pending();
@@ -458,6 +459,7 @@ impl Keeper {
         shown.finish().await;
         self.make_durable().await;
         let fetched = counters.bytes.load(Ordering::Relaxed);
+        warn_denied(&self.vfs, &report.denied);
         if report.is_complete() {
             let secs = started.elapsed().as_secs_f64();
             tracing::info!(
@@ -903,4 +905,24 @@ impl Progress {
         let _ = self.stop.send(());
         let _ = self.task.await;
     }
+}
+
+/// Files the origin may not read are left out of the replica, said once
+/// per fill rather than retried every few seconds: the sweep every
+/// [`SWEEP_EVERY`] tries them again, as does a change of their content.
+fn warn_denied(vfs: &Vfs, denied: &[FileId]) {
+    if denied.is_empty() {
+        return;
+    }
+    let some: Vec<String> = denied
+        .iter()
+        .take(5)
+        .map(|fid| crate::conflict::path_of(vfs, *fid))
+        .collect();
+    tracing::warn!(
+        files = denied.len(),
+        some = ?some,
+        "left out of the replica: the origin may not read these files (their permissions \
+         there); tried again every 5 minutes and when their content changes"
+    );
 }

@@ -468,3 +468,24 @@ async fn pins_survive_restart_and_follow_the_origin() -> Result {
 fn futures_block<F: std::future::Future>(f: F) -> F::Output {
     tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(f))
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_the_origin_may_not_read_is_left_out_and_the_rest_replicated() -> Result {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir()?;
+    let root = dir.path().join("root");
+    std::fs::create_dir(&root)?;
+    data::write_file(&root.join("open.bin"), 5, 300_000)?;
+    std::fs::write(root.join("locked"), "locked")?;
+    std::fs::set_permissions(root.join("locked"), std::fs::Permissions::from_mode(0o000))?;
+    let origin = imz_integration::OriginProc::start_as_nobody(dir.path(), &root)?;
+    let cache = dir.path().join("cache");
+    let gw = GatewayProc::start(&origin.url, &origin.token_file, &cache, "1GiB", REPLICATE)?;
+    // Current without it, instead of retrying it for ever.
+    wait_status(&gw, Duration::from_secs(30), "replica current", |s| {
+        replica_state(s) == "current"
+    })?;
+    let mut nfs = Nfs::mount(gw.port, "/imz").await?;
+    assert!(nfs.read_path("open.bin").await? == data::bytes(5, 300_000));
+    Ok(())
+}
