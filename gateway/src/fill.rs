@@ -35,8 +35,9 @@ const WALK_PAGE: usize = 1024;
 pub enum FillError {
     #[error("the origin is unreachable")]
     Offline,
-    /// The origin may not read the file: retrying cannot help until its
-    /// permissions there change (which the journal then says).
+    /// The origin may not read the file: retrying at once cannot help, only
+    /// after its permissions there change (the keeper's periodic sweep
+    /// tries again).
     #[error("the origin may not read this file (its permissions there)")]
     Denied,
     #[error("{0}")]
@@ -66,7 +67,7 @@ pub struct Counters {
 pub struct Report {
     /// Files left because the origin was unreachable (fill them later).
     pub offline: Vec<FileId>,
-    /// Files the origin may not read (left until they change there).
+    /// Files the origin may not read (left for the keeper's next sweep).
     pub denied: Vec<FileId>,
     /// Files that failed otherwise, with why.
     pub failed: Vec<(FileId, String)>,

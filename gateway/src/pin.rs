@@ -226,9 +226,10 @@ impl Pins {
         if !report.denied.is_empty() {
             return Err(format!(
                 "pinned {path} ({objects} objects, {}), but the origin may not read {} of its \
-                 files (their permissions there): they are tried again every 5 minutes",
+                 files (their permissions there): they are tried again every {} minutes",
                 ByteSize(bytes),
-                report.denied.len()
+                report.denied.len(),
+                crate::replicate::SWEEP_EVERY.as_secs() / 60
             ));
         }
         Ok((objects, bytes))

@@ -54,7 +54,7 @@ const FOLD_BATCH: usize = 2048;
 /// Objects read per page by sweeps.
 const SCAN_PAGE: usize = 4096;
 /// How often everything kept is checked again, whatever the journal said.
-const SWEEP_EVERY: Duration = Duration::from_secs(300);
+pub(crate) const SWEEP_EVERY: Duration = Duration::from_secs(300);
 /// Wait before retrying work that failed with the origin reachable.
 const RETRY_AFTER: Duration = Duration::from_secs(2);
 /// Progress log lines when stderr is not a terminal.
@@ -923,6 +923,7 @@ fn warn_denied(vfs: &Vfs, denied: &[FileId]) {
         files = denied.len(),
         some = ?some,
         "left out of the replica: the origin may not read these files (their permissions \
-         there); tried again every 5 minutes and when their content changes"
+         there); tried again every {} minutes and when their content changes",
+        SWEEP_EVERY.as_secs() / 60
     );
 }
