@@ -74,16 +74,18 @@ impl Server {
 
 /// What every benchmark's `main` does first: run again with `IMZ_BIN` set
 /// (see [`reexec_with_imz_bin`]; that never returns but on failure), or,
-/// in the run that has it, clean up children on a signal.
-pub fn prepare() -> anyhow::Result<()> {
+/// in the run that has it, clean up children on a signal and hold off the
+/// VM's page reporting ([`PageReportingHold`]) until the guard is dropped.
+pub fn prepare() -> anyhow::Result<PageReportingHold> {
     if std::env::var_os("IMZ_BIN").is_none() {
         reexec_with_imz_bin()?;
     }
     cleanup_on_signal();
-    Ok(())
+    Ok(PageReportingHold::start())
 }
 
-/// On SIGINT, SIGTERM or SIGHUP: kills every registered child, then exits.
+/// On SIGINT, SIGTERM or SIGHUP: kills every registered child, puts back
+/// what [`PageReportingHold`] changed, then exits.
 pub fn cleanup_on_signal() {
     on_signals(|| {
         let pids = CHILDREN.lock().unwrap_or_else(|p| p.into_inner()).clone();
@@ -91,8 +93,164 @@ pub fn cleanup_on_signal() {
         for pid in pids {
             kill("KILL", pid);
         }
+        PageReportingHold::restore();
         std::process::exit(130);
     });
+}
+
+/// The guest kernel's free page reporting (virtio-balloon), where the
+/// machine has it.
+const PAGE_REPORTING: &str = "/sys/module/page_reporting/parameters";
+/// What [`PageReportingHold`] sets: each parameter with the values to try,
+/// first the one wanted (the kernel refuses a `min_free_ms` above its own
+/// maximum).
+const PAGE_REPORTING_HOLD: [(&str, &[&str]); 3] = [
+    // How long a page must stay free before it is handed back.
+    ("min_free_ms", &["3600000", "600000", "300000", "120000"]),
+    // Off: the host no longer reads free pages from a shared bitmap (with
+    // it, memory kept free for 90 s was taken back whatever min_free_ms).
+    ("free_bitmap_enable", &["N"]),
+    // Freed memory waiting past this much is handed back at once.
+    ("max_waiting_mib", &["1048576", "65536"]),
+];
+/// The values [`PageReportingHold`] replaced (parameter, old value), to
+/// be put back.
+static PAGE_REPORTING_SAVED: Mutex<Vec<(&str, String)>> = Mutex::new(Vec::new());
+
+/// Holds off the VM's free page reporting while a benchmark runs.
+///
+/// On the VMs these benchmarks run on, memory a process frees is handed
+/// back to the host at once (`min_free_ms` 0, and a free-page bitmap the
+/// host reads), and the next page that touches it waits for the host to
+/// supply it again: writing 1 GiB into the page cache took 0.18 s on pages
+/// the guest kept and 1.3-2.3 s on pages it had handed back. Every
+/// `drop_caches`, every removed file and every exited server hands pages
+/// back, so whichever server happened to run next paid for them, and
+/// ratios swung by 2x from run to run. With reporting held off, and free
+/// memory touched before each round ([`warm_memory`]), both servers meet
+/// memory the guest holds. Put back when dropped or on a signal; a machine
+/// without page reporting is left as it is.
+#[must_use = "page reporting is put back when this is dropped"]
+pub struct PageReportingHold(());
+
+impl PageReportingHold {
+    pub fn start() -> Self {
+        let dir = Path::new(PAGE_REPORTING);
+        if !dir.exists() {
+            return Self(());
+        }
+        let mut saved = PAGE_REPORTING_SAVED
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        for (param, values) in PAGE_REPORTING_HOLD {
+            let path = dir.join(param);
+            let Ok(old) = std::fs::read_to_string(&path) else {
+                continue;
+            };
+            let set = values
+                .iter()
+                .find(|v| std::fs::write(&path, format!("{v}\n")).is_ok());
+            match set {
+                Some(v) => {
+                    eprintln!(
+                        "free page reporting held off for this run: {param} {} -> {v} \
+                         (put back at exit)",
+                        old.trim()
+                    );
+                    saved.push((param, old.trim().to_owned()));
+                }
+                None => eprintln!(
+                    "warning: cannot set {}: timings will swing with which server \
+                     touches memory the host took back",
+                    path.display()
+                ),
+            }
+        }
+        Self(())
+    }
+
+    fn restore() {
+        let saved = std::mem::take(
+            &mut *PAGE_REPORTING_SAVED
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
+        );
+        for (param, old) in saved {
+            let path = Path::new(PAGE_REPORTING).join(param);
+            if let Err(e) = std::fs::write(&path, format!("{old}\n")) {
+                eprintln!("warning: cannot put back {} ({old}): {e}", path.display());
+            }
+        }
+    }
+}
+
+impl PageReportingHold {
+    /// Whether reporting is held off now (this machine has it, and it could
+    /// be changed).
+    pub fn active() -> bool {
+        !PAGE_REPORTING_SAVED
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_empty()
+    }
+
+    /// Touches (and frees again) up to `bytes` of free memory, leaving at
+    /// least [`WARM_LEAVES_FREE`] free (so no cached file is pushed out), so that a round that grows the
+    /// page cache or a heap meets memory the guest holds, whichever server
+    /// runs first. With reporting held off the pages stay held for the
+    /// hold's time; without the hold (or without page reporting) this does
+    /// nothing. Returns the bytes touched.
+    pub fn warm(bytes: u64) -> u64 {
+        if !Self::active() {
+            return 0;
+        }
+        let free = mem_free().unwrap_or(0);
+        let bytes = bytes.min(free.saturating_sub(WARM_LEAVES_FREE));
+        // Written into an unlinked tmpfs file, not faulted into this
+        // process: a page fault here costs about 5 us (1.3 s per GiB,
+        // whether the host holds the page or not), a page written through
+        // write(2) a quarter of that once held; closing the file frees them.
+        let Ok(mut file) = tempfile::tempfile_in("/dev/shm") else {
+            return 0;
+        };
+        let piece = vec![1u8; 64 << 20];
+        let mut touched = 0;
+        while touched < bytes && std::io::Write::write_all(&mut file, &piece).is_ok() {
+            touched += piece.len() as u64;
+        }
+        touched
+    }
+}
+
+/// Before a round: [`PageReportingHold::warm`] of all free memory but
+/// [`WARM_LEAVES_FREE`], said on stderr.
+pub fn warm_memory() {
+    let start = Instant::now();
+    let touched = PageReportingHold::warm(u64::MAX);
+    if touched > 0 {
+        eprintln!(
+            "memory warmed: {:.1} GiB in {:.1} s",
+            touched as f64 / (1u64 << 30) as f64,
+            start.elapsed().as_secs_f64()
+        );
+    }
+}
+
+/// Memory [`PageReportingHold::warm`] leaves free.
+const WARM_LEAVES_FREE: u64 = 1 << 30;
+
+/// `MemFree` from /proc/meminfo, in bytes.
+fn mem_free() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = meminfo.lines().find(|l| l.starts_with("MemFree:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib << 10)
+}
+
+impl Drop for PageReportingHold {
+    fn drop(&mut self) {
+        Self::restore();
+    }
 }
 
 /// Runs `handler` on a thread of its own for every SIGINT, SIGTERM or

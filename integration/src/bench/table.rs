@@ -97,7 +97,8 @@ pub fn print_load(before: &str, after: &str, at_round_starts: &[f64]) {
 /// fault on the host (measured here: about 3 s per GiB, against 0.3 s
 /// for memory still held), so any run that grows the page cache or the
 /// heap pays for it, by luck of what was freed when. It is the main source
-/// of the run-to-run swings of write and cold-read figures here.
+/// of the run-to-run swings of write and cold-read figures here, and why
+/// benchmarks hold it off ([`super::PageReportingHold`]).
 fn free_page_reporting() -> Option<String> {
     let dir = std::path::Path::new("/sys/module/page_reporting/parameters");
     let read = |name: &str| std::fs::read_to_string(dir.join(name)).ok();
@@ -106,6 +107,15 @@ fn free_page_reporting() -> Option<String> {
         return None;
     }
     let delay = read("min_free_ms").map_or_else(|| "?".into(), |v| v.trim().to_owned());
+    if super::PageReportingHold::active() {
+        let bitmap = read("free_bitmap_enable").map_or_else(|| "?".into(), |v| v.trim().to_owned());
+        return Some(format!(
+            "this VM returns freed memory to its host (free page reporting, {} GiB so far): \
+             held off for this run (min_free_ms {delay}, free_bitmap_enable {bitmap}) and free \
+             memory touched before each round, so that both servers meet memory the guest holds",
+            reported_kib >> 20
+        ));
+    }
     Some(format!(
         "this VM returns freed memory to its host (free page reporting, {} GiB so far, \
          min_free_ms {delay}): memory first touched again costs a host fault, so figures \

@@ -19,6 +19,7 @@ const FILE_SIZE: u64 = 1 << 30;
 const ROUNDS: usize = 3;
 
 fn main() -> anyhow::Result<()> {
+    let _hold = imz_integration::bench::PageReportingHold::start();
     let base = std::env::current_dir()?.join(".imz-bench");
     let root = base.join("root");
     std::fs::create_dir_all(&root)?;

@@ -108,7 +108,7 @@ fn options() -> anyhow::Result<Options> {
 }
 
 fn main() -> anyhow::Result<()> {
-    bench::prepare()?;
+    let _hold = bench::prepare()?;
     run(&options()?)
 }
 
@@ -200,6 +200,7 @@ fn run(opts: &Options) -> anyhow::Result<()> {
 
     let mut s = Samples::default();
     for round in 0..opts.rounds {
+        bench::warm_memory();
         let load = bench::load_average();
         eprintln!("round {}/{} (load average {load})", round + 1, opts.rounds);
         if let Some(one) = load.split_whitespace().next().and_then(|l| l.parse().ok()) {
@@ -210,6 +211,7 @@ fn run(opts: &Options) -> anyhow::Result<()> {
 
     if !opts.skip_4g {
         for server in Server::gateways(opts.compare.as_deref()) {
+            bench::warm_memory();
             eprintln!("4 GiB read through a fresh gateway ({server:?})");
             s.of(server).four = Some(four_gig(opts, server, &base, &origin)?);
         }

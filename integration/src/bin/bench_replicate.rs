@@ -278,6 +278,7 @@ fn secs(d: Duration) -> f64 {
 
 fn main() -> anyhow::Result<()> {
     bench::cleanup_on_signal();
+    let _hold = bench::PageReportingHold::start();
     let opts = options()?;
     let imz = imz_bin()?;
     bench::ensure_debian_packages(&[("/usr/bin/rsync", "rsync")])?;
@@ -358,6 +359,7 @@ fn main() -> anyhow::Result<()> {
 
     let (mut imz_t, mut rsync_t, mut rsync_sync_t) = (Vec::new(), Vec::new(), Vec::new());
     for round in 0..opts.rounds {
+        bench::warm_memory();
         let order: [bool; 2] = if round % 2 == 0 {
             [true, false]
         } else {

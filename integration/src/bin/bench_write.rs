@@ -141,7 +141,7 @@ fn options() -> anyhow::Result<Options> {
 }
 
 fn main() -> anyhow::Result<()> {
-    bench::prepare()?;
+    let _hold = bench::prepare()?;
     run(&options()?)
 }
 
@@ -235,6 +235,7 @@ fn run(opts: &Options) -> anyhow::Result<()> {
     );
     let mut s = Samples::default();
     for round in 0..opts.rounds {
+        bench::warm_memory();
         let load = bench::load_average();
         eprintln!("round {}/{} (load average {load})", round + 1, opts.rounds);
         if let Some(one) = load.split_whitespace().next().and_then(|l| l.parse().ok()) {
