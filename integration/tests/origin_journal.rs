@@ -556,3 +556,49 @@ fn a_directory_the_origin_could_not_read_is_followed_once_it_may() {
     std::fs::write(locked.join("later"), b"y").expect("write");
     eventually("locked/later", || c.walk("locked/later").is_some());
 }
+
+#[test]
+fn a_hard_linked_file_changed_through_one_name_is_journaled_under_every_name() {
+    // Backup trees (rsnapshot, `cp -al`) and package trees are full of hard
+    // links; inotify reports a write only in the directory of the name it
+    // went through.
+    let s = start_with(|root| {
+        std::fs::create_dir_all(root.join("a")).expect("mkdir");
+        std::fs::create_dir_all(root.join("b/deep")).expect("mkdir");
+        std::fs::write(root.join("a/file"), b"first").expect("write");
+        std::fs::hard_link(root.join("a/file"), root.join("b/deep/link")).expect("ln");
+        std::fs::hard_link(root.join("a/file"), root.join("top")).expect("ln");
+    });
+    let c = &s.client;
+    let root = s.root();
+    let attr = |path: &str| {
+        c.walk(path)
+            .unwrap_or_else(|| panic!("{path} missing"))
+            .attr
+    };
+    for path in ["a/file", "b/deep/link", "top"] {
+        assert_eq!(attr(path).nlink, 3, "{path}");
+    }
+    let content = |path: &str| {
+        let a = attr(path);
+        c.data(a.id, a.version).bytes().expect("body").to_vec()
+    };
+
+    // Rewritten in place (same inode) through one name.
+    std::fs::write(root.join("a/file"), b"second, longer").expect("rewrite");
+    for path in ["b/deep/link", "top"] {
+        eventually(&format!("{path} has the new content"), || {
+            attr(path).size == 14
+        });
+        assert_eq!(content(path), b"second, longer", "{path}");
+    }
+
+    // One name removed: the others are told they have one link fewer.
+    std::fs::remove_file(root.join("top")).expect("rm");
+    for path in ["a/file", "b/deep/link"] {
+        eventually(&format!("{path} has 2 links"), || attr(path).nlink == 2);
+    }
+    std::fs::remove_file(root.join("a/file")).expect("rm");
+    eventually("b/deep/link has 1 link", || attr("b/deep/link").nlink == 1);
+    assert_eq!(content("b/deep/link"), b"second, longer");
+}

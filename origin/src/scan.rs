@@ -9,7 +9,10 @@
 //! another program (`mv`) keeps its id: that is a `Rename`. What remains
 //! becomes `Remove` and `Create` (a new directory is scanned whole), and a
 //! changed fingerprint becomes `Write` (content may differ) or `SetAttr`.
-//! Hard links are separate objects, one per name.
+//! Hard links are separate objects, one per name. A change through one
+//! name shows (to inotify) in that name's directory only, so when a file
+//! with several links changes or loses a name, its other names (found in
+//! the store's link index) are compared too.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::os::fd::OwnedFd;
@@ -106,6 +109,7 @@ pub fn reconcile(cx: &mut WCtx<'_>, dirty: Dirty) -> Result<()> {
         rounds += 1;
         let mut diff = Diff::default();
         list(cx, work, dirty.full, &mut diff)?;
+        let other_names = other_links(cx, &diff)?;
         apply(cx, &mut diff)?;
         // A directory whose stored path did not open may have moved: its
         // parent is reconciled next round (the root always opens).
@@ -119,8 +123,41 @@ pub fn reconcile(cx: &mut WCtx<'_>, dirty: Dirty) -> Result<()> {
                 work.insert(id);
             }
         }
+        if !other_names.is_empty() {
+            let mut linked = Diff::default();
+            list_entries(cx, &other_names, &work, &mut linked)?;
+            if !linked.is_empty() {
+                work.extend(other_names.iter().map(|(dir, _)| *dir));
+            }
+        }
     }
     Ok(())
+}
+
+/// `(parent, name)` of the other names of every hard-linked file in `diff`
+/// that changed or lost a name (read before `diff` is applied).
+fn other_links(cx: &WCtx<'_>, diff: &Diff) -> Result<BTreeSet<(ObjectId, String)>> {
+    let mut inodes = BTreeSet::new();
+    for (id, st) in &diff.changed {
+        if st.st_nlink > 1 || cx.tx.meta(*id)?.is_some_and(|m| m.attr.nlink > 1) {
+            inodes.insert((st.st_ino, *id));
+        }
+    }
+    for (_, _, id) in &diff.missing {
+        if let Some(m) = cx.tx.meta(*id)?
+            && m.attr.kind == Kind::File
+            && m.attr.nlink > 1
+        {
+            inodes.insert((m.fp.ino, *id));
+        }
+    }
+    let mut names = BTreeSet::new();
+    for (ino, id) in inodes {
+        for m in cx.tx.linked(ino, id)? {
+            names.insert((m.parent, m.name));
+        }
+    }
+    Ok(names)
 }
 
 impl Diff {
@@ -291,6 +328,9 @@ fn list(cx: &mut WCtx<'_>, work: BTreeSet<ObjectId>, full: bool, diff: &mut Diff
                         }
                     } else if m.fp != fp {
                         diff.changed.push((id, st));
+                    } else if m.attr.kind == Kind::File && st.st_nlink > 1 {
+                        // Stores from before the link index learn it here.
+                        cx.tx.note_link(fp.ino, id)?;
                     }
                 }
                 None => diff.new.push((dir, name, st)),

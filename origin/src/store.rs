@@ -1,6 +1,7 @@
 //! The origin's metadata store (redb): objects by id, directory entries by
-//! (parent id, name), an inode index, the journal, applied idempotency keys,
-//! pending-install intents and counters.
+//! (parent id, name), an inode index, the names of hard-linked files by
+//! inode, the journal, applied idempotency keys, pending-install intents and
+//! counters.
 //!
 //! Invariants kept here and by the single writer ([`crate::writer`]):
 //! - every object but the root has exactly one `children` row naming it, and
@@ -24,6 +25,12 @@ use crate::wire::{Attr, Change, Entry, Info, Kind, ObjectId, ROOT_ID, Record, Se
 pub const OBJECTS: TableDefinition<u64, &[u8]> = TableDefinition::new("objects");
 pub const CHILDREN: TableDefinition<(u64, &str), u64> = TableDefinition::new("children");
 pub const INODES: TableDefinition<u64, u64> = TableDefinition::new("inodes");
+/// `(inode, id)` for every file object seen with more than one link: a
+/// change through one name of a hard-linked file shows in that name's
+/// directory only, and this finds the objects of its other names. Rows may
+/// be stale (the object gone, or its name now another inode): readers check
+/// ([`Tx::linked`]).
+pub const LINKS: TableDefinition<(u64, u64), ()> = TableDefinition::new("links");
 pub const JOURNAL: TableDefinition<u64, &[u8]> = TableDefinition::new("journal");
 pub const KEYS: TableDefinition<&str, &[u8]> = TableDefinition::new("keys");
 pub const INTENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("intents");
@@ -87,6 +94,7 @@ impl Store {
             txn.open_table(OBJECTS)?;
             txn.open_table(CHILDREN)?;
             txn.open_table(INODES)?;
+            txn.open_table(LINKS)?;
             txn.open_table(JOURNAL)?;
             txn.open_table(KEYS)?;
             txn.open_table(INTENTS)?;
@@ -333,7 +341,46 @@ impl<'a> Tx<'a> {
     pub fn put(&self, meta: &Meta) -> Result<()> {
         let mut t = self.txn.open_table(OBJECTS)?;
         t.insert(meta.attr.id, serde_json::to_vec(meta)?.as_slice())?;
+        if meta.attr.kind == Kind::File && meta.attr.nlink > 1 {
+            self.note_link(meta.fp.ino, meta.attr.id)?;
+        }
         Ok(())
+    }
+
+    /// Records that file `id` is one of several links to inode `ino`.
+    pub fn note_link(&self, ino: u64, id: ObjectId) -> Result<()> {
+        let mut t = self.txn.open_table(LINKS)?;
+        if t.get((ino, id))?.is_none() {
+            t.insert((ino, id), ())?;
+        }
+        Ok(())
+    }
+
+    /// The file objects other than `except` that are names of inode `ino`
+    /// (hard links), with their metadata; stale rows are dropped.
+    pub fn linked(&self, ino: u64, except: ObjectId) -> Result<Vec<Meta>> {
+        let rows: Vec<ObjectId> = {
+            let t = self.txn.open_table(LINKS)?;
+            let mut ids = Vec::new();
+            for row in t.range((ino, 0)..=(ino, u64::MAX))? {
+                ids.push(row?.0.value().1);
+            }
+            ids
+        };
+        let mut out = Vec::new();
+        for id in rows {
+            match self.meta(id)? {
+                Some(m) if m.fp.ino == ino && m.attr.kind == Kind::File => {
+                    if id != except {
+                        out.push(m);
+                    }
+                }
+                _ => {
+                    self.txn.open_table(LINKS)?.remove((ino, id))?;
+                }
+            }
+        }
+        Ok(out)
     }
 
     pub fn child(&self, dir: ObjectId, name: &str) -> Result<Option<ObjectId>> {
