@@ -18,6 +18,7 @@ use tokio::sync::watch;
 use crate::conflict::{self, ConflictEntry, ConflictPolicy};
 use crate::link::LinkState;
 use crate::metrics::{Metrics, RateSample, Rates};
+use crate::origin_client::OriginError;
 use crate::reintegrate::Progress;
 use crate::vfs::Vfs;
 
@@ -312,11 +313,12 @@ impl Control {
             }
             if let LinkState::Disconnected { reason, .. } = self.vfs.link.state() {
                 // Do not wait for the prober: ask now, the origin may be back.
-                match self.vfs.origin.health().await {
+                match self.vfs.origin.info().await {
                     Ok(_) => {
                         self.vfs.link.up();
                         continue;
                     }
+                    Err(OriginError::TokenRefused) if self.vfs.origin.reload_token() => continue,
                     Err(e) => {
                         return Response::NotSynced {
                             reason: format!("the origin is unreachable ({reason}; now: {e})"),

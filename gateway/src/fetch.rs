@@ -526,11 +526,11 @@ async fn fetch_run(inner: &Arc<Inner>, target: Target, run: Vec<(u64, watch::Sen
 }
 
 fn classify(inner: &Inner, err: OriginError) -> FetchFailure {
+    if let Some(reason) = err.unreachable_reason() {
+        inner.link.down(&reason);
+        return FetchFailure::Offline;
+    }
     match err {
-        OriginError::Unreachable(reason) => {
-            inner.link.down(&reason);
-            FetchFailure::Offline
-        }
         OriginError::Api(api) => match api.code {
             ErrorCode::VersionGone => FetchFailure::Gone(api.current),
             ErrorCode::NotFound => FetchFailure::Gone(None),

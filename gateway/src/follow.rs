@@ -111,7 +111,9 @@ pub async fn run_follower(
                     }
                 }
             }
-            Err(OriginError::Unreachable(reason)) => vfs.link.down(&reason),
+            Err(e) if e.is_unreachable() => {
+                vfs.link.down(&e.unreachable_reason().unwrap_or_default())
+            }
             Err(OriginError::Api(api)) if api.code == ErrorCode::JournalCompacted => {
                 tracing::warn!(
                     cursor,

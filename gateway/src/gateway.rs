@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use imz_cache::{Cache, ROOT_FILEID, meta};
-use imz_origin::wire;
 use nfs3_server::tcp::NFSTcp;
 use tokio::sync::watch;
 
@@ -30,6 +29,8 @@ use crate::writer::Writer;
 pub struct GatewayConfig {
     pub origin_url: String,
     pub token: String,
+    /// Where `token` was read from: read again when the origin refuses it.
+    pub token_file: Option<PathBuf>,
     pub cache_dir: PathBuf,
     pub cache_size: u64,
     pub listen: SocketAddr,
@@ -99,8 +100,11 @@ impl Gateway {
         cache.on_storage_failure(move |why| {
             failure_tx.send_replace(Some(why.to_owned()));
         });
-        let origin = OriginClient::new(&config.origin_url, &config.token, config.timeouts)
+        let mut origin = OriginClient::new(&config.origin_url, &config.token, config.timeouts)
             .map_err(|e| anyhow::anyhow!("{e}"))?;
+        if let Some(path) = &config.token_file {
+            origin = origin.with_token_file(path.clone());
+        }
 
         let connected = meet_origin(&cache, &origin, &config).await?;
         let link = Link::new(connected);
@@ -390,7 +394,14 @@ async fn meet_origin(
                 config.origin_url
             )
         }
-        Err(OriginError::Api(api)) if api.code == wire::ErrorCode::Unauthorized => {
+        Err(OriginError::TokenRefused) if has_root => {
+            tracing::warn!(
+                "the origin refuses this gateway's token: serving the cache disconnected until \
+                 --token-file holds the origin's token (it is read again twice a second)"
+            );
+            return Ok(false);
+        }
+        Err(OriginError::TokenRefused) => {
             bail!(
                 "the origin at {} refused our token: check --token-file (it must hold the origin's token)",
                 config.origin_url

@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime};
 
 use tokio::sync::watch;
 
-use crate::origin_client::OriginClient;
+use crate::origin_client::{OriginClient, OriginError};
 
 /// The link's state as others see it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -72,6 +72,19 @@ impl Link {
         });
     }
 
+    /// The origin still cannot be used, now for `reason` (shown by
+    /// `imz status`; a new reason is logged).
+    pub fn still_down(&self, reason: &str) {
+        self.state.send_if_modified(|s| match s {
+            LinkState::Disconnected { reason: old, .. } if old != reason => {
+                tracing::warn!(reason, "origin still unusable: working disconnected");
+                *old = reason.to_owned();
+                true
+            }
+            _ => false,
+        });
+    }
+
     /// The origin answered.
     pub fn up(&self) {
         self.state.send_if_modified(|s| {
@@ -101,19 +114,31 @@ impl Link {
     }
 }
 
-/// While the link is down, asks the origin's health endpoint every
-/// `interval` and brings the link up when it answers.
+/// While the link is down, asks the origin for its info every `interval`
+/// and brings the link up when it answers. The request carries the token,
+/// so an origin that refuses it keeps the link down; the token file is
+/// then read again before each try (the origin may have been given a new
+/// token, and the file too).
 pub async fn run_prober(link: Arc<Link>, origin: OriginClient, interval: Duration) {
     loop {
         link.wait_down().await;
         loop {
             tokio::time::sleep(interval).await;
-            match origin.health().await {
+            match origin.info().await {
                 Ok(_) => {
                     link.up();
                     break;
                 }
-                Err(e) => tracing::debug!(error = %e, "origin still unreachable"),
+                Err(e @ OriginError::TokenRefused) => {
+                    link.still_down(&e.to_string());
+                    origin.reload_token();
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "origin still unreachable");
+                    if let Some(reason) = e.unreachable_reason() {
+                        link.still_down(&reason);
+                    }
+                }
             }
         }
     }

@@ -2,14 +2,20 @@
 //!
 //! Every failure is classified once, here: [`OriginError::Unreachable`]
 //! means the origin could not be asked (refused, timed out, 5xx) and the
-//! gateway should treat the link as down; [`OriginError::Api`] is a definite
+//! gateway should treat the link as down; so does
+//! [`OriginError::TokenRefused`] (the origin answers, but not to this
+//! gateway's token, until the token file holds the right one:
+//! [`OriginClient::reload_token`]); [`OriginError::Api`] is a definite
 //! answer from a working origin.
 
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use imz_origin::wire::{self, ApiError, ErrorCode};
+use reqwest::header::HeaderValue;
 use reqwest::{Response, StatusCode};
 use serde::de::DeserializeOwned;
 
@@ -19,6 +25,12 @@ pub enum OriginError {
     /// The origin could not be reached or did not answer in time.
     #[error("origin unreachable: {0}")]
     Unreachable(String),
+    /// The origin refuses this gateway's token (401): as good as
+    /// unreachable until the token file holds the origin's token.
+    #[error(
+        "the origin refuses this gateway's token (its --token-file must hold the origin's token)"
+    )]
+    TokenRefused,
     /// The origin answered with an error.
     #[error("origin refused: {0}")]
     Api(Box<ApiError>),
@@ -28,8 +40,18 @@ pub enum OriginError {
 }
 
 impl OriginError {
+    /// Whether the origin cannot be used now: the link is down.
     pub fn is_unreachable(&self) -> bool {
-        matches!(self, Self::Unreachable(_))
+        matches!(self, Self::Unreachable(_) | Self::TokenRefused)
+    }
+
+    /// Why the link is down, if this error means it is.
+    pub fn unreachable_reason(&self) -> Option<String> {
+        match self {
+            Self::Unreachable(reason) => Some(reason.clone()),
+            Self::TokenRefused => Some(self.to_string()),
+            _ => None,
+        }
     }
 
     pub fn code(&self) -> Option<ErrorCode> {
@@ -97,12 +119,16 @@ impl Default for Timeouts {
     }
 }
 
-/// Client of one origin. Cheap to clone (shares its connection pool).
+/// Client of one origin. Cheap to clone (shares its connection pool and
+/// its token).
 #[derive(Clone)]
 pub struct OriginClient {
     http: reqwest::Client,
     base: String,
-    auth: String,
+    /// `Bearer TOKEN`; replaced when the token file changes.
+    auth: Arc<RwLock<HeaderValue>>,
+    /// Where the token came from, if from a file.
+    token_file: Option<Arc<PathBuf>>,
     timeouts: Timeouts,
 }
 
@@ -129,9 +155,46 @@ impl OriginClient {
         Ok(Self {
             http,
             base: base_url.trim_end_matches('/').to_owned(),
-            auth: format!("Bearer {}", token.trim()),
+            auth: Arc::new(RwLock::new(bearer(token)?)),
+            token_file: None,
             timeouts,
         })
+    }
+
+    /// The token was read from `path`: [`Self::reload_token`] reads it again.
+    pub fn with_token_file(mut self, path: PathBuf) -> Self {
+        self.token_file = Some(Arc::new(path));
+        self
+    }
+
+    fn auth(&self) -> HeaderValue {
+        self.auth.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Reads the token file again (after the origin refused the token: it
+    /// may have been given a new one, and so may the file); returns whether
+    /// the token changed.
+    pub fn reload_token(&self) -> bool {
+        let Some(path) = &self.token_file else {
+            return false;
+        };
+        let token = match std::fs::read_to_string(path.as_path()) {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::debug!(path = %path.display(), error = %e, "cannot read the token file");
+                return false;
+            }
+        };
+        let Ok(new) = bearer(&token) else {
+            return false;
+        };
+        let mut auth = self.auth.write().unwrap_or_else(|p| p.into_inner());
+        if *auth == new {
+            return false;
+        }
+        *auth = new;
+        tracing::info!(path = %path.display(), "the token file changed: using its new token");
+        true
     }
 
     pub fn base_url(&self) -> &str {
@@ -155,7 +218,7 @@ impl OriginClient {
         let resp = self
             .http
             .get(self.url(path))
-            .header(reqwest::header::AUTHORIZATION, &self.auth)
+            .header(reqwest::header::AUTHORIZATION, self.auth())
             .query(query)
             .timeout(timeout)
             .send()
@@ -257,7 +320,7 @@ impl OriginClient {
         let send = self
             .http
             .get(self.url(&wire::paths::data(id, version)))
-            .header(reqwest::header::AUTHORIZATION, &self.auth)
+            .header(reqwest::header::AUTHORIZATION, self.auth())
             .header(
                 reqwest::header::RANGE,
                 format!("bytes={}-{}", start, end.saturating_sub(1)),
@@ -331,7 +394,7 @@ impl OriginClient {
         let send = self
             .http
             .get(self.url(wire::paths::MANIFEST))
-            .header(reqwest::header::AUTHORIZATION, &self.auth)
+            .header(reqwest::header::AUTHORIZATION, self.auth())
             .send();
         let resp = tokio::time::timeout(self.timeouts.request * 4, send)
             .await
@@ -435,7 +498,7 @@ impl OriginClient {
         let resp = self
             .http
             .put(self.url(&wire::paths::upload(upload_id)))
-            .header(reqwest::header::AUTHORIZATION, &self.auth)
+            .header(reqwest::header::AUTHORIZATION, self.auth())
             .header(reqwest::header::CONTENT_LENGTH, len)
             .body(body)
             .timeout(timeout)
@@ -451,7 +514,7 @@ impl OriginClient {
         let resp = self
             .http
             .post(self.url(wire::paths::REINTEGRATE))
-            .header(reqwest::header::AUTHORIZATION, &self.auth)
+            .header(reqwest::header::AUTHORIZATION, self.auth())
             .json(batch)
             .timeout(Duration::from_secs(120))
             .send()
@@ -463,6 +526,15 @@ impl OriginClient {
 }
 
 /// Turns error statuses into [`OriginError`]s.
+/// `Bearer TOKEN` as a header value (marked sensitive: kept out of logs).
+fn bearer(token: &str) -> Result<HeaderValue, OriginError> {
+    let mut value = HeaderValue::from_str(&format!("Bearer {}", token.trim())).map_err(|_| {
+        OriginError::Protocol("the token holds characters HTTP cannot carry".into())
+    })?;
+    value.set_sensitive(true);
+    Ok(value)
+}
+
 async fn check(resp: Response) -> Result<Response, OriginError> {
     let status = resp.status();
     if status.is_success() {
@@ -477,6 +549,7 @@ async fn check(resp: Response) -> Result<Response, OriginError> {
     }
     let bytes = resp.bytes().await.map_err(OriginError::from_reqwest)?;
     match serde_json::from_slice::<ApiError>(&bytes) {
+        Ok(err) if err.code == ErrorCode::Unauthorized => Err(OriginError::TokenRefused),
         Ok(err) => Err(OriginError::Api(Box::new(err))),
         Err(_) => Err(OriginError::Protocol(format!(
             "origin answered {status}: {}",

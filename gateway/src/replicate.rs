@@ -576,7 +576,7 @@ enum PassError {
 impl From<OriginError> for PassError {
     fn from(e: OriginError) -> Self {
         match e {
-            OriginError::Unreachable(_) => Self::Offline,
+            e if e.is_unreachable() => Self::Offline,
             other => Self::Failed(other.to_string()),
         }
     }

@@ -784,3 +784,54 @@ async fn warm_sequential_reads_show_every_change_at_once() -> Result {
     assert!(nfs.read_all(&fh).await? == changed, "old bytes came back");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_origin_given_a_new_token_is_waited_for_until_the_token_file_has_it() -> Result {
+    let mut fx = Fixture::new(|root| {
+        std::fs::write(root.join("cached.txt"), "cached")?;
+        Ok(())
+    })?;
+    let mut nfs = Nfs::mount(fx.port(), "/imz").await?;
+    assert_eq!(nfs.read_path("cached.txt").await?, b"cached");
+
+    // The origin is restarted with a new token; the gateway's file still
+    // holds the old one.
+    fx.origin.proc.kill9();
+    let new_token = fx.dir.path().join("new-token");
+    std::fs::write(&new_token, "the-new-token")?;
+    let addr = fx.origin.addr.to_string();
+    fx.origin = imz_integration::OriginProc::start_on(&fx.root, &new_token, &addr)?;
+    std::fs::write(fx.root.join("later.txt"), "later")?;
+
+    // Disconnected, saying why: not "connected" while every request is refused.
+    let (status, _) = eventually(Duration::from_secs(10), || {
+        let s = fx.gateway.status().ok()?;
+        let reason = s["disconnect_reason"].as_str()?.to_owned();
+        reason.contains("token").then_some(s)
+    })
+    .ok_or_else(|| anyhow::anyhow!("the gateway never said the origin refuses its token"))?;
+    assert_eq!(status["connected"], false, "{status}");
+    // Cached data is still served; what is not cached fails fast.
+    assert_eq!(nfs.read_path("cached.txt").await?, b"cached");
+    let start = Instant::now();
+    let uncached = nfs.read_path("later.txt").await;
+    assert!(
+        matches!(uncached, Err(NfsError::Status(nfsstat3::NFS3ERR_IO))),
+        "{uncached:?}"
+    );
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        start.elapsed()
+    );
+
+    // The token file is given the new token: no restart needed.
+    std::fs::write(fx.dir.path().join("token"), "the-new-token\n")?;
+    let (later, _) = eventually(Duration::from_secs(10), || {
+        futures_block(nfs.read_path("later.txt")).ok()
+    })
+    .ok_or_else(|| anyhow::anyhow!("the gateway never used the new token"))?;
+    assert_eq!(later, b"later");
+    assert_eq!(fx.gateway.status()?["connected"], true);
+    Ok(())
+}

@@ -11,7 +11,8 @@ pub struct Args {
     /// Base URL of the origin, e.g. http://origin.example:7070
     #[arg(long)]
     pub origin: String,
-    /// File holding the origin's bearer token.
+    /// File holding the origin's bearer token (read again while the origin
+    /// refuses it: a new token needs no restart).
     #[arg(long)]
     pub token_file: PathBuf,
     /// Directory of the persistent cache (created if missing).
@@ -42,6 +43,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let config = GatewayConfig {
             origin_url: args.origin,
             token,
+            token_file: Some(args.token_file),
             cache_dir: args.cache,
             cache_size: args.cache_size,
             listen: restart::listen_addr("nfs", Some(args.listen)).unwrap_or(args.listen),

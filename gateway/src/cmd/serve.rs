@@ -75,6 +75,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let mut config = GatewayConfig {
             origin_url: origin_url.clone(),
             token,
+            token_file: None,
             cache_dir,
             cache_size: args.cache_size,
             listen: restart::listen_addr("nfs", args.listen).unwrap_or(STANDARD_NFS.parse()?),

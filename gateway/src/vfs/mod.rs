@@ -113,11 +113,11 @@ impl Vfs {
     /// Classifies an origin failure, marking the link down when the origin
     /// could not be reached.
     pub fn origin_failed(&self, err: OriginError) -> VfsError {
+        if let Some(reason) = err.unreachable_reason() {
+            self.link.down(&reason);
+            return VfsError::Offline;
+        }
         match err {
-            OriginError::Unreachable(reason) => {
-                self.link.down(&reason);
-                VfsError::Offline
-            }
             OriginError::Api(api) if api.code == imz_origin::wire::ErrorCode::NotFound => {
                 VfsError::NotFound
             }
