@@ -25,10 +25,12 @@ const ENTRY_SUFFIX: &str = ".sock";
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
-    #[error("{}: {source}", path.display())]
+    // `cause`, not `source`: the message holds it, and a `source` would be
+    // printed again by `anyhow`'s chain.
+    #[error("{}: {cause}", path.display())]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("{} is not safe to use: {why}", dir.display())]
     Unsafe { dir: PathBuf, why: String },
@@ -46,9 +48,9 @@ fn list(sockets: &[PathBuf]) -> String {
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> RegistryError + '_ {
-    move |source| RegistryError::Io {
+    move |cause| RegistryError::Io {
         path: path.to_owned(),
-        source,
+        cause,
     }
 }
 

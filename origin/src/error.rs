@@ -8,11 +8,12 @@ use crate::wire::{ApiError, Attr, ErrorCode};
 pub enum OriginError {
     #[error("metadata store: {0}")]
     Store(#[from] redb::Error),
-    #[error("{context}: {source}")]
+    // The cause is in the message, and not also a `source`: `anyhow`'s
+    // chain would print it twice ("...: Permission denied: Permission denied").
+    #[error("{context}: {cause}")]
     Io {
         context: String,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("corrupt metadata store record: {0}")]
     Corrupt(String),
@@ -26,7 +27,7 @@ impl OriginError {
     pub fn io(context: impl Into<String>, source: impl Into<std::io::Error>) -> Self {
         Self::Io {
             context: context.into(),
-            source: source.into(),
+            cause: source.into(),
         }
     }
 }
