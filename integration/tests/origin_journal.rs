@@ -602,3 +602,53 @@ fn a_hard_linked_file_changed_through_one_name_is_journaled_under_every_name() {
     eventually("b/deep/link has 1 link", || attr("b/deep/link").nlink == 1);
     assert_eq!(content("b/deep/link"), b"second, longer");
 }
+
+#[test]
+fn a_change_in_a_huge_directory_costs_a_stat_not_a_listing() {
+    // A mail spool, a photo folder, a build cache: one directory of many
+    // thousand entries where files come and go every second. Comparing the
+    // whole directory for each of them kept the origin's CPU busy.
+    const ENTRIES: usize = 50_000;
+    const CHANGES: usize = 20;
+    let s = start_with(|root| {
+        std::fs::create_dir(root.join("spool")).expect("mkdir");
+        for i in 0..ENTRIES {
+            std::fs::write(root.join(format!("spool/m{i:06}")), b"").expect("write");
+        }
+    });
+    let c = &s.client;
+    let root = s.root();
+    let pid = s.origin.proc.pid();
+    let cpu = || imz_integration::bench::cpu_time(pid).expect("cpu time");
+    // The peer: the start-up scan, one comparison of the whole tree.
+    let scan = cpu();
+
+    let before = cpu();
+    for i in 0..CHANGES {
+        match i % 4 {
+            0 | 1 => std::fs::write(root.join(format!("spool/new{i}")), b"new"),
+            2 => std::fs::remove_file(root.join(format!("spool/m{i:06}"))),
+            _ => std::fs::write(root.join(format!("spool/m{i:06}")), b"changed"),
+        }
+        .expect("change");
+        // Apart, so that each is reconciled on its own.
+        std::thread::sleep(Duration::from_millis(60));
+    }
+    let spool = c.walk("spool").expect("spool").attr;
+    eventually("every change journaled", || {
+        (0..CHANGES).all(|i| match i % 4 {
+            0 | 1 => c.try_lookup(spool.id, &format!("new{i}")).is_some(),
+            2 => c.try_lookup(spool.id, &format!("m{i:06}")).is_none(),
+            _ => c
+                .try_lookup(spool.id, &format!("m{i:06}"))
+                .is_some_and(|e| e.attr.size == 7),
+        })
+    });
+    let changes = cpu() - before;
+    eprintln!("{CHANGES} changes: {changes:?} of CPU; start-up scan: {scan:?}");
+    assert!(
+        changes < scan / 2,
+        "{CHANGES} changes in a directory of {ENTRIES} entries took {changes:?} of CPU, \
+         the start-up scan of the whole tree {scan:?}"
+    );
+}

@@ -3,8 +3,13 @@
 //! a full rescan at start-up or after an inotify overflow) are journaled as
 //! ordinary changes, with no idempotency key.
 //!
-//! For each dirty directory the listing is compared with the stored
-//! entries, by name and by fingerprint. Entries that vanished and entries
+//! A path the watcher names is compared on its own (one stat, whatever the
+//! size of its directory): creates, removes, renames with both ends named,
+//! and changed files. Anything one name cannot explain (a name now holding
+//! another object, a directory's own change, a new name for an inode the
+//! store knows elsewhere) makes its directory be compared whole. For each
+//! such directory the listing is compared with the stored entries, by name
+//! and by fingerprint. Entries that vanished and entries
 //! that appeared are matched by inode number first, so an object moved by
 //! another program (`mv`) keeps its id: that is a `Rename`. What remains
 //! becomes `Remove` and `Create` (a new directory is scanned whole), and a
@@ -96,14 +101,8 @@ pub fn reconcile(cx: &mut WCtx<'_>, dirty: Dirty) -> Result<()> {
     if dirty.full {
         work.insert(ROOT_ID);
     }
-    if !entries.is_empty() {
-        let mut diff = Diff::default();
-        list_entries(cx, &entries, &work, &mut diff)?;
-        if !diff.is_empty() {
-            // Matching renames needs both ends: look at whole directories.
-            work.extend(entries.iter().map(|(d, _)| *d));
-        }
-    }
+    let whole = reconcile_entries(cx, entries, &work)?;
+    work.extend(whole);
     let mut rounds = 0;
     while !work.is_empty() && rounds < 8 {
         rounds += 1;
@@ -123,15 +122,40 @@ pub fn reconcile(cx: &mut WCtx<'_>, dirty: Dirty) -> Result<()> {
                 work.insert(id);
             }
         }
-        if !other_names.is_empty() {
-            let mut linked = Diff::default();
-            list_entries(cx, &other_names, &work, &mut linked)?;
-            if !linked.is_empty() {
-                work.extend(other_names.iter().map(|(dir, _)| *dir));
+        let whole = reconcile_entries(cx, other_names, &work)?;
+        work.extend(whole);
+    }
+    Ok(())
+}
+
+/// Reconciles single entries (not in directories of `skip`, which are
+/// listed whole anyway), then the other names of hard-linked files among
+/// them. Returns the directories to list whole instead, when an entry's
+/// change needs more than its own name to be understood.
+fn reconcile_entries(
+    cx: &mut WCtx<'_>,
+    mut entries: BTreeSet<(ObjectId, String)>,
+    skip: &BTreeSet<ObjectId>,
+) -> Result<BTreeSet<ObjectId>> {
+    let mut whole = BTreeSet::new();
+    // Each pass follows hard links one step further; a file has few names.
+    for _ in 0..4 {
+        if entries.is_empty() {
+            break;
+        }
+        match diff_entries(cx, &entries, skip)? {
+            Some(mut diff) => {
+                let others = other_links(cx, &diff)?;
+                apply(cx, &mut diff)?;
+                entries = others;
+            }
+            None => {
+                whole.extend(entries.iter().map(|(dir, _)| *dir));
+                break;
             }
         }
     }
-    Ok(())
+    Ok(whole)
 }
 
 /// `(parent, name)` of the other names of every hard-linked file in `diff`
@@ -160,15 +184,6 @@ fn other_links(cx: &WCtx<'_>, diff: &Diff) -> Result<BTreeSet<(ObjectId, String)
     Ok(names)
 }
 
-impl Diff {
-    fn is_empty(&self) -> bool {
-        self.missing.is_empty()
-            && self.new.is_empty()
-            && self.changed.is_empty()
-            && self.failed.is_empty()
-    }
-}
-
 /// `(parent, name)` of a changed path whose parent is a stored directory.
 fn entry_for_path(cx: &WCtx<'_>, path: &[String]) -> Result<Option<(ObjectId, String)>> {
     let Some((last, parents)) = path.split_last() else {
@@ -184,17 +199,23 @@ fn entry_for_path(cx: &WCtx<'_>, path: &[String]) -> Result<Option<(ObjectId, St
     Ok(Some((cur, last.clone())))
 }
 
-/// Compares single entries with the store; anything that differs is
-/// reported in `diff` (which the caller then reconciles by directory).
-fn list_entries(
+/// Compares single entries with the store, without listing their
+/// directories: creates, removes and changed files, in a directory of any
+/// size, cost a stat each. `None` when some entry needs its whole
+/// directory compared: a name that now holds another object or kind (a
+/// file replaced by `mv` over it), a directory whose own attributes
+/// changed (listing it finds what it holds), a new name for an inode the
+/// store knows elsewhere (a rename whose other end is not among these
+/// entries, or a hard link), or a directory that no longer opens.
+fn diff_entries(
     cx: &WCtx<'_>,
     entries: &BTreeSet<(ObjectId, String)>,
     skip: &BTreeSet<ObjectId>,
-    diff: &mut Diff,
-) -> Result<()> {
+) -> Result<Option<Diff>> {
+    let mut diff = Diff::default();
     let mut fds: HashMap<ObjectId, Option<OwnedFd>> = HashMap::new();
     for (dir, name) in entries {
-        if skip.contains(dir) {
+        if skip.contains(dir) || (*dir == ROOT_ID && name == crate::wire::STATE_DIR_NAME) {
             continue;
         }
         if !fds.contains_key(dir) {
@@ -205,17 +226,12 @@ fn list_entries(
             fds.insert(*dir, fd);
         }
         let Some(Some(fd)) = fds.get(dir) else {
-            diff.failed.push(*dir);
-            continue;
+            return Ok(None);
         };
-        let on_disk = if *dir == ROOT_ID && name == crate::wire::STATE_DIR_NAME {
-            continue;
-        } else {
-            fsops::stat_at(fd, name)
-                .ok()
-                .flatten()
-                .filter(|st| fsops::kind_of(st).is_some())
-        };
+        let on_disk = fsops::stat_at(fd, name)
+            .ok()
+            .flatten()
+            .filter(|st| fsops::kind_of(st).is_some());
         let stored = match cx.tx.child(*dir, name)? {
             Some(id) => cx.tx.meta(id)?,
             None => None,
@@ -223,11 +239,29 @@ fn list_entries(
         match (stored, on_disk) {
             (None, None) => {}
             (Some(m), Some(st)) if m.fp == Fingerprint::of(&st) => {}
-            (Some(m), _) => diff.missing.push((*dir, name.clone(), m.attr.id)),
+            (Some(m), Some(st))
+                if m.attr.kind != Kind::Dir
+                    && fsops::kind_of(&st) == Some(m.attr.kind)
+                    && m.fp.ino == st.st_ino =>
+            {
+                diff.changed.push((m.attr.id, st));
+            }
+            (Some(m), None) => diff.missing.push((*dir, name.clone(), m.attr.id)),
             (None, Some(st)) => diff.new.push((*dir, name.clone(), st)),
+            (Some(_), Some(_)) => return Ok(None),
         }
     }
-    Ok(())
+    let missing: HashSet<ObjectId> = diff.missing.iter().map(|(_, _, id)| *id).collect();
+    for (_, _, st) in &diff.new {
+        if cx
+            .tx
+            .by_ino(st.st_ino)?
+            .is_some_and(|id| !missing.contains(&id))
+        {
+            return Ok(None);
+        }
+    }
+    Ok(Some(diff))
 }
 
 /// The directories to look at for a changed path: its deepest stored
