@@ -80,11 +80,19 @@ pub fn status(e: VfsError) -> nfsstat3 {
     }
 }
 
+/// NFSv3 times are unsigned 32-bit seconds: a time before 1970 reads as
+/// 1970, one after 2106 as the last instant of 2106.
 fn nfstime(nanos: i64) -> nfstime3 {
     let nanos = nanos.max(0);
-    nfstime3 {
-        seconds: u32::try_from(nanos / 1_000_000_000).unwrap_or(u32::MAX),
-        nseconds: (nanos % 1_000_000_000) as u32,
+    match u32::try_from(nanos / 1_000_000_000) {
+        Ok(seconds) => nfstime3 {
+            seconds,
+            nseconds: (nanos % 1_000_000_000) as u32,
+        },
+        Err(_) => nfstime3 {
+            seconds: u32::MAX,
+            nseconds: 999_999_999,
+        },
     }
 }
 
@@ -439,5 +447,25 @@ impl NfsFileSystem for NfsAdapter {
 
     async fn commit(&self, id: &FileHandleU64, _offset: u64, _count: u32) -> Result<(), nfsstat3> {
         self.vfs.commit(id.as_u64()).await.map_err(status)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_outside_what_nfsv3_holds_are_clamped_to_its_ends() {
+        let t = |nanos| {
+            let t = nfstime(nanos);
+            (t.seconds, t.nseconds)
+        };
+        assert_eq!(t(1_500_000_000_250), (1500, 250));
+        assert_eq!(t(-1), (0, 0), "before 1970");
+        assert_eq!(t(i64::MIN), (0, 0));
+        // 2200-01-01, and the origin's saturated nanoseconds (2300).
+        assert_eq!(t(7_258_118_400 * 1_000_000_000), (u32::MAX, 999_999_999));
+        assert_eq!(t(i64::MAX), (u32::MAX, 999_999_999));
+        assert_eq!(t(i64::from(u32::MAX) * 1_000_000_000 + 7), (u32::MAX, 7));
     }
 }
