@@ -3,10 +3,12 @@
 /// Everything that can go wrong in the cache.
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {
+    // The causes below are in the messages and not also `source`s, which
+    // `anyhow`'s chain would print a second time.
     #[error("cache database: {0}")]
-    Db(#[from] redb::Error),
+    Db(redb::Error),
     #[error("cache I/O: {0}")]
-    Io(#[from] std::io::Error),
+    Io(std::io::Error),
     #[error("cache record is corrupt: {0}")]
     Corrupt(String),
     #[error(
@@ -17,6 +19,8 @@ pub enum CacheError {
         found: u32,
         expected: u32,
     },
+    #[error("another imz gateway is using this cache ({path} is in use)")]
+    InUse { path: String },
     #[error("the cache is full of data not yet reintegrated ({needed} more bytes needed)")]
     NoSpace { needed: u64 },
     #[error("a file cannot grow past {max} bytes")]
@@ -30,6 +34,18 @@ pub enum CacheError {
 impl CacheError {
     pub fn corrupt(what: impl std::fmt::Display) -> Self {
         Self::Corrupt(what.to_string())
+    }
+}
+
+impl From<redb::Error> for CacheError {
+    fn from(e: redb::Error) -> Self {
+        Self::Db(e)
+    }
+}
+
+impl From<std::io::Error> for CacheError {
+    fn from(e: std::io::Error) -> Self {
+        Self::Io(e)
     }
 }
 

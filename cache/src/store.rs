@@ -167,7 +167,15 @@ impl Cache {
     pub fn open(dir: &Path, capacity: u64) -> Result<Self> {
         std::fs::create_dir_all(dir)?;
         let path = dir.join(DB_FILE);
-        let db = Database::builder().set_cache_size(64 << 20).create(&path)?;
+        let db = match Database::builder().set_cache_size(64 << 20).create(&path) {
+            Ok(db) => db,
+            Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
+                return Err(CacheError::InUse {
+                    path: path.display().to_string(),
+                });
+            }
+            Err(e) => return Err(e.into()),
+        };
         let tx = db.begin_write()?;
         let generation;
         {

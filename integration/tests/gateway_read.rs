@@ -835,3 +835,53 @@ async fn an_origin_given_a_new_token_is_waited_for_until_the_token_file_has_it()
     assert_eq!(fx.gateway.status()?["connected"], true);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_gateway_on_one_cache_or_origin_on_one_directory_is_refused_clearly() -> Result {
+    let fx = Fixture::new(|root| {
+        std::fs::write(root.join("f"), "still served")?;
+        Ok(())
+    })?;
+    let token = fx.dir.path().join("token");
+    let run = |args: &[&std::ffi::OsStr]| -> anyhow::Result<String> {
+        let out = std::process::Command::new(imz_integration::imz_bin())
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .output()?;
+        anyhow::ensure!(!out.status.success(), "a second one started: {args:?}");
+        Ok(String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let gateway = run(&[
+        "gateway".as_ref(),
+        "--origin".as_ref(),
+        fx.origin.url.as_ref(),
+        "--token-file".as_ref(),
+        token.as_os_str(),
+        "--cache".as_ref(),
+        fx.dir.path().join("cache").as_os_str(),
+        "--listen".as_ref(),
+        "127.0.0.1:0".as_ref(),
+    ])?;
+    assert!(
+        gateway.contains("another imz gateway is using this cache"),
+        "{gateway}"
+    );
+    let origin = run(&[
+        "origin".as_ref(),
+        "--root".as_ref(),
+        fx.root.as_os_str(),
+        "--token-file".as_ref(),
+        token.as_os_str(),
+        "--listen".as_ref(),
+        "127.0.0.1:0".as_ref(),
+    ])?;
+    assert!(
+        origin.contains("another imz origin already serves this directory"),
+        "{origin}"
+    );
+    assert_eq!(origin.matches("in use").count(), 1, "said once: {origin}");
+    // The running pair was not disturbed.
+    let mut nfs = Nfs::mount(fx.port(), "/imz").await?;
+    assert_eq!(nfs.read_path("f").await?, b"still served");
+    Ok(())
+}

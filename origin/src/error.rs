@@ -6,8 +6,9 @@ use crate::wire::{ApiError, Attr, ErrorCode};
 /// client's mistake. Client-facing answers are [`ApiError`]s.
 #[derive(Debug, thiserror::Error)]
 pub enum OriginError {
+    // Not a `source` too: `anyhow`'s chain would print the cause twice.
     #[error("metadata store: {0}")]
-    Store(#[from] redb::Error),
+    Store(redb::Error),
     // The cause is in the message, and not also a `source`: `anyhow`'s
     // chain would print it twice ("...: Permission denied: Permission denied").
     #[error("{context}: {cause}")]
@@ -29,6 +30,12 @@ impl OriginError {
             context: context.into(),
             cause: source.into(),
         }
+    }
+}
+
+impl From<redb::Error> for OriginError {
+    fn from(e: redb::Error) -> Self {
+        Self::Store(e)
     }
 }
 

@@ -81,9 +81,19 @@ pub struct Store {
 impl Store {
     /// Opens (or creates) the store at `path`.
     pub fn open(path: &std::path::Path) -> Result<Self> {
-        let db = Database::builder()
+        let db = match Database::builder()
             .set_cache_size(PAGE_CACHE_BYTES)
-            .create(path)?;
+            .create(path)
+        {
+            Ok(db) => db,
+            Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
+                return Err(OriginError::Config(format!(
+                    "another imz origin already serves this directory (its store {} is in use)",
+                    path.display()
+                )));
+            }
+            Err(e) => return Err(e.into()),
+        };
         let store = Self {
             db,
             failure: tokio::sync::watch::Sender::new(None),
