@@ -9,6 +9,7 @@
 //! answer from a working origin.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -129,6 +130,8 @@ pub struct OriginClient {
     auth: Arc<RwLock<HeaderValue>>,
     /// Where the token came from, if from a file.
     token_file: Option<Arc<PathBuf>>,
+    /// The origin takes uploads as extents (said by its info).
+    upload_extents: Arc<AtomicBool>,
     timeouts: Timeouts,
 }
 
@@ -157,6 +160,7 @@ impl OriginClient {
             base: base_url.trim_end_matches('/').to_owned(),
             auth: Arc::new(RwLock::new(bearer(token)?)),
             token_file: None,
+            upload_extents: Arc::new(AtomicBool::new(false)),
             timeouts,
         })
     }
@@ -241,9 +245,20 @@ impl OriginClient {
         resp.json().await.map_err(OriginError::from_reqwest)
     }
 
+    /// `GET /v1/info`; also notes what the origin says it can take.
     pub async fn info(&self) -> Result<wire::Info, OriginError> {
-        self.get_json(wire::paths::INFO, &[], self.timeouts.request)
-            .await
+        let info: wire::Info = self
+            .get_json(wire::paths::INFO, &[], self.timeouts.request)
+            .await?;
+        self.upload_extents
+            .store(info.upload_extents, Ordering::Relaxed);
+        Ok(info)
+    }
+
+    /// Whether uploads may be sent as extents ([`Self::upload_extents`]):
+    /// the origin said so when last asked for its info.
+    pub fn takes_upload_extents(&self) -> bool {
+        self.upload_extents.load(Ordering::Relaxed)
     }
 
     pub async fn getattr(&self, id: wire::ObjectId) -> Result<wire::Attr, OriginError> {
@@ -500,6 +515,30 @@ impl OriginClient {
             .put(self.url(&wire::paths::upload(upload_id)))
             .header(reqwest::header::AUTHORIZATION, self.auth())
             .header(reqwest::header::CONTENT_LENGTH, len)
+            .body(body)
+            .timeout(timeout)
+            .send()
+            .await
+            .map_err(OriginError::from_reqwest)?;
+        let resp = check(resp).await?;
+        resp.json().await.map_err(OriginError::from_reqwest)
+    }
+
+    /// `PUT /v1/uploads/{id}` of a file of `size` bytes as extents (see
+    /// [`wire::paths::UPLOAD_SIZE`]; only where
+    /// [`Self::takes_upload_extents`]): holes are not sent.
+    pub async fn upload_extents(
+        &self,
+        upload_id: &str,
+        body: reqwest::Body,
+        size: u64,
+    ) -> Result<wire::Uploaded, OriginError> {
+        let timeout = Duration::from_secs(30) + Duration::from_secs(size / (8 << 20));
+        let resp = self
+            .http
+            .put(self.url(&wire::paths::upload(upload_id)))
+            .header(reqwest::header::AUTHORIZATION, self.auth())
+            .header(wire::paths::UPLOAD_SIZE, size)
             .body(body)
             .timeout(timeout)
             .send()

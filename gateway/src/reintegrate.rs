@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::StreamExt;
+use imz_cache::chunk;
 use imz_cache::{FileId, Kind, LogOp, LogRecord, Object, OriginRef, meta};
 use imz_origin::wire::{self, Base, KeyedOp, NewObject, ObjRef, Op, OpResult};
 use tokio::sync::watch;
@@ -584,11 +585,25 @@ impl Reintegrator {
         for (upload_id, fid, size) in plan.uploads.iter().cloned() {
             let vfs = Arc::clone(&self.vfs);
             sends.push(async move {
-                let body = reqwest::Body::wrap_stream(content_stream(Arc::clone(&vfs), fid, size));
-                vfs.origin
-                    .upload(&upload_id, body, size)
-                    .await
-                    .map(|_| size)
+                // A file written here is wholly in the cache, where a chunk
+                // that is absent or empty is a hole: such a file goes as its
+                // extents, so a sparse file's holes do not cross the network.
+                let local = vfs.getattr(fid).is_ok_and(|o| o.origin_extent == 0);
+                if local && vfs.origin.takes_upload_extents() {
+                    let body =
+                        reqwest::Body::wrap_stream(extents_stream(Arc::clone(&vfs), fid, size));
+                    vfs.origin
+                        .upload_extents(&upload_id, body, size)
+                        .await
+                        .map(|_| size)
+                } else {
+                    let body =
+                        reqwest::Body::wrap_stream(content_stream(Arc::clone(&vfs), fid, size));
+                    vfs.origin
+                        .upload(&upload_id, body, size)
+                        .await
+                        .map(|_| size)
+                }
             });
         }
         let mut uploads = futures::stream::iter(sends).buffer_unordered(UPLOADS_IN_FLIGHT);
@@ -792,6 +807,48 @@ fn content_stream(
                     Some((Err(std::io::Error::other(e.to_string())), size))
                 }
             }
+        }
+    })
+}
+
+/// The upload body of a file wholly in the cache, as extents (see
+/// `wire::paths::UPLOAD_SIZE`): one record per stored chunk, none for a
+/// hole (a chunk absent, or empty: all zeros). The size was read when the
+/// upload was planned; a chunk past it is left out, and one the file lost
+/// meanwhile reads as a hole, as `content_stream` pads. A later write
+/// travels in a later upload.
+fn extents_stream(
+    vfs: Arc<Vfs>,
+    fid: FileId,
+    size: u64,
+) -> impl futures::Stream<Item = Result<Bytes, std::io::Error>> + Send {
+    let chunks = chunk::count(size);
+    futures::stream::iter(0..chunks).filter_map(move |index| {
+        let vfs = Arc::clone(&vfs);
+        async move {
+            let stored = vfs
+                .cache
+                .read()
+                .and_then(|rx| rx.chunk(fid, index))
+                .map_err(|e| {
+                    tracing::warn!(fid, index, error = %e, "reading a file's content for its upload failed");
+                    std::io::Error::other(e.to_string())
+                });
+            let start = chunk::start_of(index);
+            let mut bytes = match stored {
+                Ok(Some(bytes)) => bytes,
+                Ok(None) => return None,
+                Err(e) => return Some(Err(e)),
+            };
+            bytes.truncate(usize::try_from(size - start).unwrap_or(usize::MAX));
+            if bytes.is_empty() {
+                return None;
+            }
+            let mut record = Vec::with_capacity(12 + bytes.len());
+            record.extend_from_slice(&start.to_be_bytes());
+            record.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
+            record.extend_from_slice(&bytes);
+            Some(Ok(Bytes::from(record)))
         }
     })
 }

@@ -1187,3 +1187,68 @@ async fn names_that_are_not_utf8_are_served_and_written_as_their_bytes() -> Resu
     assert!(!origin_raw(&fx, &[b"na\xefve"]).exists());
     Ok(())
 }
+
+/// Bytes the process has written through write(2) and friends, sockets
+/// included (`wchar` of /proc/PID/io).
+fn bytes_written(pid: u32) -> anyhow::Result<u64> {
+    let io = std::fs::read_to_string(format!("/proc/{pid}/io"))?;
+    io.lines()
+        .find_map(|l| l.strip_prefix("wchar:"))
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no wchar in /proc/{pid}/io"))
+}
+
+/// A VM image or a database made with `truncate -s`: the holes of a
+/// sparse file written through imz do not cross the network to the origin.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sparse_file_reaches_the_origin_without_its_holes() -> Result {
+    use std::os::unix::fs::MetadataExt;
+    const SIZE: u64 = 8 << 30;
+    let fx = Fixture::with_cache_size("1GiB", &["--reintegrate-delay", "30m"], |_| Ok(()))?;
+    let mut nfs = Nfs::mount(fx.port(), "/imz").await?;
+    let root = nfs.root.clone();
+    let fh = nfs
+        .create(&root, "disk.img", CreateMode::Unchecked, &Attrs::default())
+        .await?;
+    nfs.setattr(
+        &fh,
+        &Attrs {
+            size: Some(SIZE),
+            ..Attrs::default()
+        },
+    )
+    .await?;
+    nfs.write(&fh, 0, b"head", Stable::FILE_SYNC).await?;
+    nfs.write(&fh, 3 << 30, b"middle", Stable::FILE_SYNC)
+        .await?;
+    nfs.write(&fh, SIZE - 4, b"tail", Stable::FILE_SYNC).await?;
+
+    let before = bytes_written(fx.gateway.proc.pid())?;
+    fx.gateway.ctl(&["sync", "--timeout", "60s"])?;
+    let sent = bytes_written(fx.gateway.proc.pid())? - before;
+    assert!(
+        sent < 64 << 20,
+        "the gateway wrote {sent} bytes to ship a file of 14 bytes of data"
+    );
+
+    let path = fx.origin_path("disk.img");
+    let meta = std::fs::metadata(&path)?;
+    assert_eq!(meta.len(), SIZE);
+    assert!(
+        meta.blocks() * 512 < 1 << 20,
+        "{} bytes allocated",
+        meta.blocks() * 512
+    );
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::File::open(&path)?;
+    let at = |offset: u64, len: usize| -> anyhow::Result<Vec<u8>> {
+        let mut buf = vec![0xffu8; len];
+        file.read_exact_at(&mut buf, offset)?;
+        Ok(buf)
+    };
+    assert_eq!(at(0, 8)?, b"head\0\0\0\0");
+    assert_eq!(at((3 << 30) - 2, 10)?, b"\0\0middle\0\0");
+    assert_eq!(at(SIZE - 8, 8)?, b"\0\0\0\0tail");
+    assert_eq!(at(1 << 30, 4096)?, vec![0u8; 4096]);
+    Ok(())
+}

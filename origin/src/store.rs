@@ -279,6 +279,7 @@ impl Reader {
             root,
             first_seq: self.first_seq()?,
             last_seq: self.last_seq()?,
+            upload_extents: true,
         })
     }
 

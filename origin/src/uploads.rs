@@ -5,6 +5,9 @@
 //! A body is written under `partial/` and renamed into `uploads/` only when
 //! complete and durable: an interrupted upload (client gone, origin killed)
 //! never looks finished, and partial files are deleted at start-up.
+//!
+//! The body is the file's bytes, or, with [`wire::paths::UPLOAD_SIZE`],
+//! its extents ([`Extents`]): then a sparse file's holes are not sent.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -28,8 +31,84 @@ static PARTIAL_SEQ: AtomicU64 = AtomicU64::new(0);
 const QUEUE: usize = 8;
 
 enum Msg {
+    /// What follows goes at this offset (extents only; the bytes between
+    /// are a hole).
+    At(u64),
     Data(Bytes),
     Done,
+}
+
+/// Decoder of an extents body (see [`wire::paths::UPLOAD_SIZE`]).
+#[derive(Debug)]
+struct Extents {
+    size: u64,
+    /// End of the last record: the next must start at or after it.
+    end: u64,
+    /// A record's header, as far as it has arrived.
+    head: Vec<u8>,
+    /// Bytes of the current record still to come.
+    left: u64,
+}
+
+impl Extents {
+    const HEAD: usize = 12;
+
+    fn new(size: u64) -> Self {
+        Self {
+            size,
+            end: 0,
+            head: Vec::with_capacity(Self::HEAD),
+            left: 0,
+        }
+    }
+
+    /// Turns the next piece of the body into messages for the writer.
+    fn feed(&mut self, mut piece: Bytes, out: &mut Vec<Msg>) -> Result<(), String> {
+        while !piece.is_empty() {
+            if self.left > 0 {
+                let n = piece
+                    .len()
+                    .min(usize::try_from(self.left).unwrap_or(usize::MAX));
+                out.push(Msg::Data(piece.split_to(n)));
+                self.left -= n as u64;
+                continue;
+            }
+            let n = (Self::HEAD - self.head.len()).min(piece.len());
+            self.head.extend_from_slice(&piece.split_to(n));
+            if self.head.len() < Self::HEAD {
+                continue;
+            }
+            let mut offset = [0u8; 8];
+            offset.copy_from_slice(&self.head[..8]);
+            let offset = u64::from_be_bytes(offset);
+            let mut len = [0u8; 4];
+            len.copy_from_slice(&self.head[8..]);
+            let len = u64::from(u32::from_be_bytes(len));
+            self.head.clear();
+            let end = offset
+                .checked_add(len)
+                .filter(|&end| len > 0 && offset >= self.end && end <= self.size)
+                .ok_or_else(|| {
+                    format!(
+                        "extent of {len} bytes at {offset}: out of order, empty, or past the \
+                         size {}",
+                        self.size
+                    )
+                })?;
+            self.end = end;
+            self.left = len;
+            out.push(Msg::At(offset));
+        }
+        Ok(())
+    }
+
+    /// The body ended: it must not end inside a record.
+    fn finish(&self) -> Result<(), String> {
+        if self.left > 0 || !self.head.is_empty() {
+            return Err("the body ends inside an extent".into());
+        }
+        Ok(())
+    }
 }
 
 pub async fn put(
@@ -46,10 +125,26 @@ pub async fn put(
         .into());
     }
     let max = shared.config.max_upload;
-    let declared = headers
-        .get(axum::http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+    let mut extents = match headers.get(wire::paths::UPLOAD_SIZE) {
+        None => None,
+        Some(v) => match v.to_str().ok().and_then(|v| v.parse::<u64>().ok()) {
+            Some(size) => Some(Extents::new(size)),
+            None => {
+                return Err(api(
+                    ErrorCode::BadRequest,
+                    format!("{} must be a size in bytes", wire::paths::UPLOAD_SIZE),
+                )
+                .into());
+            }
+        },
+    };
+    let declared = match &extents {
+        Some(e) => Some(e.size),
+        None => headers
+            .get(axum::http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok()),
+    };
     if declared.is_some_and(|n| n > max) {
         return Err(api(
             ErrorCode::TooLarge,
@@ -64,6 +159,7 @@ pub async fn put(
     ));
     let target = shared.uploads_dir.join(&upload_id);
     let uploads_dir = shared.uploads_dir.clone();
+    let sized = extents.as_ref().map(|e| e.size);
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Msg>(QUEUE);
     let writer = tokio::task::spawn_blocking(move || -> std::io::Result<u64> {
         let result = (|| {
@@ -74,12 +170,13 @@ pub async fn put(
             let mut out = SparseFile::new(file);
             loop {
                 match rx.blocking_recv() {
+                    Some(Msg::At(offset)) => out.skip_to(offset)?,
                     Some(Msg::Data(b)) => out.push(&b)?,
                     Some(Msg::Done) => break,
                     None => return Err(std::io::Error::other("upload interrupted")),
                 }
             }
-            let (file, size) = out.finish()?;
+            let (file, size) = out.finish(sized)?;
             file.sync_all()?;
             std::fs::rename(&partial, &target)?;
             std::fs::File::open(&uploads_dir)?.sync_all()?;
@@ -93,11 +190,13 @@ pub async fn put(
     let mut stream = body.into_data_stream();
     let mut received = 0u64;
     let mut failure: Option<ApiFailure> = None;
-    while let Some(chunk) = stream.next().await {
+    let mut msgs = Vec::new();
+    'body: while let Some(chunk) = stream.next().await {
         match chunk {
             Ok(b) => {
                 received += b.len() as u64;
-                if received > max {
+                // An extents body is checked against its declared size.
+                if extents.is_none() && received > max {
                     failure = Some(
                         api(
                             ErrorCode::TooLarge,
@@ -107,8 +206,19 @@ pub async fn put(
                     );
                     break;
                 }
-                if tx.send(Msg::Data(b)).await.is_err() {
-                    break;
+                match &mut extents {
+                    None => msgs.push(Msg::Data(b)),
+                    Some(e) => {
+                        if let Err(why) = e.feed(b, &mut msgs) {
+                            failure = Some(api(ErrorCode::BadRequest, why).into());
+                            break;
+                        }
+                    }
+                }
+                for msg in msgs.drain(..) {
+                    if tx.send(msg).await.is_err() {
+                        break 'body;
+                    }
                 }
             }
             Err(e) => {
@@ -122,6 +232,11 @@ pub async fn put(
                 break;
             }
         }
+    }
+    if failure.is_none()
+        && let Some(Err(why)) = extents.as_ref().map(Extents::finish)
+    {
+        failure = Some(api(ErrorCode::BadRequest, why).into());
     }
     if failure.is_none() {
         let _ = tx.send(Msg::Done).await;
@@ -214,11 +329,24 @@ impl SparseFile {
         Ok(())
     }
 
-    /// Writes everything and sizes the file; returns it and its size.
-    fn finish(mut self) -> std::io::Result<(std::fs::File, u64)> {
+    /// What comes next goes at `offset`, at or past the end of what came
+    /// so far: the bytes between stay a hole.
+    fn skip_to(&mut self, offset: u64) -> std::io::Result<()> {
         self.write_out(self.pending.len())?;
-        self.file.set_len(self.offset)?;
-        Ok((self.file, self.offset))
+        if offset < self.offset {
+            return Err(std::io::Error::other("extents out of order"));
+        }
+        self.offset = offset;
+        Ok(())
+    }
+
+    /// Writes everything and sizes the file (to `size` if given, else to
+    /// the end of what came); returns it and its size.
+    fn finish(mut self, size: Option<u64>) -> std::io::Result<(std::fs::File, u64)> {
+        self.write_out(self.pending.len())?;
+        let size = size.unwrap_or(self.offset);
+        self.file.set_len(size)?;
+        Ok((self.file, size))
     }
 
     /// Writes the first `n` pending bytes (a multiple of `BLOCK` unless they
@@ -253,8 +381,91 @@ impl SparseFile {
 
 #[cfg(test)]
 mod tests {
-    use super::SparseFile;
+    use super::{Extents, Msg, SparseFile};
+    use bytes::Bytes;
     use std::os::unix::fs::MetadataExt;
+
+    fn record(offset: u64, data: &[u8]) -> Vec<u8> {
+        let mut r = offset.to_be_bytes().to_vec();
+        r.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        r.extend_from_slice(data);
+        r
+    }
+
+    /// The file an extents body of `size` makes, fed in pieces of `piece`.
+    fn through_extents(body: &[u8], size: u64, piece: usize) -> Result<Vec<u8>, String> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("f");
+        let mut out = SparseFile::new(std::fs::File::create(&path).expect("create"));
+        let mut extents = Extents::new(size);
+        let mut msgs = Vec::new();
+        for p in body.chunks(piece) {
+            extents.feed(Bytes::copy_from_slice(p), &mut msgs)?;
+        }
+        extents.finish()?;
+        for msg in msgs {
+            match msg {
+                Msg::At(offset) => out.skip_to(offset).expect("skip"),
+                Msg::Data(b) => out.push(&b).expect("push"),
+                Msg::Done => unreachable!(),
+            }
+        }
+        out.finish(Some(size)).expect("finish");
+        Ok(std::fs::read(&path).expect("read"))
+    }
+
+    #[test]
+    fn extents_make_the_file_with_holes_between_whatever_the_pieces() {
+        let size = 3 << 20;
+        let mut want = vec![0u8; size];
+        want[10..15].copy_from_slice(b"hello");
+        want[2 << 20..(2 << 20) + 5].copy_from_slice(b"world");
+        let mut body = record(10, b"hello");
+        body.extend(record(2 << 20, b"world"));
+        for piece in [1, 5, 12, 13, 4096, 1 << 20] {
+            let got = through_extents(&body, size as u64, piece).expect("valid");
+            assert!(got == want, "pieces of {piece}");
+        }
+        // No extents at all: a file of zeros of the size.
+        assert_eq!(through_extents(&[], 5000, 7).expect("valid"), vec![0; 5000]);
+    }
+
+    #[test]
+    fn bad_extents_are_refused() {
+        let mut backwards = record(100, b"b");
+        backwards.extend(record(50, b"a"));
+        assert!(
+            through_extents(&backwards, 1000, 4096).is_err(),
+            "out of order"
+        );
+        let mut overlapping = record(100, b"bb");
+        overlapping.extend(record(101, b"a"));
+        assert!(
+            through_extents(&overlapping, 1000, 4096).is_err(),
+            "overlapping"
+        );
+        assert!(
+            through_extents(&record(998, b"abc"), 1000, 4096).is_err(),
+            "past the size"
+        );
+        assert!(
+            through_extents(&record(0, b""), 1000, 4096).is_err(),
+            "empty"
+        );
+        assert!(
+            through_extents(&record(u64::MAX, b"x"), u64::MAX, 4096).is_err(),
+            "overflow"
+        );
+        let whole = record(0, b"abc");
+        assert!(
+            through_extents(&whole[..whole.len() - 1], 1000, 4096).is_err(),
+            "cut short"
+        );
+        assert!(
+            through_extents(&whole[..5], 1000, 4096).is_err(),
+            "cut in the header"
+        );
+    }
 
     fn through_sparse_file(pieces: &[Vec<u8>]) -> (Vec<u8>, u64) {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -263,7 +474,7 @@ mod tests {
         for piece in pieces {
             out.push(piece).expect("push");
         }
-        let (_, size) = out.finish().expect("finish");
+        let (_, size) = out.finish(None).expect("finish");
         let bytes = std::fs::read(&path).expect("read");
         assert_eq!(bytes.len() as u64, size);
         let allocated = std::fs::metadata(&path).expect("stat").blocks() * 512;

@@ -57,7 +57,7 @@ pub const MAX_KEY_LEN: usize = 128;
 /// | GET | `/v1/data/{id}/{version}` (`Range` honoured) | | raw bytes (or 204 for a hole, see [`paths::ACCEPT_HOLES`]) |
 /// | GET | `/v1/journal?after=S&wait_ms=W&limit=L` | | [`JournalPage`] |
 /// | GET | `/v1/manifest` | | NDJSON: one [`ManifestHeader`], then [`ManifestEntry`]s |
-/// | PUT | `/v1/uploads/{upload_id}` | raw bytes | [`Uploaded`] |
+/// | PUT | `/v1/uploads/{upload_id}` | raw bytes, or extents ([`paths::UPLOAD_SIZE`]) | [`Uploaded`] |
 /// | POST | `/v1/reintegrate` | [`Batch`] | [`BatchResult`] |
 ///
 /// Every path but `/v1/health` needs `Authorization: Bearer TOKEN`.
@@ -73,6 +73,13 @@ pub mod paths {
     /// Response header of such an answer: the length of the range, all
     /// zeros.
     pub const HOLE: &str = "imz-hole";
+    /// Request header of an upload whose body is *extents* (only to an
+    /// origin whose [`super::Info::upload_extents`] is set): the value is
+    /// the file's size, and the body is records of `offset` (u64, big
+    /// endian), `len` (u32, big endian, not 0) and `len` bytes, in
+    /// increasing offsets within the size. What no record covers is a hole
+    /// (zeros), so a sparse file's holes do not cross the network.
+    pub const UPLOAD_SIZE: &str = "imz-upload-size";
 
     pub const HEALTH: &str = "/v1/health";
     pub const INFO: &str = "/v1/info";
@@ -156,6 +163,10 @@ pub struct Info {
     pub first_seq: Seq,
     /// Newest journal record.
     pub last_seq: Seq,
+    /// Uploads may be sent as extents ([`paths::UPLOAD_SIZE`]). Origins
+    /// from before it omit the field.
+    #[serde(default)]
+    pub upload_extents: bool,
 }
 
 /// `GET /v1/objects/{id}/entries`: one page of a directory, in name order.
