@@ -107,6 +107,9 @@ impl Gateway {
         }
 
         let connected = meet_origin(&cache, &origin, &config).await?;
+        if let Some(store) = cache.read()?.meta_str(meta::ORIGIN_STORE)? {
+            origin.expect_store(&store);
+        }
         let link = Link::new(connected);
         let metrics = Arc::new(Metrics::default());
         let fetcher = Fetcher::start(

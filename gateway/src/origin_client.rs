@@ -32,6 +32,16 @@ pub enum OriginError {
         "the origin refuses this gateway's token (its --token-file must hold the origin's token)"
     )]
     TokenRefused,
+    /// The origin at this address is another store than the one this
+    /// cache follows (its state was reset, or another origin took its
+    /// address): its ids and versions mean other files, so nothing may be
+    /// asked of it. As good as unreachable.
+    #[error(
+        "the origin at this address is another store (id {found}; this cache follows {expected}): \
+         it was reset or replaced. The cache is served as it is and nothing is sent; to follow \
+         the new origin, start a gateway with a new --cache"
+    )]
+    OtherStore { found: String, expected: String },
     /// The origin answered with an error.
     #[error("origin refused: {0}")]
     Api(Box<ApiError>),
@@ -43,14 +53,17 @@ pub enum OriginError {
 impl OriginError {
     /// Whether the origin cannot be used now: the link is down.
     pub fn is_unreachable(&self) -> bool {
-        matches!(self, Self::Unreachable(_) | Self::TokenRefused)
+        matches!(
+            self,
+            Self::Unreachable(_) | Self::TokenRefused | Self::OtherStore { .. }
+        )
     }
 
     /// Why the link is down, if this error means it is.
     pub fn unreachable_reason(&self) -> Option<String> {
         match self {
             Self::Unreachable(reason) => Some(reason.clone()),
-            Self::TokenRefused => Some(self.to_string()),
+            Self::TokenRefused | Self::OtherStore { .. } => Some(self.to_string()),
             _ => None,
         }
     }
@@ -132,6 +145,9 @@ pub struct OriginClient {
     token_file: Option<Arc<PathBuf>>,
     /// The origin takes uploads as extents (said by its info).
     upload_extents: Arc<AtomicBool>,
+    /// The store this cache follows, once known: an origin that answers
+    /// with another is refused ([`OriginError::OtherStore`]).
+    store_id: Arc<std::sync::OnceLock<String>>,
     timeouts: Timeouts,
 }
 
@@ -161,6 +177,7 @@ impl OriginClient {
             auth: Arc::new(RwLock::new(bearer(token)?)),
             token_file: None,
             upload_extents: Arc::new(AtomicBool::new(false)),
+            store_id: Arc::new(std::sync::OnceLock::new()),
             timeouts,
         })
     }
@@ -245,11 +262,28 @@ impl OriginClient {
         resp.json().await.map_err(OriginError::from_reqwest)
     }
 
-    /// `GET /v1/info`; also notes what the origin says it can take.
+    /// From now on, [`Self::info`] takes an origin for the one this cache
+    /// follows only if its store id is `store_id`.
+    pub fn expect_store(&self, store_id: &str) {
+        let _ = self.store_id.set(store_id.to_owned());
+    }
+
+    /// `GET /v1/info`; also notes what the origin says it can take. Fails
+    /// with [`OriginError::OtherStore`] when the origin is not the store
+    /// this cache follows ([`Self::expect_store`]): that is how the link
+    /// comes back up (the prober), so nothing else is asked of it.
     pub async fn info(&self) -> Result<wire::Info, OriginError> {
         let info: wire::Info = self
             .get_json(wire::paths::INFO, &[], self.timeouts.request)
             .await?;
+        if let Some(expected) = self.store_id.get()
+            && *expected != info.store_id
+        {
+            return Err(OriginError::OtherStore {
+                found: info.store_id,
+                expected: expected.clone(),
+            });
+        }
         self.upload_extents
             .store(info.upload_extents, Ordering::Relaxed);
         Ok(info)

@@ -885,3 +885,48 @@ async fn a_second_gateway_on_one_cache_or_origin_on_one_directory_is_refused_cle
     assert_eq!(nfs.read_path("f").await?, b"still served");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_origin_whose_state_was_reset_is_not_followed_and_no_file_gets_another_files_bytes()
+-> Result {
+    let mut fx = Fixture::new(|root| {
+        for i in 1..=3 {
+            std::fs::write(root.join(format!("f{i}")), format!("content {i}"))?;
+        }
+        Ok(())
+    })?;
+    let mut nfs = Nfs::mount(fx.port(), "/imz").await?;
+    assert_eq!(nfs.read_path("f1").await?, b"content 1");
+
+    // The origin's state is lost (its .imz deleted) while the tree changes:
+    // the new store hands out ids and versions afresh, to other files.
+    fx.origin.proc.kill9();
+    std::fs::remove_dir_all(fx.root.join(".imz"))?;
+    std::fs::remove_file(fx.root.join("f1"))?;
+    std::fs::write(fx.root.join("f2"), "new 2")?;
+    std::fs::write(fx.root.join("g0"), "new g0")?;
+    let addr = fx.origin.addr.to_string();
+    fx.origin = imz_integration::OriginProc::start_on(&fx.root, &fx.origin.token_file, &addr)?;
+
+    let (status, _) = eventually(Duration::from_secs(10), || {
+        let s = fx.gateway.status().ok()?;
+        let reason = s["disconnect_reason"].as_str()?.to_owned();
+        reason.contains("another store").then_some(s)
+    })
+    .ok_or_else(|| anyhow::anyhow!("the gateway never said the origin is another store"))?;
+    assert_eq!(status["connected"], false, "{status}");
+    // It stays that way: the reset origin is never taken for the old one.
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(fx.gateway.status()?["connected"], false);
+    for name in ["f2", "f3", "g0"] {
+        let on_disk = std::fs::read(fx.root.join(name))?;
+        match nfs.read_path(name).await {
+            Ok(bytes) => assert_eq!(bytes, on_disk, "{name} read another file's bytes"),
+            Err(NfsError::Status(nfsstat3::NFS3ERR_IO | nfsstat3::NFS3ERR_NOENT)) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    // What the cache holds is still served.
+    assert_eq!(nfs.read_path("f1").await?, b"content 1");
+    Ok(())
+}
