@@ -73,11 +73,15 @@ impl Link {
     }
 
     /// The origin still cannot be used, now for `reason` (shown by
-    /// `imz status`; a new reason is logged).
-    pub fn still_down(&self, reason: &str) {
+    /// `imz status`). A reason that needs someone to act (a refused token,
+    /// another store) is logged when it appears; a plain outage is not
+    /// logged again.
+    pub fn still_down(&self, reason: &str, act: bool) {
         self.state.send_if_modified(|s| match s {
             LinkState::Disconnected { reason: old, .. } if old != reason => {
-                tracing::warn!(reason, "origin still unusable: working disconnected");
+                if act {
+                    tracing::warn!(reason, "origin unusable: working disconnected");
+                }
                 *old = reason.to_owned();
                 true
             }
@@ -129,14 +133,13 @@ pub async fn run_prober(link: Arc<Link>, origin: OriginClient, interval: Duratio
                     link.up();
                     break;
                 }
-                Err(e @ OriginError::TokenRefused) => {
-                    link.still_down(&e.to_string());
-                    origin.reload_token();
-                }
                 Err(e) => {
-                    tracing::debug!(error = %e, "origin still unreachable");
+                    tracing::debug!(error = %e, "origin still unusable");
                     if let Some(reason) = e.unreachable_reason() {
-                        link.still_down(&reason);
+                        link.still_down(&reason, !matches!(e, OriginError::Unreachable(_)));
+                    }
+                    if matches!(e, OriginError::TokenRefused) {
+                        origin.reload_token();
                     }
                 }
             }
