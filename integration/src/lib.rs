@@ -11,6 +11,7 @@ pub mod netns;
 pub mod nfs;
 pub mod pipelined;
 pub mod process;
+pub mod rng;
 
 pub use gateway::{Fixture, GatewayProc};
 pub use process::{Imz, OriginProc, imz_bin};

@@ -13,6 +13,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use imz_integration::nfs::{Attrs, Nfs, Stable};
+use imz_integration::rng::Rng;
 use imz_integration::{Fixture, GatewayProc, data};
 
 /// What the filesystem should hold: path -> file content, or a directory.
@@ -23,28 +24,6 @@ enum Node {
 }
 
 type Model = BTreeMap<String, Node>;
-
-/// A small deterministic generator (xorshift), so a seed replays exactly.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        if n == 0 { 0 } else { self.next() % n }
-    }
-    fn pick<'a, T>(&mut self, items: &'a [T]) -> Option<&'a T> {
-        if items.is_empty() {
-            None
-        } else {
-            items.get(self.below(items.len() as u64) as usize)
-        }
-    }
-}
 
 fn parent_of(path: &str) -> &str {
     path.rsplit_once('/').map_or("", |(p, _)| p)
@@ -148,16 +127,7 @@ fn len(n: &Node) -> Option<usize> {
 async fn random_operations_with_disconnects_and_crashes_match_the_model() -> anyhow::Result<()> {
     // A fixed seed by default keeps CI reproducible; `IMZ_MODEL_SEED=random`
     // explores (the seed is printed on failure).
-    let seed: u64 = match std::env::var("IMZ_MODEL_SEED").ok().as_deref() {
-        Some("random") => {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(1, |d| d.as_nanos() as u64)
-                | 1
-        }
-        Some(s) => s.parse()?,
-        None => 20261125,
-    };
+    let seed = Rng::seed_from_env("IMZ_MODEL_SEED", 20261125)?;
     let ops: usize = std::env::var("IMZ_MODEL_OPS")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -174,7 +144,7 @@ async fn run(seed: u64, ops: usize) -> anyhow::Result<()> {
     // shows where it happens, not at the end.
     imz_integration::process::CHECK_CACHE_INVARIANTS
         .store(true, std::sync::atomic::Ordering::Relaxed);
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     let mut fx = Fixture::with_cache_size("1GiB", &["--reintegrate-delay", "50ms"], |_| Ok(()))?;
     let mut nfs = Nfs::mount(fx.port(), "/imz").await?;
     nfs.readdir(&nfs.root.clone(), 4096).await?;
@@ -207,7 +177,7 @@ async fn run(seed: u64, ops: usize) -> anyhow::Result<()> {
                 if model.get(&path) == Some(&Node::Dir) {
                     continue;
                 }
-                let body = data::bytes(rng.next(), rng.below(150_000) as usize);
+                let body = data::bytes(rng.next_u64(), rng.below(150_000) as usize);
                 tracing_note(step, &format!("write {path}"));
                 nfs.put_file(&path, &body).await?;
                 model.insert(path.clone(), Node::File(body));
@@ -222,7 +192,7 @@ async fn run(seed: u64, ops: usize) -> anyhow::Result<()> {
                     continue;
                 };
                 let offset = rng.below(content.len() as u64 + 5_000) as usize;
-                let patch = data::bytes(rng.next(), rng.below(60_000) as usize + 1);
+                let patch = data::bytes(rng.next_u64(), rng.below(60_000) as usize + 1);
                 tracing_note(step, &format!("patch {path} at {offset}"));
                 let fh = nfs.lookup_path(&path).await?;
                 nfs.write(&fh, offset as u64, &patch, Stable::UNSTABLE)

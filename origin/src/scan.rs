@@ -140,6 +140,14 @@ fn reconcile_entries(
     let mut whole = BTreeSet::new();
     // Each pass follows hard links one step further; a file has few names.
     for _ in 0..4 {
+        // Names in directories that went meanwhile went with them.
+        let mut kept = BTreeSet::new();
+        for (dir, name) in entries {
+            if cx.tx.meta(dir)?.is_some() {
+                kept.insert((dir, name));
+            }
+        }
+        entries = kept;
         if entries.is_empty() {
             break;
         }
@@ -159,7 +167,8 @@ fn reconcile_entries(
 }
 
 /// `(parent, name)` of the other names of every hard-linked file in `diff`
-/// that changed or lost a name (read before `diff` is applied).
+/// that changed, lost a name or gained one (read before `diff` is
+/// applied).
 fn other_links(cx: &WCtx<'_>, diff: &Diff) -> Result<BTreeSet<(ObjectId, String)>> {
     let mut inodes = BTreeSet::new();
     for (id, st) in &diff.changed {
@@ -167,15 +176,36 @@ fn other_links(cx: &WCtx<'_>, diff: &Diff) -> Result<BTreeSet<(ObjectId, String)
             inodes.insert((st.st_ino, *id));
         }
     }
-    for (_, _, id) in &diff.missing {
-        if let Some(m) = cx.tx.meta(*id)?
-            && m.attr.kind == Kind::File
-            && m.attr.nlink > 1
-        {
-            inodes.insert((m.fp.ino, *id));
+    // Names gone, a directory's with everything it held.
+    let mut gone: Vec<ObjectId> = diff.missing.iter().map(|(_, _, id)| *id).collect();
+    while let Some(id) = gone.pop() {
+        let Some(m) = cx.tx.meta(id)? else { continue };
+        match m.attr.kind {
+            Kind::File if m.attr.nlink > 1 => {
+                inodes.insert((m.fp.ino, id));
+            }
+            Kind::Dir => gone.extend(cx.tx.child_ids(id)?.into_iter().map(|(_, child)| child)),
+            _ => {}
         }
     }
     let mut names = BTreeSet::new();
+    // A new link to a file: the names it already had gain a link (and
+    // `link(2)` tells only the new name's directory). The one the inode
+    // index knows may not be in the link index yet (it had one link).
+    for (_, _, st) in &diff.new {
+        if st.st_nlink > 1
+            && fsops::kind_of(st) == Some(Kind::File)
+            && let Some(id) = cx.tx.by_ino(st.st_ino)?
+        {
+            if let Some(m) = cx.tx.meta(id)?
+                && m.fp.ino == st.st_ino
+                && m.attr.kind == Kind::File
+            {
+                names.insert((m.parent, m.name));
+            }
+            inodes.insert((st.st_ino, id));
+        }
+    }
     for (ino, id) in inodes {
         for m in cx.tx.linked(ino, id)? {
             names.insert((m.parent, m.name));
