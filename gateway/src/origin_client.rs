@@ -542,20 +542,8 @@ impl OriginClient {
         body: reqwest::Body,
         len: u64,
     ) -> Result<wire::Uploaded, OriginError> {
-        // Generous for a large file on a slow link, finite for a dead one.
-        let timeout = Duration::from_secs(30) + Duration::from_secs(len / (8 << 20));
-        let resp = self
-            .http
-            .put(self.url(&wire::paths::upload(upload_id)))
-            .header(reqwest::header::AUTHORIZATION, self.auth())
-            .header(reqwest::header::CONTENT_LENGTH, len)
-            .body(body)
-            .timeout(timeout)
-            .send()
+        self.put_upload(upload_id, body, len, reqwest::header::CONTENT_LENGTH)
             .await
-            .map_err(OriginError::from_reqwest)?;
-        let resp = check(resp).await?;
-        resp.json().await.map_err(OriginError::from_reqwest)
     }
 
     /// `PUT /v1/uploads/{id}` of a file of `size` bytes as extents (see
@@ -567,12 +555,25 @@ impl OriginClient {
         body: reqwest::Body,
         size: u64,
     ) -> Result<wire::Uploaded, OriginError> {
+        let header = reqwest::header::HeaderName::from_static(wire::paths::UPLOAD_SIZE);
+        self.put_upload(upload_id, body, size, header).await
+    }
+
+    /// The upload's PUT, with the file's `size` in `size_header`.
+    async fn put_upload(
+        &self,
+        upload_id: &str,
+        body: reqwest::Body,
+        size: u64,
+        size_header: reqwest::header::HeaderName,
+    ) -> Result<wire::Uploaded, OriginError> {
+        // Generous for a large file on a slow link, finite for a dead one.
         let timeout = Duration::from_secs(30) + Duration::from_secs(size / (8 << 20));
         let resp = self
             .http
             .put(self.url(&wire::paths::upload(upload_id)))
             .header(reqwest::header::AUTHORIZATION, self.auth())
-            .header(wire::paths::UPLOAD_SIZE, size)
+            .header(size_header, size)
             .body(body)
             .timeout(timeout)
             .send()

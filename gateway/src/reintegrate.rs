@@ -589,21 +589,16 @@ impl Reintegrator {
                 // that is absent or empty is a hole: such a file goes as its
                 // extents, so a sparse file's holes do not cross the network.
                 let local = vfs.getattr(fid).is_ok_and(|o| o.origin_extent == 0);
-                if local && vfs.origin.takes_upload_extents() {
+                let sent = if local && vfs.origin.takes_upload_extents() {
                     let body =
                         reqwest::Body::wrap_stream(extents_stream(Arc::clone(&vfs), fid, size));
-                    vfs.origin
-                        .upload_extents(&upload_id, body, size)
-                        .await
-                        .map(|_| size)
+                    vfs.origin.upload_extents(&upload_id, body, size).await
                 } else {
                     let body =
                         reqwest::Body::wrap_stream(content_stream(Arc::clone(&vfs), fid, size));
-                    vfs.origin
-                        .upload(&upload_id, body, size)
-                        .await
-                        .map(|_| size)
-                }
+                    vfs.origin.upload(&upload_id, body, size).await
+                };
+                sent.map(|_| size)
             });
         }
         let mut uploads = futures::stream::iter(sends).buffer_unordered(UPLOADS_IN_FLIGHT);
