@@ -234,7 +234,8 @@ fn entry_for_path(cx: &WCtx<'_>, path: &[String]) -> Result<Option<(ObjectId, St
 /// size, cost a stat each. `None` when some entry needs its whole
 /// directory compared: a name that now holds another object or kind (a
 /// file replaced by `mv` over it), a directory whose own attributes
-/// changed (listing it finds what it holds), a new name for an inode the
+/// changed (listing it finds what it holds) or that is gone (it may have
+/// moved), a new name for an inode the
 /// store knows elsewhere (a rename whose other end is not among these
 /// entries, or a hard link), or a directory that no longer opens.
 fn diff_entries(
@@ -276,6 +277,9 @@ fn diff_entries(
             {
                 diff.changed.push((m.attr.id, st));
             }
+            // A directory gone may have moved into one not stored yet,
+            // whose listing finds it (and keeps its id and its subtree's).
+            (Some(m), None) if m.attr.kind == Kind::Dir => return Ok(None),
             (Some(m), None) => diff.missing.push((*dir, name.clone(), m.attr.id)),
             (None, Some(st)) => diff.new.push((*dir, name.clone(), st)),
             (Some(_), Some(_)) => return Ok(None),
