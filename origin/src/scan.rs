@@ -4,10 +4,11 @@
 //! ordinary changes, with no idempotency key.
 //!
 //! A path the watcher names is compared on its own (one stat, whatever the
-//! size of its directory): creates, removes, renames with both ends named,
-//! and changed files. Anything one name cannot explain (a name now holding
-//! another object, a directory's own change, a new name for an inode the
-//! store knows elsewhere) makes its directory be compared whole. For each
+//! size of its directory): creates, removes of files, renames with both
+//! ends named, and changed files. Anything one name cannot explain (a name
+//! now holding another object, a directory's own change or its going, a
+//! new name for an inode the store knows elsewhere) makes its directory be
+//! compared whole. For each
 //! such directory the listing is compared with the stored entries, by name
 //! and by fingerprint. Entries that vanished and entries
 //! that appeared are matched by inode number first, so an object moved by
