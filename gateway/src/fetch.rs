@@ -526,8 +526,7 @@ async fn fetch_run(inner: &Arc<Inner>, target: Target, run: Vec<(u64, watch::Sen
 }
 
 fn classify(inner: &Inner, err: OriginError) -> FetchFailure {
-    if let Some(reason) = err.unreachable_reason() {
-        inner.link.down(&reason);
+    if inner.link.down_if_unreachable(&err) {
         return FetchFailure::Offline;
     }
     match err {

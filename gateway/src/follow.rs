@@ -112,7 +112,7 @@ pub async fn run_follower(
                 }
             }
             Err(e) if e.is_unreachable() => {
-                vfs.link.down(&e.unreachable_reason().unwrap_or_default())
+                vfs.link.down_if_unreachable(&e);
             }
             Err(OriginError::Api(api)) if api.code == ErrorCode::JournalCompacted => {
                 tracing::warn!(

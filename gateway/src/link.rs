@@ -72,6 +72,18 @@ impl Link {
         });
     }
 
+    /// Marks the link down if `err` says the origin cannot be used;
+    /// returns whether it does.
+    pub fn down_if_unreachable(&self, err: &OriginError) -> bool {
+        match err.unreachable_reason() {
+            Some(reason) => {
+                self.down(&reason);
+                true
+            }
+            None => false,
+        }
+    }
+
     /// The origin still cannot be used, now for `reason` (shown by
     /// `imz status`). A reason that needs someone to act (a refused token,
     /// another store) is logged when it appears; a plain outage is not

@@ -63,8 +63,7 @@ impl OriginError {
     pub fn unreachable_reason(&self) -> Option<String> {
         match self {
             Self::Unreachable(reason) => Some(reason.clone()),
-            Self::TokenRefused | Self::OtherStore { .. } => Some(self.to_string()),
-            _ => None,
+            other => other.is_unreachable().then(|| other.to_string()),
         }
     }
 
@@ -199,14 +198,19 @@ impl OriginClient {
         let Some(path) = &self.token_file else {
             return false;
         };
-        let token = match std::fs::read_to_string(path.as_path()) {
+        let text = match std::fs::read_to_string(path.as_path()) {
             Ok(t) => t,
             Err(e) => {
                 tracing::debug!(path = %path.display(), error = %e, "cannot read the token file");
                 return false;
             }
         };
-        let Ok(new) = bearer(&token) else {
+        // A file being rewritten may be empty for a moment: keep the token.
+        let Ok(new) = token_in(&text)
+            .map_err(drop)
+            .and_then(|t| bearer(t).map_err(drop))
+        else {
+            tracing::debug!(path = %path.display(), "no usable token in the token file");
             return false;
         };
         let mut auth = self.auth.write().unwrap_or_else(|p| p.into_inner());
@@ -599,7 +603,27 @@ impl OriginClient {
     }
 }
 
-/// Turns error statuses into [`OriginError`]s.
+/// What can be wrong with a token file's text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenProblem {
+    Empty,
+    /// Spaces, line breaks or characters that are not printable ASCII.
+    NotHeaderSafe,
+}
+
+/// The token in a token file's text (surrounding whitespace ignored). It
+/// travels in an HTTP header: printable ASCII, no spaces.
+pub fn token_in(text: &str) -> Result<&str, TokenProblem> {
+    let token = text.trim();
+    if token.is_empty() {
+        return Err(TokenProblem::Empty);
+    }
+    if !token.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(TokenProblem::NotHeaderSafe);
+    }
+    Ok(token)
+}
+
 /// `Bearer TOKEN` as a header value (marked sensitive: kept out of logs).
 fn bearer(token: &str) -> Result<HeaderValue, OriginError> {
     let mut value = HeaderValue::from_str(&format!("Bearer {}", token.trim())).map_err(|_| {
@@ -609,6 +633,7 @@ fn bearer(token: &str) -> Result<HeaderValue, OriginError> {
     Ok(value)
 }
 
+/// Turns error statuses into [`OriginError`]s.
 async fn check(resp: Response) -> Result<Response, OriginError> {
     let status = resp.status();
     if status.is_success() {

@@ -817,35 +817,34 @@ fn extents_stream(
     fid: FileId,
     size: u64,
 ) -> impl futures::Stream<Item = Result<Bytes, std::io::Error>> + Send {
-    let chunks = chunk::count(size);
-    futures::stream::iter(0..chunks).filter_map(move |index| {
-        let vfs = Arc::clone(&vfs);
-        async move {
-            let stored = vfs
-                .cache
-                .read()
-                .and_then(|rx| rx.chunk(fid, index))
-                .map_err(|e| {
-                    tracing::warn!(fid, index, error = %e, "reading a file's content for its upload failed");
-                    std::io::Error::other(e.to_string())
-                });
-            let start = chunk::start_of(index);
-            let mut bytes = match stored {
-                Ok(Some(bytes)) => bytes,
-                Ok(None) => return None,
-                Err(e) => return Some(Err(e)),
-            };
-            bytes.truncate(usize::try_from(size - start).unwrap_or(usize::MAX));
-            if bytes.is_empty() {
-                return None;
+    futures::stream::iter(0..chunk::count(size))
+        .then(move |index| {
+            let vfs = Arc::clone(&vfs);
+            async move {
+                let stored = match vfs.cache.read().and_then(|rx| rx.chunk(fid, index)) {
+                    Ok(stored) => stored,
+                    Err(e) => {
+                        tracing::warn!(fid, index, error = %e, "reading a file's content for its upload failed");
+                        return vec![Err(std::io::Error::other(e.to_string()))];
+                    }
+                };
+                let start = chunk::start_of(index);
+                let Some(mut bytes) = stored else {
+                    return Vec::new();
+                };
+                bytes.truncate(usize::try_from(size - start).unwrap_or(usize::MAX));
+                if bytes.is_empty() {
+                    return Vec::new();
+                }
+                // The head and the chunk as two pieces: no copy of the chunk.
+                let head = wire::paths::extent_head(start, bytes.len() as u32);
+                vec![
+                    Ok(Bytes::copy_from_slice(&head)),
+                    Ok(Bytes::from(bytes)),
+                ]
             }
-            let mut record = Vec::with_capacity(12 + bytes.len());
-            record.extend_from_slice(&start.to_be_bytes());
-            record.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
-            record.extend_from_slice(&bytes);
-            Some(Ok(Bytes::from(record)))
-        }
-    })
+        })
+        .flat_map(futures::stream::iter)
 }
 
 fn now_nanos() -> i64 {

@@ -785,6 +785,19 @@ async fn warm_sequential_reads_show_every_change_at_once() -> Result {
     Ok(())
 }
 
+/// Waits up to 10 s for `imz status` to say the gateway is disconnected
+/// for a reason that mentions `why`.
+fn disconnected_saying(gateway: &GatewayProc, why: &str) -> anyhow::Result<()> {
+    let (status, _) = eventually(Duration::from_secs(10), || {
+        let s = gateway.status().ok()?;
+        let reason = s["disconnect_reason"].as_str()?.to_owned();
+        reason.contains(why).then_some(s)
+    })
+    .ok_or_else(|| anyhow::anyhow!("the gateway never said it is disconnected for {why:?}"))?;
+    anyhow::ensure!(status["connected"] == false, "{status}");
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_origin_given_a_new_token_is_waited_for_until_the_token_file_has_it() -> Result {
     let mut fx = Fixture::new(|root| {
@@ -804,13 +817,7 @@ async fn an_origin_given_a_new_token_is_waited_for_until_the_token_file_has_it()
     std::fs::write(fx.root.join("later.txt"), "later")?;
 
     // Disconnected, saying why: not "connected" while every request is refused.
-    let (status, _) = eventually(Duration::from_secs(10), || {
-        let s = fx.gateway.status().ok()?;
-        let reason = s["disconnect_reason"].as_str()?.to_owned();
-        reason.contains("token").then_some(s)
-    })
-    .ok_or_else(|| anyhow::anyhow!("the gateway never said the origin refuses its token"))?;
-    assert_eq!(status["connected"], false, "{status}");
+    disconnected_saying(&fx.gateway, "token")?;
     // Cached data is still served; what is not cached fails fast.
     assert_eq!(nfs.read_path("cached.txt").await?, b"cached");
     let start = Instant::now();
@@ -908,13 +915,7 @@ async fn an_origin_whose_state_was_reset_is_not_followed_and_no_file_gets_anothe
     let addr = fx.origin.addr.to_string();
     fx.origin = imz_integration::OriginProc::start_on(&fx.root, &fx.origin.token_file, &addr)?;
 
-    let (status, _) = eventually(Duration::from_secs(10), || {
-        let s = fx.gateway.status().ok()?;
-        let reason = s["disconnect_reason"].as_str()?.to_owned();
-        reason.contains("another store").then_some(s)
-    })
-    .ok_or_else(|| anyhow::anyhow!("the gateway never said the origin is another store"))?;
-    assert_eq!(status["connected"], false, "{status}");
+    disconnected_saying(&fx.gateway, "another store")?;
     // It stays that way: the reset origin is never taken for the old one.
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(fx.gateway.status()?["connected"], false);

@@ -8,10 +8,9 @@
 //! ends named, and changed files. Anything one name cannot explain (a name
 //! now holding another object, a directory's own change or its going, a
 //! new name for an inode the store knows elsewhere) makes its directory be
-//! compared whole. For each
-//! such directory the listing is compared with the stored entries, by name
-//! and by fingerprint. Entries that vanished and entries
-//! that appeared are matched by inode number first, so an object moved by
+//! compared whole: its listing is compared with the stored entries, by
+//! name and by fingerprint. Entries that vanished and entries that
+//! appeared are matched by inode number first, so an object moved by
 //! another program (`mv`) keeps its id: that is a `Rename`. What remains
 //! becomes `Remove` and `Create` (a new directory is scanned whole), and a
 //! changed fingerprint becomes `Write` (content may differ) or `SetAttr`.

@@ -51,13 +51,11 @@ struct Extents {
 }
 
 impl Extents {
-    const HEAD: usize = 12;
-
     fn new(size: u64) -> Self {
         Self {
             size,
             end: 0,
-            head: Vec::with_capacity(Self::HEAD),
+            head: Vec::with_capacity(wire::paths::EXTENT_HEAD),
             left: 0,
         }
     }
@@ -73,17 +71,13 @@ impl Extents {
                 self.left -= n as u64;
                 continue;
             }
-            let n = (Self::HEAD - self.head.len()).min(piece.len());
+            let n = (wire::paths::EXTENT_HEAD - self.head.len()).min(piece.len());
             self.head.extend_from_slice(&piece.split_to(n));
-            if self.head.len() < Self::HEAD {
+            let Ok(head) = <&[u8; wire::paths::EXTENT_HEAD]>::try_from(self.head.as_slice()) else {
                 continue;
-            }
-            let mut offset = [0u8; 8];
-            offset.copy_from_slice(&self.head[..8]);
-            let offset = u64::from_be_bytes(offset);
-            let mut len = [0u8; 4];
-            len.copy_from_slice(&self.head[8..]);
-            let len = u64::from(u32::from_be_bytes(len));
+            };
+            let (offset, len) = wire::paths::parse_extent_head(head);
+            let len = u64::from(len);
             self.head.clear();
             let end = offset
                 .checked_add(len)
@@ -386,8 +380,7 @@ mod tests {
     use std::os::unix::fs::MetadataExt;
 
     fn record(offset: u64, data: &[u8]) -> Vec<u8> {
-        let mut r = offset.to_be_bytes().to_vec();
-        r.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        let mut r = crate::wire::paths::extent_head(offset, data.len() as u32).to_vec();
         r.extend_from_slice(data);
         r
     }

@@ -81,6 +81,26 @@ pub mod paths {
     /// (zeros), so a sparse file's holes do not cross the network.
     pub const UPLOAD_SIZE: &str = "imz-upload-size";
 
+    /// Bytes of an extent record's head: `offset` then `len`.
+    pub const EXTENT_HEAD: usize = 12;
+
+    /// The head of an extent record of `len` bytes at `offset`.
+    pub fn extent_head(offset: u64, len: u32) -> [u8; EXTENT_HEAD] {
+        let mut head = [0u8; EXTENT_HEAD];
+        head[..8].copy_from_slice(&offset.to_be_bytes());
+        head[8..].copy_from_slice(&len.to_be_bytes());
+        head
+    }
+
+    /// `(offset, len)` from an extent record's head.
+    pub fn parse_extent_head(head: &[u8; EXTENT_HEAD]) -> (u64, u32) {
+        let mut offset = [0u8; 8];
+        offset.copy_from_slice(&head[..8]);
+        let mut len = [0u8; 4];
+        len.copy_from_slice(&head[8..]);
+        (u64::from_be_bytes(offset), u32::from_be_bytes(len))
+    }
+
     pub const HEALTH: &str = "/v1/health";
     pub const INFO: &str = "/v1/info";
     pub const JOURNAL: &str = "/v1/journal";

@@ -98,21 +98,17 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 /// Reads a bearer token from a file (surrounding whitespace ignored).
 pub fn read_token(path: &std::path::Path) -> anyhow::Result<String> {
     use anyhow::Context;
-    let token = std::fs::read_to_string(path)
+    use imz_gateway::origin_client::{TokenProblem, token_in};
+    let text = std::fs::read_to_string(path)
         .with_context(|| format!("reading the token file {}", path.display()))?;
-    let token = token.trim().to_owned();
-    anyhow::ensure!(
-        !token.is_empty(),
-        "the token file {} is empty",
-        path.display()
-    );
-    // It travels in an HTTP header: printable ASCII, no spaces.
-    anyhow::ensure!(
-        token.bytes().all(|b| b.is_ascii_graphic()),
-        "the token in {} has spaces, line breaks or characters that are not printable ASCII; an HTTP header cannot carry it",
-        path.display()
-    );
-    Ok(token)
+    match token_in(&text) {
+        Ok(token) => Ok(token.to_owned()),
+        Err(TokenProblem::Empty) => anyhow::bail!("the token file {} is empty", path.display()),
+        Err(TokenProblem::NotHeaderSafe) => anyhow::bail!(
+            "the token in {} has spaces, line breaks or characters that are not printable ASCII; an HTTP header cannot carry it",
+            path.display()
+        ),
+    }
 }
 
 /// Prints where the gateway listens and how to mount it (stdout, for

@@ -113,8 +113,7 @@ impl Vfs {
     /// Classifies an origin failure, marking the link down when the origin
     /// could not be reached.
     pub fn origin_failed(&self, err: OriginError) -> VfsError {
-        if let Some(reason) = err.unreachable_reason() {
-            self.link.down(&reason);
+        if self.link.down_if_unreachable(&err) {
             return VfsError::Offline;
         }
         match err {
