@@ -109,10 +109,10 @@ pub fn reconcile(cx: &mut WCtx<'_>, dirty: Dirty) -> Result<()> {
         let mut diff = Diff::default();
         list(cx, work, dirty.full, &mut diff)?;
         let other_names = other_links(cx, &diff)?;
-        apply(cx, &mut diff)?;
+        let moved = apply(cx, &mut diff)?;
         // A directory whose stored path did not open may have moved: its
         // parent is reconciled next round (the root always opens).
-        work = BTreeSet::new();
+        work = moved;
         for id in diff.failed {
             if let Some(m) = cx.tx.meta(id)? {
                 work.insert(m.parent.max(ROOT_ID));
@@ -154,7 +154,7 @@ fn reconcile_entries(
         match diff_entries(cx, &entries, skip)? {
             Some(mut diff) => {
                 let others = other_links(cx, &diff)?;
-                apply(cx, &mut diff)?;
+                whole.extend(apply(cx, &mut diff)?);
                 entries = others;
             }
             None => {
@@ -250,11 +250,7 @@ fn diff_entries(
             continue;
         }
         if !fds.contains_key(dir) {
-            let fd = match cx.tx.path_of(*dir)? {
-                Some(p) => cx.shared.tree.open_dir(&p).ok(),
-                None => None,
-            };
-            fds.insert(*dir, fd);
+            fds.insert(*dir, open_stored_dir(cx, *dir)?);
         }
         let Some(Some(fd)) = fds.get(dir) else {
             return Ok(None);
@@ -296,6 +292,45 @@ fn diff_entries(
         }
     }
     Ok(Some(diff))
+}
+
+/// The directory stored as `id`, opened at its stored path; `None` when
+/// that path is gone or now holds another directory (the stored one was
+/// removed or moved, and another took its name: what it holds is not
+/// `id`'s, and its parent's listing sorts that out).
+fn open_stored_dir(cx: &WCtx<'_>, id: ObjectId) -> Result<Option<OwnedFd>> {
+    let Some(m) = cx.tx.meta(id)? else {
+        return Ok(None);
+    };
+    let Some(path) = cx.tx.path_of(id)? else {
+        return Ok(None);
+    };
+    let Ok(fd) = cx.shared.tree.open_dir(&path) else {
+        return Ok(None);
+    };
+    let same = id == ROOT_ID || fsops::fstat(&fd).is_ok_and(|st| st.st_ino == m.fp.ino);
+    Ok(same.then_some(fd))
+}
+
+/// Whether directory `dir` is `id` or lies below it: `id` cannot move
+/// there.
+fn is_within(cx: &WCtx<'_>, dir: ObjectId, id: ObjectId) -> Result<bool> {
+    let mut cur = dir;
+    for _ in 0..4096 {
+        if cur == id {
+            return Ok(true);
+        }
+        if cur == ROOT_ID {
+            return Ok(false);
+        }
+        match cx.tx.meta(cur)? {
+            Some(m) => cur = m.parent,
+            None => return Ok(false),
+        }
+    }
+    Err(OriginError::Corrupt(format!(
+        "parent loop above object {dir}"
+    )))
 }
 
 /// The directories to look at for a changed path: its deepest stored
@@ -360,6 +395,11 @@ fn list(cx: &mut WCtx<'_>, work: BTreeSet<ObjectId>, full: bool, diff: &mut Diff
         let own = fsops::fstat(&fd).map_err(|e| {
             OriginError::io("stat of a directory", std::io::Error::other(e.to_string()))
         })?;
+        if dir != ROOT_ID && own.st_ino != meta.fp.ino {
+            // Another directory took its name: its entries are not `dir`'s.
+            diff.failed.push(dir);
+            continue;
+        }
         let listing = match fsops::list_dir(&fd, dir == ROOT_ID) {
             Ok(l) => l,
             Err(FsError::NotFound) => {
@@ -411,7 +451,12 @@ fn list(cx: &mut WCtx<'_>, work: BTreeSet<ObjectId>, full: bool, diff: &mut Diff
     Ok(())
 }
 
-fn apply(cx: &mut WCtx<'_>, diff: &mut Diff) -> Result<()> {
+/// Journals what `diff` found. Returns the directories it found moved:
+/// they are listed next, since what they hold may have changed too (and a
+/// directory that only reuses a removed one's inode number holds other
+/// things).
+fn apply(cx: &mut WCtx<'_>, diff: &mut Diff) -> Result<BTreeSet<ObjectId>> {
+    let mut moved_dirs = BTreeSet::new();
     let mut dir_stats: HashMap<ObjectId, Stat> =
         diff.listed.iter().map(|(id, st)| (*id, *st)).collect();
     // Renames: a new name whose inode belongs to a vanished object.
@@ -426,6 +471,7 @@ fn apply(cx: &mut WCtx<'_>, diff: &mut Diff) -> Result<()> {
             if let Some(m) = cx.tx.meta(id)?
                 && plausibly_moved(&m, &st)
                 && id != ROOT_ID
+                && could_move_to(cx, &m, dir, &name)?
             {
                 is_move = missing_ids.contains(&id) || !still_at_old_place(cx, &m)?;
             }
@@ -452,7 +498,9 @@ fn apply(cx: &mut WCtx<'_>, diff: &mut Diff) -> Result<()> {
         let Some(source) = sources.get(&id).cloned() else {
             continue;
         };
-        record_rename(cx, id, source, dir, name, st, &mut dir_stats)?;
+        if record_rename(cx, id, source, dir, name, st, &mut dir_stats)? == Some(Kind::Dir) {
+            moved_dirs.insert(id);
+        }
     }
     let mut missing_ids: HashSet<ObjectId> = missing_ids.difference(&moved).copied().collect();
     // A name whose object was replaced in place (`mv tmp name` over it):
@@ -467,7 +515,13 @@ fn apply(cx: &mut WCtx<'_>, diff: &mut Diff) -> Result<()> {
     // Creates, whole subtrees for new directories; an object found inside a
     // new directory that vanished elsewhere moved there.
     for (dir, name, st) in creates {
-        create_tree(cx, dir, name, st, &mut dir_stats, &mut missing_ids)?;
+        create_tree(
+            cx,
+            (dir, name, st),
+            &mut dir_stats,
+            &mut missing_ids,
+            &mut moved_dirs,
+        )?;
     }
     // Removes: vanished objects that did not move.
     for (dir, name, id) in std::mem::take(&mut diff.missing) {
@@ -508,7 +562,7 @@ fn apply(cx: &mut WCtx<'_>, diff: &mut Diff) -> Result<()> {
         cx.tx
             .append(seq, cx.now, None, Change::SetAttr { attr: m.attr })?;
     }
-    Ok(())
+    Ok(moved_dirs)
 }
 
 /// Journals that `dir/name` (object `id`) is gone, if the store still has
@@ -533,6 +587,7 @@ fn record_remove(
 
 /// Moves `id` from `source` (its old entry, already unlinked or not) to
 /// `dir/name`, replacing what the store had there, and journals it.
+/// Returns the kind of what moved.
 fn record_rename(
     cx: &mut WCtx<'_>,
     id: ObjectId,
@@ -541,7 +596,7 @@ fn record_rename(
     name: String,
     st: Stat,
     dir_stats: &mut HashMap<ObjectId, Stat>,
-) -> Result<()> {
+) -> Result<Option<Kind>> {
     let (from_dir, from_name) = source;
     if cx.tx.child(from_dir, &from_name)? == Some(id) {
         cx.tx.unlink(from_dir, &from_name)?;
@@ -554,7 +609,7 @@ fn record_rename(
     cx.tx.link(dir, &name, id)?;
     let seq = cx.tx.next_seq()?;
     let Some(mut m) = cx.tx.meta(id)? else {
-        return Ok(());
+        return Ok(None);
     };
     m.parent = dir;
     m.name = name.clone();
@@ -568,6 +623,7 @@ fn record_rename(
         let t = touch_dir(cx, dir, seq, gained, dir_stats)?;
         (f, t)
     };
+    let kind = m.attr.kind;
     cx.tx.append(
         seq,
         cx.now,
@@ -580,7 +636,8 @@ fn record_rename(
             attr: m.attr,
             replaced,
         },
-    )
+    )?;
+    Ok(Some(kind))
 }
 
 /// Whether `st` (found under a new name with `m`'s inode number) is `m`
@@ -594,6 +651,20 @@ fn plausibly_moved(m: &Meta, st: &Stat) -> bool {
         Some(Kind::Dir) => m.attr.kind == Kind::Dir,
         Some(k) => k == m.attr.kind && fp.size == m.fp.size && fp.mtime == m.fp.mtime,
         None => false,
+    }
+}
+
+/// Whether `m` can have moved to `dir/name`: not into itself or below it,
+/// and not over its own directory or one above it. An inode number that a
+/// removed directory freed and a new one reuses at once (ext4 does) would
+/// otherwise look like such a move.
+fn could_move_to(cx: &WCtx<'_>, m: &Meta, dir: ObjectId, name: &str) -> Result<bool> {
+    if is_within(cx, dir, m.attr.id)? {
+        return Ok(false);
+    }
+    match cx.tx.child(dir, name)? {
+        Some(replaced) => Ok(!is_within(cx, m.parent, replaced)?),
+        None => Ok(true),
     }
 }
 
@@ -673,16 +744,17 @@ fn touch_dir(
     Ok(m.attr)
 }
 
-/// Journals `dir/name` and, for a directory, everything below it.
+/// Journals `dir/name` and, for a directory, everything below it. An
+/// object of `missing` found below it moved there (and a directory among
+/// them joins `moved_dirs`).
 fn create_tree(
     cx: &mut WCtx<'_>,
-    dir: ObjectId,
-    name: String,
-    st: Stat,
+    new: (ObjectId, String, Stat),
     stats: &mut HashMap<ObjectId, Stat>,
     missing: &mut HashSet<ObjectId>,
+    moved_dirs: &mut BTreeSet<ObjectId>,
 ) -> Result<()> {
-    let mut queue = vec![(dir, name, st)];
+    let mut queue = vec![new];
     let mut top = true;
     while let Some((dir, name, st)) = queue.pop() {
         if cx.tx.child(dir, &name)?.is_some() {
@@ -695,9 +767,12 @@ fn create_tree(
         if !top
             && let Some(id) = cx.tx.by_ino(st.st_ino)?.filter(|id| missing.contains(id))
             && let Some(m) = cx.tx.meta(id)?.filter(|m| plausibly_moved(m, &st))
+            && could_move_to(cx, &m, dir, &name)?
         {
             missing.remove(&id);
-            record_rename(cx, id, (m.parent, m.name), dir, name, st, stats)?;
+            if record_rename(cx, id, (m.parent, m.name), dir, name, st, stats)? == Some(Kind::Dir) {
+                moved_dirs.insert(id);
+            }
             continue;
         }
         top = false;

@@ -152,9 +152,21 @@ pub fn run(shared: Arc<Shared>, mut rx: mpsc::Receiver<Job>) {
             }
         }
         if !dirty.is_empty()
-            && let Err(e) = transact(&shared, |cx| scan::reconcile(cx, dirty))
+            && let Err(e) = transact(&shared, |cx| scan::reconcile(cx, dirty.clone()))
         {
-            tracing::error!(error = %e, "reconciling external changes failed");
+            // What the narrow compare could not settle, the whole tree's
+            // may: the paths it was given are not dropped.
+            if dirty.full {
+                tracing::error!(error = %e, "reconciling external changes failed");
+            } else if let Err(e2) = transact(&shared, |cx| scan::reconcile(cx, Dirty::full())) {
+                tracing::error!(
+                    error = %e,
+                    whole_tree = %e2,
+                    "reconciling external changes failed, and so did comparing the whole tree"
+                );
+            } else {
+                tracing::warn!(error = %e, "reconciling external changes failed; the whole tree was compared instead");
+            }
         }
         for reply in reconcile_replies {
             let _ = reply.send(());
