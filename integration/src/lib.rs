@@ -3,6 +3,7 @@
 //! nothing here mocks an imz component.
 
 pub mod bench;
+pub mod churn;
 pub mod data;
 pub mod gateway;
 pub mod guest;

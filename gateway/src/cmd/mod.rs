@@ -69,8 +69,11 @@ pub fn init_logging(verbose: u8) {
         1 => "debug",
         _ => "trace",
     };
-    // nfs3_server logs every accepted connection at info: keep it quiet.
-    let default = format!("{default},nfs3_server=warn");
+    // nfs3_server logs every accepted connection at info, and every answer
+    // other than OK at error (a client's lookup of a name not there, a read
+    // of a file removed meanwhile): keep it quiet. The gateway logs its own
+    // failures where they happen (cache, origin).
+    let default = format!("{default},nfs3_server=warn,nfs3_server::nfs_handlers=off");
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
