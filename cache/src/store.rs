@@ -1073,8 +1073,15 @@ impl WriteTxn<'_> {
 
     /// Deletes every stored chunk of `fid`.
     pub fn drop_data(&mut self, fid: FileId) -> Result<()> {
+        self.drop_chunks_from(fid, 0)
+    }
+
+    /// Drops the stored chunks of `fid` from index `first` on.
+    pub fn drop_chunks_from(&mut self, fid: FileId, first: u64) -> Result<()> {
         for (index, _) in self.chunks_of(fid)? {
-            self.delete_chunk(fid, index)?;
+            if index >= first {
+                self.delete_chunk(fid, index)?;
+            }
         }
         Ok(())
     }

@@ -78,6 +78,7 @@ pub async fn run_follower(
                 }
                 let last = page.records.last().map_or(cursor, |r| r.seq);
                 let count = page.records.len();
+                let kept = crate::grown::kept_prefixes(&vfs, &page.records, cursor, &own).await;
                 let own = own.clone();
                 let gate = hooks.gate.read().await;
                 let result = vfs
@@ -87,7 +88,13 @@ pub async fn run_follower(
                         for record in &page.records {
                             let ours = record.key.as_deref().is_some_and(|k| k.starts_with(&own));
                             if record.seq > cursor && !ours {
-                                coherence::apply_record(&mut tx, record, &mut applied)?;
+                                let keep = kept.get(&record.seq).copied().unwrap_or(0);
+                                coherence::apply_record_keeping(
+                                    &mut tx,
+                                    record,
+                                    &mut applied,
+                                    keep,
+                                )?;
                             }
                         }
                         tx.put_meta_u64(meta::CURSOR, last)?;

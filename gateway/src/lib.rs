@@ -24,6 +24,7 @@ pub mod fetch;
 pub mod fill;
 pub mod follow;
 pub mod gateway;
+pub mod grown;
 pub mod link;
 pub mod listener;
 pub mod metrics;

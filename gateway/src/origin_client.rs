@@ -144,6 +144,8 @@ pub struct OriginClient {
     token_file: Option<Arc<PathBuf>>,
     /// The origin takes uploads as extents (said by its info).
     upload_extents: Arc<AtomicBool>,
+    /// The origin hashes prefixes of a file (said by its info).
+    prefix_digest: Arc<AtomicBool>,
     /// The store this cache follows, once known: an origin that answers
     /// with another is refused ([`OriginError::OtherStore`]).
     store_id: Arc<std::sync::OnceLock<String>>,
@@ -176,6 +178,7 @@ impl OriginClient {
             auth: Arc::new(RwLock::new(bearer(token)?)),
             token_file: None,
             upload_extents: Arc::new(AtomicBool::new(false)),
+            prefix_digest: Arc::new(AtomicBool::new(false)),
             store_id: Arc::new(std::sync::OnceLock::new()),
             timeouts,
         })
@@ -290,7 +293,33 @@ impl OriginClient {
         }
         self.upload_extents
             .store(info.upload_extents, Ordering::Relaxed);
+        self.prefix_digest
+            .store(info.prefix_digest, Ordering::Relaxed);
         Ok(info)
+    }
+
+    /// Whether the origin hashes prefixes of files ([`Self::digest`]), as
+    /// it said when last asked for its info.
+    pub fn hashes_prefixes(&self) -> bool {
+        self.prefix_digest.load(Ordering::Relaxed)
+    }
+
+    /// The BLAKE3 hash of the first `len` bytes of `id` at `version`. The
+    /// origin reads them all, so the time allowed grows with `len` (at
+    /// 50 MiB/s).
+    pub async fn digest(
+        &self,
+        id: wire::ObjectId,
+        version: wire::Version,
+        len: u64,
+    ) -> Result<wire::Digest, OriginError> {
+        let reading = Duration::from_secs_f64(len as f64 / (50u64 << 20) as f64);
+        self.get_json(
+            &wire::paths::digest(id, version),
+            &[("len", len.to_string())],
+            self.timeouts.request + reading,
+        )
+        .await
     }
 
     /// Whether uploads may be sent as extents ([`Self::upload_extents`]):

@@ -321,6 +321,33 @@ fn a_file_changed_behind_the_origin_is_never_served_under_its_old_version() {
 }
 
 #[test]
+fn a_prefix_of_a_version_is_hashed_and_a_changed_file_is_not() {
+    let content: Vec<u8> = (0..3_000_000u32).map(|i| (i % 253) as u8).collect();
+    let c2 = content.clone();
+    let s = start_with(move |root| std::fs::write(root.join("f"), &c2).expect("write"));
+    assert!(s.client.info().prefix_digest);
+    let f = s.client.lookup(ROOT_ID, "f").attr;
+    let digest = |version: u64, len: u64| {
+        s.client
+            .get(&wire::paths::digest(f.id, version))
+            .query(&[("len", len)])
+            .send()
+            .expect("digest")
+    };
+    for len in [0, 1, 1 << 20, 3_000_000] {
+        let resp = digest(f.version, len);
+        assert_eq!(resp.status(), 200);
+        let d: wire::Digest = resp.json().expect("json");
+        let want = blake3::hash(&content[..len as usize]).to_hex().to_string();
+        assert_eq!(d, wire::Digest { len, blake3: want });
+    }
+    assert_eq!(digest(f.version, 3_000_001).status(), 416);
+    std::fs::write(s.root().join("f"), b"new").expect("rewrite");
+    // The old version is gone, whether or not the watcher got there first.
+    assert_eq!(digest(f.version, 3).status(), 410);
+}
+
+#[test]
 fn manifest_lists_the_tree_parents_first_from_one_snapshot() {
     let s = start_with(|root| {
         std::fs::create_dir_all(root.join("a/b/c")).expect("mkdir");

@@ -226,6 +226,80 @@ async fn replica_fetches_origin_changes_before_anyone_reads_them() -> Result {
     Ok(())
 }
 
+/// A file that grows at the origin (a log appended to) is kept current by
+/// fetching what it gained, not the whole file at each change; a file that
+/// also changed before its old end is fetched whole. Both end with the
+/// origin's bytes, read with the origin gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replica_fetches_only_what_a_growing_file_gained() -> Result {
+    const MIB: usize = 1 << 20;
+    let mut fx = Fixture::with_cache_size("1GiB", REPLICATE, |root| {
+        data::write_file(&root.join("logs/app.log"), 21, 24 * MIB)?;
+        data::write_file(&root.join("logs/rewritten.log"), 22, 24 * MIB)?;
+        Ok(())
+    })?;
+    wait_status(
+        &fx.gateway,
+        Duration::from_secs(30),
+        "replica current",
+        |s| replica_state(s) == "current",
+    )?;
+    let mut nfs = Nfs::mount(fx.port(), "/imz").await?;
+    let fetched = |gw: &GatewayProc| -> anyhow::Result<u64> {
+        Ok(gw.status()?["fetched_bytes"].as_u64().unwrap_or(0))
+    };
+    let before = fetched(&fx.gateway)?;
+    // Waits until the replica holds `rel` at `size` and has fetched it.
+    let caught_up = |nfs: &mut Nfs, gw: &GatewayProc, rel: &str, size: usize| {
+        let mut last = String::new();
+        let done = eventually(Duration::from_secs(20), || {
+            let fh = futures_block(nfs.lookup_path(rel)).ok()?;
+            let got = futures_block(nfs.getattr(&fh)).ok()?.size;
+            let s = gw.status().ok()?;
+            last = format!("size {got}; {s}");
+            (got == size as u64 && s["journal_lag"] == 0 && s["replica"]["pending"] == 0)
+                .then_some(())
+        });
+        anyhow::ensure!(done.is_some(), "{rel} never caught up: {last}");
+        Ok(())
+    };
+
+    let mut log = data::bytes(21, 24 * MIB);
+    for round in 0..3u64 {
+        use std::io::Write;
+        let more = data::bytes(100 + round, MIB);
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(fx.origin_path("logs/app.log"))?
+            .write_all(&more)?;
+        log.extend_from_slice(&more);
+        caught_up(&mut nfs, &fx.gateway, "logs/app.log", log.len())?;
+    }
+    let grown = fetched(&fx.gateway)? - before;
+    // Each append costs the MiB added and the partial chunk before it; the
+    // whole file would be 25-27 MiB each time.
+    assert!(
+        grown <= 3 * 2 * MIB as u64,
+        "three 1 MiB appends to a 24 MiB file fetched {grown} bytes"
+    );
+
+    let mut rewritten = data::bytes(22, 24 * MIB);
+    rewritten[10] ^= 0xff;
+    rewritten.extend_from_slice(&data::bytes(200, MIB));
+    std::fs::write(fx.origin_path("logs/rewritten.log"), &rewritten)?;
+    caught_up(&mut nfs, &fx.gateway, "logs/rewritten.log", rewritten.len())?;
+    let whole = fetched(&fx.gateway)? - before - grown;
+    assert!(
+        whole >= rewritten.len() as u64,
+        "a file changed at its start was not fetched whole: {whole} bytes"
+    );
+
+    fx.origin.proc.kill9();
+    assert!(nfs.read_path("logs/app.log").await? == log);
+    assert!(nfs.read_path("logs/rewritten.log").await? == rewritten);
+    Ok(())
+}
+
 /// A gateway started by hand, with its stderr in a file.
 struct LoggedGateway {
     child: Child,

@@ -10,12 +10,19 @@
 //! queue, so memory does not grow with the file. A client that accepts
 //! holes ([`wire::paths::ACCEPT_HOLES`]) gets a range that is wholly a hole
 //! of a sparse file as `204 No Content` and its length, not as zeros.
+//!
+//! `GET /v1/data/{id}/{version}/digest?len=N` hashes the first `N` bytes
+//! of that version instead of sending them: a gateway that holds an older
+//! version of a file that grew keeps the bytes it has when they still
+//! match, and fetches only the rest (a growing log is not fetched whole
+//! again at each change).
 
 use std::fs::File;
 use std::sync::Arc;
 
+use axum::Json;
 use axum::body::Body;
-use axum::extract::State;
+use axum::extract::{Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
@@ -25,6 +32,7 @@ use crate::error::{api, version_gone};
 use crate::fsops::{self, Fingerprint, FsError};
 use crate::scan::Dirty;
 use crate::server::{ApiFailure, PathParams};
+use crate::store::Meta;
 use crate::wire::{self, ErrorCode, Kind, ObjectId, Version};
 use crate::writer::Job;
 
@@ -38,17 +46,7 @@ pub async fn get(
     PathParams((id, version)): PathParams<(ObjectId, Version)>,
     headers: HeaderMap,
 ) -> Result<Response, ApiFailure> {
-    let meta = shared
-        .store
-        .read()?
-        .meta(id)?
-        .ok_or_else(|| api(ErrorCode::NotFound, format!("no object {id}")))?;
-    if meta.attr.kind != Kind::File {
-        return Err(api(ErrorCode::WrongKind, format!("object {id} is not a file")).into());
-    }
-    if meta.attr.version != version {
-        return Err(version_gone(meta.attr).into());
-    }
+    let meta = current_file(&shared, id, version)?;
     let etag = wire::etag(id, version);
     if let Some(inm) = headers
         .get(header::IF_NONE_MATCH)
@@ -93,19 +91,9 @@ pub async fn get(
     let s = shared.clone();
     let m = meta.clone();
     let opened = tokio::task::spawn_blocking(move || -> Result<Option<Opened>, FsError> {
-        let Ok(Some(path)) = s.store.read().map(|r| r.path_of(m.parent)).and_then(|p| p) else {
-            return Err(FsError::NotFound);
-        };
-        let dir = s.tree.open_dir(&path)?;
-        let file = match fsops::open_file(&dir, &m.name, false) {
-            Ok(f) => f,
-            Err(FsError::NotFound) => return Ok(None),
-            Err(e) => return Err(e),
-        };
-        let st = fsops::fstat(&file)?;
-        if Fingerprint::of(&st) != m.fp {
+        let Some(file) = open_current(&s, &m)? else {
             return Ok(None);
-        }
+        };
         if holes_accepted && len > 0 && is_hole(&file, start, len) {
             // Still this version: no data was written into the hole since
             // the fingerprint was taken.
@@ -144,39 +132,8 @@ pub async fn get(
             set_cache_headers(resp.headers_mut(), &etag);
             return Ok(resp);
         }
-        Ok(None) | Err(FsError::NotFound) => {
-            // Changed or gone behind our back: reconcile, then say so.
-            let (tx, rx) = tokio::sync::oneshot::channel();
-            let job = Job::Reconcile {
-                dirty: Dirty::dirs([meta.parent]),
-                reply: Some(tx),
-            };
-            if shared.jobs.send(job).await.is_ok() {
-                let _ = rx.await;
-            }
-            return Err(match shared.store.read()?.attr(id)? {
-                Some(attr) => version_gone(attr),
-                None => api(ErrorCode::NotFound, format!("object {id} is gone")),
-            }
-            .into());
-        }
-        Err(FsError::Escape) => {
-            return Err(api(
-                ErrorCode::Escape,
-                "a symlink replaces a directory on the path",
-            )
-            .into());
-        }
-        Err(FsError::Io(e)) if e.kind() == std::io::ErrorKind::PermissionDenied => {
-            return Err(api(
-                ErrorCode::PermissionDenied,
-                format!("the origin may not read the file: {e}"),
-            )
-            .into());
-        }
-        Err(FsError::Io(e)) => {
-            return Err(api(ErrorCode::Internal, format!("opening the file: {e}")).into());
-        }
+        Ok(None) | Err(FsError::NotFound) => return Err(changed_behind(&shared, &meta).await),
+        Err(e) => return Err(open_failed(e)),
     };
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(DATA_QUEUE);
     let fp = meta.fp;
@@ -189,6 +146,170 @@ pub async fn get(
         rx.recv().await.map(|item| (item, rx))
     }));
     Ok(data_response(body, &etag, range, len, size))
+}
+
+/// The stored file `id`, if `version` is its current one.
+fn current_file(shared: &Shared, id: ObjectId, version: Version) -> Result<Meta, ApiFailure> {
+    let meta = shared
+        .store
+        .read()?
+        .meta(id)?
+        .ok_or_else(|| api(ErrorCode::NotFound, format!("no object {id}")))?;
+    if meta.attr.kind != Kind::File {
+        return Err(api(ErrorCode::WrongKind, format!("object {id} is not a file")).into());
+    }
+    if meta.attr.version != version {
+        return Err(version_gone(meta.attr).into());
+    }
+    Ok(meta)
+}
+
+/// Opens the file `m` names, if it still holds the stored version (same
+/// fingerprint); `None` if it changed or went behind the origin's back.
+fn open_current(s: &Shared, m: &Meta) -> Result<Option<File>, FsError> {
+    let Ok(Some(path)) = s.store.read().map(|r| r.path_of(m.parent)).and_then(|p| p) else {
+        return Err(FsError::NotFound);
+    };
+    let dir = s.tree.open_dir(&path)?;
+    let file = match fsops::open_file(&dir, &m.name, false) {
+        Ok(f) => f,
+        Err(FsError::NotFound) => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let st = fsops::fstat(&file)?;
+    if Fingerprint::of(&st) != m.fp {
+        return Ok(None);
+    }
+    Ok(Some(file))
+}
+
+/// The answer about a file found changed or gone behind the origin's back:
+/// it is reconciled first, then the client hears of its new version (or
+/// that it is gone).
+async fn changed_behind(shared: &Shared, meta: &Meta) -> ApiFailure {
+    let id = meta.attr.id;
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let job = Job::Reconcile {
+        dirty: Dirty::dirs([meta.parent]),
+        reply: Some(tx),
+    };
+    if shared.jobs.send(job).await.is_ok() {
+        let _ = rx.await;
+    }
+    let attr = match shared.store.read() {
+        Ok(r) => r.attr(id),
+        Err(e) => return e.into(),
+    };
+    match attr {
+        Ok(Some(attr)) => version_gone(attr).into(),
+        Ok(None) => api(ErrorCode::NotFound, format!("object {id} is gone")).into(),
+        Err(e) => e.into(),
+    }
+}
+
+fn open_failed(e: FsError) -> ApiFailure {
+    match e {
+        FsError::Escape => api(
+            ErrorCode::Escape,
+            "a symlink replaces a directory on the path",
+        )
+        .into(),
+        FsError::Io(e) if e.kind() == std::io::ErrorKind::PermissionDenied => api(
+            ErrorCode::PermissionDenied,
+            format!("the origin may not read the file: {e}"),
+        )
+        .into(),
+        FsError::NotFound => api(ErrorCode::NotFound, "the file is gone").into(),
+        FsError::Io(e) => api(ErrorCode::Internal, format!("opening the file: {e}")).into(),
+    }
+}
+
+#[derive(serde::Deserialize)]
+pub struct DigestQuery {
+    len: u64,
+}
+
+/// `GET /v1/data/{id}/{version}/digest?len=N`: the BLAKE3 hash of the
+/// first `N` bytes of that version (see the module doc).
+pub async fn digest(
+    State(shared): State<Arc<Shared>>,
+    PathParams((id, version)): PathParams<(ObjectId, Version)>,
+    Query(q): Query<DigestQuery>,
+) -> Result<Json<wire::Digest>, ApiFailure> {
+    let meta = current_file(&shared, id, version)?;
+    if q.len > meta.fp.size {
+        return Err(api(
+            ErrorCode::RangeNotSatisfiable,
+            format!("{} bytes asked of a file of {}", q.len, meta.fp.size),
+        )
+        .into());
+    }
+    // Hashing reads as much as a download: it takes a download's slot.
+    let permit = shared
+        .downloads
+        .clone()
+        .acquire_owned()
+        .await
+        .map_err(|_| api(ErrorCode::Unavailable, "the origin is shutting down"))?;
+    let s = shared.clone();
+    let m = meta.clone();
+    let len = q.len;
+    let chunk = shared.config.read_chunk.max(4096);
+    let hashed = tokio::task::spawn_blocking(move || -> Result<Option<blake3::Hash>, FsError> {
+        let _permit = permit;
+        let Some(file) = open_current(&s, &m)? else {
+            return Ok(None);
+        };
+        hash_prefix(&file, m.fp, len, chunk).map_err(FsError::Io)
+    })
+    .await
+    .map_err(|e| api(ErrorCode::Internal, format!("digest task: {e}")))?;
+    match hashed {
+        Ok(Some(hash)) => Ok(Json(wire::Digest {
+            len,
+            blake3: hash.to_hex().to_string(),
+        })),
+        Ok(None) | Err(FsError::NotFound) => Err(changed_behind(&shared, &meta).await),
+        Err(e) => Err(open_failed(e)),
+    }
+}
+
+/// The BLAKE3 hash of the first `len` bytes of `file`, read `chunk` bytes
+/// at a time; `None` if the file changed meanwhile (its fingerprint is no
+/// longer `fp`).
+fn hash_prefix(
+    file: &File,
+    fp: Fingerprint,
+    len: u64,
+    chunk: usize,
+) -> std::io::Result<Option<blake3::Hash>> {
+    let _ = rustix::fs::fadvise(
+        file,
+        0,
+        std::num::NonZeroU64::new(len),
+        rustix::fs::Advice::Sequential,
+    );
+    let mut hasher = blake3::Hasher::new();
+    let mut buf: Vec<u8> = Vec::with_capacity(chunk);
+    let mut offset = 0u64;
+    while offset < len {
+        buf.clear();
+        let want = ((len - offset) as usize).min(chunk);
+        let spare = &mut buf.spare_capacity_mut()[..want];
+        match rustix::io::pread(file, spare, offset) {
+            Ok(([], _)) => return Ok(None),
+            Ok((filled, _)) => {
+                hasher.update(filled);
+                offset += filled.len() as u64;
+            }
+            Err(e) if e == rustix::io::Errno::INTR => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    if Fingerprint::of(&rustix::fs::fstat(file)?) != fp {
+        return Ok(None);
+    }
+    Ok(Some(hasher.finalize()))
 }
 
 /// What opening a download gave: the file to stream, or a small answer

@@ -160,6 +160,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/objects/{id}/lookup", get(lookup))
         .route("/v1/objects/{id}/entries", get(entries))
         .route("/v1/data/{id}/{version}", get(crate::data::get))
+        .route("/v1/data/{id}/{version}/digest", get(crate::data::digest))
         .route(paths::JOURNAL, get(journal))
         .route(paths::MANIFEST, get(manifest))
         .route(

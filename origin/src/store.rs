@@ -280,6 +280,7 @@ impl Reader {
             first_seq: self.first_seq()?,
             last_seq: self.last_seq()?,
             upload_extents: true,
+            prefix_digest: true,
         })
     }
 

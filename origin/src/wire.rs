@@ -120,6 +120,11 @@ pub mod paths {
     pub fn data(id: ObjectId, version: Version) -> String {
         format!("/v1/data/{id}/{version}")
     }
+    /// The hash of a prefix of that content ([`super::Digest`]; only where
+    /// [`super::Info::prefix_digest`] is set), with `?len=N`.
+    pub fn digest(id: ObjectId, version: Version) -> String {
+        format!("/v1/data/{id}/{version}/digest")
+    }
     pub fn upload(upload_id: &str) -> String {
         format!("/v1/uploads/{upload_id}")
     }
@@ -187,6 +192,18 @@ pub struct Info {
     /// from before it omit the field.
     #[serde(default)]
     pub upload_extents: bool,
+    /// Prefixes of a file's content can be hashed ([`paths::digest`]).
+    /// Origins from before it omit the field.
+    #[serde(default)]
+    pub prefix_digest: bool,
+}
+
+/// `GET /v1/data/{id}/{version}/digest?len=N`: the BLAKE3 hash of the
+/// first `len` bytes of that version of a file, in hex.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Digest {
+    pub len: u64,
+    pub blake3: String,
 }
 
 /// `GET /v1/objects/{id}/entries`: one page of a directory, in name order.
