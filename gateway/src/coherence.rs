@@ -366,11 +366,11 @@ pub fn apply_record_keeping(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use imz_cache::{Cache, ROOT_FILEID};
 
-    fn attr(id: u64, kind: wire::Kind, version: u64, size: u64) -> wire::Attr {
+    pub(crate) fn attr(id: u64, kind: wire::Kind, version: u64, size: u64) -> wire::Attr {
         wire::Attr {
             id,
             kind,

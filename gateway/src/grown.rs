@@ -136,23 +136,11 @@ fn cached_prefix(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::coherence::tests::attr as attr_of;
     use imz_origin::wire::{Attr, Kind as WireKind};
 
     fn attr(id: ObjectId, version: u64, size: u64) -> Attr {
-        Attr {
-            id,
-            kind: WireKind::File,
-            version,
-            size,
-            mode: 0o644,
-            uid: 0,
-            gid: 0,
-            nlink: 1,
-            atime: 0,
-            mtime: 0,
-            ctime: 0,
-            target: None,
-        }
+        attr_of(id, WireKind::File, version, size)
     }
 
     fn record(seq: Seq, key: Option<&str>, change: Change) -> Record {

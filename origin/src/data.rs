@@ -76,12 +76,7 @@ pub async fn get(
             }
         },
     };
-    let permit = shared
-        .downloads
-        .clone()
-        .acquire_owned()
-        .await
-        .map_err(|_| api(ErrorCode::Unavailable, "the origin is shutting down"))?;
+    let permit = download_slot(&shared).await?;
     let (start, end) = range.unwrap_or((0, size.saturating_sub(1)));
     let len = if size == 0 { 0 } else { end - start + 1 };
     let holes_accepted = headers
@@ -146,6 +141,16 @@ pub async fn get(
         rx.recv().await.map(|item| (item, rx))
     }));
     Ok(data_response(body, &etag, range, len, size))
+}
+
+/// One of the slots that bound the downloads served at once.
+async fn download_slot(shared: &Shared) -> Result<tokio::sync::OwnedSemaphorePermit, ApiFailure> {
+    Ok(shared
+        .downloads
+        .clone()
+        .acquire_owned()
+        .await
+        .map_err(|_| api(ErrorCode::Unavailable, "the origin is shutting down"))?)
 }
 
 /// The stored file `id`, if `version` is its current one.
@@ -245,12 +250,7 @@ pub async fn digest(
         .into());
     }
     // Hashing reads as much as a download: it takes a download's slot.
-    let permit = shared
-        .downloads
-        .clone()
-        .acquire_owned()
-        .await
-        .map_err(|_| api(ErrorCode::Unavailable, "the origin is shutting down"))?;
+    let permit = download_slot(&shared).await?;
     let s = shared.clone();
     let m = meta.clone();
     let len = q.len;
