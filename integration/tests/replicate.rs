@@ -233,8 +233,14 @@ async fn replica_fetches_origin_changes_before_anyone_reads_them() -> Result {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replica_fetches_only_what_a_growing_file_gained() -> Result {
     const MIB: usize = 1 << 20;
-    let mut fx = Fixture::with_cache_size("1GiB", REPLICATE, |root| {
-        data::write_file(&root.join("logs/app.log"), 21, 24 * MIB)?;
+    // Zeros in the log: the gateway stores a chunk without its trailing
+    // zeros, and must hash what the file holds.
+    let mut log = data::bytes(21, 24 * MIB);
+    log[MIB..3 * MIB].fill(0);
+    let first = log.clone();
+    let mut fx = Fixture::with_cache_size("1GiB", REPLICATE, move |root| {
+        std::fs::create_dir_all(root.join("logs"))?;
+        std::fs::write(root.join("logs/app.log"), &first)?;
         data::write_file(&root.join("logs/rewritten.log"), 22, 24 * MIB)?;
         Ok(())
     })?;
@@ -264,7 +270,6 @@ async fn replica_fetches_only_what_a_growing_file_gained() -> Result {
         Ok(())
     };
 
-    let mut log = data::bytes(21, 24 * MIB);
     for round in 0..3u64 {
         use std::io::Write;
         let more = data::bytes(100 + round, MIB);
