@@ -13,8 +13,13 @@
 //! agree those chunks are kept; only the rest is dropped, and fetched
 //! again. Anything else (a hash that differs, an origin that does not hash,
 //! a file changed again meanwhile, an error) drops everything, as before.
+//! A batch's checks run at once, both sides hashing at the same time,
+//! within [`CHECK_BUDGET`]: the batch waits for them, and changes must show
+//! through the gateway within 2 s. A file too big to hash in that time
+//! (several GiB) is fetched whole.
 
 use std::collections::HashMap;
+use std::time::Duration;
 
 use imz_cache::{Cache, FileId, Kind, chunk};
 use imz_origin::wire::{Change, ObjectId, Record, Seq};
@@ -24,9 +29,12 @@ use crate::vfs::Vfs;
 /// Files smaller than this many whole chunks are fetched again whole: the
 /// hashing round trip would save little.
 const MIN_CHUNKS: u64 = 4;
-/// Files checked per journal batch at most, so that a batch full of growing
-/// files does not hold the follower up for long.
+/// Files checked per journal batch at most.
 const MAX_FILES: usize = 8;
+/// How long the checks may hold a batch up: changes at the origin must
+/// show through the gateway within 2 s. A check not done by then (a file
+/// of more than a few GiB) leaves its file to be fetched whole.
+const CHECK_BUDGET: Duration = Duration::from_millis(1000);
 
 /// For the `Write` records of `records` (those after `cursor` and not made
 /// by this gateway, whose key starts with `own`) whose file keeps a prefix:
@@ -37,39 +45,63 @@ pub async fn kept_prefixes(
     cursor: Seq,
     own: &str,
 ) -> HashMap<Seq, u64> {
-    let mut kept = HashMap::new();
     if !vfs.origin.hashes_prefixes() {
-        return kept;
+        return HashMap::new();
     }
-    for (seq, id, version, size) in last_writes(records, cursor, own)
+    let deadline = tokio::time::Instant::now() + CHECK_BUDGET;
+    let checks = last_writes(records, cursor, own)
         .into_iter()
         .take(MAX_FILES)
-    {
-        let cache = vfs.cache.clone();
-        let local =
-            tokio::task::spawn_blocking(move || cached_prefix(&cache, id, version, size)).await;
-        let Ok(Some((fid, chunks, hash))) = local else {
-            continue;
-        };
-        let len = chunk::start_of(chunks);
-        match vfs.origin.digest(id, version, len).await {
-            Ok(d) if d.len == len && d.blake3 == hash.to_hex().as_str() => {
-                tracing::debug!(
-                    fid,
-                    origin_id = id,
-                    kept = len,
-                    size,
-                    "a grown file keeps its cached prefix"
-                );
-                kept.insert(seq, chunks);
+        .map(|(seq, id, version, size)| async move {
+            let check = check(vfs, id, version, size);
+            match tokio::time::timeout_at(deadline, check).await {
+                Ok(Some(chunks)) => Some((seq, chunks)),
+                Ok(None) => None,
+                Err(_) => {
+                    tracing::debug!(origin_id = id, size, "no time to hash a grown file");
+                    None
+                }
             }
-            Ok(_) => {}
-            // The journal follower finds out about an origin gone; here it
-            // only means fetching the file whole.
-            Err(e) => tracing::debug!(fid, origin_id = id, error = %e, "no digest of a grown file"),
+        });
+    futures::future::join_all(checks)
+        .await
+        .into_iter()
+        .flatten()
+        .collect()
+}
+
+/// How many leading chunks the cached file of origin object `id` keeps
+/// for `version` (of `size` bytes), if any: the cache's hash of them and
+/// the origin's, taken at once, agree.
+async fn check(vfs: &Vfs, id: ObjectId, version: u64, size: u64) -> Option<u64> {
+    let cache = vfs.cache.clone();
+    let (fid, chunks) = tokio::task::spawn_blocking(move || held_prefix(&cache, id, version, size))
+        .await
+        .ok()??;
+    let len = chunk::start_of(chunks);
+    let cache = vfs.cache.clone();
+    let local = tokio::task::spawn_blocking(move || hash_held(&cache, fid, chunks));
+    let (local, remote) = tokio::join!(local, vfs.origin.digest(id, version, len));
+    let local = local.ok()??;
+    match remote {
+        Ok(d) if d.len == len && d.blake3 == local.to_hex().as_str() => {
+            tracing::debug!(
+                fid,
+                origin_id = id,
+                kept = len,
+                size,
+                "a grown file keeps its cached prefix"
+            );
+            Some(chunks)
+        }
+        Ok(_) => None,
+        // The journal follower finds out about an origin gone; here it only
+        // means fetching the file whole.
+        Err(e) => {
+            tracing::debug!(fid, origin_id = id, error = %e, "no digest of a grown file");
+            None
         }
     }
-    kept
 }
 
 /// `(seq, origin id, version, size)` of each `Write` record to apply that
@@ -103,13 +135,8 @@ fn last_writes(records: &[Record], cursor: Seq, own: &str) -> Vec<(Seq, ObjectId
 
 /// For the cached clean file of origin object `id`, if it is an older
 /// version that `size` outgrows and its leading whole chunks are all
-/// cached: its file id, how many chunks, and their hash.
-fn cached_prefix(
-    cache: &Cache,
-    id: ObjectId,
-    version: u64,
-    size: u64,
-) -> Option<(FileId, u64, blake3::Hash)> {
+/// cached: its file id and how many chunks.
+fn held_prefix(cache: &Cache, id: ObjectId, version: u64, size: u64) -> Option<(FileId, u64)> {
     let rx = cache.read().ok()?;
     let fid = rx.by_origin(id).ok()??;
     let obj = rx.get(fid).ok()??;
@@ -122,6 +149,17 @@ fn cached_prefix(
     if chunks < MIN_CHUNKS {
         return None;
     }
+    for index in 0..chunks {
+        if !rx.has_chunk(fid, index).ok()? {
+            return None;
+        }
+    }
+    Some((fid, chunks))
+}
+
+/// The hash of the first `chunks` chunks of `fid`, all cached.
+fn hash_held(cache: &Cache, fid: FileId, chunks: u64) -> Option<blake3::Hash> {
+    let rx = cache.read().ok()?;
     let mut hasher = blake3::Hasher::new();
     for index in 0..chunks {
         // Stored without its trailing zeros.
@@ -132,7 +170,7 @@ fn cached_prefix(
             hasher.update(&vec![0; zeros as usize]);
         }
     }
-    Some((fid, chunks, hasher.finalize()))
+    Some(hasher.finalize())
 }
 
 #[cfg(test)]
