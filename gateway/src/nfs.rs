@@ -77,6 +77,7 @@ pub fn status(e: VfsError) -> nfsstat3 {
         VfsError::TooLarge => nfsstat3::NFS3ERR_FBIG,
         VfsError::NotSupported => nfsstat3::NFS3ERR_NOTSUPP,
         VfsError::Access => nfsstat3::NFS3ERR_ACCES,
+        VfsError::ReadOnly => nfsstat3::NFS3ERR_ROFS,
     }
 }
 

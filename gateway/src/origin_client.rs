@@ -146,6 +146,8 @@ pub struct OriginClient {
     upload_extents: Arc<AtomicBool>,
     /// The origin hashes prefixes of a file (said by its info).
     prefix_digest: Arc<AtomicBool>,
+    /// The origin never changes its tree (said by its info).
+    read_only: Arc<AtomicBool>,
     /// The store this cache follows, once known: an origin that answers
     /// with another is refused ([`OriginError::OtherStore`]).
     store_id: Arc<std::sync::OnceLock<String>>,
@@ -179,6 +181,7 @@ impl OriginClient {
             token_file: None,
             upload_extents: Arc::new(AtomicBool::new(false)),
             prefix_digest: Arc::new(AtomicBool::new(false)),
+            read_only: Arc::new(AtomicBool::new(false)),
             store_id: Arc::new(std::sync::OnceLock::new()),
             timeouts,
         })
@@ -295,7 +298,14 @@ impl OriginClient {
             .store(info.upload_extents, Ordering::Relaxed);
         self.prefix_digest
             .store(info.prefix_digest, Ordering::Relaxed);
+        self.read_only.store(info.read_only, Ordering::Relaxed);
         Ok(info)
+    }
+
+    /// Whether the origin serves its tree read-only, as it said when last
+    /// asked for its info.
+    pub fn read_only(&self) -> bool {
+        self.read_only.load(Ordering::Relaxed)
     }
 
     /// Whether the origin hashes prefixes of files ([`Self::digest`]), as

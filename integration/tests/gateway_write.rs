@@ -1252,3 +1252,95 @@ async fn a_sparse_file_reaches_the_origin_without_its_holes() -> Result {
     assert_eq!(at(1 << 30, 4096)?, vec![0u8; 4096]);
     Ok(())
 }
+
+/// A read-only bind mount of a directory, undone on drop.
+struct ReadOnlyMount(std::path::PathBuf);
+
+impl ReadOnlyMount {
+    fn new(source: &Path, at: &Path) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(at)?;
+        let run = |args: &[&str]| -> Result {
+            let out = std::process::Command::new("mount").args(args).output()?;
+            anyhow::ensure!(
+                out.status.success(),
+                "mount {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            Ok(())
+        };
+        let (src, dst) = (source.to_str().unwrap_or(""), at.to_str().unwrap_or(""));
+        run(&["--bind", src, dst])?;
+        let mount = Self(at.to_path_buf());
+        run(&["-o", "remount,bind,ro", dst])?;
+        Ok(mount)
+    }
+}
+
+impl Drop for ReadOnlyMount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// A snapshot or a mounted image: `imz origin --read-only --state DIR`
+/// serves a tree it cannot write, keeping its state elsewhere; gateways
+/// serve it, and a client's change gets "read-only file system" at once,
+/// with nothing logged. Without those options the origin refuses to start
+/// and says how to serve such a tree.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_tree_is_served_read_only() -> Result {
+    let dir = tempfile::tempdir()?;
+    let source = dir.path().join("source");
+    data::write_file(&source.join("docs/a.bin"), 5, 300_000)?;
+    let ro = dir.path().join("ro");
+    let _mount = ReadOnlyMount::new(&source, &ro)?;
+    let token = dir.path().join("token");
+
+    let plain = std::process::Command::new(imz_integration::imz_bin())
+        .arg("origin")
+        .arg("--root")
+        .arg(&ro)
+        .arg("--token-file")
+        .arg(&token)
+        .args(["--listen", "127.0.0.1:0"])
+        .output()?;
+    let refused = String::from_utf8_lossy(&plain.stderr);
+    assert!(!plain.status.success());
+    assert!(
+        refused.contains("Read-only file system") && refused.contains("--read-only --state DIR"),
+        "no hint in: {refused}"
+    );
+
+    let state = dir.path().join("state");
+    let origin = imz_integration::OriginProc::start_with_args(
+        &ro,
+        &token,
+        &["--read-only", "--state", state.to_str().unwrap_or("")],
+    )?;
+    let gw = imz_integration::GatewayProc::start(
+        &origin.url,
+        &token,
+        &dir.path().join("cache"),
+        "1GiB",
+        &[],
+    )?;
+    let mut nfs = Nfs::mount(gw.port, "/imz").await?;
+    assert!(nfs.read_path("docs/a.bin").await? == data::bytes(5, 300_000));
+    let docs = nfs.lookup_path("docs").await?;
+    let file = nfs.lookup_path("docs/a.bin").await?;
+    expect_status(
+        nfs.put_file("docs/new.bin", b"x").await,
+        nfsstat3::NFS3ERR_ROFS,
+    )?;
+    expect_status(nfs.mkdir(&docs, "sub").await, nfsstat3::NFS3ERR_ROFS)?;
+    expect_status(nfs.remove(&docs, "a.bin").await, nfsstat3::NFS3ERR_ROFS)?;
+    expect_status(
+        nfs.write(&file, 0, b"changed", Stable::FILE_SYNC).await,
+        nfsstat3::NFS3ERR_ROFS,
+    )?;
+    let status = gw.status()?;
+    assert_eq!(status["log_records"], 0, "something was logged: {status}");
+    assert!(state.join("store.redb").exists());
+    assert!(!source.join(".imz").exists());
+    Ok(())
+}

@@ -38,6 +38,9 @@ use tokio::sync::{mpsc, watch as tokio_watch};
 pub use error::OriginError;
 use wire::Seq;
 
+/// Why a read-only origin refuses a change.
+pub(crate) const READ_ONLY: &str = "this origin serves its tree read-only (--read-only)";
+
 /// How often the start-up scan reports its progress.
 const SCAN_PROGRESS_EVERY: Duration = Duration::from_secs(5);
 
@@ -76,6 +79,11 @@ pub struct OriginConfig {
     /// A client that reads nothing of a streamed response (data, manifest)
     /// for this long loses it.
     pub send_timeout: Duration,
+    /// Where the origin keeps its own state; `None`: `ROOT/.imz`.
+    pub state_dir: Option<PathBuf>,
+    /// Never change the tree: gateways' changes are refused (and gateways,
+    /// told so by the origin's info, serve it read-only).
+    pub read_only: bool,
 }
 
 impl OriginConfig {
@@ -95,6 +103,16 @@ impl OriginConfig {
             header_timeout: http::HEADER_TIMEOUT,
             max_connections: http::MAX_CONNECTIONS,
             send_timeout: Duration::from_secs(60),
+            state_dir: None,
+            read_only: false,
+        }
+    }
+
+    /// Where the origin keeps its own state.
+    pub fn state_dir(&self) -> PathBuf {
+        match &self.state_dir {
+            Some(dir) => dir.clone(),
+            None => self.root.join(wire::STATE_DIR_NAME),
         }
     }
 }
@@ -136,9 +154,10 @@ impl RunningOrigin {
         self.addr
     }
 
-    /// Where the origin keeps its own state (`ROOT/.imz`).
+    /// Where the origin keeps its own state (`ROOT/.imz` unless
+    /// configured elsewhere).
     pub fn state_dir(&self) -> PathBuf {
-        self.shared.config.root.join(wire::STATE_DIR_NAME)
+        self.shared.config.state_dir()
     }
 
     /// Resolves once the metadata store has stopped working (see
@@ -246,12 +265,21 @@ fn open_shared(
 ) -> Result<Shared, OriginError> {
     let tree = fsops::Tree::open(&config.root)
         .map_err(|e| OriginError::io(format!("opening {}", config.root.display()), e))?;
-    let state = tree.root_path().join(wire::STATE_DIR_NAME);
+    let state = match &config.state_dir {
+        Some(dir) => dir.clone(),
+        None => tree.root_path().join(wire::STATE_DIR_NAME),
+    };
     let uploads_dir = state.join("uploads");
     let partial_dir = state.join("partial");
     for dir in [&state, &uploads_dir, &partial_dir] {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| OriginError::io(format!("creating {}", dir.display()), e))?;
+        std::fs::create_dir_all(dir).map_err(|e| {
+            let hint = if e.kind() == std::io::ErrorKind::ReadOnlyFilesystem {
+                " (a read-only tree is served with --read-only --state DIR)"
+            } else {
+                ""
+            };
+            OriginError::io(format!("creating {}{hint}", dir.display()), e)
+        })?;
     }
     // Staged uploads hold file content before it takes its mode in the
     // tree, and the store names everything, private directories too: the

@@ -247,7 +247,9 @@ async fn health(State(shared): State<Arc<Shared>>) -> Json<Health> {
 }
 
 async fn info(State(shared): State<Arc<Shared>>) -> Result<Json<wire::Info>, ApiFailure> {
-    Ok(Json(shared.store.read()?.info()?))
+    let mut info = shared.store.read()?.info()?;
+    info.read_only = shared.config.read_only;
+    Ok(Json(info))
 }
 
 async fn object(
@@ -546,6 +548,14 @@ async fn reintegrate(
     if batch.ops.is_empty() {
         return Ok(Json(BatchResult {
             results: Vec::new(),
+        }));
+    }
+    if shared.config.read_only {
+        let refused = wire::OpResult::Rejected {
+            error: api(ErrorCode::PermissionDenied, crate::READ_ONLY),
+        };
+        return Ok(Json(BatchResult {
+            results: vec![refused; batch.ops.len()],
         }));
     }
     let (tx, rx) = tokio::sync::oneshot::channel();

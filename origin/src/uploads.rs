@@ -111,6 +111,9 @@ pub async fn put(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<Uploaded>, ApiFailure> {
+    if shared.config.read_only {
+        return Err(api(ErrorCode::PermissionDenied, crate::READ_ONLY).into());
+    }
     if !wire::validate_upload_id(&upload_id) {
         return Err(api(
             ErrorCode::BadRequest,

@@ -196,6 +196,10 @@ pub struct Info {
     /// Origins from before it omit the field.
     #[serde(default)]
     pub prefix_digest: bool,
+    /// The origin never changes its tree (`--read-only`): gateways serve
+    /// it read-only. Origins from before it omit the field.
+    #[serde(default)]
+    pub read_only: bool,
 }
 
 /// `GET /v1/data/{id}/{version}/digest?len=N`: the BLAKE3 hash of the

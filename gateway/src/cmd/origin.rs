@@ -41,9 +41,62 @@ pub struct Args {
     /// changes other programs make in them.
     #[arg(long, default_value = "60s", value_parser = super::parse_duration)]
     pub rescan_every: std::time::Duration,
+    /// Where the origin keeps its own state (metadata store, staged
+    /// uploads), outside the tree. Default: ROOT/.imz.
+    #[arg(long, value_name = "DIR")]
+    pub state: Option<PathBuf>,
+    /// Never change the tree: gateways serve it read-only, and changes they
+    /// logged before are refused (held as conflicts there). With --state, the
+    /// tree itself may be read-only (a snapshot, a mounted image).
+    #[arg(long)]
+    pub read_only: bool,
     /// Bytes read from disk per chunk when serving file data.
     #[arg(long, default_value_t = 1 << 20, hide = true)]
     pub read_chunk: usize,
+}
+
+/// `state`, made absolute (and created), if it lies outside the tree at
+/// `root`: the origin would otherwise journal its own store's writes.
+/// Nothing is created when it does not.
+fn state_outside(root: &Path, state: &Path) -> anyhow::Result<PathBuf> {
+    let resolved = resolve_unmade(state)?;
+    let root = std::fs::canonicalize(root)
+        .with_context(|| format!("resolving the tree {}", root.display()))?;
+    let own = root.join(imz_origin::wire::STATE_DIR_NAME);
+    anyhow::ensure!(
+        !resolved.starts_with(&root) || resolved.starts_with(&own),
+        "--state {} lies inside the tree it would serve ({}): choose a directory outside it",
+        state.display(),
+        root.display()
+    );
+    std::fs::create_dir_all(&resolved)
+        .with_context(|| format!("creating the state directory {}", state.display()))?;
+    Ok(resolved)
+}
+
+/// `path` with its existing part resolved (symlinks followed) and the rest,
+/// which is yet to be made, appended.
+fn resolve_unmade(path: &Path) -> anyhow::Result<PathBuf> {
+    let absolute =
+        std::path::absolute(path).with_context(|| format!("resolving {}", path.display()))?;
+    let mut existing = absolute.as_path();
+    let mut unmade = Vec::new();
+    while !existing.exists() {
+        // `file_name` is `None` for a `..`: the path goes through a
+        // directory yet to be made and back out of it.
+        let (Some(parent), Some(name)) = (existing.parent(), existing.file_name()) else {
+            anyhow::bail!(
+                "{} goes through a directory that does not exist: give it without `..`",
+                path.display()
+            );
+        };
+        unmade.push(name.to_owned());
+        existing = parent;
+    }
+    let mut resolved = std::fs::canonicalize(existing)
+        .with_context(|| format!("resolving {}", existing.display()))?;
+    resolved.extend(unmade.iter().rev());
+    Ok(resolved)
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -64,6 +117,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         config.max_connections = args.max_connections.max(1);
         config.send_timeout = args.send_timeout;
         config.rescan_every = args.rescan_every.max(std::time::Duration::from_millis(100));
+        config.read_only = args.read_only;
+        if let Some(state) = &args.state {
+            config.state_dir = Some(state_outside(&args.root, state)?);
+        }
         let origin = imz_origin::start(config)
             .await
             .with_context(|| format!("starting the origin over {}", args.root.display()))?;
@@ -110,4 +167,29 @@ fn read_or_create_token(path: &Path) -> anyhow::Result<String> {
     writeln!(f, "{token}").context("writing the token file")?;
     f.sync_all().context("syncing the token file")?;
     Ok(token)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_state_directory_must_lie_outside_the_tree() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let root = dir.path().join("tree");
+        std::fs::create_dir(&root)?;
+        let inside = state_outside(&root, &root.join("sub/state"));
+        assert!(format!("{:#}", inside.err().context("inside")?).contains("inside the tree"));
+        assert!(!root.join("sub").exists(), "a refused --state was made");
+        assert!(state_outside(&root, &root).is_err());
+        let own = state_outside(&root, &root.join(imz_origin::wire::STATE_DIR_NAME))?;
+        assert!(own.ends_with(".imz"));
+        let outside = state_outside(&root, &dir.path().join("state"))?;
+        assert!(outside.is_dir());
+        let around = state_outside(&root, &root.join("../around"))?;
+        assert_eq!(around, std::fs::canonicalize(dir.path())?.join("around"));
+        assert!(state_outside(&root, &root.join("new/../state")).is_err());
+        assert!(!root.join("new").exists() && !root.join("state").exists());
+        Ok(())
+    }
 }

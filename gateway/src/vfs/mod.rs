@@ -50,6 +50,8 @@ pub enum VfsError {
     NotSupported,
     #[error("permission denied")]
     Access,
+    #[error("the origin serves its tree read-only")]
+    ReadOnly,
     #[error("I/O error: {0}")]
     Io(String),
 }

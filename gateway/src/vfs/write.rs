@@ -156,6 +156,16 @@ pub(crate) fn replay_write(tx: &mut WriteTxn<'_>, w: &UnstableWrite) -> Result<(
 }
 
 impl Vfs {
+    /// Changes are taken unless the origin said it serves its tree
+    /// read-only (`imz origin --read-only`): then clients hear so at once,
+    /// rather than have changes logged that the origin would refuse.
+    fn writable(&self) -> Result<(), VfsError> {
+        match self.origin.read_only() {
+            true => Err(VfsError::ReadOnly),
+            false => Ok(()),
+        }
+    }
+
     /// Notes that `fid`'s content just changed (for the reintegrator's
     /// aging window) and wakes the reintegrator.
     fn changed(&self, fid: FileId) {
@@ -176,6 +186,7 @@ impl Vfs {
         node: NewNode,
         set: SetAttrs,
     ) -> Result<(FileId, Object), VfsError> {
+        self.writable()?;
         check_new_name(dir, name)?;
         // Learn whether the origin has this name (an unlisted directory does
         // not know all its names); offline, the reintegrator will find out.
@@ -293,6 +304,7 @@ impl Vfs {
         data: Vec<u8>,
         stability: Stability,
     ) -> Result<(Object, Committed), VfsError> {
+        self.writable()?;
         // Checked before anything adds offset and length (the cache checks
         // again where it splices).
         if imz_cache::chunk::write_end(offset, data.len() as u64).is_none() {
@@ -458,6 +470,7 @@ impl Vfs {
 
     /// Changes attributes (size included).
     pub async fn setattr(&self, fid: FileId, set: SetAttrs) -> Result<Object, VfsError> {
+        self.writable()?;
         let obj = self
             .writer
             .run(0, move |tx| {
@@ -488,6 +501,7 @@ impl Vfs {
 
     /// Removes `name` from `dir` (a file, symlink or empty directory).
     pub async fn remove(&self, dir: FileId, name: &str) -> Result<(), VfsError> {
+        self.writable()?;
         let fid = self.lookup(dir, name).await?;
         if self.getattr(fid)?.kind == Kind::Dir {
             // Only an empty directory goes; an unlisted one may have names
@@ -535,6 +549,7 @@ impl Vfs {
         to_dir: FileId,
         to_name: &str,
     ) -> Result<(), VfsError> {
+        self.writable()?;
         check_new_name(to_dir, to_name)?;
         if from_dir == to_dir && from_name == to_name {
             self.lookup(from_dir, from_name).await?;
