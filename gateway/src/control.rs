@@ -97,6 +97,9 @@ pub struct Status {
     #[serde(default)]
     pub portmapper: String,
     pub mode: String,
+    /// The origin serves its tree read-only: changes are refused here.
+    #[serde(default)]
+    pub read_only: bool,
     pub connected: bool,
     /// Unix seconds of the last connect or disconnect.
     pub since: u64,
@@ -196,6 +199,7 @@ impl Control {
         let origin_seq = Metrics::get(&m.origin_seq).max(cursor);
         let replica = self.replica.as_ref().map(|r| r.borrow().clone());
         Status {
+            read_only: self.vfs.origin.read_only(),
             origin: self.origin_url.clone(),
             nfs: self
                 .nfs_addr

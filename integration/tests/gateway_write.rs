@@ -1340,6 +1340,7 @@ async fn a_read_only_tree_is_served_read_only() -> Result {
     )?;
     let status = gw.status()?;
     assert_eq!(status["log_records"], 0, "something was logged: {status}");
+    assert_eq!(status["read_only"], true, "{status}");
     assert!(state.join("store.redb").exists());
     assert!(!source.join(".imz").exists());
     Ok(())

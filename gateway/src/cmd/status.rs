@@ -53,7 +53,8 @@ pub fn render(s: &Status) -> String {
             "STORAGE     FAILED ({why}): restarting once the cache's disk has room\n"
         ));
     }
-    out.push_str(&format!("origin      {}  {link}\n", s.origin));
+    let read_only = if s.read_only { "  read-only" } else { "" };
+    out.push_str(&format!("origin      {}  {link}{read_only}\n", s.origin));
     if !s.nfs.is_empty() {
         out.push_str(&format!(
             "serving     NFS on {}, cache in {}\n",
