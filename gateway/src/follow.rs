@@ -57,6 +57,7 @@ pub async fn run_follower(
 ) {
     // Our own changes coming back: the reintegrator already recorded them.
     let own = format!("{gateway_id}-");
+    let hashes = crate::grown::Hashes::default();
     loop {
         vfs.link.wait_up().await;
         let cursor = match vfs.cache.read().and_then(|rx| rx.meta_u64(meta::CURSOR)) {
@@ -78,7 +79,8 @@ pub async fn run_follower(
                 }
                 let last = page.records.last().map_or(cursor, |r| r.seq);
                 let count = page.records.len();
-                let kept = crate::grown::kept_prefixes(&vfs, &page.records, cursor, &own).await;
+                let kept =
+                    crate::grown::kept_prefixes(&vfs, &hashes, &page.records, cursor, &own).await;
                 let own = own.clone();
                 let gate = hooks.gate.read().await;
                 let result = vfs

@@ -17,8 +17,15 @@
 //! within [`CHECK_BUDGET`]: the batch waits for them, and changes must show
 //! through the gateway within 2 s. A file too big to hash in that time
 //! (several GiB) is fetched whole.
+//!
+//! The gateway's side of a hash is kept ([`Hashes`]): the next check of a
+//! file that keeps growing hashes only the chunks added since. It is tied
+//! to the version the chunks hold, so chunks that change any other way are
+//! never vouched for by an old hash.
 
 use std::collections::HashMap;
+use std::num::NonZeroUsize;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use imz_cache::{Cache, FileId, Kind, chunk};
@@ -35,12 +42,48 @@ const MAX_FILES: usize = 8;
 /// show through the gateway within 2 s. A check not done by then (a file
 /// of more than a few GiB) leaves its file to be fetched whole.
 const CHECK_BUDGET: Duration = Duration::from_millis(1000);
+/// Files whose hash state is kept.
+const HASHES_KEPT: usize = 1024;
+
+/// The hash states of files checked before, by file id: the hasher after
+/// the first `chunks` chunks of the file at origin version `version`.
+pub struct Hashes(Mutex<lru::LruCache<FileId, Held>>);
+
+struct Held {
+    version: u64,
+    chunks: u64,
+    hasher: blake3::Hasher,
+}
+
+impl Default for Hashes {
+    fn default() -> Self {
+        Self(Mutex::new(lru::LruCache::new(
+            NonZeroUsize::new(HASHES_KEPT).unwrap_or(NonZeroUsize::MIN),
+        )))
+    }
+}
+
+impl Hashes {
+    /// The state kept for `fid` if it is of `version` and no longer than
+    /// `chunks`; it is taken out (put back by a check that passes).
+    fn take(&self, fid: FileId, version: u64, chunks: u64) -> Option<(u64, blake3::Hasher)> {
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let held = map.pop(&fid)?;
+        (held.version == version && held.chunks <= chunks).then_some((held.chunks, held.hasher))
+    }
+
+    fn keep(&self, fid: FileId, held: Held) {
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        map.put(fid, held);
+    }
+}
 
 /// For the `Write` records of `records` (those after `cursor` and not made
 /// by this gateway, whose key starts with `own`) whose file keeps a prefix:
 /// record sequence number to the number of leading chunks kept.
 pub async fn kept_prefixes(
     vfs: &Vfs,
+    hashes: &Hashes,
     records: &[Record],
     cursor: Seq,
     own: &str,
@@ -53,7 +96,7 @@ pub async fn kept_prefixes(
         .into_iter()
         .take(MAX_FILES)
         .map(|(seq, id, version, size)| async move {
-            let check = check(vfs, id, version, size);
+            let check = check(vfs, hashes, id, version, size);
             match tokio::time::timeout_at(deadline, check).await {
                 Ok(Some(chunks)) => Some((seq, chunks)),
                 Ok(None) => None,
@@ -73,18 +116,29 @@ pub async fn kept_prefixes(
 /// How many leading chunks the cached file of origin object `id` keeps
 /// for `version` (of `size` bytes), if any: the cache's hash of them and
 /// the origin's, taken at once, agree.
-async fn check(vfs: &Vfs, id: ObjectId, version: u64, size: u64) -> Option<u64> {
+async fn check(vfs: &Vfs, hashes: &Hashes, id: ObjectId, version: u64, size: u64) -> Option<u64> {
     let cache = vfs.cache.clone();
-    let (fid, chunks) = tokio::task::spawn_blocking(move || held_prefix(&cache, id, version, size))
-        .await
-        .ok()??;
+    let (fid, chunks, held_version) =
+        tokio::task::spawn_blocking(move || held_prefix(&cache, id, version, size))
+            .await
+            .ok()??;
     let len = chunk::start_of(chunks);
     let cache = vfs.cache.clone();
-    let local = tokio::task::spawn_blocking(move || hash_held(&cache, fid, chunks));
+    let from = hashes.take(fid, held_version, chunks);
+    let local = tokio::task::spawn_blocking(move || hash_held(&cache, fid, chunks, from));
     let (local, remote) = tokio::join!(local, vfs.origin.digest(id, version, len));
-    let local = local.ok()??;
+    let (hasher, local) = local.ok()??;
     match remote {
         Ok(d) if d.len == len && d.blake3 == local.to_hex().as_str() => {
+            // Those chunks now hold `version`'s bytes.
+            hashes.keep(
+                fid,
+                Held {
+                    version,
+                    chunks,
+                    hasher,
+                },
+            );
             tracing::debug!(
                 fid,
                 origin_id = id,
@@ -135,8 +189,8 @@ fn last_writes(records: &[Record], cursor: Seq, own: &str) -> Vec<(Seq, ObjectId
 
 /// For the cached clean file of origin object `id`, if it is an older
 /// version that `size` outgrows and its leading whole chunks are all
-/// cached: its file id and how many chunks.
-fn held_prefix(cache: &Cache, id: ObjectId, version: u64, size: u64) -> Option<(FileId, u64)> {
+/// cached: its file id, how many chunks, and the version they hold.
+fn held_prefix(cache: &Cache, id: ObjectId, version: u64, size: u64) -> Option<(FileId, u64, u64)> {
     let rx = cache.read().ok()?;
     let fid = rx.by_origin(id).ok()??;
     let obj = rx.get(fid).ok()??;
@@ -154,14 +208,21 @@ fn held_prefix(cache: &Cache, id: ObjectId, version: u64, size: u64) -> Option<(
             return None;
         }
     }
-    Some((fid, chunks))
+    Some((fid, chunks, cached.version))
 }
 
-/// The hash of the first `chunks` chunks of `fid`, all cached.
-fn hash_held(cache: &Cache, fid: FileId, chunks: u64) -> Option<blake3::Hash> {
+/// The hash of the first `chunks` chunks of `fid`, all cached, going on
+/// from `from` (the hasher after that many chunks) if given; and the
+/// hasher's state.
+fn hash_held(
+    cache: &Cache,
+    fid: FileId,
+    chunks: u64,
+    from: Option<(u64, blake3::Hasher)>,
+) -> Option<(blake3::Hasher, blake3::Hash)> {
     let rx = cache.read().ok()?;
-    let mut hasher = blake3::Hasher::new();
-    for index in 0..chunks {
+    let (first, mut hasher) = from.unwrap_or((0, blake3::Hasher::new()));
+    for index in first..chunks {
         // Stored without its trailing zeros.
         let bytes = rx.chunk(fid, index).ok()??;
         let zeros = chunk::CHUNK_SIZE.checked_sub(bytes.len() as u64)?;
@@ -170,7 +231,8 @@ fn hash_held(cache: &Cache, fid: FileId, chunks: u64) -> Option<blake3::Hash> {
             hasher.update(&vec![0; zeros as usize]);
         }
     }
-    Some(hasher.finalize())
+    let hash = hasher.finalize();
+    Some((hasher, hash))
 }
 
 #[cfg(test)]
@@ -190,6 +252,26 @@ mod tests {
             key: key.map(str::to_owned),
             change,
         }
+    }
+
+    #[test]
+    fn a_kept_hash_state_serves_only_its_version_and_is_taken_once() {
+        let hashes = Hashes::default();
+        let held = |version, chunks| Held {
+            version,
+            chunks,
+            hasher: blake3::Hasher::new(),
+        };
+        hashes.keep(7, held(3, 10));
+        assert!(hashes.take(7, 4, 12).is_none(), "another version");
+        hashes.keep(7, held(3, 10));
+        assert!(
+            hashes.take(7, 3, 9).is_none(),
+            "more chunks than the file holds"
+        );
+        hashes.keep(7, held(3, 10));
+        assert_eq!(hashes.take(7, 3, 12).map(|(n, _)| n), Some(10));
+        assert!(hashes.take(7, 3, 12).is_none(), "taken already");
     }
 
     #[test]
