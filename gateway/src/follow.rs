@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use imz_cache::{Kind, meta};
-use imz_origin::wire::ErrorCode;
+use imz_origin::wire::{ErrorCode, Record};
 use tokio::sync::watch;
 
 use crate::coherence::{self, Applied, Source};
@@ -88,8 +88,7 @@ pub async fn run_follower(
                         let mut tx = cache.write()?;
                         let mut applied = Applied::default();
                         for record in &page.records {
-                            let ours = record.key.as_deref().is_some_and(|k| k.starts_with(&own));
-                            if record.seq > cursor && !ours {
+                            if to_apply(record, cursor, &own) {
                                 let keep = kept.get(&record.seq).copied().unwrap_or(0);
                                 coherence::apply_record_keeping(
                                     &mut tx,
@@ -150,6 +149,14 @@ pub async fn run_follower(
             }
         }
     }
+}
+
+/// Whether a journal record is still to be applied: past the `cursor`,
+/// and not made by this gateway (whose idempotency keys start with `own`;
+/// the reintegrator already recorded those).
+pub(crate) fn to_apply(record: &Record, cursor: u64, own: &str) -> bool {
+    let ours = record.key.as_deref().is_some_and(|k| k.starts_with(own));
+    record.seq > cursor && !ours
 }
 
 /// Checks every cached object against the origin, dropping what changed or

@@ -175,10 +175,8 @@ fn last_writes(records: &[Record], cursor: Seq, own: &str) -> Vec<(Seq, ObjectId
     }
     let mut out = Vec::new();
     for (i, r) in records.iter().enumerate() {
-        let ours = r.key.as_deref().is_some_and(|k| k.starts_with(own));
         if let Change::Write { attr } = &r.change
-            && r.seq > cursor
-            && !ours
+            && crate::follow::to_apply(r, cursor, own)
             && last.get(&attr.id) == Some(&i)
         {
             out.push((r.seq, attr.id, attr.version, attr.size));

@@ -9,7 +9,6 @@
 //! answer from a working origin.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -132,6 +131,14 @@ impl Default for Timeouts {
     }
 }
 
+/// What an origin's info says it offers (older origins omit each: no).
+#[derive(Debug, Clone, Copy, Default)]
+struct Offers {
+    upload_extents: bool,
+    prefix_digest: bool,
+    read_only: bool,
+}
+
 /// Client of one origin. Cheap to clone (shares its connection pool and
 /// its token).
 #[derive(Clone)]
@@ -142,12 +149,8 @@ pub struct OriginClient {
     auth: Arc<RwLock<HeaderValue>>,
     /// Where the token came from, if from a file.
     token_file: Option<Arc<PathBuf>>,
-    /// The origin takes uploads as extents (said by its info).
-    upload_extents: Arc<AtomicBool>,
-    /// The origin hashes prefixes of a file (said by its info).
-    prefix_digest: Arc<AtomicBool>,
-    /// The origin never changes its tree (said by its info).
-    read_only: Arc<AtomicBool>,
+    /// What the origin said it offers when last asked for its info.
+    offers: Arc<RwLock<Offers>>,
     /// The store this cache follows, once known: an origin that answers
     /// with another is refused ([`OriginError::OtherStore`]).
     store_id: Arc<std::sync::OnceLock<String>>,
@@ -179,9 +182,7 @@ impl OriginClient {
             base: base_url.trim_end_matches('/').to_owned(),
             auth: Arc::new(RwLock::new(bearer(token)?)),
             token_file: None,
-            upload_extents: Arc::new(AtomicBool::new(false)),
-            prefix_digest: Arc::new(AtomicBool::new(false)),
-            read_only: Arc::new(AtomicBool::new(false)),
+            offers: Arc::new(RwLock::new(Offers::default())),
             store_id: Arc::new(std::sync::OnceLock::new()),
             timeouts,
         })
@@ -294,24 +295,24 @@ impl OriginClient {
                 expected: expected.clone(),
             });
         }
-        self.upload_extents
-            .store(info.upload_extents, Ordering::Relaxed);
-        self.prefix_digest
-            .store(info.prefix_digest, Ordering::Relaxed);
-        self.read_only.store(info.read_only, Ordering::Relaxed);
+        *self.offers.write().unwrap_or_else(|p| p.into_inner()) = Offers {
+            upload_extents: info.upload_extents,
+            prefix_digest: info.prefix_digest,
+            read_only: info.read_only,
+        };
         Ok(info)
     }
 
     /// Whether the origin serves its tree read-only, as it said when last
     /// asked for its info.
     pub fn read_only(&self) -> bool {
-        self.read_only.load(Ordering::Relaxed)
+        self.offers().read_only
     }
 
     /// Whether the origin hashes prefixes of files ([`Self::digest`]), as
     /// it said when last asked for its info.
     pub fn hashes_prefixes(&self) -> bool {
-        self.prefix_digest.load(Ordering::Relaxed)
+        self.offers().prefix_digest
     }
 
     /// The BLAKE3 hash of the first `len` bytes of `id` at `version`. The
@@ -332,10 +333,14 @@ impl OriginClient {
         .await
     }
 
+    fn offers(&self) -> Offers {
+        *self.offers.read().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Whether uploads may be sent as extents ([`Self::upload_extents`]):
     /// the origin said so when last asked for its info.
     pub fn takes_upload_extents(&self) -> bool {
-        self.upload_extents.load(Ordering::Relaxed)
+        self.offers().upload_extents
     }
 
     pub async fn getattr(&self, id: wire::ObjectId) -> Result<wire::Attr, OriginError> {

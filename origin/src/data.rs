@@ -290,21 +290,14 @@ fn hash_prefix(
         rustix::fs::Advice::Sequential,
     );
     let mut hasher = blake3::Hasher::new();
-    let mut buf: Vec<u8> = Vec::with_capacity(chunk);
     let mut offset = 0u64;
     while offset < len {
-        buf.clear();
         let want = ((len - offset) as usize).min(chunk);
-        let spare = &mut buf.spare_capacity_mut()[..want];
-        match rustix::io::pread(file, spare, offset) {
-            Ok(([], _)) => return Ok(None),
-            Ok((filled, _)) => {
-                hasher.update(filled);
-                offset += filled.len() as u64;
-            }
-            Err(e) if e == rustix::io::Errno::INTR => {}
-            Err(e) => return Err(e.into()),
-        }
+        let Some(piece) = read_piece(file, offset, want)? else {
+            return Ok(None);
+        };
+        hasher.update(&piece);
+        offset += want as u64;
     }
     if Fingerprint::of(&rustix::fs::fstat(file)?) != fp {
         return Ok(None);
@@ -334,17 +327,7 @@ fn is_hole(file: &File, start: u64, len: u64) -> bool {
 /// Reads `len` bytes from `start` whole, then checks that the file did not
 /// change meanwhile.
 fn read_small(file: &File, fp: Fingerprint, start: u64, len: u64) -> std::io::Result<Bytes> {
-    let mut buf: Vec<u8> = Vec::with_capacity(len as usize);
-    while (buf.len() as u64) < len {
-        let at = start + buf.len() as u64;
-        match rustix::io::pread(file, rustix::buffer::spare_capacity(&mut buf), at) {
-            Ok(0) => return Err(std::io::Error::other("the file shrank while being served")),
-            Ok(_) => {}
-            Err(e) if e == rustix::io::Errno::INTR => {}
-            Err(e) => return Err(e.into()),
-        }
-    }
-    buf.truncate(len as usize);
+    let buf = read_piece(file, start, len as usize)?.ok_or_else(shrank)?;
     if Fingerprint::of(&rustix::fs::fstat(file)?) != fp {
         return Err(std::io::Error::other("the file changed while being served"));
     }
@@ -403,45 +386,48 @@ fn stream_file(file: File, fp: Fingerprint, start: u64, len: u64, chunk: usize, 
     let end = start + len;
     while offset < end {
         let want = ((end - offset) as usize).min(chunk);
-        let mut buf: Vec<u8> = Vec::with_capacity(want);
-        let mut failed = None;
-        while buf.len() < want {
-            let at = offset + buf.len() as u64;
-            // Reads into the vector's spare capacity (no zeroing); rustix
-            // sets the length to what was read.
-            match rustix::io::pread(&file, rustix::buffer::spare_capacity(&mut buf), at) {
-                Ok(0) => {
-                    failed = Some(std::io::Error::other("the file shrank while being served"));
-                    break;
-                }
-                Ok(_) => {}
-                Err(e) if e == rustix::io::Errno::INTR => {}
-                Err(e) => {
-                    failed = Some(e.into());
-                    break;
-                }
+        let piece = read_piece(&file, offset, want)
+            .and_then(|piece| piece.ok_or_else(shrank))
+            .and_then(|piece| match rustix::fs::fstat(&file) {
+                Ok(st) if Fingerprint::of(&st) == fp => Ok(piece),
+                Ok(_) => Err(std::io::Error::other("the file changed while being served")),
+                Err(e) => Err(e.into()),
+            });
+        let buf = match piece {
+            Ok(buf) => buf,
+            Err(e) => {
+                tracing::warn!(error = %e, "aborting a download");
+                let _ = tx.send(Err(e));
+                return;
             }
-        }
-        buf.truncate(want);
-        if failed.is_none() {
-            match rustix::fs::fstat(&file) {
-                Ok(st) if Fingerprint::of(&st) == fp => {}
-                Ok(_) => {
-                    failed = Some(std::io::Error::other("the file changed while being served"))
-                }
-                Err(e) => failed = Some(e.into()),
-            }
-        }
-        if let Some(e) = failed {
-            tracing::warn!(error = %e, "aborting a download");
-            let _ = tx.send(Err(e));
-            return;
-        }
+        };
         offset += buf.len() as u64;
         if !tx.send(Ok(Bytes::from(buf))) {
             return; // client gone, or not reading
         }
     }
+}
+
+/// Reads `want` bytes at `at`; `None` if the file ends before.
+fn read_piece(file: &File, at: u64, want: usize) -> std::io::Result<Option<Vec<u8>>> {
+    let mut buf: Vec<u8> = Vec::with_capacity(want);
+    while buf.len() < want {
+        let offset = at + buf.len() as u64;
+        // Reads into the vector's spare capacity (no zeroing); rustix sets
+        // the length to what was read.
+        match rustix::io::pread(file, rustix::buffer::spare_capacity(&mut buf), offset) {
+            Ok(0) => return Ok(None),
+            Ok(_) => {}
+            Err(e) if e == rustix::io::Errno::INTR => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    buf.truncate(want);
+    Ok(Some(buf))
+}
+
+fn shrank() -> std::io::Error {
+    std::io::Error::other("the file shrank while being served")
 }
 
 /// A `Range` header, as far as this server honours it.

@@ -646,18 +646,11 @@ impl Apply<'_, '_, '_> {
         }
         if m.attr.kind != Kind::Dir {
             self.check_version(&m, base)?;
-        } else {
-            // A directory cannot move below itself.
-            let mut cur = tpid;
-            while cur != 0 {
-                if cur == m.attr.id {
-                    return Err(rejected(
-                        ErrorCode::BadRequest,
-                        "a directory cannot move into itself",
-                    ));
-                }
-                cur = self.cx.tx.meta(cur)?.map(|p| p.parent).unwrap_or(0);
-            }
+        } else if self.cx.tx.is_within(tpid, m.attr.id)? {
+            return Err(rejected(
+                ErrorCode::BadRequest,
+                "a directory cannot move into itself",
+            ));
         }
         let dest = self.cx.tx.child(tpid, to_name)?;
         let replaced: Option<Meta> = match (dest, replace) {

@@ -235,9 +235,9 @@ fn entry_for_path(cx: &WCtx<'_>, path: &[String]) -> Result<Option<(ObjectId, St
 /// directory compared: a name that now holds another object or kind (a
 /// file replaced by `mv` over it), a directory whose own attributes
 /// changed (listing it finds what it holds) or that is gone (it may have
-/// moved), a new name for an inode the
-/// store knows elsewhere (a rename whose other end is not among these
-/// entries, or a hard link), or a directory that no longer opens.
+/// moved), a new name for an inode the store knows elsewhere (a rename
+/// whose other end is not among these entries, or a hard link), or a
+/// directory that no longer opens.
 fn diff_entries(
     cx: &WCtx<'_>,
     entries: &BTreeSet<(ObjectId, String)>,
@@ -310,27 +310,6 @@ fn open_stored_dir(cx: &WCtx<'_>, id: ObjectId) -> Result<Option<OwnedFd>> {
     };
     let same = id == ROOT_ID || fsops::fstat(&fd).is_ok_and(|st| st.st_ino == m.fp.ino);
     Ok(same.then_some(fd))
-}
-
-/// Whether directory `dir` is `id` or lies below it: `id` cannot move
-/// there.
-fn is_within(cx: &WCtx<'_>, dir: ObjectId, id: ObjectId) -> Result<bool> {
-    let mut cur = dir;
-    for _ in 0..4096 {
-        if cur == id {
-            return Ok(true);
-        }
-        if cur == ROOT_ID {
-            return Ok(false);
-        }
-        match cx.tx.meta(cur)? {
-            Some(m) => cur = m.parent,
-            None => return Ok(false),
-        }
-    }
-    Err(OriginError::Corrupt(format!(
-        "parent loop above object {dir}"
-    )))
 }
 
 /// The directories to look at for a changed path: its deepest stored
@@ -659,11 +638,11 @@ fn plausibly_moved(m: &Meta, st: &Stat) -> bool {
 /// removed directory freed and a new one reuses at once (ext4 does) would
 /// otherwise look like such a move.
 fn could_move_to(cx: &WCtx<'_>, m: &Meta, dir: ObjectId, name: &str) -> Result<bool> {
-    if is_within(cx, dir, m.attr.id)? {
+    if cx.tx.is_within(dir, m.attr.id)? {
         return Ok(false);
     }
     match cx.tx.child(dir, name)? {
-        Some(replaced) => Ok(!is_within(cx, m.parent, replaced)?),
+        Some(replaced) => Ok(!cx.tx.is_within(m.parent, replaced)?),
         None => Ok(true),
     }
 }

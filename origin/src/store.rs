@@ -444,6 +444,27 @@ impl<'a> Tx<'a> {
         path_of(&t, id)
     }
 
+    /// Whether `dir` is `ancestor` or lies below it (a directory cannot
+    /// move there).
+    pub fn is_within(&self, dir: ObjectId, ancestor: ObjectId) -> Result<bool> {
+        let mut cur = dir;
+        for _ in 0..4096 {
+            if cur == ancestor {
+                return Ok(true);
+            }
+            if cur == ROOT_ID {
+                return Ok(false);
+            }
+            match self.meta(cur)? {
+                Some(m) => cur = m.parent,
+                None => return Ok(false),
+            }
+        }
+        Err(OriginError::Corrupt(format!(
+            "parent loop above object {dir}"
+        )))
+    }
+
     pub fn counter(&self, name: &str) -> Result<u64> {
         Ok(self
             .txn

@@ -151,12 +151,13 @@ pub fn run(shared: Arc<Shared>, mut rx: mpsc::Receiver<Job>) {
                 Job::Batch { ops, reply } => batches.push((ops, reply)),
             }
         }
+        let whole_tree = dirty.full;
         if !dirty.is_empty()
-            && let Err(e) = transact(&shared, |cx| scan::reconcile(cx, dirty.clone()))
+            && let Err(e) = transact(&shared, |cx| scan::reconcile(cx, dirty))
         {
             // What the narrow compare could not settle, the whole tree's
             // may: the paths it was given are not dropped.
-            if dirty.full {
+            if whole_tree {
                 tracing::error!(error = %e, "reconciling external changes failed");
             } else if let Err(e2) = transact(&shared, |cx| scan::reconcile(cx, Dirty::full())) {
                 tracing::error!(
