@@ -69,6 +69,9 @@ pub mod meta {
     pub const ORIGIN_STORE: &str = "origin_store";
     /// string: this gateway's id (prefix of its idempotency keys).
     pub const GATEWAY_ID: &str = "gateway_id";
+    /// u64, 1 or 0: whether the origin served its tree read-only when it
+    /// last said (what a gateway started while it is away goes by).
+    pub const ORIGIN_READ_ONLY: &str = "origin_read_only";
     /// u64: the last unstable write (the gateway's unstable-write log) this
     /// state includes.
     pub const UNSTABLE_SEQ: &str = "unstable_seq";

@@ -106,6 +106,7 @@ impl Gateway {
             origin = origin.with_token_file(path.clone());
         }
 
+        remember_read_only(&cache, &origin)?;
         let connected = meet_origin(&cache, &origin, &config).await?;
         if let Some(store) = cache.read()?.meta_str(meta::ORIGIN_STORE)? {
             origin.expect_store(&store);
@@ -374,6 +375,33 @@ fn mount_host(addr: SocketAddr) -> String {
         std::net::IpAddr::V6(ip) => format!("[{ip}]"),
         ip => ip.to_string(),
     }
+}
+
+/// Seeds the origin client with whether the origin was read-only when last
+/// seen, and keeps its word in the cache whenever it changes.
+fn remember_read_only(cache: &Arc<Cache>, origin: &OriginClient) -> anyhow::Result<()> {
+    let was = cache.read()?.meta_u64(meta::ORIGIN_READ_ONLY)? == Some(1);
+    let cache = Arc::clone(cache);
+    origin.remember_read_only(was, move |read_only| {
+        let cache = Arc::clone(&cache);
+        // The hook runs inside a request to the origin: the commit waits
+        // for the disk, so it runs on a blocking thread.
+        tokio::task::spawn_blocking(move || {
+            let kept = cache.write().and_then(|mut tx| {
+                tx.put_meta_u64(meta::ORIGIN_READ_ONLY, u64::from(read_only))?;
+                tx.commit(true)
+            });
+            if let Err(e) = kept {
+                tracing::warn!(error = %e, "could not note whether the origin is read-only");
+            }
+        });
+    });
+    if was {
+        tracing::info!(
+            "the origin was read-only when last seen: changes are refused until it says otherwise"
+        );
+    }
+    Ok(())
 }
 
 /// Checks the origin against the cache: same store, root in place, cursor

@@ -139,6 +139,8 @@ struct Offers {
     read_only: bool,
 }
 
+type ReadOnlyHook = Box<dyn Fn(bool) + Send + Sync>;
+
 /// Client of one origin. Cheap to clone (shares its connection pool and
 /// its token).
 #[derive(Clone)]
@@ -154,6 +156,8 @@ pub struct OriginClient {
     /// The store this cache follows, once known: an origin that answers
     /// with another is refused ([`OriginError::OtherStore`]).
     store_id: Arc<std::sync::OnceLock<String>>,
+    /// Told when the origin's info says read-only otherwise than before.
+    read_only_changed: Arc<std::sync::OnceLock<ReadOnlyHook>>,
     timeouts: Timeouts,
 }
 
@@ -184,6 +188,7 @@ impl OriginClient {
             token_file: None,
             offers: Arc::new(RwLock::new(Offers::default())),
             store_id: Arc::new(std::sync::OnceLock::new()),
+            read_only_changed: Arc::new(std::sync::OnceLock::new()),
             timeouts,
         })
     }
@@ -295,12 +300,40 @@ impl OriginClient {
                 expected: expected.clone(),
             });
         }
-        *self.offers.write().unwrap_or_else(|p| p.into_inner()) = Offers {
+        let offers = Offers {
             upload_extents: info.upload_extents,
             prefix_digest: info.prefix_digest,
             read_only: info.read_only,
         };
+        let before = std::mem::replace(
+            &mut *self.offers.write().unwrap_or_else(|p| p.into_inner()),
+            offers,
+        );
+        if before.read_only != offers.read_only {
+            if offers.read_only {
+                tracing::warn!("the origin serves its tree read-only: changes are refused");
+            } else {
+                tracing::info!("the origin takes changes again");
+            }
+            if let Some(hook) = self.read_only_changed.get() {
+                hook(offers.read_only);
+            }
+        }
         Ok(info)
+    }
+
+    /// Takes the origin for read-only if `was` (what it last said, kept by
+    /// the caller) until its info says otherwise, and calls `changed` each
+    /// time it does, so that the caller can keep the new word. A gateway
+    /// started while the origin is away thus refuses changes a read-only
+    /// origin would refuse, instead of logging them to be held as
+    /// conflicts later.
+    pub fn remember_read_only(&self, was: bool, changed: impl Fn(bool) + Send + Sync + 'static) {
+        self.offers
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .read_only = was;
+        let _ = self.read_only_changed.set(Box::new(changed));
     }
 
     /// Whether the origin serves its tree read-only, as it said when last

@@ -1317,7 +1317,7 @@ async fn a_read_only_tree_is_served_read_only() -> Result {
         &token,
         &["--read-only", "--state", state.to_str().unwrap_or("")],
     )?;
-    let gw = imz_integration::GatewayProc::start(
+    let mut gw = imz_integration::GatewayProc::start(
         &origin.url,
         &token,
         &dir.path().join("cache"),
@@ -1343,5 +1343,73 @@ async fn a_read_only_tree_is_served_read_only() -> Result {
     assert_eq!(status["read_only"], true, "{status}");
     assert!(state.join("store.redb").exists());
     assert!(!source.join(".imz").exists());
+
+    // The gateway remembers: started again while the origin is away, it
+    // still refuses changes (taking them, it would hold them as conflicts
+    // once the origin is back) and serves what it has.
+    drop(nfs);
+    drop(origin);
+    gw.restart_graceful()?;
+    let mut nfs = Nfs::mount(gw.port, "/imz").await?;
+    assert!(nfs.read_path("docs/a.bin").await? == data::bytes(5, 300_000));
+    expect_status(
+        nfs.put_file("docs/offline.bin", b"x").await,
+        nfsstat3::NFS3ERR_ROFS,
+    )?;
+    let status = gw.status()?;
+    assert_eq!(status["connected"], false, "{status}");
+    assert_eq!(status["read_only"], true, "{status}");
+    assert_eq!(status["log_records"], 0, "something was logged: {status}");
+    Ok(())
+}
+
+/// `imz serve --read-only --state DIR` over a read-only tree: the README's
+/// one command for sharing a snapshot or a mounted image.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_shares_a_read_only_tree() -> Result {
+    let dir = tempfile::tempdir()?;
+    let source = dir.path().join("source");
+    data::write_file(&source.join("img/disk.bin"), 6, 200_000)?;
+    let ro = dir.path().join("ro");
+    let _mount = ReadOnlyMount::new(&source, &ro)?;
+    let state = dir.path().join("state");
+    let (ro_arg, state_arg) = (ro.to_str().unwrap_or(""), state.to_str().unwrap_or(""));
+    let (serve, addr) = imz_integration::Imz::spawn_full(
+        &[],
+        &[],
+        &[
+            "serve",
+            ro_arg,
+            "--read-only",
+            "--state",
+            state_arg,
+            "--listen",
+            "127.0.0.1:0",
+        ],
+        "imz gateway listening on ",
+    )?;
+    let port: u16 = addr
+        .trim()
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no port in {addr:?}"))?;
+    let mut nfs = Nfs::mount(port, "/imz").await?;
+    assert!(nfs.read_path("img/disk.bin").await? == data::bytes(6, 200_000));
+    let img = nfs.lookup_path("img").await?;
+    expect_status(
+        nfs.put_file("img/new.bin", b"x").await,
+        nfsstat3::NFS3ERR_ROFS,
+    )?;
+    expect_status(nfs.remove(&img, "disk.bin").await, nfsstat3::NFS3ERR_ROFS)?;
+    assert!(
+        state.join("store.redb").exists(),
+        "origin state not in --state"
+    );
+    assert!(
+        state.join("gateway-cache").is_dir(),
+        "the cache did not default to STATE/gateway-cache"
+    );
+    drop(serve);
     Ok(())
 }

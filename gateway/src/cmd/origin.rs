@@ -58,7 +58,7 @@ pub struct Args {
 /// `state`, made absolute (and created), if it lies outside the tree at
 /// `root`: the origin would otherwise journal its own store's writes.
 /// Nothing is created when it does not.
-fn state_outside(root: &Path, state: &Path) -> anyhow::Result<PathBuf> {
+pub(super) fn state_outside(root: &Path, state: &Path) -> anyhow::Result<PathBuf> {
     let resolved = resolve_unmade(state)?;
     let root = std::fs::canonicalize(root)
         .with_context(|| format!("resolving the tree {}", root.display()))?;

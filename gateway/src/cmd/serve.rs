@@ -11,9 +11,18 @@ use imz_gateway::{Gateway, GatewayConfig, restart};
 pub struct Args {
     /// The directory to serve.
     pub dir: PathBuf,
-    /// Directory of the gateway's cache [default: DIR/.imz/gateway-cache].
+    /// Directory of the gateway's cache [default: STATE/gateway-cache].
     #[arg(long)]
     pub cache: Option<PathBuf>,
+    /// Where the origin keeps its own state (metadata store, staged
+    /// uploads), outside DIR [default: DIR/.imz].
+    #[arg(long, value_name = "STATE")]
+    pub state: Option<PathBuf>,
+    /// Never change DIR: every change through the mount gets "read-only
+    /// file system". With --state, DIR itself may be read-only (a
+    /// snapshot, a mounted image).
+    #[arg(long)]
+    pub read_only: bool,
     /// Most file data the cache holds.
     #[arg(long, default_value = "10GiB", value_parser = super::parse_size)]
     pub cache_size: u64,
@@ -44,21 +53,28 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .dir
         .canonicalize()
         .with_context(|| format!("resolving {}", args.dir.display()))?;
-    let state_dir = dir.join(imz_origin::wire::STATE_DIR_NAME);
-    let cache_dir = args
-        .cache
-        .unwrap_or_else(|| state_dir.join("gateway-cache"));
+    let own_state = dir.join(imz_origin::wire::STATE_DIR_NAME);
+    let state_dir = match &args.state {
+        Some(state) => Some(super::origin::state_outside(&dir, state)?),
+        None => None,
+    };
+    let cache_dir = args.cache.unwrap_or_else(|| {
+        state_dir
+            .as_deref()
+            .unwrap_or(&own_state)
+            .join("gateway-cache")
+    });
     let resolved =
         resolve(&cache_dir).with_context(|| format!("resolving {}", cache_dir.display()))?;
     // Inside the served tree, the cache would be served and followed by
     // itself: each commit a change at the origin, journaled, followed.
     anyhow::ensure!(
-        !resolved.starts_with(&dir) || resolved.starts_with(&state_dir),
+        !resolved.starts_with(&dir) || resolved.starts_with(&own_state),
         "the cache {} is inside {}, the directory being served: the gateway would serve its \
          own cache. Put it elsewhere, or leave --cache out (it then lives in {})",
         cache_dir.display(),
         dir.display(),
-        state_dir.display()
+        own_state.display()
     );
     let runtime = super::runtime()?;
     runtime.block_on(async move {
@@ -67,7 +83,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         // only in this process.
         let token = uuid::Uuid::new_v4().simple().to_string();
         let origin_listen: SocketAddr = ([127, 0, 0, 1], 0).into();
-        let origin = imz_origin::start(imz_origin::OriginConfig::new(&dir, origin_listen, token.clone()))
+        let mut origin_config = imz_origin::OriginConfig::new(&dir, origin_listen, token.clone());
+        origin_config.read_only = args.read_only;
+        origin_config.state_dir = state_dir;
+        let origin = imz_origin::start(origin_config)
             .await
             .with_context(|| format!("starting the origin over {}", dir.display()))?;
         let origin_url = format!("http://{}", origin.local_addr());
