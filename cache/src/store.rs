@@ -1076,13 +1076,13 @@ impl WriteTxn<'_> {
 
     /// Deletes every stored chunk of `fid`.
     pub fn drop_data(&mut self, fid: FileId) -> Result<()> {
-        self.drop_chunks_from(fid, 0)
+        self.drop_chunks_except(fid, &[])
     }
 
-    /// Drops the stored chunks of `fid` from index `first` on.
-    pub fn drop_chunks_from(&mut self, fid: FileId, first: u64) -> Result<()> {
+    /// Drops the stored chunks of `fid` but those in `kept` (sorted).
+    pub fn drop_chunks_except(&mut self, fid: FileId, kept: &[u64]) -> Result<()> {
         for (index, _) in self.chunks_of(fid)? {
-            if index >= first {
+            if kept.binary_search(&index).is_err() {
                 self.delete_chunk(fid, index)?;
             }
         }

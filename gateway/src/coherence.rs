@@ -259,17 +259,17 @@ pub fn apply_record(
     record: &Record,
     applied: &mut Applied,
 ) -> Result<(), CacheError> {
-    apply_record_keeping(tx, record, applied, 0)
+    apply_record_keeping(tx, record, applied, &[])
 }
 
-/// [`apply_record`], where a `Write` record keeps the file's first
-/// `kept_chunks` chunks: they were found to hold the new version's bytes
-/// too (see [`crate::grown`]).
+/// [`apply_record`], where a `Write` record keeps the file's chunks in
+/// `kept` (sorted): they were found to hold the new version's bytes too
+/// (see [`crate::unchanged`]).
 pub fn apply_record_keeping(
     tx: &mut WriteTxn<'_>,
     record: &Record,
     applied: &mut Applied,
-    kept_chunks: u64,
+    kept: &[u64],
 ) -> Result<(), CacheError> {
     let seq = record.seq;
     match &record.change {
@@ -290,7 +290,7 @@ pub fn apply_record_keeping(
             }
             match &record.change {
                 Change::Write { .. } if obj.kind == Kind::File => {
-                    tx.drop_chunks_from(fid, kept_chunks)?;
+                    tx.drop_chunks_except(fid, kept)?;
                     obj.origin_extent = attr.size;
                     applied.content_changed.push(fid);
                 }

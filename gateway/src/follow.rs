@@ -57,7 +57,7 @@ pub async fn run_follower(
 ) {
     // Our own changes coming back: the reintegrator already recorded them.
     let own = format!("{gateway_id}-");
-    let hashes = crate::grown::Hashes::default();
+    let hashes = crate::unchanged::Hashes::default();
     loop {
         vfs.link.wait_up().await;
         let cursor = match vfs.cache.read().and_then(|rx| rx.meta_u64(meta::CURSOR)) {
@@ -80,7 +80,7 @@ pub async fn run_follower(
                 let last = page.records.last().map_or(cursor, |r| r.seq);
                 let count = page.records.len();
                 let kept =
-                    crate::grown::kept_prefixes(&vfs, &hashes, &page.records, cursor, &own).await;
+                    crate::unchanged::kept_chunks(&vfs, &hashes, &page.records, cursor, &own).await;
                 let own = own.clone();
                 let gate = hooks.gate.read().await;
                 let result = vfs
@@ -89,7 +89,7 @@ pub async fn run_follower(
                         let mut applied = Applied::default();
                         for record in &page.records {
                             if to_apply(record, cursor, &own) {
-                                let keep = kept.get(&record.seq).copied().unwrap_or(0);
+                                let keep = kept.get(&record.seq).map_or(&[][..], Vec::as_slice);
                                 coherence::apply_record_keeping(
                                     &mut tx,
                                     record,

@@ -135,7 +135,7 @@ impl Default for Timeouts {
 #[derive(Debug, Clone, Copy, Default)]
 struct Offers {
     upload_extents: bool,
-    prefix_digest: bool,
+    piece_digests: bool,
     read_only: bool,
 }
 
@@ -302,7 +302,7 @@ impl OriginClient {
         }
         let offers = Offers {
             upload_extents: info.upload_extents,
-            prefix_digest: info.prefix_digest,
+            piece_digests: info.piece_digests,
             read_only: info.read_only,
         };
         let before = std::mem::replace(
@@ -342,25 +342,26 @@ impl OriginClient {
         self.offers().read_only
     }
 
-    /// Whether the origin hashes prefixes of files ([`Self::digest`]), as
-    /// it said when last asked for its info.
-    pub fn hashes_prefixes(&self) -> bool {
-        self.offers().prefix_digest
+    /// Whether the origin hashes the pieces of a file's content
+    /// ([`Self::piece_digests`]), as it said when last asked for its info.
+    pub fn hashes_pieces(&self) -> bool {
+        self.offers().piece_digests
     }
 
-    /// The BLAKE3 hash of the first `len` bytes of `id` at `version`. The
-    /// origin reads them all, so the time allowed grows with `len` (at
-    /// 50 MiB/s).
-    pub async fn digest(
+    /// The BLAKE3 hashes of each `piece` bytes of the first `len` bytes of
+    /// `id` at `version`. The origin reads them all, so the time allowed
+    /// grows with `len` (at 50 MiB/s).
+    pub async fn piece_digests(
         &self,
         id: wire::ObjectId,
         version: wire::Version,
         len: u64,
+        piece: u64,
     ) -> Result<wire::Digest, OriginError> {
         let reading = Duration::from_secs_f64(len as f64 / (50u64 << 20) as f64);
         self.get_json(
             &wire::paths::digest(id, version),
-            &[("len", len.to_string())],
+            &[("len", len.to_string()), ("piece", piece.to_string())],
             self.timeouts.request + reading,
         )
         .await

@@ -339,9 +339,44 @@ fn a_prefix_of_a_version_is_hashed_and_a_changed_file_is_not() {
         assert_eq!(resp.status(), 200);
         let d: wire::Digest = resp.json().expect("json");
         let want = blake3::hash(&content[..len as usize]).to_hex().to_string();
-        assert_eq!(d, wire::Digest { len, blake3: want });
+        assert_eq!(
+            d,
+            wire::Digest {
+                len,
+                blake3: want,
+                pieces: vec![]
+            }
+        );
     }
     assert_eq!(digest(f.version, 3_000_001).status(), 416);
+
+    // Pieces: each hashed on its own, the last one shorter; the read size
+    // (1 MiB) is not a multiple of the piece.
+    assert!(s.client.info().piece_digests);
+    let pieces = |len: u64, piece: u64| {
+        s.client
+            .get(&wire::paths::digest(f.id, f.version))
+            .query(&[("len", len), ("piece", piece)])
+            .send()
+            .expect("digest")
+    };
+    for (len, piece) in [(3_000_000, 1_044_480), (1 << 20, 4096), (0, 4096)] {
+        let resp = pieces(len, piece);
+        assert_eq!(resp.status(), 200);
+        let d: wire::Digest = resp.json().expect("json");
+        let want: Vec<String> = content[..len as usize]
+            .chunks(piece as usize)
+            .map(|p| blake3::hash(p).to_hex().to_string())
+            .collect();
+        assert_eq!(d.pieces, want, "len {len}, piece {piece}");
+        assert_eq!(d.blake3, "", "the whole hashed too");
+    }
+    for bad in [0, 100, 1 << 30] {
+        let resp = pieces(1 << 20, bad);
+        assert_eq!(resp.status(), 400, "piece {bad}");
+        let err: wire::ApiError = resp.json().expect("error json");
+        assert!(err.message.contains("piece must be"), "{}", err.message);
+    }
     std::fs::write(s.root().join("f"), b"new").expect("rewrite");
     // The old version is gone, whether or not the watcher got there first.
     assert_eq!(digest(f.version, 3).status(), 410);

@@ -227,11 +227,12 @@ async fn replica_fetches_origin_changes_before_anyone_reads_them() -> Result {
 }
 
 /// A file that grows at the origin (a log appended to) is kept current by
-/// fetching what it gained, not the whole file at each change; a file that
-/// also changed before its old end is fetched whole. Both end with the
-/// origin's bytes, read with the origin gone.
+/// fetching what it gained, not the whole file at each change; a file
+/// written in place (a database, a disk image) by fetching the chunks that
+/// changed; a file rewritten through and through is fetched whole. All end
+/// with the origin's bytes, read with the origin gone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn replica_fetches_only_what_a_growing_file_gained() -> Result {
+async fn replica_fetches_only_what_changed_in_a_file() -> Result {
     const MIB: usize = 1 << 20;
     // Zeros in the log: the gateway stores a chunk without its trailing
     // zeros, and must hash what the file holds.
@@ -242,6 +243,8 @@ async fn replica_fetches_only_what_a_growing_file_gained() -> Result {
         std::fs::create_dir_all(root.join("logs"))?;
         std::fs::write(root.join("logs/app.log"), &first)?;
         data::write_file(&root.join("logs/rewritten.log"), 22, 24 * MIB)?;
+        data::write_file(&root.join("db/pages.db"), 23, 24 * MIB)?;
+        data::write_file(&root.join("db/replaced.db"), 24, 24 * MIB)?;
         Ok(())
     })?;
     wait_status(
@@ -288,20 +291,70 @@ async fn replica_fetches_only_what_a_growing_file_gained() -> Result {
         "three 1 MiB appends to a 24 MiB file fetched {grown} bytes"
     );
 
+    // Changed at its start as it grew (written over, not truncated: a
+    // truncation is a change of its own, which drops every chunk): the
+    // first chunk and the new MiB.
+    use std::os::unix::fs::FileExt;
     let mut rewritten = data::bytes(22, 24 * MIB);
     rewritten[10] ^= 0xff;
     rewritten.extend_from_slice(&data::bytes(200, MIB));
-    std::fs::write(fx.origin_path("logs/rewritten.log"), &rewritten)?;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(fx.origin_path("logs/rewritten.log"))?
+        .write_all_at(&rewritten, 0)?;
+    let at = fetched(&fx.gateway)?;
     caught_up(&mut nfs, &fx.gateway, "logs/rewritten.log", rewritten.len())?;
-    let whole = fetched(&fx.gateway)? - before - grown;
+    let cost = fetched(&fx.gateway)? - at;
     assert!(
-        whole >= rewritten.len() as u64,
-        "a file changed at its start was not fetched whole: {whole} bytes"
+        cost <= 3 * MIB as u64,
+        "a 25 MiB file changed in its first byte and grown by 1 MiB fetched {cost} bytes"
     );
+
+    // Written in place, size unchanged: pages at 4 KiB and in the middle.
+    let mut pages = data::bytes(23, 24 * MIB);
+    let db = std::fs::OpenOptions::new()
+        .write(true)
+        .open(fx.origin_path("db/pages.db"))?;
+    for (offset, seed) in [(4096, 31), (12 * MIB + 100, 32)] {
+        let page = data::bytes(seed, 4096);
+        db.write_all_at(&page, offset as u64)?;
+        pages[offset..offset + 4096].copy_from_slice(&page);
+    }
+    drop(db);
+    let at = fetched(&fx.gateway)?;
+    let done = eventually(Duration::from_secs(20), || {
+        let now = futures_block(nfs.read_path("db/pages.db")).ok()?;
+        let s = fx.gateway.status().ok()?;
+        (now == pages && s["journal_lag"] == 0 && s["replica"]["pending"] == 0).then_some(())
+    });
+    anyhow::ensure!(done.is_some(), "db/pages.db never caught up");
+    // Two chunks, or a few more if the origin journaled the two writes
+    // apart and a chunk fetched for the first version was fetched again.
+    let cost = fetched(&fx.gateway)? - at;
+    assert!(
+        cost <= 4 * MIB as u64,
+        "two 4 KiB pages written into a 24 MiB file fetched {cost} bytes"
+    );
+
+    // Every chunk different: fetched whole, and right.
+    let replaced = data::bytes(25, 24 * MIB);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(fx.origin_path("db/replaced.db"))?
+        .write_all_at(&replaced, 0)?;
+    let at = fetched(&fx.gateway)?;
+    let done = eventually(Duration::from_secs(20), || {
+        let s = fx.gateway.status().ok()?;
+        let moved = fetched(&fx.gateway).ok()? - at >= replaced.len() as u64;
+        (moved && s["journal_lag"] == 0 && s["replica"]["pending"] == 0).then_some(())
+    });
+    anyhow::ensure!(done.is_some(), "db/replaced.db was not fetched again");
 
     fx.origin.proc.kill9();
     assert!(nfs.read_path("logs/app.log").await? == log);
     assert!(nfs.read_path("logs/rewritten.log").await? == rewritten);
+    assert!(nfs.read_path("db/pages.db").await? == pages);
+    assert!(nfs.read_path("db/replaced.db").await? == replaced);
     Ok(())
 }
 

@@ -232,10 +232,12 @@ fn open_failed(e: FsError) -> ApiFailure {
 #[derive(serde::Deserialize)]
 pub struct DigestQuery {
     len: u64,
+    piece: Option<u64>,
 }
 
-/// `GET /v1/data/{id}/{version}/digest?len=N`: the BLAKE3 hash of the
-/// first `N` bytes of that version (see the module doc).
+/// `GET /v1/data/{id}/{version}/digest?len=N[&piece=P]`: the BLAKE3 hash
+/// of the first `N` bytes of that version, and of each `P`-byte piece of
+/// them if asked (see the module doc).
 pub async fn digest(
     State(shared): State<Arc<Shared>>,
     PathParams((id, version)): PathParams<(ObjectId, Version)>,
@@ -249,60 +251,107 @@ pub async fn digest(
         )
         .into());
     }
+    if let Some(piece) = q.piece
+        && !wire::DIGEST_PIECE.contains(&piece)
+    {
+        return Err(api(
+            ErrorCode::BadRequest,
+            format!(
+                "piece must be {} to {} bytes, not {piece}",
+                wire::DIGEST_PIECE.start(),
+                wire::DIGEST_PIECE.end()
+            ),
+        )
+        .into());
+    }
     // Hashing reads as much as a download: it takes a download's slot.
     let permit = download_slot(&shared).await?;
     let s = shared.clone();
     let m = meta.clone();
     let len = q.len;
     let chunk = shared.config.read_chunk.max(4096);
-    let hashed = tokio::task::spawn_blocking(move || -> Result<Option<blake3::Hash>, FsError> {
+    let piece = q.piece;
+    let hashed = tokio::task::spawn_blocking(move || -> Result<Option<Hashed>, FsError> {
         let _permit = permit;
         let Some(file) = open_current(&s, &m)? else {
             return Ok(None);
         };
-        hash_prefix(&file, m.fp, len, chunk).map_err(FsError::Io)
+        hash_prefix(&file, m.fp, len, chunk, piece).map_err(FsError::Io)
     })
     .await
     .map_err(|e| api(ErrorCode::Internal, format!("digest task: {e}")))?;
     match hashed {
-        Ok(Some(hash)) => Ok(Json(wire::Digest {
+        Ok(Some(hashed)) => Ok(Json(wire::Digest {
             len,
-            blake3: hash.to_hex().to_string(),
+            blake3: hashed
+                .whole
+                .map(|h| h.to_hex().to_string())
+                .unwrap_or_default(),
+            pieces: hashed
+                .pieces
+                .iter()
+                .map(|h| h.to_hex().to_string())
+                .collect(),
         })),
         Ok(None) | Err(FsError::NotFound) => Err(changed_behind(&shared, &meta).await),
         Err(e) => Err(open_failed(e)),
     }
 }
 
-/// The BLAKE3 hash of the first `len` bytes of `file`, read `chunk` bytes
-/// at a time; `None` if the file changed meanwhile (its fingerprint is no
-/// longer `fp`).
+/// A prefix's hash, or its pieces' if asked.
+struct Hashed {
+    whole: Option<blake3::Hash>,
+    pieces: Vec<blake3::Hash>,
+}
+
+/// The BLAKE3 hash of the first `len` bytes of `file`, or of each `piece`
+/// bytes of them if given, read `chunk` bytes at a time; `None` if the file
+/// changed meanwhile (its fingerprint is no longer `fp`).
 fn hash_prefix(
     file: &File,
     fp: Fingerprint,
     len: u64,
     chunk: usize,
-) -> std::io::Result<Option<blake3::Hash>> {
+    piece: Option<u64>,
+) -> std::io::Result<Option<Hashed>> {
     let _ = rustix::fs::fadvise(
         file,
         0,
         std::num::NonZeroU64::new(len),
         rustix::fs::Advice::Sequential,
     );
-    let mut hasher = blake3::Hasher::new();
+    let mut whole = blake3::Hasher::new();
+    let mut this_piece = blake3::Hasher::new();
+    let mut pieces = Vec::new();
+    let piece_len = piece.unwrap_or(u64::MAX);
     let mut offset = 0u64;
     while offset < len {
-        let want = ((len - offset) as usize).min(chunk);
-        let Some(piece) = read_piece(file, offset, want)? else {
+        // Reads never straddle the end of a piece.
+        let piece_end = (offset / piece_len)
+            .saturating_add(1)
+            .saturating_mul(piece_len);
+        let want = (len.min(piece_end) - offset).min(chunk as u64) as usize;
+        let Some(bytes) = read_piece(file, offset, want)? else {
             return Ok(None);
         };
-        hasher.update(&piece);
         offset += want as u64;
+        if piece.is_some() {
+            this_piece.update(&bytes);
+            if offset == piece_end || offset == len {
+                pieces.push(this_piece.finalize());
+                this_piece.reset();
+            }
+        } else {
+            whole.update(&bytes);
+        }
     }
     if Fingerprint::of(&rustix::fs::fstat(file)?) != fp {
         return Ok(None);
     }
-    Ok(Some(hasher.finalize()))
+    Ok(Some(Hashed {
+        whole: piece.is_none().then(|| whole.finalize()),
+        pieces,
+    }))
 }
 
 /// What opening a download gave: the file to stream, or a small answer

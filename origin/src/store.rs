@@ -281,6 +281,7 @@ impl Reader {
             last_seq: self.last_seq()?,
             upload_extents: true,
             prefix_digest: true,
+            piece_digests: true,
             read_only: false,
         })
     }

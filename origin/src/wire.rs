@@ -121,7 +121,9 @@ pub mod paths {
         format!("/v1/data/{id}/{version}")
     }
     /// The hash of a prefix of that content ([`super::Digest`]; only where
-    /// [`super::Info::prefix_digest`] is set), with `?len=N`.
+    /// [`super::Info::prefix_digest`] is set), with `?len=N`; and of each
+    /// of its pieces with `&piece=BYTES` (where
+    /// [`super::Info::piece_digests`] is set).
     pub fn digest(id: ObjectId, version: Version) -> String {
         format!("/v1/data/{id}/{version}/digest")
     }
@@ -196,19 +198,34 @@ pub struct Info {
     /// Origins from before it omit the field.
     #[serde(default)]
     pub prefix_digest: bool,
+    /// A digest also hashes each piece of the prefix (`piece=BYTES`), so a
+    /// gateway can keep what it caches of a file changed in place. Origins
+    /// from before it omit the field.
+    #[serde(default)]
+    pub piece_digests: bool,
     /// The origin never changes its tree (`--read-only`): gateways serve
     /// it read-only. Origins from before it omit the field.
     #[serde(default)]
     pub read_only: bool,
 }
 
-/// `GET /v1/data/{id}/{version}/digest?len=N`: the BLAKE3 hash of the
-/// first `len` bytes of that version of a file, in hex.
+/// `GET /v1/data/{id}/{version}/digest?len=N[&piece=P]`: the BLAKE3 hash
+/// of the first `len` bytes of that version of a file, in hex; with
+/// `piece`, instead, the hash of each `P`-byte piece of them, in order (the
+/// last one shorter if `len` is not a multiple of `P`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Digest {
     pub len: u64,
+    /// Empty when pieces were asked for: hashing the whole too would
+    /// double the work.
+    #[serde(default)]
     pub blake3: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pieces: Vec<String>,
 }
+
+/// Smallest and largest piece a digest hashes on its own.
+pub const DIGEST_PIECE: std::ops::RangeInclusive<u64> = 4096..=(64 << 20);
 
 /// `GET /v1/objects/{id}/entries`: one page of a directory, in name order.
 #[derive(Debug, Clone, Serialize, Deserialize)]
