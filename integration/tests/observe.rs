@@ -242,3 +242,59 @@ fn control_commands_find_the_running_gateway_unasked() -> Result {
     );
     Ok(())
 }
+
+/// A gateway's stdout may close under it (`imz gateway ... | head -1`, a
+/// supervisor that stops reading): it goes on serving. It used to die at
+/// its next line of output (`println!` panics on a closed pipe), taking
+/// a replica's fill with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_whose_stdout_is_closed_keeps_serving() -> Result {
+    let fx = Fixture::new(|root| Ok(std::fs::write(root.join("a.txt"), b"still here")?))?;
+    let cache = fx.dir.path().join("closed-stdout");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let mut child = std::process::Command::new(imz_integration::imz_bin())
+        .args(["gateway", "--origin", &fx.origin.url, "--token-file"])
+        .arg(&fx.origin.token_file)
+        .arg("--cache")
+        .arg(&cache)
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    // Closed before the gateway has printed anything.
+    drop(child.stdout.take());
+    let answered = eventually(Duration::from_secs(10), || {
+        imz_integration::gateway::control(
+            &imz_integration::imz_bin(),
+            &cache,
+            &["status", "--json"],
+        )
+        .ok()
+    });
+    let served = match Nfs::mount(port, "/imz").await {
+        Ok(mut nfs) => nfs.read_path("a.txt").await.ok(),
+        Err(_) => None,
+    };
+    // It stops as asked, exit 0: a gateway that died of its closed stdout
+    // exits 101 (a panic), whenever the panic came.
+    let stopped = send_sigterm(child.id()).and_then(|()| Ok(child.wait()?));
+    let _ = child.kill();
+    assert!(answered.is_some(), "the gateway never answered imz status");
+    assert_eq!(served.as_deref(), Some(&b"still here"[..]));
+    let status = stopped?;
+    assert!(
+        status.success(),
+        "the gateway with a closed stdout ended with {status}, not 0 on SIGTERM"
+    );
+    Ok(())
+}
+
+fn send_sigterm(pid: u32) -> anyhow::Result<()> {
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()?;
+    anyhow::ensure!(status.success(), "kill -TERM {pid} failed");
+    Ok(())
+}

@@ -114,24 +114,41 @@ pub fn read_token(path: &std::path::Path) -> anyhow::Result<String> {
     }
 }
 
+/// Writes one line to stdout for people and scripts, and flushes it. A
+/// server's stdout may be closed under it (`imz serve DIR | head -1`, a
+/// supervisor that stops reading): the line is then lost, not the server
+/// (`println!` panics on a closed pipe, which ended a gateway mid-way).
+pub fn say(line: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_fmt(line).and_then(|()| out.write_all(b"\n"));
+    let _ = out.flush();
+}
+
 /// Prints where the gateway listens and how to mount it (stdout, for
 /// people and scripts).
 pub fn announce_gateway(gateway: &imz_gateway::Gateway) {
-    println!("imz gateway listening on {}", gateway.nfs_addr);
-    println!("mount (Linux): {}", gateway.linux_mount_command("/mnt"));
+    say(format_args!(
+        "imz gateway listening on {}",
+        gateway.nfs_addr
+    ));
+    say(format_args!(
+        "mount (Linux): {}",
+        gateway.linux_mount_command("/mnt")
+    ));
     if let Some(short) = gateway.linux_short_mount_command("/mnt") {
-        println!("mount (Linux, short): {short}");
+        say(format_args!("mount (Linux, short): {short}"));
     }
-    println!(
+    say(format_args!(
         "mount (macOS): {}",
         gateway.macos_mount_command("/Volumes/imz")
-    );
-    println!(
+    ));
+    say(format_args!(
         "control: imz status --control {}",
         gateway.control_path.display()
-    );
+    ));
     if let Some(addr) = gateway.metrics_addr {
-        println!("metrics: http://{addr}/metrics");
+        say(format_args!("metrics: http://{addr}/metrics"));
     }
 }
 

@@ -124,8 +124,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let origin = imz_origin::start(config)
             .await
             .with_context(|| format!("starting the origin over {}", args.root.display()))?;
-        println!("imz origin listening on http://{}", origin.local_addr());
-        std::io::stdout().flush().ok();
+        super::say(format_args!(
+            "imz origin listening on http://{}",
+            origin.local_addr()
+        ));
         let why = tokio::select! {
             () = signals.wait() => None,
             why = origin.storage_failure() => Some(why),

@@ -112,7 +112,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             }
             Err(e) => return Err(e.context("starting the gateway")),
         };
-        println!("imz serve: serving {} (origin at {origin_url})", dir.display());
+        super::say(format_args!(
+            "imz serve: serving {} (origin at {origin_url})",
+            dir.display()
+        ));
         super::announce_gateway(&gateway);
         let gateway = super::serve_until_stopped(gateway, Some(&origin), &mut signals).await?;
         tracing::info!("shutting down");
