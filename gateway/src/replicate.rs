@@ -214,12 +214,17 @@ impl Keeper {
     /// Makes what was fetched durable (fetched data is otherwise committed
     /// lazily: a crash could lose content the gateway said it keeps).
     pub async fn make_durable(&self) {
+        let started = Instant::now();
         let result = self
             .vfs
             .blocking(|cache| Ok(cache.write()?.commit(true)?))
             .await;
-        if let Err(e) = result {
-            tracing::warn!(error = %e, "could not make fetched content durable");
+        match result {
+            Ok(()) => tracing::debug!(
+                ms = started.elapsed().as_millis() as u64,
+                "fetched content made durable"
+            ),
+            Err(e) => tracing::warn!(error = %e, "could not make fetched content durable"),
         }
     }
 
