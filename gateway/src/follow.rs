@@ -45,6 +45,9 @@ pub trait AfterApply: Send + Sync {
     /// Every cached object was revalidated (the journal was compacted past
     /// our cursor): anything may have changed.
     fn revalidated(&self) -> futures::future::BoxFuture<'_, ()>;
+    /// Whether every file's content is kept (a replica), not only pinned
+    /// ones.
+    fn keeps_all(&self) -> bool;
 }
 
 /// Follows the journal until the process ends. `applied` is bumped with the
@@ -79,8 +82,16 @@ pub async fn run_follower(
                 }
                 let last = page.records.last().map_or(cursor, |r| r.seq);
                 let count = page.records.len();
-                let kept =
-                    crate::unchanged::kept_chunks(&vfs, &hashes, &page.records, cursor, &own).await;
+                let keeps_all = hooks.after.as_ref().is_some_and(|a| a.keeps_all());
+                let kept = crate::unchanged::kept_chunks(
+                    &vfs,
+                    &hashes,
+                    &page.records,
+                    cursor,
+                    &own,
+                    keeps_all,
+                )
+                .await;
                 let own = own.clone();
                 let gate = hooks.gate.read().await;
                 let result = vfs

@@ -510,6 +510,10 @@ impl Keeper {
 }
 
 impl AfterApply for Keeper {
+    fn keeps_all(&self) -> bool {
+        self.whole.load(Ordering::Relaxed)
+    }
+
     fn batch(&self, applied: Applied, cursor: u64) -> BoxFuture<'_, ()> {
         async move {
             let whole = self.whole.load(Ordering::Relaxed);

@@ -8,8 +8,9 @@
 //! each would cross the network in full at every change the origin reports
 //! (about once a second while it is written).
 //!
-//! So before a batch is applied, each changed file that still holds at
-//! least [`MIN_CHUNKS`] whole chunks of its old content is checked: the
+//! So before a batch is applied, each changed file that the gateway keeps
+//! (a replica, a pin) and that still holds at least [`MIN_CHUNKS`] chunks
+//! of its old content is checked: the
 //! origin hashes (BLAKE3) each chunk-sized piece of the new version
 //! (`GET /v1/data/{id}/{version}/digest?piece=`), the gateway hashes the
 //! chunks it holds, and the chunks whose hashes agree are kept; only the
@@ -19,6 +20,12 @@
 //! at the same time, within [`CHECK_BUDGET`]: the batch waits for them, and
 //! changes must show through the gateway within 2 s. A file too big to
 //! hash in that time (several GiB) is fetched whole.
+//!
+//! Files cached on demand are not checked: the origin reads the whole
+//! file to hash it, at every change, for every gateway that asks, while
+//! dropping costs it nothing, and readers fetch back only what they read.
+//! For a kept file the check is cheaper than the alternative, which reads
+//! and sends the whole file.
 //!
 //! The gateway's hashes are kept ([`Hashes`]), tied to the version whose
 //! bytes the chunks were found to hold: the next check of a file hashes
@@ -88,13 +95,16 @@ impl Hashes {
 
 /// For the `Write` records of `records` (those after `cursor` and not made
 /// by this gateway, whose key starts with `own`) whose file keeps some of
-/// its cached chunks: record sequence number to those chunks, sorted.
+/// its cached chunks: record sequence number to those chunks, sorted. Only
+/// kept files are checked: pinned ones, or all with `keeps_all` (a
+/// replica).
 pub async fn kept_chunks(
     vfs: &Vfs,
     hashes: &Hashes,
     records: &[Record],
     cursor: Seq,
     own: &str,
+    keeps_all: bool,
 ) -> HashMap<Seq, Vec<u64>> {
     if !vfs.origin.hashes_pieces() {
         return HashMap::new();
@@ -104,7 +114,7 @@ pub async fn kept_chunks(
         .into_iter()
         .take(MAX_FILES)
         .map(|(seq, id, version, size)| async move {
-            let check = check(vfs, hashes, id, version, size);
+            let check = check(vfs, hashes, id, version, size, keeps_all);
             match tokio::time::timeout_at(deadline, check).await {
                 Ok(Some(chunks)) => Some((seq, chunks)),
                 Ok(None) => None,
@@ -130,10 +140,11 @@ async fn check(
     id: ObjectId,
     version: u64,
     size: u64,
+    keeps_all: bool,
 ) -> Option<Vec<u64>> {
     let cache = vfs.cache.clone();
     let (fid, held_version, held) =
-        tokio::task::spawn_blocking(move || held_chunks(&cache, id, version, size))
+        tokio::task::spawn_blocking(move || held_chunks(&cache, id, version, size, keeps_all))
             .await
             .ok()??;
     let last = *held.last()?;
@@ -214,21 +225,24 @@ fn last_writes(records: &[Record], cursor: Seq, own: &str) -> Vec<(Seq, ObjectId
     out
 }
 
-/// For the cached clean file of origin object `id`, if it is of an older
-/// version than `version` (of `size` bytes): its file id, the version its
-/// chunks hold, and the cached chunks that are as long in the old content
-/// as in the new (at least [`MIN_CHUNKS`] of them), in order.
+/// For the cached clean file of origin object `id`, if it is kept (pinned,
+/// or `keeps_all`) and of an older version than `version` (of `size`
+/// bytes): its file id, the version its chunks hold, and the cached chunks
+/// that are as long in the old content as in the new (at least
+/// [`MIN_CHUNKS`] of them), in order.
 fn held_chunks(
     cache: &Cache,
     id: ObjectId,
     version: u64,
     size: u64,
+    keeps_all: bool,
 ) -> Option<(FileId, u64, Vec<u64>)> {
     let rx = cache.read().ok()?;
     let fid = rx.by_origin(id).ok()??;
     let obj = rx.get(fid).ok()??;
     let cached = obj.origin.as_ref()?;
-    if obj.kind != Kind::File || obj.is_dirty() || cached.version >= version {
+    let kept = keeps_all || obj.pinned;
+    if !kept || obj.kind != Kind::File || obj.is_dirty() || cached.version >= version {
         return None;
     }
     let old = obj.attrs.size.min(obj.origin_extent);
