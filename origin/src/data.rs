@@ -19,6 +19,7 @@
 
 use std::fs::File;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::Json;
 use axum::body::Body;
@@ -271,12 +272,17 @@ pub async fn digest(
     let len = q.len;
     let chunk = shared.config.read_chunk.max(4096);
     let piece = q.piece;
+    // A gateway gives up on a digest that takes too long (it then fetches
+    // the file whole): hashing on would hold a download slot and read the
+    // rest of the file for nothing.
+    let gave_up = GaveUp::default();
+    let abandoned = Arc::clone(&gave_up.0);
     let hashed = tokio::task::spawn_blocking(move || -> Result<Option<Hashed>, FsError> {
         let _permit = permit;
         let Some(file) = open_current(&s, &m)? else {
             return Ok(None);
         };
-        hash_prefix(&file, m.fp, len, chunk, piece).map_err(FsError::Io)
+        hash_prefix(&file, m.fp, len, chunk, piece, &abandoned).map_err(FsError::Io)
     })
     .await
     .map_err(|e| api(ErrorCode::Internal, format!("digest task: {e}")))?;
@@ -298,6 +304,17 @@ pub async fn digest(
     }
 }
 
+/// Set once the request that started a digest is dropped: its client
+/// closed the connection.
+#[derive(Default)]
+struct GaveUp(Arc<AtomicBool>);
+
+impl Drop for GaveUp {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
 /// A prefix's hash, or its pieces' if asked.
 struct Hashed {
     whole: Option<blake3::Hash>,
@@ -306,13 +323,15 @@ struct Hashed {
 
 /// The BLAKE3 hash of the first `len` bytes of `file`, or of each `piece`
 /// bytes of them if given, read `chunk` bytes at a time; `None` if the file
-/// changed meanwhile (its fingerprint is no longer `fp`).
+/// changed meanwhile (its fingerprint is no longer `fp`), or if `gave_up`
+/// was set (nobody waits for the answer).
 fn hash_prefix(
     file: &File,
     fp: Fingerprint,
     len: u64,
     chunk: usize,
     piece: Option<u64>,
+    gave_up: &AtomicBool,
 ) -> std::io::Result<Option<Hashed>> {
     let _ = rustix::fs::fadvise(
         file,
@@ -326,6 +345,9 @@ fn hash_prefix(
     let piece_len = piece.unwrap_or(u64::MAX);
     let mut offset = 0u64;
     while offset < len {
+        if gave_up.load(Ordering::Relaxed) {
+            return Ok(None);
+        }
         // Reads never straddle the end of a piece.
         let piece_end = (offset / piece_len)
             .saturating_add(1)
@@ -588,5 +610,26 @@ mod tests {
         assert_eq!(parse_range("bytes=0-1,5-6", 100), RangeReq::Full);
         assert_eq!(parse_range("items=0-1", 100), RangeReq::Full);
         assert_eq!(parse_range("bytes=x-1", 100), RangeReq::Full);
+    }
+
+    #[test]
+    fn a_digest_nobody_waits_for_stops() -> std::io::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("f");
+        let content: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&path, &content)?;
+        let file = File::open(&path)?;
+        let fp = Fingerprint::of(&rustix::fs::fstat(&file)?);
+        let waited = AtomicBool::new(false);
+        let hashed = hash_prefix(&file, fp, 100_000, 4096, Some(40_000), &waited)?
+            .ok_or_else(|| std::io::Error::other("not hashed"))?;
+        let want: Vec<_> = content.chunks(40_000).map(blake3::hash).collect();
+        assert_eq!(hashed.pieces, want);
+        assert!(hashed.whole.is_none());
+        let gave_up = GaveUp::default();
+        let flag = Arc::clone(&gave_up.0);
+        drop(gave_up);
+        assert!(hash_prefix(&file, fp, 100_000, 4096, None, &flag)?.is_none());
+        Ok(())
     }
 }
