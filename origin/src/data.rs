@@ -12,10 +12,11 @@
 //! of a sparse file as `204 No Content` and its length, not as zeros.
 //!
 //! `GET /v1/data/{id}/{version}/digest?len=N` hashes the first `N` bytes
-//! of that version instead of sending them: a gateway that holds an older
-//! version of a file that grew keeps the bytes it has when they still
-//! match, and fetches only the rest (a growing log is not fetched whole
-//! again at each change).
+//! of that version instead of sending them, whole or (`&piece=P`) piece by
+//! piece: a gateway that holds an older version of a file keeps the chunks
+//! that still match, and fetches only the rest (a growing log, a database
+//! written in place, are not fetched whole again at each change). A digest
+//! whose client hangs up stops hashing.
 
 use std::fs::File;
 use std::sync::Arc;
@@ -237,8 +238,8 @@ pub struct DigestQuery {
 }
 
 /// `GET /v1/data/{id}/{version}/digest?len=N[&piece=P]`: the BLAKE3 hash
-/// of the first `N` bytes of that version, and of each `P`-byte piece of
-/// them if asked (see the module doc).
+/// of the first `N` bytes of that version or, if asked, of each `P`-byte
+/// piece of them (see the module doc).
 pub async fn digest(
     State(shared): State<Arc<Shared>>,
     PathParams((id, version)): PathParams<(ObjectId, Version)>,
@@ -287,17 +288,15 @@ pub async fn digest(
     .await
     .map_err(|e| api(ErrorCode::Internal, format!("digest task: {e}")))?;
     match hashed {
-        Ok(Some(hashed)) => Ok(Json(wire::Digest {
+        Ok(Some(Hashed::Whole(hash))) => Ok(Json(wire::Digest {
             len,
-            blake3: hashed
-                .whole
-                .map(|h| h.to_hex().to_string())
-                .unwrap_or_default(),
-            pieces: hashed
-                .pieces
-                .iter()
-                .map(|h| h.to_hex().to_string())
-                .collect(),
+            blake3: hash.to_hex().to_string(),
+            pieces: Vec::new(),
+        })),
+        Ok(Some(Hashed::Pieces(pieces))) => Ok(Json(wire::Digest {
+            len,
+            blake3: String::new(),
+            pieces: pieces.iter().map(|h| h.to_hex().to_string()).collect(),
         })),
         Ok(None) | Err(FsError::NotFound) => Err(changed_behind(&shared, &meta).await),
         Err(e) => Err(open_failed(e)),
@@ -316,9 +315,10 @@ impl Drop for GaveUp {
 }
 
 /// A prefix's hash, or its pieces' if asked.
-struct Hashed {
-    whole: Option<blake3::Hash>,
-    pieces: Vec<blake3::Hash>,
+#[derive(Debug, PartialEq)]
+enum Hashed {
+    Whole(blake3::Hash),
+    Pieces(Vec<blake3::Hash>),
 }
 
 /// The BLAKE3 hash of the first `len` bytes of `file`, or of each `piece`
@@ -339,8 +339,7 @@ fn hash_prefix(
         std::num::NonZeroU64::new(len),
         rustix::fs::Advice::Sequential,
     );
-    let mut whole = blake3::Hasher::new();
-    let mut this_piece = blake3::Hasher::new();
+    let mut hasher = blake3::Hasher::new();
     let mut pieces = Vec::new();
     let piece_len = piece.unwrap_or(u64::MAX);
     let mut offset = 0u64;
@@ -356,23 +355,19 @@ fn hash_prefix(
         let Some(bytes) = read_piece(file, offset, want)? else {
             return Ok(None);
         };
+        hasher.update(&bytes);
         offset += want as u64;
-        if piece.is_some() {
-            this_piece.update(&bytes);
-            if offset == piece_end || offset == len {
-                pieces.push(this_piece.finalize());
-                this_piece.reset();
-            }
-        } else {
-            whole.update(&bytes);
+        if piece.is_some() && (offset == piece_end || offset == len) {
+            pieces.push(hasher.finalize());
+            hasher.reset();
         }
     }
     if Fingerprint::of(&rustix::fs::fstat(file)?) != fp {
         return Ok(None);
     }
-    Ok(Some(Hashed {
-        whole: piece.is_none().then(|| whole.finalize()),
-        pieces,
+    Ok(Some(match piece {
+        None => Hashed::Whole(hasher.finalize()),
+        Some(_) => Hashed::Pieces(pieces),
     }))
 }
 
@@ -621,11 +616,9 @@ mod tests {
         let file = File::open(&path)?;
         let fp = Fingerprint::of(&rustix::fs::fstat(&file)?);
         let waited = AtomicBool::new(false);
-        let hashed = hash_prefix(&file, fp, 100_000, 4096, Some(40_000), &waited)?
-            .ok_or_else(|| std::io::Error::other("not hashed"))?;
+        let hashed = hash_prefix(&file, fp, 100_000, 4096, Some(40_000), &waited)?;
         let want: Vec<_> = content.chunks(40_000).map(blake3::hash).collect();
-        assert_eq!(hashed.pieces, want);
-        assert!(hashed.whole.is_none());
+        assert_eq!(hashed, Some(Hashed::Pieces(want)));
         let gave_up = GaveUp::default();
         let flag = Arc::clone(&gave_up.0);
         drop(gave_up);
