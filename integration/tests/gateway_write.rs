@@ -1263,29 +1263,46 @@ async fn a_sparse_file_reaches_the_origin_without_its_holes() -> Result {
 }
 
 /// A read-only bind mount of a directory, undone on drop.
-struct ReadOnlyMount(std::path::PathBuf);
+/// A mount made for a test, unmounted when dropped.
+struct TestMount(std::path::PathBuf);
 
-impl ReadOnlyMount {
+fn run_mount(args: &[&str]) -> Result {
+    let out = std::process::Command::new("mount").args(args).output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "mount {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+impl TestMount {
     fn new(source: &Path, at: &Path) -> anyhow::Result<Self> {
         std::fs::create_dir_all(at)?;
-        let run = |args: &[&str]| -> Result {
-            let out = std::process::Command::new("mount").args(args).output()?;
-            anyhow::ensure!(
-                out.status.success(),
-                "mount {args:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            Ok(())
-        };
         let (src, dst) = (source.to_str().unwrap_or(""), at.to_str().unwrap_or(""));
-        run(&["--bind", src, dst])?;
+        run_mount(&["--bind", src, dst])?;
         let mount = Self(at.to_path_buf());
-        run(&["-o", "remount,bind,ro", dst])?;
+        run_mount(&["-o", "remount,bind,ro", dst])?;
         Ok(mount)
+    }
+
+    /// A fresh tmpfs at `at`: a filesystem of its own (unmounted on drop),
+    /// large enough for a cache (tmpfs takes memory only as it fills).
+    fn tmpfs(at: &Path) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(at)?;
+        run_mount(&[
+            "-t",
+            "tmpfs",
+            "-o",
+            "size=2g",
+            "tmpfs",
+            at.to_str().unwrap_or(""),
+        ])?;
+        Ok(Self(at.to_path_buf()))
     }
 }
 
-impl Drop for ReadOnlyMount {
+impl Drop for TestMount {
     fn drop(&mut self) {
         let _ = std::process::Command::new("umount").arg(&self.0).status();
     }
@@ -1302,7 +1319,7 @@ async fn a_read_only_tree_is_served_read_only() -> Result {
     let source = dir.path().join("source");
     data::write_file(&source.join("docs/a.bin"), 5, 300_000)?;
     let ro = dir.path().join("ro");
-    let _mount = ReadOnlyMount::new(&source, &ro)?;
+    let _mount = TestMount::new(&source, &ro)?;
     let token = dir.path().join("token");
 
     let plain = std::process::Command::new(imz_integration::imz_bin())
@@ -1380,7 +1397,7 @@ async fn serve_shares_a_read_only_tree() -> Result {
     let source = dir.path().join("source");
     data::write_file(&source.join("img/disk.bin"), 6, 200_000)?;
     let ro = dir.path().join("ro");
-    let _mount = ReadOnlyMount::new(&source, &ro)?;
+    let _mount = TestMount::new(&source, &ro)?;
     let state = dir.path().join("state");
     let (ro_arg, state_arg) = (ro.to_str().unwrap_or(""), state.to_str().unwrap_or(""));
     let (serve, addr) = imz_integration::Imz::spawn_full(
@@ -1418,6 +1435,96 @@ async fn serve_shares_a_read_only_tree() -> Result {
     assert!(
         state.join("gateway-cache").is_dir(),
         "the cache did not default to STATE/gateway-cache"
+    );
+    drop(serve);
+    Ok(())
+}
+
+/// A tree that spans filesystems: `imz serve DIR --state STATE` with STATE
+/// on another filesystem than DIR, and a filesystem mounted inside DIR.
+/// Uploads are staged in STATE and installed by a rename, which cannot
+/// cross filesystems: new and rewritten files must still reach the origin,
+/// not end as conflicts ("Invalid cross-device link" before).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_reach_a_tree_that_spans_filesystems() -> Result {
+    let dir = tempfile::tempdir()?;
+    let tree = dir.path().join("tree");
+    data::write_file(&tree.join("top.txt"), 1, 1000)?;
+    let _inner = TestMount::tmpfs(&tree.join("mnt"))?;
+    let state = dir.path().join("state");
+    let _state = TestMount::tmpfs(&state)?;
+    let (tree_arg, state_arg) = (tree.to_str().unwrap_or(""), state.to_str().unwrap_or(""));
+    let (serve, addr) = imz_integration::Imz::spawn_full(
+        &[],
+        &[],
+        &[
+            "serve",
+            tree_arg,
+            "--state",
+            state_arg,
+            "--reintegrate-delay",
+            "100ms",
+            "--listen",
+            "127.0.0.1:0",
+        ],
+        "imz gateway listening on ",
+    )?;
+    let port: u16 = addr
+        .trim()
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no port in {addr:?}"))?;
+    let mut nfs = Nfs::mount(port, "/imz").await?;
+    let files = [
+        ("new.bin", data::bytes(2, 300_000)),
+        ("mnt/inner.bin", data::bytes(3, 2_500_000)),
+    ];
+    for (path, content) in &files {
+        nfs.put_file(path, content).await?;
+    }
+    // Rewritten: an update of a file the origin has, across filesystems too.
+    let rewritten = [
+        ("mnt/inner.bin", data::bytes(4, 700_000)),
+        ("top.txt", data::bytes(5, 2000)),
+    ];
+    let on_origin = |rel: &str, want: &[u8], what: &str| -> Result {
+        let path = tree.join(rel);
+        eventually(Duration::from_secs(20), || {
+            (std::fs::read(&path).ok()? == want).then_some(())
+        })
+        .map(|_| ())
+        .ok_or_else(|| anyhow::anyhow!("{what} {rel} never reached the origin"))
+    };
+    for (path, content) in &files {
+        on_origin(path, content, "new file")?;
+    }
+    for (path, content) in &rewritten {
+        nfs.put_file(path, content).await?;
+    }
+    for (path, content) in &rewritten {
+        on_origin(path, content, "rewritten file")?;
+    }
+    let names = |d: &Path| -> anyhow::Result<Vec<String>> {
+        let mut v: Vec<String> = std::fs::read_dir(d)?
+            .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
+            .collect::<std::io::Result<_>>()?;
+        v.sort();
+        Ok(v)
+    };
+    assert_eq!(
+        names(&tree.join("mnt"))?,
+        ["inner.bin"],
+        "stray names in mnt"
+    );
+    assert_eq!(
+        names(&tree)?,
+        ["mnt", "new.bin", "top.txt"],
+        "stray names in the tree (conflict copies?)"
+    );
+    assert!(
+        names(&state.join("uploads"))?.is_empty(),
+        "installed uploads left staged"
     );
     drop(serve);
     Ok(())

@@ -948,14 +948,67 @@ fn install_new(
 ) -> std::io::Result<()> {
     let fd = open_staged(uploads, upload)?;
     finish_new(&fd, attrs, DEFAULT_FILE_MODE)?;
-    rustix::fs::renameat_with(
+    match rustix::fs::renameat_with(
         uploads,
         upload,
         dir,
         names::to_os(name),
         RenameFlags::NOREPLACE,
+    ) {
+        Err(rustix::io::Errno::XDEV) => {
+            let copy = copy_across(fd, dir, attrs)?;
+            link_unnamed(&copy, dir, name)?;
+            unstage(uploads, upload)
+        }
+        other => other.map_err(io),
+    }
+}
+
+/// A staged upload copied into an unnamed file on `dir`'s filesystem, with
+/// `attrs` applied and its content on disk: for a tree that is not on the
+/// staging area's filesystem (a `--state` elsewhere, a mount point inside
+/// the tree), where the rename that installs an upload cannot go.
+///
+/// The staged file is removed only after the copy is linked in, so a crash
+/// in between leaves both; recovery then finds the upload still staged,
+/// counts the operation as not applied, and its replay meets the name
+/// taken (answered as a conflict, both copies kept): nothing is lost.
+fn copy_across(staged: OwnedFd, dir: &OwnedFd, attrs: &SetAttrs) -> std::io::Result<OwnedFd> {
+    let tmp = rustix::fs::openat(
+        dir,
+        ".",
+        OFlags::TMPFILE | OFlags::WRONLY | OFlags::CLOEXEC,
+        FsMode::from_raw_mode(0o600),
     )
-    .map_err(io)
+    .map_err(io)?;
+    let mut to = std::fs::File::from(tmp);
+    std::io::copy(&mut std::fs::File::from(staged), &mut to)?;
+    let tmp = OwnedFd::from(to);
+    finish_new(&tmp, attrs, DEFAULT_FILE_MODE)?;
+    rustix::fs::fsync(&tmp).map_err(io)?;
+    Ok(tmp)
+}
+
+/// Gives the unnamed file `fd` the name `name` in `dir` (failing if the
+/// name is taken).
+fn link_unnamed(fd: &OwnedFd, dir: &OwnedFd, name: &str) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // AT_EMPTY_PATH needs CAP_DAC_READ_SEARCH; the /proc path does not.
+    match rustix::fs::linkat(fd, "", dir, names::to_os(name), AtFlags::EMPTY_PATH) {
+        Err(rustix::io::Errno::NOENT | rustix::io::Errno::PERM) => rustix::fs::linkat(
+            rustix::fs::CWD,
+            format!("/proc/self/fd/{}", fd.as_raw_fd()),
+            dir,
+            names::to_os(name),
+            AtFlags::SYMLINK_FOLLOW,
+        )
+        .map_err(io),
+        other => other.map_err(io),
+    }
+}
+
+fn unstage(uploads: &OwnedFd, upload: &str) -> std::io::Result<()> {
+    rustix::fs::unlinkat(uploads, upload, AtFlags::empty()).map_err(io)
 }
 
 fn install_over(
@@ -974,8 +1027,26 @@ fn install_over(
         ..SetAttrs::default()
     };
     finish_new(&fd, &attrs, DEFAULT_FILE_MODE)?;
-    rustix::fs::renameat(uploads, upload, dir, names::to_os(&old.name)).map_err(io)
+    match rustix::fs::renameat(uploads, upload, dir, names::to_os(&old.name)) {
+        Err(rustix::io::Errno::XDEV) => {
+            // A name of its own first, so that the replacement is one
+            // rename within the directory, as it is from the staging area.
+            let copy = copy_across(fd, dir, &attrs)?;
+            let tmp_name = format!("{INSTALLING_PREFIX}{upload}");
+            link_unnamed(&copy, dir, &tmp_name)?;
+            if let Err(e) = rustix::fs::renameat(dir, &tmp_name, dir, names::to_os(&old.name)) {
+                let _ = rustix::fs::unlinkat(dir, &tmp_name, AtFlags::empty());
+                return Err(io(e));
+            }
+            unstage(uploads, upload)
+        }
+        other => other.map_err(io),
+    }
 }
+
+/// Prefix of the name an upload copied across filesystems has for a moment
+/// in its directory, before it replaces the file it updates.
+const INSTALLING_PREFIX: &str = ".imz-installing-";
 
 fn create_file(dir: &OwnedFd, name: &str, attrs: &SetAttrs) -> std::io::Result<()> {
     let fd = rustix::fs::openat(
