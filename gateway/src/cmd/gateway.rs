@@ -9,7 +9,7 @@ use imz_gateway::{Gateway, GatewayConfig, restart};
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// Base URL of the origin, e.g. http://origin.example:7070
-    #[arg(long)]
+    #[arg(long, value_parser = super::parse_origin_url)]
     pub origin: String,
     /// File holding the origin's bearer token (read again while the origin
     /// refuses it: a new token needs no restart).

@@ -98,6 +98,29 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .map_err(|e| format!("not a size ({e}); try e.g. 10GiB or 512MiB"))
 }
 
+/// Checks an origin URL given on the command line: http or https, with a
+/// host, and nothing after the path (the API's paths are appended to it).
+pub fn parse_origin_url(s: &str) -> Result<String, String> {
+    if !s.contains("://") {
+        return Err(format!("not a URL: give the scheme too, e.g. http://{s}"));
+    }
+    let url = reqwest::Url::parse(s)
+        .map_err(|e| format!("not a URL ({e}); e.g. http://origin.example:7070"))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(format!(
+            "the origin is reached over http or https, not {}:",
+            url.scheme()
+        ));
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err("the URL names no host".into());
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err("the URL must end at its path (no ?query or #fragment)".into());
+    }
+    Ok(s.to_owned())
+}
+
 /// Reads a bearer token from a file (surrounding whitespace ignored).
 pub fn read_token(path: &std::path::Path) -> anyhow::Result<String> {
     use anyhow::Context;
@@ -296,6 +319,20 @@ mod tests {
         assert!(err.to_string().contains("HTTP header"), "{err}");
         std::fs::write(&file, "\n").expect("write");
         assert!(super::read_token(&file).is_err());
+    }
+
+    #[test]
+    fn origin_urls_are_checked_before_anything_starts() {
+        use super::parse_origin_url as parse;
+        assert_eq!(
+            parse("http://10.0.0.1:7070"),
+            Ok("http://10.0.0.1:7070".into())
+        );
+        assert!(parse("https://origin.example/base/").is_ok());
+        assert!(parse("origin.example:7070").is_err_and(|e| e.contains("scheme")));
+        assert!(parse("10.0.0.1:7070").is_err_and(|e| e.contains("http://10.0.0.1:7070")));
+        assert!(parse("ftp://origin.example").is_err_and(|e| e.contains("not ftp")));
+        assert!(parse("http://origin.example/?x=1").is_err_and(|e| e.contains("query")));
     }
 
     #[test]
