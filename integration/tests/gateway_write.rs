@@ -1442,9 +1442,10 @@ async fn serve_shares_a_read_only_tree() -> Result {
 
 /// A tree that spans filesystems: `imz serve DIR --state STATE` with STATE
 /// on another filesystem than DIR, and a filesystem mounted inside DIR.
-/// Uploads are staged in STATE and installed by a rename, which cannot
-/// cross filesystems: new and rewritten files must still reach the origin,
-/// not end as conflicts ("Invalid cross-device link" before).
+/// Uploads are staged in STATE and installed by a rename, and a client's
+/// RENAME is a rename at the origin; neither can cross filesystems. New,
+/// rewritten and moved files must still reach the origin, not end as
+/// conflicts ("Invalid cross-device link" before).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_reach_a_tree_that_spans_filesystems() -> Result {
     let dir = tempfile::tempdir()?;
@@ -1505,6 +1506,20 @@ async fn writes_reach_a_tree_that_spans_filesystems() -> Result {
     for (path, content) in &rewritten {
         on_origin(path, content, "rewritten file")?;
     }
+    // Moves between the filesystems, as `mv` makes them: one into the
+    // mount, one out of it over an existing file.
+    let (root, mnt) = (nfs.root.clone(), nfs.lookup_path("mnt").await?);
+    nfs.rename(&root, "new.bin", &mnt, "moved.bin").await?;
+    nfs.rename(&mnt, "inner.bin", &root, "top.txt").await?;
+    on_origin("mnt/moved.bin", &files[0].1, "moved file")?;
+    on_origin("top.txt", &rewritten[0].1, "file moved over another")?;
+    let gone = |rel: &str| {
+        let path = tree.join(rel);
+        eventually(Duration::from_secs(20), || (!path.exists()).then_some(()))
+            .ok_or_else(|| anyhow::anyhow!("{rel} stayed at the origin after it moved"))
+    };
+    gone("new.bin")?;
+    gone("mnt/inner.bin")?;
     let names = |d: &Path| -> anyhow::Result<Vec<String>> {
         let mut v: Vec<String> = std::fs::read_dir(d)?
             .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
@@ -1514,12 +1529,12 @@ async fn writes_reach_a_tree_that_spans_filesystems() -> Result {
     };
     assert_eq!(
         names(&tree.join("mnt"))?,
-        ["inner.bin"],
+        ["moved.bin"],
         "stray names in mnt"
     );
     assert_eq!(
         names(&tree)?,
-        ["mnt", "new.bin", "top.txt"],
+        ["mnt", "top.txt"],
         "stray names in the tree (conflict copies?)"
     );
     assert!(

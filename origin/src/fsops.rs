@@ -239,7 +239,7 @@ impl Fingerprint {
     }
 }
 
-fn nanos(sec: i64, nsec: i64) -> Nanos {
+pub fn nanos(sec: i64, nsec: i64) -> Nanos {
     sec.saturating_mul(1_000_000_000).saturating_add(nsec)
 }
 

@@ -716,13 +716,27 @@ impl Apply<'_, '_, '_> {
             } else {
                 RenameFlags::NOREPLACE
             };
-            match rustix::fs::renameat_with(
+            let renamed = match rustix::fs::renameat_with(
                 &ffd,
                 names::to_os(from_name),
                 &tfd,
                 names::to_os(to_name),
                 flags,
             ) {
+                Err(rustix::io::Errno::XDEV) if m.attr.kind == Kind::File => {
+                    let tmp_name = format!("{INSTALLING_PREFIX}{}", m.attr.id);
+                    move_file_across(
+                        (&ffd, from_name),
+                        (&tfd, to_name),
+                        replaced.is_some().then_some(tmp_name.as_str()),
+                    )
+                    .map_err(|e| {
+                        rustix::io::Errno::from_io_error(&e).unwrap_or(rustix::io::Errno::IO)
+                    })
+                }
+                other => other,
+            };
+            match renamed {
                 Ok(()) => {}
                 Err(e) if e == rustix::io::Errno::EXIST && replaced.is_none() => {
                     self.cx.reconcile_dirs(&[tpid])?;
@@ -752,8 +766,11 @@ impl Apply<'_, '_, '_> {
         } else {
             let from = fsops::stat_at(&ffd, from_name).map_err(|e| fs_failed("stat", e))?;
             let to = fsops::stat_at(&tfd, to_name).map_err(|e| fs_failed("stat", e))?;
-            let moved =
-                to.map(|s| s.st_ino) == Some(m.fp.ino) && from.map(|s| s.st_ino) != Some(m.fp.ino);
+            // A file moved to another filesystem is a copy (a new inode):
+            // there, the name it left and the name it took tell.
+            let across = m.attr.kind == Kind::File && !same_filesystem(&ffd, &tfd);
+            let arrived = to.as_ref().is_some_and(|s| across || s.st_ino == m.fp.ino);
+            let moved = arrived && from.map(|s| s.st_ino) != Some(m.fp.ino);
             if !moved {
                 return Err(not_applied());
             }
@@ -1044,8 +1061,57 @@ fn install_over(
     }
 }
 
-/// Prefix of the name an upload copied across filesystems has for a moment
-/// in its directory, before it replaces the file it updates.
+/// Moves a file to a directory on another filesystem, as `mv` does: a
+/// copy with the same mode, owner and times, on disk before the original's
+/// name goes. With `replace_via`, the copy takes that name first and then
+/// replaces the file at the destination; without, an existing name there
+/// fails the move (`AlreadyExists`).
+fn move_file_across(
+    (from, from_name): (&OwnedFd, &str),
+    (to, to_name): (&OwnedFd, &str),
+    replace_via: Option<&str>,
+) -> std::io::Result<()> {
+    let source = rustix::fs::openat(
+        from,
+        names::to_os(from_name),
+        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        FsMode::empty(),
+    )
+    .map_err(io)?;
+    let st = rustix::fs::fstat(&source).map_err(io)?;
+    let attrs = SetAttrs {
+        mode: Some(st.st_mode & 0o7777),
+        uid: Some(st.st_uid),
+        gid: Some(st.st_gid),
+        size: None,
+        atime: Some(fsops::nanos(st.st_atime, st.st_atime_nsec as i64)),
+        mtime: Some(fsops::nanos(st.st_mtime, st.st_mtime_nsec as i64)),
+    };
+    let copy = copy_across(source, to, &attrs)?;
+    match replace_via {
+        None => link_unnamed(&copy, to, to_name)?,
+        Some(tmp_name) => {
+            link_unnamed(&copy, to, tmp_name)?;
+            if let Err(e) = rustix::fs::renameat(to, tmp_name, to, names::to_os(to_name)) {
+                let _ = rustix::fs::unlinkat(to, tmp_name, AtFlags::empty());
+                return Err(io(e));
+            }
+        }
+    }
+    rustix::fs::unlinkat(from, names::to_os(from_name), AtFlags::empty()).map_err(io)
+}
+
+/// Whether two directories are on one filesystem (a rename between them
+/// can work); yes if either cannot be asked.
+fn same_filesystem(a: &OwnedFd, b: &OwnedFd) -> bool {
+    match (rustix::fs::fstat(a), rustix::fs::fstat(b)) {
+        (Ok(x), Ok(y)) => x.st_dev == y.st_dev,
+        _ => true,
+    }
+}
+
+/// Prefix of the name a file copied across filesystems has for a moment in
+/// its directory, before it replaces the file there.
 const INSTALLING_PREFIX: &str = ".imz-installing-";
 
 fn create_file(dir: &OwnedFd, name: &str, attrs: &SetAttrs) -> std::io::Result<()> {
