@@ -224,6 +224,15 @@ pub async fn settle(
         }
         _ => return Ok(()),
     };
+    if reason == Some(ConflictReason::NameExists) && current.is_none() {
+        // The name is taken by nothing the origin serves (an origin before
+        // it said so itself): retrying cannot help, and would hold up every
+        // change behind this one.
+        tracing::error!(%path, seq, "the origin has the name taken by nothing it serves; holding the change for a person");
+        let why = "the name is taken at the origin by something it does not serve (a FIFO, socket or device node?)";
+        let held = Settled::held(policy, fid, why);
+        return record_conflict(vfs, &path, "rejected", held, decided.as_ref()).await;
+    }
     let case = case_name(&record.op, reason);
     tracing::warn!(%path, case, %policy, ?reason, op = ?record.op, current = ?current, "conflict");
 

@@ -246,3 +246,59 @@ async fn manual_holds_until_a_person_decides() -> Result {
 fn block<F: std::future::Future>(f: F) -> F::Output {
     tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(f))
 }
+
+/// A name the origin's directory holds as a FIFO (or a socket, a device
+/// node), which imz does not serve and so no gateway sees: a file created
+/// under it through a gateway cannot land. It is held for a person at once,
+/// saying why, and the changes after it still reach the origin. Before, the
+/// gateway retried it once a second until its refusal limit, holding every
+/// later change behind it, then held it as a "create/create" conflict with
+/// no reason given (there was no origin object to show).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_name_taken_by_something_not_served_is_held_and_the_rest_goes_on() -> Result {
+    // keep-both, the default (manual held it at once before too).
+    let args = [
+        "--reintegrate-delay",
+        "100ms",
+        "--conflict-policy",
+        "keep-both",
+    ];
+    let fx = Fixture::with_cache_size("1GiB", &args, |root| {
+        let status = std::process::Command::new("mkfifo")
+            .arg(root.join("pipe"))
+            .status()?;
+        anyhow::ensure!(status.success(), "mkfifo failed");
+        Ok(())
+    })?;
+    let mut nfs = Nfs::mount(fx.port(), "/imz").await?;
+    let root = nfs.root.clone();
+    assert!(
+        nfs.readdir(&root, 4096).await?.is_empty(),
+        "a FIFO was served"
+    );
+    nfs.put_file("pipe", OURS).await?;
+    nfs.put_file("after.txt", OURS).await?;
+    let landed = eventually(Duration::from_secs(20), || {
+        (read(&fx, "after.txt").as_deref() == Some(OURS)).then_some(())
+    });
+    assert!(
+        landed.is_some(),
+        "the change after the refused one never reached the origin"
+    );
+    let listed = eventually(Duration::from_secs(10), || {
+        let list = fx.gateway.ctl(&["conflicts", "list"]).ok()?;
+        (list.contains("/pipe") && list.contains("HELD") && list.contains("does not serve"))
+            .then_some(list)
+    });
+    assert!(
+        listed.is_some(),
+        "no held conflict saying why: {:?}",
+        fx.gateway.ctl(&["conflicts", "list"])
+    );
+    use std::os::unix::fs::FileTypeExt;
+    let kind = std::fs::symlink_metadata(fx.origin_path("pipe"))?.file_type();
+    assert!(kind.is_fifo(), "the origin's FIFO was replaced");
+    // Ours is still readable through the gateway, nothing lost.
+    assert_eq!(nfs.read_path("pipe").await?, OURS);
+    Ok(())
+}

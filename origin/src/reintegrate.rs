@@ -255,6 +255,33 @@ impl Apply<'_, '_, '_> {
         }
     }
 
+    /// The answer when `name` in directory `pid` turned out taken on disk:
+    /// a conflict with the object there, once the store knows it; or, when
+    /// what is there is nothing the origin serves (a FIFO, a socket, a
+    /// device node: invisible to gateways), a rejection that says so, for
+    /// the gateway to hold for a person rather than retry for ever.
+    fn name_taken(&mut self, pid: ObjectId, pfd: &OwnedFd, name: &str) -> Stop {
+        let mut answer = || -> Result<Stop, OriginError> {
+            self.cx.reconcile_dirs(&[pid])?;
+            if let Some(id) = self.cx.tx.child(pid, name)? {
+                let current = self.cx.tx.meta(id)?.map(|m| m.attr);
+                return Ok(conflict(ConflictReason::NameExists, current));
+            }
+            Ok(match fsops::stat_at(pfd, name) {
+                Ok(Some(_)) => rejected(
+                    ErrorCode::WrongKind,
+                    format!(
+                        "{name:?} is taken at the origin by something imz does not serve \
+                         (a FIFO, socket or device node): rename one of them"
+                    ),
+                ),
+                Ok(None) => fs_failed("create", "the name was taken, then freed: try again"),
+                Err(e) => fs_failed("stat", e),
+            })
+        };
+        answer().unwrap_or_else(Stop::Err)
+    }
+
     fn staged(&self, upload: &str) -> Step<bool> {
         if !wire::validate_upload_id(upload) {
             return Err(rejected(
@@ -341,12 +368,7 @@ impl Apply<'_, '_, '_> {
             match made {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                    self.cx.reconcile_dirs(&[pid])?;
-                    let current = match self.cx.tx.child(pid, name)? {
-                        Some(id) => self.cx.tx.meta(id)?.map(|m| m.attr),
-                        None => None,
-                    };
-                    return Err(conflict(ConflictReason::NameExists, current));
+                    return Err(self.name_taken(pid, &pfd, name));
                 }
                 Err(e) => return Err(fs_failed("create", e)),
             }
@@ -739,12 +761,7 @@ impl Apply<'_, '_, '_> {
             match renamed {
                 Ok(()) => {}
                 Err(e) if e == rustix::io::Errno::EXIST && replaced.is_none() => {
-                    self.cx.reconcile_dirs(&[tpid])?;
-                    let current = match self.cx.tx.child(tpid, to_name)? {
-                        Some(id) => self.cx.tx.meta(id)?.map(|m| m.attr),
-                        None => None,
-                    };
-                    return Err(conflict(ConflictReason::NameExists, current));
+                    return Err(self.name_taken(tpid, &tfd, to_name));
                 }
                 Err(e) if e == rustix::io::Errno::NOTEMPTY || e == rustix::io::Errno::EXIST => {
                     let rid = replaced.as_ref().map(|r| r.attr.id).unwrap_or(tpid);
