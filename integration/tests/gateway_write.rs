@@ -1520,6 +1520,27 @@ async fn writes_reach_a_tree_that_spans_filesystems() -> Result {
     };
     gone("new.bin")?;
     gone("mnt/inner.bin")?;
+    // A sparse disk image, installed from the staging area and then moved
+    // into the mount: copied, it must keep its hole.
+    const HOLE: u64 = 48 << 20;
+    let page = data::bytes(6, 4096);
+    let img = nfs
+        .create(&root, "disk.img", CreateMode::Unchecked, &Attrs::default())
+        .await?;
+    nfs.write(&img, HOLE, &page, Stable::FILE_SYNC).await?;
+    let mut want = vec![0u8; HOLE as usize];
+    want.extend_from_slice(&page);
+    on_origin("disk.img", &want, "sparse file")?;
+    nfs.rename(&root, "disk.img", &mnt, "disk.img").await?;
+    on_origin("mnt/disk.img", &want, "moved sparse file")?;
+    {
+        use std::os::unix::fs::MetadataExt;
+        let used = std::fs::metadata(tree.join("mnt/disk.img"))?.blocks() * 512;
+        assert!(
+            used < 1 << 20,
+            "the moved image lost its hole: {used} bytes allocated"
+        );
+    }
     let names = |d: &Path| -> anyhow::Result<Vec<String>> {
         let mut v: Vec<String> = std::fs::read_dir(d)?
             .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
@@ -1529,7 +1550,7 @@ async fn writes_reach_a_tree_that_spans_filesystems() -> Result {
     };
     assert_eq!(
         names(&tree.join("mnt"))?,
-        ["moved.bin"],
+        ["disk.img", "moved.bin"],
         "stray names in mnt"
     );
     assert_eq!(

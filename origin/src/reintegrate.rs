@@ -1015,12 +1015,62 @@ fn copy_across(staged: OwnedFd, dir: &OwnedFd, attrs: &SetAttrs) -> std::io::Res
         FsMode::from_raw_mode(0o600),
     )
     .map_err(io)?;
-    let mut to = std::fs::File::from(tmp);
-    std::io::copy(&mut std::fs::File::from(staged), &mut to)?;
+    let to = std::fs::File::from(tmp);
+    copy_sparse(&std::fs::File::from(staged), &to)?;
     let tmp = OwnedFd::from(to);
     finish_new(&tmp, attrs, DEFAULT_FILE_MODE)?;
     rustix::fs::fsync(&tmp).map_err(io)?;
     Ok(tmp)
+}
+
+/// Copies `from` into the empty file `to`, holes as holes (a sparse disk
+/// image stays sparse), or every byte where the filesystem cannot tell
+/// where its holes are.
+fn copy_sparse(from: &std::fs::File, to: &std::fs::File) -> std::io::Result<()> {
+    use rustix::fs::SeekFrom;
+    let len = from.metadata()?.len();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut pos = 0;
+    while pos < len {
+        let (start, end) = match rustix::fs::seek(from, SeekFrom::Data(pos)) {
+            Ok(start) => {
+                let end = rustix::fs::seek(from, SeekFrom::Hole(start)).map_err(io)?;
+                (start, end.min(len))
+            }
+            Err(rustix::io::Errno::NXIO) => break, // Only a hole is left.
+            Err(rustix::io::Errno::INVAL | rustix::io::Errno::NOTSUP) => (pos, len),
+            Err(e) => return Err(io(e)),
+        };
+        copy_range(from, to, start, end, &mut buf)?;
+        pos = end;
+    }
+    to.set_len(len)
+}
+
+fn copy_range(
+    from: &std::fs::File,
+    to: &std::fs::File,
+    start: u64,
+    end: u64,
+    buf: &mut [u8],
+) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let mut at = start;
+    while at < end {
+        let want = buf
+            .len()
+            .min(usize::try_from(end - at).unwrap_or(usize::MAX));
+        let n = from.read_at(&mut buf[..want], at)?;
+        if n == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "a staged upload shrank while it was copied",
+            ));
+        }
+        to.write_all_at(&buf[..n], at)?;
+        at += n as u64;
+    }
+    Ok(())
 }
 
 /// Gives the unnamed file `fd` the name `name` in `dir` (failing if the
