@@ -61,7 +61,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 /// Logs go to stderr, so that stdout carries only what a user or script
-/// reads (addresses, mount commands, status).
+/// reads (addresses, mount commands, status), coloured only on a terminal.
 pub fn init_logging(verbose: u8) {
     use tracing_subscriber::EnvFilter;
     let default = match verbose {
@@ -75,9 +75,14 @@ pub fn init_logging(verbose: u8) {
     // failures where they happen (cache, origin).
     let default = format!("{default},nfs3_server=warn,nfs3_server::nfs_handlers=off");
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    // Colour only for a person at a terminal: a log file, a pipe or the
+    // journal gets plain text (and NO_COLOR is honoured).
+    let colour = std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(colour)
         .init();
 }
 
