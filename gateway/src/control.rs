@@ -315,7 +315,7 @@ impl Control {
                     waited_ms: start.elapsed().as_millis() as u64,
                 };
             }
-            if let LinkState::Disconnected { reason, .. } = self.vfs.link.state() {
+            if let LinkState::Disconnected { .. } = self.vfs.link.state() {
                 // Do not wait for the prober: ask now, the origin may be back.
                 match self.vfs.origin.info().await {
                     Ok(_) => {
@@ -324,8 +324,9 @@ impl Control {
                     }
                     Err(OriginError::TokenRefused) if self.vfs.origin.reload_token() => continue,
                     Err(e) => {
+                        let why = e.unreachable_reason().unwrap_or_else(|| e.to_string());
                         return Response::NotSynced {
-                            reason: format!("the origin is unreachable ({reason}; now: {e})"),
+                            reason: format!("the origin is unreachable: {why}"),
                             pending,
                         };
                     }

@@ -91,6 +91,11 @@ async fn status_and_metrics_follow_what_happens() -> Result {
         .ctl(&["sync", "--timeout", "2s"])
         .expect_err("sync while disconnected");
     assert!(err.to_string().contains("unreachable"), "{err}");
+    assert_eq!(
+        err.to_string().matches("unreachable").count(),
+        1,
+        "the reason, once: {err}"
+    );
 
     // Meanwhile another program changes the file at the origin's side.
     std::fs::write(fx.origin_path("shared.txt"), "theirs")?;
