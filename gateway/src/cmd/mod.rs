@@ -96,6 +96,32 @@ pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("starting the async runtime")
 }
 
+/// `path` with its existing part resolved (symlinks followed) and the rest,
+/// which is yet to be made, appended.
+pub fn resolve_unmade(path: &std::path::Path) -> anyhow::Result<std::path::PathBuf> {
+    use anyhow::Context;
+    let absolute =
+        std::path::absolute(path).with_context(|| format!("resolving {}", path.display()))?;
+    let mut existing = absolute.as_path();
+    let mut unmade = Vec::new();
+    while !existing.exists() {
+        // `file_name` is `None` for a `..`: the path goes through a
+        // directory yet to be made and back out of it.
+        let (Some(parent), Some(name)) = (existing.parent(), existing.file_name()) else {
+            anyhow::bail!(
+                "{} goes through a directory that does not exist: give it without `..`",
+                path.display()
+            );
+        };
+        unmade.push(name.to_owned());
+        existing = parent;
+    }
+    let mut resolved = std::fs::canonicalize(existing)
+        .with_context(|| format!("resolving {}", existing.display()))?;
+    resolved.extend(unmade.iter().rev());
+    Ok(resolved)
+}
+
 /// Parses sizes like `10GiB`, `500MB`, `1048576`.
 pub fn parse_size(s: &str) -> Result<u64, String> {
     s.parse::<bytesize::ByteSize>()
@@ -338,6 +364,26 @@ mod tests {
         assert!(parse("10.0.0.1:7070").is_err_and(|e| e.contains("http://10.0.0.1:7070")));
         assert!(parse("ftp://origin.example").is_err_and(|e| e.contains("not ftp")));
         assert!(parse("http://origin.example/?x=1").is_err_and(|e| e.contains("query")));
+    }
+
+    #[test]
+    fn paths_resolve_as_the_filesystem_will_follow_them() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let base = std::fs::canonicalize(dir.path())?;
+        std::fs::create_dir_all(base.join("real/sub"))?;
+        std::os::unix::fs::symlink(base.join("real/sub"), base.join("link"))?;
+        // `..` after a symlink leaves the link's target, not the link:
+        // where the directory will really be made.
+        let got = super::resolve_unmade(&base.join("link/../cache/new"))?;
+        assert_eq!(got, base.join("real/cache/new"));
+        assert!(
+            !base.join("real/cache").exists(),
+            "resolving made something"
+        );
+        let err = super::resolve_unmade(&base.join("unmade/../cache"))
+            .expect_err("`..` out of a directory that does not exist");
+        assert!(err.to_string().contains("without `..`"), "{err}");
+        Ok(())
     }
 
     #[test]

@@ -59,7 +59,7 @@ pub struct Args {
 /// `root`: the origin would otherwise journal its own store's writes.
 /// Nothing is created when it does not.
 pub(super) fn state_outside(root: &Path, state: &Path) -> anyhow::Result<PathBuf> {
-    let resolved = resolve_unmade(state)?;
+    let resolved = super::resolve_unmade(state)?;
     let root = std::fs::canonicalize(root)
         .with_context(|| format!("resolving the tree {}", root.display()))?;
     let own = root.join(imz_origin::wire::STATE_DIR_NAME);
@@ -71,31 +71,6 @@ pub(super) fn state_outside(root: &Path, state: &Path) -> anyhow::Result<PathBuf
     );
     std::fs::create_dir_all(&resolved)
         .with_context(|| format!("creating the state directory {}", state.display()))?;
-    Ok(resolved)
-}
-
-/// `path` with its existing part resolved (symlinks followed) and the rest,
-/// which is yet to be made, appended.
-fn resolve_unmade(path: &Path) -> anyhow::Result<PathBuf> {
-    let absolute =
-        std::path::absolute(path).with_context(|| format!("resolving {}", path.display()))?;
-    let mut existing = absolute.as_path();
-    let mut unmade = Vec::new();
-    while !existing.exists() {
-        // `file_name` is `None` for a `..`: the path goes through a
-        // directory yet to be made and back out of it.
-        let (Some(parent), Some(name)) = (existing.parent(), existing.file_name()) else {
-            anyhow::bail!(
-                "{} goes through a directory that does not exist: give it without `..`",
-                path.display()
-            );
-        };
-        unmade.push(name.to_owned());
-        existing = parent;
-    }
-    let mut resolved = std::fs::canonicalize(existing)
-        .with_context(|| format!("resolving {}", existing.display()))?;
-    resolved.extend(unmade.iter().rev());
     Ok(resolved)
 }
 

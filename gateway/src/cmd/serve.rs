@@ -2,7 +2,7 @@
 //! in front of it, in one process, ready to mount.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::Context;
 use imz_gateway::{Gateway, GatewayConfig, restart};
@@ -64,8 +64,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             .unwrap_or(&own_state)
             .join("gateway-cache")
     });
-    let resolved =
-        resolve(&cache_dir).with_context(|| format!("resolving {}", cache_dir.display()))?;
+    let resolved = super::resolve_unmade(&cache_dir)?;
     // Inside the served tree, the cache would be served and followed by
     // itself: each commit a change at the origin, journaled, followed.
     anyhow::ensure!(
@@ -123,32 +122,4 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         origin.shutdown().await.context("stopping the origin")?;
         Ok(())
     })
-}
-
-/// `path` made absolute with symlinks resolved, for as much of it as exists.
-fn resolve(path: &Path) -> std::io::Result<PathBuf> {
-    let mut existing = PathBuf::new();
-    for part in std::path::absolute(path)?.components() {
-        match part {
-            std::path::Component::ParentDir => {
-                existing.pop();
-            }
-            std::path::Component::CurDir => {}
-            other => existing.push(other),
-        }
-    }
-    let mut rest = Vec::new();
-    loop {
-        match existing.canonicalize() {
-            Ok(real) => return Ok(rest.iter().rev().fold(real, |p, c| p.join(c))),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let Some(name) = existing.file_name().map(ToOwned::to_owned) else {
-                    return Err(e);
-                };
-                rest.push(name);
-                existing.pop();
-            }
-            Err(e) => return Err(e),
-        }
-    }
 }
