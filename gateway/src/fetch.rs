@@ -84,6 +84,9 @@ pub enum FetchFailure {
     Gone(Option<wire::Attr>),
     /// The origin may not read the file (its permissions on its disk).
     Denied,
+    /// The file changed at the origin while its bytes were on their way
+    /// (the origin cut the transfer): asking again gets its new version.
+    Changed,
     Io(String),
 }
 
@@ -547,9 +550,8 @@ async fn fetch_run(inner: &Arc<Inner>, target: Target, run: Vec<(u64, watch::Sen
             }
             match failure {
                 Some(f) => Some(f),
-                None if pending.peek().is_some() => Some(FetchFailure::Io(
-                    "origin sent fewer bytes than asked (file changing at the origin?)".into(),
-                )),
+                // Fewer bytes than asked: the file shrank at the origin.
+                None if pending.peek().is_some() => Some(FetchFailure::Changed),
                 None => None,
             }
         }
@@ -568,6 +570,7 @@ fn classify(inner: &Inner, err: OriginError) -> FetchFailure {
         return FetchFailure::Offline;
     }
     match err {
+        OriginError::Cut(_) => FetchFailure::Changed,
         OriginError::Api(api) => match api.code {
             ErrorCode::VersionGone => FetchFailure::Gone(api.current),
             ErrorCode::NotFound => FetchFailure::Gone(None),

@@ -185,6 +185,13 @@ async fn fill_file_with(
                     break;
                 }
                 Err(FetchFailure::Denied) => return Err(FillError::Denied),
+                Err(FetchFailure::Changed) => {
+                    // Cut while the file changed: the next round asks again
+                    // (and hears of the new version).
+                    last_error = "the file keeps changing at the origin".into();
+                    complete = false;
+                    break;
+                }
                 Err(FetchFailure::Io(e)) => {
                     last_error = e;
                     failed = true;

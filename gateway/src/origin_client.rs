@@ -47,6 +47,12 @@ pub enum OriginError {
     /// The origin answered something this gateway does not understand.
     #[error("unexpected answer from origin: {0}")]
     Protocol(String),
+    /// A data body that broke off: the origin ends a transfer early, on
+    /// purpose, when the file changes while being sent.
+    #[error(
+        "the origin ended the transfer early (the file may have changed while being sent): {0}"
+    )]
+    Cut(String),
 }
 
 impl OriginError {
@@ -73,15 +79,10 @@ impl OriginError {
         }
     }
 
-    /// A data body that broke off. The origin ends a transfer early, on
-    /// purpose, when the file changes while being sent.
+    /// A data body that broke off ([`Self::Cut`]), or the link.
     fn from_body(err: reqwest::Error) -> Self {
         if err.is_decode() {
-            Self::Protocol(format!(
-                "the origin ended the transfer early (the file may have changed while \
-                 being sent): {}",
-                error_chain(&err)
-            ))
+            Self::Cut(error_chain(&err))
         } else {
             Self::from_reqwest(err)
         }
@@ -94,6 +95,22 @@ impl OriginError {
             // Connect errors, timeouts, resets, broken bodies: the link.
             Self::Unreachable(error_chain(&err))
         }
+    }
+}
+
+/// Sends a request that may be sent twice (a GET), once more if the first
+/// attempt failed on its way out: most likely on a pooled connection the
+/// origin had just closed (it closes one to cut a transfer of a file that
+/// changed), which says nothing about the origin being away. Refused
+/// connections and timeouts are not tried again.
+async fn send_idempotent(req: reqwest::RequestBuilder) -> reqwest::Result<reqwest::Response> {
+    let again = req.try_clone();
+    match (req.send().await, again) {
+        (Err(e), Some(again)) if e.is_request() && !e.is_connect() && !e.is_timeout() => {
+            tracing::debug!(error = %error_chain(&e), "request failed on its way out; sending it again");
+            again.send().await
+        }
+        (result, _) => result,
     }
 }
 
@@ -252,13 +269,13 @@ impl OriginClient {
         query: &[(&str, String)],
         timeout: Duration,
     ) -> Result<T, OriginError> {
-        let resp = self
+        let req = self
             .http
             .get(self.url(path))
             .header(reqwest::header::AUTHORIZATION, self.auth())
             .query(query)
-            .timeout(timeout)
-            .send()
+            .timeout(timeout);
+        let resp = send_idempotent(req)
             .await
             .map_err(OriginError::from_reqwest)?;
         let resp = check(resp).await?;
@@ -448,16 +465,16 @@ impl OriginClient {
         end: u64,
     ) -> Result<Option<impl Stream<Item = Result<Bytes, OriginError>> + Send + use<>>, OriginError>
     {
-        let send = self
-            .http
-            .get(self.url(&wire::paths::data(id, version)))
-            .header(reqwest::header::AUTHORIZATION, self.auth())
-            .header(
-                reqwest::header::RANGE,
-                format!("bytes={}-{}", start, end.saturating_sub(1)),
-            )
-            .header(wire::paths::ACCEPT_HOLES, "1")
-            .send();
+        let send = send_idempotent(
+            self.http
+                .get(self.url(&wire::paths::data(id, version)))
+                .header(reqwest::header::AUTHORIZATION, self.auth())
+                .header(
+                    reqwest::header::RANGE,
+                    format!("bytes={}-{}", start, end.saturating_sub(1)),
+                )
+                .header(wire::paths::ACCEPT_HOLES, "1"),
+        );
         let resp = tokio::time::timeout(self.timeouts.request, send)
             .await
             .map_err(|_| OriginError::Unreachable("no answer to a data request in time".into()))?

@@ -12,8 +12,12 @@ use crate::fetch::{FetchFailure, Target};
 use crate::metrics::Metrics;
 use crate::preload;
 
-/// Attempts at a read whose file keeps changing at the origin.
-const READ_ATTEMPTS: usize = 3;
+/// Attempts at a read whose file keeps changing at the origin (a log file
+/// written to every few milliseconds): each change costs a round trip for
+/// the new version, and a transfer cut by the next change costs another.
+const READ_ATTEMPTS: usize = 32;
+/// ... within this long, well inside the 2 s a client may be kept waiting.
+const READ_RETRY_BUDGET: std::time::Duration = std::time::Duration::from_millis(1500);
 /// Largest READ answered: FSINFO's `rtmax` (nfs3_server's default, 1 MiB).
 pub const MAX_READ: u32 = 1 << 20;
 
@@ -45,7 +49,14 @@ impl Vfs {
         offset: u64,
         count: u32,
     ) -> Result<(Vec<u8>, bool, bool), VfsError> {
-        for _ in 0..READ_ATTEMPTS {
+        // After a cut transfer, no readahead: the shorter a transfer, the
+        // likelier it ends before the next write at the origin.
+        let mut was_cut = false;
+        let started = std::time::Instant::now();
+        for attempt in 0..READ_ATTEMPTS {
+            if attempt > 0 && started.elapsed() > READ_RETRY_BUDGET {
+                break;
+            }
             let obj = self.getattr(fid)?;
             match obj.kind {
                 Kind::File => {}
@@ -68,7 +79,7 @@ impl Vfs {
                 .read()?
                 .read_range(fid, &obj, offset, end - offset)?;
             let readahead = chunk::index_of(end.saturating_sub(1)) + 1;
-            let readahead = readahead..readahead + window;
+            let readahead = readahead..readahead + if was_cut { 0 } else { window };
             let missing = match cached {
                 RangeRead::Data(bytes) => {
                     if window > 0 {
@@ -94,6 +105,7 @@ impl Vfs {
             }
             let mut fetched = HashMap::new();
             let mut gone = None;
+            let mut cut = false;
             for (index, wait) in self.fetcher.demand(&target, &missing, readahead) {
                 match wait.bytes().await {
                     Ok(bytes) => {
@@ -106,7 +118,18 @@ impl Vfs {
                         gone = Some(current);
                         break;
                     }
+                    Err(FetchFailure::Changed) => {
+                        cut = true;
+                        break;
+                    }
                 }
+            }
+            was_cut |= cut;
+            if cut {
+                // Written to at the origin while being sent (a log file
+                // growing): asked again, the origin names its new version,
+                // which the next round reads.
+                continue;
             }
             if let Some(current) = gone {
                 // The origin moved on before the journal told us: catch up

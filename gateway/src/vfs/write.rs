@@ -456,7 +456,7 @@ impl Vfs {
                     into.insert(index, bytes.to_vec());
                 }
                 Err(FetchFailure::Offline) => return Err(VfsError::Offline),
-                Err(FetchFailure::Gone(_)) => {
+                Err(FetchFailure::Gone(_) | FetchFailure::Changed) => {
                     return Err(VfsError::Io(
                         "the file changed at the origin under local changes".into(),
                     ));
