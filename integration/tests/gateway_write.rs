@@ -1263,6 +1263,22 @@ async fn a_sparse_file_reaches_the_origin_without_its_holes() -> Result {
 }
 
 /// A read-only bind mount of a directory, undone on drop.
+/// `imz serve ARGS --listen 127.0.0.1:0`, and the NFS port it took.
+fn spawn_serve(args: &[&str]) -> anyhow::Result<(imz_integration::Imz, u16)> {
+    let mut all = vec!["serve"];
+    all.extend_from_slice(args);
+    all.extend_from_slice(&["--listen", "127.0.0.1:0"]);
+    let (serve, addr) =
+        imz_integration::Imz::spawn_full(&[], &[], &all, "imz gateway listening on ")?;
+    let port: u16 = addr
+        .trim()
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no port in {addr:?}"))?;
+    Ok((serve, port))
+}
+
 /// A mount made for a test, unmounted when dropped.
 struct TestMount(std::path::PathBuf);
 
@@ -1400,26 +1416,7 @@ async fn serve_shares_a_read_only_tree() -> Result {
     let _mount = TestMount::new(&source, &ro)?;
     let state = dir.path().join("state");
     let (ro_arg, state_arg) = (ro.to_str().unwrap_or(""), state.to_str().unwrap_or(""));
-    let (serve, addr) = imz_integration::Imz::spawn_full(
-        &[],
-        &[],
-        &[
-            "serve",
-            ro_arg,
-            "--read-only",
-            "--state",
-            state_arg,
-            "--listen",
-            "127.0.0.1:0",
-        ],
-        "imz gateway listening on ",
-    )?;
-    let port: u16 = addr
-        .trim()
-        .rsplit(':')
-        .next()
-        .and_then(|p| p.parse().ok())
-        .ok_or_else(|| anyhow::anyhow!("no port in {addr:?}"))?;
+    let (serve, port) = spawn_serve(&[ro_arg, "--read-only", "--state", state_arg])?;
     let mut nfs = Nfs::mount(port, "/imz").await?;
     assert!(nfs.read_path("img/disk.bin").await? == data::bytes(6, 200_000));
     let img = nfs.lookup_path("img").await?;
@@ -1455,27 +1452,13 @@ async fn writes_reach_a_tree_that_spans_filesystems() -> Result {
     let state = dir.path().join("state");
     let _state = TestMount::tmpfs(&state)?;
     let (tree_arg, state_arg) = (tree.to_str().unwrap_or(""), state.to_str().unwrap_or(""));
-    let (serve, addr) = imz_integration::Imz::spawn_full(
-        &[],
-        &[],
-        &[
-            "serve",
-            tree_arg,
-            "--state",
-            state_arg,
-            "--reintegrate-delay",
-            "100ms",
-            "--listen",
-            "127.0.0.1:0",
-        ],
-        "imz gateway listening on ",
-    )?;
-    let port: u16 = addr
-        .trim()
-        .rsplit(':')
-        .next()
-        .and_then(|p| p.parse().ok())
-        .ok_or_else(|| anyhow::anyhow!("no port in {addr:?}"))?;
+    let (serve, port) = spawn_serve(&[
+        tree_arg,
+        "--state",
+        state_arg,
+        "--reintegrate-delay",
+        "100ms",
+    ])?;
     let mut nfs = Nfs::mount(port, "/imz").await?;
     let files = [
         ("new.bin", data::bytes(2, 300_000)),
