@@ -1091,6 +1091,18 @@ fn link_unnamed(fd: &OwnedFd, dir: &OwnedFd, name: &str) -> std::io::Result<()> 
     }
 }
 
+/// Gives the unnamed file `fd` the name `name` in `dir`, replacing the file
+/// there: first the name `tmp_name` of its own, so that the replacement is
+/// one rename within the directory, as it is from the staging area.
+fn link_over(fd: &OwnedFd, dir: &OwnedFd, name: &str, tmp_name: &str) -> std::io::Result<()> {
+    link_unnamed(fd, dir, tmp_name)?;
+    if let Err(e) = rustix::fs::renameat(dir, tmp_name, dir, names::to_os(name)) {
+        let _ = rustix::fs::unlinkat(dir, tmp_name, AtFlags::empty());
+        return Err(io(e));
+    }
+    Ok(())
+}
+
 fn unstage(uploads: &OwnedFd, upload: &str) -> std::io::Result<()> {
     rustix::fs::unlinkat(uploads, upload, AtFlags::empty()).map_err(io)
 }
@@ -1113,15 +1125,13 @@ fn install_over(
     finish_new(&fd, &attrs, DEFAULT_FILE_MODE)?;
     match rustix::fs::renameat(uploads, upload, dir, names::to_os(&old.name)) {
         Err(rustix::io::Errno::XDEV) => {
-            // A name of its own first, so that the replacement is one
-            // rename within the directory, as it is from the staging area.
             let copy = copy_across(fd, dir, &attrs)?;
-            let tmp_name = format!("{INSTALLING_PREFIX}{upload}");
-            link_unnamed(&copy, dir, &tmp_name)?;
-            if let Err(e) = rustix::fs::renameat(dir, &tmp_name, dir, names::to_os(&old.name)) {
-                let _ = rustix::fs::unlinkat(dir, &tmp_name, AtFlags::empty());
-                return Err(io(e));
-            }
+            link_over(
+                &copy,
+                dir,
+                &old.name,
+                &format!("{INSTALLING_PREFIX}{upload}"),
+            )?;
             unstage(uploads, upload)
         }
         other => other.map_err(io),
@@ -1157,13 +1167,7 @@ fn move_file_across(
     let copy = copy_across(source, to, &attrs)?;
     match replace_via {
         None => link_unnamed(&copy, to, to_name)?,
-        Some(tmp_name) => {
-            link_unnamed(&copy, to, tmp_name)?;
-            if let Err(e) = rustix::fs::renameat(to, tmp_name, to, names::to_os(to_name)) {
-                let _ = rustix::fs::unlinkat(to, tmp_name, AtFlags::empty());
-                return Err(io(e));
-            }
-        }
+        Some(tmp_name) => link_over(&copy, to, to_name, tmp_name)?,
     }
     rustix::fs::unlinkat(from, names::to_os(from_name), AtFlags::empty()).map_err(io)
 }
