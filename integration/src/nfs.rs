@@ -197,6 +197,10 @@ impl Nfs {
         let mut out = Vec::new();
         let mut cookie = 0;
         let mut verf = cookieverf3::default();
+        // A directory that changes between two pages answers the second with
+        // BAD_COOKIE (its cookie verifier moved); a client starts over, as
+        // the kernel's does. A few times: one that never settles is an error.
+        let mut restarts = 0;
         loop {
             let args = READDIR3args {
                 dir: dir.clone(),
@@ -217,6 +221,14 @@ impl Nfs {
                     if ok.reply.entries.0.is_empty() {
                         return Err(NfsError::Rpc("READDIR returned nothing before EOF".into()));
                     }
+                }
+                Nfs3Result::Err((nfsstat3::NFS3ERR_BAD_COOKIE, _))
+                    if cookie != 0 && restarts < 3 =>
+                {
+                    restarts += 1;
+                    out.clear();
+                    cookie = 0;
+                    verf = cookieverf3::default();
                 }
                 Nfs3Result::Err((s, _)) => return Err(NfsError::Status(s)),
             }
