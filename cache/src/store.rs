@@ -954,6 +954,25 @@ impl WriteTxn<'_> {
         Ok(fid)
     }
 
+    /// [`WriteTxn::create`] under a fileid handed out before, by a commit
+    /// a crash undid (a change replayed from the unstable-write log): ids
+    /// handed out meanwhile by other commits the crash undid may differ, so
+    /// `fid` is taken as given, and never handed out again.
+    pub fn create_as(&mut self, dir: FileId, name: &str, obj: &Object, fid: FileId) -> Result<()> {
+        if fid < LOCAL_ID_BASE || self.get(fid)?.is_some() {
+            return Err(CacheError::Corrupt(format!(
+                "fileid {fid} cannot be created again"
+            )));
+        }
+        let next = self.meta_u64(meta::NEXT_ID)?.unwrap_or(LOCAL_ID_BASE);
+        if next <= fid {
+            self.put_meta(meta::NEXT_ID, &(fid + 1).to_le_bytes())?;
+        }
+        self.put(fid, obj)?;
+        self.link(dir, name, fid)?;
+        Ok(())
+    }
+
     /// Adds entry `name` -> `fid` to `dir`, replacing any entry of that name.
     /// Returns the replaced fileid.
     pub fn link(&mut self, dir: FileId, name: &str, fid: FileId) -> Result<Option<FileId>> {

@@ -86,7 +86,7 @@ impl Gateway {
                     &mut cache,
                     &cache_dir,
                     boot.as_deref(),
-                    crate::vfs::write::replay_write,
+                    crate::vfs::write::replay_change,
                 )
                 .context("recovering unstable writes")?;
                 let log = crate::unstable::UnstableLog::open(&cache_dir)

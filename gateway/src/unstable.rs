@@ -10,14 +10,20 @@
 //! ([`meta::UNSTABLE_SEQ`]) and the client's COMMIT, answered with the same
 //! verifier, finds its data there.
 //!
-//! Only a crash of the whole system loses the page cache. Before the first
-//! unstable reply the writer durably records the boot id
-//! ([`meta::UNSTABLE_BOOT`]); it is cleared once everything is durable again
-//! (idle, or a clean stop). Finding it set under another boot id means
-//! acknowledged unstable data may be gone: the cache takes a new handle
-//! generation, so the write verifier changes as NFSv3 requires (and, since
-//! nfs3_server ties the two together, old file handles go stale, so the
-//! client reports an error instead of losing data silently).
+//! A COMMIT puts the writes on disk with an fdatasync of this log (cheaper
+//! than a durable redb commit, which writes every b-tree page the writes
+//! touched), so recovery replays the log after any crash, of the process
+//! or of the system.
+//!
+//! Only a crash of the whole system loses the page cache, and with it the
+//! writes acknowledged since the last sync. Before the first unstable reply
+//! the writer durably records the boot id ([`meta::UNSTABLE_BOOT`]); it is
+//! cleared once everything is durable again (idle, or a clean stop).
+//! Finding it set under another boot id means acknowledged unstable data
+//! may be gone: after replaying what the disk kept, the cache takes a new
+//! handle generation, so the write verifier changes as NFSv3 requires (and,
+//! since nfs3_server ties the two together, old file handles go stale, so
+//! the client reports an error instead of losing data silently).
 //!
 //! Invariants:
 //! - every write appended here was applied, in the same order, to a redb
@@ -35,9 +41,11 @@ use imz_cache::{Cache, FileId, meta};
 
 /// The log file, in the cache directory.
 pub const LOG_FILE: &str = "imz-unstable.log";
-/// Record marker, "IMZU".
-const MAGIC: u32 = 0x495a_4d55;
-/// magic, crc, seq, fid, offset, mtime, len.
+/// Record marker of a write, "IMZU".
+const MAGIC_WRITE: u32 = 0x495a_4d55;
+/// Record marker of a create, "IMZC".
+const MAGIC_CREATE: u32 = 0x495a_4d43;
+/// magic, crc, seq, fid, offset, time, len.
 const HEADER_LEN: usize = 4 + 4 + 8 + 8 + 8 + 8 + 4;
 /// Largest record payload accepted when reading (a WRITE is at most a few
 /// MiB; anything bigger is garbage).
@@ -53,11 +61,59 @@ pub struct UnstableWrite {
     pub data: Arc<Vec<u8>>,
 }
 
-/// A logged write and its sequence number.
+/// A change the log carries until the cache has it durably.
+#[derive(Debug, Clone)]
+pub enum Change {
+    /// A WRITE into a file whose data is all local.
+    Write(UnstableWrite),
+    /// A CREATE, MKDIR or SYMLINK of a new object: its arguments, as the
+    /// VFS encodes them, the time it used and the fileid it handed out
+    /// (a replay must hand out the same).
+    Create {
+        fid: FileId,
+        now: i64,
+        args: Arc<Vec<u8>>,
+    },
+}
+
+impl Change {
+    /// Marker, fid, offset, time and payload of its record.
+    fn parts(&self) -> (u32, FileId, u64, i64, &[u8]) {
+        match self {
+            Self::Write(w) => (MAGIC_WRITE, w.fid, w.offset, w.mtime, &w.data),
+            Self::Create { fid, now, args } => (MAGIC_CREATE, *fid, 0, *now, args),
+        }
+    }
+
+    /// Bytes of file data it writes.
+    pub fn data_len(&self) -> u64 {
+        match self {
+            Self::Write(w) => w.data.len() as u64,
+            Self::Create { .. } => 0,
+        }
+    }
+
+    /// The file whose data it writes.
+    pub fn written_file(&self) -> Option<FileId> {
+        match self {
+            Self::Write(w) => Some(w.fid),
+            Self::Create { .. } => None,
+        }
+    }
+}
+
+/// A logged change and its sequence number.
 #[derive(Debug, Clone)]
 pub struct Record {
     pub seq: u64,
-    pub write: UnstableWrite,
+    pub change: Change,
+}
+
+impl Record {
+    /// Bytes it takes in the log.
+    pub fn log_len(&self) -> u64 {
+        (HEADER_LEN + self.change.parts().4.len()) as u64
+    }
 }
 
 /// This system's boot id: unstable replies are only safe when a change of
@@ -83,7 +139,15 @@ pub struct UnstableLog {
     file: File,
     /// Where the next record goes.
     pos: u64,
+    /// The file's length: appends below it overwrite blocks the file has.
+    len: u64,
 }
+
+/// The log grows by this much of zeros at a time, so that an append
+/// overwrites blocks the file already has: a sync then writes the records
+/// alone, where growing the file made every sync write the inode and the
+/// block map too.
+pub const GROW_STEP: u64 = 4 << 20;
 
 impl UnstableLog {
     /// Opens the log to write from its start (recovery has emptied it).
@@ -94,7 +158,27 @@ impl UnstableLog {
             .read(true)
             .write(true)
             .open(dir.join(LOG_FILE))?;
-        Ok(Self { file, pos: 0 })
+        let len = file.metadata()?.len();
+        Ok(Self { file, pos: 0, len })
+    }
+
+    /// Makes the file at least `end` long, with zeros (which end the log
+    /// on replay, as a record's magic cannot be zero).
+    fn reserve(&mut self, end: u64) -> std::io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        if end <= self.len {
+            return Ok(());
+        }
+        let target = end.div_ceil(GROW_STEP) * GROW_STEP;
+        let zeros = vec![0u8; 1 << 20];
+        let mut at = self.len;
+        while at < target {
+            let n = (target - at).min(zeros.len() as u64) as usize;
+            self.file.write_all_at(&zeros[..n], at)?;
+            at += n as u64;
+        }
+        self.len = target;
+        Ok(())
     }
 
     /// Appends `records`, in order. No fsync: see the module comment.
@@ -103,13 +187,15 @@ impl UnstableLog {
         // A record cut short by a failure here fails its checksum on
         // replay, which stops there; the next append overwrites it. The
         // data goes from the client's buffer, not through a copy.
+        let total: u64 = records.iter().map(Record::log_len).sum();
+        self.reserve(self.pos + total)?;
         let mut pos = self.pos;
         for r in records {
             let header = encode_header(r)?;
+            let payload = r.change.parts().4;
             self.file.write_all_at(&header, pos)?;
-            self.file
-                .write_all_at(&r.write.data, pos + HEADER_LEN as u64)?;
-            pos += (HEADER_LEN + r.write.data.len()) as u64;
+            self.file.write_all_at(payload, pos + HEADER_LEN as u64)?;
+            pos += (HEADER_LEN + payload.len()) as u64;
         }
         self.pos = pos;
         Ok(())
@@ -122,21 +208,24 @@ impl UnstableLog {
     }
 }
 
-enum LogMsg {
-    Append(
+/// The log, appended to on a thread of its own when a batch is big, so
+/// that the append overlaps with the redb commit of the same batch; a
+/// small batch is appended on the caller's thread (handing it over and
+/// back cost more than the append).
+pub struct LogThread {
+    log: Arc<std::sync::Mutex<UnstableLog>>,
+    queue: std::sync::mpsc::Sender<(
         Vec<Record>,
         std::sync::mpsc::SyncSender<std::io::Result<()>>,
-    ),
-    /// Undo the last append (its transaction failed).
-    Rollback,
-    Reset,
+    )>,
+    /// The same file, for [`LogThread::sync`] without taking the lock.
+    file: File,
+    /// Where the last append started, for [`LogThread::rollback`].
+    before: Arc<std::sync::atomic::AtomicU64>,
 }
 
-/// The log on a thread of its own, so that appending a batch overlaps
-/// with the redb commit of the same batch.
-pub struct LogThread {
-    queue: std::sync::mpsc::Sender<LogMsg>,
-}
+/// Batches with less payload than this are appended in place.
+const APPEND_IN_PLACE: u64 = 256 << 10;
 
 /// An append under way.
 pub struct PendingAppend(std::sync::mpsc::Receiver<std::io::Result<()>>);
@@ -149,32 +238,42 @@ impl PendingAppend {
     }
 }
 
+fn lock_log(log: &std::sync::Mutex<UnstableLog>) -> std::sync::MutexGuard<'_, UnstableLog> {
+    log.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 impl LogThread {
-    pub fn start(mut log: UnstableLog) -> std::io::Result<Self> {
-        let (queue, msgs) = std::sync::mpsc::channel::<LogMsg>();
+    pub fn start(log: UnstableLog) -> std::io::Result<Self> {
+        let file = log.file.try_clone()?;
+        let before = Arc::new(std::sync::atomic::AtomicU64::new(log.pos));
+        let log = Arc::new(std::sync::Mutex::new(log));
+        let (queue, msgs) = std::sync::mpsc::channel::<(Vec<Record>, _)>();
+        let shared = Arc::clone(&log);
+        let mark = Arc::clone(&before);
         std::thread::Builder::new()
             .name("imz-unstable".into())
             .spawn(move || {
-                let mut before = log.pos;
-                for msg in msgs {
-                    match msg {
-                        LogMsg::Append(records, done) => {
-                            before = log.pos;
-                            let _ = done.send(log.append(&records));
-                        }
-                        LogMsg::Rollback => rollback(&mut log, before),
-                        LogMsg::Reset => log.reset(),
-                    }
+                for (records, done) in msgs {
+                    let done: std::sync::mpsc::SyncSender<std::io::Result<()>> = done;
+                    let _ = done.send(append_marking(&shared, &mark, &records));
                 }
             })?;
-        Ok(Self { queue })
+        Ok(Self {
+            log,
+            queue,
+            file,
+            before,
+        })
     }
 
-    /// Starts appending `records`.
+    /// Starts appending `records`. The caller waits for it before it
+    /// appends, rolls back, resets or syncs again.
     pub fn append(&self, records: Vec<Record>) -> PendingAppend {
         let (done, wait) = std::sync::mpsc::sync_channel(1);
-        if let Err(std::sync::mpsc::SendError(LogMsg::Append(_, done))) =
-            self.queue.send(LogMsg::Append(records, done))
+        let payload: u64 = records.iter().map(|r| r.change.data_len()).sum();
+        if payload < APPEND_IN_PLACE {
+            let _ = done.send(append_marking(&self.log, &self.before, &records));
+        } else if let Err(std::sync::mpsc::SendError((_, done))) = self.queue.send((records, done))
         {
             let _ = done.send(Err(std::io::Error::other(
                 "unstable-write log thread stopped",
@@ -185,13 +284,30 @@ impl LogThread {
 
     /// Undoes the last append.
     pub fn rollback(&self) {
-        let _ = self.queue.send(LogMsg::Rollback);
+        let before = self.before.load(std::sync::atomic::Ordering::Acquire);
+        rollback(&mut lock_log(&self.log), before);
     }
 
     /// Starts the log over; everything in it must be durable in the cache.
     pub fn reset(&self) {
-        let _ = self.queue.send(LogMsg::Reset);
+        lock_log(&self.log).reset();
     }
+
+    /// Puts every record appended so far on disk (an NFS COMMIT of writes
+    /// the log holds). The caller must have waited for those appends.
+    pub fn sync(&self) -> std::io::Result<()> {
+        self.file.sync_data()
+    }
+}
+
+fn append_marking(
+    log: &std::sync::Mutex<UnstableLog>,
+    before: &std::sync::atomic::AtomicU64,
+    records: &[Record],
+) -> std::io::Result<()> {
+    let mut log = lock_log(log);
+    before.store(log.pos, std::sync::atomic::Ordering::Release);
+    log.append(records)
 }
 
 /// Undoes the append that started at `before`: its records were for a
@@ -206,20 +322,21 @@ fn rollback(log: &mut UnstableLog, before: u64) {
 }
 
 fn encode_header(r: &Record) -> std::io::Result<[u8; HEADER_LEN]> {
-    let len = u32::try_from(r.write.data.len())
+    let (magic, fid, offset, time, payload) = r.change.parts();
+    let len = u32::try_from(payload.len())
         .ok()
         .filter(|&l| l as usize <= MAX_RECORD)
         .ok_or_else(|| std::io::Error::other("write too large for the unstable log"))?;
     let mut header = [0u8; HEADER_LEN];
-    header[0..4].copy_from_slice(&MAGIC.to_le_bytes());
+    header[0..4].copy_from_slice(&magic.to_le_bytes());
     header[8..16].copy_from_slice(&r.seq.to_le_bytes());
-    header[16..24].copy_from_slice(&r.write.fid.to_le_bytes());
-    header[24..32].copy_from_slice(&r.write.offset.to_le_bytes());
-    header[32..40].copy_from_slice(&r.write.mtime.to_le_bytes());
+    header[16..24].copy_from_slice(&fid.to_le_bytes());
+    header[24..32].copy_from_slice(&offset.to_le_bytes());
+    header[32..40].copy_from_slice(&time.to_le_bytes());
     header[40..44].copy_from_slice(&len.to_le_bytes());
     let mut crc = crc32fast::Hasher::new();
     crc.update(&header[8..]);
-    crc.update(&r.write.data);
+    crc.update(payload);
     let crc = crc.finalize();
     header[4..8].copy_from_slice(&crc.to_le_bytes());
     Ok(header)
@@ -251,7 +368,8 @@ pub fn read(path: &Path) -> std::io::Result<Vec<Record>> {
             b.copy_from_slice(&header[at..at + 4]);
             b
         };
-        if u32::from_le_bytes(word(0)) != MAGIC {
+        let magic = u32::from_le_bytes(word(0));
+        if magic != MAGIC_WRITE && magic != MAGIC_CREATE {
             break;
         }
         let crc = u32::from_le_bytes(word(4));
@@ -271,14 +389,27 @@ pub fn read(path: &Path) -> std::io::Result<Vec<Record>> {
         if check.finalize() != crc {
             break;
         }
+        let (fid, time, data) = (
+            u64::from_le_bytes(field(16)),
+            i64::from_le_bytes(field(32)),
+            Arc::new(data),
+        );
+        let change = match magic {
+            MAGIC_CREATE => Change::Create {
+                fid,
+                now: time,
+                args: data,
+            },
+            _ => Change::Write(UnstableWrite {
+                fid,
+                offset: u64::from_le_bytes(field(24)),
+                mtime: time,
+                data,
+            }),
+        };
         records.push(Record {
             seq: u64::from_le_bytes(field(8)),
-            write: UnstableWrite {
-                fid: u64::from_le_bytes(field(16)),
-                offset: u64::from_le_bytes(field(24)),
-                mtime: i64::from_le_bytes(field(32)),
-                data: Arc::new(data),
-            },
+            change,
         });
     }
     Ok(records)
@@ -301,7 +432,7 @@ pub fn recover(
     cache: &mut Cache,
     dir: &Path,
     boot: Option<&str>,
-    apply: impl Fn(&mut imz_cache::WriteTxn<'_>, &UnstableWrite) -> Result<(), String>,
+    apply: impl Fn(&mut imz_cache::WriteTxn<'_>, &Change) -> Result<(), String>,
 ) -> anyhow::Result<Recovery> {
     use anyhow::Context;
     let path: PathBuf = dir.join(LOG_FILE);
@@ -318,7 +449,19 @@ pub fn recover(
         // Nothing unstable was outstanding: the log holds nothing newer
         // than the durable state.
         None => {}
-        Some(marked) if boot == Some(marked.as_str()) => {
+        Some(marked) => {
+            let same_boot = boot == Some(marked.as_str());
+            if !same_boot {
+                // The page cache is gone: the log holds what a COMMIT
+                // synced, and perhaps more; writes after the last sync may
+                // be lost.
+                tracing::warn!(
+                    then = %marked,
+                    now = boot.unwrap_or("unknown"),
+                    "the system restarted while writes were acknowledged as unstable"
+                );
+                recovery.generation_renewed = true;
+            }
             let records = read(&path).with_context(|| format!("reading {}", path.display()))?;
             // Sequence numbers the next run hands out must be new to the
             // log even where these records are not replayed.
@@ -327,17 +470,21 @@ pub fn recover(
             let mut lost = false;
             for r in records.iter().filter(|r| r.seq > through) {
                 if r.seq != last + 1 {
-                    tracing::error!(
-                        expected = last + 1,
-                        found = r.seq,
-                        "unstable-write log has a gap"
-                    );
+                    // After a system crash the log ends where the disk has
+                    // it: records after a missing one were never synced.
+                    if same_boot {
+                        tracing::error!(
+                            expected = last + 1,
+                            found = r.seq,
+                            "unstable-write log has a gap"
+                        );
+                    }
                     lost = true;
                     break;
                 }
-                if let Err(e) = apply(&mut tx, &r.write) {
-                    tracing::error!(seq = r.seq, fid = r.write.fid, error = %e,
-                        "an unstable write cannot be applied again");
+                if let Err(e) = apply(&mut tx, &r.change) {
+                    tracing::error!(seq = r.seq, fid = r.change.parts().1, error = %e,
+                        "a logged change cannot be applied again");
                     lost = true;
                     break;
                 }
@@ -351,14 +498,6 @@ pub fn recover(
             }
             tx.put_meta_u64(meta::UNSTABLE_SEQ, last)?;
             tx.commit(true)?;
-        }
-        Some(marked) => {
-            tracing::warn!(
-                then = %marked,
-                now = boot.unwrap_or("unknown"),
-                "the system restarted while writes were acknowledged as unstable"
-            );
-            recovery.generation_renewed = true;
         }
     }
     if recovery.generation_renewed {
@@ -436,12 +575,12 @@ mod tests {
     fn rec(seq: u64, data: &[u8]) -> Record {
         Record {
             seq,
-            write: UnstableWrite {
+            change: Change::Write(UnstableWrite {
                 fid: 7,
                 offset: seq * 10,
                 mtime: -5,
                 data: Arc::new(data.to_vec()),
-            },
+            }),
         }
     }
 
@@ -449,19 +588,33 @@ mod tests {
     fn records_read_back_and_a_torn_tail_is_ignored() {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut log = UnstableLog::open(dir.path()).expect("open");
+        let create = Record {
+            seq: 3,
+            change: Change::Create {
+                fid: 1 << 48,
+                now: 12,
+                args: Arc::new(b"{}".to_vec()),
+            },
+        };
         log.append(&[rec(1, b"one"), rec(2, b"")]).expect("append");
-        log.append(&[rec(3, &[9u8; 5000])]).expect("append");
+        log.append(&[create, rec(4, &[9u8; 5000])]).expect("append");
         let path = dir.path().join(LOG_FILE);
         let all = read(&path).expect("read");
-        assert_eq!(all.iter().map(|r| r.seq).collect::<Vec<_>>(), [1, 2, 3]);
-        assert_eq!(all[0].write.data.as_slice(), b"one");
-        assert_eq!((all[2].write.offset, all[2].write.mtime), (30, -5));
+        assert_eq!(all.iter().map(|r| r.seq).collect::<Vec<_>>(), [1, 2, 3, 4]);
+        assert_eq!(all[0].change.parts().4, b"one");
+        assert!(matches!(
+            &all[2].change,
+            Change::Create { fid, now: 12, args } if *fid == 1 << 48 && args.as_slice() == b"{}"
+        ));
+        assert_eq!((all[3].change.parts().2, all[3].change.parts().3), (40, -5));
+        // The file grew ahead of the records, with zeros, which end the log.
+        assert!(std::fs::metadata(&path).expect("len").len() >= GROW_STEP);
 
         // A crash in the middle of the last record.
-        let len = std::fs::metadata(&path).expect("len").len();
         let f = OpenOptions::new().write(true).open(&path).expect("open");
-        f.set_len(len - 100).expect("truncate");
-        assert_eq!(read(&path).expect("read").len(), 2);
+        use std::os::unix::fs::FileExt;
+        f.write_all_at(&[0u8; 100], log.pos - 100).expect("tear");
+        assert_eq!(read(&path).expect("read").len(), 3);
 
         // A damaged byte ends the log there.
         let mut bytes = std::fs::read(&path).expect("bytes");
@@ -527,6 +680,37 @@ mod tests {
         // The shipped store stays; a new one will carry the content as the
         // cache has it.
         assert_eq!(stores(&cache), [(seq, true), (seq + 1, false)]);
+    }
+
+    #[test]
+    fn another_boot_replays_what_the_log_kept_and_still_renews_the_generation() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut cache = Cache::open(dir.path(), 64 << 20).expect("open");
+        let before = cache.generation();
+        let mut tx = cache.write().expect("write");
+        tx.put_meta_u64(meta::UNSTABLE_SEQ, 4).expect("meta");
+        tx.put_meta(meta::UNSTABLE_BOOT, b"boot-a").expect("meta");
+        tx.commit(true).expect("commit");
+        // Records 3 and 4 are in the durable state already; 5 and 6 were
+        // synced by a COMMIT; 8 follows a record the crash lost.
+        let mut log = UnstableLog::open(dir.path()).expect("open");
+        let seqs = [3, 4, 5, 6, 8];
+        log.append(&seqs.map(|s| rec(s, b"data"))).expect("append");
+        drop(log);
+
+        let applied = std::sync::Mutex::new(Vec::new());
+        let recovery = recover(&mut cache, dir.path(), Some("boot-b"), |_, c| {
+            applied.lock().expect("lock").push(c.parts().2);
+            Ok(())
+        })
+        .expect("recover");
+        assert_eq!(applied.into_inner().expect("lock"), [50, 60]);
+        assert_eq!(recovery.replayed, 2);
+        assert!(recovery.generation_renewed);
+        assert!(cache.generation() > before);
+        // The next run's numbers start past everything the log held.
+        let rx = cache.read().expect("read");
+        assert_eq!(rx.meta_u64(meta::UNSTABLE_SEQ).expect("meta"), Some(8));
     }
 
     #[test]

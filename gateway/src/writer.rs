@@ -6,12 +6,19 @@
 //! same file never interleave), and concurrent clients share an fsync
 //! instead of paying one each.
 //!
-//! A change is either *stable* (every metadata change, FILE_SYNC writes):
-//! its reply waits until the commit holding it is on disk; or an *unstable*
-//! write: if nothing in the batch needs more, the batch is committed without
-//! fsync and its writes are appended to the unstable-write log
-//! ([`crate::unstable`]), which survives a crash of this process. A COMMIT
-//! ([`Writer::make_durable`]) or any stable change later makes them durable.
+//! Most changes need a durable redb commit before their reply. Some can
+//! be replayed from the durable state and a record of their own ([`Logged`]:
+//! a new object, a write into a file whose data is all local): if nothing
+//! in the batch needs more, the batch is committed without fsync and its
+//! records are appended to the unstable-write log ([`crate::unstable`]),
+//! which survives a crash of this process. A *stable* one (CREATE, a
+//! FILE_SYNC write) then waits for one fdatasync of that log: a few
+//! sequential pages, where a durable redb commit writes the b-tree pages
+//! every change touched (a few dozen, scattered). An *unstable* write is
+//! answered at once; a COMMIT ([`Writer::make_durable`]) syncs the log.
+//! A durable commit (any other change, 2 s idle, or [`MAX_LOGGED_RECORDS`]
+//! changes or [`MAX_UNSTABLE_BYTES`] written since the last one) puts
+//! everything in redb and starts the log over.
 //!
 //! A mutation must check everything that can fail for a logical reason
 //! (no such name, name exists, no space) before it changes anything, so a
@@ -27,19 +34,27 @@ use std::time::Duration;
 use imz_cache::{Cache, FileId, WriteTxn, meta};
 use tokio::sync::oneshot;
 
-use crate::unstable::{LogThread, Record, UnstableLog, UnstableWrite};
+use crate::unstable::{Change, LogThread, Record, UnstableLog};
 use crate::vfs::VfsError;
 
 /// Most mutations in one transaction.
 const MAX_BATCH: usize = 256;
 /// Most bytes of write payload in one transaction.
 const MAX_BATCH_BYTES: usize = 64 << 20;
-/// Most bytes of unstable writes outstanding: past it, the next commit is
-/// durable (bounds what a crash replays and what sits only in page cache).
+/// Most bytes logged since the last durable commit: past it, the next
+/// commit is durable (bounds what a crash replays and what sits only in
+/// page cache).
 const MAX_UNSTABLE_BYTES: u64 = 128 << 20;
-/// The largest the unstable-write log grows: what may be outstanding, and
-/// one more batch.
-pub const MAX_UNSTABLE_LOG_BYTES: u64 = MAX_UNSTABLE_BYTES + MAX_BATCH_BYTES as u64;
+/// Most changes logged since the last durable commit (what a crash
+/// replays, one by one).
+const MAX_LOGGED_RECORDS: u64 = 16_384;
+/// The largest the unstable-write log grows: what may be logged, one more
+/// batch (its write payload, and for each change a header and a create's
+/// arguments: a name and a symlink's target), and the zeros it grows by.
+pub const MAX_UNSTABLE_LOG_BYTES: u64 = MAX_UNSTABLE_BYTES
+    + MAX_BATCH_BYTES as u64
+    + MAX_BATCH as u64 * (16 << 10)
+    + crate::unstable::GROW_STEP;
 /// After this long without changes, outstanding unstable writes are made
 /// durable, as the kernel would write back dirty pages.
 const IDLE_SETTLE: Duration = Duration::from_secs(2);
@@ -55,12 +70,21 @@ pub enum Committed {
 
 type Reply = Box<dyn FnOnce(Result<Committed, VfsError>) + Send>;
 
+/// A change the unstable-write log can carry in place of a durable commit:
+/// one that replays from the durable state and the log alone.
+pub struct Logged {
+    pub change: Change,
+    /// Its reply says it is on disk: the log is synced before it goes out
+    /// (CREATE, a FILE_SYNC WRITE).
+    pub stable: bool,
+}
+
 /// What a change leaves for the commit.
 struct Outcome {
     /// A storage error: the transaction must not be committed.
     poisoned: bool,
-    /// An unstable write to log; `None` means the change must be durable.
-    unstable: Option<UnstableWrite>,
+    /// The change to log; `None` means it must be committed durably.
+    logged: Option<Logged>,
     reply: Reply,
 }
 
@@ -72,6 +96,8 @@ enum Msg {
         job: Job,
         bytes: usize,
     },
+    /// Put every unstable write acknowledged so far on disk (COMMIT).
+    Sync(oneshot::Sender<Result<(), VfsError>>),
     /// Make everything durable and clear the unstable mark (clean stop).
     Settle(oneshot::Sender<Result<(), VfsError>>),
 }
@@ -84,17 +110,23 @@ pub struct Writer {
     outstanding: Outstanding,
 }
 
-/// Acknowledged unstable writes not yet durable. The writer thread adds
-/// their files before the replies go out and clears them after each
-/// durable commit, so a COMMIT that finds its file absent has nothing to
-/// wait for.
+/// Acknowledged unstable writes not yet on disk. The writer thread adds
+/// their files before the replies go out and clears them after each sync
+/// of the log and each durable commit, so a COMMIT that finds its file
+/// absent has nothing to wait for.
 type Outstanding = Arc<Mutex<OutstandingWrites>>;
 
 #[derive(Debug, Default)]
 struct OutstandingWrites {
     files: HashSet<FileId>,
-    /// Their bytes: past [`MAX_UNSTABLE_BYTES`] the next commit is durable.
+    /// Their bytes.
     bytes: u64,
+    /// Bytes logged since the last durable commit, on disk in the log or
+    /// not: past [`MAX_UNSTABLE_BYTES`] the next commit is durable (what a
+    /// crash replays, and what redb holds in memory).
+    since_durable: u64,
+    /// Changes logged since the last durable commit.
+    records_since_durable: u64,
 }
 
 fn lock(set: &Outstanding) -> std::sync::MutexGuard<'_, OutstandingWrites> {
@@ -141,20 +173,17 @@ impl Writer {
         bytes: usize,
         change: impl FnOnce(&mut WriteTxn<'_>) -> Result<T, VfsError> + Send + 'static,
     ) -> Result<T, VfsError> {
-        self.run_write(bytes, move |tx| change(tx).map(|v| (v, None)))
+        self.run_logged(bytes, move |tx| change(tx).map(|v| (v, None)))
             .await
             .map(|(v, _)| v)
     }
 
-    /// Runs a write that may be acknowledged before it is durable: `change`
-    /// returns the unstable write to log, or `None` when the change needs
-    /// a durable commit. Tells how it was committed.
-    pub async fn run_write<T: Send + 'static>(
+    /// Runs a change the log may carry: `change` returns what to log, or
+    /// `None` when it needs a durable commit. Tells how it was committed.
+    pub async fn run_logged<T: Send + 'static>(
         &self,
         bytes: usize,
-        change: impl FnOnce(&mut WriteTxn<'_>) -> Result<(T, Option<UnstableWrite>), VfsError>
-        + Send
-        + 'static,
+        change: impl FnOnce(&mut WriteTxn<'_>) -> Result<(T, Option<Logged>), VfsError> + Send + 'static,
     ) -> Result<(T, Committed), VfsError> {
         let (tx, rx) = oneshot::channel();
         let job: Job = Box::new(move |txn: Option<&mut WriteTxn<'_>>| {
@@ -165,8 +194,8 @@ impl Writer {
             // A storage failure may have left half a change in the
             // transaction: it must not be committed.
             let poisoned = matches!(result, Err(VfsError::Io(_)));
-            let (result, unstable) = match result {
-                Ok((v, unstable)) => (Ok(v), unstable),
+            let (result, logged) = match result {
+                Ok((v, logged)) => (Ok(v), logged),
                 Err(e) => (Err(e), None),
             };
             let reply: Reply = Box::new(move |commit| {
@@ -174,7 +203,7 @@ impl Writer {
             });
             Outcome {
                 poisoned,
-                unstable,
+                logged,
                 reply,
             }
         });
@@ -198,14 +227,19 @@ impl Writer {
         (o.files.len(), o.bytes)
     }
 
-    /// Makes every write to `fid` acknowledged so far durable (NFS
-    /// COMMIT). Often there is nothing to do: a durable commit since (any
-    /// client's metadata change, say) took them along.
+    /// Puts every write to `fid` acknowledged so far on disk (NFS
+    /// COMMIT). Often there is nothing to do: a durable commit or a sync
+    /// since (any client's metadata change or COMMIT, say) took them along.
     pub async fn make_durable(&self, fid: FileId) -> Result<(), VfsError> {
         if !lock(&self.outstanding).files.contains(&fid) {
             return Ok(());
         }
-        self.run(0, |_| Ok(())).await
+        let (tx, rx) = oneshot::channel();
+        self.queue
+            .send(Msg::Sync(tx))
+            .map_err(|_| VfsError::Io("cache writer stopped".into()))?;
+        rx.await
+            .map_err(|_| VfsError::Io("cache writer stopped".into()))?
     }
 
     /// Makes everything durable and records that no unstable write is
@@ -250,14 +284,18 @@ impl State {
                     Err(_) => return,
                 }
             };
-            let (job, mut bytes) = match first {
-                Msg::Change { job, bytes } => (job, bytes),
+            let (mut batch, mut bytes, mut syncs) = (Vec::new(), 0, Vec::new());
+            match first {
+                Msg::Change { job, bytes: b } => {
+                    batch.push(job);
+                    bytes = b;
+                }
+                Msg::Sync(done) => syncs.push(done),
                 Msg::Settle(done) => {
                     let _ = done.send(self.settle());
                     continue;
                 }
-            };
-            let mut batch = vec![job];
+            }
             let mut settles = Vec::new();
             while batch.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
                 match jobs.try_recv() {
@@ -265,6 +303,8 @@ impl State {
                         bytes += b;
                         batch.push(job);
                     }
+                    // One sync after the batch serves every COMMIT waiting.
+                    Ok(Msg::Sync(done)) => syncs.push(done),
                     Ok(Msg::Settle(done)) => {
                         // After this batch, in queue order.
                         settles.push(done);
@@ -273,7 +313,15 @@ impl State {
                     Err(_) => break,
                 }
             }
-            self.commit_batch(batch);
+            if !batch.is_empty() {
+                self.commit_batch(batch);
+            }
+            if !syncs.is_empty() {
+                let synced = self.sync();
+                for done in syncs {
+                    let _ = done.send(synced.clone());
+                }
+            }
             for done in settles {
                 let _ = done.send(self.settle());
             }
@@ -297,11 +345,15 @@ impl State {
         let mut poisoned = false;
         let mut needs_durable = false;
         let mut records = Vec::new();
+        let mut needs_sync = false;
         for job in batch {
             let outcome = job(Some(&mut txn));
             poisoned |= outcome.poisoned;
-            match outcome.unstable {
-                Some(write) if self.log.is_some() => records.push(Record { seq: 0, write }),
+            match outcome.logged {
+                Some(Logged { change, stable }) if self.log.is_some() => {
+                    needs_sync |= stable;
+                    records.push(Record { seq: 0, change });
+                }
                 _ => needs_durable = true,
             }
             replies.push(outcome.reply);
@@ -315,7 +367,7 @@ impl State {
             }
             return;
         }
-        let outcome = self.commit(txn, needs_durable, &mut records);
+        let outcome = self.commit(txn, needs_durable, needs_sync, &mut records);
         if let Err(e) = &outcome {
             tracing::error!(error = %e, "cache commit failed");
         }
@@ -324,16 +376,17 @@ impl State {
         }
     }
 
-    /// Commits `txn`, durably if `durable` (or if the unstable path cannot
-    /// be taken), else logging `records`.
+    /// Commits `txn`, durably if `durable` (or if the log cannot be used),
+    /// else logging `records`, and syncing the log if `sync`.
     fn commit(
         &mut self,
         txn: WriteTxn<'_>,
         durable: bool,
+        sync: bool,
         records: &mut [Record],
     ) -> Result<Committed, VfsError> {
         let first_seq = self.next_seq;
-        let result = self.try_commit(txn, durable, records);
+        let result = self.try_commit(txn, durable, sync, records);
         if result.is_err() {
             // Those numbers were never used: the log's must stay gapless.
             self.next_seq = first_seq;
@@ -345,9 +398,11 @@ impl State {
         &mut self,
         mut txn: WriteTxn<'_>,
         mut durable: bool,
+        sync: bool,
         records: &mut [Record],
     ) -> Result<Committed, VfsError> {
-        let batch_bytes: u64 = records.iter().map(|r| r.write.data.len() as u64).sum();
+        let batch_bytes: u64 = records.iter().map(|r| r.change.data_len()).sum();
+        let log_bytes: u64 = records.iter().map(Record::log_len).sum();
         if !records.is_empty() {
             for r in records.iter_mut() {
                 r.seq = self.next_seq;
@@ -356,9 +411,13 @@ impl State {
             if let Some(last) = records.last() {
                 txn.put_meta_u64(meta::UNSTABLE_SEQ, last.seq)?;
             }
-            if lock(&self.outstanding).bytes + batch_bytes > MAX_UNSTABLE_BYTES {
+            let o = lock(&self.outstanding);
+            if o.since_durable + log_bytes > MAX_UNSTABLE_BYTES
+                || o.records_since_durable + records.len() as u64 > MAX_LOGGED_RECORDS
+            {
                 durable = true;
             }
+            drop(o);
             if !self.marked && !durable {
                 // The boot id must be on disk before the first unstable
                 // reply: this batch is durable, the next ones need not be.
@@ -390,8 +449,16 @@ impl State {
         match pending.wait() {
             Ok(()) => {
                 let mut o = lock(&self.outstanding);
-                o.files.extend(records.iter().map(|r| r.write.fid));
+                o.files
+                    .extend(records.iter().filter_map(|r| r.change.written_file()));
                 o.bytes += batch_bytes;
+                o.since_durable += log_bytes;
+                o.records_since_durable += records.len() as u64;
+                drop(o);
+                if sync {
+                    self.sync_log()?;
+                    return Ok(Committed::Durable);
+                }
                 Ok(Committed::Unstable)
             }
             Err(e) => {
@@ -410,6 +477,39 @@ impl State {
         // skipped on replay): writing starts over at the beginning.
         if let Some((log, _)) = &self.log {
             log.reset();
+        }
+    }
+
+    /// Puts every unstable write acknowledged so far on disk: an fdatasync
+    /// of the log (start-up recovery replays it on any boot), or, should
+    /// that fail, a durable commit.
+    fn sync(&mut self) -> Result<(), VfsError> {
+        if lock(&self.outstanding).files.is_empty() {
+            return Ok(());
+        }
+        self.sync_log()
+    }
+
+    /// Puts the log on disk as it stands (or, should that fail, makes
+    /// everything durable in redb).
+    fn sync_log(&mut self) -> Result<(), VfsError> {
+        let synced = match &self.log {
+            Some((log, _)) => log.sync(),
+            None => Err(std::io::Error::other("no unstable-write log")),
+        };
+        match synced {
+            Ok(()) => {
+                let mut o = lock(&self.outstanding);
+                o.files.clear();
+                o.bytes = 0;
+                Ok(())
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "unstable-write log sync failed; committing durably");
+                self.cache.write()?.commit(true)?;
+                self.became_durable();
+                Ok(())
+            }
         }
     }
 

@@ -1,7 +1,10 @@
 //! Changes made by clients: create, mkdir, symlink, write, setattr,
 //! remove, rename. Each is applied to the cache and logged in the client
-//! modification log in one durable transaction (see [`crate::writer`]),
-//! whether or not the origin is reachable; the reintegrator ships the log.
+//! modification log in one transaction (see [`crate::writer`]), whether or
+//! not the origin is reachable; the reintegrator ships the log. A new
+//! object and a write into a wholly local file can replay from their
+//! arguments alone, so the unstable-write log carries them to disk
+//! ([`crate::unstable`]); every other change is a durable commit.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -12,8 +15,8 @@ use imz_origin::wire;
 
 use super::{Vfs, VfsError};
 use crate::fetch::{FetchFailure, Target};
-use crate::unstable::UnstableWrite;
-use crate::writer::Committed;
+use crate::unstable::{Change, UnstableWrite};
+use crate::writer::{Committed, Logged};
 
 /// Chunks of origin data one write fetches and holds in memory at most;
 /// more are brought into the cache first, this many at a time.
@@ -28,7 +31,7 @@ pub fn now_nanos() -> i64 {
 }
 
 /// What a new object is.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub enum NewNode {
     File { exclusive: Option<[u8; 8]> },
     Dir,
@@ -138,8 +141,178 @@ pub(crate) fn apply_write(
     Ok(Ok(tx.object(fid)?))
 }
 
+/// A CREATE, MKDIR or SYMLINK, as the writer applies it and as a replay
+/// after a crash applies it again.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub(crate) struct CreateArgs {
+    dir: FileId,
+    name: String,
+    node: NewNode,
+    set: SetAttrs,
+}
+
+/// What [`apply_create`] did.
+pub(crate) struct Made {
+    fid: FileId,
+    obj: Object,
+    /// The name was free: `fid` is a new object.
+    new: bool,
+    /// Anything changed (an UNCHECKED create may truncate an existing file).
+    changed: bool,
+}
+
+/// Creates `args.name` in `args.dir` at time `now`. For a file, an
+/// existing file of that name is returned instead (NFS UNCHECKED; GUARDED
+/// is checked by the NFS layer before), unless the create is exclusive.
+/// A replay passes the fileid the create handed out (`again`): other
+/// commits a crash undid may have handed out ids meanwhile.
+pub(crate) fn apply_create(
+    tx: &mut WriteTxn<'_>,
+    args: &CreateArgs,
+    now: i64,
+    again: Option<FileId>,
+) -> Result<Made, VfsError> {
+    let CreateArgs {
+        dir,
+        name,
+        node,
+        set,
+    } = args;
+    let dir = *dir;
+    let mut dir_obj = live_dir(tx, dir)?;
+    if let Some(existing) = tx.lookup(dir, name)? {
+        let mut obj = tx.object(existing)?;
+        return match &node {
+            NewNode::File {
+                exclusive: Some(verf),
+            } if obj.verifier == Some(*verf) => Ok(Made {
+                fid: existing,
+                obj,
+                new: false,
+                changed: false,
+            }),
+            NewNode::File { exclusive: None } if obj.kind == Kind::File => {
+                // UNCHECKED create of an existing file: like open(O_CREAT), it
+                // may truncate.
+                if let Some(size) = set.size {
+                    set_size(tx, existing, &mut obj, size, now)?;
+                    // Store the object before logging: the log
+                    // updates its references in place.
+                    tx.put(existing, &obj)?;
+                    tx.log(
+                        LogOp::SetAttr {
+                            fid: existing,
+                            set: SetAttrs {
+                                size: Some(size),
+                                ..Default::default()
+                            },
+                        },
+                        now,
+                    )
+                    .map_err(log_err)?;
+                }
+                Ok(Made {
+                    fid: existing,
+                    obj: tx.object(existing)?,
+                    new: false,
+                    changed: true,
+                })
+            }
+            _ => Err(VfsError::Exists),
+        };
+    }
+    let kind = match *node {
+        NewNode::File { .. } => Kind::File,
+        NewNode::Dir => Kind::Dir,
+        NewNode::Symlink { .. } => Kind::Symlink,
+    };
+    let default_mode = match kind {
+        Kind::File => 0o644,
+        Kind::Dir => 0o755,
+        Kind::Symlink => 0o777,
+    };
+    let target = match &node {
+        NewNode::Symlink { target } => Some(target.clone()),
+        _ => None,
+    };
+    let mut attrs = Attrs {
+        size: target.as_ref().map_or(0, |t| t.len() as u64),
+        mode: default_mode,
+        // The NFS layer does not tell us who is calling: new
+        // objects belong to the directory's owner.
+        uid: dir_obj.attrs.uid,
+        gid: dir_obj.attrs.gid,
+        nlink: if kind == Kind::Dir { 2 } else { 1 },
+        atime: now,
+        mtime: now,
+        ctime: now,
+    };
+    let mut set = set.clone();
+    set.size = None;
+    apply_attrs(&mut attrs, &set, now);
+    let obj = Object {
+        target,
+        listed: true,
+        pinned: dir_obj.pinned,
+        verifier: match *node {
+            NewNode::File { exclusive } => exclusive,
+            _ => None,
+        },
+        ..Object::new(kind, dir, name.to_owned(), attrs)
+    };
+    let fid = match again {
+        Some(fid) => {
+            tx.create_as(dir, name, &obj, fid)?;
+            fid
+        }
+        None => tx.create(dir, name, &obj)?,
+    };
+    touch_dir(tx, dir, &mut dir_obj, 1, now)?;
+    tx.log(
+        LogOp::Create {
+            parent: dir,
+            name: name.to_owned(),
+            fid,
+            kind,
+        },
+        now,
+    )
+    .map_err(log_err)?;
+    Ok(Made {
+        fid,
+        obj: tx.object(fid)?,
+        new: true,
+        changed: true,
+    })
+}
+
+/// The log record of a create (`None`, should it not encode: then the
+/// create is committed durably instead).
+fn encode_create(args: &CreateArgs) -> Option<Arc<Vec<u8>>> {
+    serde_json::to_vec(args).ok().map(Arc::new)
+}
+
+/// Replays a change the unstable-write log carried (see
+/// [`crate::unstable`]).
+pub(crate) fn replay_change(tx: &mut WriteTxn<'_>, change: &Change) -> Result<(), String> {
+    match change {
+        Change::Write(w) => replay_write(tx, w),
+        Change::Create { fid, now, args } => {
+            let args: CreateArgs = serde_json::from_slice(args).map_err(|e| e.to_string())?;
+            let made = apply_create(tx, &args, *now, Some(*fid)).map_err(|e| e.to_string())?;
+            if !made.new || made.fid != *fid {
+                return Err(format!(
+                    "{} in directory {} came out as {} (new: {}), not as {fid}",
+                    args.name, args.dir, made.fid, made.new
+                ));
+            }
+            Ok(())
+        }
+    }
+}
+
 /// Replays an unstable write after a crash (see [`crate::unstable`]).
-pub(crate) fn replay_write(tx: &mut WriteTxn<'_>, w: &UnstableWrite) -> Result<(), String> {
+fn replay_write(tx: &mut WriteTxn<'_>, w: &UnstableWrite) -> Result<(), String> {
     let obj = tx
         .get(w.fid)
         .map_err(|e| e.to_string())?
@@ -194,99 +367,33 @@ impl Vfs {
             Ok(_) | Err(VfsError::NotFound) | Err(VfsError::Offline) => {}
             Err(e) => return Err(e),
         }
-        let name = name.to_owned();
-        let result = self
+        let args = CreateArgs {
+            dir,
+            name: name.to_owned(),
+            node,
+            set,
+        };
+        let ((fid, obj, changed), _) = self
             .writer
-            .run(0, move |tx| {
+            .run_logged(0, move |tx| {
                 let now = now_nanos();
-                let mut dir_obj = live_dir(tx, dir)?;
-                if let Some(existing) = tx.lookup(dir, &name)? {
-                    let mut obj = tx.object(existing)?;
-                    return match &node {
-                        NewNode::File {
-                            exclusive: Some(verf),
-                        } if obj.verifier == Some(*verf) => Ok((existing, obj, false)),
-                        NewNode::File { exclusive: None } if obj.kind == Kind::File => {
-                            // UNCHECKED create of an existing file: like open(O_CREAT), it
-                            // may truncate.
-                            if let Some(size) = set.size {
-                                set_size(tx, existing, &mut obj, size, now)?;
-                                // Store the object before logging: the log
-                                // updates its references in place.
-                                tx.put(existing, &obj)?;
-                                tx.log(
-                                    LogOp::SetAttr {
-                                        fid: existing,
-                                        set: SetAttrs {
-                                            size: Some(size),
-                                            ..Default::default()
-                                        },
-                                    },
-                                    now,
-                                )
-                                .map_err(log_err)?;
-                            }
-                            Ok((existing, tx.object(existing)?, true))
-                        }
-                        _ => Err(VfsError::Exists),
-                    };
-                }
-                let kind = match node {
-                    NewNode::File { .. } => Kind::File,
-                    NewNode::Dir => Kind::Dir,
-                    NewNode::Symlink { .. } => Kind::Symlink,
+                let made = apply_create(tx, &args, now, None)?;
+                // A new object replays from its arguments; what an
+                // UNCHECKED create did to an existing file is committed.
+                let logged = match made.new {
+                    true => encode_create(&args).map(|args| Logged {
+                        change: Change::Create {
+                            fid: made.fid,
+                            now,
+                            args,
+                        },
+                        stable: true,
+                    }),
+                    false => None,
                 };
-                let default_mode = match kind {
-                    Kind::File => 0o644,
-                    Kind::Dir => 0o755,
-                    Kind::Symlink => 0o777,
-                };
-                let target = match &node {
-                    NewNode::Symlink { target } => Some(target.clone()),
-                    _ => None,
-                };
-                let mut attrs = Attrs {
-                    size: target.as_ref().map_or(0, |t| t.len() as u64),
-                    mode: default_mode,
-                    // The NFS layer does not tell us who is calling: new
-                    // objects belong to the directory's owner.
-                    uid: dir_obj.attrs.uid,
-                    gid: dir_obj.attrs.gid,
-                    nlink: if kind == Kind::Dir { 2 } else { 1 },
-                    atime: now,
-                    mtime: now,
-                    ctime: now,
-                };
-                let mut set = set;
-                set.size = None;
-                apply_attrs(&mut attrs, &set, now);
-                let obj = Object {
-                    target,
-                    listed: true,
-                    pinned: dir_obj.pinned,
-                    verifier: match node {
-                        NewNode::File { exclusive } => exclusive,
-                        _ => None,
-                    },
-                    ..Object::new(kind, dir, name.clone(), attrs)
-                };
-                let fid = tx.create(dir, &name, &obj)?;
-                touch_dir(tx, dir, &mut dir_obj, 1, now)?;
-                tx.log(
-                    LogOp::Create {
-                        parent: dir,
-                        name: name.clone(),
-                        fid,
-                        kind,
-                    },
-                    now,
-                )
-                .map_err(log_err)?;
-                let obj = tx.object(fid)?;
-                Ok((fid, obj, true))
+                Ok(((made.fid, made.obj, made.changed), logged))
             })
             .await?;
-        let (fid, obj, changed) = result;
         if changed {
             self.changed(fid);
         }
@@ -331,7 +438,7 @@ impl Vfs {
             let have = std::mem::take(&mut fetched);
             let outcome = self
                 .writer
-                .run_write(payload.len(), move |tx| {
+                .run_logged(payload.len(), move |tx| {
                     let now = now_nanos();
                     let obj = tx.get(fid)?.ok_or(VfsError::Stale)?;
                     // A file becoming dirty turns all of its bytes into
@@ -354,14 +461,16 @@ impl Vfs {
                     let fill = |index: u64| have.get(&index).cloned();
                     match apply_write(tx, fid, obj, offset, &payload, now, &fill)? {
                         Ok(obj) => {
-                            let unstable = (stability == Stability::Unstable && replayable)
-                                .then_some(UnstableWrite {
+                            let logged = replayable.then_some(Logged {
+                                change: Change::Write(UnstableWrite {
                                     fid,
                                     offset,
                                     mtime: now,
                                     data: payload,
-                                });
-                            Ok((Ok(obj), unstable))
+                                }),
+                                stable: stability == Stability::Stable,
+                            });
+                            Ok((Ok(obj), logged))
                         }
                         Err(indexes) => Ok((Err((indexes, have)), None)),
                     }
