@@ -350,6 +350,75 @@ async fn acknowledged_writes_survive_kill_9_mid_loop() -> Result {
     Ok(())
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_files_and_their_handles_survive_kill_9_mid_loop() -> Result {
+    // Nothing but the client commits: its creates, writes and COMMITs live
+    // in the unstable-write log until the kill.
+    let mut fx = held_fixture("boot-a")?;
+    let port = fx.port();
+    type Acked = Arc<Mutex<Vec<(u64, nfs3_client::nfs3_types::nfs3::nfs_fh3)>>>;
+    let acked: Acked = Arc::default();
+    let writer = {
+        let acked = Arc::clone(&acked);
+        tokio::spawn(async move {
+            let Ok(mut nfs) = Nfs::mount(port, "/imz").await else {
+                return;
+            };
+            let Ok(dir) = nfs.mkdir(&nfs.root.clone(), "d").await else {
+                return;
+            };
+            for i in 0u64.. {
+                let name = format!("f{i:04}");
+                let body = data::bytes(3000 + i, 1000 + (i as usize % 5) * 3000);
+                let attrs = Attrs::default();
+                let Ok(fh) = nfs.create(&dir, &name, CreateMode::Unchecked, &attrs).await else {
+                    return;
+                };
+                if nfs.write_all(&fh, &body).await.is_err() {
+                    return;
+                }
+                acked.lock().map(|mut a| a.push((i, fh))).ok();
+            }
+        })
+    };
+    let started = Instant::now();
+    while acked.lock().map(|a| a.len()).unwrap_or(0) < 150
+        && started.elapsed() < Duration::from_secs(30)
+    {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    fx.gateway.proc.kill9();
+    writer.abort();
+    let _ = writer.await;
+    let acked = acked.lock().map(|a| a.clone()).unwrap_or_default();
+    assert!(
+        acked.len() >= 150,
+        "only {} files before the kill",
+        acked.len()
+    );
+
+    fx.gateway.restart()?;
+    let mut nfs = Nfs::mount(fx.port(), "/imz").await?;
+    let body = |i: u64| data::bytes(3000 + i, 1000 + (i as usize % 5) * 3000);
+    for (i, fh) in &acked {
+        // The handle the client holds still names the file (a replayed
+        // create keeps its fileid), and so does its name.
+        assert!(nfs.read_all(fh).await? == body(*i), "f{i:04} by handle");
+        let by_name = nfs.lookup_path(&format!("d/f{i:04}")).await?;
+        assert_eq!(&by_name, fh, "f{i:04} has another handle");
+    }
+    fx.gateway.ctl(&["sync"])?;
+    for (i, _) in &acked {
+        await_origin_file(
+            &fx,
+            &format!("d/f{i:04}"),
+            &body(*i),
+            Duration::from_secs(30),
+        )?;
+    }
+    Ok(())
+}
+
 /// A gateway whose reintegrator waits (so nothing but the client's own
 /// requests commits), started as if on boot `boot`.
 fn held_fixture(boot: &str) -> anyhow::Result<Fixture> {
