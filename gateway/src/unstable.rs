@@ -26,11 +26,15 @@
 //! the client reports an error instead of losing data silently).
 //!
 //! Invariants:
-//! - every write appended here was applied, in the same order, to a redb
+//! - every change appended here was applied, in the same order, to a redb
 //!   transaction carrying its sequence number in `UNSTABLE_SEQ`;
-//! - only writes that need nothing but the file's own dirty, local data are
-//!   logged (the writer makes any other change durable), so replaying them
-//!   on the durable state reproduces exactly what was acknowledged.
+//! - only changes whose outcome depends on nothing a crash may undo besides
+//!   what this log holds are logged: not on cached origin data (the
+//!   storer's lazy commits), so a write or a truncation only of a file that
+//!   holds all its data; a create is replayed under the fileid it first
+//!   got (other lazy commits may have handed out ids). The writer makes any
+//!   other change durable, so replaying the log on the durable state
+//!   reproduces exactly what was acknowledged.
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufReader, Read};
@@ -43,8 +47,8 @@ use imz_cache::{Cache, FileId, meta};
 pub const LOG_FILE: &str = "imz-unstable.log";
 /// Record marker of a write, "IMZU".
 const MAGIC_WRITE: u32 = 0x495a_4d55;
-/// Record marker of a create, "IMZC".
-const MAGIC_CREATE: u32 = 0x495a_4d43;
+/// Record marker of any other change, "IMZO".
+const MAGIC_OP: u32 = 0x495a_4d4f;
 /// magic, crc, seq, fid, offset, time, len.
 const HEADER_LEN: usize = 4 + 4 + 8 + 8 + 8 + 8 + 4;
 /// Largest record payload accepted when reading (a WRITE is at most a few
@@ -66,10 +70,11 @@ pub struct UnstableWrite {
 pub enum Change {
     /// A WRITE into a file whose data is all local.
     Write(UnstableWrite),
-    /// A CREATE, MKDIR or SYMLINK of a new object: its arguments, as the
-    /// VFS encodes them, the time it used and the fileid it handed out
-    /// (a replay must hand out the same).
-    Create {
+    /// Any other change that replays from its arguments alone (CREATE,
+    /// MKDIR, SYMLINK, SETATTR, REMOVE, RENAME): its arguments, as the VFS
+    /// encodes them, the time it used, and the fileid it made or changed
+    /// (a replayed create must hand out the same).
+    Op {
         fid: FileId,
         now: i64,
         args: Arc<Vec<u8>>,
@@ -81,7 +86,7 @@ impl Change {
     fn parts(&self) -> (u32, FileId, u64, i64, &[u8]) {
         match self {
             Self::Write(w) => (MAGIC_WRITE, w.fid, w.offset, w.mtime, &w.data),
-            Self::Create { fid, now, args } => (MAGIC_CREATE, *fid, 0, *now, args),
+            Self::Op { fid, now, args } => (MAGIC_OP, *fid, 0, *now, args),
         }
     }
 
@@ -89,7 +94,7 @@ impl Change {
     pub fn data_len(&self) -> u64 {
         match self {
             Self::Write(w) => w.data.len() as u64,
-            Self::Create { .. } => 0,
+            Self::Op { .. } => 0,
         }
     }
 
@@ -97,7 +102,7 @@ impl Change {
     pub fn written_file(&self) -> Option<FileId> {
         match self {
             Self::Write(w) => Some(w.fid),
-            Self::Create { .. } => None,
+            Self::Op { .. } => None,
         }
     }
 }
@@ -369,7 +374,7 @@ pub fn read(path: &Path) -> std::io::Result<Vec<Record>> {
             b
         };
         let magic = u32::from_le_bytes(word(0));
-        if magic != MAGIC_WRITE && magic != MAGIC_CREATE {
+        if magic != MAGIC_WRITE && magic != MAGIC_OP {
             break;
         }
         let crc = u32::from_le_bytes(word(4));
@@ -395,7 +400,7 @@ pub fn read(path: &Path) -> std::io::Result<Vec<Record>> {
             Arc::new(data),
         );
         let change = match magic {
-            MAGIC_CREATE => Change::Create {
+            MAGIC_OP => Change::Op {
                 fid,
                 now: time,
                 args: data,
@@ -590,7 +595,7 @@ mod tests {
         let mut log = UnstableLog::open(dir.path()).expect("open");
         let create = Record {
             seq: 3,
-            change: Change::Create {
+            change: Change::Op {
                 fid: 1 << 48,
                 now: 12,
                 args: Arc::new(b"{}".to_vec()),
@@ -604,7 +609,7 @@ mod tests {
         assert_eq!(all[0].change.parts().4, b"one");
         assert!(matches!(
             &all[2].change,
-            Change::Create { fid, now: 12, args } if *fid == 1 << 48 && args.as_slice() == b"{}"
+            Change::Op { fid, now: 12, args } if *fid == 1 << 48 && args.as_slice() == b"{}"
         ));
         assert_eq!((all[3].change.parts().2, all[3].change.parts().3), (40, -5));
         // The file grew ahead of the records, with zeros, which end the log.

@@ -6,19 +6,20 @@
 //! same file never interleave), and concurrent clients share an fsync
 //! instead of paying one each.
 //!
-//! Most changes need a durable redb commit before their reply. Some can
-//! be replayed from the durable state and a record of their own ([`Logged`]:
-//! a new object, a write into a file whose data is all local): if nothing
-//! in the batch needs more, the batch is committed without fsync and its
-//! records are appended to the unstable-write log ([`crate::unstable`]),
-//! which survives a crash of this process. A *stable* one (CREATE, a
-//! FILE_SYNC write) then waits for one fdatasync of that log: a few
-//! sequential pages, where a durable redb commit writes the b-tree pages
-//! every change touched (a few dozen, scattered). An *unstable* write is
-//! answered at once; a COMMIT ([`Writer::make_durable`]) syncs the log.
-//! A durable commit (any other change, 2 s idle, or [`MAX_LOGGED_RECORDS`]
-//! changes or [`MAX_UNSTABLE_BYTES`] written since the last one) puts
-//! everything in redb and starts the log over.
+//! A change either needs a durable redb commit before its reply, or
+//! replays from the durable state and a record of its own ([`Logged`]: a
+//! create, remove, rename or setattr, a write into a file whose data is
+//! all local). If nothing in the batch needs more, the batch is committed
+//! without fsync and its records are appended to the unstable-write log
+//! ([`crate::unstable`]), which survives a crash of this process. A
+//! *stable* one (all but an UNSTABLE write) then waits for one fdatasync
+//! of that log: a few sequential pages, where a durable redb commit writes
+//! the b-tree pages every change touched (a few dozen, scattered). An
+//! *unstable* write is answered at once; a COMMIT
+//! ([`Writer::make_durable`]) syncs the log. A durable commit (a change
+//! that needs one, 2 s idle, or [`MAX_LOGGED_RECORDS`] changes or
+//! [`MAX_UNSTABLE_BYTES`] logged since the last one) puts everything in
+//! redb and starts the log over.
 //!
 //! A mutation must check everything that can fail for a logical reason
 //! (no such name, name exists, no space) before it changes anything, so a

@@ -519,43 +519,104 @@ async fn a_system_crash_with_unstable_writes_outstanding_changes_the_verifier() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn committed_writes_and_new_files_survive_a_system_crash() -> Result {
+async fn committed_writes_and_namespace_changes_survive_a_system_crash() -> Result {
+    use std::os::unix::fs::PermissionsExt;
     let mut fx = held_fixture("boot-a")?;
     let mut nfs = Nfs::mount(fx.port(), "/imz").await?;
     let (fh, body, _, _) = unstable_file(&mut nfs, "k.bin", 4).await?;
     nfs.commit(&fh).await?;
-    // Files created after it: each CREATE was answered, so each is on disk.
+    // Then every kind of change that is answered as on disk: each must be.
     let root = nfs.root.clone();
-    let mut made = Vec::new();
+    let dir = nfs.mkdir(&root, "d").await?;
     for i in 0..40 {
         let name = format!("n{i:02}");
         let fh = nfs
-            .create(&root, &name, CreateMode::Unchecked, &Attrs::default())
+            .create(&dir, &name, CreateMode::Unchecked, &Attrs::default())
             .await?;
         nfs.write(&fh, 0, name.as_bytes(), Stable::FILE_SYNC)
             .await?;
-        made.push(name);
     }
+    for i in 0..10 {
+        nfs.rename(&dir, &format!("n{i:02}"), &dir, &format!("r{i:02}"))
+            .await?;
+    }
+    nfs.rename(&dir, "n10", &dir, "n11").await?;
+    for i in 12..16 {
+        nfs.remove(&dir, &format!("n{i:02}")).await?;
+    }
+    let mode = Attrs {
+        mode: Some(0o600),
+        ..Attrs::default()
+    };
+    for i in 16..20 {
+        let fh = nfs.lookup(&dir, &format!("n{i:02}")).await?;
+        nfs.setattr(&fh, &mode).await?;
+    }
+    let n20 = nfs.lookup(&dir, "n20").await?;
+    let cut = Attrs {
+        size: Some(2),
+        ..Attrs::default()
+    };
+    nfs.setattr(&n20, &cut).await?;
+    nfs.mkdir(&dir, "e").await?;
+    nfs.rmdir(&dir, "e").await?;
     drop(nfs);
 
-    // Killed and "rebooted" with writes outstanding since the last durable
-    // commit: every change answered as on disk (COMMIT, CREATE, FILE_SYNC)
-    // lives in the unstable-write log, which recovery replays on any boot.
+    let content = |name: &str| -> Vec<u8> {
+        match name {
+            "n11" => b"n10".to_vec(),
+            "n20" => b"n2".to_vec(),
+            r if r.starts_with('r') => format!("n{}", &r[1..]).into_bytes(),
+            n => n.as_bytes().to_vec(),
+        }
+    };
+    let mut want: Vec<String> = (0..10).map(|i| format!("r{i:02}")).collect();
+    want.push("n11".into());
+    want.extend((16..40).map(|i| format!("n{i:02}")));
+    want.sort();
+
+    // Killed and "rebooted" with all of it since the last durable commit:
+    // it lives in the unstable-write log, which recovery replays on any
+    // boot.
     fx.gateway.set_env("IMZ_TEST_BOOT_ID", "boot-b");
     fx.gateway.restart()?;
     let mut nfs = Nfs::mount(fx.port(), "/imz").await?;
     let fresh = nfs.lookup_path("k.bin").await?;
     assert!(nfs.read_all(&fresh).await? == body, "committed writes lost");
-    for name in &made {
-        let fh = nfs.lookup_path(name).await?;
-        assert_eq!(nfs.read_all(&fh).await?, name.as_bytes(), "{name}");
+    let dir = nfs.lookup_path("d").await?;
+    let mut names: Vec<String> = nfs
+        .readdir(&dir, 64 << 10)
+        .await?
+        .into_iter()
+        .map(|(n, _)| n)
+        .filter(|n| n != "." && n != "..")
+        .collect();
+    names.sort();
+    assert_eq!(names, want);
+    for name in &want {
+        let fh = nfs.lookup(&dir, name).await?;
+        assert_eq!(nfs.read_all(&fh).await?, content(name), "{name}");
+        let expected = if ("n16".."n20").contains(&name.as_str()) {
+            0o600
+        } else {
+            0o644
+        };
+        assert_eq!(nfs.getattr(&fh).await?.mode & 0o777, expected, "{name}");
     }
-    // And on to the origin, each once.
+    // And on to the origin, as they are.
     fx.gateway.ctl(&["sync"])?;
     await_origin_file(&fx, "k.bin", &body, Duration::from_secs(30))?;
-    for name in &made {
-        await_origin_file(&fx, name, name.as_bytes(), Duration::from_secs(30))?;
+    for name in &want {
+        await_origin_file(
+            &fx,
+            &format!("d/{name}"),
+            &content(name),
+            Duration::from_secs(30),
+        )?;
     }
+    assert_eq!(origin_names(&fx, "d")?, want);
+    let n16 = std::fs::metadata(fx.origin_path("d/n16"))?;
+    assert_eq!(n16.permissions().mode() & 0o777, 0o600);
     Ok(())
 }
 

@@ -1,10 +1,10 @@
 //! Changes made by clients: create, mkdir, symlink, write, setattr,
 //! remove, rename. Each is applied to the cache and logged in the client
 //! modification log in one transaction (see [`crate::writer`]), whether or
-//! not the origin is reachable; the reintegrator ships the log. A new
-//! object and a write into a wholly local file can replay from their
-//! arguments alone, so the unstable-write log carries them to disk
-//! ([`crate::unstable`]); every other change is a durable commit.
+//! not the origin is reachable; the reintegrator ships the log. A change
+//! that replays from its arguments alone ([`Op`], and a write into a file
+//! holding all its data) reaches the disk in the unstable-write log
+//! ([`crate::unstable`]); any other is a durable commit.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -286,21 +286,58 @@ pub(crate) fn apply_create(
     })
 }
 
-/// The log record of a create (`None`, should it not encode: then the
-/// create is committed durably instead).
-fn encode_create(args: &CreateArgs) -> Option<Arc<Vec<u8>>> {
-    serde_json::to_vec(args).ok().map(Arc::new)
+/// A change other than a WRITE that replays from its arguments alone, on
+/// the state it first met: what the unstable-write log carries for it.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub(crate) enum Op {
+    Create(CreateArgs),
+    SetAttr {
+        fid: FileId,
+        set: SetAttrs,
+    },
+    Remove {
+        dir: FileId,
+        name: String,
+    },
+    Rename {
+        from_dir: FileId,
+        from_name: String,
+        fid: FileId,
+        to_dir: FileId,
+        to_name: String,
+    },
+}
+
+impl Op {
+    /// Its log record, synced before the reply (`None`, should it not
+    /// encode: then the change is committed durably instead). `fid` is the
+    /// object it made or changed.
+    fn logged(&self, fid: FileId, now: i64) -> Option<Logged> {
+        let args = serde_json::to_vec(self).ok()?;
+        Some(Logged {
+            change: Change::Op {
+                fid,
+                now,
+                args: Arc::new(args),
+            },
+            stable: true,
+        })
+    }
 }
 
 /// Replays a change the unstable-write log carried (see
 /// [`crate::unstable`]).
 pub(crate) fn replay_change(tx: &mut WriteTxn<'_>, change: &Change) -> Result<(), String> {
-    match change {
-        Change::Write(w) => replay_write(tx, w),
-        Change::Create { fid, now, args } => {
-            let args: CreateArgs = serde_json::from_slice(args).map_err(|e| e.to_string())?;
-            let made = apply_create(tx, &args, *now, Some(*fid)).map_err(|e| e.to_string())?;
-            if !made.new || made.fid != *fid {
+    let (fid, now, args) = match change {
+        Change::Write(w) => return replay_write(tx, w),
+        Change::Op { fid, now, args } => (*fid, *now, args),
+    };
+    let op: Op = serde_json::from_slice(args).map_err(|e| e.to_string())?;
+    let failed = |e: VfsError| e.to_string();
+    match &op {
+        Op::Create(args) => {
+            let made = apply_create(tx, args, now, Some(fid)).map_err(failed)?;
+            if !made.new || made.fid != fid {
                 return Err(format!(
                     "{} in directory {} came out as {} (new: {}), not as {fid}",
                     args.name, args.dir, made.fid, made.new
@@ -308,6 +345,15 @@ pub(crate) fn replay_change(tx: &mut WriteTxn<'_>, change: &Change) -> Result<()
             }
             Ok(())
         }
+        Op::SetAttr { fid, set } => apply_setattr(tx, *fid, set, now).map(drop).map_err(failed),
+        Op::Remove { dir, name } => apply_remove(tx, *dir, name, now).map_err(failed),
+        Op::Rename {
+            from_dir,
+            from_name,
+            fid,
+            to_dir,
+            to_name,
+        } => apply_rename(tx, *from_dir, from_name, *fid, *to_dir, to_name, now).map_err(failed),
     }
 }
 
@@ -381,14 +427,7 @@ impl Vfs {
                 // A new object replays from its arguments; what an
                 // UNCHECKED create did to an existing file is committed.
                 let logged = match made.new {
-                    true => encode_create(&args).map(|args| Logged {
-                        change: Change::Create {
-                            fid: made.fid,
-                            now,
-                            args,
-                        },
-                        stable: true,
-                    }),
+                    true => Op::Create(args).logged(made.fid, now),
                     false => None,
                 };
                 Ok(((made.fid, made.obj, made.changed), logged))
@@ -454,10 +493,10 @@ impl Vfs {
                     {
                         return Err(VfsError::NoSpace);
                     }
-                    // Only a write into a file that is already dirty (all
-                    // of it local and durable) and needs no fetched bytes
-                    // can be replayed from the unstable-write log alone.
-                    let replayable = obj.is_dirty() && have.is_empty();
+                    // Only a write into a file that holds all of its data
+                    // (none left at the origin: chunks the storer cached may
+                    // not survive a crash) can replay from the log alone.
+                    let replayable = obj.origin_extent == 0 && have.is_empty();
                     let fill = |index: u64| have.get(&index).cloned();
                     match apply_write(tx, fid, obj, offset, &payload, now, &fill)? {
                         Ok(obj) => {
@@ -580,28 +619,21 @@ impl Vfs {
     /// Changes attributes (size included).
     pub async fn setattr(&self, fid: FileId, set: SetAttrs) -> Result<Object, VfsError> {
         self.writable()?;
-        let obj = self
+        let (obj, _) = self
             .writer
-            .run(0, move |tx| {
+            .run_logged(0, move |tx| {
                 let now = now_nanos();
-                let mut obj = tx.get(fid)?.ok_or(VfsError::Stale)?;
-                if set.size.is_some() && obj.kind != Kind::File {
-                    return Err(if obj.kind == Kind::Dir {
-                        VfsError::IsDir
-                    } else {
-                        VfsError::Invalid("size of a symlink".into())
-                    });
-                }
-                if set.is_empty() {
-                    return Ok(obj);
-                }
-                if let Some(size) = set.size {
-                    set_size(tx, fid, &mut obj, size, now)?;
-                }
-                apply_attrs(&mut obj.attrs, &set, now);
-                tx.put(fid, &obj)?;
-                tx.log(LogOp::SetAttr { fid, set }, now).map_err(log_err)?;
-                Ok(tx.object(fid)?)
+                // A new size of a file with data left at the origin is
+                // committed: its replay could not tell which of those bytes
+                // were cached.
+                let replayable =
+                    set.size.is_none() || tx.get(fid)?.is_some_and(|o| o.origin_extent == 0);
+                let obj = apply_setattr(tx, fid, &set, now)?;
+                let logged = match replayable && !set.is_empty() {
+                    true => Op::SetAttr { fid, set }.logged(fid, now),
+                    false => None,
+                };
+                Ok((obj, logged))
             })
             .await?;
         self.changed(fid);
@@ -622,27 +654,10 @@ impl Vfs {
         }
         let name = name.to_owned();
         self.writer
-            .run(0, move |tx| {
+            .run_logged(0, move |tx| {
                 let now = now_nanos();
-                let mut dir_obj = live_dir(tx, dir)?;
-                let fid = tx.lookup(dir, &name)?.ok_or(VfsError::NotFound)?;
-                let obj = tx.object(fid)?;
-                if obj.kind == Kind::Dir && !tx.entries(fid, 0, 1)?.is_empty() {
-                    return Err(VfsError::NotEmpty);
-                }
-                tx.unlink(dir, &name)?;
-                unlink_object(tx, fid, now)?;
-                touch_dir(tx, dir, &mut dir_obj, -1, now)?;
-                tx.log(
-                    LogOp::Remove {
-                        parent: dir,
-                        name,
-                        fid,
-                    },
-                    now,
-                )
-                .map_err(log_err)?;
-                Ok(())
+                apply_remove(tx, dir, &name, now)?;
+                Ok(((), Op::Remove { dir, name }.logged(fid, now)))
             })
             .await?;
         self.log_changed.notify_one();
@@ -679,90 +694,169 @@ impl Vfs {
         }
         let (from_name, to_name) = (from_name.to_owned(), to_name.to_owned());
         self.writer
-            .run(0, move |tx| {
+            .run_logged(0, move |tx| {
                 let now = now_nanos();
-                let mut from_obj = live_dir(tx, from_dir)?;
-                live_dir(tx, to_dir)?;
-                if tx.lookup(from_dir, &from_name)? != Some(fid) {
-                    return Err(VfsError::NotFound);
-                }
-                let mut obj = tx.object(fid)?;
-                if obj.kind == Kind::Dir && is_ancestor(tx, fid, to_dir)? {
-                    return Err(VfsError::Invalid(
-                        "cannot move a directory into itself".into(),
-                    ));
-                }
-                let replaced = match tx.lookup(to_dir, &to_name)? {
-                    Some(target) if target == fid => return Ok(()),
-                    Some(target) => {
-                        let t = tx.object(target)?;
-                        match (obj.kind == Kind::Dir, t.kind == Kind::Dir) {
-                            (true, false) => return Err(VfsError::NotDir),
-                            (false, true) => return Err(VfsError::IsDir),
-                            (true, true) if !tx.entries(target, 0, 1)?.is_empty() => {
-                                return Err(VfsError::Exists);
-                            }
-                            _ => {}
-                        }
-                        Some(target)
-                    }
-                    None => None,
-                };
-                tx.unlink(from_dir, &from_name)?;
-                touch_dir(tx, from_dir, &mut from_obj, -1, now)?;
-                let replaced = match replaced {
-                    Some(target) => {
-                        tx.unlink(to_dir, &to_name)?;
-                        unlink_object(tx, target, now)?;
-                        if tx.get(target)?.is_some_and(|t| t.is_local()) {
-                            // The origin never had it: its history just goes.
-                            tx.log(
-                                LogOp::Remove {
-                                    parent: to_dir,
-                                    name: to_name.clone(),
-                                    fid: target,
-                                },
-                                now,
-                            )
-                            .map_err(log_err)?;
-                            None
-                        } else {
-                            Some(target)
-                        }
-                    }
-                    None => None,
-                };
-                tx.link(to_dir, &to_name, fid)?;
-                let mut to_obj = live_dir(tx, to_dir)?;
-                touch_dir(
-                    tx,
+                apply_rename(tx, from_dir, &from_name, fid, to_dir, &to_name, now)?;
+                let op = Op::Rename {
+                    from_dir,
+                    from_name,
+                    fid,
                     to_dir,
-                    &mut to_obj,
-                    if replaced.is_some() { 0 } else { 1 },
-                    now,
-                )?;
-                obj.parent = to_dir;
-                obj.name = to_name.clone();
-                obj.attrs.ctime = now;
-                tx.put(fid, &obj)?;
-                tx.log(
-                    LogOp::Rename {
-                        from_parent: from_dir,
-                        from_name,
-                        fid,
-                        to_parent: to_dir,
-                        to_name,
-                        replaced,
-                    },
-                    now,
-                )
-                .map_err(log_err)?;
-                Ok(())
+                    to_name,
+                };
+                Ok(((), op.logged(fid, now)))
             })
             .await?;
         self.log_changed.notify_one();
         Ok(())
     }
+}
+
+/// SETATTR of `fid` at time `now`.
+fn apply_setattr(
+    tx: &mut WriteTxn<'_>,
+    fid: FileId,
+    set: &SetAttrs,
+    now: i64,
+) -> Result<Object, VfsError> {
+    let mut obj = tx.get(fid)?.ok_or(VfsError::Stale)?;
+    if set.size.is_some() && obj.kind != Kind::File {
+        return Err(if obj.kind == Kind::Dir {
+            VfsError::IsDir
+        } else {
+            VfsError::Invalid("size of a symlink".into())
+        });
+    }
+    if set.is_empty() {
+        return Ok(obj);
+    }
+    if let Some(size) = set.size {
+        set_size(tx, fid, &mut obj, size, now)?;
+    }
+    apply_attrs(&mut obj.attrs, set, now);
+    tx.put(fid, &obj)?;
+    tx.log(
+        LogOp::SetAttr {
+            fid,
+            set: set.clone(),
+        },
+        now,
+    )
+    .map_err(log_err)?;
+    Ok(tx.object(fid)?)
+}
+
+/// REMOVE or RMDIR of `dir/name` at time `now`.
+fn apply_remove(tx: &mut WriteTxn<'_>, dir: FileId, name: &str, now: i64) -> Result<(), VfsError> {
+    let mut dir_obj = live_dir(tx, dir)?;
+    let fid = tx.lookup(dir, name)?.ok_or(VfsError::NotFound)?;
+    let obj = tx.object(fid)?;
+    if obj.kind == Kind::Dir && !tx.entries(fid, 0, 1)?.is_empty() {
+        return Err(VfsError::NotEmpty);
+    }
+    tx.unlink(dir, name)?;
+    unlink_object(tx, fid, now)?;
+    touch_dir(tx, dir, &mut dir_obj, -1, now)?;
+    tx.log(
+        LogOp::Remove {
+            parent: dir,
+            name: name.to_owned(),
+            fid,
+        },
+        now,
+    )
+    .map_err(log_err)?;
+    Ok(())
+}
+
+/// RENAME of `from_dir/from_name` (which must still be `fid`) to
+/// `to_dir/to_name` at time `now`, replacing a compatible object there.
+fn apply_rename(
+    tx: &mut WriteTxn<'_>,
+    from_dir: FileId,
+    from_name: &str,
+    fid: FileId,
+    to_dir: FileId,
+    to_name: &str,
+    now: i64,
+) -> Result<(), VfsError> {
+    let mut from_obj = live_dir(tx, from_dir)?;
+    live_dir(tx, to_dir)?;
+    if tx.lookup(from_dir, from_name)? != Some(fid) {
+        return Err(VfsError::NotFound);
+    }
+    let mut obj = tx.object(fid)?;
+    if obj.kind == Kind::Dir && is_ancestor(tx, fid, to_dir)? {
+        return Err(VfsError::Invalid(
+            "cannot move a directory into itself".into(),
+        ));
+    }
+    let replaced = match tx.lookup(to_dir, to_name)? {
+        Some(target) if target == fid => return Ok(()),
+        Some(target) => {
+            let t = tx.object(target)?;
+            match (obj.kind == Kind::Dir, t.kind == Kind::Dir) {
+                (true, false) => return Err(VfsError::NotDir),
+                (false, true) => return Err(VfsError::IsDir),
+                (true, true) if !tx.entries(target, 0, 1)?.is_empty() => {
+                    return Err(VfsError::Exists);
+                }
+                _ => {}
+            }
+            Some(target)
+        }
+        None => None,
+    };
+    tx.unlink(from_dir, from_name)?;
+    touch_dir(tx, from_dir, &mut from_obj, -1, now)?;
+    let replaced = match replaced {
+        Some(target) => {
+            tx.unlink(to_dir, to_name)?;
+            unlink_object(tx, target, now)?;
+            if tx.get(target)?.is_some_and(|t| t.is_local()) {
+                // The origin never had it: its history just goes.
+                tx.log(
+                    LogOp::Remove {
+                        parent: to_dir,
+                        name: to_name.to_owned(),
+                        fid: target,
+                    },
+                    now,
+                )
+                .map_err(log_err)?;
+                None
+            } else {
+                Some(target)
+            }
+        }
+        None => None,
+    };
+    tx.link(to_dir, to_name, fid)?;
+    let mut to_obj = live_dir(tx, to_dir)?;
+    touch_dir(
+        tx,
+        to_dir,
+        &mut to_obj,
+        if replaced.is_some() { 0 } else { 1 },
+        now,
+    )?;
+    obj.parent = to_dir;
+    obj.name = to_name.to_owned();
+    obj.attrs.ctime = now;
+    tx.put(fid, &obj)?;
+    tx.log(
+        LogOp::Rename {
+            from_parent: from_dir,
+            from_name: from_name.to_owned(),
+            fid,
+            to_parent: to_dir,
+            to_name: to_name.to_owned(),
+            replaced,
+        },
+        now,
+    )
+    .map_err(log_err)?;
+    Ok(())
 }
 
 /// Marks `fid` removed (its entry is already gone); its data goes.
