@@ -76,7 +76,7 @@ type Reply = Box<dyn FnOnce(Result<Committed, VfsError>) + Send>;
 pub struct Logged {
     pub change: Change,
     /// Its reply says it is on disk: the log is synced before it goes out
-    /// (CREATE, a FILE_SYNC WRITE).
+    /// (every change but an UNSTABLE WRITE).
     pub stable: bool,
 }
 
