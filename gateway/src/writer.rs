@@ -235,20 +235,23 @@ impl Writer {
         if !lock(&self.outstanding).files.contains(&fid) {
             return Ok(());
         }
-        let (tx, rx) = oneshot::channel();
-        self.queue
-            .send(Msg::Sync(tx))
-            .map_err(|_| VfsError::Io("cache writer stopped".into()))?;
-        rx.await
-            .map_err(|_| VfsError::Io("cache writer stopped".into()))?
+        self.ask(Msg::Sync).await
     }
 
     /// Makes everything durable and records that no unstable write is
     /// outstanding (before a clean stop).
     pub async fn settle(&self) -> Result<(), VfsError> {
+        self.ask(Msg::Settle).await
+    }
+
+    /// Sends the writer thread a request and waits for its answer.
+    async fn ask(
+        &self,
+        request: impl FnOnce(oneshot::Sender<Result<(), VfsError>>) -> Msg,
+    ) -> Result<(), VfsError> {
         let (tx, rx) = oneshot::channel();
         self.queue
-            .send(Msg::Settle(tx))
+            .send(request(tx))
             .map_err(|_| VfsError::Io("cache writer stopped".into()))?;
         rx.await
             .map_err(|_| VfsError::Io("cache writer stopped".into()))?
@@ -464,8 +467,7 @@ impl State {
             }
             Err(e) => {
                 tracing::warn!(error = %e, "unstable-write log append failed; committing durably");
-                self.cache.write()?.commit(true)?;
-                self.became_durable();
+                self.commit_durably()?;
                 Ok(Committed::Durable)
             }
         }
@@ -507,11 +509,17 @@ impl State {
             }
             Err(e) => {
                 tracing::warn!(error = %e, "unstable-write log sync failed; committing durably");
-                self.cache.write()?.commit(true)?;
-                self.became_durable();
-                Ok(())
+                self.commit_durably()
             }
         }
+    }
+
+    /// Makes everything committed so far durable in redb: what the log
+    /// could not put on disk.
+    fn commit_durably(&mut self) -> Result<(), VfsError> {
+        self.cache.write()?.commit(true)?;
+        self.became_durable();
+        Ok(())
     }
 
     /// Makes everything durable and clears the unstable mark.

@@ -295,6 +295,28 @@ async fn offline_writes_survive_gateway_kill_and_reintegrate() -> Result {
     Ok(())
 }
 
+/// Kills the gateway with -9 once the client loop `writer` has `at_least`
+/// acknowledged changes in `acked` (or after 30 s), stops the loop, and
+/// returns what was acknowledged.
+async fn kill_when_acked<T: Clone>(
+    fx: &mut Fixture,
+    acked: &Mutex<Vec<T>>,
+    at_least: usize,
+    writer: tokio::task::JoinHandle<()>,
+) -> Vec<T> {
+    let started = Instant::now();
+    while acked.lock().map(|a| a.len()).unwrap_or(0) < at_least
+        && started.elapsed() < Duration::from_secs(30)
+    {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    fx.gateway.proc.kill9();
+    // The client may not notice the dead server promptly; it has done its part.
+    writer.abort();
+    let _ = writer.await;
+    acked.lock().map(|a| a.clone()).unwrap_or_default()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_writes_survive_kill_9_mid_loop() -> Result {
     let mut fx = quick_fixture(|_| Ok(()))?;
@@ -317,17 +339,7 @@ async fn acknowledged_writes_survive_kill_9_mid_loop() -> Result {
             }
         })
     };
-    let started = Instant::now();
-    while acked.lock().map(|a| a.len()).unwrap_or(0) < 40
-        && started.elapsed() < Duration::from_secs(30)
-    {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    fx.gateway.proc.kill9();
-    // The client may not notice the dead server promptly; it has done its part.
-    writer.abort();
-    let _ = writer.await;
-    let acked = acked.lock().map(|a| a.clone()).unwrap_or_default();
+    let acked = kill_when_acked(&mut fx, &acked, 40, writer).await;
     assert!(
         acked.len() >= 40,
         "only {} writes before the kill",
@@ -381,16 +393,7 @@ async fn new_files_and_their_handles_survive_kill_9_mid_loop() -> Result {
             }
         })
     };
-    let started = Instant::now();
-    while acked.lock().map(|a| a.len()).unwrap_or(0) < 150
-        && started.elapsed() < Duration::from_secs(30)
-    {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    fx.gateway.proc.kill9();
-    writer.abort();
-    let _ = writer.await;
-    let acked = acked.lock().map(|a| a.clone()).unwrap_or_default();
+    let acked = kill_when_acked(&mut fx, &acked, 150, writer).await;
     assert!(
         acked.len() >= 150,
         "only {} files before the kill",

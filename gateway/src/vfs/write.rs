@@ -114,7 +114,7 @@ pub enum Stability {
 /// logs the store, with `now` as its mtime. Chunks of origin data the write
 /// needs come from `fill`; the ones it lacks are returned instead, with
 /// nothing changed. Shared by WRITE and by the replay of unstable writes.
-pub(crate) fn apply_write(
+fn apply_write(
     tx: &mut WriteTxn<'_>,
     fid: FileId,
     mut obj: Object,
@@ -144,7 +144,7 @@ pub(crate) fn apply_write(
 /// A CREATE, MKDIR or SYMLINK, as the writer applies it and as a replay
 /// after a crash applies it again.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub(crate) struct CreateArgs {
+struct CreateArgs {
     dir: FileId,
     name: String,
     node: NewNode,
@@ -152,7 +152,7 @@ pub(crate) struct CreateArgs {
 }
 
 /// What [`apply_create`] did.
-pub(crate) struct Made {
+struct Made {
     fid: FileId,
     obj: Object,
     /// The name was free: `fid` is a new object.
@@ -166,7 +166,7 @@ pub(crate) struct Made {
 /// is checked by the NFS layer before), unless the create is exclusive.
 /// A replay passes the fileid the create handed out (`again`): other
 /// commits a crash undid may have handed out ids meanwhile.
-pub(crate) fn apply_create(
+fn apply_create(
     tx: &mut WriteTxn<'_>,
     args: &CreateArgs,
     now: i64,
@@ -289,7 +289,7 @@ pub(crate) fn apply_create(
 /// A change other than a WRITE that replays from its arguments alone, on
 /// the state it first met: what the unstable-write log carries for it.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub(crate) enum Op {
+enum Op {
     Create(CreateArgs),
     SetAttr {
         fid: FileId,
