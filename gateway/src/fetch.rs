@@ -113,6 +113,9 @@ struct StoreJob {
     /// This chunk's place among the unstored ones, given back once the
     /// storer is done with it (none for a hole: it holds no memory).
     _unstored: Option<OwnedSemaphorePermit>,
+    /// Fetched for a client's READ (demanded or read ahead), not for a
+    /// fill: kept in memory until read (`imz_cache` chunk memo).
+    for_reader: bool,
 }
 
 /// Per-file read pattern, for readahead.
@@ -246,7 +249,7 @@ impl Fetcher {
             }
         }
         for run in runs(to_fetch, u64::MAX) {
-            self.spawn_run(*target, run, None);
+            self.spawn_run(*target, run, None, !unstored);
         }
         waits
     }
@@ -309,7 +312,7 @@ impl Fetcher {
             // to its first part.
             let mut permit = Some(permit);
             for part in runs(claimed, READAHEAD_RUN) {
-                self.spawn_run(*target, part, permit.take());
+                self.spawn_run(*target, part, permit.take(), true);
             }
         }
     }
@@ -386,6 +389,7 @@ impl Fetcher {
         target: Target,
         run: Vec<(u64, watch::Sender<SlotState>)>,
         permit: Option<tokio::sync::OwnedSemaphorePermit>,
+        for_reader: bool,
     ) {
         use tracing::Instrument;
         let inner = Arc::clone(&self.inner);
@@ -400,7 +404,7 @@ impl Fetcher {
         tokio::spawn(
             async move {
                 let _permit = permit;
-                fetch_run(&inner, target, run).await;
+                fetch_run(&inner, target, run, for_reader).await;
             }
             .instrument(span),
         );
@@ -465,7 +469,12 @@ fn runs<T>(mut slots: Vec<(u64, T)>, max: u64) -> Vec<Vec<(u64, T)>> {
 }
 
 /// Fetches one run of consecutive chunks with one Range request.
-async fn fetch_run(inner: &Arc<Inner>, target: Target, run: Vec<(u64, watch::Sender<SlotState>)>) {
+async fn fetch_run(
+    inner: &Arc<Inner>,
+    target: Target,
+    run: Vec<(u64, watch::Sender<SlotState>)>,
+    for_reader: bool,
+) {
     let (Some(first), Some(last)) = (run.first().map(|r| r.0), run.last().map(|r| r.0)) else {
         return;
     };
@@ -486,6 +495,7 @@ async fn fetch_run(inner: &Arc<Inner>, target: Target, run: Vec<(u64, watch::Sen
                     key: (target.fid, target.version, index),
                     bytes: Bytes::new(),
                     _unstored: None,
+                    for_reader,
                 };
                 if inner.store.send(job).await.is_err() {
                     break;
@@ -540,6 +550,7 @@ async fn fetch_run(inner: &Arc<Inner>, target: Target, run: Vec<(u64, watch::Sen
                             key: (target.fid, target.version, index),
                             bytes: chunk,
                             _unstored: Some(unstored),
+                            for_reader,
                         };
                         if inner.store.send(job).await.is_err() {
                             failure = Some(FetchFailure::Io("cache storer stopped".into()));
@@ -689,7 +700,12 @@ fn store_batch(cache: &Cache, batch: &[StoreJob], durable: bool) -> imz_cache::R
         if !current || obj.is_dirty() || chunk::start_of(index) >= obj.origin_extent {
             continue;
         }
-        if !tx.has_chunk(fid, index)? {
+        if tx.has_chunk(fid, index)? {
+            continue;
+        }
+        if job.for_reader {
+            tx.put_fetched_chunk(fid, index, job.bytes.clone())?;
+        } else {
             tx.put_chunk(fid, index, &job.bytes)?;
         }
     }
