@@ -58,10 +58,11 @@ pub(crate) type ChunkGuard = Arc<ChunkBytes>;
 /// the ones preloaded after it, for several readers at once.
 pub const CAPACITY: usize = 12;
 
-/// Fetched chunks kept until read: as many as readahead runs ahead of one
-/// reader (`fetch::MAX_READAHEAD_CHUNKS` in the gateway). More push out
-/// the oldest, which then come from redb.
-pub const FETCHED_CAPACITY: usize = 32;
+/// Fetched chunks kept until read. More push out the oldest, which then
+/// come from redb. The gateway counts them against its bound on fetched
+/// chunks in memory (`fetch::MAX_UNSTORED`, 48), and leaves the rest of it
+/// to transfers: readahead then runs as far ahead of a reader as this.
+pub const FETCHED_CAPACITY: usize = 24;
 
 pub(crate) struct ChunkMemo {
     epoch: u64,

@@ -15,9 +15,11 @@
 //!
 //! Memory stays bounded whatever the file size and however many transfers
 //! run: a chunk takes one of [`MAX_UNSTORED`] places before its first byte
-//! is kept and gives it back once the storer is done with it, so when redb
-//! falls behind, transfers wait (and the readers waiting on them: the disk
-//! sets the pace, as the kernel's dirty-page throttling does).
+//! is kept and gives it back once the storer is done with it (a chunk
+//! fetched for a READ, kept in the cache's chunk memo until read, once it
+//! is read or pushed out of there), so when redb falls behind, transfers
+//! wait (and the readers waiting on them: the disk sets the pace, as the
+//! kernel's dirty-page throttling does).
 //!
 //! A range that is wholly a hole of a sparse file comes back from the
 //! origin as a length, not as zeros: its chunks are empty (they read as
@@ -57,6 +59,9 @@ pub const STORE_QUEUE: usize = 24;
 /// demanded READ, in transfers waiting for the storer (measured: 130 MiB
 /// during a 4 GiB read).
 pub const MAX_UNSTORED: usize = 2 * STORE_QUEUE;
+// Chunks kept for readers hold their places: some must be left for
+// transfers, which bring the chunks that push those out.
+const _: () = assert!(imz_cache::CHUNK_MEMO_FETCHED_CAPACITY <= MAX_UNSTORED / 2);
 /// Files whose read pattern is remembered.
 const TRACKED_FILES: usize = 1024;
 /// Fetched data is committed without waiting for the disk (it can be
@@ -111,8 +116,9 @@ struct StoreJob {
     key: SlotKey,
     bytes: Bytes,
     /// This chunk's place among the unstored ones, given back once the
-    /// storer is done with it (none for a hole: it holds no memory).
-    _unstored: Option<OwnedSemaphorePermit>,
+    /// storer is done with it, or with the bytes kept for a reader (none
+    /// for a hole: it holds no memory).
+    place: Option<OwnedSemaphorePermit>,
     /// Fetched for a client's READ (demanded or read ahead), not for a
     /// fill: kept in memory until read (`imz_cache` chunk memo).
     for_reader: bool,
@@ -494,7 +500,7 @@ async fn fetch_run(
                 let job = StoreJob {
                     key: (target.fid, target.version, index),
                     bytes: Bytes::new(),
-                    _unstored: None,
+                    place: None,
                     for_reader,
                 };
                 if inner.store.send(job).await.is_err() {
@@ -549,7 +555,7 @@ async fn fetch_run(
                         let job = StoreJob {
                             key: (target.fid, target.version, index),
                             bytes: chunk,
-                            _unstored: Some(unstored),
+                            place: Some(unstored),
                             for_reader,
                         };
                         if inner.store.send(job).await.is_err() {
@@ -634,7 +640,7 @@ fn run_storer(
             DURABLE_EVERY
         };
         let durable = undurable_since.is_some_and(|t| t.elapsed() >= every);
-        match store_batch(&inner.cache, &batch, durable) {
+        match store_batch(&inner.cache, &mut batch, durable) {
             Ok(()) if durable => undurable_since = None,
             Ok(()) => {
                 undurable_since.get_or_insert_with(Instant::now);
@@ -671,7 +677,20 @@ fn test_store_pause() -> Option<Duration> {
     Some(Duration::from_millis(ms))
 }
 
-fn store_batch(cache: &Cache, batch: &[StoreJob], durable: bool) -> imz_cache::Result<()> {
+/// A chunk's bytes with its place among the unstored ones, given back when
+/// the chunk memo lets them go.
+struct Placed {
+    bytes: Bytes,
+    _place: Option<OwnedSemaphorePermit>,
+}
+
+impl AsRef<[u8]> for Placed {
+    fn as_ref(&self) -> &[u8] {
+        &self.bytes
+    }
+}
+
+fn store_batch(cache: &Cache, batch: &mut [StoreJob], durable: bool) -> imz_cache::Result<()> {
     let bytes: u64 = batch.iter().map(|job| job.bytes.len() as u64).sum();
     if !cache.disk_takes(bytes) {
         // Readers had their bytes from the slots; the next read of these
@@ -691,7 +710,7 @@ fn store_batch(cache: &Cache, batch: &[StoreJob], durable: bool) -> imz_cache::R
         };
     }
     let mut tx = cache.write()?;
-    for job in batch {
+    for job in batch.iter_mut() {
         let (fid, version, index) = job.key;
         let Some(obj) = tx.get(fid)? else { continue };
         // Only bytes of the version the object still has, and never over
@@ -704,7 +723,11 @@ fn store_batch(cache: &Cache, batch: &[StoreJob], durable: bool) -> imz_cache::R
             continue;
         }
         if job.for_reader {
-            tx.put_fetched_chunk(fid, index, job.bytes.clone())?;
+            let placed = Placed {
+                bytes: job.bytes.clone(),
+                _place: job.place.take(),
+            };
+            tx.put_fetched_chunk(fid, index, Bytes::from_owner(placed))?;
         } else {
             tx.put_chunk(fid, index, &job.bytes)?;
         }
