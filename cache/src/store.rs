@@ -1070,67 +1070,19 @@ impl WriteTxn<'_> {
     /// as zeros. So a sparse file, or any run of zeros, takes next to no
     /// room in the cache.
     pub fn put_chunk(&mut self, fid: FileId, index: u64, bytes: &[u8]) -> Result<()> {
-        self.put_chunk_spliced(fid, index, &[], 0, bytes)
-    }
-
-    /// Stores chunk `index` of `fid` as `base` with `data` laid over it from
-    /// byte `at` (zeros between the end of `base` and `at`): what
-    /// [`put_chunk`](Self::put_chunk) of the spliced chunk stores, written
-    /// straight into redb's page instead of built in memory first (a
-    /// sequential 1 MiB WRITE splices two chunks: the zeroing and copy of
-    /// a whole chunk buffer each time were a tenth of its CPU).
-    pub fn put_chunk_spliced(
-        &mut self,
-        fid: FileId,
-        index: u64,
-        base: &[u8],
-        at: usize,
-        data: &[u8],
-    ) -> Result<()> {
-        let end = at + data.len();
-        let head = &base[..at.min(base.len())];
-        let tail = base.get(end..).unwrap_or(&[]);
-        // Trailing zeros are not stored, wherever they begin.
-        let kept_tail = without_trailing_zeros(tail).len();
-        let kept_data = without_trailing_zeros(data).len();
-        let stored = if kept_tail > 0 {
-            end + kept_tail
-        } else if kept_data > 0 {
-            at + kept_data
-        } else {
-            without_trailing_zeros(head).len()
-        };
-        let len = u32::try_from(stored)
+        let bytes = without_trailing_zeros(bytes);
+        let len = u32::try_from(bytes.len())
             .ok()
             .filter(|l| u64::from(*l) <= CHUNK_SIZE)
             .ok_or_else(|| CacheError::corrupt("chunk longer than CHUNK_SIZE"))?;
         let old = {
             let mut idx = self.tx.open_table(CHUNK_INDEX)?;
+
             idx.insert((fid, index), len)?.map(|v| v.value())
         };
         {
             let mut t = self.tx.open_table(CHUNKS)?;
-            let mut value = t.insert_reserve((fid, index), stored)?;
-            let out = value.as_mut();
-            // A reserved page holds whatever was there: every byte is
-            // written. `None` is the zeros between `base` and `at`.
-            let pieces = [
-                (0, Some(head)),
-                (head.len(), None),
-                (at, Some(data)),
-                (end, Some(tail)),
-            ];
-            for (i, &(from, piece)) in pieces.iter().enumerate() {
-                let to = pieces.get(i + 1).map_or(end + tail.len(), |next| next.0);
-                let to = to.min(stored);
-                if from >= to {
-                    continue;
-                }
-                match piece {
-                    Some(bytes) => out[from..to].copy_from_slice(&bytes[..to - from]),
-                    None => out[from..to].fill(0),
-                }
-            }
+            t.insert((fid, index), bytes)?;
         }
         self.note_chunk(fid, index, old, Some(len));
         Ok(())
@@ -1261,11 +1213,16 @@ impl WriteTxn<'_> {
             self.put_chunk(fid, index, &bytes)?;
         }
         obj.origin_extent = 0;
-        for (index, cstart, from, to, base) in plan {
-            // Bytes between the old end and the write are a hole (zeros),
-            // but only up to the file size: beyond it nothing is stored.
-            let piece = &data[(from - offset) as usize..(to - offset) as usize];
-            self.put_chunk_spliced(fid, index, &base, (from - cstart) as usize, piece)?;
+        for (index, cstart, from, to, mut buf) in plan {
+            let lo = (from - cstart) as usize;
+            let hi = (to - cstart) as usize;
+            if buf.len() < hi {
+                // Bytes between the old end and the write are a hole (zeros),
+                // but only up to the file size: beyond it nothing is stored.
+                buf.resize(hi, 0);
+            }
+            buf[lo..hi].copy_from_slice(&data[(from - offset) as usize..(to - offset) as usize]);
+            self.put_chunk(fid, index, &buf)?;
         }
         if end > obj.attrs.size {
             obj.attrs.size = end;
@@ -1802,31 +1759,6 @@ mod tests {
             panic!("an evicted chunk was still read");
         };
         assert!(!missing.is_empty());
-    }
-
-    proptest::proptest! {
-        #[test]
-        fn a_spliced_chunk_is_stored_as_spliced_without_trailing_zeros(
-            base in proptest::collection::vec(proptest::prop_oneof![proptest::strategy::Just(0u8), 1u8..], 0..48),
-            at in 0usize..64,
-            data in proptest::collection::vec(proptest::prop_oneof![proptest::strategy::Just(0u8), 1u8..], 0..48),
-        ) {
-            let (_d, cache) = open(4 * CHUNK_SIZE);
-            let mut tx = cache.write().expect("write");
-            tx.put_chunk_spliced(1, 0, &base, at, &data).expect("spliced");
-            let mut spliced = base.clone();
-            spliced.resize(spliced.len().max(at + data.len()), 0);
-            spliced[at..at + data.len()].copy_from_slice(&data);
-            // Stored without its trailing zeros, and accounted as such.
-            while spliced.last() == Some(&0) {
-                spliced.pop();
-            }
-            proptest::prop_assert_eq!(tx.chunk(1, 0).expect("read"), Some(spliced.clone()));
-            proptest::prop_assert_eq!(
-                tx.chunk_changes.get(&(1, 0)).and_then(|c| c.1),
-                Some(spliced.len() as u32)
-            );
-        }
     }
 
     #[test]
