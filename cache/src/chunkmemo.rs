@@ -8,68 +8,34 @@
 //! just read. Without this memo each chunk of a sequential read is read from
 //! the file about twice (measured: 1,820 preads of 1 MiB for a 1 GiB file).
 //!
-//! Entries read from the file are redb access guards: the page as read, an
-//! `Arc` redb shares, holding no snapshot open. Freshness is kept with an
-//! epoch, as in `objcache`:
+//! Entries are redb access guards: the page as read, an `Arc` redb shares,
+//! holding no snapshot open. Freshness is kept with an epoch, as in
+//! `objcache`:
 //!
 //! - a commit that changed chunks drops them and bumps the epoch;
 //! - a reader notes the epoch *before* it opens its snapshot and inserts
 //!   only if the epoch has not moved: a reader whose snapshot predates a
 //!   commit either inserts before that commit's invalidation (which then
 //!   drops the entry) or after it (and finds the epoch moved).
-//!
-//! Chunks just fetched from the origin for a reader are kept too, in an
-//! area of their own, from the commit that stored them
-//! ([`WriteTxn::put_fetched_chunk`](crate::WriteTxn::put_fetched_chunk))
-//! until a READ has read them to their end: readahead runs ahead of the
-//! client, so without them each chunk of a cold sequential read was
-//! written to redb and at once read back from it (measured: 2.4 CPU-s per
-//! GiB read cold, 1.85 without). They are inserted by the commit itself,
-//! under the lock that orders commits, so no later commit of the same
-//! chunk can come between.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use bytes::Bytes;
 use redb::AccessGuard;
 
 use crate::evict::ChunkKey;
 
-/// The stored bytes of one chunk: as read from redb, or as fetched and
-/// stored by this process.
-pub(crate) enum ChunkBytes {
-    Read(AccessGuard<'static, &'static [u8]>),
-    Fetched(Bytes),
-}
-
-impl ChunkBytes {
-    pub(crate) fn value(&self) -> &[u8] {
-        match self {
-            Self::Read(guard) => guard.value(),
-            Self::Fetched(bytes) => bytes,
-        }
-    }
-}
-
-pub(crate) type ChunkGuard = Arc<ChunkBytes>;
+/// The stored bytes of one chunk.
+pub(crate) type ChunkGuard = Arc<AccessGuard<'static, &'static [u8]>>;
 
 /// Chunks kept (about 1 MiB each): the chunk a sequential READ ended in and
 /// the ones preloaded after it, for several readers at once.
 pub const CAPACITY: usize = 12;
 
-/// Fetched chunks kept until read. More push out the oldest, which then
-/// come from redb. The gateway counts them against its bound on fetched
-/// chunks in memory (`fetch::MAX_UNSTORED`, 48), and leaves the rest of it
-/// to transfers: readahead then runs as far ahead of a reader as this.
-pub const FETCHED_CAPACITY: usize = 24;
-
 pub(crate) struct ChunkMemo {
     epoch: u64,
     /// Insertion order, oldest first; a key appears at most once.
     entries: VecDeque<(ChunkKey, ChunkGuard)>,
-    /// Fetched chunks not yet read to their end, oldest first.
-    fetched: VecDeque<(ChunkKey, ChunkGuard)>,
 }
 
 impl ChunkMemo {
@@ -77,7 +43,6 @@ impl ChunkMemo {
         Self {
             epoch: 0,
             entries: VecDeque::with_capacity(CAPACITY),
-            fetched: VecDeque::with_capacity(FETCHED_CAPACITY),
         }
     }
 
@@ -87,9 +52,8 @@ impl ChunkMemo {
     }
 
     pub(crate) fn get(&self, key: ChunkKey) -> Option<ChunkGuard> {
-        self.fetched
+        self.entries
             .iter()
-            .chain(&self.entries)
             .find(|(k, _)| *k == key)
             .map(|(_, g)| Arc::clone(g))
     }
@@ -123,38 +87,11 @@ impl ChunkMemo {
         let mut any = false;
         for key in keys {
             self.entries.retain(|(k, _)| k != key);
-            self.fetched.retain(|(k, _)| k != key);
             any = true;
         }
         if any {
             self.epoch += 1;
         }
-    }
-
-    /// Keeps chunks a commit has just stored as fetched (after
-    /// [`committed`](Self::committed) with their keys, in the same hold of
-    /// the lock). Returns what they pushed out, to be dropped outside it.
-    #[must_use]
-    pub(crate) fn fetched(&mut self, chunks: Vec<(ChunkKey, Bytes)>) -> Vec<ChunkGuard> {
-        let mut pushed_out = Vec::new();
-        for (key, bytes) in chunks {
-            if self.fetched.len() >= FETCHED_CAPACITY
-                && let Some((_, old)) = self.fetched.pop_front()
-            {
-                pushed_out.push(old);
-            }
-            self.fetched
-                .push_back((key, Arc::new(ChunkBytes::Fetched(bytes))));
-        }
-        pushed_out
-    }
-
-    /// A READ has read fetched chunk `key` to its end: a sequential
-    /// reader will not ask for it again.
-    #[must_use]
-    pub(crate) fn read_through(&mut self, key: ChunkKey) -> Option<ChunkGuard> {
-        let at = self.fetched.iter().position(|(k, _)| *k == key)?;
-        self.fetched.remove(at).map(|(_, g)| g)
     }
 }
 
@@ -184,9 +121,7 @@ mod tests {
     fn guard(db: &Database) -> ChunkGuard {
         let rx = db.begin_read().expect("read");
         let t = rx.open_table(T).expect("table");
-        Arc::new(ChunkBytes::Read(
-            t.get((1, 0)).expect("get").expect("present"),
-        ))
+        Arc::new(t.get((1, 0)).expect("get").expect("present"))
     }
 
     fn value(memo: &ChunkMemo, key: ChunkKey) -> Option<Vec<u8>> {
@@ -257,24 +192,6 @@ mod tests {
         assert_eq!(memo.entries.len(), CAPACITY);
         assert!(memo.get((1, 0)).is_none(), "oldest went first");
         assert!(memo.get((1, CAPACITY as u64 + 2)).is_some());
-    }
-
-    #[test]
-    fn fetched_chunks_stay_until_read_through_or_pushed_out() {
-        let mut memo = ChunkMemo::new();
-        let chunks = (0..FETCHED_CAPACITY as u64 + 2)
-            .map(|i| ((1, i), Bytes::from(vec![i as u8; 3])))
-            .collect();
-        let pushed_out = memo.fetched(chunks);
-        assert_eq!(pushed_out.len(), 2, "the oldest went first");
-        assert!(memo.get((1, 1)).is_none());
-        assert_eq!(value(&memo, (1, 2)), Some(vec![2; 3]));
-        assert!(memo.read_through((1, 2)).is_some());
-        assert!(memo.get((1, 2)).is_none(), "read through: let go");
-        assert!(memo.read_through((1, 2)).is_none());
-        memo.committed([(1, 3)].iter());
-        assert!(memo.get((1, 3)).is_none(), "changed: dropped");
-        assert_eq!(memo.fetched.len(), FETCHED_CAPACITY - 2);
     }
 
     #[test]

@@ -23,7 +23,6 @@ pub mod store;
 
 /// Chunks the chunk memo keeps (about 1 MiB each).
 pub use chunkmemo::CAPACITY as CHUNK_MEMO_CAPACITY;
-pub use chunkmemo::FETCHED_CAPACITY as CHUNK_MEMO_FETCHED_CAPACITY;
 pub use error::{CacheError, Result};
 pub use log::{LogOp, LogRecord, SetAttrs};
 pub use object::{Attrs, FileId, Kind, LOCAL_ID_BASE, LogRefs, Object, OriginRef, ROOT_FILEID};

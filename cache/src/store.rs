@@ -32,7 +32,7 @@ use redb::{
 };
 
 use crate::chunk::{self, CHUNK_SIZE};
-use crate::chunkmemo::{ChunkBytes, ChunkGuard, ChunkMemo};
+use crate::chunkmemo::{ChunkGuard, ChunkMemo};
 use crate::error::{CacheError, Result};
 use crate::evict::{ChunkKey, EvictIndex};
 use crate::objcache::ObjectCache;
@@ -346,7 +346,6 @@ impl Cache {
             tx: self.watch(self.db.begin_write().map_err(CacheError::from))?,
             chunk_changes: HashMap::new(),
             protect_changes: HashMap::new(),
-            fetched: Vec::new(),
         })
     }
 
@@ -685,7 +684,6 @@ impl ReadTxn<'_> {
         let mut out = Vec::with_capacity((end - offset) as usize);
         let mut missing = Vec::new();
         let mut touched = Vec::new();
-        let mut read_through = Vec::new();
         for index in chunk::covering(offset, end - offset) {
             let cstart = chunk::start_of(index);
             let from = offset.max(cstart);
@@ -705,9 +703,6 @@ impl ReadTxn<'_> {
                     }
                     // Past the stored bytes of a chunk: a hole.
                     out.resize(out.len() + (hi - have.max(lo)), 0);
-                    if to == cstart + CHUNK_SIZE || to == size {
-                        read_through.push((fid, index));
-                    }
                 }
                 None if cstart < obj.origin_extent => missing.push(index),
                 None => {
@@ -719,15 +714,6 @@ impl ReadTxn<'_> {
         }
         self.cache.touch(touched);
         if missing.is_empty() {
-            if !read_through.is_empty() {
-                let mut memo = self.cache.lock_chunk_memo();
-                let done: Vec<_> = read_through
-                    .into_iter()
-                    .filter_map(|key| memo.read_through(key))
-                    .collect();
-                drop(memo);
-                drop(done);
-            }
             Ok(RangeRead::Data(out))
         } else {
             Ok(RangeRead::Missing(missing))
@@ -761,7 +747,7 @@ impl ReadTxn<'_> {
         let Some(guard) = chunks.get(key)? else {
             return Ok(None);
         };
-        let guard = Arc::new(ChunkBytes::Read(guard));
+        let guard = Arc::new(guard);
         let pushed_out = self.cache.lock_chunk_memo().insert_if_current(
             self.chunk_epoch,
             key,
@@ -825,9 +811,6 @@ pub struct WriteTxn<'c> {
     /// (protected before, protected now). Its keys leave the object cache
     /// at commit.
     protect_changes: HashMap<FileId, (bool, bool)>,
-    /// Chunks stored by [`put_fetched_chunk`](Self::put_fetched_chunk) and
-    /// not changed since: the chunk memo keeps them after the commit.
-    fetched: Vec<(ChunkKey, bytes::Bytes)>,
 }
 
 impl WriteTxn<'_> {
@@ -1088,25 +1071,7 @@ impl WriteTxn<'_> {
         Ok(())
     }
 
-    /// [`put_chunk`](Self::put_chunk) of bytes just fetched for a reader:
-    /// once committed, they are kept in memory until read (see
-    /// `chunkmemo`), so the reader need not read them back from redb.
-    pub fn put_fetched_chunk(
-        &mut self,
-        fid: FileId,
-        index: u64,
-        bytes: bytes::Bytes,
-    ) -> Result<()> {
-        self.put_chunk(fid, index, &bytes)?;
-        let stored = without_trailing_zeros(&bytes).len();
-        self.fetched.push(((fid, index), bytes.slice(..stored)));
-        Ok(())
-    }
-
     fn note_chunk(&mut self, fid: FileId, index: u64, old: Option<u32>, new: Option<u32>) {
-        if !self.fetched.is_empty() {
-            self.fetched.retain(|(key, _)| *key != (fid, index));
-        }
         let entry = self.chunk_changes.entry((fid, index)).or_insert((old, old));
         entry.1 = new;
     }
@@ -1340,15 +1305,7 @@ impl WriteTxn<'_> {
         cache
             .lock_objects()
             .committed(self.protect_changes.keys().copied());
-        let pushed_out = {
-            let mut memo = cache.lock_chunk_memo();
-            memo.committed(self.chunk_changes.keys());
-            match committed {
-                Ok(()) => memo.fetched(std::mem::take(&mut self.fetched)),
-                Err(_) => Vec::new(),
-            }
-        };
-        drop(pushed_out);
+        cache.lock_chunk_memo().committed(self.chunk_changes.keys());
         committed?;
 
         for (key, (old, new)) in self.chunk_changes {
@@ -1759,69 +1716,6 @@ mod tests {
             panic!("an evicted chunk was still read");
         };
         assert!(!missing.is_empty());
-    }
-
-    #[test]
-    fn fetched_chunks_kept_in_memory_never_outlive_a_change() {
-        let (_d, cache) = open(4 * CHUNK_SIZE);
-        let obj = file(2 * CHUNK_SIZE, 2 * CHUNK_SIZE);
-        let read = |cache: &Cache, offset: u64, len: u64| match cache
-            .read()
-            .expect("read")
-            .read_range(10, &obj, offset, len)
-            .expect("range")
-        {
-            RangeRead::Data(bytes) => bytes,
-            RangeRead::Missing(m) => panic!("chunks {m:?} missing"),
-        };
-        let mut tx = cache.write().expect("write");
-        tx.put(10, &obj).expect("put");
-        let mut with_zeros = vec![1u8; 100];
-        with_zeros.resize(CHUNK_SIZE as usize, 0);
-        tx.put_fetched_chunk(10, 0, with_zeros.clone().into())
-            .expect("chunk");
-        tx.put_fetched_chunk(10, 1, vec![2u8; CHUNK_SIZE as usize].into())
-            .expect("chunk");
-        // Changed again in the same transaction: the memo must not keep
-        // the fetched bytes.
-        tx.put_chunk(10, 1, &vec![3u8; CHUNK_SIZE as usize])
-            .expect("chunk");
-        tx.commit(false).expect("commit");
-        assert!(cache.lock_chunk_memo().get((10, 0)).is_some(), "kept");
-        assert!(cache.lock_chunk_memo().get((10, 1)).is_none());
-        // Its trailing zeros are not stored, and read back as zeros.
-        assert_eq!(
-            read(&cache, 0, CHUNK_SIZE - 1),
-            &with_zeros[..CHUNK_SIZE as usize - 1]
-        );
-        assert!(
-            cache.lock_chunk_memo().get((10, 0)).is_some(),
-            "not read to its end"
-        );
-        assert_eq!(read(&cache, CHUNK_SIZE - 1, 1), [0]);
-        assert!(
-            cache.lock_chunk_memo().get((10, 0)).is_none(),
-            "read to its end: let go"
-        );
-        assert_eq!(read(&cache, CHUNK_SIZE, 1), [3]);
-
-        // Rewritten after it was fetched: read anew, not from memory.
-        let mut tx = cache.write().expect("write");
-        tx.put_fetched_chunk(10, 0, vec![4u8; CHUNK_SIZE as usize].into())
-            .expect("chunk");
-        tx.commit(false).expect("commit");
-        let mut tx = cache.write().expect("write");
-        tx.put_chunk(10, 0, &vec![5u8; CHUNK_SIZE as usize])
-            .expect("chunk");
-        tx.commit(false).expect("commit");
-        assert_eq!(read(&cache, 0, 1), [5]);
-
-        // A failed commit keeps nothing: the chunk was never stored.
-        let mut tx = cache.write().expect("write");
-        tx.put_fetched_chunk(10, 1, vec![6u8; CHUNK_SIZE as usize].into())
-            .expect("chunk");
-        drop(tx);
-        assert_eq!(read(&cache, CHUNK_SIZE, 1), [3]);
     }
 
     #[test]

@@ -15,11 +15,9 @@
 //!
 //! Memory stays bounded whatever the file size and however many transfers
 //! run: a chunk takes one of [`MAX_UNSTORED`] places before its first byte
-//! is kept and gives it back once the storer is done with it (a chunk
-//! fetched for a READ, kept in the cache's chunk memo until read, once it
-//! is read or pushed out of there), so when redb falls behind, transfers
-//! wait (and the readers waiting on them: the disk sets the pace, as the
-//! kernel's dirty-page throttling does).
+//! is kept and gives it back once the storer is done with it, so when redb
+//! falls behind, transfers wait (and the readers waiting on them: the disk
+//! sets the pace, as the kernel's dirty-page throttling does).
 //!
 //! A range that is wholly a hole of a sparse file comes back from the
 //! origin as a length, not as zeros: its chunks are empty (they read as
@@ -59,9 +57,6 @@ pub const STORE_QUEUE: usize = 24;
 /// demanded READ, in transfers waiting for the storer (measured: 130 MiB
 /// during a 4 GiB read).
 pub const MAX_UNSTORED: usize = 2 * STORE_QUEUE;
-// Chunks kept for readers hold their places: some must be left for
-// transfers, which bring the chunks that push those out.
-const _: () = assert!(imz_cache::CHUNK_MEMO_FETCHED_CAPACITY <= MAX_UNSTORED / 2);
 /// Files whose read pattern is remembered.
 const TRACKED_FILES: usize = 1024;
 /// Fetched data is committed without waiting for the disk (it can be
@@ -116,12 +111,8 @@ struct StoreJob {
     key: SlotKey,
     bytes: Bytes,
     /// This chunk's place among the unstored ones, given back once the
-    /// storer is done with it, or with the bytes kept for a reader (none
-    /// for a hole: it holds no memory).
-    place: Option<OwnedSemaphorePermit>,
-    /// Fetched for a client's READ (demanded or read ahead), not for a
-    /// fill: kept in memory until read (`imz_cache` chunk memo).
-    for_reader: bool,
+    /// storer is done with it (none for a hole: it holds no memory).
+    _unstored: Option<OwnedSemaphorePermit>,
 }
 
 /// Per-file read pattern, for readahead.
@@ -255,7 +246,7 @@ impl Fetcher {
             }
         }
         for run in runs(to_fetch, u64::MAX) {
-            self.spawn_run(*target, run, None, !unstored);
+            self.spawn_run(*target, run, None);
         }
         waits
     }
@@ -318,7 +309,7 @@ impl Fetcher {
             // to its first part.
             let mut permit = Some(permit);
             for part in runs(claimed, READAHEAD_RUN) {
-                self.spawn_run(*target, part, permit.take(), true);
+                self.spawn_run(*target, part, permit.take());
             }
         }
     }
@@ -395,7 +386,6 @@ impl Fetcher {
         target: Target,
         run: Vec<(u64, watch::Sender<SlotState>)>,
         permit: Option<tokio::sync::OwnedSemaphorePermit>,
-        for_reader: bool,
     ) {
         use tracing::Instrument;
         let inner = Arc::clone(&self.inner);
@@ -410,7 +400,7 @@ impl Fetcher {
         tokio::spawn(
             async move {
                 let _permit = permit;
-                fetch_run(&inner, target, run, for_reader).await;
+                fetch_run(&inner, target, run).await;
             }
             .instrument(span),
         );
@@ -475,12 +465,7 @@ fn runs<T>(mut slots: Vec<(u64, T)>, max: u64) -> Vec<Vec<(u64, T)>> {
 }
 
 /// Fetches one run of consecutive chunks with one Range request.
-async fn fetch_run(
-    inner: &Arc<Inner>,
-    target: Target,
-    run: Vec<(u64, watch::Sender<SlotState>)>,
-    for_reader: bool,
-) {
+async fn fetch_run(inner: &Arc<Inner>, target: Target, run: Vec<(u64, watch::Sender<SlotState>)>) {
     let (Some(first), Some(last)) = (run.first().map(|r| r.0), run.last().map(|r| r.0)) else {
         return;
     };
@@ -500,8 +485,7 @@ async fn fetch_run(
                 let job = StoreJob {
                     key: (target.fid, target.version, index),
                     bytes: Bytes::new(),
-                    place: None,
-                    for_reader,
+                    _unstored: None,
                 };
                 if inner.store.send(job).await.is_err() {
                     break;
@@ -555,8 +539,7 @@ async fn fetch_run(
                         let job = StoreJob {
                             key: (target.fid, target.version, index),
                             bytes: chunk,
-                            place: Some(unstored),
-                            for_reader,
+                            _unstored: Some(unstored),
                         };
                         if inner.store.send(job).await.is_err() {
                             failure = Some(FetchFailure::Io("cache storer stopped".into()));
@@ -640,7 +623,7 @@ fn run_storer(
             DURABLE_EVERY
         };
         let durable = undurable_since.is_some_and(|t| t.elapsed() >= every);
-        match store_batch(&inner.cache, &mut batch, durable) {
+        match store_batch(&inner.cache, &batch, durable) {
             Ok(()) if durable => undurable_since = None,
             Ok(()) => {
                 undurable_since.get_or_insert_with(Instant::now);
@@ -677,20 +660,7 @@ fn test_store_pause() -> Option<Duration> {
     Some(Duration::from_millis(ms))
 }
 
-/// A chunk's bytes with its place among the unstored ones, given back when
-/// the chunk memo lets them go.
-struct Placed {
-    bytes: Bytes,
-    _place: Option<OwnedSemaphorePermit>,
-}
-
-impl AsRef<[u8]> for Placed {
-    fn as_ref(&self) -> &[u8] {
-        &self.bytes
-    }
-}
-
-fn store_batch(cache: &Cache, batch: &mut [StoreJob], durable: bool) -> imz_cache::Result<()> {
+fn store_batch(cache: &Cache, batch: &[StoreJob], durable: bool) -> imz_cache::Result<()> {
     let bytes: u64 = batch.iter().map(|job| job.bytes.len() as u64).sum();
     if !cache.disk_takes(bytes) {
         // Readers had their bytes from the slots; the next read of these
@@ -710,7 +680,7 @@ fn store_batch(cache: &Cache, batch: &mut [StoreJob], durable: bool) -> imz_cach
         };
     }
     let mut tx = cache.write()?;
-    for job in batch.iter_mut() {
+    for job in batch {
         let (fid, version, index) = job.key;
         let Some(obj) = tx.get(fid)? else { continue };
         // Only bytes of the version the object still has, and never over
@@ -719,16 +689,7 @@ fn store_batch(cache: &Cache, batch: &mut [StoreJob], durable: bool) -> imz_cach
         if !current || obj.is_dirty() || chunk::start_of(index) >= obj.origin_extent {
             continue;
         }
-        if tx.has_chunk(fid, index)? {
-            continue;
-        }
-        if job.for_reader {
-            let placed = Placed {
-                bytes: job.bytes.clone(),
-                _place: job.place.take(),
-            };
-            tx.put_fetched_chunk(fid, index, Bytes::from_owner(placed))?;
-        } else {
+        if !tx.has_chunk(fid, index)? {
             tx.put_chunk(fid, index, &job.bytes)?;
         }
     }
