@@ -19,7 +19,7 @@ pub struct Args {
     #[arg(long)]
     pub cache: PathBuf,
     /// Most file data the cache holds, e.g. 10GiB.
-    #[arg(long, default_value = "10GiB", value_parser = super::parse_size)]
+    #[arg(long, default_value = "10GiB", value_parser = super::parse_cache_size)]
     pub cache_size: u64,
     /// Address to serve NFS on (2049 is the standard port).
     #[arg(long, default_value = "127.0.0.1:2049")]

@@ -129,6 +129,23 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .map_err(|e| format!("not a size ({e}); try e.g. 10GiB or 512MiB"))
 }
 
+/// Smallest `--cache-size`: two chunks, the data one WRITE can touch.
+pub const MIN_CACHE_SIZE: u64 = 2 << 20;
+
+/// A `--cache-size`: a size of at least [`MIN_CACHE_SIZE`]. Smaller, a
+/// gateway would answer every write with NOSPC and keep nothing it
+/// fetched: surely not what was meant (`0` for "no limit", say).
+pub fn parse_cache_size(s: &str) -> Result<u64, String> {
+    let size = parse_size(s)?;
+    if size < MIN_CACHE_SIZE {
+        return Err(format!(
+            "the cache must hold at least {} (file data is kept in chunks of about 1 MiB); try e.g. 10GiB",
+            bytesize::ByteSize(MIN_CACHE_SIZE).display().iec()
+        ));
+    }
+    Ok(size)
+}
+
 /// Checks an origin URL given on the command line: http or https, with a
 /// host, and nothing after the path (the API's paths are appended to it).
 pub fn parse_origin_url(s: &str) -> Result<String, String> {
@@ -327,8 +344,19 @@ pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_duration;
+    use super::{parse_cache_size, parse_duration};
     use std::time::Duration;
+
+    #[test]
+    fn a_cache_too_small_to_hold_a_write_is_refused() {
+        assert_eq!(parse_cache_size("10GiB"), Ok(10 << 30));
+        assert_eq!(parse_cache_size("2MiB"), Ok(2 << 20));
+        for tiny in ["0", "1KiB", "1MiB"] {
+            let err = parse_cache_size(tiny).expect_err(tiny);
+            assert!(err.contains("at least 2.0 MiB"), "{tiny}: {err}");
+        }
+        assert!(parse_cache_size("10XB").is_err());
+    }
 
     #[test]
     fn durations_read_with_their_units_or_as_seconds() {

@@ -24,7 +24,7 @@ pub struct Args {
     #[arg(long)]
     pub read_only: bool,
     /// Most file data the cache holds.
-    #[arg(long, default_value = "10GiB", value_parser = super::parse_size)]
+    #[arg(long, default_value = "10GiB", value_parser = super::parse_cache_size)]
     pub cache_size: u64,
     /// Address to serve NFS on. The standard port 2049 lets clients mount
     /// without naming a port; if it is taken, any free port is used.
