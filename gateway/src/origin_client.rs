@@ -53,7 +53,19 @@ pub enum OriginError {
         "the origin ended the transfer early (the file may have changed while being sent): {0}"
     )]
     Cut(String),
+    /// The origin answers its health check but not this request, for
+    /// longer than [`SLOW_ORIGIN_PATIENCE`]: reachable, so the link stays
+    /// up, but this request fails.
+    #[error("the origin is reachable but did not answer in time: {0}")]
+    Slow(String),
 }
+
+/// How long a data request waits for an origin that is reachable but slow
+/// to answer it (a disk spinning up, a busy array) before it fails.
+pub const SLOW_ORIGIN_PATIENCE: Duration = Duration::from_secs(30);
+/// The health check that tells a slow origin from an unreachable one: it
+/// touches no disk at the origin, so a live origin answers it at once.
+const ALIVE_CHECK: Duration = Duration::from_millis(400);
 
 impl OriginError {
     /// Whether the origin cannot be used now: the link is down.
@@ -475,10 +487,18 @@ impl OriginClient {
                 )
                 .header(wire::paths::ACCEPT_HOLES, "1"),
         );
-        let resp = tokio::time::timeout(self.timeouts.request, send)
+        let mut send = std::pin::pin!(send);
+        let resp = match self
+            .wait_while_alive(
+                &mut send,
+                self.timeouts.request,
+                "an answer to a data request",
+            )
             .await
-            .map_err(|_| OriginError::Unreachable("no answer to a data request in time".into()))?
-            .map_err(OriginError::from_reqwest)?;
+        {
+            Ok(resp) => resp.map_err(OriginError::from_reqwest)?,
+            Err(e) => return Err(e),
+        };
         let resp = check(resp).await?;
         if resp.status() == StatusCode::NO_CONTENT {
             let hole = resp
@@ -504,21 +524,69 @@ impl OriginClient {
         }
         let stall = self.timeouts.stall;
         let body = resp.bytes_stream();
+        let this = self.clone();
         Ok(Some(futures::stream::unfold(
             Box::pin(body),
-            move |mut body| async move {
-                match tokio::time::timeout(stall, body.next()).await {
-                    Err(_) => Some((
-                        Err(OriginError::Unreachable(
-                            "origin stopped sending data".into(),
-                        )),
-                        body,
-                    )),
-                    Ok(None) => None,
-                    Ok(Some(item)) => Some((item.map_err(OriginError::from_body), body)),
+            move |mut body| {
+                let this = this.clone();
+                async move {
+                    let next = this
+                        .wait_while_alive(body.next(), stall, "the rest of the data")
+                        .await;
+                    match next {
+                        Err(e) => Some((Err(e), body)),
+                        Ok(None) => None,
+                        Ok(Some(item)) => Some((item.map_err(OriginError::from_body), body)),
+                    }
                 }
             },
         )))
+    }
+
+    /// Waits for `fut`, an answer from the origin: `first` at most, less
+    /// the time a health check may take; then, for as long as the origin
+    /// answers its health check, up to [`SLOW_ORIGIN_PATIENCE`] in all.
+    /// An unreachable origin (stopped, or its packets lost) fails the wait
+    /// within `first`, as before; a reachable one whose disk is slow (a
+    /// drive spinning up) is waited for instead of being taken for gone,
+    /// which cut off every read until the prober saw it again.
+    async fn wait_while_alive<F: std::future::Future>(
+        &self,
+        fut: F,
+        first: Duration,
+        what: &str,
+    ) -> Result<F::Output, OriginError> {
+        let started = tokio::time::Instant::now();
+        let mut fut = std::pin::pin!(fut);
+        let mut wait = first.saturating_sub(ALIVE_CHECK);
+        loop {
+            if let Ok(out) = tokio::time::timeout(wait, &mut fut).await {
+                return Ok(out);
+            }
+            let alive = async {
+                let check = self
+                    .http
+                    .get(self.url(wire::paths::HEALTH))
+                    .timeout(ALIVE_CHECK)
+                    .send()
+                    .await;
+                matches!(check, Ok(resp) if resp.status().is_success())
+            };
+            tokio::select! {
+                out = &mut fut => return Ok(out),
+                alive = alive => if !alive {
+                    return Err(OriginError::Unreachable(format!("no {what} in time")));
+                },
+            }
+            if started.elapsed() >= SLOW_ORIGIN_PATIENCE {
+                return Err(OriginError::Slow(format!(
+                    "no {what} in {} s",
+                    SLOW_ORIGIN_PATIENCE.as_secs()
+                )));
+            }
+            tracing::debug!(what, waited = ?started.elapsed(), "origin alive but slow; waiting");
+            wait = first;
+        }
     }
 }
 

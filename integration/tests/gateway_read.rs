@@ -490,6 +490,48 @@ fn serve_refuses_a_cache_inside_the_directory_it_serves() -> Result {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_origin_slow_to_answer_but_alive_is_waited_for_not_taken_for_gone() -> Result {
+    // Every data request waits 3 s at the origin before it is answered,
+    // as behind a drive spinning up; everything else answers at once.
+    let dir = tempfile::tempdir()?;
+    let root = dir.path().join("root");
+    std::fs::create_dir(&root)?;
+    data::write_file(&root.join("a.bin"), 41, 300_000)?;
+    data::write_file(&root.join("b.bin"), 42, 300_000)?;
+    let wrapper = ["env".to_owned(), "IMZ_TEST_DATA_DELAY_MS=3000".to_owned()];
+    let origin = imz_integration::OriginProc::start_wrapped(
+        &wrapper,
+        &root,
+        &dir.path().join("token"),
+        "127.0.0.1:0",
+    )?;
+    let gateway = GatewayProc::start(
+        &origin.url,
+        &origin.token_file,
+        &dir.path().join("cache"),
+        "1GiB",
+        &[],
+    )?;
+    let mut nfs = Nfs::mount(gateway.port, "/imz").await?;
+    let start = Instant::now();
+    assert!(nfs.read_path("a.bin").await? == data::bytes(41, 300_000));
+    let waited = start.elapsed();
+    assert!(
+        waited >= Duration::from_secs(3),
+        "the read did not wait for the origin ({waited:?})"
+    );
+    let status = gateway.status()?;
+    assert_eq!(
+        status["connected"], true,
+        "a slow origin was taken for an unreachable one: {status}"
+    );
+    // And the next uncached read is asked of it too (a gateway that took
+    // it for gone answers EIO at once).
+    assert!(nfs.read_path("b.bin").await? == data::bytes(42, 300_000));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_fetch_never_blocks_cached_reads() -> Result {
     let fx = Fixture::new(|root| {
         data::write_file(&root.join("cached.bin"), 31, 2_000_000)?;

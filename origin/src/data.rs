@@ -48,6 +48,9 @@ pub async fn get(
     PathParams((id, version)): PathParams<(ObjectId, Version)>,
     headers: HeaderMap,
 ) -> Result<Response, ApiFailure> {
+    if let Some(delay) = test_data_delay() {
+        tokio::time::sleep(delay).await;
+    }
     let meta = current_file(&shared, id, version)?;
     let etag = wire::etag(id, version);
     if let Some(inm) = headers
@@ -143,6 +146,18 @@ pub async fn get(
         rx.recv().await.map(|item| (item, rx))
     }));
     Ok(data_response(body, &etag, range, len, size))
+}
+
+/// A wait before each data request is answered, from
+/// `IMZ_TEST_DATA_DELAY_MS`: a slow disk (a drive spinning up), for tests
+/// (one cannot be had on demand).
+fn test_data_delay() -> Option<std::time::Duration> {
+    static DELAY: std::sync::OnceLock<Option<std::time::Duration>> = std::sync::OnceLock::new();
+    *DELAY.get_or_init(|| {
+        let ms: u64 = std::env::var("IMZ_TEST_DATA_DELAY_MS").ok()?.parse().ok()?;
+        tracing::warn!(ms, "answers to data requests delayed for a test");
+        Some(std::time::Duration::from_millis(ms))
+    })
 }
 
 /// One of the slots that bound the downloads served at once.
