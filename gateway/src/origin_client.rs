@@ -487,18 +487,10 @@ impl OriginClient {
                 )
                 .header(wire::paths::ACCEPT_HOLES, "1"),
         );
-        let mut send = std::pin::pin!(send);
-        let resp = match self
-            .wait_while_alive(
-                &mut send,
-                self.timeouts.request,
-                "an answer to a data request",
-            )
-            .await
-        {
-            Ok(resp) => resp.map_err(OriginError::from_reqwest)?,
-            Err(e) => return Err(e),
-        };
+        let resp = self
+            .wait_while_alive(send, self.timeouts.request, "an answer to a data request")
+            .await?
+            .map_err(OriginError::from_reqwest)?;
         let resp = check(resp).await?;
         if resp.status() == StatusCode::NO_CONTENT {
             let hole = resp
