@@ -294,12 +294,13 @@ impl OriginClient {
         resp.json::<T>().await.map_err(OriginError::from_reqwest)
     }
 
-    /// `GET /v1/health` (no token): is the origin there at all?
-    pub async fn health(&self) -> Result<wire::Health, OriginError> {
+    /// `GET /v1/health` (no token), answered within `within`: is the
+    /// origin there at all? It touches no disk at the origin.
+    pub async fn health(&self, within: Duration) -> Result<wire::Health, OriginError> {
         let resp = self
             .http
             .get(self.url(wire::paths::HEALTH))
-            .timeout(self.timeouts.request)
+            .timeout(within)
             .send()
             .await
             .map_err(OriginError::from_reqwest)?;
@@ -555,18 +556,9 @@ impl OriginClient {
             if let Ok(out) = tokio::time::timeout(wait, &mut fut).await {
                 return Ok(out);
             }
-            let alive = async {
-                let check = self
-                    .http
-                    .get(self.url(wire::paths::HEALTH))
-                    .timeout(ALIVE_CHECK)
-                    .send()
-                    .await;
-                matches!(check, Ok(resp) if resp.status().is_success())
-            };
             tokio::select! {
                 out = &mut fut => return Ok(out),
-                alive = alive => if !alive {
+                alive = self.health(ALIVE_CHECK) => if alive.is_err() {
                     return Err(OriginError::Unreachable(format!("no {what} in time")));
                 },
             }
