@@ -17,6 +17,7 @@
 //! rewrites the log so that the next round can go on.
 
 use std::collections::{HashMap, HashSet};
+use std::ops::Range;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -95,6 +96,10 @@ pub struct Reintegrator {
 /// Uploads of one batch sent at once.
 const UPLOADS_IN_FLIGHT: usize = 8;
 
+/// Operations per `POST /v1/reintegrate` within a batch (see
+/// [`Reintegrator::ship`]).
+const PART_OPS: usize = 128;
+
 /// Refusals of one record after which it is held for a person.
 const MAX_REFUSALS: u32 = 3;
 
@@ -138,14 +143,24 @@ impl Done {
     }
 }
 
+/// One file's content, uploaded under `id` for operation `op` of a plan.
+#[derive(Debug, Clone)]
+struct Upload {
+    id: String,
+    fid: FileId,
+    size: u64,
+    /// Index in [`Plan::ops`] of the operation that installs it.
+    op: usize,
+}
+
 /// A batch ready to send.
 struct Plan {
     ops: Vec<KeyedOp>,
     done: Vec<Done>,
     /// Records in the batch (frozen while it is out).
     seqs: Vec<u64>,
-    /// (upload id, file, size) to upload before sending.
-    uploads: Vec<(String, FileId, u64)>,
+    /// Content to upload before the operation that installs it is sent.
+    uploads: Vec<Upload>,
     /// The log records, by sequence number, for conflict handling.
     records: HashMap<u64, LogRecord>,
     /// The records' bytes as planned (every seq in `seqs`).
@@ -410,7 +425,12 @@ impl Reintegrator {
                                     store = Some((s, before));
                                     upload_bytes += obj.attrs.size;
                                     let id = format!("{}-{s}", self.gateway_id);
-                                    plan.uploads.push((id.clone(), *fid, obj.attrs.size));
+                                    plan.uploads.push(Upload {
+                                        id: id.clone(),
+                                        fid: *fid,
+                                        size: obj.attrs.size,
+                                        op: plan.ops.len(),
+                                    });
                                     Some(id)
                                 }
                                 _ => None,
@@ -453,7 +473,12 @@ impl Reintegrator {
                         break;
                     }
                     upload_bytes += obj.attrs.size;
-                    plan.uploads.push((key.clone(), *fid, obj.attrs.size));
+                    plan.uploads.push(Upload {
+                        id: key.clone(),
+                        fid: *fid,
+                        size: obj.attrs.size,
+                        op: plan.ops.len(),
+                    });
                     (
                         Op::Write {
                             id,
@@ -577,54 +602,71 @@ impl Reintegrator {
 
     /// Uploads content, sends the batch, records what was applied. Returns
     /// the first operation the origin refused, with its answer.
+    ///
+    /// The batch goes in parts of [`PART_OPS`] operations, each sent once
+    /// its content is uploaded, while the next part's content travels: the
+    /// origin applies a part (renames, attributes, fsyncs) in about the time
+    /// the next part's uploads take, and done one after the other the two
+    /// waits added up. A part may name what an earlier part created, by its
+    /// key: the origin resolves the keys of earlier batches too. The origin
+    /// stops at the first operation it does not apply, and so does this:
+    /// no later part is sent.
     async fn ship(&self, plan: &Plan) -> Result<Option<(u64, OpResult)>, VfsError> {
-        // Several uploads at once: the origin makes each durable (fsync of
-        // the file and of its directory), and a small file is mostly that
-        // wait, which overlaps well.
-        let mut sends = Vec::with_capacity(plan.uploads.len());
-        for (upload_id, fid, size) in plan.uploads.iter().cloned() {
-            let vfs = Arc::clone(&self.vfs);
-            sends.push(async move {
-                // A file written here is wholly in the cache, where a chunk
-                // that is absent or empty is a hole: such a file goes as its
-                // extents, so a sparse file's holes do not cross the network.
-                let local = vfs.getattr(fid).is_ok_and(|o| o.origin_extent == 0);
-                let sent = if local && vfs.origin.takes_upload_extents() {
-                    let body =
-                        reqwest::Body::wrap_stream(extents_stream(Arc::clone(&vfs), fid, size));
-                    vfs.origin.upload_extents(&upload_id, body, size).await
-                } else {
-                    let body =
-                        reqwest::Body::wrap_stream(content_stream(Arc::clone(&vfs), fid, size));
-                    vfs.origin.upload(&upload_id, body, size).await
-                };
-                sent.map(|_| size)
-            });
-        }
-        let mut uploads = futures::stream::iter(sends).buffer_unordered(UPLOADS_IN_FLIGHT);
-        let mut uploaded = 0u64;
-        while let Some(result) = uploads.next().await {
-            uploaded += result.map_err(|e| self.vfs.origin_failed(e))?;
-        }
-        drop(uploads);
-        let batch = wire::Batch {
-            ops: plan.ops.clone(),
+        let parts: Vec<Range<usize>> = (0..plan.ops.len())
+            .step_by(PART_OPS)
+            .map(|start| start..(start + PART_OPS).min(plan.ops.len()))
+            .collect();
+        let uploads_of = |part: &Range<usize>| -> Vec<Upload> {
+            plan.uploads
+                .iter()
+                .filter(|u| part.contains(&u.op))
+                .cloned()
+                .collect()
         };
-        let started = Instant::now();
-        let answer = match self.vfs.origin.reintegrate(&batch).await {
-            Ok(a) => a,
-            Err(OriginError::Api(api)) => {
-                return Err(VfsError::Io(format!("origin refused the batch: {api}")));
+        let mut uploaded_ahead = match parts.first() {
+            Some(part) => self.upload(uploads_of(part)).await,
+            None => return Ok(None),
+        };
+        for (i, part) in parts.iter().enumerate() {
+            let uploaded = uploaded_ahead?;
+            let send = self.send(&plan.ops[part.clone()]);
+            let started = Instant::now();
+            let (answer, ahead) = match parts.get(i + 1) {
+                Some(next) => tokio::join!(send, self.upload(uploads_of(next))),
+                None => (send.await, Ok(0)),
+            };
+            let answer = answer?;
+            uploaded_ahead = ahead;
+            let done = &plan.done[part.clone()];
+            for ((op, done), result) in plan.ops[part.clone()].iter().zip(done).zip(&answer.results)
+            {
+                tracing::debug!(seq = done.seq(), op = ?op.op, ?result, "origin answered");
             }
-            Err(e) => return Err(self.vfs.origin_failed(e)),
-        };
-        for ((op, done), result) in plan.ops.iter().zip(&plan.done).zip(&answer.results) {
-            tracing::debug!(seq = done.seq(), op = ?op.op, ?result, "origin answered");
+            let n_applied = self.record(done, &answer, uploaded).await?;
+            tracing::debug!(ops = n_applied, bytes = uploaded, took = ?started.elapsed(), "reintegrated");
+            if n_applied < part.len() {
+                return Ok(answer
+                    .results
+                    .get(n_applied)
+                    .map(|result| (done[n_applied].seq(), result.clone())));
+            }
         }
+        Ok(None)
+    }
+
+    /// Records in the cache what the origin applied of these operations
+    /// (`done`, answered by `answer`: applied ones first, then at most one
+    /// refusal), with `uploaded` bytes of content; how many were applied.
+    async fn record(
+        &self,
+        done: &[Done],
+        answer: &wire::BatchResult,
+        uploaded: u64,
+    ) -> Result<usize, VfsError> {
         let applied: Vec<(Done, wire::Attr)> = answer
             .results
             .iter()
-            .zip(&plan.done)
+            .zip(done)
             .map_while(|(r, d)| match r {
                 OpResult::Applied { attr, .. } | OpResult::Replayed { attr, .. } => {
                     Some((d.clone(), attr.clone()))
@@ -635,7 +677,7 @@ impl Reintegrator {
         let replayed: HashSet<u64> = answer
             .results
             .iter()
-            .zip(&plan.done)
+            .zip(done)
             .filter(|(r, _)| matches!(r, OpResult::Replayed { .. }))
             .map(|(_, d)| d.seq())
             .collect();
@@ -649,7 +691,6 @@ impl Reintegrator {
                 Ok(())
             })
             .await?;
-        tracing::debug!(ops = n_applied, bytes = uploaded, took = ?started.elapsed(), "reintegrated");
         Metrics::add(&self.vfs.metrics.reintegrated_ops, n_applied as u64);
         Metrics::add(&self.vfs.metrics.reintegrated_bytes, uploaded);
         self.progress.send_modify(|p| {
@@ -657,11 +698,50 @@ impl Reintegrator {
             p.shipped_bytes += uploaded;
             p.last_error = None;
         });
+        Ok(n_applied)
+    }
 
-        Ok(answer
-            .results
-            .get(n_applied)
-            .map(|result| (plan.done[n_applied].seq(), result.clone())))
+    /// Uploads these files' content, several at once (the origin makes each
+    /// durable, fsyncing the file and its directory, and a small file is
+    /// mostly that wait, which overlaps well); the bytes sent.
+    async fn upload(&self, uploads: Vec<Upload>) -> Result<u64, VfsError> {
+        let sends = uploads.into_iter().map(|Upload { id, fid, size, .. }| {
+            let vfs = Arc::clone(&self.vfs);
+            async move {
+                // A file written here is wholly in the cache, where a chunk
+                // that is absent or empty is a hole: such a file goes as its
+                // extents, so a sparse file's holes do not cross the network.
+                let local = vfs.getattr(fid).is_ok_and(|o| o.origin_extent == 0);
+                let sent = if local && vfs.origin.takes_upload_extents() {
+                    let body =
+                        reqwest::Body::wrap_stream(extents_stream(Arc::clone(&vfs), fid, size));
+                    vfs.origin.upload_extents(&id, body, size).await
+                } else {
+                    let body =
+                        reqwest::Body::wrap_stream(content_stream(Arc::clone(&vfs), fid, size));
+                    vfs.origin.upload(&id, body, size).await
+                };
+                sent.map(|_| size)
+            }
+        });
+        let mut uploads = futures::stream::iter(sends).buffer_unordered(UPLOADS_IN_FLIGHT);
+        let mut uploaded = 0u64;
+        while let Some(result) = uploads.next().await {
+            uploaded += result.map_err(|e| self.vfs.origin_failed(e))?;
+        }
+        Ok(uploaded)
+    }
+
+    /// Sends these operations as one `POST /v1/reintegrate`.
+    async fn send(&self, ops: &[KeyedOp]) -> Result<wire::BatchResult, VfsError> {
+        let batch = wire::Batch { ops: ops.to_vec() };
+        match self.vfs.origin.reintegrate(&batch).await {
+            Ok(answer) => Ok(answer),
+            Err(OriginError::Api(api)) => {
+                Err(VfsError::Io(format!("origin refused the batch: {api}")))
+            }
+            Err(e) => Err(self.vfs.origin_failed(e)),
+        }
     }
 }
 

@@ -302,3 +302,75 @@ async fn a_name_taken_by_something_not_served_is_held_and_the_rest_goes_on() -> 
     assert_eq!(nfs.read_path("pipe").await?, OURS);
     Ok(())
 }
+
+/// A long backlog goes to the origin in several requests (the reintegrator
+/// sends a batch in parts while the next part's content uploads): files in
+/// a directory made offline name it by the key of its creation, across
+/// those requests, and a conflict deep in the backlog stops it there, is
+/// settled, and what follows it still arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conflict_deep_in_a_long_backlog_is_settled_and_the_rest_follows() -> Result {
+    let fx = Fixture::with_cache_size(
+        "1GiB",
+        &[
+            "--reintegrate-delay",
+            "100ms",
+            "--conflict-policy",
+            "keep-both",
+        ],
+        |root| Ok(std::fs::write(root.join("shared.txt"), "v1")?),
+    )?;
+    let mut fx = fx;
+    let mut nfs = Nfs::mount(fx.port(), "/imz").await?;
+    let root = nfs.root.clone();
+    nfs.read_path("shared.txt").await?;
+
+    fx.origin.proc.kill9();
+    let many = nfs.mkdir(&root, "many").await?;
+    let body = |i: usize| format!("file {i} of the backlog").into_bytes();
+    let attrs = imz_integration::nfs::Attrs {
+        size: Some(0),
+        ..Default::default()
+    };
+    for i in 0..300 {
+        let fh = nfs
+            .create(
+                &many,
+                &format!("f{i:03}"),
+                imz_integration::nfs::CreateMode::Unchecked,
+                &attrs,
+            )
+            .await?;
+        nfs.write_all(&fh, &body(i)).await?;
+    }
+    let shared = nfs.lookup_path("shared.txt").await?;
+    nfs.write(&shared, 0, OURS, Stable::FILE_SYNC).await?;
+    for i in 300..350 {
+        let fh = nfs
+            .create(
+                &many,
+                &format!("f{i:03}"),
+                imz_integration::nfs::CreateMode::Unchecked,
+                &attrs,
+            )
+            .await?;
+        nfs.write_all(&fh, &body(i)).await?;
+    }
+    std::fs::write(fx.root.join("shared.txt"), THEIRS)?;
+    fx.origin.restart()?;
+
+    settle(&fx, "every file of the backlog at the origin", |fx| {
+        (0..350).all(|i| read(fx, &format!("many/f{i:03}")) == Some(body(i)))
+    })?;
+    settle(
+        &fx,
+        "update/update: theirs at the name, ours beside it",
+        |fx| {
+            read(fx, "shared.txt").as_deref() == Some(THEIRS)
+                && copies(fx, "", "shared.txt") == vec![OURS.to_vec()]
+        },
+    )?;
+    let names = std::fs::read_dir(fx.origin_path("many"))?.count();
+    assert_eq!(names, 350, "strays or duplicates in the directory");
+    Ok(())
+}
