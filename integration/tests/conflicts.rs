@@ -100,6 +100,12 @@ fn copies(fx: &Fixture, dir: &str, name: &str) -> Vec<Vec<u8>> {
         .unwrap_or_default()
 }
 
+/// Theirs holds the name `name` at the origin's root, and ours is beside
+/// it as the one conflict copy.
+fn theirs_named_ours_beside(fx: &Fixture, name: &str) -> bool {
+    read(fx, name).as_deref() == Some(THEIRS) && copies(fx, "", name) == vec![OURS.to_vec()]
+}
+
 fn saved_copies(fx: &Fixture) -> Vec<Vec<u8>> {
     let dir = fx.gateway.cache_dir.join("conflicts");
     std::fs::read_dir(dir)
@@ -117,18 +123,12 @@ async fn keep_both_keeps_both_versions() -> Result {
     settle(
         &fx,
         "update/update: theirs at the name, ours beside it",
-        |fx| {
-            read(fx, "shared.txt").as_deref() == Some(THEIRS)
-                && copies(fx, "", "shared.txt") == vec![OURS.to_vec()]
-        },
+        |fx| theirs_named_ours_beside(fx, "shared.txt"),
     )?;
     settle(
         &fx,
         "create/create: theirs at the name, ours beside it",
-        |fx| {
-            read(fx, "both.txt").as_deref() == Some(THEIRS)
-                && copies(fx, "", "both.txt") == vec![OURS.to_vec()]
-        },
+        |fx| theirs_named_ours_beside(fx, "both.txt"),
     )?;
     settle(&fx, "remove/update: their change survives", |fx| {
         read(fx, "removed-by-us.txt").as_deref() == Some(THEIRS)
@@ -235,8 +235,7 @@ async fn manual_holds_until_a_person_decides() -> Result {
     ])?;
     settle(&fx, "decisions applied", |fx| {
         read(fx, "shared.txt").as_deref() == Some(OURS)
-            && read(fx, "both.txt").as_deref() == Some(THEIRS)
-            && copies(fx, "", "both.txt") == vec![OURS.to_vec()]
+            && theirs_named_ours_beside(fx, "both.txt")
             && read(fx, "removed-by-them.txt").is_none()
     })?;
     let _ = Path::new("");
@@ -310,7 +309,7 @@ async fn a_name_taken_by_something_not_served_is_held_and_the_rest_goes_on() -> 
 /// settled, and what follows it still arrives.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_conflict_deep_in_a_long_backlog_is_settled_and_the_rest_follows() -> Result {
-    let fx = Fixture::with_cache_size(
+    let mut fx = Fixture::with_cache_size(
         "1GiB",
         &[
             "--reintegrate-delay",
@@ -320,57 +319,57 @@ async fn a_conflict_deep_in_a_long_backlog_is_settled_and_the_rest_follows() -> 
         ],
         |root| Ok(std::fs::write(root.join("shared.txt"), "v1")?),
     )?;
-    let mut fx = fx;
     let mut nfs = Nfs::mount(fx.port(), "/imz").await?;
     let root = nfs.root.clone();
     nfs.read_path("shared.txt").await?;
 
     fx.origin.proc.kill9();
     let many = nfs.mkdir(&root, "many").await?;
-    let body = |i: usize| format!("file {i} of the backlog").into_bytes();
-    let attrs = imz_integration::nfs::Attrs {
-        size: Some(0),
-        ..Default::default()
-    };
-    for i in 0..300 {
-        let fh = nfs
-            .create(
-                &many,
-                &format!("f{i:03}"),
-                imz_integration::nfs::CreateMode::Unchecked,
-                &attrs,
-            )
-            .await?;
-        nfs.write_all(&fh, &body(i)).await?;
-    }
+    make_files(&mut nfs, &many, 0..300).await?;
     let shared = nfs.lookup_path("shared.txt").await?;
     nfs.write(&shared, 0, OURS, Stable::FILE_SYNC).await?;
-    for i in 300..350 {
-        let fh = nfs
-            .create(
-                &many,
-                &format!("f{i:03}"),
-                imz_integration::nfs::CreateMode::Unchecked,
-                &attrs,
-            )
-            .await?;
-        nfs.write_all(&fh, &body(i)).await?;
-    }
+    make_files(&mut nfs, &many, 300..350).await?;
     std::fs::write(fx.root.join("shared.txt"), THEIRS)?;
     fx.origin.restart()?;
 
     settle(&fx, "every file of the backlog at the origin", |fx| {
-        (0..350).all(|i| read(fx, &format!("many/f{i:03}")) == Some(body(i)))
+        (0..350).all(|i| read(fx, &format!("many/f{i:03}")) == Some(backlog_body(i)))
     })?;
     settle(
         &fx,
         "update/update: theirs at the name, ours beside it",
-        |fx| {
-            read(fx, "shared.txt").as_deref() == Some(THEIRS)
-                && copies(fx, "", "shared.txt") == vec![OURS.to_vec()]
-        },
+        |fx| theirs_named_ours_beside(fx, "shared.txt"),
     )?;
     let names = std::fs::read_dir(fx.origin_path("many"))?.count();
     assert_eq!(names, 350, "strays or duplicates in the directory");
+    Ok(())
+}
+
+fn backlog_body(i: usize) -> Vec<u8> {
+    format!("file {i} of the backlog").into_bytes()
+}
+
+/// Files `f000`... numbered `range` in `dir`, each with its `backlog_body`.
+async fn make_files(
+    nfs: &mut Nfs,
+    dir: &nfs3_client::nfs3_types::nfs3::nfs_fh3,
+    range: std::ops::Range<usize>,
+) -> Result {
+    let attrs = imz_integration::nfs::Attrs {
+        size: Some(0),
+        ..Default::default()
+    };
+    for i in range {
+        let name = format!("f{i:03}");
+        let fh = nfs
+            .create(
+                dir,
+                &name,
+                imz_integration::nfs::CreateMode::Unchecked,
+                &attrs,
+            )
+            .await?;
+        nfs.write_all(&fh, &backlog_body(i)).await?;
+    }
     Ok(())
 }
