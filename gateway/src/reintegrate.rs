@@ -603,8 +603,8 @@ impl Reintegrator {
     /// Uploads content, sends the batch, records what was applied. Returns
     /// the first operation the origin refused, with its answer.
     ///
-    /// The batch goes in parts of [`PART_OPS`] operations, each sent once
-    /// its content is uploaded, while the next part's content travels: the
+    /// A batch with content goes in parts of [`PART_OPS`] operations, each
+    /// sent once its content is uploaded, while the next part's travels: the
     /// origin applies a part (renames, attributes, fsyncs) in about the time
     /// the next part's uploads take, and done one after the other the two
     /// waits added up. A part may name what an earlier part created, by its
@@ -612,9 +612,15 @@ impl Reintegrator {
     /// stops at the first operation it does not apply, and so does this:
     /// no later part is sent.
     async fn ship(&self, plan: &Plan) -> Result<Option<(u64, OpResult)>, VfsError> {
+        // Without content to upload there is nothing to overlap: one part.
+        let part_ops = if plan.uploads.is_empty() {
+            plan.ops.len().max(1)
+        } else {
+            PART_OPS
+        };
         let parts: Vec<Range<usize>> = (0..plan.ops.len())
-            .step_by(PART_OPS)
-            .map(|start| start..(start + PART_OPS).min(plan.ops.len()))
+            .step_by(part_ops)
+            .map(|start| start..(start + part_ops).min(plan.ops.len()))
             .collect();
         let uploads_of = |part: &Range<usize>| -> Vec<Upload> {
             plan.uploads
