@@ -635,7 +635,8 @@ impl Reintegrator {
         };
         for (i, part) in parts.iter().enumerate() {
             let uploaded = uploaded_ahead?;
-            let send = self.send(&plan.ops[part.clone()]);
+            let (ops, done) = (&plan.ops[part.clone()], &plan.done[part.clone()]);
+            let send = self.send(ops);
             let started = Instant::now();
             let (answer, ahead) = match parts.get(i + 1) {
                 Some(next) => tokio::join!(send, self.upload(uploads_of(next))),
@@ -643,10 +644,8 @@ impl Reintegrator {
             };
             let answer = answer?;
             uploaded_ahead = ahead;
-            let done = &plan.done[part.clone()];
-            for ((op, done), result) in plan.ops[part.clone()].iter().zip(done).zip(&answer.results)
-            {
-                tracing::debug!(seq = done.seq(), op = ?op.op, ?result, "origin answered");
+            for ((op, d), result) in ops.iter().zip(done).zip(&answer.results) {
+                tracing::debug!(seq = d.seq(), op = ?op.op, ?result, "origin answered");
             }
             let n_applied = self.record(done, &answer, uploaded).await?;
             tracing::debug!(ops = n_applied, bytes = uploaded, took = ?started.elapsed(), "reintegrated");
