@@ -8,6 +8,7 @@ pub mod data;
 pub mod gateway;
 pub mod guest;
 pub mod libnfs;
+pub mod mount;
 pub mod netns;
 pub mod nfs;
 pub mod pipelined;

@@ -10,6 +10,7 @@ use imz_integration::Fixture;
 use imz_integration::data;
 use imz_integration::gateway::eventually;
 use imz_integration::libnfs;
+use imz_integration::mount::Tmpfs;
 use imz_integration::nfs::{Attrs, CreateMode, Nfs, NfsError, Stable, expect_status};
 use nfs3_client::nfs3_types::nfs3::nfsstat3;
 
@@ -836,43 +837,6 @@ async fn writing_a_partly_cached_file_makes_it_whole_first() -> Result {
     Ok(())
 }
 
-/// A tmpfs mounted for one test, unmounted when dropped.
-struct Tmpfs(std::path::PathBuf);
-
-impl Tmpfs {
-    fn mount(path: &Path, bytes: u64) -> anyhow::Result<Self> {
-        std::fs::create_dir_all(path)?;
-        let out = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "tmpfs"])
-            .arg(path)
-            .output()?;
-        anyhow::ensure!(
-            out.status.success(),
-            "mount -t tmpfs (needs root): {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Ok(Self(path.to_owned()))
-    }
-
-    /// Takes every byte left, as another program would, with file `name`.
-    fn fill(&self, name: &str) -> anyhow::Result<()> {
-        use std::io::Write;
-        let mut filler = std::fs::File::create(self.0.join(name))?;
-        let zeros = vec![0u8; 1 << 20];
-        while filler.write(&zeros).is_ok_and(|n| n > 0) {}
-        Ok(())
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(&self.0)
-            .status();
-    }
-}
-
 /// A fixture whose gateway (`--cache-size 10GiB`) keeps its cache on a
 /// tmpfs of `disk` bytes; dropped in order, the gateway stops before the
 /// tmpfs goes.
@@ -1478,21 +1442,6 @@ impl TestMount {
         run_mount(&["-o", "remount,bind,ro", dst])?;
         Ok(mount)
     }
-
-    /// A fresh tmpfs at `at`: a filesystem of its own (unmounted on drop),
-    /// large enough for a cache (tmpfs takes memory only as it fills).
-    fn tmpfs(at: &Path) -> anyhow::Result<Self> {
-        std::fs::create_dir_all(at)?;
-        run_mount(&[
-            "-t",
-            "tmpfs",
-            "-o",
-            "size=2g",
-            "tmpfs",
-            at.to_str().unwrap_or(""),
-        ])?;
-        Ok(Self(at.to_path_buf()))
-    }
 }
 
 impl Drop for TestMount {
@@ -1625,9 +1574,9 @@ async fn writes_reach_a_tree_that_spans_filesystems() -> Result {
     let dir = tempfile::tempdir()?;
     let tree = dir.path().join("tree");
     data::write_file(&tree.join("top.txt"), 1, 1000)?;
-    let _inner = TestMount::tmpfs(&tree.join("mnt"))?;
+    let _inner = Tmpfs::mount(&tree.join("mnt"), 2 << 30)?;
     let state = dir.path().join("state");
-    let _state = TestMount::tmpfs(&state)?;
+    let _state = Tmpfs::mount(&state, 2 << 30)?;
     let (tree_arg, state_arg) = (tree.to_str().unwrap_or(""), state.to_str().unwrap_or(""));
     let (serve, port) = spawn_serve(&[
         tree_arg,
