@@ -204,3 +204,146 @@ fn kill_during_reintegration_leaves_no_torn_file_and_no_duplicate() {
     assert_eq!(before, created.len(), "a create journaled twice");
     assert_eq!(created.len(), N);
 }
+
+/// A tree on another filesystem than the origin's state gets an upload as
+/// a copy, linked at its name before the staged upload is removed. kill -9
+/// between the two used to end, on replay, as a conflict with the file's
+/// own copy (both kept). The replayed create and write must each apply
+/// once, and nothing be left staged.
+#[test]
+fn kill_between_linking_a_copied_upload_and_unstaging_it_replays_cleanly() {
+    use imz_integration::OriginProc;
+    use imz_integration::mount::Tmpfs;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().join("root");
+    std::fs::create_dir(&root).expect("mkdir root");
+    std::fs::write(root.join("old.txt"), b"as it was").expect("old.txt");
+    let state = dir.path().join("state");
+    let _state = Tmpfs::mount(&state, 256 << 20).expect("tmpfs for the state");
+    let token = dir.path().join("token");
+    let extra = ["--state".to_owned(), state.display().to_string()];
+    // Each install across filesystems waits here, its copy linked in and
+    // its upload still staged, until the kill.
+    let paused = [
+        "env".to_owned(),
+        "IMZ_TEST_UNSTAGE_PAUSE_MS=60000".to_owned(),
+    ];
+    let mut origin = OriginProc::start_full(&paused, &root, &token, "127.0.0.1:0", &extra)
+        .expect("start origin");
+    let addr = origin.addr.to_string();
+    let old = Client::new(&origin).lookup(ROOT_ID, "old.txt").attr;
+
+    let new_content = content(1);
+    let rewritten = content(2);
+    let batches = [
+        (
+            "u-new",
+            new_content.clone(),
+            op(
+                "gw:new",
+                Op::Create {
+                    parent: ObjRef::Id(ROOT_ID),
+                    name: "new.bin".into(),
+                    object: NewObject::File {
+                        upload: Some("u-new".into()),
+                    },
+                    attrs: SetAttrs::default(),
+                },
+            ),
+            "new.bin",
+        ),
+        (
+            "u-old",
+            rewritten.clone(),
+            op(
+                "gw:rewrite",
+                Op::Write {
+                    id: ObjRef::Id(old.id),
+                    base: wire::Base::Version(old.version),
+                    upload: "u-old".into(),
+                    mtime: None,
+                },
+            ),
+            "old.txt",
+        ),
+    ];
+    for (i, (upload, body, keyed, name)) in batches.iter().enumerate() {
+        let c = Client::new(&origin);
+        c.upload(upload, body.clone());
+        let sender = {
+            let c = Client::at(&c.base, &c.token);
+            let ops = vec![keyed.clone()];
+            std::thread::spawn(move || {
+                let _ = c
+                    .http
+                    .post(c.url(wire::paths::REINTEGRATE))
+                    .bearer_auth(&c.token)
+                    .json(&wire::Batch { ops })
+                    .send();
+            })
+        };
+        let path = root.join(name);
+        eventually("the copy to be linked in", Duration::from_secs(30), || {
+            (std::fs::read(&path).ok()? == *body).then_some(())
+        });
+        assert!(
+            state.join("uploads").join(upload).exists(),
+            "the upload left the staging area before the pause"
+        );
+        origin.proc.kill9();
+        let _ = sender.join();
+        // The next install pauses too; after the last, none does.
+        let wrapper: &[String] = if i + 1 < batches.len() { &paused } else { &[] };
+        origin =
+            OriginProc::start_full(wrapper, &root, &token, &addr, &extra).expect("restart origin");
+        let r = Client::new(&origin).reintegrate(vec![keyed.clone()]);
+        assert!(
+            matches!(
+                r.results.as_slice(),
+                [OpResult::Applied { .. } | OpResult::Replayed { .. }]
+            ),
+            "{name}: {:?}",
+            r.results
+        );
+        assert!(
+            !state.join("uploads").join(upload).exists(),
+            "{upload} left staged"
+        );
+    }
+
+    let c = Client::new(&origin);
+    let mut names: Vec<_> = std::fs::read_dir(&root)
+        .expect("root")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        ["new.bin", "old.txt"],
+        "conflict copies in the tree?"
+    );
+    assert_eq!(
+        std::fs::read(root.join("new.bin")).expect("new.bin"),
+        new_content
+    );
+    assert_eq!(
+        std::fs::read(root.join("old.txt")).expect("old.txt"),
+        rewritten
+    );
+    let served = c.lookup(ROOT_ID, "old.txt").attr;
+    assert_eq!(served.id, old.id, "the rewritten file changed identity");
+    assert_eq!(
+        c.data(served.id, served.version)
+            .bytes()
+            .expect("data")
+            .as_ref(),
+        rewritten.as_slice()
+    );
+    let creates = c
+        .records(0)
+        .into_iter()
+        .filter(|r| matches!(&r.change, Change::Create { name, .. } if name == "new.bin"))
+        .count();
+    assert_eq!(creates, 1, "new.bin created {creates} times");
+}

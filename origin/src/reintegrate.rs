@@ -282,6 +282,32 @@ impl Apply<'_, '_, '_> {
         answer().unwrap_or_else(Stop::Err)
     }
 
+    /// Recovery only: whether the file `name` in `dir` is staged upload
+    /// `upload` copied in, and the upload is left over. A tree on another
+    /// filesystem than the staging area gets an upload as a copy, linked
+    /// at its name before the staged file is removed (a rename cannot
+    /// cross filesystems); a crash in between leaves both, the copy whole.
+    /// Then the operation did apply, and the leftover goes now. On one
+    /// filesystem the upload is renamed into place, so a staged upload
+    /// there means the operation did not apply.
+    fn copied_in(&self, upload: &str, dir: &OwnedFd, name: &str) -> bool {
+        let uploads = &self.cx.shared.uploads_fd;
+        match same_content_across(uploads, upload, dir, name) {
+            Ok(false) => false,
+            Ok(true) => {
+                if let Err(e) = unstage(uploads, upload) {
+                    // It expires with the other leftovers.
+                    tracing::warn!(upload, error = %e, "removing an installed upload");
+                }
+                true
+            }
+            Err(e) => {
+                tracing::warn!(upload, error = %e, "comparing a staged upload with its copy");
+                false
+            }
+        }
+    }
+
     fn staged(&self, upload: &str) -> Step<bool> {
         if !wire::validate_upload_id(upload) {
             return Err(rejected(
@@ -381,6 +407,7 @@ impl Apply<'_, '_, '_> {
             }
             if let NewObject::File { upload: Some(u) } = object
                 && self.staged(u)?
+                && !self.copied_in(u, &pfd, name)
             {
                 return Err(not_applied());
             }
@@ -464,7 +491,7 @@ impl Apply<'_, '_, '_> {
             if let Err(e) = install_over(&self.cx.shared.uploads_fd, upload, &pfd, &m, mtime) {
                 return Err(fs_failed("installing an upload", e));
             }
-        } else if staged {
+        } else if staged && !self.copied_in(upload, &pfd, &m.name) {
             return Err(not_applied());
         }
         let st = stat_or_fail(&pfd, &m.name)?;
@@ -992,6 +1019,7 @@ fn install_new(
         Err(rustix::io::Errno::XDEV) => {
             let copy = copy_across(fd, dir, attrs)?;
             link_unnamed(&copy, dir, name)?;
+            test_unstage_pause();
             unstage(uploads, upload)
         }
         other => other.map_err(io),
@@ -1004,9 +1032,9 @@ fn install_new(
 /// the tree), where the rename that installs an upload cannot go.
 ///
 /// The staged file is removed only after the copy is linked in, so a crash
-/// in between leaves both; recovery then finds the upload still staged,
-/// counts the operation as not applied, and its replay meets the name
-/// taken (answered as a conflict, both copies kept): nothing is lost.
+/// in between leaves both; recovery then finds the copy holding the staged
+/// bytes, counts the operation as applied and removes the leftover (see
+/// `copied_in`).
 fn copy_across(staged: OwnedFd, dir: &OwnedFd, attrs: &SetAttrs) -> std::io::Result<OwnedFd> {
     let tmp = rustix::fs::openat(
         dir,
@@ -1103,6 +1131,80 @@ fn link_over(fd: &OwnedFd, dir: &OwnedFd, name: &str, tmp_name: &str) -> std::io
     Ok(())
 }
 
+/// Whether staged upload `upload` and the regular file `name` in `dir` are
+/// on different filesystems and hold the same bytes.
+fn same_content_across(
+    uploads: &OwnedFd,
+    upload: &str,
+    dir: &OwnedFd,
+    name: &str,
+) -> std::io::Result<bool> {
+    let staged = open_staged(uploads, upload)?;
+    let installed = match rustix::fs::openat(
+        dir,
+        names::to_os(name),
+        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
+        FsMode::empty(),
+    ) {
+        Ok(fd) => fd,
+        Err(rustix::io::Errno::NOENT | rustix::io::Errno::LOOP) => return Ok(false),
+        Err(e) => return Err(io(e)),
+    };
+    let (a, b) = (
+        rustix::fs::fstat(&staged).map_err(io)?,
+        rustix::fs::fstat(&installed).map_err(io)?,
+    );
+    if a.st_dev == b.st_dev || fsops::kind_of(&b) != Some(Kind::File) || a.st_size != b.st_size {
+        return Ok(false);
+    }
+    const PIECE: u64 = 1 << 20;
+    let size = u64::try_from(a.st_size).unwrap_or(0);
+    let (mut x, mut y) = (vec![0u8; PIECE as usize], vec![0u8; PIECE as usize]);
+    let mut at = 0;
+    while at < size {
+        let n = (size - at).min(PIECE) as usize;
+        if read_full(&staged, &mut x[..n], at)? != n
+            || read_full(&installed, &mut y[..n], at)? != n
+            || x[..n] != y[..n]
+        {
+            return Ok(false);
+        }
+        at += n as u64;
+    }
+    Ok(true)
+}
+
+/// Reads into `buf` at `at` until it is full or the file ends; the count.
+fn read_full(fd: &OwnedFd, buf: &mut [u8], at: u64) -> std::io::Result<usize> {
+    let mut done = 0;
+    while done < buf.len() {
+        match rustix::io::pread(fd, &mut buf[done..], at + done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(io(e)),
+        }
+    }
+    Ok(done)
+}
+
+/// A pause after an upload copied across filesystems is linked in and
+/// before it leaves the staging area, from `IMZ_TEST_UNSTAGE_PAUSE_MS`: the
+/// moment a crash leaves both, for tests (kill -9 cannot aim at it).
+fn test_unstage_pause() {
+    let Some(ms) = std::env::var("IMZ_TEST_UNSTAGE_PAUSE_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    else {
+        return;
+    };
+    tracing::warn!(
+        ms,
+        "pausing before removing an installed upload, for a test"
+    );
+    std::thread::sleep(std::time::Duration::from_millis(ms));
+}
+
 fn unstage(uploads: &OwnedFd, upload: &str) -> std::io::Result<()> {
     rustix::fs::unlinkat(uploads, upload, AtFlags::empty()).map_err(io)
 }
@@ -1132,6 +1234,7 @@ fn install_over(
                 &old.name,
                 &format!("{INSTALLING_PREFIX}{upload}"),
             )?;
+            test_unstage_pause();
             unstage(uploads, upload)
         }
         other => other.map_err(io),
