@@ -1123,7 +1123,15 @@ fn link_unnamed(fd: &OwnedFd, dir: &OwnedFd, name: &str) -> std::io::Result<()> 
 /// there: first the name `tmp_name` of its own, so that the replacement is
 /// one rename within the directory, as it is from the staging area.
 fn link_over(fd: &OwnedFd, dir: &OwnedFd, name: &str, tmp_name: &str) -> std::io::Result<()> {
-    link_unnamed(fd, dir, tmp_name)?;
+    if let Err(e) = link_unnamed(fd, dir, tmp_name) {
+        if e.kind() != std::io::ErrorKind::AlreadyExists {
+            return Err(e);
+        }
+        // Left by a crash between the link and the rename: the name is
+        // ours (INSTALLING_PREFIX), and its operation is being replayed.
+        rustix::fs::unlinkat(dir, tmp_name, AtFlags::empty()).map_err(io)?;
+        link_unnamed(fd, dir, tmp_name)?;
+    }
     if let Err(e) = rustix::fs::renameat(dir, tmp_name, dir, names::to_os(name)) {
         let _ = rustix::fs::unlinkat(dir, tmp_name, AtFlags::empty());
         return Err(io(e));
@@ -1321,4 +1329,47 @@ fn create_symlink(
         tracing::warn!(error = %e, "cannot set the owner or times of a new symlink");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open_dir(path: &std::path::Path) -> OwnedFd {
+        rustix::fs::open(
+            path,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            FsMode::empty(),
+        )
+        .expect("open dir")
+    }
+
+    fn names(path: &std::path::Path) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(path)
+            .expect("list")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn a_replacement_replayed_after_a_crash_clears_the_name_the_crash_left() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        std::fs::write(tmp.path().join("f"), b"old").expect("f");
+        let leftover = format!("{INSTALLING_PREFIX}u1");
+        std::fs::write(tmp.path().join(&leftover), b"from before the crash").expect("leftover");
+        let dir = open_dir(tmp.path());
+        let copy = rustix::fs::openat(
+            &dir,
+            ".",
+            OFlags::RDWR | OFlags::TMPFILE | OFlags::CLOEXEC,
+            FsMode::from_raw_mode(0o644),
+        )
+        .expect("O_TMPFILE");
+        rustix::io::write(&copy, b"new").expect("write");
+        link_over(&copy, &dir, "f", &leftover).expect("link_over");
+        assert_eq!(std::fs::read(tmp.path().join("f")).expect("read"), b"new");
+        assert_eq!(names(tmp.path()), ["f"]);
+    }
 }
