@@ -1147,6 +1147,7 @@ fn same_content_across(
     dir: &OwnedFd,
     name: &str,
 ) -> std::io::Result<bool> {
+    use std::os::unix::fs::FileExt;
     let staged = open_staged(uploads, upload)?;
     let installed = match rustix::fs::openat(
         dir,
@@ -1165,35 +1166,28 @@ fn same_content_across(
     if a.st_dev == b.st_dev || fsops::kind_of(&b) != Some(Kind::File) || a.st_size != b.st_size {
         return Ok(false);
     }
+    let (staged, installed) = (std::fs::File::from(staged), std::fs::File::from(installed));
     const PIECE: u64 = 1 << 20;
     let size = u64::try_from(a.st_size).unwrap_or(0);
     let (mut x, mut y) = (vec![0u8; PIECE as usize], vec![0u8; PIECE as usize]);
     let mut at = 0;
     while at < size {
         let n = (size - at).min(PIECE) as usize;
-        if read_full(&staged, &mut x[..n], at)? != n
-            || read_full(&installed, &mut y[..n], at)? != n
-            || x[..n] != y[..n]
-        {
-            return Ok(false);
+        match (
+            staged.read_exact_at(&mut x[..n], at),
+            installed.read_exact_at(&mut y[..n], at),
+        ) {
+            (Ok(()), Ok(())) if x[..n] == y[..n] => {}
+            (Ok(()), Ok(())) => return Ok(false),
+            // Shorter than it said: changing under us, so not our copy.
+            (Err(e), _) | (_, Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                return Ok(false);
+            }
+            (Err(e), _) | (_, Err(e)) => return Err(e),
         }
         at += n as u64;
     }
     Ok(true)
-}
-
-/// Reads into `buf` at `at` until it is full or the file ends; the count.
-fn read_full(fd: &OwnedFd, buf: &mut [u8], at: u64) -> std::io::Result<usize> {
-    let mut done = 0;
-    while done < buf.len() {
-        match rustix::io::pread(fd, &mut buf[done..], at + done as u64) {
-            Ok(0) => break,
-            Ok(n) => done += n,
-            Err(rustix::io::Errno::INTR) => {}
-            Err(e) => return Err(io(e)),
-        }
-    }
-    Ok(done)
 }
 
 /// A pause after an upload copied across filesystems is linked in and
