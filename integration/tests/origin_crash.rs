@@ -205,6 +205,102 @@ fn kill_during_reintegration_leaves_no_torn_file_and_no_duplicate() {
     assert_eq!(created.len(), N);
 }
 
+/// An origin whose copies across filesystems each pause, linked in with
+/// their original still there, until the test kills it
+/// (`IMZ_TEST_ACROSS_PAUSE_MS`).
+struct PausedOrigin {
+    origin: imz_integration::OriginProc,
+    root: std::path::PathBuf,
+    token: std::path::PathBuf,
+    extra: Vec<String>,
+}
+
+impl PausedOrigin {
+    const PAUSED: [&str; 2] = ["env", "IMZ_TEST_ACROSS_PAUSE_MS=60000"];
+
+    fn start(root: &std::path::Path, token: &std::path::Path, extra: &[String]) -> Self {
+        let origin = imz_integration::OriginProc::start_full(
+            &Self::PAUSED.map(str::to_owned),
+            root,
+            token,
+            "127.0.0.1:0",
+            extra,
+        )
+        .expect("start origin");
+        Self {
+            origin,
+            root: root.to_owned(),
+            token: token.to_owned(),
+            extra: extra.to_vec(),
+        }
+    }
+
+    fn client(&self) -> Client {
+        Client::new(&self.origin)
+    }
+
+    /// Sends `keyed`, waits until `in_window` says the copy is linked in,
+    /// kills the origin there and restarts it (pausing again only if
+    /// `pause_after`), then replays `keyed`: it must apply once.
+    fn kill_in_the_window_and_replay(
+        &mut self,
+        keyed: &wire::KeyedOp,
+        in_window: impl Fn() -> bool,
+        pause_after: bool,
+    ) {
+        let sender = {
+            let c = self.client();
+            let ops = vec![keyed.clone()];
+            std::thread::spawn(move || {
+                let _ = c
+                    .http
+                    .post(c.url(wire::paths::REINTEGRATE))
+                    .bearer_auth(&c.token)
+                    .json(&wire::Batch { ops })
+                    .send();
+            })
+        };
+        eventually("the copy to be linked in", Duration::from_secs(30), || {
+            in_window().then_some(())
+        });
+        self.origin.proc.kill9();
+        let _ = sender.join();
+        let wrapper = if pause_after {
+            Self::PAUSED.map(str::to_owned).to_vec()
+        } else {
+            Vec::new()
+        };
+        self.origin = imz_integration::OriginProc::start_full(
+            &wrapper,
+            &self.root,
+            &self.token,
+            &self.origin.addr.to_string(),
+            &self.extra,
+        )
+        .expect("restart origin");
+        let r = self.client().reintegrate(vec![keyed.clone()]);
+        assert!(
+            matches!(
+                r.results.as_slice(),
+                [OpResult::Applied { .. } | OpResult::Replayed { .. }]
+            ),
+            "{}: {:?}",
+            keyed.key,
+            r.results
+        );
+    }
+}
+
+fn names_in(dir: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<_> = std::fs::read_dir(dir)
+        .expect("read_dir")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .filter(|n| n != ".imz")
+        .collect();
+    names.sort();
+    names
+}
+
 /// A tree on another filesystem than the origin's state gets an upload as
 /// a copy, linked at its name before the staged upload is removed. kill -9
 /// between the two used to end, on replay, as a conflict with the file's
@@ -212,7 +308,6 @@ fn kill_during_reintegration_leaves_no_torn_file_and_no_duplicate() {
 /// once, and nothing be left staged.
 #[test]
 fn kill_between_linking_a_copied_upload_and_unstaging_it_replays_cleanly() {
-    use imz_integration::OriginProc;
     use imz_integration::mount::Tmpfs;
 
     let dir = tempfile::tempdir().expect("tempdir");
@@ -221,18 +316,9 @@ fn kill_between_linking_a_copied_upload_and_unstaging_it_replays_cleanly() {
     std::fs::write(root.join("old.txt"), b"as it was").expect("old.txt");
     let state = dir.path().join("state");
     let _state = Tmpfs::mount(&state, 256 << 20).expect("tmpfs for the state");
-    let token = dir.path().join("token");
     let extra = ["--state".to_owned(), state.display().to_string()];
-    // Each install across filesystems waits here, its copy linked in and
-    // its upload still staged, until the kill.
-    let paused = [
-        "env".to_owned(),
-        "IMZ_TEST_UNSTAGE_PAUSE_MS=60000".to_owned(),
-    ];
-    let mut origin = OriginProc::start_full(&paused, &root, &token, "127.0.0.1:0", &extra)
-        .expect("start origin");
-    let addr = origin.addr.to_string();
-    let old = Client::new(&origin).lookup(ROOT_ID, "old.txt").attr;
+    let mut origin = PausedOrigin::start(&root, &dir.path().join("token"), &extra);
+    let old = origin.client().lookup(ROOT_ID, "old.txt").attr;
 
     let new_content = content(1);
     let rewritten = content(2);
@@ -269,57 +355,26 @@ fn kill_between_linking_a_copied_upload_and_unstaging_it_replays_cleanly() {
         ),
     ];
     for (i, (upload, body, keyed, name)) in batches.iter().enumerate() {
-        let c = Client::new(&origin);
-        c.upload(upload, body.clone());
-        let sender = {
-            let c = Client::at(&c.base, &c.token);
-            let ops = vec![keyed.clone()];
-            std::thread::spawn(move || {
-                let _ = c
-                    .http
-                    .post(c.url(wire::paths::REINTEGRATE))
-                    .bearer_auth(&c.token)
-                    .json(&wire::Batch { ops })
-                    .send();
-            })
-        };
-        let path = root.join(name);
-        eventually("the copy to be linked in", Duration::from_secs(30), || {
-            (std::fs::read(&path).ok()? == *body).then_some(())
-        });
-        assert!(
-            state.join("uploads").join(upload).exists(),
-            "the upload left the staging area before the pause"
+        origin.client().upload(upload, body.clone());
+        let (path, staged) = (root.join(name), state.join("uploads").join(upload));
+        origin.kill_in_the_window_and_replay(
+            keyed,
+            || {
+                let linked = std::fs::read(&path).is_ok_and(|b| b == *body);
+                assert!(
+                    !linked || staged.exists(),
+                    "the upload left the staging area before the pause"
+                );
+                linked
+            },
+            i + 1 < batches.len(),
         );
-        origin.proc.kill9();
-        let _ = sender.join();
-        // The next install pauses too; after the last, none does.
-        let wrapper: &[String] = if i + 1 < batches.len() { &paused } else { &[] };
-        origin =
-            OriginProc::start_full(wrapper, &root, &token, &addr, &extra).expect("restart origin");
-        let r = Client::new(&origin).reintegrate(vec![keyed.clone()]);
-        assert!(
-            matches!(
-                r.results.as_slice(),
-                [OpResult::Applied { .. } | OpResult::Replayed { .. }]
-            ),
-            "{name}: {:?}",
-            r.results
-        );
-        assert!(
-            !state.join("uploads").join(upload).exists(),
-            "{upload} left staged"
-        );
+        assert!(!staged.exists(), "{upload} left staged");
     }
 
-    let c = Client::new(&origin);
-    let mut names: Vec<_> = std::fs::read_dir(&root)
-        .expect("root")
-        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
-        .collect();
-    names.sort();
+    let c = origin.client();
     assert_eq!(
-        names,
+        names_in(&root),
         ["new.bin", "old.txt"],
         "conflict copies in the tree?"
     );
@@ -346,4 +401,105 @@ fn kill_between_linking_a_copied_upload_and_unstaging_it_replays_cleanly() {
         .filter(|r| matches!(&r.change, Change::Create { name, .. } if name == "new.bin"))
         .count();
     assert_eq!(creates, 1, "new.bin created {creates} times");
+}
+
+/// A rename into a filesystem mounted inside the tree moves the file as
+/// `mv` does: a copy linked at the new name, then the old name removed.
+/// kill -9 between the two used to leave the rename counted as not
+/// applied, and its replay met the file's own copy: a conflict, the file
+/// twice. The replayed moves, to a free name and over a file, must each
+/// apply once and keep the file's identity.
+#[test]
+fn kill_between_linking_a_moved_copy_and_removing_its_original_replays_cleanly() {
+    use imz_integration::mount::Tmpfs;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().join("root");
+    let inner = root.join("mnt");
+    std::fs::create_dir(&root).expect("mkdir root");
+    let _inner = Tmpfs::mount(&inner, 64 << 20).expect("tmpfs inside the tree");
+    let (a, b) = (content(3), content(4));
+    std::fs::write(root.join("a.bin"), &a).expect("a.bin");
+    std::fs::write(root.join("b.bin"), &b).expect("b.bin");
+    std::fs::write(inner.join("c.txt"), b"to be replaced").expect("c.txt");
+    let mut origin = PausedOrigin::start(&root, &dir.path().join("token"), &[]);
+    let c = origin.client();
+    let mnt = c.lookup(ROOT_ID, "mnt").attr;
+    let (a_attr, b_attr) = (
+        c.lookup(ROOT_ID, "a.bin").attr,
+        c.lookup(ROOT_ID, "b.bin").attr,
+    );
+    let c_attr = c.lookup(mnt.id, "c.txt").attr;
+    let before = c.records(0).last().map_or(0, |r| r.seq);
+
+    let moves = [
+        (
+            op(
+                "gw:move-a",
+                Op::Rename {
+                    from_parent: ObjRef::Id(ROOT_ID),
+                    from_name: "a.bin".into(),
+                    id: ObjRef::Id(a_attr.id),
+                    base: wire::Base::Version(a_attr.version),
+                    to_parent: ObjRef::Id(mnt.id),
+                    to_name: "a.bin".into(),
+                    replace: None,
+                },
+            ),
+            ("a.bin", "a.bin", &a),
+        ),
+        (
+            op(
+                "gw:move-b-over-c",
+                Op::Rename {
+                    from_parent: ObjRef::Id(ROOT_ID),
+                    from_name: "b.bin".into(),
+                    id: ObjRef::Id(b_attr.id),
+                    base: wire::Base::Version(b_attr.version),
+                    to_parent: ObjRef::Id(mnt.id),
+                    to_name: "c.txt".into(),
+                    replace: Some((ObjRef::Id(c_attr.id), wire::Base::Version(c_attr.version))),
+                },
+            ),
+            ("b.bin", "c.txt", &b),
+        ),
+    ];
+    for (i, (keyed, (from, to, body))) in moves.iter().enumerate() {
+        let (original, copy) = (root.join(from), inner.join(to));
+        origin.kill_in_the_window_and_replay(
+            keyed,
+            || {
+                let linked = std::fs::read(&copy).is_ok_and(|got| got == **body);
+                assert!(
+                    !linked || original.exists(),
+                    "{from} was removed before the pause"
+                );
+                linked
+            },
+            i + 1 < moves.len(),
+        );
+        assert!(!original.exists(), "{from} left behind after its move");
+    }
+
+    let c = origin.client();
+    assert_eq!(names_in(&root), ["mnt"], "conflict copies in the tree?");
+    assert_eq!(
+        names_in(&inner),
+        ["a.bin", "c.txt"],
+        "leftovers in the mount?"
+    );
+    assert_eq!(std::fs::read(inner.join("a.bin")).expect("a.bin"), a);
+    assert_eq!(std::fs::read(inner.join("c.txt")).expect("c.txt"), b);
+    for (name, was) in [("a.bin", &a_attr), ("c.txt", &b_attr)] {
+        let served = c.lookup(mnt.id, name).attr;
+        assert_eq!(served.id, was.id, "mnt/{name} changed identity");
+    }
+    let changes: Vec<Change> = c.records(before).into_iter().map(|r| r.change).collect();
+    assert!(
+        matches!(
+            changes.as_slice(),
+            [Change::Rename { .. }, Change::Rename { .. }]
+        ),
+        "two moves journaled as {changes:?}"
+    );
 }

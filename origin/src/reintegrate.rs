@@ -308,6 +308,35 @@ impl Apply<'_, '_, '_> {
         }
     }
 
+    /// Recovery only: whether the file `to_name` in `to` is a copy of the
+    /// file `from_name` in `from`, moved across filesystems by a crashed
+    /// rename that linked the copy but had not removed the original yet.
+    /// Then the rename did apply, and it is finished now: the original
+    /// goes, as it would have.
+    fn moved_across(&self, from: &OwnedFd, from_name: &str, to: &OwnedFd, to_name: &str) -> bool {
+        let copied = open_regular(from, from_name).and_then(|original| {
+            match (original, open_regular(to, to_name)?) {
+                (Some(original), Some(copy)) => copied_across(original, copy, Times::Kept),
+                _ => Ok(false),
+            }
+        });
+        match copied {
+            Ok(false) => false,
+            Ok(true) => match rustix::fs::unlinkat(from, names::to_os(from_name), AtFlags::empty())
+            {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::warn!(from_name, error = %e, "removing the original of a moved file");
+                    false
+                }
+            },
+            Err(e) => {
+                tracing::warn!(from_name, error = %e, "comparing a moved file with its copy");
+                false
+            }
+        }
+    }
+
     fn staged(&self, upload: &str) -> Step<bool> {
         if !wire::validate_upload_id(upload) {
             return Err(rejected(
@@ -814,7 +843,9 @@ impl Apply<'_, '_, '_> {
             // there, the name it left and the name it took tell.
             let across = m.attr.kind == Kind::File && !same_filesystem(&ffd, &tfd);
             let arrived = to.as_ref().is_some_and(|s| across || s.st_ino == m.fp.ino);
-            let moved = arrived && from.map(|s| s.st_ino) != Some(m.fp.ino);
+            let left = from.map(|s| s.st_ino) != Some(m.fp.ino);
+            let moved =
+                arrived && (left || across && self.moved_across(&ffd, from_name, &tfd, to_name));
             if !moved {
                 return Err(not_applied());
             }
@@ -1019,7 +1050,7 @@ fn install_new(
         Err(rustix::io::Errno::XDEV) => {
             let copy = copy_across(fd, dir, attrs)?;
             link_unnamed(&copy, dir, name)?;
-            test_unstage_pause();
+            test_across_pause();
             unstage(uploads, upload)
         }
         other => other.map_err(io),
@@ -1147,26 +1178,39 @@ fn same_content_across(
     dir: &OwnedFd,
     name: &str,
 ) -> std::io::Result<bool> {
-    use std::os::unix::fs::FileExt;
     let staged = open_staged(uploads, upload)?;
-    let installed = match rustix::fs::openat(
-        dir,
-        names::to_os(name),
-        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
-        FsMode::empty(),
-    ) {
-        Ok(fd) => fd,
-        Err(rustix::io::Errno::NOENT | rustix::io::Errno::LOOP) => return Ok(false),
-        Err(e) => return Err(io(e)),
-    };
+    match open_regular(dir, name)? {
+        Some(installed) => copied_across(staged, installed, Times::Any),
+        None => Ok(false),
+    }
+}
+
+/// Whether a copy made across filesystems must also carry the original's
+/// modification time.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Times {
+    Any,
+    Kept,
+}
+
+/// Whether regular file `copy` is on another filesystem than `original`
+/// and a copy of it: the same size, the same bytes and, with
+/// [`Times::Kept`], the same modification time.
+fn copied_across(original: OwnedFd, copy: OwnedFd, times: Times) -> std::io::Result<bool> {
+    use std::os::unix::fs::FileExt;
     let (a, b) = (
-        rustix::fs::fstat(&staged).map_err(io)?,
-        rustix::fs::fstat(&installed).map_err(io)?,
+        rustix::fs::fstat(&original).map_err(io)?,
+        rustix::fs::fstat(&copy).map_err(io)?,
     );
-    if a.st_dev == b.st_dev || fsops::kind_of(&b) != Some(Kind::File) || a.st_size != b.st_size {
+    let same_mtime = (a.st_mtime, a.st_mtime_nsec) == (b.st_mtime, b.st_mtime_nsec);
+    if a.st_dev == b.st_dev
+        || fsops::kind_of(&b) != Some(Kind::File)
+        || a.st_size != b.st_size
+        || (times == Times::Kept && !same_mtime)
+    {
         return Ok(false);
     }
-    let (staged, installed) = (std::fs::File::from(staged), std::fs::File::from(installed));
+    let (original, copy) = (std::fs::File::from(original), std::fs::File::from(copy));
     const PIECE: u64 = 1 << 20;
     let size = u64::try_from(a.st_size).unwrap_or(0);
     let (mut x, mut y) = (vec![0u8; PIECE as usize], vec![0u8; PIECE as usize]);
@@ -1174,8 +1218,8 @@ fn same_content_across(
     while at < size {
         let n = (size - at).min(PIECE) as usize;
         match (
-            staged.read_exact_at(&mut x[..n], at),
-            installed.read_exact_at(&mut y[..n], at),
+            original.read_exact_at(&mut x[..n], at),
+            copy.read_exact_at(&mut y[..n], at),
         ) {
             (Ok(()), Ok(())) if x[..n] == y[..n] => {}
             (Ok(()), Ok(())) => return Ok(false),
@@ -1190,11 +1234,26 @@ fn same_content_across(
     Ok(true)
 }
 
-/// A pause after an upload copied across filesystems is linked in and
-/// before it leaves the staging area, from `IMZ_TEST_UNSTAGE_PAUSE_MS`: the
-/// moment a crash leaves both, for tests (kill -9 cannot aim at it).
-fn test_unstage_pause() {
-    let Some(ms) = std::env::var("IMZ_TEST_UNSTAGE_PAUSE_MS")
+/// Opens `name` in `dir` for reading if it is there and not a symlink.
+fn open_regular(dir: &OwnedFd, name: &str) -> std::io::Result<Option<OwnedFd>> {
+    match rustix::fs::openat(
+        dir,
+        names::to_os(name),
+        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
+        FsMode::empty(),
+    ) {
+        Ok(fd) => Ok(Some(fd)),
+        Err(rustix::io::Errno::NOENT | rustix::io::Errno::LOOP) => Ok(None),
+        Err(e) => Err(io(e)),
+    }
+}
+
+/// A pause after a copy made across filesystems is linked in and before
+/// its original goes (a staged upload, or the old name of a moved file),
+/// from `IMZ_TEST_ACROSS_PAUSE_MS`: the moment a crash leaves both, for
+/// tests (kill -9 cannot aim at it).
+fn test_across_pause() {
+    let Some(ms) = std::env::var("IMZ_TEST_ACROSS_PAUSE_MS")
         .ok()
         .and_then(|v| v.parse::<u64>().ok())
     else {
@@ -1202,7 +1261,7 @@ fn test_unstage_pause() {
     };
     tracing::warn!(
         ms,
-        "pausing before removing an installed upload, for a test"
+        "pausing before removing the original of a copy across filesystems, for a test"
     );
     std::thread::sleep(std::time::Duration::from_millis(ms));
 }
@@ -1236,7 +1295,7 @@ fn install_over(
                 &old.name,
                 &format!("{INSTALLING_PREFIX}{upload}"),
             )?;
-            test_unstage_pause();
+            test_across_pause();
             unstage(uploads, upload)
         }
         other => other.map_err(io),
@@ -1274,6 +1333,7 @@ fn move_file_across(
         None => link_unnamed(&copy, to, to_name)?,
         Some(tmp_name) => link_over(&copy, to, to_name, tmp_name)?,
     }
+    test_across_pause();
     rustix::fs::unlinkat(from, names::to_os(from_name), AtFlags::empty()).map_err(io)
 }
 
