@@ -21,6 +21,8 @@
 //! they are never rewritten, cancelled or extended afterwards; a later write
 //! to the same file starts a new upload.
 
+use std::collections::HashSet;
+
 use serde::{Deserialize, Serialize};
 
 use crate::error::{CacheError, Result};
@@ -186,6 +188,43 @@ impl WriteTxn<'_> {
             self.put_log(seq, &encode(&rec)?)?;
         }
         Ok(())
+    }
+
+    /// Names of directory `dir` that pending records took away (a remove,
+    /// or a rename from there). The origin may show them until those
+    /// records are done, as the object it had there, or as one this cache
+    /// created and has not heard the origin's id for yet (an answer lost
+    /// in a crash); either way its answers about these names are not to be
+    /// taken in.
+    pub fn vacated_names(&self, dir: FileId) -> Result<HashSet<String>> {
+        let mut names = HashSet::new();
+        if self.get(dir)?.is_none_or(|d| d.log.other == 0) {
+            return Ok(names);
+        }
+        let mut from = 0;
+        loop {
+            let batch = self.log_records(from, 1024)?;
+            let Some((last, _)) = batch.last() else {
+                break;
+            };
+            from = last + 1;
+            for (_, bytes) in &batch {
+                match decode(bytes)?.op {
+                    LogOp::Remove { parent, name, .. } if parent == dir => {
+                        names.insert(name);
+                    }
+                    LogOp::Rename {
+                        from_parent,
+                        from_name,
+                        ..
+                    } if from_parent == dir => {
+                        names.insert(from_name);
+                    }
+                    _ => {}
+                }
+            }
+        }
+        Ok(names)
     }
 
     /// A log record.
@@ -574,6 +613,47 @@ mod tests {
             0,
         )
         .expect("log")
+    }
+
+    #[test]
+    fn names_removed_or_renamed_away_stay_vacated_until_their_records_are_done() {
+        let (_d, cache) = setup();
+        let mut tx = cache.write().expect("write");
+        for (name, id) in [("gone", 10), ("moved", 11)] {
+            tx.put(id, &obj(Kind::File, Some(id))).expect("origin file");
+            tx.link(ROOT_FILEID, name, id).expect("link");
+        }
+        local_file(&mut tx, "local");
+        assert!(tx.vacated_names(ROOT_FILEID).expect("vacated").is_empty());
+        let removed = remove(&mut tx, "gone").expect("a remove record");
+        tx.unlink(ROOT_FILEID, "moved").expect("unlink");
+        tx.link(ROOT_FILEID, "there", 11).expect("link");
+        let renamed = tx
+            .log(
+                LogOp::Rename {
+                    from_parent: ROOT_FILEID,
+                    from_name: "moved".into(),
+                    fid: 11,
+                    to_parent: ROOT_FILEID,
+                    to_name: "there".into(),
+                    replaced: None,
+                },
+                0,
+            )
+            .expect("log")
+            .expect("a rename record");
+        // Never at the origin: its removal cancels its history instead.
+        assert_eq!(remove(&mut tx, "local"), None);
+        let mut vacated: Vec<String> = tx
+            .vacated_names(ROOT_FILEID)
+            .expect("vacated")
+            .into_iter()
+            .collect();
+        vacated.sort();
+        assert_eq!(vacated, ["gone", "moved"]);
+        tx.log_done(removed).expect("done");
+        tx.log_done(renamed).expect("done");
+        assert!(tx.vacated_names(ROOT_FILEID).expect("vacated").is_empty());
     }
 
     #[test]

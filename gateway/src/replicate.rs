@@ -613,6 +613,9 @@ struct Group {
     id: wire::ObjectId,
     attr: wire::Attr,
     names: HashSet<String>,
+    /// Its names removed or renamed away here and not at the origin yet
+    /// (read from the log at its first entry).
+    vacated: Option<HashSet<String>>,
 }
 
 /// State of a fold across its write transactions.
@@ -688,6 +691,7 @@ impl Group {
             id,
             attr,
             names: HashSet::new(),
+            vacated: None,
         }
     }
 }
@@ -733,6 +737,13 @@ fn fold_entry(
     let cached = tx.get(dir)?.and_then(|d| d.origin).map_or(0, |o| o.version);
     if cached > group.attr.version {
         return Ok(()); // The cache knows a newer state of this directory.
+    }
+    let vacated = match &mut group.vacated {
+        Some(v) => v,
+        None => group.vacated.insert(tx.vacated_names(dir)?),
+    };
+    if vacated.contains(&entry.name) {
+        return Ok(()); // Removed or moved away here; the origin has not heard.
     }
     match coherence::upsert_entry(tx, dir, &entry.name, &entry.attr, Source::Fetch) {
         Ok(_) => Ok(()),

@@ -1674,3 +1674,35 @@ async fn writes_reach_a_tree_that_spans_filesystems() -> Result {
     drop(serve);
     Ok(())
 }
+
+/// A directory the gateway has not listed asks the origin about names it
+/// does not hold. A name removed or renamed away here, not reintegrated
+/// yet, is still at the origin: the origin's answer must not bring it
+/// back (a removed file listed again, or one file at two names).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_name_vacated_here_stays_vacant_until_the_origin_catches_up() -> Result {
+    let fx = Fixture::with_cache_size("1GiB", &["--reintegrate-delay", "10m"], |root| {
+        std::fs::create_dir(root.join("d"))?;
+        for name in ["gone", "moved", "kept"] {
+            std::fs::write(root.join("d").join(name), name)?;
+        }
+        Ok(())
+    })?;
+    let mut nfs = Nfs::mount(fx.port(), "/imz").await?;
+    let d = nfs.lookup_path("d").await?;
+    nfs.remove(&d, "gone").await?;
+    nfs.rename(&d, "moved", &d, "elsewhere").await?;
+    expect_status(nfs.lookup(&d, "gone").await, nfsstat3::NFS3ERR_NOENT)?;
+    expect_status(nfs.lookup(&d, "moved").await, nfsstat3::NFS3ERR_NOENT)?;
+    assert_eq!(nfs.read_path("d/elsewhere").await?, b"moved");
+    assert_eq!(nfs.read_path("d/kept").await?, b"kept");
+    let mut names: Vec<String> = nfs
+        .readdir(&d, 4096)
+        .await?
+        .into_iter()
+        .map(|(name, _)| name)
+        .collect();
+    names.sort();
+    assert_eq!(names, ["elsewhere", "kept"]);
+    Ok(())
+}

@@ -10,8 +10,8 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::time::Duration;
 
+use imz_integration::mount::Tmpfs;
 use imz_integration::nfs::{Attrs, Nfs, Stable};
 use imz_integration::rng::Rng;
 use imz_integration::{Fixture, GatewayProc, data};
@@ -132,221 +132,281 @@ async fn random_operations_with_disconnects_and_crashes_match_the_model() -> any
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(400);
-    let result = run(seed, ops).await;
+    let result = run(seed, ops, Tree::OneFilesystem).await;
     if let Err(e) = &result {
         eprintln!("model test failed with IMZ_MODEL_SEED={seed} IMZ_MODEL_OPS={ops}: {e:#}");
     }
     result
 }
 
-async fn run(seed: u64, ops: usize) -> anyhow::Result<()> {
+/// The same, with a filesystem mounted inside the origin's tree: files
+/// created in it, written in it and moved in and out of it reach the origin
+/// as copies (a rename cannot cross filesystems), and an origin killed
+/// between a copy and the removal of its original must still replay each
+/// operation once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_operations_on_a_tree_that_spans_filesystems_match_the_model() -> anyhow::Result<()>
+{
+    let seed = Rng::seed_from_env("IMZ_MODEL_SEED", 20261127)?;
+    let ops: usize = std::env::var("IMZ_MODEL_OPS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(300);
+    let result = run(seed, ops, Tree::WithMount).await;
+    if let Err(e) = &result {
+        eprintln!(
+            "model test (tree with a mount) failed with IMZ_MODEL_SEED={seed} IMZ_MODEL_OPS={ops}: {e:#}"
+        );
+    }
+    result
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Tree {
+    OneFilesystem,
+    /// A tmpfs mounted at `MOUNT` inside the tree.
+    WithMount,
+}
+
+/// Where [`Tree::WithMount`] mounts its filesystem.
+const MOUNT: &str = "mnt";
+
+async fn run(seed: u64, ops: usize, tree: Tree) -> anyhow::Result<()> {
     // Every commit of the gateway checks the cache's invariants, so a bug
     // shows where it happens, not at the end.
     imz_integration::process::CHECK_CACHE_INVARIANTS
         .store(true, std::sync::atomic::Ordering::Relaxed);
     let mut rng = Rng::new(seed);
-    let mut fx = Fixture::with_cache_size("1GiB", &["--reintegrate-delay", "50ms"], |_| Ok(()))?;
+    let mut inner = None;
+    let mut fx = Fixture::with_cache_size("1GiB", &["--reintegrate-delay", "50ms"], |root| {
+        if tree == Tree::WithMount {
+            inner = Some(Tmpfs::mount(&root.join(MOUNT), 512 << 20)?);
+        }
+        Ok(())
+    })?;
     let mut nfs = Nfs::mount(fx.port(), "/imz").await?;
     nfs.readdir(&nfs.root.clone(), 4096).await?;
     let mut model = Model::new();
+    if inner.is_some() {
+        model.insert(MOUNT.to_owned(), Node::Dir);
+    }
+    // What the origin found in its tree at the start is journaled without
+    // a key; anything keyless after it is suspect.
+    let found_at_start = journal_records(&fx, 0)?
+        .last()
+        .and_then(|r| r["seq"].as_u64())
+        .unwrap_or(0);
     let mut origin_up = true;
     let names = ["a", "b", "c", "d", "e"];
 
-    for step in 0..ops {
-        let roll = rng.below(100);
-        let what = match roll {
-            0..=3 => {
-                if origin_up {
-                    fx.origin.proc.kill9();
-                } else {
-                    fx.origin.restart()?;
+    let outcome: anyhow::Result<()> = async {
+        for step in 0..ops {
+            let roll = rng.below(100);
+            let what = match roll {
+                0..=3 => {
+                    if origin_up {
+                        fx.origin.proc.kill9();
+                    } else {
+                        fx.origin.restart()?;
+                    }
+                    origin_up = !origin_up;
+                    "toggle origin".to_owned()
                 }
-                origin_up = !origin_up;
-                "toggle origin".to_owned()
-            }
-            4..=5 => {
-                fx.gateway.restart()?;
-                nfs = Nfs::mount(fx.port(), "/imz").await?;
-                "restart gateway".to_owned()
-            }
-            6..=30 => {
-                // Create or overwrite a whole file.
-                let dir = rng.pick(&dirs(&model)).cloned().unwrap_or_default();
-                let name = rng.pick(&names).copied().unwrap_or("a");
-                let path = join(&dir, name);
-                if model.get(&path) == Some(&Node::Dir) {
-                    continue;
+                4..=5 => {
+                    fx.gateway.restart()?;
+                    nfs = Nfs::mount(fx.port(), "/imz").await?;
+                    "restart gateway".to_owned()
                 }
-                let body = data::bytes(rng.next_u64(), rng.below(150_000) as usize);
-                tracing_note(step, &format!("write {path}"));
-                nfs.put_file(&path, &body).await?;
-                model.insert(path.clone(), Node::File(body));
-                format!("write {path}")
-            }
-            31..=45 => {
-                // Patch part of a file, possibly past its end.
-                let Some(path) = rng.pick(&files(&model)).cloned() else {
-                    continue;
-                };
-                let Some(Node::File(content)) = model.get_mut(&path) else {
-                    continue;
-                };
-                let offset = rng.below(content.len() as u64 + 5_000) as usize;
-                let patch = data::bytes(rng.next_u64(), rng.below(60_000) as usize + 1);
-                tracing_note(step, &format!("patch {path} at {offset}"));
-                let fh = nfs.lookup_path(&path).await?;
-                nfs.write(&fh, offset as u64, &patch, Stable::UNSTABLE)
+                6..=30 => {
+                    // Create or overwrite a whole file.
+                    let dir = rng.pick(&dirs(&model)).cloned().unwrap_or_default();
+                    let name = rng.pick(&names).copied().unwrap_or("a");
+                    let path = join(&dir, name);
+                    if model.get(&path) == Some(&Node::Dir) {
+                        continue;
+                    }
+                    let body = data::bytes(rng.next_u64(), rng.below(150_000) as usize);
+                    tracing_note(step, &format!("write {path}"));
+                    nfs.put_file(&path, &body).await?;
+                    model.insert(path.clone(), Node::File(body));
+                    format!("write {path}")
+                }
+                31..=45 => {
+                    // Patch part of a file, possibly past its end.
+                    let Some(path) = rng.pick(&files(&model)).cloned() else {
+                        continue;
+                    };
+                    let Some(Node::File(content)) = model.get_mut(&path) else {
+                        continue;
+                    };
+                    let offset = rng.below(content.len() as u64 + 5_000) as usize;
+                    let patch = data::bytes(rng.next_u64(), rng.below(60_000) as usize + 1);
+                    tracing_note(step, &format!("patch {path} at {offset}"));
+                    let fh = nfs.lookup_path(&path).await?;
+                    nfs.write(&fh, offset as u64, &patch, Stable::UNSTABLE)
+                        .await?;
+                    if content.len() < offset + patch.len() {
+                        content.resize(offset + patch.len(), 0);
+                    }
+                    content[offset..offset + patch.len()].copy_from_slice(&patch);
+                    format!("patch {path} at {offset}")
+                }
+                46..=52 => {
+                    let Some(path) = rng.pick(&files(&model)).cloned() else {
+                        continue;
+                    };
+                    let Some(Node::File(content)) = model.get_mut(&path) else {
+                        continue;
+                    };
+                    let size = rng.below(content.len() as u64 + 10_000) as usize;
+                    tracing_note(step, &format!("truncate {path} to {size}"));
+                    let fh = nfs.lookup_path(&path).await?;
+                    nfs.setattr(
+                        &fh,
+                        &Attrs {
+                            size: Some(size as u64),
+                            ..Default::default()
+                        },
+                    )
                     .await?;
-                if content.len() < offset + patch.len() {
-                    content.resize(offset + patch.len(), 0);
+                    content.resize(size, 0);
+                    format!("truncate {path} to {size}")
                 }
-                content[offset..offset + patch.len()].copy_from_slice(&patch);
-                format!("patch {path} at {offset}")
-            }
-            46..=52 => {
-                let Some(path) = rng.pick(&files(&model)).cloned() else {
-                    continue;
-                };
-                let Some(Node::File(content)) = model.get_mut(&path) else {
-                    continue;
-                };
-                let size = rng.below(content.len() as u64 + 10_000) as usize;
-                tracing_note(step, &format!("truncate {path} to {size}"));
-                let fh = nfs.lookup_path(&path).await?;
-                nfs.setattr(
-                    &fh,
-                    &Attrs {
-                        size: Some(size as u64),
-                        ..Default::default()
-                    },
-                )
-                .await?;
-                content.resize(size, 0);
-                format!("truncate {path} to {size}")
-            }
-            53..=60 => {
-                let dir = rng.pick(&dirs(&model)).cloned().unwrap_or_default();
-                if dir.matches('/').count() >= 2 {
-                    continue;
+                53..=60 => {
+                    let dir = rng.pick(&dirs(&model)).cloned().unwrap_or_default();
+                    if dir.matches('/').count() >= 2 {
+                        continue;
+                    }
+                    let name = format!("d{}", rng.pick(&names).copied().unwrap_or("a"));
+                    let path = join(&dir, &name);
+                    if model.contains_key(&path) {
+                        continue;
+                    }
+                    tracing_note(step, &format!("mkdir {path}"));
+                    let parent = nfs.lookup_path(&dir).await?;
+                    nfs.mkdir(&parent, &name).await?;
+                    model.insert(path.clone(), Node::Dir);
+                    format!("mkdir {path}")
                 }
-                let name = format!("d{}", rng.pick(&names).copied().unwrap_or("a"));
-                let path = join(&dir, &name);
-                if model.contains_key(&path) {
-                    continue;
+                61..=70 => {
+                    let Some(path) = rng.pick(&files(&model)).cloned() else {
+                        continue;
+                    };
+                    tracing_note(step, &format!("remove {path}"));
+                    let parent = nfs.lookup_path(parent_of(&path)).await?;
+                    let name = path.rsplit('/').next().unwrap_or(&path).to_owned();
+                    nfs.remove(&parent, &name).await?;
+                    model.remove(&path);
+                    format!("remove {path}")
                 }
-                tracing_note(step, &format!("mkdir {path}"));
-                let parent = nfs.lookup_path(&dir).await?;
-                nfs.mkdir(&parent, &name).await?;
-                model.insert(path.clone(), Node::Dir);
-                format!("mkdir {path}")
-            }
-            61..=70 => {
-                let Some(path) = rng.pick(&files(&model)).cloned() else {
-                    continue;
-                };
-                tracing_note(step, &format!("remove {path}"));
-                let parent = nfs.lookup_path(parent_of(&path)).await?;
-                let name = path.rsplit('/').next().unwrap_or(&path).to_owned();
-                nfs.remove(&parent, &name).await?;
-                model.remove(&path);
-                format!("remove {path}")
-            }
-            71..=74 => {
-                let empty: Vec<String> = dirs(&model)
-                    .into_iter()
-                    .filter(|d| !d.is_empty() && !model.keys().any(|k| parent_of(k) == d))
-                    .collect();
-                let Some(path) = rng.pick(&empty).cloned() else {
-                    continue;
-                };
-                tracing_note(step, &format!("rmdir {path}"));
-                let parent = nfs.lookup_path(parent_of(&path)).await?;
-                nfs.rmdir(&parent, path.rsplit('/').next().unwrap_or(&path))
-                    .await?;
-                model.remove(&path);
-                format!("rmdir {path}")
-            }
-            75..=89 => {
-                // Rename a file, possibly over another file.
-                let Some(from) = rng.pick(&files(&model)).cloned() else {
-                    continue;
-                };
-                let dir = rng.pick(&dirs(&model)).cloned().unwrap_or_default();
-                let to = join(&dir, rng.pick(&names).copied().unwrap_or("a"));
-                if to == from || model.get(&to) == Some(&Node::Dir) {
-                    continue;
+                71..=74 => {
+                    let empty: Vec<String> = dirs(&model)
+                        .into_iter()
+                        .filter(|d| !d.is_empty() && d != MOUNT)
+                        .filter(|d| !model.keys().any(|k| parent_of(k) == d))
+                        .collect();
+                    let Some(path) = rng.pick(&empty).cloned() else {
+                        continue;
+                    };
+                    tracing_note(step, &format!("rmdir {path}"));
+                    let parent = nfs.lookup_path(parent_of(&path)).await?;
+                    nfs.rmdir(&parent, path.rsplit('/').next().unwrap_or(&path))
+                        .await?;
+                    model.remove(&path);
+                    format!("rmdir {path}")
                 }
-                tracing_note(step, &format!("rename {from} -> {to}"));
-                let fp = nfs.lookup_path(parent_of(&from)).await?;
-                let tp = nfs.lookup_path(parent_of(&to)).await?;
-                let (fname, tname) = (
-                    from.rsplit('/').next().unwrap_or(&from),
-                    to.rsplit('/').next().unwrap_or(&to),
-                );
-                nfs.rename(&fp, fname, &tp, tname).await?;
-                let node = model.remove(&from).unwrap_or(Node::Dir);
-                model.insert(to.clone(), node);
-                format!("rename {from} -> {to}")
+                75..=89 => {
+                    // Rename a file, possibly over another file.
+                    let Some(from) = rng.pick(&files(&model)).cloned() else {
+                        continue;
+                    };
+                    let dir = rng.pick(&dirs(&model)).cloned().unwrap_or_default();
+                    let to = join(&dir, rng.pick(&names).copied().unwrap_or("a"));
+                    if to == from || model.get(&to) == Some(&Node::Dir) {
+                        continue;
+                    }
+                    tracing_note(step, &format!("rename {from} -> {to}"));
+                    let fp = nfs.lookup_path(parent_of(&from)).await?;
+                    let tp = nfs.lookup_path(parent_of(&to)).await?;
+                    let (fname, tname) = (
+                        from.rsplit('/').next().unwrap_or(&from),
+                        to.rsplit('/').next().unwrap_or(&to),
+                    );
+                    nfs.rename(&fp, fname, &tp, tname).await?;
+                    let node = model.remove(&from).unwrap_or(Node::Dir);
+                    model.insert(to.clone(), node);
+                    format!("rename {from} -> {to}")
+                }
+                _ => {
+                    let Some(path) = rng.pick(&files(&model)).cloned() else {
+                        continue;
+                    };
+                    tracing_note(step, &format!("read {path}"));
+                    let got = nfs.read_path(&path).await?;
+                    anyhow::ensure!(
+                        Some(&Node::File(got.clone())) == model.get(&path),
+                        "step {step}: read {path} differs"
+                    );
+                    format!("read {path}")
+                }
+            };
+            if what.contains("origin") || what.contains("gateway") {
+                tracing_note(step, &what);
             }
-            _ => {
-                let Some(path) = rng.pick(&files(&model)).cloned() else {
-                    continue;
-                };
-                tracing_note(step, &format!("read {path}"));
-                let got = nfs.read_path(&path).await?;
-                anyhow::ensure!(
-                    Some(&Node::File(got.clone())) == model.get(&path),
-                    "step {step}: read {path} differs"
-                );
-                format!("read {path}")
-            }
-        };
-        if what.contains("origin") || what.contains("gateway") {
-            tracing_note(step, &what);
+        }
+
+        if !origin_up {
+            fx.origin.restart()?;
+            origin_up = true;
+        }
+        fx.gateway.ctl(&["sync", "--timeout", "60s"])?;
+        // Nobody but the gateway changed the origin's tree: every journal
+        // record must carry one of its keys (a keyless record means the origin
+        // took its own half-finished work for someone else's change).
+        let keyless = keyless_journal_records(&fx, found_at_start)?;
+        anyhow::ensure!(
+            keyless.is_empty(),
+            "the origin journaled changes of its own: {keyless:#?}"
+        );
+        let at_origin = origin_model(&fx.root)?;
+        anyhow::ensure!(
+            at_origin == model,
+            "origin disagrees with the model:\n{}",
+            diff(&model, &at_origin)
+        );
+        let through_gateway = gateway_model(&mut nfs).await?;
+        anyhow::ensure!(
+            through_gateway == model,
+            "gateway disagrees with the model:\n{}",
+            diff(&model, &through_gateway)
+        );
+        // A fresh gateway sees the same tree.
+        let fresh = GatewayProc::start(
+            &fx.origin.url,
+            &fx.origin.token_file,
+            &fx.dir.path().join("fresh"),
+            "1GiB",
+            &[],
+        )?;
+        let mut other = Nfs::mount(fresh.port, "/imz").await?;
+        let seen = gateway_model(&mut other).await?;
+        anyhow::ensure!(
+            seen == model,
+            "a fresh gateway disagrees with the model:\n{}",
+            diff(&model, &seen)
+        );
+        Ok(())
+    }
+    .await;
+    if outcome.is_err() && std::env::var_os("IMZ_MODEL_VERBOSE").is_some() {
+        if !origin_up {
+            fx.origin.restart()?;
+        }
+        for r in journal_records(&fx, 0)? {
+            eprintln!("journal: {r}");
         }
     }
-
-    if !origin_up {
-        fx.origin.restart()?;
-    }
-    fx.gateway.ctl(&["sync", "--timeout", "60s"])?;
-    // Nobody but the gateway changed the origin's tree: every journal
-    // record must carry one of its keys (a keyless record means the origin
-    // took its own half-finished work for someone else's change).
-    let keyless = keyless_journal_records(&fx)?;
-    anyhow::ensure!(
-        keyless.is_empty(),
-        "the origin journaled changes of its own: {keyless:#?}"
-    );
-    let at_origin = origin_model(&fx.root)?;
-    anyhow::ensure!(
-        at_origin == model,
-        "origin disagrees with the model:\n{}",
-        diff(&model, &at_origin)
-    );
-    let through_gateway = gateway_model(&mut nfs).await?;
-    anyhow::ensure!(
-        through_gateway == model,
-        "gateway disagrees with the model:\n{}",
-        diff(&model, &through_gateway)
-    );
-    // A fresh gateway sees the same tree.
-    let fresh = GatewayProc::start(
-        &fx.origin.url,
-        &fx.origin.token_file,
-        &fx.dir.path().join("fresh"),
-        "1GiB",
-        &[],
-    )?;
-    let mut other = Nfs::mount(fresh.port, "/imz").await?;
-    let seen = gateway_model(&mut other).await?;
-    anyhow::ensure!(
-        seen == model,
-        "a fresh gateway disagrees with the model:\n{}",
-        diff(&model, &seen)
-    );
-    let _ = Duration::ZERO;
-    Ok(())
+    outcome
 }
 
 fn tracing_note(step: usize, what: &str) {
@@ -355,12 +415,19 @@ fn tracing_note(step: usize, what: &str) {
     }
 }
 
-/// Journal records without an idempotency key (changes the origin did not
-/// get from a gateway), the root's creation aside.
-fn keyless_journal_records(fx: &Fixture) -> anyhow::Result<Vec<serde_json::Value>> {
+/// Journal records after `after` without an idempotency key (changes the
+/// origin did not get from a gateway).
+fn keyless_journal_records(fx: &Fixture, after: u64) -> anyhow::Result<Vec<serde_json::Value>> {
+    Ok(journal_records(fx, after)?
+        .into_iter()
+        .filter(|r| r.get("key").is_none_or(|k| k.is_null()))
+        .collect())
+}
+
+/// The origin's journal records after `after`.
+fn journal_records(fx: &Fixture, mut after: u64) -> anyhow::Result<Vec<serde_json::Value>> {
     let client = reqwest::blocking::Client::new();
     let mut out = Vec::new();
-    let mut after = 0u64;
     loop {
         let page: serde_json::Value = client
             .get(format!(
@@ -377,9 +444,7 @@ fn keyless_journal_records(fx: &Fixture) -> anyhow::Result<Vec<serde_json::Value
         }
         for r in records {
             after = r["seq"].as_u64().unwrap_or(after + 1);
-            if r.get("key").is_none_or(|k| k.is_null()) {
-                out.push(r);
-            }
+            out.push(r);
         }
     }
 }

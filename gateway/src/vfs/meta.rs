@@ -19,6 +19,15 @@ const LISTING_PAGE: usize = 5000;
 /// Attempts at a consistent listing of a directory that keeps changing.
 const LISTING_ATTEMPTS: usize = 4;
 
+/// What the origin's answer about one name comes to here.
+enum Answer {
+    Found(FileId),
+    /// The name is gone here (its removal is not at the origin yet).
+    Vacant,
+    /// The directory changed while we asked.
+    Retry,
+}
+
 impl Vfs {
     /// The cached object `fid`. Never asks the origin: coherence comes from
     /// the journal, so attributes are answered at memory speed.
@@ -91,7 +100,12 @@ impl Vfs {
                     // our answer may be older than what the cache now says:
                     // ask again.
                     if dir_now.origin.map(|o| o.version) != Some(origin.version) {
-                        return Ok(None);
+                        return Ok(Answer::Retry);
+                    }
+                    // Removed or renamed away here: the origin has not
+                    // heard yet.
+                    if tx.vacated_names(dir)?.contains(&owned_name) {
+                        return Ok(Answer::Vacant);
                     }
                     let fid = coherence::upsert_entry(
                         &mut tx,
@@ -100,12 +114,21 @@ impl Vfs {
                         &entry.attr,
                         Source::Fetch,
                     )?;
+                    // Not linked: the object lives where local changes
+                    // put it (moved away, or removed), not at this name.
+                    let linked = tx.lookup(dir, &owned_name)? == Some(fid);
                     tx.commit(true)?;
-                    Ok(Some(fid))
+                    Ok(if linked {
+                        Answer::Found(fid)
+                    } else {
+                        Answer::Vacant
+                    })
                 })
                 .await?;
-            if let Some(fid) = stored {
-                return Ok(fid);
+            match stored {
+                Answer::Found(fid) => return Ok(fid),
+                Answer::Vacant => return Err(VfsError::NotFound),
+                Answer::Retry => {}
             }
         }
         Err(VfsError::Io(
@@ -155,6 +178,14 @@ impl Vfs {
                         return Ok(false);
                     }
                     let mut names = HashSet::with_capacity(entries.len());
+                    // Names removed or renamed away here are not taken back
+                    // from an origin that has not heard yet.
+                    let vacated = tx.vacated_names(dir)?;
+                    names.extend(vacated.iter().map(String::as_str));
+                    let entries: Vec<&wire::Entry> = entries
+                        .iter()
+                        .filter(|e| !vacated.contains(&e.name))
+                        .collect();
                     // New names take the fast path; anything else (known
                     // objects, local changes, a pinned directory whose
                     // entries inherit the pin) goes through upsert_entry.
