@@ -189,6 +189,43 @@ fn a_file_replaced_by_rename_over_it_is_journaled_as_the_new_file() {
     assert!(c.try_lookup(www.id, "page.tmp").is_none());
 }
 
+/// A program writes to a file through a hard link it then removes, all
+/// quicker than the watcher reports: the events name only the link, which
+/// is gone by the reconcile. The file's change must still be journaled.
+#[test]
+fn a_write_through_a_hard_link_removed_at_once_is_journaled() {
+    use std::io::Write;
+    let s = start_with(|root| {
+        std::fs::create_dir(root.join("d")).expect("mkdir");
+        std::fs::write(root.join("d/file"), b"before").expect("write");
+    });
+    let c = &s.client;
+    let d = s.root().join("d");
+    let file = c.walk("d/file").expect("d/file served").attr;
+    let cur = c.info().last_seq;
+    std::fs::hard_link(d.join("file"), d.join("link")).expect("ln");
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(d.join("link"))
+        .and_then(|mut f| f.write_all(b" and after"))
+        .expect("append through the link");
+    std::fs::remove_file(d.join("link")).expect("rm link");
+    wait_for_change(
+        c,
+        cur,
+        "the write through the link",
+        |r| matches!(&r.change, Change::Write { attr } if attr.id == file.id && attr.size == 16),
+    );
+    let served = c.walk("d/file").expect("d/file served").attr;
+    assert_eq!(
+        c.data(served.id, served.version)
+            .bytes()
+            .expect("data")
+            .as_ref(),
+        b"before and after"
+    );
+}
+
 #[test]
 fn changes_made_directly_in_the_directory_are_journaled_while_running() {
     let s = start_with(|root| {

@@ -40,6 +40,11 @@ pub struct Dirty {
     pub paths: Vec<Vec<String>>,
     /// Compare the whole tree.
     pub full: bool,
+    /// Directories (components from the root) to compare whole: a file
+    /// was written there under a name removed before the reconcile. It may
+    /// have been a hard link of a file named beside it, whose change no
+    /// event reported (events name the link written through).
+    pub listings: Vec<Vec<String>>,
 }
 
 impl Dirty {
@@ -61,10 +66,11 @@ impl Dirty {
         self.dirs.extend(other.dirs);
         self.paths.extend(other.paths);
         self.full |= other.full;
+        self.listings.extend(other.listings);
     }
 
     pub fn is_empty(&self) -> bool {
-        self.dirs.is_empty() && self.paths.is_empty() && !self.full
+        self.dirs.is_empty() && self.paths.is_empty() && !self.full && self.listings.is_empty()
     }
 }
 
@@ -97,6 +103,9 @@ pub fn reconcile(cx: &mut WCtx<'_>, dirty: Dirty) -> Result<()> {
             }
             None => dirs_for_path(cx, path, &mut work)?,
         }
+    }
+    for path in &dirty.listings {
+        dirs_for_path(cx, path, &mut work)?;
     }
     if dirty.full {
         work.insert(ROOT_ID);

@@ -19,7 +19,7 @@
 //!
 //! [`OriginConfig::rescan_every`]: crate::OriginConfig::rescan_every
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
 use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, OwnedFd};
@@ -236,6 +236,9 @@ impl Watches {
         if events == ReadFlags::MODIFY && name.is_some() {
             return Seen::Written(path);
         }
+        if events == ReadFlags::DELETE && name.is_some() {
+            return Seen::Deleted(path);
+        }
         if events.contains(ReadFlags::ISDIR) && name.is_some() {
             if events.contains(ReadFlags::MOVED_FROM) {
                 self.forget_tree(&path);
@@ -258,6 +261,8 @@ enum Seen {
     Path(PathBuf),
     /// A file was written to and is still open for writing.
     Written(PathBuf),
+    /// A name that was not a directory's was removed.
+    Deleted(PathBuf),
     Rescan,
 }
 
@@ -281,6 +286,8 @@ struct Pending {
     /// When `dirty` goes to the writer (the debounce after its first path).
     send_at: Option<Instant>,
     writing: HashMap<PathBuf, Writing>,
+    /// Files written to since `dirty` was last sent.
+    written: HashSet<PathBuf>,
 }
 
 impl Pending {
@@ -290,10 +297,12 @@ impl Pending {
             Seen::Rescan => {
                 self.dirty.full = true;
                 self.dirty.paths.clear();
+                self.dirty.listings.clear();
                 self.send_at.get_or_insert(now + debounce);
                 return;
             }
             Seen::Written(path) => {
+                self.written.insert(path.clone());
                 let w = self.writing.entry(path).or_insert(Writing {
                     last_write: now,
                     reported: now,
@@ -302,6 +311,17 @@ impl Pending {
                 return;
             }
             Seen::Path(path) => path,
+            Seen::Deleted(path) => {
+                // Written and gone before any reconcile saw it: perhaps a
+                // hard link, whose other names are not in any event.
+                if self.written.remove(&path)
+                    && !self.dirty.full
+                    && let Some(parent) = path.parent().and_then(fsops::components)
+                {
+                    self.dirty.listings.push(parent);
+                }
+                path
+            }
         };
         self.writing.remove(&path);
         self.add_path(&path, now, debounce);
@@ -320,6 +340,7 @@ impl Pending {
         }
         if self.dirty.paths.len() > MAX_PATHS {
             self.dirty.paths.clear();
+            self.dirty.listings.clear();
             self.dirty.full = true;
         }
     }
@@ -413,6 +434,9 @@ fn follow(
         if pending.send_at.is_some_and(|at| now >= at) {
             pending.send_at = None;
             let mut dirty = std::mem::take(&mut pending.dirty);
+            // What this batch covers; files still open wait for theirs.
+            let writing = &pending.writing;
+            pending.written.retain(|path| writing.contains_key(path));
             dirty.paths.sort();
             dirty.paths.dedup();
             if jobs

@@ -103,6 +103,15 @@ impl Client {
     }
 
     pub fn entries(&self, dir: ObjectId, after: Option<&str>, limit: usize) -> DirPage {
+        match self.try_entries(dir, after, limit) {
+            Some(page) => page,
+            None => panic!("entries: directory {dir} not found"),
+        }
+    }
+
+    /// A page of `dir`'s entries; `None` if the origin has no such
+    /// directory (any more).
+    pub fn try_entries(&self, dir: ObjectId, after: Option<&str>, limit: usize) -> Option<DirPage> {
         let mut req = self
             .get(&wire::paths::entries(dir))
             .query(&[("limit", limit.to_string())]);
@@ -110,8 +119,11 @@ impl Client {
             req = req.query(&[("after", a)]);
         }
         let resp = req.send().expect("entries");
+        if resp.status() == reqwest::StatusCode::NOT_FOUND {
+            return None;
+        }
         assert!(resp.status().is_success(), "entries: {}", resp.status());
-        resp.json().expect("page")
+        Some(resp.json().expect("page"))
     }
 
     pub fn journal(&self, after: Seq, wait_ms: u64) -> JournalPage {
