@@ -226,6 +226,46 @@ fn a_write_through_a_hard_link_removed_at_once_is_journaled() {
     );
 }
 
+/// A file copied across filesystems waits under a `.imz-installing-` name
+/// before it replaces its target; a crash can leave that name behind. The
+/// origin must never serve it, at start-up or while running.
+#[test]
+fn names_reserved_for_installs_are_never_served() {
+    let leftover = |n: u32| format!("{}{n}", wire::INSTALLING_PREFIX);
+    let s = start_with(|root| {
+        std::fs::create_dir(root.join("d")).expect("mkdir");
+        std::fs::write(root.join(leftover(1)), b"left by a crash").expect("write");
+        std::fs::write(root.join("d").join(leftover(2)), b"left by a crash").expect("write");
+    });
+    let c = &s.client;
+    let names = |dir| -> Vec<String> {
+        c.entries(dir, None, 100)
+            .entries
+            .into_iter()
+            .map(|e| e.name)
+            .collect()
+    };
+    let d = c.lookup(ROOT_ID, "d").attr;
+    assert_eq!(names(ROOT_ID), ["d"], "served at start-up");
+    assert!(names(d.id).is_empty(), "served at start-up");
+    let cur = c.info().last_seq;
+    std::fs::write(s.root().join("d").join(leftover(3)), b"one more").expect("write");
+    std::fs::write(s.root().join("d/real"), b"a file").expect("write");
+    wait_for_change(
+        c,
+        cur,
+        "the real file",
+        |r| matches!(&r.change, Change::Create { name, .. } if name == "real"),
+    );
+    assert_eq!(names(d.id), ["real"], "served while running");
+    assert!(
+        c.records(0)
+            .iter()
+            .all(|r| !format!("{:?}", r.change).contains(wire::INSTALLING_PREFIX)),
+        "a reserved name journaled"
+    );
+}
+
 #[test]
 fn changes_made_directly_in_the_directory_are_journaled_while_running() {
     let s = start_with(|root| {

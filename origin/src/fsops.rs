@@ -17,7 +17,7 @@ use rustix::fs::{AtFlags, Mode, OFlags, Stat};
 use serde::{Deserialize, Serialize};
 
 use crate::names;
-use crate::wire::{Attr, Kind, Nanos, ObjectId, STATE_DIR_NAME, Version};
+use crate::wire::{Attr, Kind, Nanos, ObjectId, Version};
 
 /// Why a path could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -174,7 +174,7 @@ pub fn list_dir(dir: &OwnedFd, is_root: bool) -> Result<Vec<(String, Stat)>, FsE
         }
         let name = names::from_bytes(raw);
         let name = name.as_ref();
-        if is_root && name == STATE_DIR_NAME {
+        if crate::wire::is_reserved(name, is_root) {
             continue;
         }
         let Some(st) = stat_at(dir, name)? else {

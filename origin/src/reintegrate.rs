@@ -24,8 +24,8 @@ use crate::fsops::{self, Fingerprint, FsError};
 use crate::names;
 use crate::store::{KeyResult, Meta};
 use crate::wire::{
-    self, Attr, Base, Change, Conflict, ConflictReason, ErrorCode, KeyedOp, Kind, NewObject,
-    ObjRef, ObjectId, Op, OpResult, ROOT_ID, SetAttrs, Version,
+    self, Attr, Base, Change, Conflict, ConflictReason, ErrorCode, INSTALLING_PREFIX, KeyedOp,
+    Kind, NewObject, ObjRef, ObjectId, Op, OpResult, ROOT_ID, SetAttrs, Version,
 };
 use crate::writer::WCtx;
 
@@ -1345,10 +1345,6 @@ fn same_filesystem(a: &OwnedFd, b: &OwnedFd) -> bool {
         _ => true,
     }
 }
-
-/// Prefix of the name a file copied across filesystems has for a moment in
-/// its directory, before it replaces the file there.
-const INSTALLING_PREFIX: &str = ".imz-installing-";
 
 fn create_file(dir: &OwnedFd, name: &str, attrs: &SetAttrs) -> std::io::Result<()> {
     let fd = rustix::fs::openat(

@@ -255,7 +255,7 @@ fn diff_entries(
     let mut diff = Diff::default();
     let mut fds: HashMap<ObjectId, Option<OwnedFd>> = HashMap::new();
     for (dir, name) in entries {
-        if skip.contains(dir) || (*dir == ROOT_ID && name == crate::wire::STATE_DIR_NAME) {
+        if skip.contains(dir) || crate::wire::is_reserved(name, *dir == ROOT_ID) {
             continue;
         }
         if !fds.contains_key(dir) {

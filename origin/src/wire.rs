@@ -591,6 +591,18 @@ pub enum NameError {
 /// invisible through the API and can never be created, renamed or removed.
 pub const STATE_DIR_NAME: &str = ".imz";
 
+/// Prefix of the name a file copied across filesystems has for a moment in
+/// its directory, before it replaces the file there. Reserved in every
+/// directory: a crash can leave such a name behind, which is never served
+/// and which the operation's replay clears.
+pub const INSTALLING_PREFIX: &str = ".imz-installing-";
+
+/// Whether `name` is imz's own in its directory (`in_root`: the export's
+/// root): never served, created, renamed or removed through the API.
+pub fn is_reserved(name: &str, in_root: bool) -> bool {
+    (in_root && name == STATE_DIR_NAME) || name.starts_with(INSTALLING_PREFIX)
+}
+
 /// Checks that `name` is one safe path component. `in_root` says whether
 /// the directory is the export's root, where [`STATE_DIR_NAME`] is reserved.
 pub fn validate_name(name: &str, in_root: bool) -> Result<(), NameError> {
@@ -606,7 +618,7 @@ pub fn validate_name(name: &str, in_root: bool) -> Result<(), NameError> {
     if crate::names::to_bytes(name).len() > MAX_NAME_LEN {
         return Err(NameError::TooLong);
     }
-    if in_root && name == STATE_DIR_NAME {
+    if is_reserved(name, in_root) {
         return Err(NameError::Reserved);
     }
     Ok(())
@@ -645,6 +657,10 @@ mod tests {
             Err(NameError::TooLong)
         );
         assert_eq!(validate_name(".imz", true), Err(NameError::Reserved));
+        assert_eq!(
+            validate_name(".imz-installing-u1", false),
+            Err(NameError::Reserved)
+        );
         assert_eq!(validate_name(".imz", false), Ok(()));
         assert_eq!(validate_name("...", false), Ok(()));
         assert_eq!(validate_name(&"x".repeat(255), false), Ok(()));
