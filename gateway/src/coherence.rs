@@ -251,6 +251,54 @@ pub struct Applied {
     pub content_changed: Vec<FileId>,
     /// Objects that entered a cached directory (created or moved there).
     pub entered: Vec<FileId>,
+    /// Attributes that records gave objects not cached here (nothing to
+    /// change): see [`Passed`].
+    pub passed: Vec<wire::Attr>,
+}
+
+/// Objects most recently noted in [`Passed`].
+const PASSED_KEPT: usize = 16_384;
+
+/// The newest attributes journal records gave files and symlinks that were
+/// not cached when the follower applied them.
+///
+/// A lookup or listing answered before such a record, but stored after
+/// it, would cache the object as it was before the record, and nothing
+/// would correct it: an answer is checked against its directory's
+/// version, and a change to a file alone (a write, new attributes, a link
+/// count after its other name went) leaves that as it was. Answers are
+/// stored through [`Passed::newest`] instead. Directories are left out:
+/// their versions also stand for their entries, which these records do not
+/// carry.
+pub struct Passed(std::sync::Mutex<lru::LruCache<wire::ObjectId, wire::Attr>>);
+
+impl Default for Passed {
+    fn default() -> Self {
+        let kept = std::num::NonZeroUsize::new(PASSED_KEPT).unwrap_or(std::num::NonZeroUsize::MIN);
+        Self(std::sync::Mutex::new(lru::LruCache::new(kept)))
+    }
+}
+
+impl Passed {
+    /// Notes `attrs`, keeping the newest version of each object.
+    pub fn note(&self, attrs: &[wire::Attr]) {
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        for attr in attrs.iter().filter(|a| a.kind != wire::Kind::Dir) {
+            let newer = map.peek(&attr.id).is_none_or(|a| a.version < attr.version);
+            if newer {
+                map.put(attr.id, attr.clone());
+            }
+        }
+    }
+
+    /// `attr`, or the newer attributes a record gave the same object.
+    pub fn newest(&self, attr: &wire::Attr) -> wire::Attr {
+        let map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        match map.peek(&attr.id) {
+            Some(a) if a.version > attr.version && a.kind == attr.kind => a.clone(),
+            _ => attr.clone(),
+        }
+    }
 }
 
 /// Applies one journal record to the cache.
@@ -281,6 +329,7 @@ pub fn apply_record_keeping(
         }
         Change::Write { attr } | Change::Truncate { attr } | Change::SetAttr { attr } => {
             let Some(fid) = tx.by_origin(attr.id)? else {
+                applied.passed.push(attr.clone());
                 return Ok(());
             };
             let mut obj = tx.object(fid)?;
@@ -407,6 +456,50 @@ pub(crate) mod tests {
             key: None,
             change,
         }
+    }
+
+    /// A lookup answered before a record about a file not cached yet, and
+    /// stored after it, must not cache the file as it was before.
+    #[test]
+    fn an_answer_older_than_a_record_passed_by_takes_the_record_s_attributes() {
+        let (_d, cache) = setup();
+        let passed = Passed::default();
+        let answered = attr(7, wire::Kind::File, 10, 3);
+        let mut later = attr(7, wire::Kind::File, 12, 3);
+        later.nlink = 2;
+        let mut tx = cache.write().expect("write");
+        let mut applied = Applied::default();
+        apply_record(
+            &mut tx,
+            &rec(
+                12,
+                Change::SetAttr {
+                    attr: later.clone(),
+                },
+            ),
+            &mut applied,
+        )
+        .expect("apply");
+        assert_eq!(tx.by_origin(7).expect("by_origin"), None, "not cached");
+        passed.note(&applied.passed);
+        let fid = upsert_entry(
+            &mut tx,
+            ROOT_FILEID,
+            "f",
+            &passed.newest(&answered),
+            Source::Fetch,
+        )
+        .expect("upsert");
+        let obj = tx.object(fid).expect("object");
+        assert_eq!(obj.origin.map(|o| o.version), Some(12));
+        assert_eq!(obj.attrs.nlink, 2);
+        // An answer newer than the record stands.
+        let newer = attr(7, wire::Kind::File, 15, 9);
+        assert_eq!(passed.newest(&newer).version, 15);
+        // Directories are not taken from records.
+        let dir = attr(8, wire::Kind::Dir, 3, 0);
+        passed.note(&[attr(8, wire::Kind::Dir, 5, 0)]);
+        assert_eq!(passed.newest(&dir).version, 3);
     }
 
     #[test]

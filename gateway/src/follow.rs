@@ -93,6 +93,7 @@ pub async fn run_follower(
                 )
                 .await;
                 let own = own.clone();
+                let passed = Arc::clone(&vfs.passed);
                 let gate = hooks.gate.read().await;
                 let result = vfs
                     .blocking(move |cache| {
@@ -110,6 +111,9 @@ pub async fn run_follower(
                             }
                         }
                         tx.put_meta_u64(meta::CURSOR, last)?;
+                        // Before the commit: an answer stored after it
+                        // finds these.
+                        passed.note(&applied.passed);
                         tx.commit(true)?;
                         Ok(applied)
                     })

@@ -660,10 +660,12 @@ async fn fold(
             }
             None => (Vec::new(), true),
         };
+        let passed = Arc::clone(&vfs.passed);
         state = vfs
             .blocking(move |cache| {
                 let mut tx = cache.write()?;
-                for entry in batch {
+                for mut entry in batch {
+                    entry.attr = passed.newest(&entry.attr);
                     fold_entry(&mut tx, &mut state, entry)?;
                 }
                 if last {

@@ -92,9 +92,11 @@ impl Vfs {
                 Err(e) => return Err(self.origin_failed(e)),
             };
             let owned_name = name.to_owned();
+            let passed = Arc::clone(&self.passed);
             let stored = self
                 .blocking(move |cache| {
                     let mut tx = cache.write()?;
+                    let attr = passed.newest(&entry.attr);
                     let dir_now = tx.get(dir)?.ok_or(VfsError::Stale)?;
                     // If the journal changed this directory while we asked,
                     // our answer may be older than what the cache now says:
@@ -107,13 +109,8 @@ impl Vfs {
                     if tx.vacated_names(dir)?.contains(&owned_name) {
                         return Ok(Answer::Vacant);
                     }
-                    let fid = coherence::upsert_entry(
-                        &mut tx,
-                        dir,
-                        &owned_name,
-                        &entry.attr,
-                        Source::Fetch,
-                    )?;
+                    let fid =
+                        coherence::upsert_entry(&mut tx, dir, &owned_name, &attr, Source::Fetch)?;
                     // Not linked: the object lives where local changes
                     // put it (moved away, or removed), not at this name.
                     let linked = tx.lookup(dir, &owned_name)? == Some(fid);
@@ -168,6 +165,7 @@ impl Vfs {
             let Some((version, dir_attr, entries)) = self.list_at_origin(origin.id).await? else {
                 continue;
             };
+            let passed = Arc::clone(&self.passed);
             let done = self
                 .blocking(move |cache| {
                     let mut tx = cache.write()?;
@@ -182,9 +180,13 @@ impl Vfs {
                     // from an origin that has not heard yet.
                     let vacated = tx.vacated_names(dir)?;
                     names.extend(vacated.iter().map(String::as_str));
-                    let entries: Vec<&wire::Entry> = entries
-                        .iter()
+                    let entries: Vec<wire::Entry> = entries
+                        .into_iter()
                         .filter(|e| !vacated.contains(&e.name))
+                        .map(|e| wire::Entry {
+                            attr: passed.newest(&e.attr),
+                            name: e.name,
+                        })
                         .collect();
                     // New names take the fast path; anything else (known
                     // objects, local changes, a pinned directory whose

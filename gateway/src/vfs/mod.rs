@@ -85,6 +85,8 @@ pub struct Vfs {
     pub log_changed: tokio::sync::Notify,
     /// One listing of a directory at a time (single flight).
     listing: Mutex<HashMap<FileId, Arc<tokio::sync::Mutex<()>>>>,
+    /// What the journal said of objects not cached when it said it.
+    pub passed: Arc<crate::coherence::Passed>,
     /// Reads cached chunks ahead of sequential readers.
     preloader: Preloader,
 }
@@ -109,6 +111,7 @@ impl Vfs {
             touched: Mutex::new(HashMap::new()),
             log_changed: tokio::sync::Notify::new(),
             listing: Mutex::new(HashMap::new()),
+            passed: Arc::default(),
         }
     }
 
