@@ -292,7 +292,7 @@ impl Apply<'_, '_, '_> {
     /// there means the operation did not apply.
     fn copied_in(&self, upload: &str, dir: &OwnedFd, name: &str) -> bool {
         let uploads = &self.cx.shared.uploads_fd;
-        match same_content_across(uploads, upload, dir, name) {
+        match copied_across((uploads, upload), (dir, name), Times::Any) {
             Ok(false) => false,
             Ok(true) => {
                 if let Err(e) = unstage(uploads, upload) {
@@ -314,13 +314,7 @@ impl Apply<'_, '_, '_> {
     /// Then the rename did apply, and it is finished now: the original
     /// goes, as it would have.
     fn moved_across(&self, from: &OwnedFd, from_name: &str, to: &OwnedFd, to_name: &str) -> bool {
-        let copied = open_regular(from, from_name).and_then(|original| {
-            match (original, open_regular(to, to_name)?) {
-                (Some(original), Some(copy)) => copied_across(original, copy, Times::Kept),
-                _ => Ok(false),
-            }
-        });
-        match copied {
+        match copied_across((from, from_name), (to, to_name), Times::Kept) {
             Ok(false) => false,
             Ok(true) => match rustix::fs::unlinkat(from, names::to_os(from_name), AtFlags::empty())
             {
@@ -1170,21 +1164,6 @@ fn link_over(fd: &OwnedFd, dir: &OwnedFd, name: &str, tmp_name: &str) -> std::io
     Ok(())
 }
 
-/// Whether staged upload `upload` and the regular file `name` in `dir` are
-/// on different filesystems and hold the same bytes.
-fn same_content_across(
-    uploads: &OwnedFd,
-    upload: &str,
-    dir: &OwnedFd,
-    name: &str,
-) -> std::io::Result<bool> {
-    let staged = open_staged(uploads, upload)?;
-    match open_regular(dir, name)? {
-        Some(installed) => copied_across(staged, installed, Times::Any),
-        None => Ok(false),
-    }
-}
-
 /// Whether a copy made across filesystems must also carry the original's
 /// modification time.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -1193,11 +1172,22 @@ enum Times {
     Kept,
 }
 
-/// Whether regular file `copy` is on another filesystem than `original`
-/// and a copy of it: the same size, the same bytes and, with
-/// [`Times::Kept`], the same modification time.
-fn copied_across(original: OwnedFd, copy: OwnedFd, times: Times) -> std::io::Result<bool> {
+/// Whether the regular file `copy` (a directory and a name in it) is on
+/// another filesystem than the file `original` and a copy of it: the same
+/// size, the same bytes and, with [`Times::Kept`], the same modification
+/// time. No if either is not there.
+fn copied_across(
+    (original_dir, original_name): (&OwnedFd, &str),
+    (copy_dir, copy_name): (&OwnedFd, &str),
+    times: Times,
+) -> std::io::Result<bool> {
     use std::os::unix::fs::FileExt;
+    let (Some(original), Some(copy)) = (
+        open_regular(original_dir, original_name)?,
+        open_regular(copy_dir, copy_name)?,
+    ) else {
+        return Ok(false);
+    };
     let (a, b) = (
         rustix::fs::fstat(&original).map_err(io)?,
         rustix::fs::fstat(&copy).map_err(io)?,
