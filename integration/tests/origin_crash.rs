@@ -239,13 +239,15 @@ impl PausedOrigin {
         Client::new(&self.origin)
     }
 
-    /// Sends `keyed`, waits until `in_window` says the copy is linked in,
-    /// kills the origin there and restarts it (pausing again only if
-    /// `pause_after`), then replays `keyed`: it must apply once.
+    /// Sends `keyed`, waits until the copy at `copy` holds `body` (its
+    /// `original` still there: the pause), kills the origin there and
+    /// restarts it (pausing again only if `pause_after`), then replays
+    /// `keyed`: it must apply once, and the original be gone.
     fn kill_in_the_window_and_replay(
         &mut self,
         keyed: &wire::KeyedOp,
-        in_window: impl Fn() -> bool,
+        (copy, body): (&std::path::Path, &[u8]),
+        original: &std::path::Path,
         pause_after: bool,
     ) {
         let sender = {
@@ -261,7 +263,13 @@ impl PausedOrigin {
             })
         };
         eventually("the copy to be linked in", Duration::from_secs(30), || {
-            in_window().then_some(())
+            let linked = std::fs::read(copy).is_ok_and(|got| got == body);
+            assert!(
+                !linked || original.exists(),
+                "{} went before the pause",
+                original.display()
+            );
+            linked.then_some(())
         });
         self.origin.proc.kill9();
         let _ = sender.join();
@@ -287,6 +295,11 @@ impl PausedOrigin {
             "{}: {:?}",
             keyed.key,
             r.results
+        );
+        assert!(
+            !original.exists(),
+            "{} left behind after the replay",
+            original.display()
         );
     }
 }
@@ -356,20 +369,12 @@ fn kill_between_linking_a_copied_upload_and_unstaging_it_replays_cleanly() {
     ];
     for (i, (upload, body, keyed, name)) in batches.iter().enumerate() {
         origin.client().upload(upload, body.clone());
-        let (path, staged) = (root.join(name), state.join("uploads").join(upload));
         origin.kill_in_the_window_and_replay(
             keyed,
-            || {
-                let linked = std::fs::read(&path).is_ok_and(|b| b == *body);
-                assert!(
-                    !linked || staged.exists(),
-                    "the upload left the staging area before the pause"
-                );
-                linked
-            },
+            (&root.join(name), body),
+            &state.join("uploads").join(upload),
             i + 1 < batches.len(),
         );
-        assert!(!staged.exists(), "{upload} left staged");
     }
 
     let c = origin.client();
@@ -465,20 +470,12 @@ fn kill_between_linking_a_moved_copy_and_removing_its_original_replays_cleanly()
         ),
     ];
     for (i, (keyed, (from, to, body))) in moves.iter().enumerate() {
-        let (original, copy) = (root.join(from), inner.join(to));
         origin.kill_in_the_window_and_replay(
             keyed,
-            || {
-                let linked = std::fs::read(&copy).is_ok_and(|got| got == **body);
-                assert!(
-                    !linked || original.exists(),
-                    "{from} was removed before the pause"
-                );
-                linked
-            },
+            (&inner.join(to), body),
+            &root.join(from),
             i + 1 < moves.len(),
         );
-        assert!(!original.exists(), "{from} left behind after its move");
     }
 
     let c = origin.client();
