@@ -22,7 +22,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use futures::StreamExt;
+use futures::stream::FusedStream;
+use futures::{FutureExt, StreamExt};
 use imz_cache::chunk;
 use imz_cache::{FileId, Kind, LogOp, LogRecord, Object, OriginRef, meta};
 use imz_origin::wire::{self, Base, KeyedOp, NewObject, ObjRef, Op, OpResult};
@@ -151,6 +152,45 @@ struct Upload {
     size: u64,
     /// Index in [`Plan::ops`] of the operation that installs it.
     op: usize,
+}
+
+/// How the uploads of a batch's parts stand (see [`Reintegrator::ship`]).
+struct PartUploads {
+    /// Per part: uploads not finished yet.
+    waiting: Vec<usize>,
+    /// Per part: bytes uploaded.
+    uploaded: Vec<u64>,
+    /// The first upload that failed: nothing after it is sent.
+    failed: Option<OriginError>,
+}
+
+impl PartUploads {
+    /// `parts` parts, with an upload for each part named by `uploads`.
+    fn new(parts: usize, uploads: impl Iterator<Item = usize>) -> Self {
+        let mut waiting = vec![0; parts];
+        for part in uploads {
+            waiting[part] += 1;
+        }
+        Self {
+            waiting,
+            uploaded: vec![0; parts],
+            failed: None,
+        }
+    }
+
+    /// Takes in an upload's outcome: its part and bytes, or its failure.
+    fn note(&mut self, done: Option<Result<(usize, u64), OriginError>>) {
+        match done {
+            Some(Ok((part, n))) => {
+                self.waiting[part] -= 1;
+                self.uploaded[part] += n;
+            }
+            Some(Err(e)) => {
+                self.failed.get_or_insert(e);
+            }
+            None => {}
+        }
+    }
 }
 
 /// A batch ready to send.
@@ -603,14 +643,17 @@ impl Reintegrator {
     /// Uploads content, sends the batch, records what was applied. Returns
     /// the first operation the origin refused, with its answer.
     ///
-    /// A batch with content goes in parts of [`PART_OPS`] operations, each
-    /// sent once its content is uploaded, while the next part's travels: the
-    /// origin applies a part (renames, attributes, fsyncs) in about the time
-    /// the next part's uploads take, and done one after the other the two
-    /// waits added up. A part may name what an earlier part created, by its
-    /// key: the origin resolves the keys of earlier batches too. The origin
-    /// stops at the first operation it does not apply, and so does this:
-    /// no later part is sent.
+    /// A batch with content goes in parts of [`PART_OPS`] operations. The
+    /// uploads run as one stream for the whole batch, in the operations'
+    /// order, [`UPLOADS_IN_FLIGHT`] at a time, and a part is sent (and what
+    /// the origin applied recorded) as soon as its own uploads are done,
+    /// while later parts' go on: the origin applies a part (renames,
+    /// attributes, fsyncs) in about the time the next part's uploads take,
+    /// and done one after the other the two waits added up, as did each
+    /// part's last uploads, which ran with fewer in flight. A part may name
+    /// what an earlier part created, by its key: the origin resolves the
+    /// keys of earlier batches too. The origin stops at the first operation
+    /// it does not apply, and so does this: no later part is sent.
     async fn ship(&self, plan: &Plan) -> Result<Option<(u64, OpResult)>, VfsError> {
         // Without content to upload there is nothing to overlap: one part.
         let part_ops = if plan.uploads.is_empty() {
@@ -622,33 +665,43 @@ impl Reintegrator {
             .step_by(part_ops)
             .map(|start| start..(start + part_ops).min(plan.ops.len()))
             .collect();
-        let uploads_of = |part: &Range<usize>| -> Vec<Upload> {
-            plan.uploads
-                .iter()
-                .filter(|u| part.contains(&u.op))
-                .cloned()
-                .collect()
-        };
-        let mut uploaded_ahead = match parts.first() {
-            Some(part) => self.upload(uploads_of(part)).await,
-            None => return Ok(None),
-        };
+        let mut ordered = plan.uploads.clone();
+        ordered.sort_by_key(|u| u.op);
+        let mut progress = PartUploads::new(parts.len(), ordered.iter().map(|u| u.op / part_ops));
+        let mut uploads = futures::stream::iter(ordered.into_iter().map(|u| {
+            let part = u.op / part_ops;
+            self.upload(u).map(move |sent| sent.map(|n| (part, n)))
+        }))
+        .buffer_unordered(UPLOADS_IN_FLIGHT)
+        .fuse();
         for (i, part) in parts.iter().enumerate() {
-            let uploaded = uploaded_ahead?;
-            let (ops, done) = (&plan.ops[part.clone()], &plan.done[part.clone()]);
-            let send = self.send(ops);
-            let started = Instant::now();
-            let (answer, ahead) = match parts.get(i + 1) {
-                Some(next) => tokio::join!(send, self.upload(uploads_of(next))),
-                None => (send.await, Ok(0)),
-            };
-            let answer = answer?;
-            uploaded_ahead = ahead;
-            for ((op, d), result) in ops.iter().zip(done).zip(&answer.results) {
-                tracing::debug!(seq = d.seq(), op = ?op.op, ?result, "origin answered");
+            while progress.waiting[i] > 0 && progress.failed.is_none() && !uploads.is_terminated() {
+                progress.note(uploads.next().await);
             }
-            let n_applied = self.record(done, &answer, uploaded).await?;
-            tracing::debug!(ops = n_applied, bytes = uploaded, took = ?started.elapsed(), "reintegrated");
+            if let Some(e) = progress.failed.take() {
+                return Err(self.vfs.origin_failed(e));
+            }
+            let (ops, done) = (&plan.ops[part.clone()], &plan.done[part.clone()]);
+            let bytes = progress.uploaded[i];
+            let started = Instant::now();
+            let step = async {
+                let answer = self.send(ops).await?;
+                for ((op, d), result) in ops.iter().zip(done).zip(&answer.results) {
+                    tracing::debug!(seq = d.seq(), op = ?op.op, ?result, "origin answered");
+                }
+                let n_applied = self.record(done, &answer, bytes).await?;
+                Ok::<_, VfsError>((answer, n_applied))
+            };
+            tokio::pin!(step);
+            let (answer, n_applied) = loop {
+                tokio::select! {
+                    stepped = &mut step => break stepped?,
+                    done = uploads.next(), if progress.failed.is_none() && !uploads.is_terminated() => {
+                        progress.note(done);
+                    }
+                }
+            };
+            tracing::debug!(ops = n_applied, bytes, took = ?started.elapsed(), "reintegrated");
             if n_applied < part.len() {
                 return Ok(answer
                     .results
@@ -706,35 +759,23 @@ impl Reintegrator {
         Ok(n_applied)
     }
 
-    /// Uploads these files' content, several at once (the origin makes each
-    /// durable, fsyncing the file and its directory, and a small file is
-    /// mostly that wait, which overlaps well); the bytes sent.
-    async fn upload(&self, uploads: Vec<Upload>) -> Result<u64, VfsError> {
-        let sends = uploads.into_iter().map(|Upload { id, fid, size, .. }| {
-            let vfs = Arc::clone(&self.vfs);
-            async move {
-                // A file written here is wholly in the cache, where a chunk
-                // that is absent or empty is a hole: such a file goes as its
-                // extents, so a sparse file's holes do not cross the network.
-                let local = vfs.getattr(fid).is_ok_and(|o| o.origin_extent == 0);
-                let sent = if local && vfs.origin.takes_upload_extents() {
-                    let body =
-                        reqwest::Body::wrap_stream(extents_stream(Arc::clone(&vfs), fid, size));
-                    vfs.origin.upload_extents(&id, body, size).await
-                } else {
-                    let body =
-                        reqwest::Body::wrap_stream(content_stream(Arc::clone(&vfs), fid, size));
-                    vfs.origin.upload(&id, body, size).await
-                };
-                sent.map(|_| size)
-            }
-        });
-        let mut uploads = futures::stream::iter(sends).buffer_unordered(UPLOADS_IN_FLIGHT);
-        let mut uploaded = 0u64;
-        while let Some(result) = uploads.next().await {
-            uploaded += result.map_err(|e| self.vfs.origin_failed(e))?;
-        }
-        Ok(uploaded)
+    /// Uploads one file's content; the bytes sent. The origin makes each
+    /// upload durable, fsyncing the file and its directory, and a small
+    /// file is mostly that wait, which overlaps well with others'.
+    async fn upload(&self, Upload { id, fid, size, .. }: Upload) -> Result<u64, OriginError> {
+        let vfs = &self.vfs;
+        // A file written here is wholly in the cache, where a chunk that is
+        // absent or empty is a hole: such a file goes as its extents, so a
+        // sparse file's holes do not cross the network.
+        let local = vfs.getattr(fid).is_ok_and(|o| o.origin_extent == 0);
+        let sent = if local && vfs.origin.takes_upload_extents() {
+            let body = reqwest::Body::wrap_stream(extents_stream(Arc::clone(vfs), fid, size));
+            vfs.origin.upload_extents(&id, body, size).await
+        } else {
+            let body = reqwest::Body::wrap_stream(content_stream(Arc::clone(vfs), fid, size));
+            vfs.origin.upload(&id, body, size).await
+        };
+        sent.map(|_| size)
     }
 
     /// Sends these operations as one `POST /v1/reintegrate`.
