@@ -856,7 +856,7 @@ fn rows(opts: &Options, g: &PerServer, s: &Samples) -> Vec<Row> {
             Some(1.0),
         ),
         Row::throughput(
-            "seq write 1 GiB, 1 MiB WRITEs",
+            "seq write big file, 1 MiB WRITEs",
             "MiB/s",
             m(&g.big),
             gm(|p| &p.big),
@@ -864,7 +864,7 @@ fn rows(opts: &Options, g: &PerServer, s: &Samples) -> Vec<Row> {
             Some(1.0),
         ),
         Row::throughput(
-            "seq write 1 GiB, WRITEs in flight",
+            "seq write big file, WRITEs in flight",
             "MiB/s",
             m(&g.big_par),
             gm(|p| &p.big_par),
@@ -874,7 +874,7 @@ fn rows(opts: &Options, g: &PerServer, s: &Samples) -> Vec<Row> {
     ];
     if opts.nfs_cp {
         rows.push(Row::throughput(
-            "seq write 1 GiB, nfs-cp",
+            "seq write big file, nfs-cp",
             "MiB/s",
             m(&g.big_cp),
             gm(|p| &p.big_cp),
@@ -908,7 +908,7 @@ fn rows(opts: &Options, g: &PerServer, s: &Samples) -> Vec<Row> {
             None,
         ),
         Row::throughput(
-            "reintegrate 1 GiB file",
+            "reintegrate big file",
             "MiB/s",
             m(&g.drain_big),
             m(&s.raw.drain_big),
