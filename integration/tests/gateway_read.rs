@@ -375,6 +375,72 @@ async fn origin_changes_are_visible_within_two_seconds() -> Result {
     Ok(())
 }
 
+/// The gateway asks the origin about a file it does not cache yet; the
+/// file changes at the origin (here its mode) before the answer is stored,
+/// and the journal's record of that passes by the follower, which skips
+/// files it does not cache. The answer, older than the record, must not be
+/// stored as it came: the file's directory did not change, so nothing would
+/// ever ask again, and the old mode (or link count, or times) stayed for
+/// good. The gateway holds the answer for the test
+/// (`IMZ_TEST_LOOKUP_HOLD`) while the change passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_overtaken_by_a_journal_record_is_not_stored_stale() -> Result {
+    use std::os::unix::fs::PermissionsExt;
+    let mut fx = Fixture::new(|root| {
+        std::fs::create_dir(root.join("d"))?;
+        std::fs::write(root.join("d/f"), "content")?;
+        std::fs::set_permissions(root.join("d/f"), std::fs::Permissions::from_mode(0o644))?;
+        Ok(())
+    })?;
+    let hold = fx.dir.path().join("hold");
+    std::fs::create_dir(&hold)?;
+    let hold_dir = hold
+        .to_str()
+        .ok_or_else(|| anyhow::anyhow!("hold path"))?
+        .to_owned();
+    fx.gateway.set_env("IMZ_TEST_LOOKUP_HOLD", &hold_dir);
+    fx.gateway.restart_graceful()?;
+    let mut nfs = Nfs::mount(fx.port(), "/imz").await?;
+    let d = nfs.lookup_path("d").await?;
+
+    std::fs::write(hold.join("hold"), "")?;
+    let asking = tokio::spawn(async move {
+        let f = nfs.lookup(&d, "f").await;
+        (nfs, f)
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !hold.join("held").exists() {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the lookup's answer was never held"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // The answer (mode 0644) is in; now the file changes, and the journal
+    // record of it passes by the follower.
+    let before = origin_last_seq(&fx.origin.url)?;
+    std::fs::set_permissions(
+        fx.origin_path("d/f"),
+        std::fs::Permissions::from_mode(0o600),
+    )?;
+    let passed = eventually(Duration::from_secs(10), || {
+        let seq = origin_last_seq(&fx.origin.url).ok()?;
+        let cursor = fx.gateway.status().ok()?["journal_cursor"].as_u64()?;
+        (seq > before && cursor >= seq).then_some(())
+    });
+    anyhow::ensure!(passed.is_some(), "the change never reached the follower");
+    std::fs::remove_file(hold.join("hold"))?;
+
+    let (mut nfs, f) = asking.await?;
+    let attr = nfs.getattr(&f?).await?;
+    assert_eq!(
+        attr.mode & 0o7777,
+        0o600,
+        "the mode from before the change was kept"
+    );
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tiny_cache_evicts_and_still_serves_correct_bytes() -> Result {
     const FILES: u64 = 24;
