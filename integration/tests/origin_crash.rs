@@ -500,3 +500,194 @@ fn kill_between_linking_a_moved_copy_and_removing_its_original_replays_cleanly()
         "two moves journaled as {changes:?}"
     );
 }
+
+/// Starts an origin on `root` that pauses between linking a replacement
+/// across filesystems at its temporary name and renaming it over the file
+/// (`IMZ_TEST_REPLACE_PAUSE_MS`), sends `keyed`, waits until `leftover`
+/// (that name) holds `body`, kills the origin there and restarts it
+/// without the pause.
+fn kill_while_a_replacement_is_linked(
+    origin: imz_integration::OriginProc,
+    extra: &[String],
+    keyed: &wire::KeyedOp,
+    (leftover, body): (&std::path::Path, &[u8]),
+) -> imz_integration::OriginProc {
+    let mut origin = origin;
+    let sender = {
+        let c = Client::new(&origin);
+        let ops = vec![keyed.clone()];
+        std::thread::spawn(move || {
+            let _ = c
+                .http
+                .post(c.url(wire::paths::REINTEGRATE))
+                .bearer_auth(&c.token)
+                .json(&wire::Batch { ops })
+                .send();
+        })
+    };
+    eventually(
+        "the replacement to be linked",
+        Duration::from_secs(30),
+        || {
+            std::fs::read(leftover)
+                .is_ok_and(|got| got == body)
+                .then_some(())
+        },
+    );
+    origin.proc.kill9();
+    let _ = sender.join();
+    imz_integration::OriginProc::start_full(
+        &[],
+        &origin.root,
+        &origin.token_file,
+        &origin.addr.to_string(),
+        extra,
+    )
+    .expect("restart origin")
+}
+
+const REPLACE_PAUSED: [&str; 2] = ["env", "IMZ_TEST_REPLACE_PAUSE_MS=60000"];
+
+/// Checks what a restarted origin shows after a crash in a replacement
+/// (see [`kill_while_a_replacement_is_linked`]): no leftover name in
+/// `dir`, which holds `names`, and nothing journaled after `seq_before`;
+/// then replays `keyed`, which must apply once, with nothing else
+/// journaled.
+fn replay_after_a_killed_replacement(
+    c: &Client,
+    dir: &std::path::Path,
+    names: &[&str],
+    seq_before: wire::Seq,
+    keyed: wire::KeyedOp,
+) {
+    assert_eq!(names_in(dir), names, "the crash left its name behind");
+    let own = c.records(seq_before);
+    assert!(own.is_empty(), "the restarted origin journaled {own:?}");
+    let key = keyed.key.clone();
+    let r = c.reintegrate(vec![keyed]);
+    assert!(
+        matches!(r.results.as_slice(), [OpResult::Applied { .. }]),
+        "{:?}",
+        r.results
+    );
+    let records = c.records(seq_before);
+    assert!(
+        records.len() == 1 && records[0].key.as_deref() == Some(key.as_str()),
+        "{records:?}"
+    );
+}
+
+/// A write whose upload is staged on another filesystem than the tree
+/// replaces the file by linking a copy at a temporary name and renaming
+/// it over the file. kill -9 between the two left that name behind (a
+/// whole copy of the file, never served, never removed unless the write
+/// was replayed) and the directory's times moved by it, which the
+/// restarted origin journaled as a change of its own. Recovery now
+/// removes the name and takes the directory's new times as its own doing;
+/// the replay then applies once.
+#[test]
+fn kill_between_linking_a_replacing_upload_and_renaming_it_over_leaves_no_trace() {
+    use imz_integration::mount::Tmpfs;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().join("root");
+    std::fs::create_dir(&root).expect("mkdir root");
+    std::fs::write(root.join("old.txt"), b"as it was").expect("old.txt");
+    let state = dir.path().join("state");
+    let _state = Tmpfs::mount(&state, 256 << 20).expect("tmpfs for the state");
+    let extra = ["--state".to_owned(), state.display().to_string()];
+    let origin = imz_integration::OriginProc::start_full(
+        &REPLACE_PAUSED.map(str::to_owned),
+        &root,
+        &dir.path().join("token"),
+        "127.0.0.1:0",
+        &extra,
+    )
+    .expect("start origin");
+    let c = Client::new(&origin);
+    let old = c.lookup(ROOT_ID, "old.txt").attr;
+    let seq_before = c.records(0).last().map_or(0, |r| r.seq);
+    let rewritten = content(3);
+    c.upload("u-old", rewritten.clone());
+    let keyed = op(
+        "gw:rewrite",
+        Op::Write {
+            id: ObjRef::Id(old.id),
+            base: wire::Base::Version(old.version),
+            upload: "u-old".into(),
+            mtime: None,
+        },
+    );
+    let leftover = root.join(format!("{}u-old", wire::INSTALLING_PREFIX));
+    let origin =
+        kill_while_a_replacement_is_linked(origin, &extra, &keyed, (&leftover, &rewritten));
+
+    let c = Client::new(&origin);
+    assert_eq!(
+        std::fs::read(root.join("old.txt")).expect("old.txt"),
+        b"as it was"
+    );
+    replay_after_a_killed_replacement(&c, &root, &["old.txt"], seq_before, keyed);
+    assert_eq!(
+        std::fs::read(root.join("old.txt")).expect("old.txt"),
+        rewritten
+    );
+    assert_eq!(c.lookup(ROOT_ID, "old.txt").attr.id, old.id);
+}
+
+/// The same crash in a rename over a file on another filesystem (a
+/// filesystem mounted inside the tree), which moves the file as a copy
+/// linked at a temporary name and renamed over the file it replaces.
+#[test]
+fn kill_between_linking_a_moved_copy_and_renaming_it_over_leaves_no_trace() {
+    use imz_integration::mount::Tmpfs;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().join("root");
+    let inner = root.join("mnt");
+    std::fs::create_dir(&root).expect("mkdir root");
+    let _inner = Tmpfs::mount(&inner, 64 << 20).expect("tmpfs inside the tree");
+    let moved = content(4);
+    std::fs::write(root.join("b.bin"), &moved).expect("b.bin");
+    std::fs::write(inner.join("c.txt"), b"to be replaced").expect("c.txt");
+    let origin = imz_integration::OriginProc::start_full(
+        &REPLACE_PAUSED.map(str::to_owned),
+        &root,
+        &dir.path().join("token"),
+        "127.0.0.1:0",
+        &[],
+    )
+    .expect("start origin");
+    let c = Client::new(&origin);
+    let mnt = c.lookup(ROOT_ID, "mnt").attr;
+    let b = c.lookup(ROOT_ID, "b.bin").attr;
+    let replaced = c.lookup(mnt.id, "c.txt").attr;
+    let seq_before = c.records(0).last().map_or(0, |r| r.seq);
+    let keyed = op(
+        "gw:move-b-over-c",
+        Op::Rename {
+            from_parent: ObjRef::Id(ROOT_ID),
+            from_name: "b.bin".into(),
+            id: ObjRef::Id(b.id),
+            base: wire::Base::Version(b.version),
+            to_parent: ObjRef::Id(mnt.id),
+            to_name: "c.txt".into(),
+            replace: Some((
+                ObjRef::Id(replaced.id),
+                wire::Base::Version(replaced.version),
+            )),
+        },
+    );
+    let leftover = inner.join(format!("{}{}", wire::INSTALLING_PREFIX, b.id));
+    let origin = kill_while_a_replacement_is_linked(origin, &[], &keyed, (&leftover, &moved));
+
+    let c = Client::new(&origin);
+    assert!(
+        root.join("b.bin").exists(),
+        "the original went before the move"
+    );
+    replay_after_a_killed_replacement(&c, &inner, &["c.txt"], seq_before, keyed);
+    assert!(!root.join("b.bin").exists(), "the original stayed");
+    assert_eq!(std::fs::read(inner.join("c.txt")).expect("c.txt"), moved);
+    assert_eq!(c.lookup(mnt.id, "c.txt").attr.id, b.id);
+}

@@ -331,6 +331,35 @@ impl Apply<'_, '_, '_> {
         }
     }
 
+    /// Recovery only, for an operation that did not apply: removes the
+    /// name a replacement across filesystems links its copy at before
+    /// renaming it over the file (`link_over`), left by a crash between the
+    /// two (its replay links a new one). The directory's times moved with
+    /// that name: the origin's own doing, not a change to journal (as after
+    /// a replacement that did apply, `refresh_dir_fp`), so its fingerprint
+    /// takes them, unless anything else about it changed too, which the
+    /// start-up scan then reports.
+    fn clear_install_leftover(&mut self, dir: ObjectId, fd: &OwnedFd, name: &str) -> Step<()> {
+        match rustix::fs::unlinkat(fd, name, AtFlags::empty()) {
+            Ok(()) => {}
+            Err(rustix::io::Errno::NOENT) => return Ok(()),
+            Err(e) => {
+                // The replay removes it before linking its own.
+                tracing::warn!(name, error = %e, "removing a leftover install");
+                return Ok(());
+            }
+        }
+        if let (Some(mut dm), Ok(st)) = (self.cx.tx.meta(dir)?, fsops::fstat(fd)) {
+            let now = Fingerprint::of(&st);
+            let same = |f: &Fingerprint| (f.ino, f.mode, f.uid, f.gid);
+            if same(&now) == same(&dm.fp) {
+                dm.fp = now;
+                self.cx.tx.put(&dm)?;
+            }
+        }
+        Ok(())
+    }
+
     fn staged(&self, upload: &str) -> Step<bool> {
         if !wire::validate_upload_id(upload) {
             return Err(rejected(
@@ -515,6 +544,7 @@ impl Apply<'_, '_, '_> {
                 return Err(fs_failed("installing an upload", e));
             }
         } else if staged && !self.copied_in(upload, &pfd, &m.name) {
+            self.clear_install_leftover(m.parent, &pfd, &format!("{INSTALLING_PREFIX}{upload}"))?;
             return Err(not_applied());
         }
         let st = stat_or_fail(&pfd, &m.name)?;
@@ -841,6 +871,10 @@ impl Apply<'_, '_, '_> {
             let moved =
                 arrived && (left || across && self.moved_across(&ffd, from_name, &tfd, to_name));
             if !moved {
+                if across && replaced.is_some() {
+                    let tmp_name = format!("{INSTALLING_PREFIX}{}", m.attr.id);
+                    self.clear_install_leftover(tpid, &tfd, &tmp_name)?;
+                }
                 return Err(not_applied());
             }
         }
@@ -1157,6 +1191,10 @@ fn link_over(fd: &OwnedFd, dir: &OwnedFd, name: &str, tmp_name: &str) -> std::io
         rustix::fs::unlinkat(dir, tmp_name, AtFlags::empty()).map_err(io)?;
         link_unnamed(fd, dir, tmp_name)?;
     }
+    test_pause(
+        "IMZ_TEST_REPLACE_PAUSE_MS",
+        "pausing between linking a replacement and renaming it over the file, for a test",
+    );
     if let Err(e) = rustix::fs::renameat(dir, tmp_name, dir, names::to_os(name)) {
         let _ = rustix::fs::unlinkat(dir, tmp_name, AtFlags::empty());
         return Err(io(e));
@@ -1243,16 +1281,19 @@ fn open_regular(dir: &OwnedFd, name: &str) -> std::io::Result<Option<OwnedFd>> {
 /// from `IMZ_TEST_ACROSS_PAUSE_MS`: the moment a crash leaves both, for
 /// tests (kill -9 cannot aim at it).
 fn test_across_pause() {
-    let Some(ms) = std::env::var("IMZ_TEST_ACROSS_PAUSE_MS")
-        .ok()
-        .and_then(|v| v.parse::<u64>().ok())
-    else {
+    test_pause(
+        "IMZ_TEST_ACROSS_PAUSE_MS",
+        "pausing before removing the original of a copy across filesystems, for a test",
+    );
+}
+
+/// A pause where a test asks for one (`var`, in milliseconds): the window a
+/// kill -9 is to land in, which no test could hit otherwise.
+fn test_pause(var: &str, what: &'static str) {
+    let Some(ms) = std::env::var(var).ok().and_then(|v| v.parse::<u64>().ok()) else {
         return;
     };
-    tracing::warn!(
-        ms,
-        "pausing before removing the original of a copy across filesystems, for a test"
-    );
+    tracing::warn!(ms, "{what}");
     std::thread::sleep(std::time::Duration::from_millis(ms));
 }
 

@@ -594,7 +594,7 @@ pub const STATE_DIR_NAME: &str = ".imz";
 /// Prefix of the name a file copied across filesystems has for a moment in
 /// its directory, before it replaces the file there. Reserved in every
 /// directory: a crash can leave such a name behind, which is never served
-/// and which the operation's replay clears.
+/// and which recovery at start-up removes.
 pub const INSTALLING_PREFIX: &str = ".imz-installing-";
 
 /// Whether `name` is imz's own in its directory (`in_root`: the export's
