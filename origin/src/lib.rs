@@ -136,6 +136,8 @@ pub struct Shared {
     pub downloads: Arc<tokio::sync::Semaphore>,
     /// Entries the scans have looked at, for the start-up scan's progress.
     pub scanned: std::sync::atomic::AtomicU64,
+    /// Files lately stored with more than one link (see `scan::RecentLinks`).
+    pub recent_links: std::sync::Mutex<scan::RecentLinks>,
 }
 
 /// A running origin.
@@ -312,5 +314,6 @@ fn open_shared(
         stopping,
         downloads,
         scanned: std::sync::atomic::AtomicU64::new(0),
+        recent_links: std::sync::Mutex::new(scan::RecentLinks::default()),
     })
 }

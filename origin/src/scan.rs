@@ -89,6 +89,72 @@ struct Diff {
     listed: Vec<(ObjectId, Stat)>,
     /// Directories whose stored path could not be opened.
     failed: Vec<ObjectId>,
+    /// Names an event gave that are neither on disk nor stored: they came
+    /// and went before this look (see [`RecentLinks`]).
+    vanished: bool,
+}
+
+/// Files lately stored with more than one link, for a name that vanished.
+///
+/// A file's link count is read by a stat, its names one by one: a
+/// reconcile can count a hard link whose name is gone by the time it looks
+/// for it (made and removed between the two, or removed before a later
+/// reconcile looks). That name never reaches the store, and its removal,
+/// reported later, finds nothing to tell the file by; the file kept the
+/// count for good. So when a name vanished, the files stored with more
+/// than one link lately (by this transaction, or in the last
+/// [`Self::KEEP`]) are looked at again: the removal came before that look.
+#[derive(Default)]
+pub struct RecentLinks {
+    ids: std::collections::VecDeque<(ObjectId, std::time::Instant)>,
+}
+
+impl RecentLinks {
+    const KEEP: std::time::Duration = std::time::Duration::from_secs(10);
+    const MAX: usize = 4096;
+
+    /// Notes files a committed transaction stored with several links.
+    pub fn note(&mut self, ids: Vec<ObjectId>) {
+        let now = std::time::Instant::now();
+        self.ids.extend(ids.into_iter().map(|id| (id, now)));
+        while self.ids.len() > Self::MAX
+            || self
+                .ids
+                .front()
+                .is_some_and(|(_, at)| at.elapsed() > Self::KEEP)
+        {
+            self.ids.pop_front();
+        }
+    }
+
+    fn ids(&self) -> impl Iterator<Item = ObjectId> + '_ {
+        self.ids
+            .iter()
+            .filter(|(_, at)| at.elapsed() <= Self::KEEP)
+            .map(|(id, _)| *id)
+    }
+}
+
+/// `(parent, name)` of the files lately stored with several links (see
+/// [`RecentLinks`]), to be looked at again.
+fn recently_linked(cx: &WCtx<'_>) -> Result<BTreeSet<(ObjectId, String)>> {
+    let mut ids: BTreeSet<ObjectId> = cx.tx.linked.borrow().iter().copied().collect();
+    ids.extend(
+        cx.shared
+            .recent_links
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .ids(),
+    );
+    let mut names = BTreeSet::new();
+    for id in ids {
+        if let Some(m) = cx.tx.meta(id)?
+            && m.attr.kind == Kind::File
+        {
+            names.insert((m.parent, m.name));
+        }
+    }
+    Ok(names)
 }
 
 pub fn reconcile(cx: &mut WCtx<'_>, dirty: Dirty) -> Result<()> {
@@ -162,8 +228,11 @@ fn reconcile_entries(
         }
         match diff_entries(cx, &entries, skip)? {
             Some(mut diff) => {
-                let others = other_links(cx, &diff)?;
+                let mut others = other_links(cx, &diff)?;
                 whole.extend(apply(cx, &mut diff)?);
+                if diff.vanished {
+                    others.extend(recently_linked(cx)?);
+                }
                 entries = others;
             }
             None => {
@@ -273,7 +342,7 @@ fn diff_entries(
             None => None,
         };
         match (stored, on_disk) {
-            (None, None) => {}
+            (None, None) => diff.vanished = true,
             (Some(m), Some(st)) if m.fp == Fingerprint::of(&st) => {}
             (Some(m), Some(st))
                 if m.attr.kind != Kind::Dir

@@ -337,11 +337,17 @@ pub struct Tx<'a> {
     pub txn: &'a WriteTransaction,
     /// Records appended in this transaction.
     pub appended: usize,
+    /// Files stored with more than one link in this transaction.
+    pub linked: std::cell::RefCell<Vec<ObjectId>>,
 }
 
 impl<'a> Tx<'a> {
     pub fn new(txn: &'a WriteTransaction) -> Self {
-        Self { txn, appended: 0 }
+        Self {
+            txn,
+            appended: 0,
+            linked: std::cell::RefCell::new(Vec::new()),
+        }
     }
 
     pub fn meta(&self, id: ObjectId) -> Result<Option<Meta>> {
@@ -357,6 +363,7 @@ impl<'a> Tx<'a> {
         t.insert(meta.attr.id, serde_json::to_vec(meta)?.as_slice())?;
         if meta.attr.kind == Kind::File && meta.attr.nlink > 1 {
             self.note_link(meta.fp.ino, meta.attr.id)?;
+            self.linked.borrow_mut().push(meta.attr.id);
         }
         Ok(())
     }

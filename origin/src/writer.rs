@@ -87,7 +87,7 @@ pub fn transact<T>(
     f: impl FnOnce(&mut WCtx<'_>) -> Result<T, OriginError>,
 ) -> Result<T, OriginError> {
     let txn = shared.store.begin_write()?;
-    let (out, appended) = {
+    let (out, appended, linked) = {
         let mut cx = WCtx {
             tx: Tx::new(&txn),
             shared,
@@ -107,7 +107,7 @@ pub fn transact<T>(
         if cx.tx.appended > 0 {
             cx.tx.compact(shared.config.journal_keep, COMPACT_BUDGET)?;
         }
-        (out, cx.tx.appended)
+        (out, cx.tx.appended, cx.tx.linked.take())
     };
     let last = if appended > 0 {
         Some(Tx::new(&txn).counter("last_seq")?)
@@ -115,6 +115,11 @@ pub fn transact<T>(
         None
     };
     shared.store.commit(txn)?;
+    shared
+        .recent_links
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .note(linked);
     if let Some(last) = last {
         shared.seq.send_replace(last);
     }
