@@ -691,3 +691,82 @@ fn kill_between_linking_a_moved_copy_and_renaming_it_over_leaves_no_trace() {
     assert_eq!(std::fs::read(inner.join("c.txt")).expect("c.txt"), moved);
     assert_eq!(c.lookup(mnt.id, "c.txt").attr.id, b.id);
 }
+
+/// A gateway restarted while the origin still applies its batch sends the
+/// batch's uploads again. One sent again while its install was under way
+/// replaced the staged file (or made it anew after the install took it),
+/// and recovery from a crash in the group then took the install for one
+/// that never happened: the file, and everything the group did after it,
+/// were journaled as changes of the origin's own. An upload sent again
+/// while its group runs now leaves the staged file as it is.
+#[test]
+fn an_upload_sent_again_during_its_install_leaves_recovery_exact() {
+    use imz_integration::mount::Tmpfs;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().join("root");
+    std::fs::create_dir(&root).expect("mkdir root");
+    let state = dir.path().join("state");
+    let _state = Tmpfs::mount(&state, 256 << 20).expect("tmpfs for the state");
+    let extra = ["--state".to_owned(), state.display().to_string()];
+    let mut origin = PausedOrigin::start(&root, &dir.path().join("token"), &extra);
+    let c = origin.client();
+    let seq_before = c.records(0).last().map_or(0, |r| r.seq);
+    let (first, again) = (content(5), content(6));
+    c.upload("u-new", first.clone());
+    let keyed = op(
+        "gw:new",
+        Op::Create {
+            parent: ObjRef::Id(ROOT_ID),
+            name: "new.bin".into(),
+            object: NewObject::File {
+                upload: Some("u-new".into()),
+            },
+            attrs: SetAttrs::default(),
+        },
+    );
+    let sender = {
+        let c = origin.client();
+        let ops = vec![keyed.clone()];
+        std::thread::spawn(move || {
+            let _ = c
+                .http
+                .post(c.url(wire::paths::REINTEGRATE))
+                .bearer_auth(&c.token)
+                .json(&wire::Batch { ops })
+                .send();
+        })
+    };
+    eventually("the copy to be linked in", Duration::from_secs(30), || {
+        std::fs::read(root.join("new.bin"))
+            .is_ok_and(|got| got == first)
+            .then_some(())
+    });
+    // Sent again, with what the file holds by now.
+    c.upload("u-new", again);
+    origin.origin.proc.kill9();
+    let _ = sender.join();
+    origin.origin = imz_integration::OriginProc::start_full(
+        &[],
+        &root,
+        &origin.token,
+        &origin.origin.addr.to_string(),
+        &extra,
+    )
+    .expect("restart origin");
+
+    let c = origin.client();
+    let records = c.records(seq_before);
+    assert!(
+        records.iter().all(|r| r.key.as_deref() == Some("gw:new")),
+        "recovery did not adopt the install: {records:?}"
+    );
+    let r = c.reintegrate(vec![keyed]);
+    assert!(
+        matches!(r.results.as_slice(), [OpResult::Replayed { .. }]),
+        "{:?}",
+        r.results
+    );
+    assert_eq!(std::fs::read(root.join("new.bin")).expect("new.bin"), first);
+    assert_eq!(names_in(&root), ["new.bin"]);
+}

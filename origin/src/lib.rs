@@ -138,6 +138,9 @@ pub struct Shared {
     pub scanned: std::sync::atomic::AtomicU64,
     /// Files lately stored with more than one link (see `scan::RecentLinks`).
     pub recent_links: std::sync::Mutex<scan::RecentLinks>,
+    /// Upload ids the writer's current group installs (see
+    /// `writer::UploadsInUse`): an upload under one of them is not staged.
+    pub uploads_in_use: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 /// A running origin.
@@ -315,5 +318,6 @@ fn open_shared(
         downloads,
         scanned: std::sync::atomic::AtomicU64::new(0),
         recent_links: std::sync::Mutex::new(scan::RecentLinks::default()),
+        uploads_in_use: std::sync::Mutex::new(std::collections::HashSet::new()),
     })
 }

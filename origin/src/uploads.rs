@@ -157,6 +157,8 @@ pub async fn put(
     let target = shared.uploads_dir.join(&upload_id);
     let uploads_dir = shared.uploads_dir.clone();
     let sized = extents.as_ref().map(|e| e.size);
+    let in_use_by = Arc::clone(&shared);
+    let upload_id_staged = upload_id.clone();
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Msg>(QUEUE);
     let writer = tokio::task::spawn_blocking(move || -> std::io::Result<u64> {
         let result = (|| {
@@ -175,7 +177,21 @@ pub async fn put(
             }
             let (file, size) = out.finish(sized)?;
             file.sync_all()?;
-            std::fs::rename(&partial, &target)?;
+            {
+                // Held across the rename: the writer claims a group's
+                // uploads under this lock before it installs any of them.
+                let in_use = in_use_by
+                    .uploads_in_use
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner());
+                if in_use.contains(&upload_id_staged) {
+                    tracing::info!(upload = %upload_id_staged, "an upload being installed was sent again; the staged one stays");
+                    drop(in_use);
+                    std::fs::remove_file(&partial)?;
+                    return Ok(size);
+                }
+                std::fs::rename(&partial, &target)?;
+            }
             std::fs::File::open(&uploads_dir)?.sync_all()?;
             Ok(size)
         })();

@@ -227,6 +227,7 @@ impl Position {
 /// operation failed on the disk.
 fn run_batches(shared: &Shared, batches: Vec<Pending>) -> Vec<Pending> {
     let all: Vec<&Vec<KeyedOp>> = batches.iter().map(|(ops, _)| ops).collect();
+    let _in_use = UploadsInUse::claim(shared, all.iter().flat_map(|ops| ops.iter()));
     let intent = match serde_json::to_vec(&all)
         .map_err(OriginError::from)
         .and_then(|body| transact(shared, |cx| cx.tx.add_intent(&body)))
@@ -320,6 +321,52 @@ fn run_batches(shared: &Shared, batches: Vec<Pending>) -> Vec<Pending> {
         let _ = reply.send(Ok(BatchResult { results }));
     }
     iter.collect()
+}
+
+/// The staged uploads a group's operations install, held from before its
+/// intent until its last commit: an upload sent again meanwhile (a gateway
+/// restarted while the origin still applies its batch sends the batch's
+/// uploads again) leaves the staged file as it is. Replaced, or made anew
+/// after the install took it, it would make recovery from a crash in the
+/// group take an installed upload for one never installed, and everything
+/// after it for changes of someone else's.
+struct UploadsInUse<'a> {
+    shared: &'a Shared,
+    ids: Vec<String>,
+}
+
+impl<'a> UploadsInUse<'a> {
+    fn claim<'o>(shared: &'a Shared, ops: impl Iterator<Item = &'o KeyedOp>) -> Self {
+        let ids: Vec<String> = ops
+            .filter_map(|kop| match &kop.op {
+                Op::Write { upload, .. } => Some(upload.clone()),
+                Op::Create {
+                    object: crate::wire::NewObject::File { upload: Some(u) },
+                    ..
+                } => Some(u.clone()),
+                _ => None,
+            })
+            .collect();
+        let mut in_use = shared
+            .uploads_in_use
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        in_use.extend(ids.iter().cloned());
+        Self { shared, ids }
+    }
+}
+
+impl Drop for UploadsInUse<'_> {
+    fn drop(&mut self) {
+        let mut in_use = self
+            .shared
+            .uploads_in_use
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        for id in &self.ids {
+            in_use.remove(id);
+        }
+    }
 }
 
 /// Operations committed together, cut so that recovery can tell exactly
