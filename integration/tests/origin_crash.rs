@@ -250,18 +250,7 @@ impl PausedOrigin {
         original: &std::path::Path,
         pause_after: bool,
     ) {
-        let sender = {
-            let c = self.client();
-            let ops = vec![keyed.clone()];
-            std::thread::spawn(move || {
-                let _ = c
-                    .http
-                    .post(c.url(wire::paths::REINTEGRATE))
-                    .bearer_auth(&c.token)
-                    .json(&wire::Batch { ops })
-                    .send();
-            })
-        };
+        let sender = send_unanswered(self.client(), keyed.clone());
         eventually("the copy to be linked in", Duration::from_secs(30), || {
             let linked = std::fs::read(copy).is_ok_and(|got| got == body);
             assert!(
@@ -304,6 +293,40 @@ impl PausedOrigin {
     }
 }
 
+/// A tree at `dir/root` holding `old.txt`, and a tmpfs of its own at
+/// `dir/state` for the origin's state (`extra`, its arguments): uploads are
+/// staged on another filesystem than the tree.
+fn tree_with_state_elsewhere(
+    dir: &std::path::Path,
+) -> (
+    std::path::PathBuf,
+    std::path::PathBuf,
+    imz_integration::mount::Tmpfs,
+    [String; 2],
+) {
+    let root = dir.join("root");
+    std::fs::create_dir(&root).expect("mkdir root");
+    std::fs::write(root.join("old.txt"), b"as it was").expect("old.txt");
+    let state = dir.join("state");
+    let tmpfs =
+        imz_integration::mount::Tmpfs::mount(&state, 256 << 20).expect("tmpfs for the state");
+    let extra = ["--state".to_owned(), state.display().to_string()];
+    (root, state, tmpfs, extra)
+}
+
+/// Sends `keyed` as a batch from a thread of its own, whose answer never
+/// comes when the origin is killed while applying it.
+fn send_unanswered(c: Client, keyed: wire::KeyedOp) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let _ = c
+            .http
+            .post(c.url(wire::paths::REINTEGRATE))
+            .bearer_auth(&c.token)
+            .json(&wire::Batch { ops: vec![keyed] })
+            .send();
+    })
+}
+
 fn names_in(dir: &std::path::Path) -> Vec<String> {
     let mut names: Vec<_> = std::fs::read_dir(dir)
         .expect("read_dir")
@@ -321,15 +344,8 @@ fn names_in(dir: &std::path::Path) -> Vec<String> {
 /// once, and nothing be left staged.
 #[test]
 fn kill_between_linking_a_copied_upload_and_unstaging_it_replays_cleanly() {
-    use imz_integration::mount::Tmpfs;
-
     let dir = tempfile::tempdir().expect("tempdir");
-    let root = dir.path().join("root");
-    std::fs::create_dir(&root).expect("mkdir root");
-    std::fs::write(root.join("old.txt"), b"as it was").expect("old.txt");
-    let state = dir.path().join("state");
-    let _state = Tmpfs::mount(&state, 256 << 20).expect("tmpfs for the state");
-    let extra = ["--state".to_owned(), state.display().to_string()];
+    let (root, state, _state, extra) = tree_with_state_elsewhere(dir.path());
     let mut origin = PausedOrigin::start(&root, &dir.path().join("token"), &extra);
     let old = origin.client().lookup(ROOT_ID, "old.txt").attr;
 
@@ -513,18 +529,7 @@ fn kill_while_a_replacement_is_linked(
     (leftover, body): (&std::path::Path, &[u8]),
 ) -> imz_integration::OriginProc {
     let mut origin = origin;
-    let sender = {
-        let c = Client::new(&origin);
-        let ops = vec![keyed.clone()];
-        std::thread::spawn(move || {
-            let _ = c
-                .http
-                .post(c.url(wire::paths::REINTEGRATE))
-                .bearer_auth(&c.token)
-                .json(&wire::Batch { ops })
-                .send();
-        })
-    };
+    let sender = send_unanswered(Client::new(&origin), keyed.clone());
     eventually(
         "the replacement to be linked",
         Duration::from_secs(30),
@@ -587,15 +592,8 @@ fn replay_after_a_killed_replacement(
 /// the replay then applies once.
 #[test]
 fn kill_between_linking_a_replacing_upload_and_renaming_it_over_leaves_no_trace() {
-    use imz_integration::mount::Tmpfs;
-
     let dir = tempfile::tempdir().expect("tempdir");
-    let root = dir.path().join("root");
-    std::fs::create_dir(&root).expect("mkdir root");
-    std::fs::write(root.join("old.txt"), b"as it was").expect("old.txt");
-    let state = dir.path().join("state");
-    let _state = Tmpfs::mount(&state, 256 << 20).expect("tmpfs for the state");
-    let extra = ["--state".to_owned(), state.display().to_string()];
+    let (root, _, _state, extra) = tree_with_state_elsewhere(dir.path());
     let origin = imz_integration::OriginProc::start_full(
         &REPLACE_PAUSED.map(str::to_owned),
         &root,
@@ -701,14 +699,8 @@ fn kill_between_linking_a_moved_copy_and_renaming_it_over_leaves_no_trace() {
 /// while its group runs now leaves the staged file as it is.
 #[test]
 fn an_upload_sent_again_during_its_install_leaves_recovery_exact() {
-    use imz_integration::mount::Tmpfs;
-
     let dir = tempfile::tempdir().expect("tempdir");
-    let root = dir.path().join("root");
-    std::fs::create_dir(&root).expect("mkdir root");
-    let state = dir.path().join("state");
-    let _state = Tmpfs::mount(&state, 256 << 20).expect("tmpfs for the state");
-    let extra = ["--state".to_owned(), state.display().to_string()];
+    let (root, _, _state, extra) = tree_with_state_elsewhere(dir.path());
     let mut origin = PausedOrigin::start(&root, &dir.path().join("token"), &extra);
     let c = origin.client();
     let seq_before = c.records(0).last().map_or(0, |r| r.seq);
@@ -725,18 +717,7 @@ fn an_upload_sent_again_during_its_install_leaves_recovery_exact() {
             attrs: SetAttrs::default(),
         },
     );
-    let sender = {
-        let c = origin.client();
-        let ops = vec![keyed.clone()];
-        std::thread::spawn(move || {
-            let _ = c
-                .http
-                .post(c.url(wire::paths::REINTEGRATE))
-                .bearer_auth(&c.token)
-                .json(&wire::Batch { ops })
-                .send();
-        })
-    };
+    let sender = send_unanswered(origin.client(), keyed.clone());
     eventually("the copy to be linked in", Duration::from_secs(30), || {
         std::fs::read(root.join("new.bin"))
             .is_ok_and(|got| got == first)
@@ -768,5 +749,5 @@ fn an_upload_sent_again_during_its_install_leaves_recovery_exact() {
         r.results
     );
     assert_eq!(std::fs::read(root.join("new.bin")).expect("new.bin"), first);
-    assert_eq!(names_in(&root), ["new.bin"]);
+    assert_eq!(names_in(&root), ["new.bin", "old.txt"]);
 }
