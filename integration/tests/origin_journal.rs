@@ -226,6 +226,35 @@ fn a_write_through_a_hard_link_removed_at_once_is_journaled() {
     );
 }
 
+/// A directory arrives holding a hard link to a file already served (made
+/// outside the tree and moved in, or made and linked into before the
+/// watcher watched it): `link(2)` told only that directory, which nobody
+/// watched, and the directory's listing found the link. The file's other
+/// name gained a link all the same, and kept its old count for good.
+#[test]
+fn a_hard_link_inside_a_directory_moved_in_counts_for_the_file() {
+    let s = start_with(|root| {
+        std::fs::write(root.join("file"), b"one inode, two names").expect("write");
+    });
+    let c = &s.client;
+    let file = c.walk("file").expect("file served").attr;
+    assert_eq!(file.nlink, 1);
+    let cur = c.info().last_seq;
+    // Outside the tree, on its filesystem: a directory holding a link.
+    let outside = s.dir.path().join("outside");
+    std::fs::create_dir(&outside).expect("mkdir outside");
+    std::fs::hard_link(s.root().join("file"), outside.join("link")).expect("ln");
+    std::fs::rename(&outside, s.root().join("arrived")).expect("mv into the tree");
+    wait_for_change(
+        c,
+        cur,
+        "the file's new link count",
+        |r| matches!(&r.change, Change::SetAttr { attr } | Change::Write { attr } if attr.id == file.id && attr.nlink == 2),
+    );
+    assert_eq!(c.walk("arrived/link").expect("link served").attr.nlink, 2);
+    assert_eq!(c.walk("file").expect("file served").attr.nlink, 2);
+}
+
 /// A file copied across filesystems waits under a `.imz-installing-` name
 /// before it replaces its target; a crash can leave that name behind. The
 /// origin must never serve it, at start-up or while running.

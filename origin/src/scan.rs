@@ -92,6 +92,9 @@ struct Diff {
     /// Names an event gave that are neither on disk nor stored: they came
     /// and went before this look (see [`RecentLinks`]).
     vanished: bool,
+    /// The other names of hard-linked files found inside new directories
+    /// (filled by `apply`): they gained a link, and nothing names them.
+    gained_links: BTreeSet<(ObjectId, String)>,
 }
 
 /// Files lately stored with more than one link, for a name that vanished.
@@ -183,8 +186,9 @@ pub fn reconcile(cx: &mut WCtx<'_>, dirty: Dirty) -> Result<()> {
         rounds += 1;
         let mut diff = Diff::default();
         list(cx, work, dirty.full, &mut diff)?;
-        let other_names = other_links(cx, &diff)?;
+        let mut other_names = other_links(cx, &diff)?;
         let moved = apply(cx, &mut diff)?;
+        other_names.append(&mut diff.gained_links);
         // A directory whose stored path did not open may have moved: its
         // parent is reconciled next round (the root always opens).
         work = moved;
@@ -230,6 +234,7 @@ fn reconcile_entries(
             Some(mut diff) => {
                 let mut others = other_links(cx, &diff)?;
                 whole.extend(apply(cx, &mut diff)?);
+                others.append(&mut diff.gained_links);
                 if diff.vanished {
                     others.extend(recently_linked(cx)?);
                 }
@@ -576,8 +581,8 @@ fn apply(cx: &mut WCtx<'_>, diff: &mut Diff) -> Result<BTreeSet<ObjectId>> {
             cx,
             (dir, name, st),
             &mut dir_stats,
-            &mut missing_ids,
-            &mut moved_dirs,
+            (&mut missing_ids, &mut moved_dirs),
+            &mut diff.gained_links,
         )?;
     }
     // Removes: vanished objects that did not move.
@@ -803,13 +808,16 @@ fn touch_dir(
 
 /// Journals `dir/name` and, for a directory, everything below it. An
 /// object of `missing` found below it moved there (and a directory among
-/// them joins `moved_dirs`).
+/// them joins `moved_dirs`). A file with several links found below it
+/// adds the names of the file's other links to `gained_links` (they gained
+/// one, and `link(2)` told only the new name's directory, which was not
+/// watched yet).
 fn create_tree(
     cx: &mut WCtx<'_>,
     new: (ObjectId, String, Stat),
     stats: &mut HashMap<ObjectId, Stat>,
-    missing: &mut HashSet<ObjectId>,
-    moved_dirs: &mut BTreeSet<ObjectId>,
+    (missing, moved_dirs): (&mut HashSet<ObjectId>, &mut BTreeSet<ObjectId>),
+    gained_links: &mut BTreeSet<(ObjectId, String)>,
 ) -> Result<()> {
     let mut queue = vec![new];
     let mut top = true;
@@ -868,6 +876,18 @@ fn create_tree(
             attr: attr.clone(),
             fp: Fingerprint::of(&st),
         };
+        if kind == Kind::File && st.st_nlink > 1 {
+            if let Some(other) = cx.tx.by_ino(st.st_ino)?
+                && let Some(m) = cx.tx.meta(other)?
+                && m.fp.ino == st.st_ino
+                && m.attr.kind == Kind::File
+            {
+                gained_links.insert((m.parent, m.name));
+            }
+            for m in cx.tx.linked(st.st_ino, id)? {
+                gained_links.insert((m.parent, m.name));
+            }
+        }
         cx.tx.put(&meta)?;
         cx.tx.link(dir, &name, id)?;
         cx.tx.set_ino(meta.fp.ino, id)?;
