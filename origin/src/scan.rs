@@ -272,22 +272,8 @@ fn other_links(cx: &WCtx<'_>, diff: &Diff) -> Result<BTreeSet<(ObjectId, String)
         }
     }
     let mut names = BTreeSet::new();
-    // A new link to a file: the names it already had gain a link (and
-    // `link(2)` tells only the new name's directory). The one the inode
-    // index knows may not be in the link index yet (it had one link).
     for (_, _, st) in &diff.new {
-        if st.st_nlink > 1
-            && fsops::kind_of(st) == Some(Kind::File)
-            && let Some(id) = cx.tx.by_ino(st.st_ino)?
-        {
-            if let Some(m) = cx.tx.meta(id)?
-                && m.fp.ino == st.st_ino
-                && m.attr.kind == Kind::File
-            {
-                names.insert((m.parent, m.name));
-            }
-            inodes.insert((st.st_ino, id));
-        }
+        names_before_a_new_link(cx, st, &mut names)?;
     }
     for (ino, id) in inodes {
         for m in cx.tx.linked(ino, id)? {
@@ -295,6 +281,34 @@ fn other_links(cx: &WCtx<'_>, diff: &Diff) -> Result<BTreeSet<(ObjectId, String)
         }
     }
     Ok(names)
+}
+
+/// Adds to `names` the names a file had before its new name, found with
+/// `st`, was stored: with a new link they gained one, and `link(2)` tells
+/// only the new name's directory. The name the inode index knows may not
+/// be in the link index yet (it had one link), and the link index may
+/// know names the inode index has lost (its name went).
+fn names_before_a_new_link(
+    cx: &WCtx<'_>,
+    st: &Stat,
+    names: &mut BTreeSet<(ObjectId, String)>,
+) -> Result<()> {
+    if st.st_nlink <= 1 || fsops::kind_of(st) != Some(Kind::File) {
+        return Ok(());
+    }
+    let indexed = cx.tx.by_ino(st.st_ino)?;
+    if let Some(id) = indexed
+        && let Some(m) = cx.tx.meta(id)?
+        && m.fp.ino == st.st_ino
+        && m.attr.kind == Kind::File
+    {
+        names.insert((m.parent, m.name));
+    }
+    // The root is no file: with no indexed name, every linked one counts.
+    for m in cx.tx.linked(st.st_ino, indexed.unwrap_or(ROOT_ID))? {
+        names.insert((m.parent, m.name));
+    }
+    Ok(())
 }
 
 /// `(parent, name)` of a changed path whose parent is a stored directory.
@@ -876,18 +890,7 @@ fn create_tree(
             attr: attr.clone(),
             fp: Fingerprint::of(&st),
         };
-        if kind == Kind::File && st.st_nlink > 1 {
-            if let Some(other) = cx.tx.by_ino(st.st_ino)?
-                && let Some(m) = cx.tx.meta(other)?
-                && m.fp.ino == st.st_ino
-                && m.attr.kind == Kind::File
-            {
-                gained_links.insert((m.parent, m.name));
-            }
-            for m in cx.tx.linked(st.st_ino, id)? {
-                gained_links.insert((m.parent, m.name));
-            }
-        }
+        names_before_a_new_link(cx, &st, gained_links)?;
         cx.tx.put(&meta)?;
         cx.tx.link(dir, &name, id)?;
         cx.tx.set_ino(meta.fp.ino, id)?;
