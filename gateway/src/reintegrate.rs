@@ -32,6 +32,7 @@ use tokio::sync::watch;
 use crate::conflict::{self, ConflictPolicy};
 use crate::metrics::Metrics;
 use crate::origin_client::OriginError;
+use crate::test_hold::TestHold;
 use crate::vfs::{Vfs, VfsError};
 
 /// How the reintegrator behaves.
@@ -101,6 +102,10 @@ const UPLOADS_IN_FLIGHT: usize = 8;
 /// [`Reintegrator::ship`]).
 const PART_OPS: usize = 128;
 
+/// `IMZ_TEST_PLAN_HOLD`: holds a planned batch before its records are
+/// marked shipped, while a test changes what it planned to ship.
+static PLAN_HOLD: TestHold = TestHold::new("IMZ_TEST_PLAN_HOLD");
+
 /// Refusals of one record after which it is held for a person.
 const MAX_REFUSALS: u32 = 3;
 
@@ -149,7 +154,9 @@ impl Done {
 struct Upload {
     id: String,
     fid: FileId,
+    /// The file's size and mtime when planned: what is uploaded and sent.
     size: u64,
+    mtime: i64,
     /// Index in [`Plan::ops`] of the operation that installs it.
     op: usize,
 }
@@ -279,18 +286,34 @@ impl Reintegrator {
             Ok(plan) => plan,
             Err(round) => return Ok(round),
         };
+        PLAN_HOLD.wait().await;
         // Before anything leaves, mark the records shipped (durably): from
-        // now on the origin may have them, so they must not change. If one
-        // changed since it was planned, plan again.
+        // now on the origin may have them, so they must not change, and a
+        // later change to their files logs a record of its own. If one
+        // changed since it was planned, plan again; so too if a file to
+        // upload did: a write or a size change to a file whose store is
+        // pending rewrites no record (the store carries the file as it is
+        // when shipped), but the plan has read the size and mtime to send.
         let marks: Vec<(u64, Vec<u8>)> = plan
             .seqs
             .iter()
             .filter_map(|s| plan.raw.get(s).map(|b| (*s, b.clone())))
             .collect();
+        let uploads: Vec<(FileId, u64, i64)> = plan
+            .uploads
+            .iter()
+            .map(|u| (u.fid, u.size, u.mtime))
+            .collect();
         let unchanged = self
             .vfs
             .writer
             .run(0, move |tx| {
+                for (fid, size, mtime) in &uploads {
+                    let now = tx.get(*fid)?.map(|o| (o.attrs.size, o.attrs.mtime));
+                    if now != Some((*size, *mtime)) {
+                        return Ok(false);
+                    }
+                }
                 for (seq, bytes) in &marks {
                     if !tx
                         .log_mark_shipped(*seq, bytes)
@@ -469,6 +492,7 @@ impl Reintegrator {
                                         id: id.clone(),
                                         fid: *fid,
                                         size: obj.attrs.size,
+                                        mtime: obj.attrs.mtime,
                                         op: plan.ops.len(),
                                     });
                                     Some(id)
@@ -517,6 +541,7 @@ impl Reintegrator {
                         id: key.clone(),
                         fid: *fid,
                         size: obj.attrs.size,
+                        mtime: obj.attrs.mtime,
                         op: plan.ops.len(),
                     });
                     (

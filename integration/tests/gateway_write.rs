@@ -808,6 +808,120 @@ async fn a_shrink_then_grow_reaches_the_origin_as_zeros() -> Result {
     Ok(())
 }
 
+/// A change made while the reintegrator has planned a batch, before it
+/// marks the batch's records shipped, must still reach the origin. A size
+/// change there rewrites no record: it is dropped, because the pending
+/// store (or create) carries the file's content as it is when shipped. But
+/// the plan had already read the size to upload, so the origin kept a
+/// shrunk file's old length, padded with zeros (found by the write model,
+/// seed 1795780295176304403), or a grown file's old length, its new bytes
+/// lost, and the mtime from before. The gateway holds the planned batch
+/// for the test (`IMZ_TEST_PLAN_HOLD`) while the files change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_between_planning_a_batch_and_shipping_it_reaches_the_origin() -> Result {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let old = data::bytes(60, 90_000);
+    // Nothing ships until `imz sync` asks.
+    let mut fx = Fixture::with_cache_size("1GiB", &["--reintegrate-delay", "10m"], |root| {
+        std::fs::write(root.join("old"), &old)?;
+        Ok(())
+    })?;
+    let hold = fx.dir.path().join("hold");
+    std::fs::create_dir(&hold)?;
+    let hold_dir = hold
+        .to_str()
+        .ok_or_else(|| anyhow::anyhow!("hold path"))?
+        .to_owned();
+    fx.gateway.set_env("IMZ_TEST_PLAN_HOLD", &hold_dir);
+    fx.gateway.restart_graceful()?;
+    let mut nfs = Nfs::mount(fx.port(), "/imz").await?;
+
+    // New files (their content travels with their create) and a store to
+    // a file the origin has.
+    let shrunk = nfs.put_file("shrunk", &data::bytes(61, 80_000)).await?;
+    let grown = nfs.put_file("grown", &data::bytes(62, 50_000)).await?;
+    let chmodded = nfs.put_file("chmodded", &data::bytes(63, 1_000)).await?;
+    let patched = nfs.lookup_path("old").await?;
+    nfs.write(&patched, 100, &data::bytes(64, 5_000), Stable::FILE_SYNC)
+        .await?;
+    std::fs::write(hold.join("hold"), "")?;
+    let syncing = std::thread::spawn({
+        let cache_dir = fx.gateway.cache_dir.clone();
+        move || {
+            imz_integration::gateway::control(
+                &imz_integration::process::imz_bin(),
+                &cache_dir,
+                &["sync", "--timeout", "60s"],
+            )
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !hold.join("held").exists() {
+        anyhow::ensure!(Instant::now() < deadline, "no batch was ever held");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    let size = |n| Attrs {
+        size: Some(n),
+        ..Attrs::default()
+    };
+    nfs.setattr(&shrunk, &size(10_000)).await?;
+    let tail = data::bytes(65, 30_000);
+    nfs.write(&grown, 50_000, &tail, Stable::FILE_SYNC).await?;
+    nfs.setattr(
+        &chmodded,
+        &Attrs {
+            mode: Some(0o600),
+            ..Attrs::default()
+        },
+    )
+    .await?;
+    nfs.setattr(&patched, &size(3_000)).await?;
+    std::fs::remove_file(hold.join("hold"))?;
+    syncing
+        .join()
+        .map_err(|_| anyhow::anyhow!("sync thread panicked"))??;
+    // The changes made meanwhile, if they logged records of their own.
+    fx.gateway.ctl(&["sync", "--timeout", "30s"])?;
+
+    let mut wrong = Vec::new();
+    for name in ["shrunk", "grown", "chmodded", "old"] {
+        let fh = nfs.lookup_path(name).await?;
+        let here = nfs.read_all(&fh).await?;
+        let there = std::fs::read(fx.origin_path(name))?;
+        if here != there {
+            wrong.push(format!(
+                "{name}: the origin holds {} bytes, the gateway {}",
+                there.len(),
+                here.len()
+            ));
+        }
+        let attr = nfs.getattr(&fh).await?;
+        let meta = std::fs::metadata(fx.origin_path(name))?;
+        let at_origin = (meta.mode() & 0o7777, meta.mtime(), meta.mtime_nsec());
+        let at_gateway = (
+            attr.mode & 0o7777,
+            i64::from(attr.mtime.seconds),
+            i64::from(attr.mtime.nseconds),
+        );
+        if at_origin != at_gateway {
+            wrong.push(format!(
+                "{name}: mode and mtime {at_origin:?} at the origin, {at_gateway:?} at the gateway"
+            ));
+        }
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+    assert_eq!(std::fs::read(fx.origin_path("shrunk"))?.len(), 10_000);
+    assert_eq!(
+        std::fs::metadata(fx.origin_path("chmodded"))?
+            .permissions()
+            .mode()
+            & 0o777,
+        0o600
+    );
+    Ok(())
+}
+
 /// The first write to a file only partly cached brings the rest of it in:
 /// a written file never depends on origin bytes, so with the origin gone
 /// it still reads whole, and its upload is whole when the origin returns.

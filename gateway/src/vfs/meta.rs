@@ -2,15 +2,14 @@
 //! from the cache and filled from the origin on a miss.
 
 use std::collections::HashSet;
-use std::path::PathBuf;
-use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
 
 use imz_cache::{DirEntry, FileId, Kind, Object, ROOT_FILEID};
 use imz_origin::wire;
 
 use super::{Vfs, VfsError};
 use crate::coherence::{self, Source};
+use crate::test_hold::TestHold;
 
 /// Deeper than any real tree (a path of single-letter names this deep is
 /// past PATH_MAX many times): a parent chain longer than this is broken.
@@ -21,35 +20,10 @@ const LISTING_PAGE: usize = 5000;
 /// Attempts at a consistent listing of a directory that keeps changing.
 const LISTING_ATTEMPTS: usize = 4;
 
-/// `IMZ_TEST_LOOKUP_HOLD=DIR`, read once, for tests: while the file
-/// `DIR/hold` exists, the origin's answer to a lookup is held before it is
-/// stored, and `DIR/held` says so. A test then changes the file at the
-/// origin and lets the journal record pass by the follower: an answer
-/// older than a record, which no test can otherwise have on demand.
-async fn test_lookup_hold() {
-    static DIR: OnceLock<Option<PathBuf>> = OnceLock::new();
-    let Some(dir) = DIR.get_or_init(|| {
-        let dir = std::env::var_os("IMZ_TEST_LOOKUP_HOLD").map(PathBuf::from);
-        if let Some(d) = &dir {
-            tracing::warn!(dir = %d.display(), "lookup answers may be held for a test");
-        }
-        dir
-    }) else {
-        return;
-    };
-    let (hold, held) = (dir.join("hold"), dir.join("held"));
-    if !hold.exists() {
-        return;
-    }
-    if let Err(e) = std::fs::write(&held, b"") {
-        tracing::warn!(error = %e, "test hold: cannot say the answer is held");
-    }
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while hold.exists() && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let _ = std::fs::remove_file(&held);
-}
+/// `IMZ_TEST_LOOKUP_HOLD`: holds the origin's answer to a lookup before
+/// it is stored. A test then changes the file at the origin and lets the
+/// journal record pass by the follower: an answer older than a record.
+static LOOKUP_HOLD: TestHold = TestHold::new("IMZ_TEST_LOOKUP_HOLD");
 
 /// What the origin's answer about one name comes to here.
 enum Answer {
@@ -123,7 +97,7 @@ impl Vfs {
                 Ok(None) => return Err(VfsError::NotFound),
                 Err(e) => return Err(self.origin_failed(e)),
             };
-            test_lookup_hold().await;
+            LOOKUP_HOLD.wait().await;
             let owned_name = name.to_owned();
             let passed = Arc::clone(&self.passed);
             let stored = self
