@@ -633,6 +633,67 @@ fn kill_between_linking_a_replacing_upload_and_renaming_it_over_leaves_no_trace(
     assert_eq!(c.lookup(ROOT_ID, "old.txt").attr.id, old.id);
 }
 
+/// The same crash in a write of the bytes the file already holds (a
+/// gateway that lost the answer to a store, or replayed its unstable
+/// writes, uploads them again under a new key). Recovery found the linked
+/// copy equal to the file, counted the write applied and left the
+/// temporary name behind, for good (found by the write model with a
+/// mount inside the tree, seed 1795778911644292023).
+#[test]
+fn kill_between_linking_an_upload_of_the_same_bytes_and_renaming_it_over_leaves_no_trace() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (root, _, _state, extra) = tree_with_state_elsewhere(dir.path());
+    let origin = imz_integration::OriginProc::start_full(
+        &REPLACE_PAUSED.map(str::to_owned),
+        &root,
+        &dir.path().join("token"),
+        "127.0.0.1:0",
+        &extra,
+    )
+    .expect("start origin");
+    let c = Client::new(&origin);
+    let old = c.lookup(ROOT_ID, "old.txt").attr;
+    let seq_before = c.records(0).last().map_or(0, |r| r.seq);
+    let same = std::fs::read(root.join("old.txt")).expect("old.txt");
+    c.upload("u-same", same.clone());
+    let keyed = op(
+        "gw:same",
+        Op::Write {
+            id: ObjRef::Id(old.id),
+            base: wire::Base::Version(old.version),
+            upload: "u-same".into(),
+            mtime: None,
+        },
+    );
+    let leftover = root.join(format!("{}u-same", wire::INSTALLING_PREFIX));
+    let origin = kill_while_a_replacement_is_linked(origin, &extra, &keyed, (&leftover, &same));
+
+    let c = Client::new(&origin);
+    assert_eq!(
+        names_in(&root),
+        ["old.txt"],
+        "the crash left its name behind"
+    );
+    assert_eq!(std::fs::read(root.join("old.txt")).expect("old.txt"), same);
+    // Recovered as applied (nothing on disk tells otherwise): journaled
+    // under its key, and a replay is answered as one.
+    let records = c.records(seq_before);
+    assert!(
+        records.iter().all(|r| r.key.as_deref() == Some("gw:same")),
+        "the restarted origin journaled {records:?}"
+    );
+    let r = c.reintegrate(vec![keyed]);
+    assert!(
+        matches!(
+            r.results.as_slice(),
+            [OpResult::Applied { .. } | OpResult::Replayed { .. }]
+        ),
+        "{:?}",
+        r.results
+    );
+    assert_eq!(names_in(&root), ["old.txt"]);
+}
+
 /// The same crash in a rename over a file on another filesystem (a
 /// filesystem mounted inside the tree), which moves the file as a copy
 /// linked at a temporary name and renamed over the file it replaces.

@@ -543,9 +543,16 @@ impl Apply<'_, '_, '_> {
             if let Err(e) = install_over(&self.cx.shared.uploads_fd, upload, &pfd, &m, mtime) {
                 return Err(fs_failed("installing an upload", e));
             }
-        } else if staged && !self.copied_in(upload, &pfd, &m.name) {
+        } else if staged {
+            let applied = self.copied_in(upload, &pfd, &m.name);
+            // Left by a crash between linking the copy and renaming it over
+            // the file, whether or not the file already held these bytes
+            // (then the copy reads as installed, and the write counts as
+            // applied: it changes nothing but the inode).
             self.clear_install_leftover(m.parent, &pfd, &format!("{INSTALLING_PREFIX}{upload}"))?;
-            return Err(not_applied());
+            if !applied {
+                return Err(not_applied());
+            }
         }
         let st = stat_or_fail(&pfd, &m.name)?;
         if fsops::kind_of(&st) != Some(Kind::File) {
@@ -870,11 +877,14 @@ impl Apply<'_, '_, '_> {
             let left = from.map(|s| s.st_ino) != Some(m.fp.ino);
             let moved =
                 arrived && (left || across && self.moved_across(&ffd, from_name, &tfd, to_name));
+            if across && replaced.is_some() {
+                // As for a write: the copy may read as moved (the file it
+                // replaces held the same bytes and mtime) with its
+                // temporary name still there.
+                let tmp_name = format!("{INSTALLING_PREFIX}{}", m.attr.id);
+                self.clear_install_leftover(tpid, &tfd, &tmp_name)?;
+            }
             if !moved {
-                if across && replaced.is_some() {
-                    let tmp_name = format!("{INSTALLING_PREFIX}{}", m.attr.id);
-                    self.clear_install_leftover(tpid, &tfd, &tmp_name)?;
-                }
                 return Err(not_applied());
             }
         }
