@@ -182,16 +182,19 @@ pub fn reconcile(cx: &mut WCtx<'_>, dirty: Dirty) -> Result<()> {
     let whole = reconcile_entries(cx, entries, &work)?;
     work.extend(whole);
     let mut rounds = 0;
+    // Directories found moved, listed down to the bottom next round.
+    let mut moved_trees = BTreeSet::new();
     while !work.is_empty() && rounds < 8 {
         rounds += 1;
         let mut diff = Diff::default();
-        list(cx, work, dirty.full, &mut diff)?;
+        list(cx, work, dirty.full, &moved_trees, &mut diff)?;
         let mut other_names = other_links(cx, &diff)?;
         let moved = apply(cx, &mut diff)?;
         other_names.append(&mut diff.gained_links);
         // A directory whose stored path did not open may have moved: its
         // parent is reconciled next round (the root always opens).
-        work = moved;
+        work = moved.clone();
+        moved_trees = moved;
         for id in diff.failed {
             if let Some(m) = cx.tx.meta(id)? {
                 work.insert(m.parent.max(ROOT_ID));
@@ -439,8 +442,18 @@ fn dirs_for_path(cx: &WCtx<'_>, path: &[String], out: &mut BTreeSet<ObjectId>) -
     Ok(())
 }
 
-fn list(cx: &mut WCtx<'_>, work: BTreeSet<ObjectId>, full: bool, diff: &mut Diff) -> Result<()> {
+/// Lists the directories `work` into `diff`, and those below them whose
+/// own fingerprint changed; all of them when `full`, and all below
+/// `whole_trees`.
+fn list(
+    cx: &mut WCtx<'_>,
+    work: BTreeSet<ObjectId>,
+    full: bool,
+    whole_trees: &BTreeSet<ObjectId>,
+    diff: &mut Diff,
+) -> Result<()> {
     let mut queue: Vec<ObjectId> = work.into_iter().collect();
+    let mut whole: HashSet<ObjectId> = whole_trees.iter().copied().collect();
     let mut seen = HashSet::new();
     while let Some(dir) = queue.pop() {
         if !seen.insert(dir) {
@@ -490,6 +503,7 @@ fn list(cx: &mut WCtx<'_>, work: BTreeSet<ObjectId>, full: bool, diff: &mut Diff
             }
         };
         diff.listed.push((dir, own));
+        let whole_tree = whole.contains(&dir);
         cx.shared
             .scanned
             .fetch_add(listing.len() as u64, Ordering::Relaxed);
@@ -507,7 +521,10 @@ fn list(cx: &mut WCtx<'_>, work: BTreeSet<ObjectId>, full: bool, diff: &mut Diff
                         diff.missing.push((dir, name.clone(), id));
                         diff.new.push((dir, name, st));
                     } else if m.attr.kind == Kind::Dir {
-                        if full || m.fp != fp {
+                        if whole_tree {
+                            whole.insert(id);
+                        }
+                        if full || whole_tree || m.fp != fp {
                             queue.push(id);
                         }
                     } else if m.fp != fp {
@@ -528,9 +545,12 @@ fn list(cx: &mut WCtx<'_>, work: BTreeSet<ObjectId>, full: bool, diff: &mut Diff
 }
 
 /// Journals what `diff` found. Returns the directories it found moved:
-/// they are listed next, since what they hold may have changed too (and a
-/// directory that only reuses a removed one's inode number holds other
-/// things).
+/// they are listed next, down to the bottom, since what they hold may have
+/// changed too (and a directory that only reuses a removed one's inode
+/// number holds other things). A change made in a moved tree before the
+/// origin took in the move is reported under a path the store cannot
+/// resolve yet, or not at all (its event came on a watch the move made the
+/// watcher drop), and a file's change moves no directory's times.
 fn apply(cx: &mut WCtx<'_>, diff: &mut Diff) -> Result<BTreeSet<ObjectId>> {
     let mut moved_dirs = BTreeSet::new();
     let mut dir_stats: HashMap<ObjectId, Stat> =
