@@ -392,30 +392,18 @@ async fn an_answer_overtaken_by_a_journal_record_is_not_stored_stale() -> Result
         std::fs::set_permissions(root.join("d/f"), std::fs::Permissions::from_mode(0o644))?;
         Ok(())
     })?;
-    let hold = fx.dir.path().join("hold");
-    std::fs::create_dir(&hold)?;
-    let hold_dir = hold
-        .to_str()
-        .ok_or_else(|| anyhow::anyhow!("hold path"))?
-        .to_owned();
-    fx.gateway.set_env("IMZ_TEST_LOOKUP_HOLD", &hold_dir);
-    fx.gateway.restart_graceful()?;
+    let hold = fx
+        .gateway
+        .with_hold("IMZ_TEST_LOOKUP_HOLD", &fx.dir.path().join("hold"))?;
     let mut nfs = Nfs::mount(fx.port(), "/imz").await?;
     let d = nfs.lookup_path("d").await?;
 
-    std::fs::write(hold.join("hold"), "")?;
+    hold.arm()?;
     let asking = tokio::spawn(async move {
         let f = nfs.lookup(&d, "f").await;
         (nfs, f)
     });
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !hold.join("held").exists() {
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "the lookup's answer was never held"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    hold.reached().await?;
     // The answer (mode 0644) is in; now the file changes, and the journal
     // record of it passes by the follower.
     let before = origin_last_seq(&fx.origin.url)?;
@@ -429,7 +417,7 @@ async fn an_answer_overtaken_by_a_journal_record_is_not_stored_stale() -> Result
         (seq > before && cursor >= seq).then_some(())
     });
     anyhow::ensure!(passed.is_some(), "the change never reached the follower");
-    std::fs::remove_file(hold.join("hold"))?;
+    hold.release()?;
 
     let (mut nfs, f) = asking.await?;
     let attr = nfs.getattr(&f?).await?;

@@ -826,14 +826,9 @@ async fn a_change_between_planning_a_batch_and_shipping_it_reaches_the_origin() 
         std::fs::write(root.join("old"), &old)?;
         Ok(())
     })?;
-    let hold = fx.dir.path().join("hold");
-    std::fs::create_dir(&hold)?;
-    let hold_dir = hold
-        .to_str()
-        .ok_or_else(|| anyhow::anyhow!("hold path"))?
-        .to_owned();
-    fx.gateway.set_env("IMZ_TEST_PLAN_HOLD", &hold_dir);
-    fx.gateway.restart_graceful()?;
+    let hold = fx
+        .gateway
+        .with_hold("IMZ_TEST_PLAN_HOLD", &fx.dir.path().join("hold"))?;
     let mut nfs = Nfs::mount(fx.port(), "/imz").await?;
 
     // New files (their content travels with their create) and a store to
@@ -844,7 +839,7 @@ async fn a_change_between_planning_a_batch_and_shipping_it_reaches_the_origin() 
     let patched = nfs.lookup_path("old").await?;
     nfs.write(&patched, 100, &data::bytes(64, 5_000), Stable::FILE_SYNC)
         .await?;
-    std::fs::write(hold.join("hold"), "")?;
+    hold.arm()?;
     let syncing = std::thread::spawn({
         let cache_dir = fx.gateway.cache_dir.clone();
         move || {
@@ -855,11 +850,7 @@ async fn a_change_between_planning_a_batch_and_shipping_it_reaches_the_origin() 
             )
         }
     });
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !hold.join("held").exists() {
-        anyhow::ensure!(Instant::now() < deadline, "no batch was ever held");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    hold.reached().await?;
 
     let size = |n| Attrs {
         size: Some(n),
@@ -877,7 +868,7 @@ async fn a_change_between_planning_a_batch_and_shipping_it_reaches_the_origin() 
     )
     .await?;
     nfs.setattr(&patched, &size(3_000)).await?;
-    std::fs::remove_file(hold.join("hold"))?;
+    hold.release()?;
     syncing
         .join()
         .map_err(|_| anyhow::anyhow!("sync thread panicked"))??;

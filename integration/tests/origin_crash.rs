@@ -582,6 +582,61 @@ fn replay_after_a_killed_replacement(
     );
 }
 
+/// A write of `body` over `old.txt` (upload `upload`, key `key`) in a
+/// tree whose state is on another filesystem, killed between linking its
+/// copy at the temporary name and renaming it over the file; the origin
+/// restarted.
+struct KilledWrite {
+    origin: imz_integration::OriginProc,
+    root: std::path::PathBuf,
+    old: wire::Attr,
+    seq_before: wire::Seq,
+    keyed: wire::KeyedOp,
+    _state: imz_integration::mount::Tmpfs,
+    _dir: tempfile::TempDir,
+}
+
+fn kill_a_write_while_its_replacement_is_linked(
+    key: &str,
+    upload: &str,
+    body: &[u8],
+) -> KilledWrite {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (root, _, state, extra) = tree_with_state_elsewhere(dir.path());
+    let origin = imz_integration::OriginProc::start_full(
+        &REPLACE_PAUSED.map(str::to_owned),
+        &root,
+        &dir.path().join("token"),
+        "127.0.0.1:0",
+        &extra,
+    )
+    .expect("start origin");
+    let c = Client::new(&origin);
+    let old = c.lookup(ROOT_ID, "old.txt").attr;
+    let seq_before = c.records(0).last().map_or(0, |r| r.seq);
+    c.upload(upload, body.to_vec());
+    let keyed = op(
+        key,
+        Op::Write {
+            id: ObjRef::Id(old.id),
+            base: wire::Base::Version(old.version),
+            upload: upload.into(),
+            mtime: None,
+        },
+    );
+    let leftover = root.join(format!("{}{upload}", wire::INSTALLING_PREFIX));
+    let origin = kill_while_a_replacement_is_linked(origin, &extra, &keyed, (&leftover, body));
+    KilledWrite {
+        origin,
+        root,
+        old,
+        seq_before,
+        keyed,
+        _state: state,
+        _dir: dir,
+    }
+}
+
 /// A write whose upload is staged on another filesystem than the tree
 /// replaces the file by linking a copy at a temporary name and renaming
 /// it over the file. kill -9 between the two left that name behind (a
@@ -592,45 +647,19 @@ fn replay_after_a_killed_replacement(
 /// the replay then applies once.
 #[test]
 fn kill_between_linking_a_replacing_upload_and_renaming_it_over_leaves_no_trace() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (root, _, _state, extra) = tree_with_state_elsewhere(dir.path());
-    let origin = imz_integration::OriginProc::start_full(
-        &REPLACE_PAUSED.map(str::to_owned),
-        &root,
-        &dir.path().join("token"),
-        "127.0.0.1:0",
-        &extra,
-    )
-    .expect("start origin");
-    let c = Client::new(&origin);
-    let old = c.lookup(ROOT_ID, "old.txt").attr;
-    let seq_before = c.records(0).last().map_or(0, |r| r.seq);
     let rewritten = content(3);
-    c.upload("u-old", rewritten.clone());
-    let keyed = op(
-        "gw:rewrite",
-        Op::Write {
-            id: ObjRef::Id(old.id),
-            base: wire::Base::Version(old.version),
-            upload: "u-old".into(),
-            mtime: None,
-        },
-    );
-    let leftover = root.join(format!("{}u-old", wire::INSTALLING_PREFIX));
-    let origin =
-        kill_while_a_replacement_is_linked(origin, &extra, &keyed, (&leftover, &rewritten));
-
-    let c = Client::new(&origin);
+    let k = kill_a_write_while_its_replacement_is_linked("gw:rewrite", "u-old", &rewritten);
+    let c = Client::new(&k.origin);
     assert_eq!(
-        std::fs::read(root.join("old.txt")).expect("old.txt"),
+        std::fs::read(k.root.join("old.txt")).expect("old.txt"),
         b"as it was"
     );
-    replay_after_a_killed_replacement(&c, &root, &["old.txt"], seq_before, keyed);
+    replay_after_a_killed_replacement(&c, &k.root, &["old.txt"], k.seq_before, k.keyed);
     assert_eq!(
-        std::fs::read(root.join("old.txt")).expect("old.txt"),
+        std::fs::read(k.root.join("old.txt")).expect("old.txt"),
         rewritten
     );
-    assert_eq!(c.lookup(ROOT_ID, "old.txt").attr.id, old.id);
+    assert_eq!(c.lookup(ROOT_ID, "old.txt").attr.id, k.old.id);
 }
 
 /// The same crash in a write of the bytes the file already holds (a
@@ -641,48 +670,26 @@ fn kill_between_linking_a_replacing_upload_and_renaming_it_over_leaves_no_trace(
 /// mount inside the tree, seed 1795778911644292023).
 #[test]
 fn kill_between_linking_an_upload_of_the_same_bytes_and_renaming_it_over_leaves_no_trace() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (root, _, _state, extra) = tree_with_state_elsewhere(dir.path());
-    let origin = imz_integration::OriginProc::start_full(
-        &REPLACE_PAUSED.map(str::to_owned),
-        &root,
-        &dir.path().join("token"),
-        "127.0.0.1:0",
-        &extra,
-    )
-    .expect("start origin");
-    let c = Client::new(&origin);
-    let old = c.lookup(ROOT_ID, "old.txt").attr;
-    let seq_before = c.records(0).last().map_or(0, |r| r.seq);
-    let same = std::fs::read(root.join("old.txt")).expect("old.txt");
-    c.upload("u-same", same.clone());
-    let keyed = op(
-        "gw:same",
-        Op::Write {
-            id: ObjRef::Id(old.id),
-            base: wire::Base::Version(old.version),
-            upload: "u-same".into(),
-            mtime: None,
-        },
-    );
-    let leftover = root.join(format!("{}u-same", wire::INSTALLING_PREFIX));
-    let origin = kill_while_a_replacement_is_linked(origin, &extra, &keyed, (&leftover, &same));
-
-    let c = Client::new(&origin);
+    let same = b"as it was";
+    let k = kill_a_write_while_its_replacement_is_linked("gw:same", "u-same", same);
+    let c = Client::new(&k.origin);
     assert_eq!(
-        names_in(&root),
+        names_in(&k.root),
         ["old.txt"],
         "the crash left its name behind"
     );
-    assert_eq!(std::fs::read(root.join("old.txt")).expect("old.txt"), same);
+    assert_eq!(
+        std::fs::read(k.root.join("old.txt")).expect("old.txt"),
+        same
+    );
     // Recovered as applied (nothing on disk tells otherwise): journaled
     // under its key, and a replay is answered as one.
-    let records = c.records(seq_before);
+    let records = c.records(k.seq_before);
     assert!(
         records.iter().all(|r| r.key.as_deref() == Some("gw:same")),
         "the restarted origin journaled {records:?}"
     );
-    let r = c.reintegrate(vec![keyed]);
+    let r = c.reintegrate(vec![k.keyed]);
     assert!(
         matches!(
             r.results.as_slice(),
@@ -691,7 +698,7 @@ fn kill_between_linking_an_upload_of_the_same_bytes_and_renaming_it_over_leaves_
         "{:?}",
         r.results
     );
-    assert_eq!(names_in(&root), ["old.txt"]);
+    assert_eq!(names_in(&k.root), ["old.txt"]);
 }
 
 /// The same crash in a rename over a file on another filesystem (a
