@@ -11,7 +11,9 @@
 //!   (the bytes are read from the cache when the record is shipped);
 //! - attribute changes to one object merge into one `SetAttr` (except a
 //!   grow after a shrink, which must zero what lies between), and a size
-//!   change is dropped when a `Store` will carry the content anyway;
+//!   or mtime change is dropped when a `Store` will carry the content (and
+//!   the mtime) anyway; a size change carries the mtime it gave the file,
+//!   so that the origin takes it rather than its own clock's;
 //! - removing an object that never reached the origin cancels its whole
 //!   history (create, stores, renames), and a rename of such an object
 //!   just renames its pending create.
@@ -283,13 +285,15 @@ impl WriteTxn<'_> {
             }
             LogOp::SetAttr { set, .. } => {
                 let mut set = set.clone();
-                // An upload not yet shipped will carry the new size.
+                // An upload not yet shipped will carry the new size, and
+                // the mtime the file has then.
                 let store_pending = match refs.store {
                     Some(s) => !self.is_shipped(s)?,
                     None => false,
                 };
                 if store_pending {
                     set.size = None;
+                    set.mtime = None;
                 }
                 if set.is_empty() {
                     return Ok(refs.setattr.or(refs.store));

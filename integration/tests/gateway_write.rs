@@ -913,6 +913,43 @@ async fn a_change_between_planning_a_batch_and_shipping_it_reaches_the_origin() 
     Ok(())
 }
 
+/// A truncation moves the file's mtime at the gateway; the origin must take
+/// that mtime, not its own clock's when the change arrives (found by the
+/// write model once it compared mtimes: the record carried only the size).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_truncation_reaches_the_origin_with_the_gateways_mtime() -> Result {
+    use std::os::unix::fs::MetadataExt;
+    let fx = quick_fixture(|root| {
+        std::fs::write(root.join("f"), data::bytes(70, 20_000))?;
+        Ok(())
+    })?;
+    let mut nfs = Nfs::mount(fx.port(), "/imz").await?;
+    let fh = nfs.lookup_path("f").await?;
+    nfs.setattr(
+        &fh,
+        &Attrs {
+            size: Some(5_000),
+            ..Attrs::default()
+        },
+    )
+    .await?;
+    // However soon the change arrives, the origin's clock (in ns) has
+    // moved on.
+    fx.gateway.ctl(&["sync", "--timeout", "30s"])?;
+    let attr = nfs.getattr(&fh).await?;
+    let meta = std::fs::metadata(fx.origin_path("f"))?;
+    assert_eq!(meta.len(), 5_000);
+    assert_eq!(
+        (meta.mtime(), meta.mtime_nsec()),
+        (
+            i64::from(attr.mtime.seconds),
+            i64::from(attr.mtime.nseconds)
+        ),
+        "mtime at the origin, then at the gateway"
+    );
+    Ok(())
+}
+
 /// The first write to a file only partly cached brings the rest of it in:
 /// a written file never depends on origin bytes, so with the origin gone
 /// it still reads whole, and its upload is whole when the origin returns.

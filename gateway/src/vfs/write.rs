@@ -204,6 +204,7 @@ fn apply_create(
                             fid: existing,
                             set: SetAttrs {
                                 size: Some(size),
+                                mtime: Some(obj.attrs.mtime),
                                 ..Default::default()
                             },
                         },
@@ -735,14 +736,14 @@ fn apply_setattr(
     }
     apply_attrs(&mut obj.attrs, set, now);
     tx.put(fid, &obj)?;
-    tx.log(
-        LogOp::SetAttr {
-            fid,
-            set: set.clone(),
-        },
-        now,
-    )
-    .map_err(log_err)?;
+    // A size change moved the mtime here: the origin takes ours, not its
+    // own clock's.
+    let mut logged = set.clone();
+    if logged.size.is_some() {
+        logged.mtime = Some(obj.attrs.mtime);
+    }
+    tx.log(LogOp::SetAttr { fid, set: logged }, now)
+        .map_err(log_err)?;
     Ok(tx.object(fid)?)
 }
 
