@@ -1,12 +1,14 @@
 //! A randomized test of how gateways follow changes other programs make
 //! directly in the origin's tree: the tree churns (creates, writes, appends,
 //! renames over files and across directories, removals, hard links,
-//! directories made, moved and removed; see `imz_integration::churn`) while
+//! chmods, mtimes set, symlinks, directories made, moved and removed; see
+//! `imz_integration::churn`) while
 //! an NFS client walks and reads it through an on-demand gateway, so that
 //! the gateway holds parts of it cached when the journal reports their
 //! changes. A replicating gateway follows the same origin. In the end,
 //! what each gateway serves over NFS must come to match the disk: first
-//! every name, kind, size and link count, then every file's content.
+//! every name, kind, size, link count, mode, mtime and symlink target,
+//! then every file's content.
 //!
 //! Seeded and reproducible: `IMZ_FOLLOW_SEED` replays a failing seed
 //! (printed on failure) or, set to `random`, explores; `IMZ_FOLLOW_OPS`
@@ -35,6 +37,8 @@ async fn served_tree(nfs: &mut Nfs, content: bool) -> Result<Tree, NfsError> {
             if attr.type_ == ftype3::NF3DIR {
                 tree.insert(p.clone(), Node::Dir);
                 stack.push((fh, p));
+            } else if attr.type_ == ftype3::NF3LNK {
+                tree.insert(p, Node::Symlink(nfs.readlink(&fh).await?));
             } else {
                 let content = match content {
                     true => Some(nfs.read_all(&fh).await?),
@@ -45,6 +49,9 @@ async fn served_tree(nfs: &mut Nfs, content: bool) -> Result<Tree, NfsError> {
                     Node::File {
                         size: attr.size,
                         nlink: attr.nlink,
+                        mode: attr.mode & 0o7777,
+                        mtime: i64::from(attr.mtime.seconds) * 1_000_000_000
+                            + i64::from(attr.mtime.nseconds),
                         content,
                     },
                 );

@@ -1,9 +1,11 @@
 //! A randomized test of how the origin follows its tree: another program
 //! makes random changes directly in the directory (creates, writes,
 //! appends, renames over files and across directories, removals, hard
-//! links, new and removed and renamed directories), quickly or with
+//! links, chmods, mtimes set, symlinks, new and removed and renamed
+//! directories), quickly or with
 //! pauses; then what the origin lists must come to match the disk (every
-//! name, kind, size and link count), and then every file's content too.
+//! name, kind, size, link count, mode, mtime and symlink target), and then
+//! every file's content too.
 //! Listings come first because reading a file whose content changed
 //! behind the origin's back makes it look again: content alone would not
 //! show what the watcher missed.
@@ -37,7 +39,10 @@ fn served_tree(c: &Client, content: bool) -> Option<Tree> {
                         tree.insert(p.clone(), Node::Dir);
                         stack.push((e.attr.id, p));
                     }
-                    _ => {
+                    Kind::Symlink => {
+                        tree.insert(p, Node::Symlink(e.attr.target.clone().unwrap_or_default()));
+                    }
+                    Kind::File => {
                         let content = content.then(|| {
                             let resp = c.data(e.attr.id, e.attr.version);
                             if resp.status().is_success() {
@@ -51,6 +56,8 @@ fn served_tree(c: &Client, content: bool) -> Option<Tree> {
                             Node::File {
                                 size: e.attr.size,
                                 nlink: e.attr.nlink,
+                                mode: e.attr.mode & 0o7777,
+                                mtime: e.attr.mtime,
                                 content,
                             },
                         );
