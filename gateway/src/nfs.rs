@@ -406,8 +406,22 @@ impl NfsFileSystem for NfsAdapter {
     ) -> Result<(), nfsstat3> {
         let from = &*name_of(from_filename);
         let to = &*name_of(to_filename);
+        let (from_dir, to_dir) = (from_dirid.as_u64(), to_dirid.as_u64());
+        if from_dir != to_dir {
+            // A symlink that would lead outside the export at its new depth
+            // is refused, as SYMLINK refuses one made there.
+            let fid = self.vfs.lookup(from_dir, from).await.map_err(status)?;
+            let obj = self.vfs.getattr(fid).map_err(status)?;
+            if let (Kind::Symlink, Some(target)) = (obj.kind, &obj.target) {
+                let depth = self.vfs.depth(to_dir).map_err(status)?;
+                if !imz_origin::fsops::target_stays_inside(depth, target) {
+                    tracing::info!(%target, "rename refused: the symlink would lead outside the export");
+                    return Err(nfsstat3::NFS3ERR_ACCES);
+                }
+            }
+        }
         self.vfs
-            .rename(from_dirid.as_u64(), from, to_dirid.as_u64(), to)
+            .rename(from_dir, from, to_dir, to)
             .await
             .map_err(status)
     }

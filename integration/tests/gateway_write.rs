@@ -1339,11 +1339,27 @@ async fn requests_past_the_largest_file_are_refused_and_harm_nothing() -> Result
         nfsstat3::NFS3ERR_INVAL,
     )?;
     nfs.symlink(&root, "fine", "three.bin").await?;
+    // Nor may a symlink move to where its target leads outside (found by
+    // the write model: the move rewrote the pending create, which the
+    // origin then refused, and the gateway held it for a person).
+    let sub = nfs.mkdir(&root, "sub").await?;
+    nfs.symlink(&sub, "up", "../three.bin").await?;
+    expect_status(
+        nfs.rename(&sub, "up", &root, "up").await,
+        nfsstat3::NFS3ERR_ACCES,
+    )?;
+    let deeper = nfs.mkdir(&sub, "deeper").await?;
+    nfs.rename(&sub, "up", &deeper, "up").await?;
     // Nothing above stopped writing or reintegration.
     let body = data::bytes(4, 200_000);
     nfs.put_file("after.bin", &body).await?;
     await_origin_file(&fx, "after.bin", &body, Duration::from_secs(20))?;
     await_origin_file(&fx, "f", b"abc", Duration::from_secs(20))?;
+    fx.gateway.ctl(&["sync", "--timeout", "30s"])?;
+    assert_eq!(
+        std::fs::read_link(fx.origin_path("sub/deeper/up"))?,
+        Path::new("../three.bin")
+    );
     Ok(())
 }
 

@@ -17,6 +17,7 @@ use imz_integration::mount::Tmpfs;
 use imz_integration::nfs::{Attrs, Nfs, Stable};
 use imz_integration::rng::Rng;
 use imz_integration::{Fixture, GatewayProc, data};
+use nfs3_client::nfs3_types::nfs3::nfsstat3;
 
 /// What the filesystem should hold at a path.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -405,7 +406,21 @@ async fn run(seed: u64, ops: usize, tree: Tree) -> anyhow::Result<()> {
                         from.rsplit('/').next().unwrap_or(&from),
                         to.rsplit('/').next().unwrap_or(&to),
                     );
-                    nfs.rename(&fp, fname, &tp, tname).await?;
+                    let renamed = nfs.rename(&fp, fname, &tp, tname).await;
+                    // A symlink may not go where its target leads outside
+                    // the export (as it may not be made there).
+                    if let Some(Node::Symlink(target)) = model.get(&from) {
+                        let depth = to.matches('/').count();
+                        if !imz_origin::fsops::target_stays_inside(depth, target) {
+                            anyhow::ensure!(
+                                renamed.as_ref().err().and_then(|e| e.status())
+                                    == Some(nfsstat3::NFS3ERR_ACCES),
+                                "step {step}: rename {from} -> {to} answered {renamed:?}"
+                            );
+                            continue;
+                        }
+                    }
+                    renamed?;
                     let node = model.remove(&from).unwrap_or(Node::Dir);
                     model.insert(to.clone(), node);
                     format!("rename {from} -> {to}")

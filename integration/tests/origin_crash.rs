@@ -4,6 +4,7 @@
 mod origin_common;
 
 use std::io::Read;
+use std::path::Path;
 use std::time::Duration;
 
 use imz_origin::wire::{
@@ -756,6 +757,96 @@ fn kill_between_linking_a_moved_copy_and_renaming_it_over_leaves_no_trace() {
     assert!(!root.join("b.bin").exists(), "the original stayed");
     assert_eq!(std::fs::read(inner.join("c.txt")).expect("c.txt"), moved);
     assert_eq!(c.lookup(mnt.id, "c.txt").attr.id, b.id);
+}
+
+/// A symlink renamed onto another filesystem (a mount inside the tree) is
+/// moved as `mv` moves it: a new symlink to the same target, with the same
+/// times, then the old name goes. The origin answered the rename with an
+/// internal error (EXDEV) and the gateway held it for a person (found by
+/// the write model once it made symlinks). kill -9 between the two steps
+/// leaves both; recovery finds the copy, finishes the move and keeps the
+/// operation's key, so the replay is answered as one.
+#[test]
+fn a_symlink_moved_across_filesystems_moves_once_through_a_kill_midway() {
+    use imz_integration::mount::Tmpfs;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().join("root");
+    let inner = root.join("mnt");
+    std::fs::create_dir(&root).expect("mkdir root");
+    let _inner = Tmpfs::mount(&inner, 64 << 20).expect("tmpfs inside the tree");
+    std::os::unix::fs::symlink("somewhere/else", root.join("l")).expect("symlink l");
+    std::os::unix::fs::symlink("old", inner.join("r")).expect("symlink r");
+    let origin = imz_integration::OriginProc::start_full(
+        &["env".into(), "IMZ_TEST_ACROSS_PAUSE_MS=60000".into()],
+        &root,
+        &dir.path().join("token"),
+        "127.0.0.1:0",
+        &[],
+    )
+    .expect("start origin");
+    let c = Client::new(&origin);
+    let mnt = c.lookup(ROOT_ID, "mnt").attr;
+    let l = c.lookup(ROOT_ID, "l").attr;
+    let r = c.lookup(mnt.id, "r").attr;
+    let seq_before = c.records(0).last().map_or(0, |r| r.seq);
+    let keyed = op(
+        "gw:move-l-over-r",
+        Op::Rename {
+            from_parent: ObjRef::Id(ROOT_ID),
+            from_name: "l".into(),
+            id: ObjRef::Id(l.id),
+            base: wire::Base::Version(l.version),
+            to_parent: ObjRef::Id(mnt.id),
+            to_name: "r".into(),
+            replace: Some((ObjRef::Id(r.id), wire::Base::Version(r.version))),
+        },
+    );
+    let mut origin = origin;
+    let sender = send_unanswered(Client::new(&origin), keyed.clone());
+    eventually(
+        "the moved symlink in place",
+        Duration::from_secs(30),
+        || (std::fs::read_link(inner.join("r")).ok()? == Path::new("somewhere/else")).then_some(()),
+    );
+    assert!(
+        root.join("l").symlink_metadata().is_ok(),
+        "the original went too soon"
+    );
+    origin.proc.kill9();
+    let _ = sender.join();
+    let origin = imz_integration::OriginProc::start_full(
+        &[],
+        &origin.root,
+        &origin.token_file,
+        &origin.addr.to_string(),
+        &[],
+    )
+    .expect("restart origin");
+
+    let c = Client::new(&origin);
+    assert!(
+        root.join("l").symlink_metadata().is_err(),
+        "the original stayed"
+    );
+    assert_eq!(names_in(&inner), ["r"]);
+    let moved = c.lookup(mnt.id, "r").attr;
+    assert_eq!(moved.id, l.id);
+    assert_eq!(moved.target.as_deref(), Some("somewhere/else"));
+    assert_eq!(moved.mtime, l.mtime, "the move kept the symlink's mtime");
+    let records = c.records(seq_before);
+    assert!(
+        records
+            .iter()
+            .all(|r| r.key.as_deref() == Some("gw:move-l-over-r")),
+        "the restarted origin journaled {records:?}"
+    );
+    let again = c.reintegrate(vec![keyed]);
+    assert!(
+        matches!(again.results.as_slice(), [OpResult::Replayed { .. }]),
+        "{:?}",
+        again.results
+    );
 }
 
 /// A gateway restarted while the origin still applies its batch sends the

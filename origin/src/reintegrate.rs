@@ -832,7 +832,7 @@ impl Apply<'_, '_, '_> {
                 names::to_os(to_name),
                 flags,
             ) {
-                Err(rustix::io::Errno::XDEV) if m.attr.kind == Kind::File => {
+                Err(rustix::io::Errno::XDEV) if m.attr.kind != Kind::Dir => {
                     let tmp_name = format!("{INSTALLING_PREFIX}{}", m.attr.id);
                     move_file_across(
                         (&ffd, from_name),
@@ -870,9 +870,9 @@ impl Apply<'_, '_, '_> {
         } else {
             let from = fsops::stat_at(&ffd, from_name).map_err(|e| fs_failed("stat", e))?;
             let to = fsops::stat_at(&tfd, to_name).map_err(|e| fs_failed("stat", e))?;
-            // A file moved to another filesystem is a copy (a new inode):
-            // there, the name it left and the name it took tell.
-            let across = m.attr.kind == Kind::File && !same_filesystem(&ffd, &tfd);
+            // A file or symlink moved to another filesystem is a copy (a
+            // new inode): there, the name it left and the name it took tell.
+            let across = m.attr.kind != Kind::Dir && !same_filesystem(&ffd, &tfd);
             let arrived = to.as_ref().is_some_and(|s| across || s.st_ino == m.fp.ino);
             let left = from.map(|s| s.st_ino) != Some(m.fp.ino);
             let moved =
@@ -1223,13 +1223,40 @@ enum Times {
 /// Whether the regular file `copy` (a directory and a name in it) is on
 /// another filesystem than the file `original` and a copy of it: the same
 /// size, the same bytes and, with [`Times::Kept`], the same modification
-/// time. No if either is not there.
+/// time. No if either is not there. Symlinks likewise: the same target.
 fn copied_across(
     (original_dir, original_name): (&OwnedFd, &str),
     (copy_dir, copy_name): (&OwnedFd, &str),
     times: Times,
 ) -> std::io::Result<bool> {
     use std::os::unix::fs::FileExt;
+    let lstat = |dir: &OwnedFd, name: &str| match rustix::fs::statat(
+        dir,
+        names::to_os(name),
+        AtFlags::SYMLINK_NOFOLLOW,
+    ) {
+        Ok(st) => Ok(Some(st)),
+        Err(rustix::io::Errno::NOENT) => Ok(None),
+        Err(e) => Err(io(e)),
+    };
+    if let Some(a) = lstat(original_dir, original_name)?
+        && fsops::kind_of(&a) == Some(Kind::Symlink)
+    {
+        let Some(b) = lstat(copy_dir, copy_name)? else {
+            return Ok(false);
+        };
+        let same_mtime = (a.st_mtime, a.st_mtime_nsec) == (b.st_mtime, b.st_mtime_nsec);
+        if a.st_dev == b.st_dev
+            || fsops::kind_of(&b) != Some(Kind::Symlink)
+            || (times == Times::Kept && !same_mtime)
+        {
+            return Ok(false);
+        }
+        let target = |dir: &OwnedFd, name: &str| {
+            rustix::fs::readlinkat(dir, names::to_os(name), Vec::new()).map_err(io)
+        };
+        return Ok(target(original_dir, original_name)? == target(copy_dir, copy_name)?);
+    }
     let (Some(original), Some(copy)) = (
         open_regular(original_dir, original_name)?,
         open_regular(copy_dir, copy_name)?,
@@ -1343,16 +1370,21 @@ fn install_over(
     }
 }
 
-/// Moves a file to a directory on another filesystem, as `mv` does: a
-/// copy with the same mode, owner and times, on disk before the original's
-/// name goes. With `replace_via`, the copy takes that name first and then
-/// replaces the file at the destination; without, an existing name there
-/// fails the move (`AlreadyExists`).
+/// Moves a file or symlink to a directory on another filesystem, as `mv`
+/// does: a copy with the same mode (a symlink: target), owner and times, on
+/// disk before the original's name goes. With `replace_via`, the copy
+/// takes that name first and then replaces the file at the destination;
+/// without, an existing name there fails the move (`AlreadyExists`).
 fn move_file_across(
     (from, from_name): (&OwnedFd, &str),
     (to, to_name): (&OwnedFd, &str),
     replace_via: Option<&str>,
 ) -> std::io::Result<()> {
+    let lst =
+        rustix::fs::statat(from, names::to_os(from_name), AtFlags::SYMLINK_NOFOLLOW).map_err(io)?;
+    if fsops::kind_of(&lst) == Some(Kind::Symlink) {
+        return move_symlink_across((from, from_name), &lst, (to, to_name), replace_via);
+    }
     let source = rustix::fs::openat(
         from,
         names::to_os(from_name),
@@ -1373,6 +1405,46 @@ fn move_file_across(
     match replace_via {
         None => link_unnamed(&copy, to, to_name)?,
         Some(tmp_name) => link_over(&copy, to, to_name, tmp_name)?,
+    }
+    test_across_pause();
+    rustix::fs::unlinkat(from, names::to_os(from_name), AtFlags::empty()).map_err(io)
+}
+
+/// [`move_file_across`] for a symlink (`st`, its lstat): a new symlink to
+/// the same target, with the same owner and times.
+fn move_symlink_across(
+    (from, from_name): (&OwnedFd, &str),
+    st: &Stat,
+    (to, to_name): (&OwnedFd, &str),
+    replace_via: Option<&str>,
+) -> std::io::Result<()> {
+    let target = rustix::fs::readlinkat(from, names::to_os(from_name), Vec::new()).map_err(io)?;
+    let target = names::from_bytes(target.as_bytes()).into_owned();
+    let attrs = SetAttrs {
+        uid: Some(st.st_uid),
+        gid: Some(st.st_gid),
+        atime: Some(fsops::nanos(st.st_atime, st.st_atime_nsec as i64)),
+        mtime: Some(fsops::nanos(st.st_mtime, st.st_mtime_nsec as i64)),
+        ..SetAttrs::default()
+    };
+    match replace_via {
+        None => create_symlink(to, to_name, &target, &attrs)?,
+        Some(tmp_name) => {
+            // Left by a crash between the two steps, as in `link_over`.
+            match rustix::fs::unlinkat(to, tmp_name, AtFlags::empty()) {
+                Ok(()) | Err(rustix::io::Errno::NOENT) => {}
+                Err(e) => return Err(io(e)),
+            }
+            create_symlink(to, tmp_name, &target, &attrs)?;
+            test_pause(
+                "IMZ_TEST_REPLACE_PAUSE_MS",
+                "pausing between linking a replacement and renaming it over the file, for a test",
+            );
+            if let Err(e) = rustix::fs::renameat(to, tmp_name, to, names::to_os(to_name)) {
+                let _ = rustix::fs::unlinkat(to, tmp_name, AtFlags::empty());
+                return Err(io(e));
+            }
+        }
     }
     test_across_pause();
     rustix::fs::unlinkat(from, names::to_os(from_name), AtFlags::empty()).map_err(io)
