@@ -768,6 +768,13 @@ fn kill_between_linking_a_moved_copy_and_renaming_it_over_leaves_no_trace() {
 /// operation's key, so the replay is answered as one.
 #[test]
 fn a_symlink_moved_across_filesystems_moves_once_through_a_kill_midway() {
+    symlink_moved_across_and_killed(true);
+    symlink_moved_across_and_killed(false);
+}
+
+/// The move of [`a_symlink_moved_across_filesystems_moves_once_through_a_kill_midway`],
+/// over another symlink if `replace`, else to a free name.
+fn symlink_moved_across_and_killed(replace: bool) {
     use imz_integration::mount::Tmpfs;
 
     let dir = tempfile::tempdir().expect("tempdir");
@@ -776,7 +783,9 @@ fn a_symlink_moved_across_filesystems_moves_once_through_a_kill_midway() {
     std::fs::create_dir(&root).expect("mkdir root");
     let _inner = Tmpfs::mount(&inner, 64 << 20).expect("tmpfs inside the tree");
     std::os::unix::fs::symlink("somewhere/else", root.join("l")).expect("symlink l");
-    std::os::unix::fs::symlink("old", inner.join("r")).expect("symlink r");
+    if replace {
+        std::os::unix::fs::symlink("old", inner.join("r")).expect("symlink r");
+    }
     let origin = imz_integration::OriginProc::start_full(
         &["env".into(), "IMZ_TEST_ACROSS_PAUSE_MS=60000".into()],
         &root,
@@ -788,7 +797,10 @@ fn a_symlink_moved_across_filesystems_moves_once_through_a_kill_midway() {
     let c = Client::new(&origin);
     let mnt = c.lookup(ROOT_ID, "mnt").attr;
     let l = c.lookup(ROOT_ID, "l").attr;
-    let r = c.lookup(mnt.id, "r").attr;
+    let replaced = replace.then(|| {
+        let r = c.lookup(mnt.id, "r").attr;
+        (ObjRef::Id(r.id), wire::Base::Version(r.version))
+    });
     let seq_before = c.records(0).last().map_or(0, |r| r.seq);
     let keyed = op(
         "gw:move-l-over-r",
@@ -799,7 +811,7 @@ fn a_symlink_moved_across_filesystems_moves_once_through_a_kill_midway() {
             base: wire::Base::Version(l.version),
             to_parent: ObjRef::Id(mnt.id),
             to_name: "r".into(),
-            replace: Some((ObjRef::Id(r.id), wire::Base::Version(r.version))),
+            replace: replaced,
         },
     );
     let mut origin = origin;

@@ -837,7 +837,8 @@ impl Apply<'_, '_, '_> {
                     move_file_across(
                         (&ffd, from_name),
                         (&tfd, to_name),
-                        replaced.is_some().then_some(tmp_name.as_str()),
+                        &tmp_name,
+                        replaced.is_some(),
                     )
                     .map_err(|e| {
                         rustix::io::Errno::from_io_error(&e).unwrap_or(rustix::io::Errno::IO)
@@ -877,7 +878,7 @@ impl Apply<'_, '_, '_> {
             let left = from.map(|s| s.st_ino) != Some(m.fp.ino);
             let moved =
                 arrived && (left || across && self.moved_across(&ffd, from_name, &tfd, to_name));
-            if across && replaced.is_some() {
+            if across {
                 // As for a write: the copy may read as moved (the file it
                 // replaces held the same bytes and mtime) with its
                 // temporary name still there.
@@ -1372,18 +1373,19 @@ fn install_over(
 
 /// Moves a file or symlink to a directory on another filesystem, as `mv`
 /// does: a copy with the same mode (a symlink: target), owner and times, on
-/// disk before the original's name goes. With `replace_via`, the copy
-/// takes that name first and then replaces the file at the destination;
-/// without, an existing name there fails the move (`AlreadyExists`).
+/// disk before the original's name goes. With `replace`, the copy takes
+/// `tmp_name` first and then replaces the file at the destination; without,
+/// an existing name there fails the move (`AlreadyExists`).
 fn move_file_across(
     (from, from_name): (&OwnedFd, &str),
     (to, to_name): (&OwnedFd, &str),
-    replace_via: Option<&str>,
+    tmp_name: &str,
+    replace: bool,
 ) -> std::io::Result<()> {
     let lst =
         rustix::fs::statat(from, names::to_os(from_name), AtFlags::SYMLINK_NOFOLLOW).map_err(io)?;
     if fsops::kind_of(&lst) == Some(Kind::Symlink) {
-        return move_symlink_across((from, from_name), &lst, (to, to_name), replace_via);
+        return move_symlink_across((from, from_name), &lst, (to, to_name), tmp_name, replace);
     }
     let source = rustix::fs::openat(
         from,
@@ -1402,21 +1404,26 @@ fn move_file_across(
         mtime: Some(fsops::nanos(st.st_mtime, st.st_mtime_nsec as i64)),
     };
     let copy = copy_across(source, to, &attrs)?;
-    match replace_via {
-        None => link_unnamed(&copy, to, to_name)?,
-        Some(tmp_name) => link_over(&copy, to, to_name, tmp_name)?,
+    if replace {
+        link_over(&copy, to, to_name, tmp_name)?;
+    } else {
+        link_unnamed(&copy, to, to_name)?;
     }
     test_across_pause();
     rustix::fs::unlinkat(from, names::to_os(from_name), AtFlags::empty()).map_err(io)
 }
 
 /// [`move_file_across`] for a symlink (`st`, its lstat): a new symlink to
-/// the same target, with the same owner and times.
+/// the same target, with the same owner and times. It is made at
+/// `tmp_name` and renamed to its name once whole (a symlink has no unnamed
+/// form to link in): a crash never leaves a half-made copy at the name,
+/// which recovery would take for another object.
 fn move_symlink_across(
     (from, from_name): (&OwnedFd, &str),
     st: &Stat,
     (to, to_name): (&OwnedFd, &str),
-    replace_via: Option<&str>,
+    tmp_name: &str,
+    replace: bool,
 ) -> std::io::Result<()> {
     let target = rustix::fs::readlinkat(from, names::to_os(from_name), Vec::new()).map_err(io)?;
     let target = names::from_bytes(target.as_bytes()).into_owned();
@@ -1427,24 +1434,24 @@ fn move_symlink_across(
         mtime: Some(fsops::nanos(st.st_mtime, st.st_mtime_nsec as i64)),
         ..SetAttrs::default()
     };
-    match replace_via {
-        None => create_symlink(to, to_name, &target, &attrs)?,
-        Some(tmp_name) => {
-            // Left by a crash between the two steps, as in `link_over`.
-            match rustix::fs::unlinkat(to, tmp_name, AtFlags::empty()) {
-                Ok(()) | Err(rustix::io::Errno::NOENT) => {}
-                Err(e) => return Err(io(e)),
-            }
-            create_symlink(to, tmp_name, &target, &attrs)?;
-            test_pause(
-                "IMZ_TEST_REPLACE_PAUSE_MS",
-                "pausing between linking a replacement and renaming it over the file, for a test",
-            );
-            if let Err(e) = rustix::fs::renameat(to, tmp_name, to, names::to_os(to_name)) {
-                let _ = rustix::fs::unlinkat(to, tmp_name, AtFlags::empty());
-                return Err(io(e));
-            }
-        }
+    // Left by a crash between the two steps, as in `link_over`.
+    match rustix::fs::unlinkat(to, tmp_name, AtFlags::empty()) {
+        Ok(()) | Err(rustix::io::Errno::NOENT) => {}
+        Err(e) => return Err(io(e)),
+    }
+    create_symlink(to, tmp_name, &target, &attrs)?;
+    test_pause(
+        "IMZ_TEST_REPLACE_PAUSE_MS",
+        "pausing between linking a replacement and renaming it over the file, for a test",
+    );
+    let flags = if replace {
+        RenameFlags::empty()
+    } else {
+        RenameFlags::NOREPLACE
+    };
+    if let Err(e) = rustix::fs::renameat_with(to, tmp_name, to, names::to_os(to_name), flags) {
+        let _ = rustix::fs::unlinkat(to, tmp_name, AtFlags::empty());
+        return Err(io(e));
     }
     test_across_pause();
     rustix::fs::unlinkat(from, names::to_os(from_name), AtFlags::empty()).map_err(io)
