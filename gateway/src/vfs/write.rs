@@ -181,7 +181,7 @@ fn apply_create(
     let dir = *dir;
     let mut dir_obj = live_dir(tx, dir)?;
     if let Some(existing) = tx.lookup(dir, name)? {
-        let mut obj = tx.object(existing)?;
+        let obj = tx.object(existing)?;
         return match &node {
             NewNode::File {
                 exclusive: Some(verf),
@@ -195,22 +195,11 @@ fn apply_create(
                 // UNCHECKED create of an existing file: like open(O_CREAT), it
                 // may truncate.
                 if let Some(size) = set.size {
-                    set_size(tx, existing, &mut obj, size, now)?;
-                    // Store the object before logging: the log
-                    // updates its references in place.
-                    tx.put(existing, &obj)?;
-                    tx.log(
-                        LogOp::SetAttr {
-                            fid: existing,
-                            set: SetAttrs {
-                                size: Some(size),
-                                mtime: Some(obj.attrs.mtime),
-                                ..Default::default()
-                            },
-                        },
-                        now,
-                    )
-                    .map_err(log_err)?;
+                    let truncate = SetAttrs {
+                        size: Some(size),
+                        ..Default::default()
+                    };
+                    apply_setattr(tx, existing, &truncate, now)?;
                 }
                 Ok(Made {
                     fid: existing,
