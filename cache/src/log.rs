@@ -262,9 +262,10 @@ impl WriteTxn<'_> {
                 {
                     return Ok(Some(seq));
                 }
-                // The upload carries the final size too: a pending size
-                // change would only undo it (an upload may travel with the
-                // object's create, ahead of the size change).
+                // The upload carries the final size and mtime too: a
+                // pending size change would only undo them (an upload may
+                // travel with the object's create, ahead of the size
+                // change).
                 let setattr = match refs.setattr {
                     Some(s) if !self.is_shipped(s)? => Some(s),
                     _ => None,
@@ -275,6 +276,7 @@ impl WriteTxn<'_> {
                         .ok_or_else(|| CacheError::corrupt("setattr record vanished"))?;
                     if let LogOp::SetAttr { set, .. } = &mut rec.op {
                         set.size = None;
+                        set.mtime = None;
                         if set.is_empty() {
                             self.log_done(seq)?;
                         } else {
@@ -777,9 +779,12 @@ mod tests {
         let (_d, cache) = setup();
         let mut tx = cache.write().expect("write");
         let fid = local_file(&mut tx, "f");
+        // A truncation carries the mtime it gave the file; the store
+        // carries a later one.
         let trunc = SetAttrs {
             size: Some(0),
             mode: Some(0o600),
+            mtime: Some(5),
             ..Default::default()
         };
         tx.log(LogOp::SetAttr { fid, set: trunc }, 0).expect("log");
