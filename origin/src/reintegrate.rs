@@ -1202,10 +1202,7 @@ fn link_over(fd: &OwnedFd, dir: &OwnedFd, name: &str, tmp_name: &str) -> std::io
         rustix::fs::unlinkat(dir, tmp_name, AtFlags::empty()).map_err(io)?;
         link_unnamed(fd, dir, tmp_name)?;
     }
-    test_pause(
-        "IMZ_TEST_REPLACE_PAUSE_MS",
-        "pausing between linking a replacement and renaming it over the file, for a test",
-    );
+    test_replace_pause();
     if let Err(e) = rustix::fs::renameat(dir, tmp_name, dir, names::to_os(name)) {
         let _ = rustix::fs::unlinkat(dir, tmp_name, AtFlags::empty());
         return Err(io(e));
@@ -1231,14 +1228,8 @@ fn copied_across(
     times: Times,
 ) -> std::io::Result<bool> {
     use std::os::unix::fs::FileExt;
-    let lstat = |dir: &OwnedFd, name: &str| match rustix::fs::statat(
-        dir,
-        names::to_os(name),
-        AtFlags::SYMLINK_NOFOLLOW,
-    ) {
-        Ok(st) => Ok(Some(st)),
-        Err(rustix::io::Errno::NOENT) => Ok(None),
-        Err(e) => Err(io(e)),
+    let lstat = |dir: &OwnedFd, name: &str| {
+        fsops::stat_at(dir, name).map_err(|e| std::io::Error::other(e.to_string()))
     };
     if let Some(a) = lstat(original_dir, original_name)?
         && fsops::kind_of(&a) == Some(Kind::Symlink)
@@ -1322,6 +1313,16 @@ fn test_across_pause() {
     test_pause(
         "IMZ_TEST_ACROSS_PAUSE_MS",
         "pausing before removing the original of a copy across filesystems, for a test",
+    );
+}
+
+/// A pause between linking a replacement across filesystems at its
+/// temporary name and renaming it over the file, from
+/// `IMZ_TEST_REPLACE_PAUSE_MS`, for tests.
+fn test_replace_pause() {
+    test_pause(
+        "IMZ_TEST_REPLACE_PAUSE_MS",
+        "pausing between linking a replacement and renaming it over the file, for a test",
     );
 }
 
@@ -1440,10 +1441,7 @@ fn move_symlink_across(
         Err(e) => return Err(io(e)),
     }
     create_symlink(to, tmp_name, &target, &attrs)?;
-    test_pause(
-        "IMZ_TEST_REPLACE_PAUSE_MS",
-        "pausing between linking a replacement and renaming it over the file, for a test",
-    );
+    test_replace_pause();
     let flags = if replace {
         RenameFlags::empty()
     } else {
