@@ -319,6 +319,13 @@ impl OriginProc {
         Self::start_full(&as_nobody, root, &token, "127.0.0.1:0", &[])
     }
 
+    /// Restarts on the same address after a kill, through `wrapper` from
+    /// now on (none, say, where it started with a test's pause).
+    pub fn restart_through(&mut self, wrapper: &[String]) -> anyhow::Result<()> {
+        self.wrapper = wrapper.to_vec();
+        self.restart()
+    }
+
     /// Restarts on the same address after a kill.
     pub fn restart(&mut self) -> anyhow::Result<()> {
         self.proc.kill9();

@@ -211,9 +211,6 @@ fn kill_during_reintegration_leaves_no_torn_file_and_no_duplicate() {
 /// (`IMZ_TEST_ACROSS_PAUSE_MS`).
 struct PausedOrigin {
     origin: imz_integration::OriginProc,
-    root: std::path::PathBuf,
-    token: std::path::PathBuf,
-    extra: Vec<String>,
 }
 
 impl PausedOrigin {
@@ -228,12 +225,7 @@ impl PausedOrigin {
             extra,
         )
         .expect("start origin");
-        Self {
-            origin,
-            root: root.to_owned(),
-            token: token.to_owned(),
-            extra: extra.to_vec(),
-        }
+        Self { origin }
     }
 
     fn client(&self) -> Client {
@@ -268,14 +260,9 @@ impl PausedOrigin {
         } else {
             Vec::new()
         };
-        self.origin = imz_integration::OriginProc::start_full(
-            &wrapper,
-            &self.root,
-            &self.token,
-            &self.origin.addr.to_string(),
-            &self.extra,
-        )
-        .expect("restart origin");
+        self.origin
+            .restart_through(&wrapper)
+            .expect("restart origin");
         let r = self.client().reintegrate(vec![keyed.clone()]);
         assert!(
             matches!(
@@ -313,6 +300,24 @@ fn tree_with_state_elsewhere(
         imz_integration::mount::Tmpfs::mount(&state, 256 << 20).expect("tmpfs for the state");
     let extra = ["--state".to_owned(), state.display().to_string()];
     (root, state, tmpfs, extra)
+}
+
+/// A tree (`DIR/root`) with a tmpfs mounted at `mnt` inside it, so that a
+/// rename into it crosses filesystems: the root, the mount point, and the
+/// mount (gone when dropped).
+fn tree_with_a_mount(
+    dir: &std::path::Path,
+) -> (
+    std::path::PathBuf,
+    std::path::PathBuf,
+    imz_integration::mount::Tmpfs,
+) {
+    let root = dir.join("root");
+    let inner = root.join("mnt");
+    std::fs::create_dir(&root).expect("mkdir root");
+    let tmpfs =
+        imz_integration::mount::Tmpfs::mount(&inner, 64 << 20).expect("tmpfs inside the tree");
+    (root, inner, tmpfs)
 }
 
 /// Sends `keyed` as a batch from a thread of its own, whose answer never
@@ -433,13 +438,8 @@ fn kill_between_linking_a_copied_upload_and_unstaging_it_replays_cleanly() {
 /// apply once and keep the file's identity.
 #[test]
 fn kill_between_linking_a_moved_copy_and_removing_its_original_replays_cleanly() {
-    use imz_integration::mount::Tmpfs;
-
     let dir = tempfile::tempdir().expect("tempdir");
-    let root = dir.path().join("root");
-    let inner = root.join("mnt");
-    std::fs::create_dir(&root).expect("mkdir root");
-    let _inner = Tmpfs::mount(&inner, 64 << 20).expect("tmpfs inside the tree");
+    let (root, inner, _inner) = tree_with_a_mount(dir.path());
     let (a, b) = (content(3), content(4));
     std::fs::write(root.join("a.bin"), &a).expect("a.bin");
     std::fs::write(root.join("b.bin"), &b).expect("b.bin");
@@ -525,7 +525,6 @@ fn kill_between_linking_a_moved_copy_and_removing_its_original_replays_cleanly()
 /// without the pause.
 fn kill_while_a_replacement_is_linked(
     origin: imz_integration::OriginProc,
-    extra: &[String],
     keyed: &wire::KeyedOp,
     (leftover, body): (&std::path::Path, &[u8]),
 ) -> imz_integration::OriginProc {
@@ -542,14 +541,8 @@ fn kill_while_a_replacement_is_linked(
     );
     origin.proc.kill9();
     let _ = sender.join();
-    imz_integration::OriginProc::start_full(
-        &[],
-        &origin.root,
-        &origin.token_file,
-        &origin.addr.to_string(),
-        extra,
-    )
-    .expect("restart origin")
+    origin.restart_through(&[]).expect("restart origin");
+    origin
 }
 
 const REPLACE_PAUSED: [&str; 2] = ["env", "IMZ_TEST_REPLACE_PAUSE_MS=60000"];
@@ -626,7 +619,7 @@ fn kill_a_write_while_its_replacement_is_linked(
         },
     );
     let leftover = root.join(format!("{}{upload}", wire::INSTALLING_PREFIX));
-    let origin = kill_while_a_replacement_is_linked(origin, &extra, &keyed, (&leftover, body));
+    let origin = kill_while_a_replacement_is_linked(origin, &keyed, (&leftover, body));
     KilledWrite {
         origin,
         root,
@@ -707,13 +700,8 @@ fn kill_between_linking_an_upload_of_the_same_bytes_and_renaming_it_over_leaves_
 /// linked at a temporary name and renamed over the file it replaces.
 #[test]
 fn kill_between_linking_a_moved_copy_and_renaming_it_over_leaves_no_trace() {
-    use imz_integration::mount::Tmpfs;
-
     let dir = tempfile::tempdir().expect("tempdir");
-    let root = dir.path().join("root");
-    let inner = root.join("mnt");
-    std::fs::create_dir(&root).expect("mkdir root");
-    let _inner = Tmpfs::mount(&inner, 64 << 20).expect("tmpfs inside the tree");
+    let (root, inner, _inner) = tree_with_a_mount(dir.path());
     let moved = content(4);
     std::fs::write(root.join("b.bin"), &moved).expect("b.bin");
     std::fs::write(inner.join("c.txt"), b"to be replaced").expect("c.txt");
@@ -746,7 +734,7 @@ fn kill_between_linking_a_moved_copy_and_renaming_it_over_leaves_no_trace() {
         },
     );
     let leftover = inner.join(format!("{}{}", wire::INSTALLING_PREFIX, b.id));
-    let origin = kill_while_a_replacement_is_linked(origin, &[], &keyed, (&leftover, &moved));
+    let origin = kill_while_a_replacement_is_linked(origin, &keyed, (&leftover, &moved));
 
     let c = Client::new(&origin);
     assert!(
@@ -775,26 +763,14 @@ fn a_symlink_moved_across_filesystems_moves_once_through_a_kill_midway() {
 /// The move of [`a_symlink_moved_across_filesystems_moves_once_through_a_kill_midway`],
 /// over another symlink if `replace`, else to a free name.
 fn symlink_moved_across_and_killed(replace: bool) {
-    use imz_integration::mount::Tmpfs;
-
     let dir = tempfile::tempdir().expect("tempdir");
-    let root = dir.path().join("root");
-    let inner = root.join("mnt");
-    std::fs::create_dir(&root).expect("mkdir root");
-    let _inner = Tmpfs::mount(&inner, 64 << 20).expect("tmpfs inside the tree");
+    let (root, inner, _inner) = tree_with_a_mount(dir.path());
     std::os::unix::fs::symlink("somewhere/else", root.join("l")).expect("symlink l");
     if replace {
         std::os::unix::fs::symlink("old", inner.join("r")).expect("symlink r");
     }
-    let origin = imz_integration::OriginProc::start_full(
-        &["env".into(), "IMZ_TEST_ACROSS_PAUSE_MS=60000".into()],
-        &root,
-        &dir.path().join("token"),
-        "127.0.0.1:0",
-        &[],
-    )
-    .expect("start origin");
-    let c = Client::new(&origin);
+    let mut origin = PausedOrigin::start(&root, &dir.path().join("token"), &[]);
+    let c = origin.client();
     let mnt = c.lookup(ROOT_ID, "mnt").attr;
     let l = c.lookup(ROOT_ID, "l").attr;
     let replaced = replace.then(|| {
@@ -814,8 +790,7 @@ fn symlink_moved_across_and_killed(replace: bool) {
             replace: replaced,
         },
     );
-    let mut origin = origin;
-    let sender = send_unanswered(Client::new(&origin), keyed.clone());
+    let sender = send_unanswered(origin.client(), keyed.clone());
     eventually(
         "the moved symlink in place",
         Duration::from_secs(30),
@@ -825,18 +800,11 @@ fn symlink_moved_across_and_killed(replace: bool) {
         root.join("l").symlink_metadata().is_ok(),
         "the original went too soon"
     );
-    origin.proc.kill9();
+    origin.origin.proc.kill9();
     let _ = sender.join();
-    let origin = imz_integration::OriginProc::start_full(
-        &[],
-        &origin.root,
-        &origin.token_file,
-        &origin.addr.to_string(),
-        &[],
-    )
-    .expect("restart origin");
+    origin.origin.restart_through(&[]).expect("restart origin");
 
-    let c = Client::new(&origin);
+    let c = origin.client();
     assert!(
         root.join("l").symlink_metadata().is_err(),
         "the original stayed"
@@ -898,14 +866,7 @@ fn an_upload_sent_again_during_its_install_leaves_recovery_exact() {
     c.upload("u-new", again);
     origin.origin.proc.kill9();
     let _ = sender.join();
-    origin.origin = imz_integration::OriginProc::start_full(
-        &[],
-        &root,
-        &origin.token,
-        &origin.origin.addr.to_string(),
-        &extra,
-    )
-    .expect("restart origin");
+    origin.origin.restart_through(&[]).expect("restart origin");
 
     let c = origin.client();
     let records = c.records(seq_before);
