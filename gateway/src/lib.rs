@@ -37,7 +37,6 @@ pub mod registry;
 pub mod reintegrate;
 pub mod replicate;
 pub mod restart;
-pub mod test_hold;
 pub mod unchanged;
 pub mod unstable;
 pub mod vfs;

@@ -32,8 +32,8 @@ use tokio::sync::watch;
 use crate::conflict::{self, ConflictPolicy};
 use crate::metrics::Metrics;
 use crate::origin_client::OriginError;
-use crate::test_hold::TestHold;
 use crate::vfs::{Vfs, VfsError};
+use imz_origin::test_hold::TestHold;
 
 /// How the reintegrator behaves.
 #[derive(Debug, Clone)]

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
+use crate::hold::Hold;
 use crate::process::{Imz, OriginProc};
 
 /// What `imz gateway` prints on stdout once it serves NFS.
@@ -60,14 +61,12 @@ impl GatewayProc {
     }
 
     /// Restarts the gateway with the hold point `var` (an `IMZ_TEST_*_HOLD`
-    /// of the gateway's `test_hold.rs`) in directory `dir`, and returns it.
+    /// of the gateway) in directory `dir`, and returns it.
     pub fn with_hold(&mut self, var: &str, dir: &Path) -> anyhow::Result<Hold> {
-        std::fs::create_dir_all(dir)?;
+        let hold = Hold::new(dir)?;
         self.set_env(var, dir.to_str().context("hold path")?);
         self.restart_graceful()?;
-        Ok(Hold {
-            dir: dir.to_path_buf(),
-        })
+        Ok(hold)
     }
 
     fn spawn(
@@ -129,37 +128,6 @@ impl GatewayProc {
                 Err(e) => return Err(e),
             }
         }
-    }
-}
-
-/// A hold point of a gateway (see [`GatewayProc::with_hold`]): while it is
-/// armed, the gateway waits there, and says so.
-pub struct Hold {
-    dir: PathBuf,
-}
-
-impl Hold {
-    /// From now on the gateway waits when it comes to the point.
-    pub fn arm(&self) -> anyhow::Result<()> {
-        Ok(std::fs::write(self.dir.join("hold"), b"")?)
-    }
-
-    /// Waits until the gateway waits at the point (at most 30 s).
-    pub async fn reached(&self) -> anyhow::Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !self.dir.join("held").exists() {
-            anyhow::ensure!(
-                Instant::now() < deadline,
-                "the gateway never came to the hold point"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        Ok(())
-    }
-
-    /// Lets the gateway go on.
-    pub fn release(&self) -> anyhow::Result<()> {
-        Ok(std::fs::remove_file(self.dir.join("hold"))?)
     }
 }
 

@@ -7,6 +7,7 @@ pub mod churn;
 pub mod data;
 pub mod gateway;
 pub mod guest;
+pub mod hold;
 pub mod libnfs;
 pub mod mount;
 pub mod netns;

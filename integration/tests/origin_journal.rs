@@ -5,6 +5,8 @@ mod origin_common;
 
 use std::time::{Duration, Instant};
 
+use imz_integration::OriginProc;
+use imz_integration::hold::Hold;
 use imz_origin::wire::{self, Change, ErrorCode, NewObject, ObjRef, Op, ROOT_ID};
 use origin_common::*;
 
@@ -537,6 +539,55 @@ fn a_file_changed_deep_inside_a_directory_just_moved_is_seen() {
     eventually("z/moved/below/f grown", || {
         c.walk("z/moved/below/f").map(|e| e.attr.size) == Some(16)
     });
+}
+
+/// A symlink renamed between the origin finding it and reading its target
+/// was recorded without one, and its move kept that hole: gateways
+/// answered READLINK with an I/O error for good (follow model, seed
+/// 1795788865364387803; a shell loop of `ln -s` and `mv` left 6 of 300
+/// symlinks so). Both reads are held open: a new symlink's, and a known
+/// one's whose times changed.
+#[test]
+fn a_symlink_renamed_while_the_origin_reads_it_keeps_its_target() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().join("root");
+    std::fs::create_dir_all(root.join("a")).expect("mkdir");
+    std::fs::create_dir(root.join("b")).expect("mkdir");
+    let hold = Hold::new(&dir.path().join("hold")).expect("hold");
+    let env = vec!["env".to_owned(), hold.env("IMZ_TEST_READLINK_HOLD")];
+    let origin = OriginProc::start_wrapped(&env, &root, &dir.path().join("token"), "127.0.0.1:0")
+        .expect("start origin");
+    let c = Client::new(&origin);
+    let target_of = |path: &str| c.walk(path).map(|e| e.attr.target);
+    let renamed_while_held = |from: &str, to: &str| {
+        hold.reached_blocking()
+            .expect("held before reading the target");
+        std::fs::rename(root.join(from), root.join(to)).expect("mv");
+        hold.release().expect("release");
+    };
+
+    hold.arm().expect("arm");
+    std::os::unix::fs::symlink("nowhere/new", root.join("a/l")).expect("ln -s");
+    renamed_while_held("a/l", "b/l");
+    eventually("b/l", || c.walk("b/l").is_some());
+    assert_eq!(target_of("b/l"), Some(Some("nowhere/new".to_owned())));
+
+    hold.arm().expect("arm");
+    let touched = std::process::Command::new("touch")
+        .args(["-h", "-d", "@1000000000"])
+        .arg(root.join("b/l"))
+        .status()
+        .expect("touch -h");
+    assert!(touched.success());
+    renamed_while_held("b/l", "a/again");
+    eventually("a/again", || c.walk("a/again").is_some());
+    let again = c.walk("a/again").expect("a/again");
+    assert_eq!(again.attr.target.as_deref(), Some("nowhere/new"));
+    assert_eq!(
+        again.attr.mtime,
+        1_000_000_000 * 1_000_000_000,
+        "the mtime set"
+    );
 }
 
 /// Watches the process holds, from its inotify descriptors' fdinfo.

@@ -155,9 +155,9 @@ pub fn fstat(fd: impl AsFd) -> Result<Stat, FsError> {
     Ok(rustix::fs::fstat(fd)?)
 }
 
-pub fn read_link(dir: &OwnedFd, name: &str) -> Result<Option<String>, FsError> {
+pub fn read_link(dir: &OwnedFd, name: &str) -> Result<String, FsError> {
     let target = rustix::fs::readlinkat(dir, names::to_os(name), Vec::new())?;
-    Ok(Some(names::from_bytes(target.as_bytes()).into_owned()))
+    Ok(names::from_bytes(target.as_bytes()).into_owned())
 }
 
 /// Lists `dir`: `(name, lstat)` for each entry the origin exports (names as

@@ -22,6 +22,7 @@ pub mod reintegrate;
 pub mod scan;
 pub mod server;
 pub mod store;
+pub mod test_hold;
 pub mod uploads;
 pub mod watch;
 pub mod wire;

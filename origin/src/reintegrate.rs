@@ -470,7 +470,7 @@ impl Apply<'_, '_, '_> {
         }
         let st = stat_or_fail(&pfd, name)?;
         let target = if kind == Kind::Symlink {
-            fsops::read_link(&pfd, name).map_err(|e| fs_failed("readlink", e))?
+            Some(fsops::read_link(&pfd, name).map_err(|e| fs_failed("readlink", e))?)
         } else {
             None
         };

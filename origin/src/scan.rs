@@ -28,6 +28,7 @@ use rustix::fs::Stat;
 use crate::error::OriginError;
 use crate::fsops::{self, Fingerprint, FsError};
 use crate::store::Meta;
+use crate::test_hold::TestHold;
 use crate::wire::{Attr, Change, Kind, ObjectId, ROOT_ID};
 use crate::writer::WCtx;
 
@@ -527,7 +528,7 @@ fn list(
                         if full || whole_tree || m.fp != fp {
                             queue.push(id);
                         }
-                    } else if m.fp != fp {
+                    } else if m.fp != fp || lacks_target(&m) {
                         diff.changed.push((id, st));
                     } else if m.attr.kind == Kind::File && st.st_nlink > 1 {
                         // Stores from before the link index learn it here.
@@ -629,14 +630,20 @@ fn apply(cx: &mut WCtx<'_>, diff: &mut Diff) -> Result<BTreeSet<ObjectId>> {
     for (id, st) in std::mem::take(&mut diff.changed) {
         let Some(m) = cx.tx.meta(id)? else { continue };
         let fp = Fingerprint::of(&st);
-        if m.fp == fp || m.fp.ino != fp.ino {
+        if m.fp == fp && !lacks_target(&m) || m.fp.ino != fp.ino {
             continue;
         }
-        let content = m.fp.content_differs(&fp);
+        let content = m.fp.content_differs(&fp) || lacks_target(&m);
         let seq = cx.tx.next_seq()?;
         let mut m = m;
         if m.attr.kind == Kind::Symlink && content {
-            m.attr.target = read_target(cx, &m)?;
+            // Gone from its name since it was listed (renamed, removed):
+            // nothing to record under that name; it is compared again
+            // where it is found next, its fingerprint left as it was.
+            let Some(target) = read_target(cx, &m)? else {
+                continue;
+            };
+            m.attr.target = Some(target);
         }
         let m = refresh(cx, m, &st, seq)?;
         let change = if content {
@@ -775,6 +782,13 @@ fn still_at_old_place(cx: &WCtx<'_>, m: &Meta) -> Result<bool> {
     Ok(matches!(fsops::stat_at(&fd, &m.name), Ok(Some(st)) if st.st_ino == m.fp.ino))
 }
 
+/// A symlink stored without its target: earlier versions recorded one
+/// renamed before its target was read that way. A full scan (at start-up)
+/// reads it again.
+fn lacks_target(m: &Meta) -> bool {
+    m.attr.kind == Kind::Symlink && m.attr.target.is_none()
+}
+
 fn read_target(cx: &WCtx<'_>, m: &Meta) -> Result<Option<String>> {
     let Some(path) = cx.tx.path_of(m.parent)? else {
         return Ok(None);
@@ -782,7 +796,17 @@ fn read_target(cx: &WCtx<'_>, m: &Meta) -> Result<Option<String>> {
     let Ok(fd) = cx.shared.tree.open_dir(&path) else {
         return Ok(None);
     };
-    Ok(fsops::read_link(&fd, &m.name).ok().flatten())
+    Ok(target_at(&fd, &m.name).ok())
+}
+
+/// `IMZ_TEST_READLINK_HOLD`: holds the scan between finding a symlink
+/// and reading its target, the window in which a rename took the target.
+static READLINK_HOLD: TestHold = TestHold::new("IMZ_TEST_READLINK_HOLD");
+
+/// The target of symlink `name` in `dir`, as the scan reads it.
+fn target_at(dir: &OwnedFd, name: &str) -> std::result::Result<String, FsError> {
+    READLINK_HOLD.wait_blocking();
+    fsops::read_link(dir, name)
 }
 
 /// Stores `m` with attributes from `st` at version `seq`.
@@ -880,10 +904,16 @@ fn create_tree(
             .path_of(dir)?
             .and_then(|p| cx.shared.tree.open_dir(&p).ok());
         let Some(parent_fd) = parent_fd else { continue };
-        let target = if kind == Kind::Symlink {
-            fsops::read_link(&parent_fd, &name).ok().flatten()
-        } else {
-            None
+        let target = match kind {
+            Kind::Symlink => match target_at(&parent_fd, &name) {
+                Ok(target) => Some(target),
+                // Renamed or removed since it was listed: a symlink
+                // recorded without its target would keep that hole for
+                // good (its moves carry what it was created with). Its new
+                // name, if any, brings its own event.
+                Err(_) => continue,
+            },
+            _ => None,
         };
         // Listing a new directory first, so its stat is the one recorded.
         let mut listing = Vec::new();

@@ -9,7 +9,7 @@ use imz_origin::wire;
 
 use super::{Vfs, VfsError};
 use crate::coherence::{self, Source};
-use crate::test_hold::TestHold;
+use imz_origin::test_hold::TestHold;
 
 /// Deeper than any real tree (a path of single-letter names this deep is
 /// past PATH_MAX many times): a parent chain longer than this is broken.
