@@ -22,6 +22,10 @@
 //! cargo run --release -p imz-integration --bin bench-replicate -- [--rounds N] [--dir DIR] [--warm]
 //! ```
 //!
+//! `--compare OTHER_IMZ` also runs a gateway from another build of `imz`
+//! (e.g. a branch built in a scratch worktree) in the same rounds, from the
+//! same origin, and prints its figures too: a before/after in one run.
+//!
 //! The tree is made once under DIR (default `.imz-bench/replicate`, or
 //! `$IMZ_BENCH_DIR/replicate`) and reused.
 
@@ -50,6 +54,7 @@ struct Options {
     rounds: usize,
     dir: PathBuf,
     warm: bool,
+    compare: Option<PathBuf>,
 }
 
 fn options() -> anyhow::Result<Options> {
@@ -59,6 +64,7 @@ fn options() -> anyhow::Result<Options> {
             .map(|d| PathBuf::from(d).join("replicate"))
             .unwrap_or_else(|| PathBuf::from(".imz-bench/replicate")),
         warm: false,
+        compare: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -72,8 +78,15 @@ fn options() -> anyhow::Result<Options> {
             }
             "--dir" => o.dir = PathBuf::from(args.next().context("--dir DIR")?),
             "--warm" => o.warm = true,
+            "--compare" => {
+                let bin = std::path::absolute(args.next().context("--compare IMZ_BINARY")?)?;
+                ensure!(bin.exists(), "--compare {}: no such file", bin.display());
+                o.compare = Some(bin);
+            }
             "-h" | "--help" => {
-                println!("bench-replicate [--rounds N (3)] [--dir DIR] [--warm]");
+                println!(
+                    "bench-replicate [--rounds N (3)] [--dir DIR] [--warm] [--compare OTHER_IMZ_BINARY]"
+                );
                 std::process::exit(0);
             }
             other => bail!("unknown argument {other:?} (try --help)"),
@@ -177,11 +190,11 @@ fn run_imz(
     origin_url: &str,
     token: &Path,
     work: &Path,
-    round: usize,
+    log_name: &str,
 ) -> anyhow::Result<Duration> {
     let cache = work.join("imz-cache");
     let _ = std::fs::remove_dir_all(&cache);
-    let log = std::fs::File::create(work.join(format!("gateway-round-{round}.log")))?;
+    let log = std::fs::File::create(work.join(log_name))?;
     let socket = cache.join("control.sock");
     let start = Instant::now();
     let mut gw = ChildGuard::spawn(
@@ -358,27 +371,41 @@ fn main() -> anyhow::Result<()> {
     }
 
     let (mut imz_t, mut rsync_t, mut rsync_sync_t) = (Vec::new(), Vec::new(), Vec::new());
+    let mut compare_t = Vec::new();
+    // The runs of a round: each gateway (this build, then the one compared
+    // with), then rsync; rotated each round, so none always goes first.
+    let mut turns: Vec<Option<&Path>> = vec![Some(imz.as_path())];
+    if let Some(other) = &opts.compare {
+        turns.push(Some(other.as_path()));
+    }
+    turns.push(None);
     for round in 0..opts.rounds {
         bench::warm_memory();
-        let order: [bool; 2] = if round % 2 == 0 {
-            [true, false]
-        } else {
-            [false, true]
-        };
-        for imz_turn in order {
+        let mut order = turns.clone();
+        order.rotate_left(round % turns.len());
+        for turn in order {
             bench::sync();
             if cold {
                 bench::drop_page_cache();
             }
-            if imz_turn {
-                let t = run_imz(&imz, &origin_url, &token, &work, round + 1)?;
+            if let Some(bin) = turn {
+                let compared = bin != imz.as_path();
+                let log_name = match compared {
+                    true => format!("gateway-compared-round-{}.log", round + 1),
+                    false => format!("gateway-round-{}.log", round + 1),
+                };
+                let t = run_imz(bin, &origin_url, &token, &work, &log_name)?;
                 println!(
-                    "round {}: imz replicate  {:7.2} s  {:6.0} MiB/s",
+                    "round {}: imz replicate{} {:7.2} s  {:6.0} MiB/s",
                     round + 1,
+                    if compared { " (compared)" } else { "" },
                     secs(t),
                     TOTAL as f64 / (1 << 20) as f64 / secs(t)
                 );
-                imz_t.push(secs(t));
+                match compared {
+                    true => compare_t.push(secs(t)),
+                    false => imz_t.push(secs(t)),
+                }
             } else {
                 let (t, durable) = run_rsync(port, &work)?;
                 println!(
@@ -406,6 +433,14 @@ fn main() -> anyhow::Result<()> {
         r / i,
         rs / i
     );
+    if let (Some(other), Some(c)) = (&opts.compare, median(&compare_t)) {
+        println!("  compared: {} {c:7.2} s (durable)", other.display());
+        println!(
+            "  ratio rsync/compared   {:.2}x; this build is {:.2}x the compared one's speed",
+            r / c,
+            c / i
+        );
+    }
     rsyncd.stop(Duration::from_secs(5));
     origin.stop(Duration::from_secs(10));
     let _ = std::fs::remove_dir_all(work.join("rsync-dest"));
