@@ -10,9 +10,20 @@ impl Tmpfs {
     /// Mounts a tmpfs of `bytes` at `path` (created if missing). tmpfs
     /// takes memory only as it fills.
     pub fn mount(path: &Path, bytes: u64) -> anyhow::Result<Self> {
+        Self::mount_with(path, bytes, "")
+    }
+
+    /// [`mount`](Self::mount) with more mount options (`-o`), e.g.
+    /// `inode64`: each such tmpfs numbers its inodes from 1, so two of
+    /// them share inode numbers as two disks would.
+    pub fn mount_with(path: &Path, bytes: u64, options: &str) -> anyhow::Result<Self> {
         std::fs::create_dir_all(path)?;
+        let mut all = format!("size={bytes}");
+        if !options.is_empty() {
+            all = format!("{all},{options}");
+        }
         let out = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "tmpfs"])
+            .args(["-t", "tmpfs", "-o", &all, "tmpfs"])
             .arg(path)
             .output()?;
         anyhow::ensure!(

@@ -3,10 +3,12 @@
 
 mod origin_common;
 
+use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use imz_integration::OriginProc;
 use imz_integration::hold::Hold;
+use imz_integration::mount::Tmpfs;
 use imz_origin::wire::{self, Change, ErrorCode, NewObject, ObjRef, Op, ROOT_ID};
 use origin_common::*;
 
@@ -588,6 +590,56 @@ fn a_symlink_renamed_while_the_origin_reads_it_keeps_its_target() {
         1_000_000_000 * 1_000_000_000,
         "the mtime set"
     );
+}
+
+/// Inode numbers repeat across filesystems. The origin found a renamed
+/// object by its inode number, and kept one object per number: a file
+/// renamed directly in the tree kept its id only if nothing on a
+/// filesystem mounted inside had the same number. Otherwise the rename
+/// was journaled as a remove and a create: a stale handle for clients, a
+/// conflict for a change waiting at a gateway.
+#[test]
+fn objects_sharing_inode_numbers_across_filesystems_keep_their_ids_when_renamed() {
+    use std::os::unix::fs::MetadataExt;
+    const FILES: usize = 8;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().join("root");
+    let _outer = Tmpfs::mount_with(&root, 64 << 20, "inode64").expect("mount (needs root)");
+    let _inner = Tmpfs::mount_with(&root.join("mnt"), 64 << 20, "inode64").expect("mount");
+    let names: Vec<String> = (0..FILES)
+        .flat_map(|i| [format!("a{i}"), format!("mnt/b{i}")])
+        .collect();
+    for (i, name) in names.iter().enumerate() {
+        std::fs::write(root.join(name), "x".repeat(i + 1)).expect("write");
+    }
+    let ino = |name: &str| std::fs::metadata(root.join(name)).expect("stat").ino();
+    let outer: HashSet<u64> = (0..FILES).map(|i| ino(&format!("a{i}"))).collect();
+    let shared = (0..FILES)
+        .filter(|i| outer.contains(&ino(&format!("mnt/b{i}"))))
+        .count();
+    assert!(
+        shared > 0,
+        "no inode number is shared: the test shows nothing"
+    );
+
+    let origin = OriginProc::start(&root, &dir.path().join("token")).expect("start origin");
+    let c = Client::new(&origin);
+    let ids: Vec<u64> = names
+        .iter()
+        .map(|n| c.walk(n).expect("served").attr.id)
+        .collect();
+    for name in &names {
+        std::fs::rename(root.join(name), root.join(format!("{name}.moved"))).expect("mv");
+    }
+    for (name, id) in names.iter().zip(ids) {
+        let moved = format!("{name}.moved");
+        eventually(&moved, || c.walk(&moved).is_some());
+        assert_eq!(
+            c.walk(&moved).map(|e| e.attr.id),
+            Some(id),
+            "{name} kept its id"
+        );
+    }
 }
 
 /// Watches the process holds, from its inotify descriptors' fdinfo.

@@ -300,16 +300,10 @@ fn names_before_a_new_link(
     if st.st_nlink <= 1 || fsops::kind_of(st) != Some(Kind::File) {
         return Ok(());
     }
-    let indexed = cx.tx.by_ino(st.st_ino)?;
-    if let Some(id) = indexed
-        && let Some(m) = cx.tx.meta(id)?
-        && m.fp.ino == st.st_ino
-        && m.attr.kind == Kind::File
-    {
-        names.insert((m.parent, m.name));
-    }
-    // The root is no file: with no indexed name, every linked one counts.
-    for m in cx.tx.linked(st.st_ino, indexed.unwrap_or(ROOT_ID))? {
+    let indexed = cx.tx.with_ino(st.st_ino)?;
+    let files = indexed.into_iter().filter(|m| m.attr.kind == Kind::File);
+    // The root is no file: every linked one counts.
+    for m in files.chain(cx.tx.linked(st.st_ino, ROOT_ID)?) {
         names.insert((m.parent, m.name));
     }
     Ok(())
@@ -384,11 +378,8 @@ fn diff_entries(
     }
     let missing: HashSet<ObjectId> = diff.missing.iter().map(|(_, _, id)| *id).collect();
     for (_, _, st) in &diff.new {
-        if cx
-            .tx
-            .by_ino(st.st_ino)?
-            .is_some_and(|id| !missing.contains(&id))
-        {
+        let known = cx.tx.with_ino(st.st_ino)?;
+        if known.iter().any(|m| !missing.contains(&m.attr.id)) {
             return Ok(None);
         }
     }
@@ -562,19 +553,21 @@ fn apply(cx: &mut WCtx<'_>, diff: &mut Diff) -> Result<BTreeSet<ObjectId>> {
     let mut moved = HashSet::new();
     let mut creates = Vec::new();
     for (dir, name, st) in std::mem::take(&mut diff.new) {
-        let candidate = cx.tx.by_ino(st.st_ino)?;
         let mut is_move = false;
-        if let Some(id) = candidate.filter(|id| !moved.contains(id)) {
-            if let Some(m) = cx.tx.meta(id)?
-                && plausibly_moved(&m, &st)
-                && id != ROOT_ID
-                && could_move_to(cx, &m, dir, &name)?
+        for m in cx.tx.with_ino(st.st_ino)? {
+            let id = m.attr.id;
+            if moved.contains(&id)
+                || id == ROOT_ID
+                || !plausibly_moved(&m, &st)
+                || !could_move_to(cx, &m, dir, &name)?
             {
-                is_move = missing_ids.contains(&id) || !still_at_old_place(cx, &m)?;
+                continue;
             }
-            if is_move {
+            if missing_ids.contains(&id) || !still_at_old_place(cx, &m)? {
+                is_move = true;
                 moved.insert(id);
                 renames.push((id, dir, name.clone(), st));
+                break;
             }
         }
         if !is_move {
@@ -864,6 +857,26 @@ fn touch_dir(
     Ok(m.attr)
 }
 
+/// The object of `missing` that `dir/name` (found with `st`) is, moved
+/// there; `None` if it is none of them.
+fn moved_here(
+    cx: &WCtx<'_>,
+    st: &Stat,
+    missing: &HashSet<ObjectId>,
+    dir: ObjectId,
+    name: &str,
+) -> Result<Option<Meta>> {
+    for m in cx.tx.with_ino(st.st_ino)? {
+        if missing.contains(&m.attr.id)
+            && plausibly_moved(&m, st)
+            && could_move_to(cx, &m, dir, name)?
+        {
+            return Ok(Some(m));
+        }
+    }
+    Ok(None)
+}
+
 /// Journals `dir/name` and, for a directory, everything below it. An
 /// object of `missing` found below it moved there (and a directory among
 /// them joins `moved_dirs`). A file with several links found below it
@@ -887,11 +900,8 @@ fn create_tree(
             continue;
         };
         cx.shared.scanned.fetch_add(1, Ordering::Relaxed);
-        if !top
-            && let Some(id) = cx.tx.by_ino(st.st_ino)?.filter(|id| missing.contains(id))
-            && let Some(m) = cx.tx.meta(id)?.filter(|m| plausibly_moved(m, &st))
-            && could_move_to(cx, &m, dir, &name)?
-        {
+        if !top && let Some(m) = moved_here(cx, &st, missing, dir, &name)? {
+            let id = m.attr.id;
             missing.remove(&id);
             if record_rename(cx, id, (m.parent, m.name), dir, name, st, stats)? == Some(Kind::Dir) {
                 moved_dirs.insert(id);

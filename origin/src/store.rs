@@ -24,7 +24,16 @@ use crate::wire::{Attr, Change, Entry, Info, Kind, ObjectId, ROOT_ID, Record, Se
 
 pub const OBJECTS: TableDefinition<u64, &[u8]> = TableDefinition::new("objects");
 pub const CHILDREN: TableDefinition<(u64, &str), u64> = TableDefinition::new("children");
-pub const INODES: TableDefinition<u64, u64> = TableDefinition::new("inodes");
+/// `(inode number, id)` of every object. One number may name several
+/// objects: numbers repeat across filesystems (one mounted inside the
+/// tree), and an object whose inode was freed on disk keeps its number in
+/// the store until the scan takes in its going. Rows may be stale: readers
+/// check ([`Tx::with_ino`]).
+pub const INODES: TableDefinition<(u64, u64), ()> = TableDefinition::new("inode_ids");
+/// What stores before [`INODES`] kept: one id per inode number, the last
+/// stored, so of two objects with one number (on two filesystems) the
+/// other was never found by it. Replaced at open.
+const ONE_ID_PER_INODE: TableDefinition<u64, u64> = TableDefinition::new("inodes");
 /// `(inode, id)` for every file object seen with more than one link: a
 /// change through one name of a hard-linked file shows in that name's
 /// directory only, and this finds the objects of its other names. Rows may
@@ -120,6 +129,9 @@ impl Store {
                 s.insert(STORE_ID, random_id()?.as_str())?;
             }
         }
+        if txn.delete_table(ONE_ID_PER_INODE)? {
+            index_inodes(&txn)?;
+        }
         txn.commit()?;
         Ok(store)
     }
@@ -163,6 +175,18 @@ impl Store {
         }
         result
     }
+}
+
+/// Fills [`INODES`] from the objects themselves (a store from before it).
+fn index_inodes(txn: &WriteTransaction) -> Result<()> {
+    let objects = txn.open_table(OBJECTS)?;
+    let mut inodes = txn.open_table(INODES)?;
+    for row in objects.iter()? {
+        let (id, bytes) = row?;
+        let m = decode_meta(bytes.value())?;
+        inodes.insert((m.fp.ino, id.value()), ())?;
+    }
+    Ok(())
 }
 
 fn random_id() -> Result<String> {
@@ -429,21 +453,35 @@ impl<'a> Tx<'a> {
         Ok(())
     }
 
-    pub fn by_ino(&self, ino: u64) -> Result<Option<ObjectId>> {
-        Ok(self.txn.open_table(INODES)?.get(ino)?.map(|v| v.value()))
+    /// The objects stored with inode number `ino` (on any filesystem of
+    /// the tree), with their metadata; stale rows are dropped.
+    pub fn with_ino(&self, ino: u64) -> Result<Vec<Meta>> {
+        let ids: Vec<ObjectId> = {
+            let t = self.txn.open_table(INODES)?;
+            let mut ids = Vec::new();
+            for row in t.range((ino, 0)..=(ino, u64::MAX))? {
+                ids.push(row?.0.value().1);
+            }
+            ids
+        };
+        let mut out = Vec::new();
+        for id in ids {
+            match self.meta(id)? {
+                Some(m) if m.fp.ino == ino => out.push(m),
+                _ => self.drop_ino(ino, id)?,
+            }
+        }
+        Ok(out)
     }
 
     pub fn set_ino(&self, ino: u64, id: ObjectId) -> Result<()> {
-        self.txn.open_table(INODES)?.insert(ino, id)?;
+        self.txn.open_table(INODES)?.insert((ino, id), ())?;
         Ok(())
     }
 
-    /// Forgets `ino` if it still points at `id`.
+    /// Forgets that `id` has inode number `ino`.
     pub fn drop_ino(&self, ino: u64, id: ObjectId) -> Result<()> {
-        let mut t = self.txn.open_table(INODES)?;
-        if t.get(ino)?.map(|v| v.value()) == Some(id) {
-            t.remove(ino)?;
-        }
+        self.txn.open_table(INODES)?.remove((ino, id))?;
         Ok(())
     }
 
@@ -691,7 +729,7 @@ mod tests {
             let tx = Tx::new(&txn);
             tx.unlink(ROOT_ID, "c").expect("unlink");
             assert_eq!(tx.forget_subtree(10).expect("forget"), 2);
-            assert_eq!(tx.by_ino(120).expect("ino"), None);
+            assert_eq!(tx.with_ino(120).expect("ino"), vec![]);
         }
         txn.commit().expect("commit");
         let r = store.read().expect("read");
@@ -751,5 +789,44 @@ mod tests {
         let tx = Tx::new(&txn);
         assert_eq!(tx.key("gw:1").expect("key").map(|k| k.seq), Some(3));
         assert_eq!(tx.key("gw:2").expect("key"), None);
+    }
+
+    /// A store from before [`INODES`] (one id per inode number) gets the
+    /// index rebuilt from its objects, both of two that share a number.
+    #[test]
+    fn a_store_with_one_id_per_inode_number_is_indexed_again_at_open() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("store.redb");
+        {
+            let db = Database::create(&path).expect("create");
+            let txn = db.begin_write().expect("txn");
+            {
+                let mut objects = txn.open_table(OBJECTS).expect("objects");
+                let mut old = txn.open_table(ONE_ID_PER_INODE).expect("old");
+                for (id, ino) in [(ROOT_ID, 1), (2, 7), (3, 7)] {
+                    let m = meta(id, ROOT_ID, &format!("n{id}"), Kind::File, ino);
+                    let bytes = serde_json::to_vec(&m).expect("json");
+                    objects.insert(id, bytes.as_slice()).expect("insert");
+                    old.insert(ino, id).expect("insert");
+                }
+            }
+            txn.commit().expect("commit");
+        }
+        let store = Store::open(&path).expect("open");
+        let txn = store.begin_write().expect("txn");
+        let tx = Tx::new(&txn);
+        let ids = |ino| -> Vec<ObjectId> {
+            let found = tx.with_ino(ino).expect("with_ino");
+            found.iter().map(|m| m.attr.id).collect()
+        };
+        assert_eq!(ids(7), vec![2, 3]);
+        assert_eq!(ids(1), vec![ROOT_ID]);
+        use redb::TableHandle;
+        assert!(
+            txn.list_tables()
+                .expect("tables")
+                .all(|t| t.name() != ONE_ID_PER_INODE.name()),
+            "the old table is gone"
+        );
     }
 }
