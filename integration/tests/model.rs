@@ -229,7 +229,9 @@ async fn random_operations_on_a_tree_that_spans_filesystems_match_the_model() ->
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Tree {
     OneFilesystem,
-    /// A tmpfs mounted at `MOUNT` inside the tree.
+    /// A tmpfs mounted at `MOUNT` inside the tree, which is a tmpfs too:
+    /// each numbers its inodes from 1 (`inode64`), so objects on the two
+    /// share inode numbers, as on two disks.
     WithMount,
 }
 
@@ -242,10 +244,11 @@ async fn run(seed: u64, ops: usize, tree: Tree) -> anyhow::Result<()> {
     imz_integration::process::CHECK_CACHE_INVARIANTS
         .store(true, std::sync::atomic::Ordering::Relaxed);
     let mut rng = Rng::new(seed);
-    let mut inner = None;
+    let (mut outer, mut inner) = (None, None);
     let mut fx = Fixture::with_cache_size("1GiB", &["--reintegrate-delay", "50ms"], |root| {
         if tree == Tree::WithMount {
-            inner = Some(Tmpfs::mount(&root.join(MOUNT), 512 << 20)?);
+            outer = Some(Tmpfs::mount_with(root, 512 << 20, "inode64")?);
+            inner = Some(Tmpfs::mount_with(&root.join(MOUNT), 512 << 20, "inode64")?);
         }
         Ok(())
     })?;
