@@ -175,7 +175,13 @@ impl Vfs {
         let obj = self.getattr(fid)?;
         match (obj.kind, &obj.target) {
             (Kind::Symlink, Some(target)) => Ok(target.clone()),
-            (Kind::Symlink, None) => Err(VfsError::Io("symlink target missing".into())),
+            (Kind::Symlink, None) => {
+                // The origin described it so: older origins did, for a
+                // symlink renamed while they read its target. Said here,
+                // since the client sees only an I/O error.
+                tracing::warn!(fid, origin = ?obj.origin, "a cached symlink has no target");
+                Err(VfsError::Io("symlink target missing".into()))
+            }
             _ => Err(VfsError::Invalid("not a symlink".into())),
         }
     }
