@@ -404,8 +404,21 @@ impl<'a> Tx<'a> {
     /// The file objects other than `except` that are names of inode `ino`
     /// (hard links), with their metadata; stale rows are dropped.
     pub fn linked(&self, ino: u64, except: ObjectId) -> Result<Vec<Meta>> {
-        let rows: Vec<ObjectId> = {
-            let t = self.txn.open_table(LINKS)?;
+        let names = self.objects_by_ino(LINKS, ino, |m| m.attr.kind == Kind::File)?;
+        Ok(names.into_iter().filter(|m| m.attr.id != except).collect())
+    }
+
+    /// The objects that `table`, an index by `(inode number, id)`, gives
+    /// for `ino`, as stored now. Rows whose object is gone, has another
+    /// number now or fails `fits` are stale, and dropped.
+    fn objects_by_ino(
+        &self,
+        table: TableDefinition<(u64, u64), ()>,
+        ino: u64,
+        fits: impl Fn(&Meta) -> bool,
+    ) -> Result<Vec<Meta>> {
+        let ids: Vec<ObjectId> = {
+            let t = self.txn.open_table(table)?;
             let mut ids = Vec::new();
             for row in t.range((ino, 0)..=(ino, u64::MAX))? {
                 ids.push(row?.0.value().1);
@@ -413,15 +426,11 @@ impl<'a> Tx<'a> {
             ids
         };
         let mut out = Vec::new();
-        for id in rows {
+        for id in ids {
             match self.meta(id)? {
-                Some(m) if m.fp.ino == ino && m.attr.kind == Kind::File => {
-                    if id != except {
-                        out.push(m);
-                    }
-                }
+                Some(m) if m.fp.ino == ino && fits(&m) => out.push(m),
                 _ => {
-                    self.txn.open_table(LINKS)?.remove((ino, id))?;
+                    self.txn.open_table(table)?.remove((ino, id))?;
                 }
             }
         }
@@ -456,22 +465,7 @@ impl<'a> Tx<'a> {
     /// The objects stored with inode number `ino` (on any filesystem of
     /// the tree), with their metadata; stale rows are dropped.
     pub fn with_ino(&self, ino: u64) -> Result<Vec<Meta>> {
-        let ids: Vec<ObjectId> = {
-            let t = self.txn.open_table(INODES)?;
-            let mut ids = Vec::new();
-            for row in t.range((ino, 0)..=(ino, u64::MAX))? {
-                ids.push(row?.0.value().1);
-            }
-            ids
-        };
-        let mut out = Vec::new();
-        for id in ids {
-            match self.meta(id)? {
-                Some(m) if m.fp.ino == ino => out.push(m),
-                _ => self.drop_ino(ino, id)?,
-            }
-        }
-        Ok(out)
+        self.objects_by_ino(INODES, ino, |_| true)
     }
 
     pub fn set_ino(&self, ino: u64, id: ObjectId) -> Result<()> {
