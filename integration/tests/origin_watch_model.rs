@@ -10,6 +10,8 @@
 //! behind the origin's back makes it look again: content alone would not
 //! show what the watcher missed.
 //!
+//! One variant runs in a tree with another filesystem mounted inside.
+//!
 //! Seeded and reproducible: `IMZ_WATCH_SEED` replays a failing seed
 //! (printed on failure) or, set to `random`, explores; `IMZ_WATCH_OPS` sets
 //! the number of changes.
@@ -19,6 +21,7 @@ mod origin_common;
 use std::time::{Duration, Instant};
 
 use imz_integration::churn::{Node, Tree, change, differences, disk_tree, join, listed};
+use imz_integration::mount::Tmpfs;
 use imz_integration::rng::Rng;
 use imz_origin::wire::{Kind, ObjectId, ROOT_ID};
 use origin_common::*;
@@ -80,7 +83,21 @@ fn random_changes_made_directly_in_the_tree_end_served_as_on_disk() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(200);
-    changes_end_served_as_on_disk(seed, ops);
+    changes_end_served_as_on_disk(seed, ops, Filesystems::One);
+}
+
+/// The same with a filesystem mounted inside the tree (the tree a tmpfs
+/// too, each numbering its inodes from 1): objects on the two share inode
+/// numbers, as on two disks, and renames across the two fail as `mv`'s
+/// `rename(2)` does.
+#[test]
+fn random_changes_in_a_tree_spanning_filesystems_end_served_as_on_disk() {
+    let seed = Rng::seed_from_env("IMZ_WATCH_SEED", 20261127).expect("IMZ_WATCH_SEED");
+    let ops: usize = std::env::var("IMZ_WATCH_OPS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(200);
+    changes_end_served_as_on_disk(seed, ops, Filesystems::Two);
 }
 
 /// Seeds that found faults, replayed. Both remove a directory and make
@@ -91,12 +108,25 @@ fn random_changes_made_directly_in_the_tree_end_served_as_on_disk() {
 #[test]
 fn changes_that_reuse_a_removed_directorys_inode_end_served_as_on_disk() {
     for seed in [1795703725666523625, 1795703747979636693] {
-        changes_end_served_as_on_disk(seed, 400);
+        changes_end_served_as_on_disk(seed, 400, Filesystems::One);
     }
 }
 
-fn changes_end_served_as_on_disk(seed: u64, ops: usize) {
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Filesystems {
+    One,
+    /// A tmpfs inside a tmpfs, at `mnt`.
+    Two,
+}
+
+fn changes_end_served_as_on_disk(seed: u64, ops: usize, filesystems: Filesystems) {
+    let mut mounts = Vec::new();
     let s = start_with(|root| {
+        if filesystems == Filesystems::Two {
+            for at in [root.to_path_buf(), root.join("mnt")] {
+                mounts.push(Tmpfs::mount_with(&at, 256 << 20, "inode64").expect("mount (root)"));
+            }
+        }
         for d in ["d1", "d2", "d1/deep"] {
             std::fs::create_dir(root.join(d)).expect("mkdir");
         }
