@@ -397,6 +397,27 @@ impl WriteTxn<'_> {
                     }
                 }
             }
+            LogOp::Rename {
+                replaced: Some(replaced),
+                ..
+            } => {
+                // What the rename replaces goes as a removed object does:
+                // its content and attributes need not travel (unless on
+                // their way). Shipped, an upload of it would read content
+                // that went with it, and a conflict would keep that as
+                // "ours". The rename goes in first: it keeps the object
+                // while it waits.
+                let replaced = *replaced;
+                let seq = self.append(op, time)?;
+                if let Some(gone) = self.get(replaced)? {
+                    for pending in [gone.log.store, gone.log.setattr].into_iter().flatten() {
+                        if !self.is_shipped(pending)? {
+                            self.log_done(pending)?;
+                        }
+                    }
+                }
+                return Ok(Some(seq));
+            }
             _ => {}
         }
         self.append(op, time).map(Some)
@@ -660,6 +681,46 @@ mod tests {
         tx.log_done(removed).expect("done");
         tx.log_done(renamed).expect("done");
         assert!(tx.vacated_names(ROOT_FILEID).expect("vacated").is_empty());
+    }
+
+    #[test]
+    fn a_rename_over_a_file_drops_the_files_pending_upload() {
+        let (_d, cache) = setup();
+        let mut tx = cache.write().expect("write");
+        tx.put(10, &obj(Kind::File, Some(10))).expect("origin file");
+        tx.link(ROOT_FILEID, "a", 10).expect("link");
+        let store = tx.log(LogOp::Store { fid: 10 }, 0).expect("log");
+        assert!(store.is_some());
+        let new = local_file(&mut tx, "new");
+        tx.unlink(ROOT_FILEID, "new").expect("unlink");
+        tx.unlink(ROOT_FILEID, "a").expect("unlink");
+        tx.link(ROOT_FILEID, "a", new).expect("link");
+        let mut replaced = tx.object(10).expect("obj");
+        replaced.removed = true;
+        tx.put(10, &replaced).expect("put");
+        tx.log(
+            LogOp::Rename {
+                from_parent: ROOT_FILEID,
+                from_name: "new".into(),
+                fid: new,
+                to_parent: ROOT_FILEID,
+                to_name: "a".into(),
+                replaced: Some(10),
+            },
+            0,
+        )
+        .expect("log");
+        assert_eq!(tx.object(10).expect("kept for the rename").log.store, None);
+        let ops: Vec<LogOp> = tx
+            .log_records(0, 100)
+            .expect("records")
+            .iter()
+            .map(|(_, bytes)| decode(bytes).expect("decode").op)
+            .collect();
+        assert!(
+            !ops.contains(&LogOp::Store { fid: 10 }),
+            "the replaced file's upload is still logged: {ops:?}"
+        );
     }
 
     #[test]
