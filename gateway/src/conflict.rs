@@ -21,7 +21,7 @@
 use std::collections::HashSet;
 use std::path::PathBuf;
 
-use imz_cache::{Cache, FileId, Kind, LogOp, LogRecord, Object, OriginRef};
+use imz_cache::{Cache, FileId, Kind, LogOp, LogRecord, Object, OriginRef, WriteTxn};
 use imz_origin::wire::{self, ConflictReason, OpResult};
 use serde::{Deserialize, Serialize};
 
@@ -151,24 +151,50 @@ pub fn path_of(vfs: &Vfs, fid: FileId) -> String {
 }
 
 /// `NAME.conflict-GW-YYYYMMDDTHHMMSS` (GW: the first 8 characters of the
-/// gateway id), short enough to stay a valid name.
-pub fn conflict_name(name: &str, gateway_id: &str, time: i64) -> String {
+/// gateway id), short enough to stay a valid name; the `n`th one of a
+/// second (n > 1) ends in `-N`.
+pub fn conflict_name(name: &str, gateway_id: &str, time: i64, n: u32) -> String {
     let secs = time / 1_000_000_000;
     let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
     let (y, m, d) = civil_from_days(days);
-    let suffix = format!(
+    let mut suffix = format!(
         ".conflict-{}-{y:04}{m:02}{d:02}T{:02}{:02}{:02}",
         &gateway_id[..gateway_id.len().min(8)],
         rem / 3600,
         rem % 3600 / 60,
         rem % 60
     );
+    if n > 1 {
+        suffix.push_str(&format!("-{n}"));
+    }
     let keep = wire::MAX_NAME_LEN - suffix.len();
     let mut base = name.to_owned();
     while base.len() > keep {
         base.pop();
     }
     format!("{base}{suffix}")
+}
+
+/// Conflict copies named in one second (or for one name) at most.
+const MAX_COPIES: u32 = 10_000;
+
+/// A conflict name for `name` that cached directory `dir` does not hold:
+/// two conflicts on one name in one second would otherwise share it, and
+/// the second copy would be written over the first.
+fn free_conflict_name(
+    tx: &WriteTxn<'_>,
+    dir: FileId,
+    name: &str,
+    gateway_id: &str,
+    time: i64,
+) -> Result<String, VfsError> {
+    for n in 1..=MAX_COPIES {
+        let candidate = conflict_name(name, gateway_id, time, n);
+        if tx.lookup(dir, &candidate)?.is_none() {
+            return Ok(candidate);
+        }
+    }
+    Err(VfsError::Exists)
 }
 
 /// Days since 1970-01-01 to (year, month, day) (Howard Hinnant's algorithm).
@@ -331,8 +357,7 @@ pub async fn settle(
                 restore_entry(vfs, *parent, name, Some(theirs)).await?;
                 saved("theirs stays; ours saved", copy)
             } else {
-                let new_name = conflict_name(name, gateway_id, now_nanos());
-                rename_pending(vfs, seq, fid, *parent, name, &new_name).await?;
+                let new_name = rename_pending(vfs, seq, fid, *parent, name, gateway_id).await?;
                 restore_entry(vfs, *parent, name, Some(theirs)).await?;
                 Settled::by(policy, format!("ours renamed to {new_name}"))
             }
@@ -387,8 +412,8 @@ pub async fn settle(
                     Settled::by(policy, "ours stays where it was")
                 }
                 _ => {
-                    let new_name = conflict_name(to_name, gateway_id, now_nanos());
-                    rename_pending(vfs, seq, fid, *to_parent, to_name, &new_name).await?;
+                    let new_name =
+                        rename_pending(vfs, seq, fid, *to_parent, to_name, gateway_id).await?;
                     restore_entry(vfs, *to_parent, to_name, Some(theirs)).await?;
                     Settled::by(policy, format!("ours renamed to {new_name}"))
                 }
@@ -585,15 +610,29 @@ async fn take_theirs(vfs: &Vfs, fid: FileId, current: Option<&wire::Attr>) -> Re
 /// beside it named as a conflict copy; returns the new name.
 async fn copy_beside(vfs: &Vfs, fid: FileId, gateway_id: &str) -> Result<String, VfsError> {
     let obj = vfs.getattr(fid)?;
-    let name = conflict_name(&obj.name, gateway_id, now_nanos());
-    let (copy, _) = vfs
-        .create(
-            obj.parent,
-            &name,
-            NewNode::File { exclusive: None },
-            imz_cache::SetAttrs::default(),
-        )
-        .await?;
+    let now = now_nanos();
+    let mut n = 1;
+    // Exclusive, so that a name taken meanwhile (another copy made in this
+    // second) is never written over: the next number is tried.
+    let (copy, name) = loop {
+        let name = conflict_name(&obj.name, gateway_id, now, n);
+        let verifier = (now as u64 ^ u64::from(n)).to_le_bytes();
+        let made = vfs
+            .create(
+                obj.parent,
+                &name,
+                NewNode::File {
+                    exclusive: Some(verifier),
+                },
+                imz_cache::SetAttrs::default(),
+            )
+            .await;
+        match made {
+            Ok((copy, _)) => break (copy, name),
+            Err(VfsError::Exists) if n < MAX_COPIES => n += 1,
+            Err(e) => return Err(e),
+        }
+    };
     copy_content(vfs, fid, obj.attrs.size, |offset, bytes| async move {
         vfs.write(copy, offset, bytes, Stability::Stable)
             .await
@@ -721,11 +760,14 @@ async fn rename_pending(
     fid: FileId,
     dir: FileId,
     name: &str,
-    new_name: &str,
-) -> Result<(), VfsError> {
-    let (name, new_name) = (name.to_owned(), new_name.to_owned());
-    vfs.writer
+    gateway_id: &str,
+) -> Result<String, VfsError> {
+    let (name, gateway_id) = (name.to_owned(), gateway_id.to_owned());
+    let now = now_nanos();
+    let new_name = vfs
+        .writer
         .run(0, move |tx| {
+            let new_name = free_conflict_name(tx, dir, &name, &gateway_id, now)?;
             let record = tx
                 .log_record(seq)?
                 .ok_or_else(|| VfsError::Io("conflicting record vanished".into()))?;
@@ -808,14 +850,14 @@ async fn rename_pending(
                 tx.link(dir, &new_name, fid)?;
                 let mut obj = tx.object(fid)?;
                 obj.parent = dir;
-                obj.name = new_name;
+                obj.name = new_name.clone();
                 tx.put(fid, &obj)?;
             }
-            Ok(())
+            Ok(new_name)
         })
         .await?;
     vfs.log_changed.notify_one();
-    Ok(())
+    Ok(new_name)
 }
 
 /// Puts the origin's object `theirs` at `dir/name` in the cache (or, not
@@ -952,7 +994,7 @@ async fn move_back(
     gateway_id: &str,
 ) -> Result<(), VfsError> {
     let (from_name, to_name) = (from_name.to_owned(), to_name.to_owned());
-    let fallback = conflict_name(&from_name, gateway_id, now_nanos());
+    let (gateway_id, now) = (gateway_id.to_owned(), now_nanos());
     vfs.writer
         .run(0, move |tx| {
             if tx.lookup(to_parent, &to_name)? == Some(fid) {
@@ -961,7 +1003,7 @@ async fn move_back(
             let name = if tx.lookup(from_parent, &from_name)?.is_none() {
                 from_name
             } else {
-                fallback
+                free_conflict_name(tx, from_parent, &from_name, &gateway_id, now)?
             };
             tx.link(from_parent, &name, fid)?;
             let mut obj = tx.object(fid)?;
@@ -1093,10 +1135,14 @@ mod tests {
     fn conflict_names_are_valid_and_dated() {
         // 2026-11-25T13:31:44Z
         let t = 1_795_613_504 * 1_000_000_000;
-        let n = conflict_name("report.txt", "0123456789abcdef", t);
+        let n = conflict_name("report.txt", "0123456789abcdef", t, 1);
         assert_eq!(n, "report.txt.conflict-01234567-20261125T133144");
-        let long = conflict_name(&"x".repeat(255), "gw", t);
-        assert!(long.len() <= wire::MAX_NAME_LEN);
-        assert!(wire::validate_name(&long, false).is_ok());
+        let second = conflict_name("report.txt", "0123456789abcdef", t, 2);
+        assert_eq!(second, "report.txt.conflict-01234567-20261125T133144-2");
+        for n in [1, 2, MAX_COPIES] {
+            let long = conflict_name(&"x".repeat(255), "gw", t, n);
+            assert!(long.len() <= wire::MAX_NAME_LEN);
+            assert!(wire::validate_name(&long, false).is_ok());
+        }
     }
 }
