@@ -130,14 +130,19 @@ async fn run(seed: u64, epochs: usize) -> anyhow::Result<()> {
                 if got == want {
                     break;
                 }
-                anyhow::ensure!(
-                    Instant::now() < deadline,
-                    "epoch {epoch}: gateway {} serves {:?}, the origin holds {:?}\noperations:\n{}",
-                    gateways[g],
-                    brief(&got),
-                    brief(&want),
-                    log.join("\n")
-                );
+                if Instant::now() >= deadline {
+                    let status =
+                        [&fx.gateway, &b].map(|gw| gw.ctl(&["status"]).unwrap_or_default());
+                    anyhow::bail!(
+                        "epoch {epoch}: gateway {} serves {:?}, the origin holds {:?}\noperations:\n{}\nstatus of A:\n{}\nstatus of B:\n{}",
+                        gateways[g],
+                        brief(&got),
+                        brief(&want),
+                        log.join("\n"),
+                        status[0],
+                        status[1]
+                    );
+                }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
