@@ -139,6 +139,13 @@ pub fn upsert_entry(
             refresh(tx, fid, &mut obj, attr, source)?;
             if obj.is_dirty() || obj.removed {
                 // Moved or removed here, or changed: where it is stays ours.
+                // Removed here, it is nowhere here: note where the origin
+                // has it, in case our remove is refused for that (it moved
+                // there first) and it comes back.
+                if obj.removed {
+                    obj.parent = dir;
+                    obj.name = name.to_owned();
+                }
                 tx.put(fid, &obj)?;
                 return Ok(fid);
             }

@@ -7,6 +7,7 @@
 //! | update/update | ours becomes `NAME.conflict-GW-TIME`, theirs keeps the name | ours replaces theirs | theirs stays, ours saved in the conflicts area | held |
 //! | update/remove (we changed, they removed) | ours is created again | same | ours saved, the file goes | held |
 //! | remove/update (we removed, they changed) | theirs comes back | removed anyway | theirs comes back | held |
+//! | remove/rename (we removed, they moved it) | theirs comes back where they moved it | same | same | held |
 //! | create/create of a name | ours gets the conflict name | ours replaces theirs (files) | theirs stays, ours saved | held |
 //! | directory created on both sides | merged into one | merged | merged | merged |
 //! | parent removed at the origin | parent created again | same | ours saved | held |
@@ -271,6 +272,21 @@ pub async fn settle(
         ..Settled::by(policy, outcome)
     };
     let settled: Settled = match (&record.op, reason) {
+        // Moved at the origin before our remove reached it: it lives on
+        // there, as if changed (theirs comes back), where the journal put
+        // it (or, not heard of yet, at its old place, from where the
+        // journal's rename will move it).
+        (LogOp::Remove { parent, name, .. }, Some(ConflictReason::NameMismatch))
+            if current.is_some() =>
+        {
+            let (dir, at) = match vfs.getattr(fid) {
+                Ok(obj) => (obj.parent, obj.name.clone()),
+                Err(_) => (*parent, name.clone()),
+            };
+            finish(vfs, seq, record, None).await?;
+            restore_entry(vfs, dir, &at, current.as_ref()).await?;
+            Settled::by(policy, "theirs comes back (moved at the origin)")
+        }
         // Already as we wanted it, or nothing left to do.
         (
             LogOp::Remove { .. },

@@ -46,6 +46,71 @@ async fn what_two_cut_off_gateways_wrote_all_reaches_the_origin() -> anyhow::Res
     Ok(())
 }
 
+/// Found by the model (seed 3): a file removed at one gateway while the
+/// other renamed it. The remove was refused (the name no longer held it),
+/// and the gateway that removed it took that as "already gone": the file
+/// lived on at the origin under its new name, and that gateway never
+/// showed it (the rename had passed while the file was removed there).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_removed_at_one_gateway_and_renamed_at_the_other_comes_back_renamed()
+-> anyhow::Result<()> {
+    let args = ["--reintegrate-delay", "50ms"];
+    let mut fx = Fixture::with_cache_size("1GiB", &args, |root| {
+        std::fs::create_dir(root.join(DIR))?;
+        for name in ["c", "d", "e"] {
+            std::fs::write(root.join(name), format!("origin's {name}"))?;
+        }
+        Ok(())
+    })?;
+    let b = GatewayProc::start(
+        &fx.origin.url,
+        &fx.origin.token_file,
+        &fx.dir.path().join("cache-b"),
+        "1GiB",
+        &args,
+    )?;
+    let mut at_a = Nfs::mount(fx.port(), "/imz").await?;
+    let mut at_b = Nfs::mount(b.port, "/imz").await?;
+    served(&mut at_a).await?;
+    served(&mut at_b).await?;
+    fx.origin.proc.kill9();
+    let root_b = at_b.root.clone();
+    at_b.remove(&root_b, "c").await?;
+    at_b.remove(&root_b, "e").await?;
+    let root_a = at_a.root.clone();
+    let sub_a = at_a.lookup_path(DIR).await?;
+    at_a.rename(&root_a, "c", &root_a, "b").await?;
+    at_a.remove(&root_a, "d").await?;
+    at_a.rename(&root_a, "e", &sub_a, "e").await?;
+    fx.origin.restart()?;
+    fx.gateway.ctl(&["sync", "--timeout", "60s"])?;
+    b.ctl(&["sync", "--timeout", "60s"])?;
+    let want = origin_tree(&fx.root)?;
+    anyhow::ensure!(
+        want.get("b") == Some(&Some(b"origin's c".to_vec()))
+            && want.get("sub/e") == Some(&Some(b"origin's e".to_vec())),
+        "the origin holds {:?}",
+        brief(&want)
+    );
+    for (who, nfs) in [("A", &mut at_a), ("B", &mut at_b)] {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let got = served(nfs).await?;
+            if got == want {
+                break;
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "gateway {who} serves {:?}, the origin holds {:?}",
+                brief(&got),
+                brief(&want)
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    Ok(())
+}
+
 /// Seeds that found faults, replayed. Seed 1: two conflicts on one name
 /// settled in one second both named their copy `a.conflict-GW-TIME`; the
 /// second was written over the first (content lost, and the rest of a
