@@ -11,6 +11,7 @@
 //! | create/create of a name | ours gets the conflict name | ours replaces theirs (files) | theirs stays, ours saved | held |
 //! | directory created on both sides | merged into one | merged | merged | merged |
 //! | parent removed at the origin | parent created again | same | ours saved | held |
+//! | moved out of a directory removed at the origin (with it) | ours created again | same | ours saved, the file goes | held |
 //! | rename/rename | the origin's name stays | the origin's name stays | the origin's name stays | held |
 //! | rename onto a taken name | ours gets the conflict name | ours replaces theirs | ours stays where it was | held |
 //!
@@ -376,6 +377,23 @@ pub async fn settle(
                 let new_name = rename_pending(vfs, seq, fid, *parent, name, gateway_id).await?;
                 restore_entry(vfs, *parent, name, Some(theirs)).await?;
                 Settled::by(policy, format!("ours renamed to {new_name}"))
+            }
+        }
+        // Moved here out of a directory the origin removed, with the
+        // object in it: as if changed here and removed there.
+        (LogOp::Rename { from_parent, .. }, Some(ConflictReason::ParentMissing))
+            if gone_at_origin(vfs, *from_parent).await? =>
+        {
+            if policy == ConflictPolicy::OriginWins {
+                let copy = save_copy(vfs, fid).await?;
+                drop_object(vfs, fid).await?;
+                saved("removed as at the origin; ours saved", copy)
+            } else {
+                recreate(vfs, seq, fid).await?;
+                Settled::by(
+                    policy,
+                    "ours created again (its directory went at the origin)",
+                )
             }
         }
         (
@@ -1052,6 +1070,18 @@ async fn forget_location(vfs: &Vfs, fid: FileId, dirs: &[FileId]) -> Result<(), 
             Ok(())
         })
         .await
+}
+
+/// Whether cached object `fid`, known at the origin, is gone there.
+async fn gone_at_origin(vfs: &Vfs, fid: FileId) -> Result<bool, VfsError> {
+    let Some(origin) = vfs.getattr(fid)?.origin else {
+        return Ok(false);
+    };
+    match vfs.origin.getattr(origin.id).await {
+        Ok(_) => Ok(false),
+        Err(e) if e.code() == Some(wire::ErrorCode::NotFound) => Ok(true),
+        Err(e) => Err(vfs.origin_failed(e)),
+    }
 }
 
 /// Directory `dir` is gone at the origin but we still have entries for it:

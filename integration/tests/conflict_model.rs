@@ -111,6 +111,54 @@ async fn a_file_removed_at_one_gateway_and_renamed_at_the_other_comes_back_renam
     Ok(())
 }
 
+/// Found by the model (seed 5): a file moved out of a directory at one
+/// gateway while the other removed the directory with the file in it.
+/// The origin refused the move (no such source directory); the gateway
+/// made the destination directory again, was refused again, and held the
+/// change for a person, under keep-both. Now it is "we changed, they
+/// removed": ours is created again where it was moved to.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_moved_out_of_a_directory_removed_elsewhere_is_created_again() -> anyhow::Result<()>
+{
+    let args = ["--reintegrate-delay", "50ms"];
+    let mut fx = Fixture::with_cache_size("1GiB", &args, |root| {
+        std::fs::create_dir(root.join(DIR))?;
+        std::fs::write(root.join(DIR).join("d"), "origin's sub/d")?;
+        std::fs::write(root.join("a"), "origin's a")?;
+        Ok(())
+    })?;
+    let b = GatewayProc::start(
+        &fx.origin.url,
+        &fx.origin.token_file,
+        &fx.dir.path().join("cache-b"),
+        "1GiB",
+        &args,
+    )?;
+    let mut at_a = Nfs::mount(fx.port(), "/imz").await?;
+    let mut at_b = Nfs::mount(b.port, "/imz").await?;
+    served(&mut at_a).await?;
+    served(&mut at_b).await?;
+    fx.origin.proc.kill9();
+    let root_a = at_a.root.clone();
+    let sub_a = at_a.lookup_path(DIR).await?;
+    at_a.remove(&sub_a, "d").await?;
+    at_a.rmdir(&root_a, DIR).await?;
+    let root_b = at_b.root.clone();
+    let sub_b = at_b.lookup_path(DIR).await?;
+    at_b.rename(&sub_b, "d", &root_b, "moved").await?;
+    fx.origin.restart()?;
+    fx.gateway.ctl(&["sync", "--timeout", "60s"])?;
+    b.ctl(&["sync", "--timeout", "60s"])?;
+    let at_origin = origin_tree(&fx.root)?;
+    anyhow::ensure!(
+        at_origin.get("moved") == Some(&Some(b"origin's sub/d".to_vec()))
+            && !at_origin.contains_key(DIR),
+        "the origin holds {:?}",
+        brief(&at_origin)
+    );
+    Ok(())
+}
+
 /// Seeds that found faults, replayed. Seed 1: two conflicts on one name
 /// settled in one second both named their copy `a.conflict-GW-TIME`; the
 /// second was written over the first (content lost, and the rest of a
