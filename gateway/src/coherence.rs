@@ -92,7 +92,10 @@ pub fn refresh(
         Source::Restore => attr.version != cached,
         Source::Fetch | Source::Journal => attr.version > cached,
     };
-    if !stale || obj.is_dirty() {
+    // Nor one removed here that a pending record still names (a rename
+    // replaces it): the version it has is that record's base, which must
+    // not pass for a change made at the origin since.
+    if !stale || obj.is_dirty() || obj.removed && obj.log.other > 0 {
         return Ok(false);
     }
     let had_version = obj.origin.is_some();

@@ -13,7 +13,7 @@
 //! | parent removed at the origin | parent created again | same | ours saved | held |
 //! | moved out of a directory removed at the origin (with it) | ours created again | same | ours saved, the file goes | held |
 //! | rename/rename | the origin's name stays | the origin's name stays | the origin's name stays | held |
-//! | rename onto a taken name | ours gets the conflict name | ours replaces theirs | ours stays where it was | held |
+//! | rename onto a taken name, or over a file changed at the origin | ours gets the conflict name | ours replaces theirs | ours stays where it was | held |
 //!
 //! The *conflicts area* is the directory `conflicts/` beside the cache
 //! database; saved copies are named `ID-NAME`. Every conflict is logged and
@@ -412,6 +412,8 @@ pub async fn settle(
                 Settled::by(policy, "parent directory created again")
             }
         }
+        // A name taken at the origin, or the file we replace changed
+        // there since: ours must not go over theirs.
         (
             LogOp::Rename {
                 from_parent,
@@ -420,8 +422,10 @@ pub async fn settle(
                 to_name,
                 ..
             },
-            Some(ConflictReason::NameExists),
-        ) => {
+            Some(ConflictReason::NameExists | ConflictReason::VersionMismatch),
+        ) if reason == Some(ConflictReason::NameExists)
+            || replaced_changed(vfs, &record.op, current.as_ref()) =>
+        {
             let theirs = current
                 .as_ref()
                 .ok_or_else(|| VfsError::Io("name conflict without the origin's object".into()))?;
@@ -814,12 +818,12 @@ async fn rename_pending(
                     fid,
                     kind,
                 },
+                // The conflict name is free: nothing there to replace.
                 LogOp::Rename {
                     from_parent,
                     from_name,
                     fid,
                     to_parent,
-                    replaced,
                     ..
                 } => LogOp::Rename {
                     from_parent,
@@ -827,7 +831,7 @@ async fn rename_pending(
                     fid,
                     to_parent,
                     to_name: new_name.clone(),
-                    replaced,
+                    replaced: None,
                 },
                 other => other,
             };
@@ -1070,6 +1074,25 @@ async fn forget_location(vfs: &Vfs, fid: FileId, dirs: &[FileId]) -> Result<(), 
             Ok(())
         })
         .await
+}
+
+/// Whether `current`, the origin's answer to rename `op`, is the object
+/// the rename replaces (changed there since), not the one it moves.
+fn replaced_changed(vfs: &Vfs, op: &LogOp, current: Option<&wire::Attr>) -> bool {
+    let (
+        LogOp::Rename {
+            replaced: Some(replaced),
+            ..
+        },
+        Some(current),
+    ) = (op, current)
+    else {
+        return false;
+    };
+    vfs.getattr(*replaced)
+        .ok()
+        .and_then(|obj| obj.origin)
+        .is_some_and(|o| o.id == current.id)
 }
 
 /// Whether cached object `fid`, known at the origin, is gone there.
