@@ -769,6 +769,12 @@ async fn recreate(vfs: &Vfs, seq: u64, fid: FileId) -> Result<(), VfsError> {
     vfs.writer
         .run(0, move |tx| {
             let mut obj = tx.object(fid)?;
+            if obj.removed {
+                // Removed here since (its remove is logged after this
+                // record): gone on both sides, nothing to create again.
+                tx.log_done(seq)?;
+                return Ok(());
+            }
             obj.origin = None;
             obj.origin_extent = 0;
             tx.put(fid, &obj)?;
