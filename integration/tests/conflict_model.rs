@@ -54,25 +54,19 @@ async fn what_two_cut_off_gateways_wrote_all_reaches_the_origin() -> anyhow::Res
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_file_removed_at_one_gateway_and_renamed_at_the_other_comes_back_renamed()
 -> anyhow::Result<()> {
-    let args = ["--reintegrate-delay", "50ms"];
-    let mut fx = Fixture::with_cache_size("1GiB", &args, |root| {
+    let TwoGateways {
+        mut fx,
+        b,
+        mut at_a,
+        mut at_b,
+    } = two_gateways(|root| {
         std::fs::create_dir(root.join(DIR))?;
         for name in ["c", "d", "e"] {
             std::fs::write(root.join(name), format!("origin's {name}"))?;
         }
         Ok(())
-    })?;
-    let b = GatewayProc::start(
-        &fx.origin.url,
-        &fx.origin.token_file,
-        &fx.dir.path().join("cache-b"),
-        "1GiB",
-        &args,
-    )?;
-    let mut at_a = Nfs::mount(fx.port(), "/imz").await?;
-    let mut at_b = Nfs::mount(b.port, "/imz").await?;
-    served(&mut at_a).await?;
-    served(&mut at_b).await?;
+    })
+    .await?;
     fx.origin.proc.kill9();
     let root_b = at_b.root.clone();
     at_b.remove(&root_b, "c").await?;
@@ -82,9 +76,7 @@ async fn a_file_removed_at_one_gateway_and_renamed_at_the_other_comes_back_renam
     at_a.rename(&root_a, "c", &root_a, "b").await?;
     at_a.remove(&root_a, "d").await?;
     at_a.rename(&root_a, "e", &sub_a, "e").await?;
-    fx.origin.restart()?;
-    fx.gateway.ctl(&["sync", "--timeout", "60s"])?;
-    b.ctl(&["sync", "--timeout", "60s"])?;
+    sync_both(&mut fx, &b)?;
     let want = origin_tree(&fx.root)?;
     anyhow::ensure!(
         want.get("b") == Some(&Some(b"origin's c".to_vec()))
@@ -120,24 +112,18 @@ async fn a_file_removed_at_one_gateway_and_renamed_at_the_other_comes_back_renam
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_file_moved_out_of_a_directory_removed_elsewhere_is_created_again() -> anyhow::Result<()>
 {
-    let args = ["--reintegrate-delay", "50ms"];
-    let mut fx = Fixture::with_cache_size("1GiB", &args, |root| {
+    let TwoGateways {
+        mut fx,
+        b,
+        mut at_a,
+        mut at_b,
+    } = two_gateways(|root| {
         std::fs::create_dir(root.join(DIR))?;
         std::fs::write(root.join(DIR).join("d"), "origin's sub/d")?;
         std::fs::write(root.join("a"), "origin's a")?;
         Ok(())
-    })?;
-    let b = GatewayProc::start(
-        &fx.origin.url,
-        &fx.origin.token_file,
-        &fx.dir.path().join("cache-b"),
-        "1GiB",
-        &args,
-    )?;
-    let mut at_a = Nfs::mount(fx.port(), "/imz").await?;
-    let mut at_b = Nfs::mount(b.port, "/imz").await?;
-    served(&mut at_a).await?;
-    served(&mut at_b).await?;
+    })
+    .await?;
     fx.origin.proc.kill9();
     let root_a = at_a.root.clone();
     let sub_a = at_a.lookup_path(DIR).await?;
@@ -146,9 +132,7 @@ async fn a_file_moved_out_of_a_directory_removed_elsewhere_is_created_again() ->
     let root_b = at_b.root.clone();
     let sub_b = at_b.lookup_path(DIR).await?;
     at_b.rename(&sub_b, "d", &root_b, "moved").await?;
-    fx.origin.restart()?;
-    fx.gateway.ctl(&["sync", "--timeout", "60s"])?;
-    b.ctl(&["sync", "--timeout", "60s"])?;
+    sync_both(&mut fx, &b)?;
     let at_origin = origin_tree(&fx.root)?;
     anyhow::ensure!(
         at_origin.get("moved") == Some(&Some(b"origin's sub/d".to_vec()))
@@ -180,30 +164,22 @@ async fn seeds_that_found_faults_lose_nothing() -> anyhow::Result<()> {
 
 async fn run(seed: u64, epochs: usize) -> anyhow::Result<()> {
     let mut rng = Rng::new(seed);
-    let args = ["--reintegrate-delay", "50ms"];
-    let mut fx = Fixture::with_cache_size("1GiB", &args, |root| {
+    let TwoGateways {
+        mut fx,
+        b,
+        at_a,
+        at_b,
+    } = two_gateways(|root| {
         std::fs::create_dir(root.join(DIR))?;
         for name in NAMES {
             std::fs::write(root.join(name), format!("origin's {name}"))?;
             std::fs::write(root.join(DIR).join(name), format!("origin's {DIR}/{name}"))?;
         }
         Ok(())
-    })?;
-    let b = GatewayProc::start(
-        &fx.origin.url,
-        &fx.origin.token_file,
-        &fx.dir.path().join("cache-b"),
-        "1GiB",
-        &args,
-    )?;
-    let mut clients = [
-        Nfs::mount(fx.port(), "/imz").await?,
-        Nfs::mount(b.port, "/imz").await?,
-    ];
+    })
+    .await?;
+    let mut clients = [at_a, at_b];
     let gateways = ["A", "B"];
-    for nfs in &mut clients {
-        served(nfs).await?;
-    }
     for epoch in 0..epochs {
         fx.origin.proc.kill9();
         let mut log = Vec::new();
@@ -222,9 +198,7 @@ async fn run(seed: u64, epochs: usize) -> anyhow::Result<()> {
                 }
             }
         }
-        fx.origin.restart()?;
-        fx.gateway.ctl(&["sync", "--timeout", "60s"])?;
-        b.ctl(&["sync", "--timeout", "60s"])?;
+        sync_both(&mut fx, &b)?;
         let at_origin = origin_tree(&fx.root)?;
         let kept: BTreeSet<&Vec<u8>> = at_origin.values().flatten().collect();
         let lost: Vec<String> = written
@@ -267,6 +241,42 @@ async fn run(seed: u64, epochs: usize) -> anyhow::Result<()> {
             }
         }
     }
+    Ok(())
+}
+
+/// Two gateways on one origin: A (the fixture's) and B, each with the whole
+/// tree `populate` made cached, and a client of each.
+struct TwoGateways {
+    fx: Fixture,
+    b: GatewayProc,
+    at_a: Nfs,
+    at_b: Nfs,
+}
+
+async fn two_gateways(
+    populate: impl FnOnce(&Path) -> anyhow::Result<()>,
+) -> anyhow::Result<TwoGateways> {
+    let args = ["--reintegrate-delay", "50ms"];
+    let fx = Fixture::with_cache_size("1GiB", &args, populate)?;
+    let b = GatewayProc::start(
+        &fx.origin.url,
+        &fx.origin.token_file,
+        &fx.dir.path().join("cache-b"),
+        "1GiB",
+        &args,
+    )?;
+    let mut at_a = Nfs::mount(fx.port(), "/imz").await?;
+    let mut at_b = Nfs::mount(b.port, "/imz").await?;
+    served(&mut at_a).await?;
+    served(&mut at_b).await?;
+    Ok(TwoGateways { fx, b, at_a, at_b })
+}
+
+/// Brings the origin back; A, then B, sends everything it logged.
+fn sync_both(fx: &mut Fixture, b: &GatewayProc) -> anyhow::Result<()> {
+    fx.origin.restart()?;
+    fx.gateway.ctl(&["sync", "--timeout", "60s"])?;
+    b.ctl(&["sync", "--timeout", "60s"])?;
     Ok(())
 }
 
@@ -423,31 +433,23 @@ fn brief(tree: &Tree) -> Vec<String> {
 /// lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_file_written_at_two_gateways_and_replaced_at_one_loses_nothing() -> anyhow::Result<()> {
-    let args = ["--reintegrate-delay", "50ms"];
-    let mut fx = Fixture::with_cache_size("1GiB", &args, |root| {
+    let TwoGateways {
+        mut fx,
+        b,
+        mut at_a,
+        mut at_b,
+    } = two_gateways(|root| {
         std::fs::write(root.join("a"), "origin's a")?;
         Ok(())
-    })?;
-    let b = GatewayProc::start(
-        &fx.origin.url,
-        &fx.origin.token_file,
-        &fx.dir.path().join("cache-b"),
-        "1GiB",
-        &args,
-    )?;
-    let mut at_a = Nfs::mount(fx.port(), "/imz").await?;
-    let mut at_b = Nfs::mount(b.port, "/imz").await?;
-    served(&mut at_a).await?;
-    served(&mut at_b).await?;
+    })
+    .await?;
     fx.origin.proc.kill9();
     at_b.put_file("new", b"B's new file").await?;
     at_b.put_file("a", b"B's a, replaced").await?;
     let root = at_b.root.clone();
     at_b.rename(&root, "new", &root, "a").await?;
     at_a.put_file("a", b"A's a").await?;
-    fx.origin.restart()?;
-    fx.gateway.ctl(&["sync", "--timeout", "60s"])?;
-    b.ctl(&["sync", "--timeout", "60s"])?;
+    sync_both(&mut fx, &b)?;
     let at_origin = origin_tree(&fx.root)?;
     let contents: BTreeSet<&[u8]> = at_origin.values().flatten().map(Vec::as_slice).collect();
     for kept in [&b"A's a"[..], b"B's new file"] {
