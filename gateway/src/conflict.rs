@@ -13,6 +13,7 @@
 //! | parent removed at the origin | parent created again | same | ours saved | held |
 //! | moved out of a directory removed at the origin (with it) | ours created again | same | ours saved, the file goes | held |
 //! | rename/rename | the origin's name stays | the origin's name stays | the origin's name stays | held |
+//! | moved and then removed here, changed there | theirs comes back where it was | removed anyway | theirs comes back | held |
 //! | rename onto a taken name, or over a file changed at the origin | ours gets the conflict name | ours replaces theirs | ours stays where it was | held |
 //!
 //! The *conflicts area* is the directory `conflicts/` beside the cache
@@ -456,6 +457,24 @@ pub async fn settle(
                     Settled::by(policy, format!("ours renamed to {new_name}"))
                 }
             }
+        }
+        // Moved, then removed here; changed there: as a remove of a file
+        // changed there, theirs comes back (where the origin has it: our
+        // move never happened there). Taking the move on their version
+        // would have let our remove go over their change.
+        (
+            LogOp::Rename {
+                from_parent,
+                from_name,
+                ..
+            },
+            Some(ConflictReason::VersionMismatch),
+        ) if policy != ConflictPolicy::GatewayWins
+            && let Some(remove) = later_remove(vfs, fid, seq)? =>
+        {
+            finish(vfs, seq, record, Some(remove)).await?;
+            restore_entry(vfs, *from_parent, from_name, current.as_ref()).await?;
+            Settled::by(policy, "theirs comes back (we moved it, then removed it)")
         }
         (LogOp::Rename { .. }, Some(ConflictReason::VersionMismatch)) => {
             // The content changed at the origin; a move does not care.
@@ -1099,6 +1118,23 @@ fn replaced_changed(vfs: &Vfs, op: &LogOp, current: Option<&wire::Attr>) -> bool
         .ok()
         .and_then(|obj| obj.origin)
         .is_some_and(|o| o.id == current.id)
+}
+
+/// The pending record after `seq` that removes `fid`, if any.
+fn later_remove(vfs: &Vfs, fid: FileId, seq: u64) -> Result<Option<u64>, VfsError> {
+    let rx = vfs.cache.read()?;
+    let Some(obj) = rx.get(fid)? else {
+        return Ok(None);
+    };
+    for later in obj.log.ops.iter().copied().filter(|s| *s > seq) {
+        let Some((at, bytes)) = rx.log_records(later, 1)?.into_iter().next() else {
+            continue;
+        };
+        if at == later && matches!(imz_cache::log::decode(&bytes)?.op, LogOp::Remove { .. }) {
+            return Ok(Some(later));
+        }
+    }
+    Ok(None)
 }
 
 /// Whether cached object `fid`, known at the origin, is gone there.
