@@ -229,14 +229,6 @@ impl WriteTxn<'_> {
         Ok(names)
     }
 
-    /// A log record.
-    pub fn log_record(&self, seq: u64) -> Result<Option<LogRecord>> {
-        let Some(bytes) = self.log_bytes(seq)? else {
-            return Ok(None);
-        };
-        decode(&bytes).map(Some)
-    }
-
     fn obj_mut<R>(&mut self, fid: FileId, f: impl FnOnce(&mut Object) -> R) -> Result<R> {
         let mut obj = self.object(fid)?;
         let r = f(&mut obj);

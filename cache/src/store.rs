@@ -608,6 +608,13 @@ macro_rules! getters {
             Ok(v.map(|v| v.value().to_vec()))
         }
 
+        /// A log record.
+        pub fn log_record(&self, seq: u64) -> Result<Option<crate::log::LogRecord>> {
+            self.log_bytes(seq)?
+                .map(|bytes| crate::log::decode(&bytes))
+                .transpose()
+        }
+
         /// Number of log records.
         pub fn log_len(&self) -> Result<u64> {
             let t = self.tx.open_table(LOG)?;

@@ -1127,10 +1127,10 @@ fn later_remove(vfs: &Vfs, fid: FileId, seq: u64) -> Result<Option<u64>, VfsErro
         return Ok(None);
     };
     for later in obj.log.ops.iter().copied().filter(|s| *s > seq) {
-        let Some((at, bytes)) = rx.log_records(later, 1)?.into_iter().next() else {
-            continue;
-        };
-        if at == later && matches!(imz_cache::log::decode(&bytes)?.op, LogOp::Remove { .. }) {
+        if rx
+            .log_record(later)?
+            .is_some_and(|r| matches!(r.op, LogOp::Remove { .. }))
+        {
             return Ok(Some(later));
         }
     }
@@ -1157,14 +1157,7 @@ async fn recreate_dir_chain(vfs: &Vfs, gateway_id: &str, dir: FileId) -> Result<
     let mut cur = dir;
     loop {
         let obj = vfs.getattr(cur)?;
-        let alive = match obj.origin {
-            Some(o) => match vfs.origin.getattr(o.id).await {
-                Ok(_) => true,
-                Err(e) if e.code() == Some(wire::ErrorCode::NotFound) => false,
-                Err(e) => return Err(vfs.origin_failed(e)),
-            },
-            None => false,
-        };
+        let alive = obj.origin.is_some() && !gone_at_origin(vfs, cur).await?;
         if alive || cur == imz_cache::ROOT_FILEID {
             break;
         }

@@ -915,11 +915,11 @@ fn first_shipped_store(
     after: u64,
 ) -> Result<Option<u64>, VfsError> {
     for &s in ops.iter().filter(|s| **s > after) {
-        if let Some(bytes) = rx.log_bytes(s)? {
-            let record = imz_cache::log::decode(&bytes)?;
-            if record.shipped && matches!(record.op, LogOp::Store { .. }) {
-                return Ok(Some(s));
-            }
+        if let Some(record) = rx.log_record(s)?
+            && record.shipped
+            && matches!(record.op, LogOp::Store { .. })
+        {
+            return Ok(Some(s));
         }
     }
     Ok(None)
