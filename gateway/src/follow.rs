@@ -71,7 +71,20 @@ pub async fn run_follower(
                 continue;
             }
         };
-        match vfs.origin.journal(cursor, POLL_WAIT).await {
+        // A poll outlives what the rest of the gateway learns about the
+        // link: if anything else finds the origin gone (or back), this
+        // request may be hanging on a connection to a process that is no
+        // longer there (seen: an origin killed mid-poll, and the poll
+        // silent until its timeout, 23 s). Poll again instead.
+        let mut link_changes = vfs.link.changes();
+        let answer = tokio::select! {
+            answer = vfs.origin.journal(cursor, POLL_WAIT) => answer,
+            _ = link_changes.changed() => {
+                tracing::debug!(cursor, "the link changed while polling the journal: polling again");
+                continue;
+            }
+        };
+        match answer {
             Ok(page) => {
                 vfs.link.up();
                 vfs.metrics

@@ -123,6 +123,11 @@ impl Link {
         let _ = rx.wait_for(LinkState::is_up).await;
     }
 
+    /// A receiver that sees every change of the link's state from now on.
+    pub fn changes(&self) -> watch::Receiver<LinkState> {
+        self.state.subscribe()
+    }
+
     /// Waits until the link goes down.
     pub async fn wait_down(&self) {
         let mut rx = self.state.subscribe();

@@ -118,12 +118,18 @@ impl OriginError {
 async fn send_idempotent(req: reqwest::RequestBuilder) -> reqwest::Result<reqwest::Response> {
     let again = req.try_clone();
     match (req.send().await, again) {
-        (Err(e), Some(again)) if e.is_request() && !e.is_connect() && !e.is_timeout() => {
+        (Err(e), Some(again)) if failed_on_its_way_out(&e) => {
             tracing::debug!(error = %error_chain(&e), "request failed on its way out; sending it again");
             again.send().await
         }
         (result, _) => result,
     }
+}
+
+/// The request failed before any answer, not in connecting and not by
+/// timing out: most likely on a pooled connection the origin had closed.
+fn failed_on_its_way_out(e: &reqwest::Error) -> bool {
+    e.is_request() && !e.is_connect() && !e.is_timeout()
 }
 
 fn error_chain(err: &dyn std::error::Error) -> String {
@@ -454,16 +460,30 @@ impl OriginClient {
         after: wire::Seq,
         wait: Duration,
     ) -> Result<wire::JournalPage, OriginError> {
-        let query = [
-            ("after", after.to_string()),
-            ("wait_ms", wait.as_millis().to_string()),
-        ];
-        self.get_json(
-            wire::paths::JOURNAL,
-            &query,
-            wait + self.timeouts.request * 2,
-        )
-        .await
+        let poll = |wait: Duration| {
+            self.http
+                .get(self.url(wire::paths::JOURNAL))
+                .header(reqwest::header::AUTHORIZATION, self.auth())
+                .query(&[
+                    ("after", after.to_string()),
+                    ("wait_ms", wait.as_millis().to_string()),
+                ])
+                .timeout(wait + self.timeouts.request * 2)
+        };
+        let resp = match poll(wait).send().await {
+            // Once more, as any GET, but without the wait: sent again just
+            // as the origin was killed, a poll was seen to hang until its
+            // timeout (23 s) with nobody left to answer it, and the
+            // follower with it.
+            Err(e) if failed_on_its_way_out(&e) => {
+                tracing::debug!(error = %error_chain(&e), "journal poll failed on its way out; asking once more without waiting");
+                poll(Duration::ZERO).send().await
+            }
+            other => other,
+        }
+        .map_err(OriginError::from_reqwest)?;
+        let resp = check(resp).await?;
+        resp.json().await.map_err(OriginError::from_reqwest)
     }
 
     /// Streams bytes `start..end` of object `id` at `version`; `None` if
