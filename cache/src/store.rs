@@ -14,6 +14,7 @@
 //! | `meta` | name | bytes |
 //! | `log` | sequence | a client modification log record (see `log`) |
 //! | `conflicts` | id | a conflict the gateway met (its format is the gateway's) |
+//! | `resync` | fileid | `()`: to be placed again as the origin has it (see the gateway's `resync`) |
 //!
 //! `names` and `entries` are two views of the same directory entries:
 //! `names` answers LOOKUP, `entries` gives READDIR a stable order whose
@@ -49,6 +50,7 @@ pub(crate) const CHUNK_INDEX: TableDefinition<(u64, u64), u32> =
 pub(crate) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 pub(crate) const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
 pub(crate) const CONFLICTS: TableDefinition<u64, &[u8]> = TableDefinition::new("conflicts");
+pub(crate) const RESYNC: TableDefinition<u64, ()> = TableDefinition::new("resync");
 
 /// Bumped whenever a table's encoding changes incompatibly.
 const FORMAT: u32 = 1;
@@ -228,6 +230,7 @@ impl Cache {
         tx.open_table(CHUNK_INDEX)?;
         tx.open_table(LOG)?;
         tx.open_table(CONFLICTS)?;
+        tx.open_table(RESYNC)?;
         tx.commit()?;
 
         let evict = Self::rebuild_accounting(&db)?;
@@ -628,6 +631,16 @@ macro_rules! getters {
             for item in t.iter()? {
                 let (k, v) = item?;
                 out.push((k.value(), v.value().to_vec()));
+            }
+            Ok(out)
+        }
+
+        /// Objects marked to be placed again as the origin has them.
+        pub fn resync_marks(&self) -> Result<Vec<FileId>> {
+            let t = self.tx.open_table(RESYNC)?;
+            let mut out = Vec::new();
+            for item in t.iter()? {
+                out.push(item?.0.value());
             }
             Ok(out)
         }
@@ -1249,6 +1262,20 @@ impl WriteTxn<'_> {
     pub fn put_conflict(&mut self, id: u64, record: &[u8]) -> Result<()> {
         let mut t = self.tx.open_table(CONFLICTS)?;
         t.insert(id, record)?;
+        Ok(())
+    }
+
+    /// Marks `fid` to be placed again as the origin has it, once the log
+    /// no longer needs it.
+    pub fn mark_resync(&mut self, fid: FileId) -> Result<()> {
+        let mut t = self.tx.open_table(RESYNC)?;
+        t.insert(fid, ())?;
+        Ok(())
+    }
+
+    pub fn unmark_resync(&mut self, fid: FileId) -> Result<()> {
+        let mut t = self.tx.open_table(RESYNC)?;
+        t.remove(fid)?;
         Ok(())
     }
 

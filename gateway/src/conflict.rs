@@ -13,6 +13,8 @@
 //! | parent removed at the origin | parent created again | same | ours saved | held |
 //! | moved out of a directory removed at the origin (with it) | ours created again | same | ours saved, the file goes | held |
 //! | rename/rename | the origin's name stays | the origin's name stays | the origin's name stays | held |
+//! | moved here, changed there | moved as well | same | same | held |
+//! | moved and changed here, changed there | moved as well; ours also kept as `NAME.conflict-GW-TIME` | ours replaces theirs | moved as well; ours saved | held |
 //! | moved and then removed here, changed there | theirs comes back where it was | removed anyway | theirs comes back | held |
 //! | rename onto a taken name, or over a file changed at the origin | ours gets the conflict name | ours replaces theirs | ours stays where it was | held |
 //!
@@ -308,7 +310,7 @@ pub async fn settle(
                     Settled::by(policy, "ours replaces theirs")
                 }
                 ConflictPolicy::KeepBoth => {
-                    let copy = copy_beside(vfs, fid, gateway_id).await?;
+                    let copy = copy_beside(vfs, seq, fid, gateway_id).await?;
                     take_theirs(vfs, fid, current.as_ref()).await?;
                     Settled::by(
                         policy,
@@ -476,10 +478,32 @@ pub async fn settle(
             restore_entry(vfs, *from_parent, from_name, current.as_ref()).await?;
             Settled::by(policy, "theirs comes back (we moved it, then removed it)")
         }
+        // Changed at the origin; a move does not care. Our own change of
+        // it, though, is an update/update: rebased with the move, it would
+        // go over theirs.
         (LogOp::Rename { .. }, Some(ConflictReason::VersionMismatch)) => {
-            // The content changed at the origin; a move does not care.
-            rebase(vfs, fid, current.as_ref()).await?;
-            Settled::by(policy, "moved as well")
+            let changed_here = vfs
+                .getattr(fid)
+                .is_ok_and(|o| o.log.store.is_some() || o.log.setattr.is_some());
+            match policy {
+                ConflictPolicy::KeepBoth if changed_here => {
+                    let copy = copy_beside(vfs, seq, fid, gateway_id).await?;
+                    take_theirs(vfs, fid, current.as_ref()).await?;
+                    Settled::by(
+                        policy,
+                        format!("moved as well; ours kept as {copy}, theirs moved"),
+                    )
+                }
+                ConflictPolicy::OriginWins if changed_here => {
+                    let copy = save_copy(vfs, fid).await?;
+                    take_theirs(vfs, fid, current.as_ref()).await?;
+                    saved("moved as well; theirs stays, ours saved", copy)
+                }
+                _ => {
+                    rebase(vfs, fid, current.as_ref()).await?;
+                    Settled::by(policy, "moved as well")
+                }
+            }
         }
         (
             LogOp::Rename {
@@ -503,6 +527,13 @@ pub async fn settle(
             Settled::held(ConflictPolicy::Manual, fid, "held: no automatic resolution")
         }
     };
+    // Whatever the outcome, what it touched is placed as the origin has
+    // it once the log is done with it.
+    crate::resync::mark(
+        vfs,
+        crate::resync::touched(vfs, &record.op, current.as_ref()),
+    )
+    .await?;
     record_conflict(vfs, &path, case, settled, decided.as_ref()).await
 }
 
@@ -664,19 +695,31 @@ async fn take_theirs(vfs: &Vfs, fid: FileId, current: Option<&wire::Attr>) -> Re
 }
 
 /// Copies file `fid`'s content (as the cache has it now) to a new file
-/// beside it named as a conflict copy; returns the new name.
-async fn copy_beside(vfs: &Vfs, fid: FileId, gateway_id: &str) -> Result<String, VfsError> {
+/// named as a conflict copy, beside where it was after its record `seq`
+/// (or in the root, if that directory is gone here); returns the new name.
+async fn copy_beside(
+    vfs: &Vfs,
+    seq: u64,
+    fid: FileId,
+    gateway_id: &str,
+) -> Result<String, VfsError> {
     let obj = vfs.getattr(fid)?;
+    let (dir, base) = {
+        let tx = vfs.cache.read()?;
+        let (dir, name) = place_after(&obj, seq, |s| tx.log_record(s))?;
+        let alive = tx.get(dir)?.is_some_and(|d| d.is_dir() && !d.removed);
+        (if alive { dir } else { imz_cache::ROOT_FILEID }, name)
+    };
     let now = now_nanos();
     let mut n = 1;
     // Exclusive, so that a name taken meanwhile (another copy made in this
     // second) is never written over: the next number is tried.
     let (copy, name) = loop {
-        let name = conflict_name(&obj.name, gateway_id, now, n);
+        let name = conflict_name(&base, gateway_id, now, n);
         let verifier = (now as u64 ^ u64::from(n)).to_le_bytes();
         let made = vfs
             .create(
-                obj.parent,
+                dir,
                 &name,
                 NewNode::File {
                     exclusive: Some(verifier),
@@ -794,14 +837,16 @@ async fn recreate(vfs: &Vfs, seq: u64, fid: FileId) -> Result<(), VfsError> {
                 tx.log_done(seq)?;
                 return Ok(());
             }
+            // Created where it was when that record was logged.
+            let (parent, name) = place_after(&obj, seq, |s| tx.log_record(s))?;
             obj.origin = None;
             obj.origin_extent = 0;
             tx.put(fid, &obj)?;
             tx.log_rewrite(
                 seq,
                 LogOp::Create {
-                    parent: obj.parent,
-                    name: obj.name.clone(),
+                    parent,
+                    name,
                     fid,
                     kind: obj.kind,
                 },
@@ -814,6 +859,31 @@ async fn recreate(vfs: &Vfs, seq: u64, fid: FileId) -> Result<(), VfsError> {
         .await?;
     vfs.log_changed.notify_one();
     Ok(())
+}
+
+/// Where `obj` was just after its record `seq`: where the next pending
+/// move takes it from, or, with none, where it is now. (`log_record` reads
+/// a record, from a read or a write transaction.)
+fn place_after(
+    obj: &Object,
+    seq: u64,
+    log_record: impl Fn(u64) -> imz_cache::Result<Option<LogRecord>>,
+) -> Result<(FileId, String), VfsError> {
+    for later in obj.log.ops.iter().copied().filter(|s| *s > seq) {
+        if let Some(LogRecord {
+            op:
+                LogOp::Rename {
+                    from_parent,
+                    from_name,
+                    ..
+                },
+            ..
+        }) = log_record(later)?
+        {
+            return Ok((from_parent, from_name));
+        }
+    }
+    Ok((obj.parent, obj.name.clone()))
 }
 
 /// Our pending create (or rename) of `fid` at `dir/name` goes to `new_name`.
@@ -941,16 +1011,22 @@ async fn restore_entry(
             if let Some(attr) = theirs
                 && tx.lookup(dir, &name)?.is_none()
             {
-                if let Some(existing) = tx.get(attr.id)? {
-                    // Known already (e.g. kept for the log): bring it back.
-                    let mut obj = existing;
+                let removed = match tx.by_origin(attr.id)? {
+                    Some(fid) => Some(fid).zip(tx.get(fid)?.filter(|o| o.removed)),
+                    None => None,
+                };
+                if let Some((fid, mut obj)) = removed {
+                    // Removed here and kept for the log: bring it back.
+                    // Refreshed while still removed, so that one a pending
+                    // record names (a move replaces it) keeps the version
+                    // that record is based on: the move must still see
+                    // that theirs changed. Resync brings the rest.
+                    coherence::refresh(tx, fid, &mut obj, &attr, Source::Fetch)?;
                     obj.removed = false;
                     obj.parent = dir;
                     obj.name = name.clone();
-                    tx.put(attr.id, &obj)?;
-                    tx.link(dir, &name, attr.id)?;
-                    coherence::refresh(tx, attr.id, &mut obj, &attr, Source::Fetch)?;
-                    tx.put(attr.id, &obj)?;
+                    tx.put(fid, &obj)?;
+                    tx.link(dir, &name, fid)?;
                 } else {
                     coherence::upsert_entry(tx, dir, &name, &attr, Source::Fetch)?;
                 }

@@ -310,7 +310,10 @@ impl Control {
         crate::reintegrate::hurry(&self.hurry);
         loop {
             let (pending, _) = log_size(&self.vfs).unwrap_or((0, 0));
-            if pending == 0 {
+            // Objects a conflict touched are placed as at the origin
+            // right after the log is done with them.
+            let placing = crate::resync::pending(&self.vfs).unwrap_or(false);
+            if pending == 0 && !placing {
                 return Response::Synced {
                     waited_ms: start.elapsed().as_millis() as u64,
                 };

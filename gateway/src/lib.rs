@@ -37,6 +37,7 @@ pub mod registry;
 pub mod reintegrate;
 pub mod replicate;
 pub mod restart;
+pub mod resync;
 pub mod unchanged;
 pub mod unstable;
 pub mod vfs;

@@ -172,6 +172,7 @@ struct Offers {
     upload_extents: bool,
     piece_digests: bool,
     read_only: bool,
+    places: bool,
 }
 
 type ReadOnlyHook = Box<dyn Fn(bool) + Send + Sync>;
@@ -340,6 +341,7 @@ impl OriginClient {
             upload_extents: info.upload_extents,
             piece_digests: info.piece_digests,
             read_only: info.read_only,
+            places: info.places,
         };
         let before = std::mem::replace(
             &mut *self.offers.write().unwrap_or_else(|p| p.into_inner()),
@@ -416,6 +418,26 @@ impl OriginClient {
     pub async fn getattr(&self, id: wire::ObjectId) -> Result<wire::Attr, OriginError> {
         self.get_json(&wire::paths::object(id), &[], self.timeouts.request)
             .await
+    }
+
+    /// Where object `id` is now; `Ok(None)` when the origin has no such
+    /// object. Only for an origin that [`Self::knows_places`].
+    pub async fn place(&self, id: wire::ObjectId) -> Result<Option<wire::Place>, OriginError> {
+        match self
+            .get_json(&wire::paths::place(id), &[], self.timeouts.request)
+            .await
+        {
+            Ok(place) => Ok(Some(place)),
+            Err(e) if e.code() == Some(ErrorCode::NotFound) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Whether [`Self::place`] may be asked: the origin said so when last
+    /// asked for its info (an older one would answer "no such endpoint",
+    /// which reads like "no such object").
+    pub fn knows_places(&self) -> bool {
+        self.offers().places
     }
 
     /// `Ok(None)` when the name does not exist.

@@ -282,6 +282,7 @@ impl Reintegrator {
         // A threshold, not a one-shot flag: every round until those records
         // are gone ships them, however many batches that takes.
         let hurried_until = *self.hurry.borrow_and_update();
+        crate::resync::run(&self.vfs).await?;
         let plan = match self.plan(hurried_until)? {
             Ok(plan) => plan,
             Err(round) => return Ok(round),

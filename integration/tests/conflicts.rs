@@ -23,6 +23,7 @@ async fn make_conflicts(policy: &str) -> anyhow::Result<Fixture> {
             std::fs::write(root.join("shared.txt"), "v1")?;
             std::fs::write(root.join("removed-by-us.txt"), "v1")?;
             std::fs::write(root.join("removed-by-them.txt"), "v1")?;
+            std::fs::write(root.join("moved-by-us.txt"), "v1")?;
             std::fs::create_dir(root.join("doomed"))?;
             std::fs::write(root.join("doomed/old.txt"), "v1")?;
             Ok(())
@@ -34,6 +35,7 @@ async fn make_conflicts(policy: &str) -> anyhow::Result<Fixture> {
         "shared.txt",
         "removed-by-us.txt",
         "removed-by-them.txt",
+        "moved-by-us.txt",
         "doomed/old.txt",
     ] {
         nfs.read_path(f).await?;
@@ -58,6 +60,10 @@ async fn make_conflicts(policy: &str) -> anyhow::Result<Fixture> {
     nfs.write(&them, 0, OURS, Stable::FILE_SYNC).await?;
     nfs.put_file("both.txt", OURS).await?;
     nfs.put_file("doomed/new.txt", OURS).await?;
+    // Moved, then changed (the move is logged first).
+    nfs.rename(&root, "moved-by-us.txt", &root, "moved-here.txt")
+        .await?;
+    nfs.put_file("moved-here.txt", OURS).await?;
 
     // The origin's side, changed by another program meanwhile.
     let r = &fx.root;
@@ -65,6 +71,7 @@ async fn make_conflicts(policy: &str) -> anyhow::Result<Fixture> {
     std::fs::write(r.join("removed-by-us.txt"), THEIRS)?;
     std::fs::remove_file(r.join("removed-by-them.txt"))?;
     std::fs::write(r.join("both.txt"), THEIRS)?;
+    std::fs::write(r.join("moved-by-us.txt"), THEIRS)?;
     std::fs::remove_dir_all(r.join("doomed"))?;
 
     fx.origin.restart()?;
@@ -139,6 +146,13 @@ async fn keep_both_keeps_both_versions() -> Result {
     settle(&fx, "new file in a removed directory lands", |fx| {
         read(fx, "doomed/new.txt").as_deref() == Some(OURS)
     })?;
+    settle(
+        &fx,
+        "moved and changed here, changed there: theirs moved, ours beside it",
+        |fx| {
+            theirs_named_ours_beside(fx, "moved-here.txt") && read(fx, "moved-by-us.txt").is_none()
+        },
+    )?;
     let listed = fx.gateway.ctl(&["conflicts", "list"])?;
     for case in [
         "update/update",
@@ -171,7 +185,10 @@ async fn gateway_wins_overwrites_the_origin() -> Result {
             && read(fx, "removed-by-them.txt").as_deref() == Some(OURS)
             && read(fx, "doomed/new.txt").as_deref() == Some(OURS)
             && read(fx, "removed-by-us.txt").is_none()
+            && read(fx, "moved-here.txt").as_deref() == Some(OURS)
+            && read(fx, "moved-by-us.txt").is_none()
     })?;
+    assert!(copies(&fx, "", "moved-here.txt").is_empty());
     assert!(copies(&fx, "", "shared.txt").is_empty());
     Ok(())
 }
@@ -185,11 +202,13 @@ async fn origin_wins_keeps_ours_in_the_conflicts_area() -> Result {
             && read(fx, "removed-by-us.txt").as_deref() == Some(THEIRS)
             && read(fx, "removed-by-them.txt").is_none()
             && !fx.origin_path("doomed").exists()
+            && read(fx, "moved-here.txt").as_deref() == Some(THEIRS)
+            && read(fx, "moved-by-us.txt").is_none()
     })?;
     // Nothing of ours is lost: each version sits in the conflicts area.
     let saved = eventually(Duration::from_secs(10), || {
         let s = saved_copies(&fx);
-        (s.iter().filter(|c| c.as_slice() == OURS).count() >= 4).then_some(s)
+        (s.iter().filter(|c| c.as_slice() == OURS).count() >= 5).then_some(s)
     });
     assert!(
         saved.is_some(),

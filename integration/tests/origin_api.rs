@@ -544,3 +544,41 @@ fn many_downloads_at_once_are_served_whatever_the_soft_open_files_limit() {
         }
     });
 }
+
+#[test]
+fn an_object_s_place_is_where_it_is_now() {
+    let s = start_with(|root| {
+        std::fs::create_dir(root.join("d")).expect("mkdir");
+        std::fs::write(root.join("d/f"), "f").expect("write");
+    });
+    assert!(s.client.info().places, "the origin says it answers places");
+    let d = s.client.lookup(ROOT_ID, "d");
+    let f = s.client.lookup(d.attr.id, "f");
+    let place: wire::Place = s.client.json(&wire::paths::place(f.attr.id));
+    assert_eq!((place.parent, place.name.as_str()), (d.attr.id, "f"));
+    assert_eq!(place.attr, f.attr);
+    let root: wire::Place = s.client.json(&wire::paths::place(ROOT_ID));
+    assert_eq!((root.parent, root.name.as_str()), (0, ""));
+
+    // Moved directly in the tree: the origin's watch moves it, same id.
+    std::fs::rename(s.root().join("d/f"), s.root().join("g")).expect("rename");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let place: wire::Place = s.client.json(&wire::paths::place(f.attr.id));
+        if (place.parent, place.name.as_str()) == (ROOT_ID, "g") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still at {place:?} after the move"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        s.client
+            .error(s.client.get(&wire::paths::place(999_999)))
+            .1
+            .code,
+        ErrorCode::NotFound
+    );
+}

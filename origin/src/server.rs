@@ -159,6 +159,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/objects/{id}", get(object))
         .route("/v1/objects/{id}/lookup", get(lookup))
         .route("/v1/objects/{id}/entries", get(entries))
+        .route("/v1/objects/{id}/place", get(place))
         .route("/v1/data/{id}/{version}", get(crate::data::get))
         .route("/v1/data/{id}/{version}/digest", get(crate::data::digest))
         .route(paths::JOURNAL, get(journal))
@@ -258,6 +259,20 @@ async fn object(
 ) -> Result<Json<wire::Attr>, ApiFailure> {
     match shared.store.read()?.attr(id)? {
         Some(a) => Ok(Json(a)),
+        None => Err(api(ErrorCode::NotFound, format!("no object {id}")).into()),
+    }
+}
+
+async fn place(
+    State(shared): State<Arc<Shared>>,
+    PathParams(id): PathParams<ObjectId>,
+) -> Result<Json<wire::Place>, ApiFailure> {
+    match shared.store.read()?.meta(id)? {
+        Some(m) => Ok(Json(wire::Place {
+            parent: m.parent,
+            name: m.name,
+            attr: m.attr,
+        })),
         None => Err(api(ErrorCode::NotFound, format!("no object {id}")).into()),
     }
 }

@@ -307,6 +307,7 @@ impl Reader {
             prefix_digest: true,
             piece_digests: true,
             read_only: false,
+            places: true,
         })
     }
 

@@ -116,6 +116,9 @@ pub mod paths {
     pub fn entries(dir: ObjectId) -> String {
         format!("/v1/objects/{dir}/entries")
     }
+    pub fn place(id: ObjectId) -> String {
+        format!("/v1/objects/{id}/place")
+    }
     /// The content of `id` at `version`: this URL never changes meaning.
     pub fn data(id: ObjectId, version: Version) -> String {
         format!("/v1/data/{id}/{version}")
@@ -207,6 +210,20 @@ pub struct Info {
     /// it read-only. Origins from before it omit the field.
     #[serde(default)]
     pub read_only: bool,
+    /// An object's place can be asked for ([`paths::place`]). Origins from
+    /// before it omit the field.
+    #[serde(default)]
+    pub places: bool,
+}
+
+/// `GET /v1/objects/{id}/place`: where an object is in the tree now.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Place {
+    /// Its directory (0 for the root, which has none).
+    pub parent: ObjectId,
+    /// Its name there (empty for the root).
+    pub name: String,
+    pub attr: Attr,
 }
 
 /// `GET /v1/data/{id}/{version}/digest?len=N[&piece=P]`: the BLAKE3 hash

@@ -1,0 +1,177 @@
+//! Resync: after a conflict, placing the objects it touched where the
+//! origin has them, with the origin's attributes.
+//!
+//! While an object has local changes, the journal follower leaves it where
+//! it is here (its move or removal at the origin waits for the
+//! reintegrator), yet the journal's directory versions move on: nothing
+//! would ever tell the gateway again. Settling a conflict may also bring an
+//! object back at a place, or with a version, that the origin has changed
+//! since. So settlement marks what it touched (durably, in the cache's
+//! `resync` table), and once the log no longer refers to a marked object it
+//! is asked for at the origin (`GET /v1/objects/{id}/place`) and put where
+//! and as the origin has it: moved, refreshed, or forgotten if gone.
+
+use imz_cache::{FileId, ROOT_FILEID};
+use imz_origin::wire;
+
+use crate::coherence::{self, Source};
+use crate::vfs::{Vfs, VfsError};
+
+/// Marks `fids` to be placed again once the log is done with them.
+pub async fn mark(vfs: &Vfs, fids: Vec<FileId>) -> Result<(), VfsError> {
+    vfs.writer
+        .run(0, move |tx| {
+            for fid in fids {
+                tx.mark_resync(fid)?;
+            }
+            Ok(())
+        })
+        .await
+}
+
+/// Whether marked objects wait to be placed again.
+pub fn pending(vfs: &Vfs) -> Result<bool, VfsError> {
+    Ok(!vfs.cache.read()?.resync_marks()?.is_empty())
+}
+
+/// Places every marked object that the log no longer refers to.
+pub async fn run(vfs: &Vfs) -> Result<(), VfsError> {
+    let marks = vfs.cache.read()?.resync_marks()?;
+    if marks.is_empty() {
+        return Ok(());
+    }
+    if !vfs.origin.knows_places() {
+        // An older origin: the directories list themselves again instead.
+        return forget_listings(vfs, marks).await;
+    }
+    for fid in marks {
+        let Some(obj) = vfs.cache.read()?.get(fid)? else {
+            unmark(vfs, fid).await?;
+            continue;
+        };
+        if obj.log != imz_cache::LogRefs::default() {
+            continue;
+        }
+        let Some(origin) = obj.origin else {
+            unmark(vfs, fid).await?;
+            continue;
+        };
+        let place = vfs
+            .origin
+            .place(origin.id)
+            .await
+            .map_err(|e| vfs.origin_failed(e))?;
+        vfs.writer
+            .run(0, move |tx| {
+                tx.unmark_resync(fid)?;
+                let Some(mut obj) = tx.get(fid)? else {
+                    return Ok(());
+                };
+                // Changed here again since it was asked for: the log
+                // settles it, and marks it again if that takes a conflict.
+                if obj.log != imz_cache::LogRefs::default() {
+                    return Ok(());
+                }
+                let Some(place) = place else {
+                    // Gone at the origin.
+                    if tx.lookup(obj.parent, &obj.name)? == Some(fid) {
+                        tx.unlink(obj.parent, &obj.name)?;
+                    }
+                    tx.remove_tree(fid)?;
+                    return Ok(());
+                };
+                if obj.origin.map_or(0, |o| o.version) > place.attr.version {
+                    // The journal has brought newer news meanwhile.
+                    return Ok(());
+                }
+                let attr = place.attr;
+                coherence::refresh(tx, fid, &mut obj, &attr, Source::Fetch)?;
+                if obj.is_dir() {
+                    obj.listed = false;
+                }
+                tx.put(fid, &obj)?;
+                if fid == ROOT_FILEID {
+                    return Ok(());
+                }
+                match tx.by_origin(place.parent)? {
+                    Some(dir) if tx.get(dir)?.is_some_and(|d| d.is_dir() && !d.removed) => {
+                        coherence::upsert_entry(tx, dir, &place.name, &attr, Source::Fetch)?;
+                    }
+                    _ => {
+                        // Outside what we cache now.
+                        if tx.lookup(obj.parent, &obj.name)? == Some(fid) {
+                            tx.unlink(obj.parent, &obj.name)?;
+                        }
+                        tx.remove_tree(fid)?;
+                    }
+                }
+                Ok(())
+            })
+            .await?;
+        tracing::debug!(fid, origin = origin.id, "placed again as at the origin");
+    }
+    Ok(())
+}
+
+async fn unmark(vfs: &Vfs, fid: FileId) -> Result<(), VfsError> {
+    vfs.writer
+        .run(0, move |tx| {
+            tx.unmark_resync(fid)?;
+            Ok(())
+        })
+        .await
+}
+
+/// Without places: marked directories, and those holding marked objects,
+/// are listed again when next used.
+async fn forget_listings(vfs: &Vfs, marks: Vec<FileId>) -> Result<(), VfsError> {
+    vfs.writer
+        .run(0, move |tx| {
+            for fid in marks {
+                let Some(obj) = tx.get(fid)? else {
+                    tx.unmark_resync(fid)?;
+                    continue;
+                };
+                if obj.log != imz_cache::LogRefs::default() {
+                    continue;
+                }
+                tx.unmark_resync(fid)?;
+                for dir in [fid, obj.parent] {
+                    if let Some(mut d) = tx.get(dir)?.filter(|d| d.is_dir()) {
+                        d.listed = false;
+                        tx.put(dir, &d)?;
+                    }
+                }
+            }
+            Ok(())
+        })
+        .await
+}
+
+/// What a conflict on `op` touched: the object, the one a rename replaces,
+/// the directories named, and the origin's object `current`.
+pub fn touched(vfs: &Vfs, op: &imz_cache::LogOp, current: Option<&wire::Attr>) -> Vec<FileId> {
+    use imz_cache::LogOp;
+    let mut fids = vec![op.primary()];
+    match op {
+        LogOp::Create { parent, .. } | LogOp::Remove { parent, .. } => fids.push(*parent),
+        LogOp::Rename {
+            from_parent,
+            to_parent,
+            replaced,
+            ..
+        } => {
+            fids.extend([*from_parent, *to_parent]);
+            fids.extend(*replaced);
+        }
+        _ => {}
+    }
+    if let Some(attr) = current
+        && let Ok(Some(fid)) = vfs.cache.read().and_then(|rx| rx.by_origin(attr.id))
+    {
+        fids.push(fid);
+    }
+    fids.sort_unstable();
+    fids.dedup();
+    fids
+}
