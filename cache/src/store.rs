@@ -486,6 +486,28 @@ macro_rules! getters {
             Ok(v.map(|v| v.value()))
         }
 
+        /// Whether `fid`, or anything cached below it, has changes the log
+        /// has not shipped: such a subtree must not be forgotten.
+        pub fn holds_changes(&self, fid: FileId) -> Result<bool> {
+            let mut stack = vec![fid];
+            while let Some(fid) = stack.pop() {
+                let Some(obj) = self.get(fid)? else { continue };
+                if obj.is_dirty() {
+                    return Ok(true);
+                }
+                if obj.is_dir() {
+                    let mut cookie = 0;
+                    loop {
+                        let batch = self.entries(fid, cookie, 1024)?;
+                        let Some(last) = batch.last() else { break };
+                        cookie = last.cookie;
+                        stack.extend(batch.iter().map(|e| e.fileid));
+                    }
+                }
+            }
+            Ok(false)
+        }
+
         /// Up to `limit` entries of `dir` after `cookie` (0: from the start).
         pub fn entries(&self, dir: FileId, cookie: u64, limit: usize) -> Result<Vec<DirEntry>> {
             self.scan_entries(dir, cookie, limit, |e| Ok(Some(e)))
@@ -1488,6 +1510,28 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let cache = Cache::open(dir.path(), capacity).expect("open");
         (dir, cache)
+    }
+
+    #[test]
+    fn a_subtree_holds_changes_while_anything_in_it_has_a_pending_record() {
+        let (_dir, cache) = open(1 << 20);
+        let mut tx = cache.write().expect("write");
+        let top = tx
+            .create(ROOT_FILEID, "top", &Object::sample(Kind::Dir))
+            .expect("mkdir");
+        let d = tx
+            .create(top, "d", &Object::sample(Kind::Dir))
+            .expect("mkdir");
+        let f = tx.create(d, "f", &file(0, 0)).expect("create");
+        assert!(!tx.holds_changes(top).expect("top"));
+        tx.log(crate::LogOp::Store { fid: f }, 0).expect("log");
+        for fid in [f, d, top] {
+            assert!(tx.holds_changes(fid).expect("holds"), "{fid}");
+        }
+        let other = tx
+            .create(ROOT_FILEID, "e", &Object::sample(Kind::Dir))
+            .expect("mkdir");
+        assert!(!tx.holds_changes(other).expect("other"));
     }
 
     #[test]

@@ -208,8 +208,8 @@ fn link_replacing(
 }
 
 /// Deletes object `fid` (and what is below it) if its home entry was
-/// `dir/name`, which no longer names it. Objects with local changes stay:
-/// the reintegrator decides their fate.
+/// `dir/name`, which no longer names it. Objects with local changes, and
+/// directories holding one, stay: the reintegrator decides their fate.
 fn forget_if_orphan(
     tx: &mut WriteTxn<'_>,
     fid: FileId,
@@ -221,8 +221,8 @@ fn forget_if_orphan(
     };
     if obj.parent == dir
         && obj.name == name
-        && !obj.is_dirty()
         && tx.lookup(dir, name)? != Some(fid)
+        && !tx.holds_changes(fid)?
     {
         tx.remove_tree(fid)?;
     }
@@ -367,11 +367,12 @@ pub fn apply_record_keeping(
             if let Some(pfid) = touch_parent(tx, parent, seq)? {
                 let target = tx.by_origin(*id)?;
                 let dirty = match target {
-                    Some(t) => tx.get(t)?.is_some_and(|o| o.is_dirty()),
+                    Some(t) => tx.holds_changes(t)?,
                     None => false,
                 };
                 // A file changed here stays until the reintegrator settles
-                // it (update/remove).
+                // it (update/remove), and so does a directory holding one
+                // (its file is created again in it).
                 if !dirty && target.is_some() && tx.lookup(pfid, name)? == target {
                     tx.unlink(pfid, name)?;
                     if let Some(fid) = target {

@@ -16,6 +16,7 @@
 //! | moved here, changed there | moved as well | same | same | held |
 //! | moved and changed here, changed there | moved as well; ours also kept as `NAME.conflict-GW-TIME` | ours replaces theirs | moved as well; ours saved | held |
 //! | moved and then removed here, changed there | theirs comes back where it was | removed anyway | theirs comes back | held |
+//! | moved and then replaced here (another moved over it), changed there | theirs comes back where it was | replaced anyway | theirs comes back | held |
 //! | rename onto a taken name, or over a file changed at the origin | ours gets the conflict name | ours replaces theirs | ours stays where it was | held |
 //!
 //! The *conflicts area* is the directory `conflicts/` beside the cache
@@ -478,6 +479,24 @@ pub async fn settle(
             restore_entry(vfs, *from_parent, from_name, current.as_ref()).await?;
             Settled::by(policy, "theirs comes back (we moved it, then removed it)")
         }
+        // Moved, then replaced here by another move; changed there: as
+        // above, theirs comes back where the origin has it, and the move
+        // that replaced it here must meet their version, not take it.
+        (
+            LogOp::Rename {
+                from_parent,
+                from_name,
+                ..
+            },
+            Some(ConflictReason::VersionMismatch),
+        ) if policy != ConflictPolicy::GatewayWins && vfs.getattr(fid).is_ok_and(|o| o.removed) => {
+            finish(vfs, seq, record, None).await?;
+            restore_entry(vfs, *from_parent, from_name, current.as_ref()).await?;
+            Settled::by(
+                policy,
+                "theirs comes back (we moved it, then moved another over it)",
+            )
+        }
         // Changed at the origin; a move does not care. Our own change of
         // it, though, is an update/update: rebased with the move, it would
         // go over theirs.
@@ -832,8 +851,9 @@ async fn recreate(vfs: &Vfs, seq: u64, fid: FileId) -> Result<(), VfsError> {
         .run(0, move |tx| {
             let mut obj = tx.object(fid)?;
             if obj.removed {
-                // Removed here since (its remove is logged after this
-                // record): gone on both sides, nothing to create again.
+                // Removed here since (or replaced by a move): gone on both
+                // sides, nothing to create again. (The follower forgets
+                // nothing that holds changes, so only we remove it.)
                 tx.log_done(seq)?;
                 return Ok(());
             }

@@ -231,7 +231,7 @@ pub async fn revalidate(vfs: &Vfs, cursor: u64) -> Result<u64, VfsError> {
                     }
                     tx.put(fid, &obj)?;
                 }
-                None if !obj.is_dirty() && fid != imz_cache::ROOT_FILEID => {
+                None if fid != imz_cache::ROOT_FILEID && !tx.holds_changes(fid)? => {
                     if tx.lookup(obj.parent, &obj.name)? == Some(fid) {
                         tx.unlink(obj.parent, &obj.name)?;
                     }

@@ -162,7 +162,15 @@ async fn a_file_moved_out_of_a_directory_removed_elsewhere_is_created_again() ->
 /// the other: the move was taken on the other's version, and the write
 /// then went over it. Seeds 10 and 13: a conflict settled while the
 /// journal had moved or removed what it touched left the gateway showing
-/// names the origin no longer had.
+/// names the origin no longer had. Seed 1795806286658755749: a file
+/// written at one gateway in a directory the other removed; the journal's
+/// remove of the directory took the changed file with it, and its change
+/// was dropped as if removed here. Seed 1795806225762024923: a move meant
+/// to replace a file the other gateway had removed was refused as if the
+/// moved file were gone; it was created again with zeros. Seed
+/// 1795806237560265277: a file moved, then replaced by another move, at
+/// one gateway, written at the other: the first move was taken on the
+/// writer's version, and the second then went over the write.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn seeds_that_found_faults_lose_nothing() -> anyhow::Result<()> {
     let seeds = [
@@ -174,6 +182,9 @@ async fn seeds_that_found_faults_lose_nothing() -> anyhow::Result<()> {
         (10, 2),
         (11, 4),
         (13, 4),
+        (1795806286658755749, 1),
+        (1795806225762024923, 1),
+        (1795806237560265277, 1),
     ];
     for (seed, epochs) in seeds {
         if let Err(e) = run(seed, epochs).await {

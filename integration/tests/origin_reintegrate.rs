@@ -348,6 +348,75 @@ fn a_rename_can_replace_the_expected_object_only() {
 }
 
 #[test]
+fn a_rename_meant_to_replace_an_object_gone_from_that_name_takes_the_free_name() {
+    let s = start_with(|root| {
+        std::fs::write(root.join("a"), b"aaa").expect("write");
+        std::fs::write(root.join("b"), b"b").expect("write");
+        std::fs::write(root.join("c"), b"c").expect("write");
+    });
+    let c = &s.client;
+    let a = c.lookup(ROOT_ID, "a").attr;
+    let b = c.lookup(ROOT_ID, "b").attr;
+    let cc = c.lookup(ROOT_ID, "c").attr;
+    // Meanwhile (another gateway): b removed, c moved away.
+    let r = c.reintegrate(vec![
+        op(
+            "other-1",
+            Op::Remove {
+                parent: ObjRef::Id(ROOT_ID),
+                name: "b".into(),
+                id: ObjRef::Id(b.id),
+                base: Base::Version(b.version),
+            },
+        ),
+        op(
+            "other-2",
+            Op::Rename {
+                from_parent: ObjRef::Id(ROOT_ID),
+                from_name: "c".into(),
+                id: ObjRef::Id(cc.id),
+                base: Base::Version(cc.version),
+                to_parent: ObjRef::Id(ROOT_ID),
+                to_name: "moved-c".into(),
+                replace: None,
+            },
+        ),
+    ]);
+    applied(&r.results[0]);
+    applied(&r.results[1]);
+    let rename = |key: &str, from: &str, id: u64, base: u64, to: &str, replaced: &wire::Attr| {
+        c.reintegrate(vec![op(
+            key,
+            Op::Rename {
+                from_parent: ObjRef::Id(ROOT_ID),
+                from_name: from.into(),
+                id: ObjRef::Id(id),
+                base: Base::Version(base),
+                to_parent: ObjRef::Id(ROOT_ID),
+                to_name: to.into(),
+                replace: Some((ObjRef::Id(replaced.id), Base::Version(replaced.version))),
+            },
+        )])
+        .results
+        .remove(0)
+    };
+    let r = rename("r1", "a", a.id, a.version, "b", &b);
+    let (moved, seq) = applied(&r);
+    assert_eq!(moved.id, a.id);
+    assert_eq!(std::fs::read(s.root().join("b")).expect("b"), b"aaa");
+    let rec = c.records(seq - 1).remove(0);
+    assert!(matches!(rec.change, Change::Rename { replaced: None, .. }));
+    // The name of one moved away is free too; it lives on where it went.
+    let r = rename("r2", "b", a.id, moved.version, "c", &cc);
+    applied(&r);
+    assert_eq!(std::fs::read(s.root().join("c")).expect("c"), b"aaa");
+    assert_eq!(
+        std::fs::read(s.root().join("moved-c")).expect("moved-c"),
+        b"c"
+    );
+}
+
+#[test]
 fn bad_operations_are_rejected_not_applied() {
     let s = start();
     let c = &s.client;

@@ -769,16 +769,12 @@ impl Apply<'_, '_, '_> {
                     self.cx.tx.meta(d)?.map(|m| m.attr),
                 ));
             }
-            (None, None) => None,
-            (None, Some((r, _))) => {
-                let current = self.resolve(r)?.map(|m| m.attr);
-                let reason = if current.is_some() {
-                    ConflictReason::NameMismatch
-                } else {
-                    ConflictReason::Removed
-                };
-                return Err(conflict(reason, current));
-            }
+            // What the move was to replace has left that name (removed,
+            // or moved away, and changed or not there): the name is free,
+            // the move takes it and replaces nothing. Refusing it would
+            // read, to the gateway, as if the moved object itself were
+            // gone or moved.
+            (None, _) => None,
             (Some(d), Some((r, rbase))) => {
                 let at = self.cx.tx.meta(d)?;
                 let Some(rm) = self.resolve(r)? else {

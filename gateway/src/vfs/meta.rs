@@ -306,7 +306,7 @@ fn forget_entry(
         tx.unlink(dir, &entry.name)?;
         return Ok(());
     };
-    if obj.is_dirty() || obj.origin.is_none() {
+    if obj.origin.is_none() || tx.holds_changes(entry.fileid)? {
         return Ok(());
     }
     tx.unlink(dir, &entry.name)?;
