@@ -72,13 +72,26 @@ pub async fn run(vfs: &Vfs) -> Result<(), VfsError> {
                 if obj.log != imz_cache::LogRefs::default() {
                     return Ok(());
                 }
+                // The name it leaves here may be the origin's for another
+                // object, which the follower could not link while ours held
+                // it: the directory lists itself again when next used.
+                let (was_in, was_named) = (obj.parent, obj.name.clone());
+                let relist_if_left = |tx: &mut imz_cache::WriteTxn<'_>| -> Result<(), VfsError> {
+                    if tx.lookup(was_in, &was_named)? != Some(fid)
+                        && let Some(mut dir) = tx.get(was_in)?.filter(|d| d.is_dir())
+                    {
+                        dir.listed = false;
+                        tx.put(was_in, &dir)?;
+                    }
+                    Ok(())
+                };
                 let Some(place) = place else {
                     // Gone at the origin.
                     if tx.lookup(obj.parent, &obj.name)? == Some(fid) {
                         tx.unlink(obj.parent, &obj.name)?;
                     }
                     tx.remove_tree(fid)?;
-                    return Ok(());
+                    return relist_if_left(tx);
                 };
                 if obj.origin.map_or(0, |o| o.version) > place.attr.version {
                     // The journal has brought newer news meanwhile.
@@ -105,7 +118,7 @@ pub async fn run(vfs: &Vfs) -> Result<(), VfsError> {
                         tx.remove_tree(fid)?;
                     }
                 }
-                Ok(())
+                relist_if_left(tx)
             })
             .await?;
         tracing::debug!(fid, origin = origin.id, "placed again as at the origin");
