@@ -282,7 +282,12 @@ impl Reintegrator {
         // A threshold, not a one-shot flag: every round until those records
         // are gone ships them, however many batches that takes.
         let hurried_until = *self.hurry.borrow_and_update();
-        crate::resync::run(&self.vfs).await?;
+        match crate::resync::run(&self.vfs).await {
+            Ok(()) => {}
+            Err(VfsError::Offline) => return Err(VfsError::Offline),
+            // The log goes on; the marks wait for the next round.
+            Err(e) => tracing::warn!(error = %e, "placing objects a conflict touched failed"),
+        }
         let plan = match self.plan(hurried_until)? {
             Ok(plan) => plan,
             Err(round) => return Ok(round),
