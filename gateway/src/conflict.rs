@@ -335,7 +335,7 @@ pub async fn settle(
                 saved("removed as at the origin; ours saved", copy)
             }
             _ => {
-                recreate(vfs, seq, fid).await?;
+                recreate(vfs, seq, fid, gateway_id).await?;
                 Settled::by(policy, "ours created again")
             }
         },
@@ -393,7 +393,7 @@ pub async fn settle(
                 drop_object(vfs, fid).await?;
                 saved("removed as at the origin; ours saved", copy)
             } else {
-                recreate(vfs, seq, fid).await?;
+                recreate(vfs, seq, fid, gateway_id).await?;
                 Settled::by(
                     policy,
                     "ours created again (its directory went at the origin)",
@@ -846,19 +846,57 @@ async fn drop_object(vfs: &Vfs, fid: FileId) -> Result<(), VfsError> {
 
 /// The origin lost the object we changed: create it again from our copy.
 /// The conflicting record becomes its create; its content follows.
-async fn recreate(vfs: &Vfs, seq: u64, fid: FileId) -> Result<(), VfsError> {
+async fn recreate(vfs: &Vfs, seq: u64, fid: FileId, gateway_id: &str) -> Result<(), VfsError> {
+    let (gateway_id, now) = (gateway_id.to_owned(), now_nanos());
     vfs.writer
         .run(0, move |tx| {
             let mut obj = tx.object(fid)?;
-            if obj.removed {
+            let mut removed_here = obj.log.other > 0;
+            for later in obj.log.ops.iter().copied().filter(|s| *s > seq) {
+                removed_here |= tx
+                    .log_record(later)?
+                    .is_some_and(|r| matches!(r.op, LogOp::Remove { .. }));
+            }
+            if obj.removed && removed_here {
                 // Removed here since (or replaced by a move): gone on both
-                // sides, nothing to create again. (The follower forgets
-                // nothing that holds changes, so only we remove it.)
+                // sides, nothing to create again.
                 tx.log_done(seq)?;
                 return Ok(());
             }
             // Created where it was when that record was logged.
-            let (parent, name) = place_after(&obj, seq, |s| tx.log_record(s))?;
+            let (mut parent, mut name) = place_after(&obj, seq, |s| tx.log_record(s))?;
+            if obj.removed {
+                // Dropped here, yet nothing here removed it (the cache
+                // forgets nothing that holds changes, so this should not
+                // be): it comes back, where it was or, that directory gone
+                // here, in the root.
+                tracing::warn!(fid, %name, "a changed file was dropped here without being removed; creating it again");
+                if !tx.get(parent)?.is_some_and(|d| d.is_dir() && !d.removed) {
+                    parent = imz_cache::ROOT_FILEID;
+                }
+                if tx.lookup(parent, &name)?.is_some() {
+                    name = free_conflict_name(tx, parent, &name, &gateway_id, now)?;
+                }
+                obj.removed = false;
+                obj.parent = parent;
+                obj.name = name.clone();
+                tx.put(fid, &obj)?;
+                tx.link(parent, &name, fid)?;
+            }
+            if obj.kind == Kind::File {
+                let missing = tx.missing_chunks(fid, &obj)?;
+                if !missing.is_empty() {
+                    // Never fetched, and gone with the file at the origin:
+                    // nothing can bring those bytes back. Say so.
+                    tracing::error!(
+                        fid,
+                        %name,
+                        chunks = missing.len(),
+                        up_to_bytes = missing.len() as u64 * imz_cache::chunk::CHUNK_SIZE,
+                        "created again without parts of it never fetched here and removed at the origin: they read as zeros"
+                    );
+                }
+            }
             obj.origin = None;
             obj.origin_extent = 0;
             tx.put(fid, &obj)?;
@@ -1180,7 +1218,10 @@ async fn forget_location(vfs: &Vfs, fid: FileId, dirs: &[FileId]) -> Result<(), 
     let dirs = dirs.to_vec();
     vfs.writer
         .run(0, move |tx| {
-            if let Some(obj) = tx.get(fid)? {
+            // A directory holding changes stays (resync places it later).
+            if let Some(obj) = tx.get(fid)?
+                && !tx.holds_changes(fid)?
+            {
                 if tx.lookup(obj.parent, &obj.name)? == Some(fid) {
                     tx.unlink(obj.parent, &obj.name)?;
                 }

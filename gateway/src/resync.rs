@@ -45,11 +45,17 @@ pub async fn run(vfs: &Vfs) -> Result<(), VfsError> {
         return forget_listings(vfs, marks).await;
     }
     for fid in marks {
-        let Some(obj) = vfs.cache.read()?.get(fid)? else {
-            unmark(vfs, fid).await?;
-            continue;
+        let (obj, busy) = {
+            let rx = vfs.cache.read()?;
+            let Some(obj) = rx.get(fid)? else {
+                drop(rx);
+                unmark(vfs, fid).await?;
+                continue;
+            };
+            let busy = obj.log != imz_cache::LogRefs::default() || rx.holds_changes(fid)?;
+            (obj, busy)
         };
-        if obj.log != imz_cache::LogRefs::default() {
+        if busy {
             continue;
         }
         let Some(origin) = obj.origin else {
@@ -63,15 +69,16 @@ pub async fn run(vfs: &Vfs) -> Result<(), VfsError> {
             .map_err(|e| vfs.origin_failed(e))?;
         vfs.writer
             .run(0, move |tx| {
-                tx.unmark_resync(fid)?;
                 let Some(mut obj) = tx.get(fid)? else {
+                    tx.unmark_resync(fid)?;
                     return Ok(());
                 };
-                // Changed here again since it was asked for: the log
-                // settles it, and marks it again if that takes a conflict.
-                if obj.log != imz_cache::LogRefs::default() {
+                // Changed here again since it was asked for (or something
+                // below it): placed once the log is done with that too.
+                if obj.log != imz_cache::LogRefs::default() || tx.holds_changes(fid)? {
                     return Ok(());
                 }
+                tx.unmark_resync(fid)?;
                 // The name it leaves here may be the origin's for another
                 // object, which the follower could not link while ours held
                 // it: the directory lists itself again when next used.
@@ -145,7 +152,7 @@ async fn forget_listings(vfs: &Vfs, marks: Vec<FileId>) -> Result<(), VfsError> 
                     tx.unmark_resync(fid)?;
                     continue;
                 };
-                if obj.log != imz_cache::LogRefs::default() {
+                if obj.log != imz_cache::LogRefs::default() || tx.holds_changes(fid)? {
                     continue;
                 }
                 tx.unmark_resync(fid)?;

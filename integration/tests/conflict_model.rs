@@ -174,6 +174,9 @@ async fn a_file_moved_out_of_a_directory_removed_elsewhere_is_created_again() ->
 /// 1795807126218317645: a file written at one gateway, moved and a new
 /// file made at its name at the other: the moved file was placed again,
 /// but the name it left stayed empty (the new file's record had passed).
+/// Seed 1795808307378369251: a file written at one gateway in a directory
+/// the other removed; placing the directory as the origin has it (gone)
+/// took the changed file with it, and its change was dropped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn seeds_that_found_faults_lose_nothing() -> anyhow::Result<()> {
     let seeds = [
@@ -189,6 +192,7 @@ async fn seeds_that_found_faults_lose_nothing() -> anyhow::Result<()> {
         (1795806225762024923, 1),
         (1795806237560265277, 1),
         (1795807126218317645, 4),
+        (1795808307378369251, 2),
     ];
     for (seed, epochs) in seeds {
         if let Err(e) = run(seed, epochs).await {
