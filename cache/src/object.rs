@@ -6,7 +6,10 @@ use serde::{Deserialize, Serialize};
 ///
 /// An object first seen at the origin takes the origin's id as its fileid:
 /// origin ids are never reused, so a fileid can never come to mean another
-/// object, even if the cache lost track of it. An object created at the
+/// object, even if the cache lost track of it. (One exception: the cached
+/// object that was origin object N may come to stand for another, created
+/// again there after a conflict while N lived on; N, seen again, then gets
+/// a fresh fileid.) An object created at the
 /// gateway gets a fresh id from [`LOCAL_ID_BASE`] up, persisted and never
 /// reused, and keeps it after the origin gives it an id of its own.
 pub type FileId = u64;

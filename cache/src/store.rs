@@ -508,6 +508,16 @@ macro_rules! getters {
             Ok(false)
         }
 
+        /// Whether a pending log record names `fid` (in any role), or
+        /// anything cached below it has changes: the log still needs it
+        /// where it is.
+        pub fn needed_by_log(&self, fid: FileId) -> Result<bool> {
+            let named = self
+                .get(fid)?
+                .is_some_and(|o| o.log != crate::object::LogRefs::default());
+            Ok(named || self.holds_changes(fid)?)
+        }
+
         /// Up to `limit` entries of `dir` after `cookie` (0: from the start).
         pub fn entries(&self, dir: FileId, cookie: u64, limit: usize) -> Result<Vec<DirEntry>> {
             self.scan_entries(dir, cookie, limit, |e| Ok(Some(e)))
@@ -1527,6 +1537,7 @@ mod tests {
         tx.log(crate::LogOp::Store { fid: f }, 0).expect("log");
         for fid in [f, d, top] {
             assert!(tx.holds_changes(fid).expect("holds"), "{fid}");
+            assert!(tx.needed_by_log(fid).expect("needed"), "{fid}");
         }
         let other = tx
             .create(ROOT_FILEID, "e", &Object::sample(Kind::Dir))

@@ -165,12 +165,19 @@ pub fn upsert_entry(
             fid
         }
         None => {
-            let fid = attr.id;
-            if fid >= LOCAL_ID_BASE || tx.get(fid)?.is_some() {
-                return Err(CacheError::corrupt(format!(
-                    "origin id {fid} collides with a cached object"
-                )));
-            }
+            let fid = if attr.id >= LOCAL_ID_BASE || tx.get(attr.id)?.is_some() {
+                // Its number is taken: by the object that was it here and
+                // now stands for another one at the origin (created again
+                // there after a conflict, while theirs lived on). A fresh
+                // fileid; never a stale or wrong one.
+                tracing::warn!(
+                    origin = attr.id,
+                    "origin object's number taken by another cached object: given a fresh fileid"
+                );
+                tx.alloc_id()?
+            } else {
+                attr.id
+            };
             let mut obj = new_object(dir, name, attr);
             obj.pinned = pins_entries(tx, dir)?;
             tx.put(fid, &obj)?;

@@ -13,6 +13,8 @@
 //! | parent removed at the origin | parent created again | same | ours saved | held |
 //! | moved out of a directory removed at the origin (with it) | ours created again | same | ours saved, the file goes | held |
 //! | rename/rename | the origin's name stays | the origin's name stays | the origin's name stays | held |
+//! | moved out of a directory removed at the origin, which moved it out first | the origin's name stays | same | same | held |
+//! | removed here; moved out of its directory and that removed at the origin | theirs comes back where they moved it | same | same | held |
 //! | moved here, changed there | moved as well | same | same | held |
 //! | moved and changed here, changed there | moved as well; ours also kept as `NAME.conflict-GW-TIME` | ours replaces theirs | moved as well; ours saved | held |
 //! | moved and then removed here, changed there | theirs comes back where it was | removed anyway | theirs comes back | held |
@@ -292,6 +294,20 @@ pub async fn settle(
             restore_entry(vfs, dir, &at, current.as_ref()).await?;
             Settled::by(policy, "theirs comes back (moved at the origin)")
         }
+        // Its directory went at the origin, but it had been moved out of
+        // it first: as above, theirs comes back where the origin has it.
+        (LogOp::Remove { parent, name, .. }, Some(ConflictReason::ParentMissing))
+            if let Some(theirs) = alive_at_origin(vfs, fid).await? =>
+        {
+            let (dir, at) = match vfs.getattr(fid) {
+                Ok(obj) => (obj.parent, obj.name.clone()),
+                Err(_) => (*parent, name.clone()),
+            };
+            finish(vfs, seq, record, None).await?;
+            restore_entry(vfs, dir, &at, Some(&theirs)).await?;
+            crate::resync::mark(vfs, vec![dir]).await?;
+            Settled::by(policy, "theirs comes back (moved at the origin)")
+        }
         // Already as we wanted it, or nothing left to do.
         (
             LogOp::Remove { .. },
@@ -386,7 +402,7 @@ pub async fn settle(
         // Moved here out of a directory the origin removed, with the
         // object in it: as if changed here and removed there.
         (LogOp::Rename { from_parent, .. }, Some(ConflictReason::ParentMissing))
-            if gone_at_origin(vfs, *from_parent).await? =>
+            if gone_at_origin(vfs, *from_parent).await? && gone_at_origin(vfs, fid).await? =>
         {
             if policy == ConflictPolicy::OriginWins {
                 let copy = save_copy(vfs, fid).await?;
@@ -399,6 +415,23 @@ pub async fn settle(
                     "ours created again (its directory went at the origin)",
                 )
             }
+        }
+        // Moved out of that directory at the origin before it went: as a
+        // rename/rename, the origin's name stays.
+        (
+            LogOp::Rename {
+                from_parent,
+                to_parent,
+                ..
+            },
+            Some(ConflictReason::ParentMissing),
+        ) if gone_at_origin(vfs, *from_parent).await? => {
+            finish(vfs, seq, record, None).await?;
+            forget_location(vfs, fid, &[*from_parent, *to_parent]).await?;
+            Settled::by(
+                policy,
+                "the origin's name stays (moved there before its directory went)",
+            )
         }
         (
             LogOp::Create { parent, .. }
@@ -1272,6 +1305,18 @@ fn later_remove(vfs: &Vfs, fid: FileId, seq: u64) -> Result<Option<u64>, VfsErro
         }
     }
     Ok(None)
+}
+
+/// The origin's attributes of cached object `fid`, if the origin still has it.
+async fn alive_at_origin(vfs: &Vfs, fid: FileId) -> Result<Option<wire::Attr>, VfsError> {
+    let Some(origin) = vfs.getattr(fid).ok().and_then(|o| o.origin) else {
+        return Ok(None);
+    };
+    match vfs.origin.getattr(origin.id).await {
+        Ok(attr) => Ok(Some(attr)),
+        Err(e) if e.code() == Some(wire::ErrorCode::NotFound) => Ok(None),
+        Err(e) => Err(vfs.origin_failed(e)),
+    }
 }
 
 /// Whether cached object `fid`, known at the origin, is gone there.

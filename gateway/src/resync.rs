@@ -47,13 +47,11 @@ pub async fn run(vfs: &Vfs) -> Result<(), VfsError> {
     for fid in marks {
         let (obj, busy) = {
             let rx = vfs.cache.read()?;
-            let Some(obj) = rx.get(fid)? else {
-                drop(rx);
-                unmark(vfs, fid).await?;
-                continue;
-            };
-            let busy = obj.log != imz_cache::LogRefs::default() || rx.holds_changes(fid)?;
-            (obj, busy)
+            (rx.get(fid)?, rx.needed_by_log(fid)?)
+        };
+        let Some(obj) = obj else {
+            unmark(vfs, fid).await?;
+            continue;
         };
         if busy {
             continue;
@@ -75,7 +73,7 @@ pub async fn run(vfs: &Vfs) -> Result<(), VfsError> {
                 };
                 // Changed here again since it was asked for (or something
                 // below it): placed once the log is done with that too.
-                if obj.log != imz_cache::LogRefs::default() || tx.holds_changes(fid)? {
+                if tx.needed_by_log(fid)? {
                     return Ok(());
                 }
                 tx.unmark_resync(fid)?;
@@ -152,7 +150,7 @@ async fn forget_listings(vfs: &Vfs, marks: Vec<FileId>) -> Result<(), VfsError> 
                     tx.unmark_resync(fid)?;
                     continue;
                 };
-                if obj.log != imz_cache::LogRefs::default() || tx.holds_changes(fid)? {
+                if tx.needed_by_log(fid)? {
                     continue;
                 }
                 tx.unmark_resync(fid)?;

@@ -176,7 +176,15 @@ async fn a_file_moved_out_of_a_directory_removed_elsewhere_is_created_again() ->
 /// but the name it left stayed empty (the new file's record had passed).
 /// Seed 1795808307378369251: a file written at one gateway in a directory
 /// the other removed; placing the directory as the origin has it (gone)
-/// took the changed file with it, and its change was dropped.
+/// took the changed file with it, and its change was dropped. Seed
+/// 1795809497106600169: a file moved at one gateway out of a directory the
+/// other removed, after moving the file out first: it was created again
+/// as a new object, and the origin's own, under the number the cache knew
+/// it by, then wedged the cache ("origin id collides"). Seed
+/// 1795809468482314979: a file removed at one gateway, moved out of its
+/// directory and written at the other, which then removed the directory:
+/// the remove was taken as done, and the first gateway kept the old file
+/// at the name the moved one had taken.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn seeds_that_found_faults_lose_nothing() -> anyhow::Result<()> {
     let seeds = [
@@ -193,6 +201,8 @@ async fn seeds_that_found_faults_lose_nothing() -> anyhow::Result<()> {
         (1795806237560265277, 1),
         (1795807126218317645, 4),
         (1795808307378369251, 2),
+        (1795809497106600169, 1),
+        (1795809468482314979, 2),
     ];
     for (seed, epochs) in seeds {
         if let Err(e) = run(seed, epochs).await {
