@@ -508,6 +508,12 @@ macro_rules! getters {
             Ok(false)
         }
 
+        /// Whether `fid` is a directory that is here (not removed, kept
+        /// only for the log).
+        pub fn live_dir(&self, fid: FileId) -> Result<bool> {
+            Ok(self.get(fid)?.is_some_and(|d| d.is_dir() && !d.removed))
+        }
+
         /// Whether a pending log record names `fid` (in any role), or
         /// anything cached below it has changes: the log still needs it
         /// where it is.

@@ -284,14 +284,9 @@ pub async fn settle(
         // it (or, not heard of yet, at its old place, from where the
         // journal's rename will move it).
         (LogOp::Remove { parent, name, .. }, Some(ConflictReason::NameMismatch))
-            if current.is_some() =>
+            if let Some(theirs) = current.as_ref() =>
         {
-            let (dir, at) = match vfs.getattr(fid) {
-                Ok(obj) => (obj.parent, obj.name.clone()),
-                Err(_) => (*parent, name.clone()),
-            };
-            finish(vfs, seq, record, None).await?;
-            restore_entry(vfs, dir, &at, current.as_ref()).await?;
+            back_where_moved(vfs, seq, record, *parent, name, theirs).await?;
             Settled::by(policy, "theirs comes back (moved at the origin)")
         }
         // Its directory went at the origin, but it had been moved out of
@@ -299,13 +294,7 @@ pub async fn settle(
         (LogOp::Remove { parent, name, .. }, Some(ConflictReason::ParentMissing))
             if let Some(theirs) = alive_at_origin(vfs, fid).await? =>
         {
-            let (dir, at) = match vfs.getattr(fid) {
-                Ok(obj) => (obj.parent, obj.name.clone()),
-                Err(_) => (*parent, name.clone()),
-            };
-            finish(vfs, seq, record, None).await?;
-            restore_entry(vfs, dir, &at, Some(&theirs)).await?;
-            crate::resync::mark(vfs, vec![dir]).await?;
+            back_where_moved(vfs, seq, record, *parent, name, &theirs).await?;
             Settled::by(policy, "theirs comes back (moved at the origin)")
         }
         // Already as we wanted it, or nothing left to do.
@@ -506,7 +495,13 @@ pub async fn settle(
             },
             Some(ConflictReason::VersionMismatch),
         ) if policy != ConflictPolicy::GatewayWins
-            && let Some(remove) = later_remove(vfs, fid, seq)? =>
+            && let Some(remove) = {
+                let rx = vfs.cache.read()?;
+                match rx.get(fid)? {
+                    Some(obj) => later_remove(&obj, seq, |s| rx.log_record(s))?,
+                    None => None,
+                }
+            } =>
         {
             finish(vfs, seq, record, Some(remove)).await?;
             restore_entry(vfs, *from_parent, from_name, current.as_ref()).await?;
@@ -693,6 +688,28 @@ async fn finish(
         .await
 }
 
+/// We removed it, they moved it: our remove is done, and theirs comes
+/// back where the journal put it (noted on the removed object), or, not
+/// heard of yet, at the place we removed it from (`parent/name`), from
+/// where the journal's rename will move it; that directory is placed as
+/// the origin has it once the log is done with it.
+async fn back_where_moved(
+    vfs: &Vfs,
+    seq: u64,
+    record: &LogRecord,
+    parent: FileId,
+    name: &str,
+    theirs: &wire::Attr,
+) -> Result<(), VfsError> {
+    let (dir, at) = match vfs.getattr(record.op.primary()) {
+        Ok(obj) => (obj.parent, obj.name.clone()),
+        Err(_) => (parent, name.to_owned()),
+    };
+    finish(vfs, seq, record, None).await?;
+    restore_entry(vfs, dir, &at, Some(theirs)).await?;
+    crate::resync::mark(vfs, vec![dir]).await
+}
+
 /// Our change wins: base it on the origin's current version and send it again.
 async fn rebase(vfs: &Vfs, fid: FileId, current: Option<&wire::Attr>) -> Result<(), VfsError> {
     let current = current
@@ -759,7 +776,7 @@ async fn copy_beside(
     let (dir, base) = {
         let tx = vfs.cache.read()?;
         let (dir, name) = place_after(&obj, seq, |s| tx.log_record(s))?;
-        let alive = tx.get(dir)?.is_some_and(|d| d.is_dir() && !d.removed);
+        let alive = tx.live_dir(dir)?;
         (if alive { dir } else { imz_cache::ROOT_FILEID }, name)
     };
     let now = now_nanos();
@@ -884,12 +901,8 @@ async fn recreate(vfs: &Vfs, seq: u64, fid: FileId, gateway_id: &str) -> Result<
     vfs.writer
         .run(0, move |tx| {
             let mut obj = tx.object(fid)?;
-            let mut removed_here = obj.log.other > 0;
-            for later in obj.log.ops.iter().copied().filter(|s| *s > seq) {
-                removed_here |= tx
-                    .log_record(later)?
-                    .is_some_and(|r| matches!(r.op, LogOp::Remove { .. }));
-            }
+            let removed_here =
+                obj.log.other > 0 || later_remove(&obj, seq, |s| tx.log_record(s))?.is_some();
             if obj.removed && removed_here {
                 // Removed here since (or replaced by a move): gone on both
                 // sides, nothing to create again.
@@ -904,7 +917,7 @@ async fn recreate(vfs: &Vfs, seq: u64, fid: FileId, gateway_id: &str) -> Result<
                 // be): it comes back, where it was or, that directory gone
                 // here, in the root.
                 tracing::warn!(fid, %name, "a changed file was dropped here without being removed; creating it again");
-                if !tx.get(parent)?.is_some_and(|d| d.is_dir() && !d.removed) {
+                if !tx.live_dir(parent)? {
                     parent = imz_cache::ROOT_FILEID;
                 }
                 if tx.lookup(parent, &name)?.is_some() {
@@ -1290,17 +1303,15 @@ fn replaced_changed(vfs: &Vfs, op: &LogOp, current: Option<&wire::Attr>) -> bool
         .is_some_and(|o| o.id == current.id)
 }
 
-/// The pending record after `seq` that removes `fid`, if any.
-fn later_remove(vfs: &Vfs, fid: FileId, seq: u64) -> Result<Option<u64>, VfsError> {
-    let rx = vfs.cache.read()?;
-    let Some(obj) = rx.get(fid)? else {
-        return Ok(None);
-    };
+/// The pending record after `seq` that removes `obj`, if any.
+/// (`log_record` reads a record, from a read or a write transaction.)
+fn later_remove(
+    obj: &Object,
+    seq: u64,
+    log_record: impl Fn(u64) -> imz_cache::Result<Option<LogRecord>>,
+) -> Result<Option<u64>, VfsError> {
     for later in obj.log.ops.iter().copied().filter(|s| *s > seq) {
-        if rx
-            .log_record(later)?
-            .is_some_and(|r| matches!(r.op, LogOp::Remove { .. }))
-        {
+        if log_record(later)?.is_some_and(|r| matches!(r.op, LogOp::Remove { .. })) {
             return Ok(Some(later));
         }
     }
@@ -1321,14 +1332,8 @@ async fn alive_at_origin(vfs: &Vfs, fid: FileId) -> Result<Option<wire::Attr>, V
 
 /// Whether cached object `fid`, known at the origin, is gone there.
 async fn gone_at_origin(vfs: &Vfs, fid: FileId) -> Result<bool, VfsError> {
-    let Some(origin) = vfs.getattr(fid)?.origin else {
-        return Ok(false);
-    };
-    match vfs.origin.getattr(origin.id).await {
-        Ok(_) => Ok(false),
-        Err(e) if e.code() == Some(wire::ErrorCode::NotFound) => Ok(true),
-        Err(e) => Err(vfs.origin_failed(e)),
-    }
+    let known = vfs.getattr(fid)?.origin.is_some();
+    Ok(known && alive_at_origin(vfs, fid).await?.is_none())
 }
 
 /// Directory `dir` is gone at the origin but we still have entries for it:

@@ -112,7 +112,7 @@ pub async fn run(vfs: &Vfs) -> Result<(), VfsError> {
                     return Ok(());
                 }
                 match tx.by_origin(place.parent)? {
-                    Some(dir) if tx.get(dir)?.is_some_and(|d| d.is_dir() && !d.removed) => {
+                    Some(dir) if tx.live_dir(dir)? => {
                         coherence::upsert_entry(tx, dir, &place.name, &attr, Source::Fetch)?;
                     }
                     _ => {
