@@ -150,6 +150,15 @@ pub fn upsert_entry(
                     obj.name = name.to_owned();
                 }
                 tx.put(fid, &obj)?;
+                // The origin's `dir/name` is this object now: an unchanged
+                // one cached under that name was replaced there, and
+                // nothing here would ever tell us again.
+                if let Some(occupant) = tx.lookup(dir, name)?
+                    && occupant != fid
+                {
+                    tx.unlink(dir, name)?;
+                    forget_if_orphan(tx, occupant, dir, name)?;
+                }
                 return Ok(fid);
             }
             if obj.parent != dir || obj.name != name {
@@ -678,5 +687,65 @@ pub(crate) mod tests {
             "replaced object still cached"
         );
         assert_eq!(tx.object(a).expect("a").name, "b");
+    }
+
+    /// Seed 1795809546963891659 of the conflict model: a file removed here
+    /// (its remove not yet sent) is moved at the origin over a name that
+    /// holds an unchanged file here. The removed file stays ours, but the
+    /// file it replaced is gone at the origin and must not be served.
+    #[test]
+    fn a_file_removed_here_moved_over_another_at_the_origin_replaces_it_here_too() {
+        let (_d, cache) = setup();
+        let mut tx = cache.write().expect("write");
+        let moved = upsert_entry(
+            &mut tx,
+            ROOT_FILEID,
+            "d",
+            &attr(38, wire::Kind::File, 2, 1),
+            Source::Fetch,
+        )
+        .expect("d");
+        let replaced = upsert_entry(
+            &mut tx,
+            ROOT_FILEID,
+            "a",
+            &attr(31, wire::Kind::File, 3, 1),
+            Source::Fetch,
+        )
+        .expect("a");
+        // Removed here, its record waiting for the origin.
+        tx.unlink(ROOT_FILEID, "d").expect("unlink");
+        let mut obj = tx.object(moved).expect("moved");
+        obj.removed = true;
+        obj.log.ops.push(1);
+        tx.put(moved, &obj).expect("put");
+        let dir = attr(1, wire::Kind::Dir, 5, 0);
+        apply_record(
+            &mut tx,
+            &rec(
+                5,
+                Change::Rename {
+                    from_parent: dir.clone(),
+                    from_name: "d".into(),
+                    to_parent: dir,
+                    to_name: "a".into(),
+                    attr: attr(38, wire::Kind::File, 5, 1),
+                    replaced: Some(31),
+                },
+            ),
+            &mut Applied::default(),
+        )
+        .expect("apply");
+        assert_eq!(tx.lookup(ROOT_FILEID, "a").expect("lookup"), None);
+        assert!(
+            tx.get(replaced).expect("get").is_none(),
+            "replaced object still cached"
+        );
+        let obj = tx.object(moved).expect("moved");
+        assert!(obj.removed, "our remove still stands");
+        assert_eq!(
+            obj.name, "a",
+            "where the origin has it, should it come back"
+        );
     }
 }

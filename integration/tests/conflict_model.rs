@@ -184,7 +184,9 @@ async fn a_file_moved_out_of_a_directory_removed_elsewhere_is_created_again() ->
 /// 1795809468482314979: a file removed at one gateway, moved out of its
 /// directory and written at the other, which then removed the directory:
 /// the remove was taken as done, and the first gateway kept the old file
-/// at the name the moved one had taken.
+/// at the name the moved one had taken. Seed 1795809546963891659: a file
+/// removed at one gateway, moved over another file and back at the other:
+/// the first gateway kept serving the file the move had replaced.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn seeds_that_found_faults_lose_nothing() -> anyhow::Result<()> {
     let seeds = [
@@ -203,6 +205,7 @@ async fn seeds_that_found_faults_lose_nothing() -> anyhow::Result<()> {
         (1795808307378369251, 2),
         (1795809497106600169, 1),
         (1795809468482314979, 2),
+        (1795809546963891659, 9),
     ];
     for (seed, epochs) in seeds {
         if let Err(e) = run(seed, epochs).await {
