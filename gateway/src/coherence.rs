@@ -148,6 +148,13 @@ pub fn upsert_entry(
                 if obj.removed {
                     obj.parent = dir;
                     obj.name = name.to_owned();
+                } else if source == Source::Journal && (obj.parent != dir || obj.name != name) {
+                    // Moved there while changed here. The origin takes our
+                    // change on the moved file (a move does not conflict
+                    // with content), and no record would tell us again:
+                    // once the log is done with it, it goes where the
+                    // origin has it.
+                    tx.mark_resync(fid)?;
                 }
                 tx.put(fid, &obj)?;
                 // The origin's `dir/name` is this object now: an unchanged

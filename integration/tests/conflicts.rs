@@ -24,6 +24,7 @@ async fn make_conflicts(policy: &str) -> anyhow::Result<Fixture> {
             std::fs::write(root.join("removed-by-us.txt"), "v1")?;
             std::fs::write(root.join("removed-by-them.txt"), "v1")?;
             std::fs::write(root.join("moved-by-us.txt"), "v1")?;
+            std::fs::write(root.join("renamed-by-them.txt"), "v1")?;
             std::fs::create_dir(root.join("doomed"))?;
             std::fs::write(root.join("doomed/old.txt"), "v1")?;
             Ok(())
@@ -36,6 +37,7 @@ async fn make_conflicts(policy: &str) -> anyhow::Result<Fixture> {
         "removed-by-us.txt",
         "removed-by-them.txt",
         "moved-by-us.txt",
+        "renamed-by-them.txt",
         "doomed/old.txt",
     ] {
         nfs.read_path(f).await?;
@@ -64,6 +66,7 @@ async fn make_conflicts(policy: &str) -> anyhow::Result<Fixture> {
     nfs.rename(&root, "moved-by-us.txt", &root, "moved-here.txt")
         .await?;
     nfs.put_file("moved-here.txt", OURS).await?;
+    nfs.put_file("renamed-by-them.txt", OURS).await?;
 
     // The origin's side, changed by another program meanwhile.
     let r = &fx.root;
@@ -73,6 +76,7 @@ async fn make_conflicts(policy: &str) -> anyhow::Result<Fixture> {
     std::fs::write(r.join("both.txt"), THEIRS)?;
     std::fs::write(r.join("moved-by-us.txt"), THEIRS)?;
     std::fs::remove_dir_all(r.join("doomed"))?;
+    std::fs::rename(r.join("renamed-by-them.txt"), r.join("renamed-there.txt"))?;
 
     fx.origin.restart()?;
     Ok(fx)
@@ -111,6 +115,15 @@ fn copies(fx: &Fixture, dir: &str, name: &str) -> Vec<Vec<u8>> {
 /// it as the one conflict copy.
 fn theirs_named_ours_beside(fx: &Fixture, name: &str) -> bool {
     read(fx, name).as_deref() == Some(THEIRS) && copies(fx, "", name) == vec![OURS.to_vec()]
+}
+
+/// Changed here, only renamed there: no conflict under any policy; ours
+/// is at the new name, and no copy of it anywhere.
+fn ours_where_they_renamed_it(fx: &Fixture) -> bool {
+    read(fx, "renamed-there.txt").as_deref() == Some(OURS)
+        && read(fx, "renamed-by-them.txt").is_none()
+        && copies(fx, "", "renamed-there.txt").is_empty()
+        && copies(fx, "", "renamed-by-them.txt").is_empty()
 }
 
 fn saved_copies(fx: &Fixture) -> Vec<Vec<u8>> {
@@ -153,6 +166,11 @@ async fn keep_both_keeps_both_versions() -> Result {
             theirs_named_ours_beside(fx, "moved-here.txt") && read(fx, "moved-by-us.txt").is_none()
         },
     )?;
+    settle(
+        &fx,
+        "changed here, renamed there: ours at their name",
+        ours_where_they_renamed_it,
+    )?;
     let listed = fx.gateway.ctl(&["conflicts", "list"])?;
     for case in [
         "update/update",
@@ -173,6 +191,20 @@ async fn keep_both_keeps_both_versions() -> Result {
         seen.is_some(),
         "gateway still shows its own version at the name"
     );
+    let moved = eventually(Duration::from_secs(10), || {
+        let got = block(nfs.read_path("renamed-there.txt")).ok()?;
+        let old = block(nfs.lookup_path("renamed-by-them.txt"));
+        (got == OURS && old.is_err()).then_some(())
+    });
+    assert!(
+        moved.is_some(),
+        "gateway does not show the renamed file where the origin has it"
+    );
+    let listed = fx.gateway.ctl(&["conflicts", "list"])?;
+    assert!(
+        !listed.contains("/renamed-"),
+        "a rename alone made a conflict:\n{listed}"
+    );
     Ok(())
 }
 
@@ -187,6 +219,7 @@ async fn gateway_wins_overwrites_the_origin() -> Result {
             && read(fx, "removed-by-us.txt").is_none()
             && read(fx, "moved-here.txt").as_deref() == Some(OURS)
             && read(fx, "moved-by-us.txt").is_none()
+            && ours_where_they_renamed_it(fx)
     })?;
     assert!(copies(&fx, "", "moved-here.txt").is_empty());
     assert!(copies(&fx, "", "shared.txt").is_empty());
@@ -204,6 +237,7 @@ async fn origin_wins_keeps_ours_in_the_conflicts_area() -> Result {
             && !fx.origin_path("doomed").exists()
             && read(fx, "moved-here.txt").as_deref() == Some(THEIRS)
             && read(fx, "moved-by-us.txt").is_none()
+            && ours_where_they_renamed_it(fx)
     })?;
     // Nothing of ours is lost: each version sits in the conflicts area.
     let saved = eventually(Duration::from_secs(10), || {
@@ -256,6 +290,7 @@ async fn manual_holds_until_a_person_decides() -> Result {
         read(fx, "shared.txt").as_deref() == Some(OURS)
             && theirs_named_ours_beside(fx, "both.txt")
             && read(fx, "removed-by-them.txt").is_none()
+            && ours_where_they_renamed_it(fx)
     })?;
     let _ = Path::new("");
     Ok(())

@@ -416,6 +416,86 @@ fn a_rename_meant_to_replace_an_object_gone_from_that_name_takes_the_free_name()
     );
 }
 
+/// New content or attributes based on a version from before a move at
+/// the origin land on the moved file: a move changes neither. Any other
+/// change since that version is a conflict.
+#[test]
+fn a_change_based_on_a_version_before_a_move_lands_on_the_moved_file() {
+    let s = start_with(|root| {
+        std::fs::write(root.join("a"), b"a").expect("write");
+        std::fs::write(root.join("b"), b"b").expect("write");
+    });
+    let c = &s.client;
+    let a = c.lookup(ROOT_ID, "a").attr;
+    let b = c.lookup(ROOT_ID, "b").attr;
+    let one = |key: &str, o: Op| c.reintegrate(vec![op(key, o)]).results.remove(0);
+    let rename = |key: &str, attr: &wire::Attr, from: &str, to: &str| {
+        let r = one(
+            key,
+            Op::Rename {
+                from_parent: ObjRef::Id(ROOT_ID),
+                from_name: from.into(),
+                id: ObjRef::Id(attr.id),
+                base: Base::Version(attr.version),
+                to_parent: ObjRef::Id(ROOT_ID),
+                to_name: to.into(),
+                replace: None,
+            },
+        );
+        applied(&r).0.clone()
+    };
+    // Another gateway moves both, and writes b after moving it.
+    rename("other-1", &a, "a", "a2");
+    let b2 = rename("other-2", &b, "b", "b2");
+    c.upload("theirs", b"theirs".to_vec());
+    applied(&one(
+        "other-3",
+        Op::Write {
+            id: ObjRef::Id(b.id),
+            base: Base::Version(b2.version),
+            upload: "theirs".into(),
+            mtime: None,
+        },
+    ));
+    // Ours, made on the versions from before.
+    let r = one(
+        "ours-1",
+        Op::SetAttr {
+            id: ObjRef::Id(a.id),
+            base: Base::Version(a.version),
+            attrs: SetAttrs {
+                mode: Some(0o600),
+                ..SetAttrs::default()
+            },
+        },
+    );
+    assert_eq!(applied(&r).0.mode & 0o777, 0o600);
+    c.upload("ours-a", b"ours".to_vec());
+    let r = one(
+        "ours-2",
+        Op::Write {
+            id: ObjRef::Id(a.id),
+            base: Base::After("ours-1".into()),
+            upload: "ours-a".into(),
+            mtime: None,
+        },
+    );
+    assert_eq!(applied(&r).0.id, a.id);
+    assert_eq!(std::fs::read(s.root().join("a2")).expect("a2"), b"ours");
+    c.upload("ours-b", b"ours".to_vec());
+    let r = one(
+        "ours-3",
+        Op::Write {
+            id: ObjRef::Id(b.id),
+            base: Base::Version(b.version),
+            upload: "ours-b".into(),
+            mtime: None,
+        },
+    );
+    assert_eq!(conflict(&r).reason, ConflictReason::VersionMismatch);
+    assert_eq!(std::fs::read(s.root().join("b2")).expect("b2"), b"theirs");
+}
+
 #[test]
 fn bad_operations_are_rejected_not_applied() {
     let s = start();

@@ -192,6 +192,32 @@ impl Apply<'_, '_, '_> {
         Ok(())
     }
 
+    /// For new content or attributes of file `m` made on version `base`:
+    /// a move at the origin since then changes neither, so any other
+    /// change conflicts, a move alone does not (a keep-both copy of a file
+    /// that was only renamed would be a spurious one).
+    fn check_unchanged_but_moved(&self, m: &Meta, base: &Base) -> Step<()> {
+        let base = self.base(base)?;
+        let id = m.attr.id;
+        let changed = |c: &Change| match c {
+            Change::Rename { attr, replaced, .. } => *replaced == Some(id) && attr.id != id,
+            Change::Remove { id: gone, .. } => *gone == id,
+            Change::Create { attr, .. }
+            | Change::Write { attr }
+            | Change::Truncate { attr }
+            | Change::SetAttr { attr } => attr.id == id,
+        };
+        if m.attr.version == base
+            || base < m.attr.version && !self.cx.tx.changed_since(base, changed)?
+        {
+            return Ok(());
+        }
+        Err(conflict(
+            ConflictReason::VersionMismatch,
+            Some(m.attr.clone()),
+        ))
+    }
+
     fn check_name(&self, name: &str, dir: ObjectId) -> Step<()> {
         wire::validate_name(name, dir == ROOT_ID)
             .map_err(|e| rejected(ErrorCode::InvalidName, format!("{name:?}: {e}")))
@@ -529,7 +555,7 @@ impl Apply<'_, '_, '_> {
                 format!("object {} is not a file", m.attr.id),
             ));
         }
-        self.check_version(&m, base)?;
+        self.check_unchanged_but_moved(&m, base)?;
         let staged = self.staged(upload)?;
         if !staged && self.live() {
             return Err(rejected(
@@ -603,7 +629,7 @@ impl Apply<'_, '_, '_> {
             ));
         }
         if kind != Kind::Dir {
-            self.check_version(&m, base)?;
+            self.check_unchanged_but_moved(&m, base)?;
         }
         let (pfd, name) = if m.attr.id == ROOT_ID {
             (

@@ -56,6 +56,11 @@ fn intent_progress_key(n: u64) -> String {
 }
 const STORE_ID: &str = "store_id";
 
+/// How many journal records [`Tx::changed_since`] reads before it gives up
+/// and answers "changed": asked only when a version differs, and a few
+/// milliseconds of reading at most.
+pub const CHANGED_SINCE_SCAN: u64 = 16_384;
+
 /// One object as the store holds it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Meta {
@@ -562,6 +567,27 @@ impl<'a> Tx<'a> {
         }
         drop(t);
         self.set_counter(FIRST_SEQ, new_first)
+    }
+
+    /// Whether a journal record after seq `after` is one that `conflicts`
+    /// picks (a change to an object that a change based on `after` would
+    /// conflict with). `true` when the journal cannot tell: compacted past
+    /// `after`, or more than [`CHANGED_SINCE_SCAN`] records to read.
+    pub fn changed_since(&self, after: Seq, conflicts: impl Fn(&Change) -> bool) -> Result<bool> {
+        let last = self.counter(LAST_SEQ)?;
+        let first = self.counter(FIRST_SEQ)?.max(1);
+        if after.saturating_add(1) < first || last.saturating_sub(after) > CHANGED_SINCE_SCAN {
+            return Ok(true);
+        }
+        let t = self.txn.open_table(JOURNAL)?;
+        for row in t.range(after.saturating_add(1)..)? {
+            let (_, v) = row?;
+            let record: Record = serde_json::from_slice(v.value())?;
+            if conflicts(&record.change) {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 
     pub fn key(&self, key: &str) -> Result<Option<KeyResult>> {
