@@ -492,6 +492,46 @@ pub(crate) mod tests {
         }
     }
 
+    /// File `name` in the root, cached as origin object `id` at `version`.
+    fn cached_file(tx: &mut WriteTxn<'_>, name: &str, id: u64, version: u64) -> FileId {
+        upsert_entry(
+            tx,
+            ROOT_FILEID,
+            name,
+            &attr(id, wire::Kind::File, version, 1),
+            Source::Fetch,
+        )
+        .expect("upsert")
+    }
+
+    /// Applies the journal's record `seq`: origin object `id` moved from
+    /// `from` to `to` in the root, replacing object `replaced`.
+    fn apply_rename_in_root(
+        tx: &mut WriteTxn<'_>,
+        seq: u64,
+        (from, to): (&str, &str),
+        id: u64,
+        replaced: Option<u64>,
+    ) {
+        let dir = attr(1, wire::Kind::Dir, seq, 0);
+        apply_record(
+            tx,
+            &rec(
+                seq,
+                Change::Rename {
+                    from_parent: dir.clone(),
+                    from_name: from.into(),
+                    to_parent: dir,
+                    to_name: to.into(),
+                    attr: attr(id, wire::Kind::File, seq, 1),
+                    replaced,
+                },
+            ),
+            &mut Applied::default(),
+        )
+        .expect("apply");
+    }
+
     /// A lookup answered before a record about a file not cached yet, and
     /// stored after it, must not cache the file as it was before.
     #[test]
@@ -653,40 +693,9 @@ pub(crate) mod tests {
     fn rename_keeps_the_fileid_and_replaces_the_target() {
         let (_d, cache) = setup();
         let mut tx = cache.write().expect("write");
-        let a = upsert_entry(
-            &mut tx,
-            ROOT_FILEID,
-            "a",
-            &attr(7, wire::Kind::File, 2, 1),
-            Source::Fetch,
-        )
-        .expect("a");
-        let b = upsert_entry(
-            &mut tx,
-            ROOT_FILEID,
-            "b",
-            &attr(8, wire::Kind::File, 3, 1),
-            Source::Fetch,
-        )
-        .expect("b");
-        let mut applied = Applied::default();
-        let dir = attr(1, wire::Kind::Dir, 5, 0);
-        apply_record(
-            &mut tx,
-            &rec(
-                5,
-                Change::Rename {
-                    from_parent: dir.clone(),
-                    from_name: "a".into(),
-                    to_parent: dir,
-                    to_name: "b".into(),
-                    attr: attr(7, wire::Kind::File, 5, 1),
-                    replaced: Some(8),
-                },
-            ),
-            &mut applied,
-        )
-        .expect("apply");
+        let a = cached_file(&mut tx, "a", 7, 2);
+        let b = cached_file(&mut tx, "b", 8, 3);
+        apply_rename_in_root(&mut tx, 5, ("a", "b"), 7, Some(8));
         assert_eq!(tx.lookup(ROOT_FILEID, "b").expect("lookup"), Some(a));
         assert_eq!(tx.lookup(ROOT_FILEID, "a").expect("lookup"), None);
         assert!(
@@ -704,45 +713,23 @@ pub(crate) mod tests {
     fn a_file_removed_here_moved_over_another_at_the_origin_replaces_it_here_too() {
         let (_d, cache) = setup();
         let mut tx = cache.write().expect("write");
-        let moved = upsert_entry(
-            &mut tx,
-            ROOT_FILEID,
-            "d",
-            &attr(38, wire::Kind::File, 2, 1),
-            Source::Fetch,
-        )
-        .expect("d");
-        let replaced = upsert_entry(
-            &mut tx,
-            ROOT_FILEID,
-            "a",
-            &attr(31, wire::Kind::File, 3, 1),
-            Source::Fetch,
-        )
-        .expect("a");
+        let moved = cached_file(&mut tx, "d", 38, 2);
+        let replaced = cached_file(&mut tx, "a", 31, 3);
         // Removed here, its record waiting for the origin.
         tx.unlink(ROOT_FILEID, "d").expect("unlink");
+        tx.log(
+            imz_cache::LogOp::Remove {
+                parent: ROOT_FILEID,
+                name: "d".into(),
+                fid: moved,
+            },
+            0,
+        )
+        .expect("log");
         let mut obj = tx.object(moved).expect("moved");
         obj.removed = true;
-        obj.log.ops.push(1);
         tx.put(moved, &obj).expect("put");
-        let dir = attr(1, wire::Kind::Dir, 5, 0);
-        apply_record(
-            &mut tx,
-            &rec(
-                5,
-                Change::Rename {
-                    from_parent: dir.clone(),
-                    from_name: "d".into(),
-                    to_parent: dir,
-                    to_name: "a".into(),
-                    attr: attr(38, wire::Kind::File, 5, 1),
-                    replaced: Some(31),
-                },
-            ),
-            &mut Applied::default(),
-        )
-        .expect("apply");
+        apply_rename_in_root(&mut tx, 5, ("d", "a"), 38, Some(31));
         assert_eq!(tx.lookup(ROOT_FILEID, "a").expect("lookup"), None);
         assert!(
             tx.get(replaced).expect("get").is_none(),
@@ -754,5 +741,20 @@ pub(crate) mod tests {
             obj.name, "a",
             "where the origin has it, should it come back"
         );
+    }
+
+    /// Changed here, moved at the origin: it stays where it is here (its
+    /// change may still conflict), and is marked to be placed where the
+    /// origin has it once the log is done with it.
+    #[test]
+    fn a_file_changed_here_and_moved_at_the_origin_is_marked_to_be_placed_again() {
+        let (_d, cache) = setup();
+        let mut tx = cache.write().expect("write");
+        let f = cached_file(&mut tx, "a", 7, 2);
+        tx.log(imz_cache::LogOp::Store { fid: f }, 0).expect("log");
+        apply_rename_in_root(&mut tx, 5, ("a", "b"), 7, None);
+        assert_eq!(tx.lookup(ROOT_FILEID, "a").expect("lookup"), Some(f));
+        assert_eq!(tx.lookup(ROOT_FILEID, "b").expect("lookup"), None);
+        assert_eq!(tx.resync_marks().expect("marks"), vec![f]);
     }
 }
