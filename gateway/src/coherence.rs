@@ -139,6 +139,24 @@ pub fn upsert_entry(
     let fid = match tx.by_origin(attr.id)? {
         Some(fid) => {
             let mut obj = tx.object(fid)?;
+            if obj.removed && obj.log.ops.is_empty() && source == Source::Journal {
+                // Removed here only as what a pending move replaces, and
+                // moved away at the origin first: that move will take the
+                // free name (the origin lets it), and this lives on where
+                // the origin has it. It comes back here too, as the origin
+                // has it: what it held here went with the remove (and may
+                // have been writes of ours that the move made moot).
+                obj.removed = false;
+                tx.drop_data(fid)?;
+                obj.origin = Some(OriginRef {
+                    id: attr.id,
+                    version: attr.version,
+                });
+                obj.attrs = attrs_from(attr);
+                obj.target = attr.target.clone();
+                obj.origin_extent = attr.size;
+                obj.listed = false;
+            }
             refresh(tx, fid, &mut obj, attr, source)?;
             if obj.is_dirty() || obj.removed {
                 // Moved or removed here, or changed: where it is stays ours.
@@ -756,5 +774,50 @@ pub(crate) mod tests {
         assert_eq!(tx.lookup(ROOT_FILEID, "a").expect("lookup"), Some(f));
         assert_eq!(tx.lookup(ROOT_FILEID, "b").expect("lookup"), None);
         assert_eq!(tx.resync_marks().expect("marks"), vec![f]);
+    }
+
+    /// Conflict model seed 1795813211769314221: a file replaced here by a
+    /// pending move, and moved away at the origin first. The move will take
+    /// the free name; the file lives on at the origin, and comes back here
+    /// where it went, with the origin's content (what it held here went
+    /// with the remove).
+    #[test]
+    fn a_file_replaced_here_and_moved_away_at_the_origin_comes_back_where_it_went() {
+        let (_d, cache) = setup();
+        let mut tx = cache.write().expect("write");
+        let replaced = cached_file(&mut tx, "a", 30, 2);
+        let ours = cached_file(&mut tx, "b", 17, 3);
+        tx.put_chunk(replaced, 0, b"x").expect("chunk");
+        // b moved over a here, its record waiting for the origin.
+        tx.unlink(ROOT_FILEID, "a").expect("unlink");
+        tx.unlink(ROOT_FILEID, "b").expect("unlink");
+        tx.link(ROOT_FILEID, "a", ours).expect("link");
+        let mut obj = tx.object(replaced).expect("replaced");
+        obj.removed = true;
+        obj.origin_extent = 0;
+        tx.put(replaced, &obj).expect("put");
+        tx.drop_data(replaced).expect("drop");
+        tx.log(
+            imz_cache::LogOp::Rename {
+                from_parent: ROOT_FILEID,
+                from_name: "b".into(),
+                fid: ours,
+                to_parent: ROOT_FILEID,
+                to_name: "a".into(),
+                replaced: Some(replaced),
+            },
+            0,
+        )
+        .expect("log");
+        apply_rename_in_root(&mut tx, 5, ("a", "c"), 30, None);
+        assert_eq!(tx.lookup(ROOT_FILEID, "c").expect("lookup"), Some(replaced));
+        assert_eq!(tx.lookup(ROOT_FILEID, "a").expect("lookup"), Some(ours));
+        let obj = tx.object(replaced).expect("replaced");
+        assert!(!obj.removed);
+        assert_eq!(obj.origin.map(|o| o.version), Some(5));
+        assert_eq!(
+            obj.origin_extent, obj.attrs.size,
+            "its bytes are read from the origin"
+        );
     }
 }

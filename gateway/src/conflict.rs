@@ -21,6 +21,12 @@
 //! | moved and then replaced here (another moved over it), changed there | theirs comes back where it was | replaced anyway | theirs comes back | held |
 //! | rename onto a taken name, or over a file changed at the origin | ours gets the conflict name | ours replaces theirs | ours stays where it was | held |
 //!
+//! Not conflicts (the origin applies them): new content or attributes of
+//! a file the origin has only moved since (they land on the moved file,
+//! which the follower marks for resync), and a move over a file the origin
+//! moved away first (the name is free; theirs comes back here where it
+//! went, see `coherence::upsert_entry`).
+//!
 //! The *conflicts area* is the directory `conflicts/` beside the cache
 //! database; saved copies are named `ID-NAME`. Every conflict is logged and
 //! recorded; `imz conflicts list` shows them and `imz conflicts resolve`
@@ -416,7 +422,7 @@ pub async fn settle(
             Some(ConflictReason::ParentMissing),
         ) if gone_at_origin(vfs, *from_parent).await? => {
             finish(vfs, seq, record, None).await?;
-            forget_location(vfs, fid, &[*from_parent, *to_parent]).await?;
+            take_origin_place(vfs, fid, &[*from_parent, *to_parent]).await?;
             Settled::by(
                 policy,
                 "the origin's name stays (moved there before its directory went)",
@@ -562,7 +568,7 @@ pub async fn settle(
         ) => {
             // Renamed differently at the origin: its name there stays.
             finish(vfs, seq, record, None).await?;
-            forget_location(vfs, fid, &[*from_parent, *to_parent]).await?;
+            take_origin_place(vfs, fid, &[*from_parent, *to_parent]).await?;
             Settled::by(policy, "the origin's name stays")
         }
         (op, reason) => {
@@ -1258,8 +1264,24 @@ async fn move_back(
         .await
 }
 
-/// We no longer know where `fid` is at the origin: forget its place here
-/// and let the directories list themselves again.
+/// The origin's name stays for our `fid`: it goes where the origin has
+/// it, at once if the log no longer needs it (else resync takes it there
+/// later, as it does if asking fails now). Forgetting it would do for
+/// the names it leaves, not for the one it has at the origin: the follower
+/// left that name to ours, and nothing would link it again.
+async fn take_origin_place(vfs: &Vfs, fid: FileId, dirs: &[FileId]) -> Result<(), VfsError> {
+    if vfs.origin.knows_places() {
+        if let Err(e) = crate::resync::place_one(vfs, fid).await {
+            tracing::warn!(fid, error = %e, "placing as at the origin: left for resync");
+        }
+        Ok(())
+    } else {
+        forget_location(vfs, fid, dirs).await
+    }
+}
+
+/// With an origin that cannot say where an object is: forget `fid`'s
+/// place here and let the directories list themselves again.
 async fn forget_location(vfs: &Vfs, fid: FileId, dirs: &[FileId]) -> Result<(), VfsError> {
     let dirs = dirs.to_vec();
     vfs.writer

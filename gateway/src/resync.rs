@@ -45,89 +45,94 @@ pub async fn run(vfs: &Vfs) -> Result<(), VfsError> {
         return forget_listings(vfs, marks).await;
     }
     for fid in marks {
-        let (obj, busy) = {
-            let rx = vfs.cache.read()?;
-            (rx.get(fid)?, rx.needed_by_log(fid)?)
-        };
-        let Some(obj) = obj else {
-            unmark(vfs, fid).await?;
-            continue;
-        };
-        if busy {
-            continue;
-        }
-        let Some(origin) = obj.origin else {
-            unmark(vfs, fid).await?;
-            continue;
-        };
-        let place = vfs
-            .origin
-            .place(origin.id)
-            .await
-            .map_err(|e| vfs.origin_failed(e))?;
-        vfs.writer
-            .run(0, move |tx| {
-                let Some(mut obj) = tx.get(fid)? else {
-                    tx.unmark_resync(fid)?;
-                    return Ok(());
-                };
-                // Changed here again since it was asked for (or something
-                // below it): placed once the log is done with that too.
-                if tx.needed_by_log(fid)? {
-                    return Ok(());
-                }
+        place_one(vfs, fid).await?;
+    }
+    Ok(())
+}
+
+/// Places object `fid` where and as the origin has it, unless the log
+/// still refers to it (then a mark on it stays).
+pub async fn place_one(vfs: &Vfs, fid: FileId) -> Result<(), VfsError> {
+    let (obj, busy) = {
+        let rx = vfs.cache.read()?;
+        (rx.get(fid)?, rx.needed_by_log(fid)?)
+    };
+    let Some(obj) = obj else {
+        return unmark(vfs, fid).await;
+    };
+    if busy {
+        return Ok(());
+    }
+    let Some(origin) = obj.origin else {
+        return unmark(vfs, fid).await;
+    };
+    let place = vfs
+        .origin
+        .place(origin.id)
+        .await
+        .map_err(|e| vfs.origin_failed(e))?;
+    vfs.writer
+        .run(0, move |tx| {
+            let Some(mut obj) = tx.get(fid)? else {
                 tx.unmark_resync(fid)?;
-                // The name it leaves here may be the origin's for another
-                // object, which the follower could not link while ours held
-                // it: the directory lists itself again when next used.
-                let (was_in, was_named) = (obj.parent, obj.name.clone());
-                let relist_if_left = |tx: &mut imz_cache::WriteTxn<'_>| -> Result<(), VfsError> {
-                    if tx.lookup(was_in, &was_named)? != Some(fid)
-                        && let Some(mut dir) = tx.get(was_in)?.filter(|d| d.is_dir())
-                    {
-                        dir.listed = false;
-                        tx.put(was_in, &dir)?;
-                    }
-                    Ok(())
-                };
-                let Some(place) = place else {
-                    // Gone at the origin.
+                return Ok(());
+            };
+            // Changed here again since it was asked for (or something
+            // below it): placed once the log is done with that too.
+            if tx.needed_by_log(fid)? {
+                return Ok(());
+            }
+            tx.unmark_resync(fid)?;
+            // The name it leaves here may be the origin's for another
+            // object, which the follower could not link while ours held
+            // it: the directory lists itself again when next used.
+            let (was_in, was_named) = (obj.parent, obj.name.clone());
+            let relist_if_left = |tx: &mut imz_cache::WriteTxn<'_>| -> Result<(), VfsError> {
+                if tx.lookup(was_in, &was_named)? != Some(fid)
+                    && let Some(mut dir) = tx.get(was_in)?.filter(|d| d.is_dir())
+                {
+                    dir.listed = false;
+                    tx.put(was_in, &dir)?;
+                }
+                Ok(())
+            };
+            let Some(place) = place else {
+                // Gone at the origin.
+                if tx.lookup(obj.parent, &obj.name)? == Some(fid) {
+                    tx.unlink(obj.parent, &obj.name)?;
+                }
+                tx.remove_tree(fid)?;
+                return relist_if_left(tx);
+            };
+            if obj.origin.map_or(0, |o| o.version) > place.attr.version {
+                // The journal has brought newer news meanwhile.
+                return Ok(());
+            }
+            let attr = place.attr;
+            coherence::refresh(tx, fid, &mut obj, &attr, Source::Fetch)?;
+            if obj.is_dir() {
+                obj.listed = false;
+            }
+            tx.put(fid, &obj)?;
+            if fid == ROOT_FILEID {
+                return Ok(());
+            }
+            match tx.by_origin(place.parent)? {
+                Some(dir) if tx.live_dir(dir)? => {
+                    coherence::upsert_entry(tx, dir, &place.name, &attr, Source::Fetch)?;
+                }
+                _ => {
+                    // Outside what we cache now.
                     if tx.lookup(obj.parent, &obj.name)? == Some(fid) {
                         tx.unlink(obj.parent, &obj.name)?;
                     }
                     tx.remove_tree(fid)?;
-                    return relist_if_left(tx);
-                };
-                if obj.origin.map_or(0, |o| o.version) > place.attr.version {
-                    // The journal has brought newer news meanwhile.
-                    return Ok(());
                 }
-                let attr = place.attr;
-                coherence::refresh(tx, fid, &mut obj, &attr, Source::Fetch)?;
-                if obj.is_dir() {
-                    obj.listed = false;
-                }
-                tx.put(fid, &obj)?;
-                if fid == ROOT_FILEID {
-                    return Ok(());
-                }
-                match tx.by_origin(place.parent)? {
-                    Some(dir) if tx.live_dir(dir)? => {
-                        coherence::upsert_entry(tx, dir, &place.name, &attr, Source::Fetch)?;
-                    }
-                    _ => {
-                        // Outside what we cache now.
-                        if tx.lookup(obj.parent, &obj.name)? == Some(fid) {
-                            tx.unlink(obj.parent, &obj.name)?;
-                        }
-                        tx.remove_tree(fid)?;
-                    }
-                }
-                relist_if_left(tx)
-            })
-            .await?;
-        tracing::debug!(fid, origin = origin.id, "placed again as at the origin");
-    }
+            }
+            relist_if_left(tx)
+        })
+        .await?;
+    tracing::debug!(fid, origin = origin.id, "placed again as at the origin");
     Ok(())
 }
 

@@ -186,7 +186,12 @@ async fn a_file_moved_out_of_a_directory_removed_elsewhere_is_created_again() ->
 /// the remove was taken as done, and the first gateway kept the old file
 /// at the name the moved one had taken. Seed 1795809546963891659: a file
 /// removed at one gateway, moved over another file and back at the other:
-/// the first gateway kept serving the file the move had replaced.
+/// the first gateway kept serving the file the move had replaced. Seed
+/// 1795813211769314221: a file moved at one gateway over one the other
+/// moved away first: the replaced file was taken for gone for good there.
+/// Seed 1795813303091303547: a file moved differently at both: the origin's
+/// name stayed, but the gateway forgot the file instead of moving it
+/// there, and the follower had left that name to the moved one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn seeds_that_found_faults_lose_nothing() -> anyhow::Result<()> {
     let seeds = [
@@ -206,6 +211,8 @@ async fn seeds_that_found_faults_lose_nothing() -> anyhow::Result<()> {
         (1795809497106600169, 1),
         (1795809468482314979, 2),
         (1795809546963891659, 9),
+        (1795813211769314221, 5),
+        (1795813303091303547, 13),
     ];
     for (seed, epochs) in seeds {
         if let Err(e) = run(seed, epochs).await {
