@@ -171,8 +171,12 @@ pub fn upsert_entry(
                     // change on the moved file (a move does not conflict
                     // with content), and no record would tell us again:
                     // once the log is done with it, it goes where the
-                    // origin has it.
+                    // origin has it. So does the directory, which lists
+                    // itself again then: its version has moved on without
+                    // this entry, and the object may be forgotten before
+                    // it is placed (a listing where it is here).
                     tx.mark_resync(fid)?;
+                    tx.mark_resync(dir)?;
                 }
                 tx.put(fid, &obj)?;
                 // The origin's `dir/name` is this object now: an unchanged
@@ -773,7 +777,11 @@ pub(crate) mod tests {
         apply_rename_in_root(&mut tx, 5, ("a", "b"), 7, None);
         assert_eq!(tx.lookup(ROOT_FILEID, "a").expect("lookup"), Some(f));
         assert_eq!(tx.lookup(ROOT_FILEID, "b").expect("lookup"), None);
-        assert_eq!(tx.resync_marks().expect("marks"), vec![f]);
+        assert_eq!(
+            tx.resync_marks().expect("marks"),
+            vec![ROOT_FILEID, f],
+            "the file, and the directory its entry is missing from"
+        );
     }
 
     /// Conflict model seed 1795813211769314221: a file replaced here by a
