@@ -158,6 +158,34 @@ pub fn decode(bytes: &[u8]) -> Result<LogRecord> {
 }
 
 impl WriteTxn<'_> {
+    /// The pending records that carry `fid`'s content or attributes (its
+    /// stores and attribute changes: a shrink and a later regrowth are two
+    /// records, only the last of them in a slot), shipped or not.
+    pub fn content_records(&self, fid: FileId) -> Result<Vec<u64>> {
+        let Some(obj) = self.get(fid)? else {
+            return Ok(Vec::new());
+        };
+        let mut out = Vec::new();
+        for seq in obj.log.ops {
+            if let Some(rec) = self.log_record(seq)?
+                && matches!(rec.op, LogOp::Store { .. } | LogOp::SetAttr { .. })
+            {
+                out.push(seq);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Drops `fid`'s content and attribute records not yet shipped.
+    fn drop_unshipped_content_records(&mut self, fid: FileId) -> Result<()> {
+        for seq in self.content_records(fid)? {
+            if !self.is_shipped(seq)? {
+                self.log_done(seq)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Whether record `seq` may already be at the origin.
     pub fn is_shipped(&self, seq: u64) -> Result<bool> {
         Ok(self.log_record(seq)?.is_some_and(|r| r.shipped))
@@ -331,11 +359,7 @@ impl WriteTxn<'_> {
                 // need not travel (unless already on their way). The remove
                 // goes in first: it keeps the object while it waits.
                 let seq = self.append(op, time)?;
-                for pending in [refs.store, refs.setattr].into_iter().flatten() {
-                    if !self.is_shipped(pending)? {
-                        self.log_done(pending)?;
-                    }
-                }
+                self.drop_unshipped_content_records(fid)?;
                 return Ok(Some(seq));
             }
             LogOp::Rename {
@@ -401,13 +425,7 @@ impl WriteTxn<'_> {
                 // while it waits.
                 let replaced = *replaced;
                 let seq = self.append(op, time)?;
-                if let Some(gone) = self.get(replaced)? {
-                    for pending in [gone.log.store, gone.log.setattr].into_iter().flatten() {
-                        if !self.is_shipped(pending)? {
-                            self.log_done(pending)?;
-                        }
-                    }
-                }
+                self.drop_unshipped_content_records(replaced)?;
                 return Ok(Some(seq));
             }
             _ => {}
@@ -825,6 +843,36 @@ mod tests {
             ],
             "{got:?}"
         );
+    }
+
+    /// A shrink and a regrowth are two records; a remove drops both, not
+    /// only the one in the slot (the other would truncate the origin's
+    /// file on its way out).
+    #[test]
+    fn a_remove_drops_every_size_change_of_the_file() {
+        let (_d, cache) = setup();
+        let mut tx = cache.write().expect("write");
+        tx.put(10, &obj(Kind::File, Some(10))).expect("origin file");
+        tx.link(ROOT_FILEID, "a", 10).expect("link");
+        for n in [1, 3] {
+            let set = SetAttrs {
+                size: Some(n),
+                ..Default::default()
+            };
+            tx.log(LogOp::SetAttr { fid: 10, set }, 0).expect("log");
+        }
+        assert_eq!(tx.content_records(10).expect("records").len(), 2);
+        tx.unlink(ROOT_FILEID, "a").expect("unlink");
+        let mut gone = tx.object(10).expect("obj");
+        gone.removed = true;
+        tx.put(10, &gone).expect("put");
+        let remove = LogOp::Remove {
+            parent: ROOT_FILEID,
+            name: "a".into(),
+            fid: 10,
+        };
+        tx.log(remove.clone(), 0).expect("log");
+        assert_eq!(ops(&tx), vec![remove]);
     }
 
     #[test]

@@ -749,8 +749,9 @@ async fn take_theirs(vfs: &Vfs, fid: FileId, current: Option<&wire::Attr>) -> Re
     let current = current.cloned();
     vfs.writer
         .run(0, move |tx| {
-            let obj = tx.object(fid)?;
-            for seq in [obj.log.store, obj.log.setattr].into_iter().flatten() {
+            // All of them: a shrink and a regrowth are two records, and one
+            // left would go over theirs.
+            for seq in tx.content_records(fid)? {
                 tx.log_done(seq)?;
             }
             let Some(attr) = current else { return Ok(()) };

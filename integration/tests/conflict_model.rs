@@ -11,6 +11,11 @@
 //!   conflict copy's), for each content written in that epoch;
 //! - both gateways serve exactly what the origin's directory holds.
 //!
+//! A second flavor ([`Flavor::Attrs`]) also changes modes, truncates and
+//! makes symlinks, and then both must serve each file's mode as the origin
+//! has it, and symlinks as symlinks. The flavors are kept apart so that a
+//! seed replays the same operations whatever is added to the other.
+//!
 //! Seeded and reproducible in its operations: `IMZ_CONFLICT_SEED` replays
 //! a failing seed (printed on failure) or, set to `random`, explores;
 //! `IMZ_CONFLICT_EPOCHS` sets the number of epochs.
@@ -24,8 +29,19 @@ use imz_integration::rng::Rng;
 use imz_integration::{Fixture, GatewayProc};
 use nfs3_client::nfs3_types::nfs3::nfsstat3;
 
-/// A tree: each path, with a file's content (`None`: a directory).
+/// A tree: each path, with a file's content (`None`: a directory). In
+/// [`Flavor::Attrs`], also `PATH#mode` (octal) for each file and directory,
+/// and a symlink as `PATH@link` with its target.
 type Tree = BTreeMap<String, Option<Vec<u8>>>;
+
+/// Which operations a run draws from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Flavor {
+    /// Writes, removes, renames, a directory removed and made.
+    Names,
+    /// Those, and mode changes, truncations and symlinks.
+    Attrs,
+}
 
 const NAMES: [&str; 4] = ["a", "b", "c", "d"];
 const DIR: &str = "sub";
@@ -39,9 +55,27 @@ async fn what_two_cut_off_gateways_wrote_all_reaches_the_origin() -> anyhow::Res
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(4);
-    let outcome = run(seed, epochs).await;
+    let outcome = run(seed, epochs, Flavor::Names).await;
     if let Err(e) = &outcome {
         anyhow::bail!("IMZ_CONFLICT_SEED={seed} IMZ_CONFLICT_EPOCHS={epochs}: {e:#}");
+    }
+    Ok(())
+}
+
+/// The same with modes, truncations and symlinks among the changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_two_cut_off_gateways_changed_attributes_and_links_of_reaches_the_origin()
+-> anyhow::Result<()> {
+    let seed = Rng::seed_from_env("IMZ_CONFLICT_SEED", 20261127)?;
+    let epochs: usize = std::env::var("IMZ_CONFLICT_EPOCHS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(4);
+    let outcome = run(seed, epochs, Flavor::Attrs).await;
+    if let Err(e) = &outcome {
+        anyhow::bail!(
+            "IMZ_CONFLICT_SEED={seed} IMZ_CONFLICT_EPOCHS={epochs} (attributes and links): {e:#}"
+        );
     }
     Ok(())
 }
@@ -77,7 +111,7 @@ async fn a_file_removed_at_one_gateway_and_renamed_at_the_other_comes_back_renam
     at_a.remove(&root_a, "d").await?;
     at_a.rename(&root_a, "e", &sub_a, "e").await?;
     sync_both(&mut fx, &b)?;
-    let want = origin_tree(&fx.root)?;
+    let want = origin_tree(&fx.root, Flavor::Names)?;
     anyhow::ensure!(
         want.get("b") == Some(&Some(b"origin's c".to_vec()))
             && want.get("sub/e") == Some(&Some(b"origin's e".to_vec())),
@@ -87,7 +121,7 @@ async fn a_file_removed_at_one_gateway_and_renamed_at_the_other_comes_back_renam
     for (who, nfs) in [("A", &mut at_a), ("B", &mut at_b)] {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            let got = served(nfs).await?;
+            let got = served(nfs, Flavor::Names).await?;
             if got == want {
                 break;
             }
@@ -133,7 +167,7 @@ async fn a_file_moved_out_of_a_directory_removed_elsewhere_is_created_again() ->
     let sub_b = at_b.lookup_path(DIR).await?;
     at_b.rename(&sub_b, "d", &root_b, "moved").await?;
     sync_both(&mut fx, &b)?;
-    let at_origin = origin_tree(&fx.root)?;
+    let at_origin = origin_tree(&fx.root, Flavor::Names)?;
     anyhow::ensure!(
         at_origin.get("moved") == Some(&Some(b"origin's sub/d".to_vec()))
             && !at_origin.contains_key(DIR),
@@ -215,14 +249,14 @@ async fn seeds_that_found_faults_lose_nothing() -> anyhow::Result<()> {
         (1795813303091303547, 13),
     ];
     for (seed, epochs) in seeds {
-        if let Err(e) = run(seed, epochs).await {
+        if let Err(e) = run(seed, epochs, Flavor::Names).await {
             anyhow::bail!("IMZ_CONFLICT_SEED={seed} IMZ_CONFLICT_EPOCHS={epochs}: {e:#}");
         }
     }
     Ok(())
 }
 
-async fn run(seed: u64, epochs: usize) -> anyhow::Result<()> {
+async fn run(seed: u64, epochs: usize, flavor: Flavor) -> anyhow::Result<()> {
     let mut rng = Rng::new(seed);
     let TwoGateways {
         mut fx,
@@ -245,21 +279,28 @@ async fn run(seed: u64, epochs: usize) -> anyhow::Result<()> {
         let mut log = Vec::new();
         for step in 0..2 * OPS {
             let g = rng.below(2) as usize;
-            let what = change(&mut rng, &mut clients[g], gateways[g], epoch, step).await?;
+            let what = change(
+                &mut rng,
+                &mut clients[g],
+                (gateways[g], flavor),
+                epoch,
+                step,
+            )
+            .await?;
             log.push(format!("{}: {what}", gateways[g]));
         }
         // What each gateway showed its clients, written in this epoch.
         let mut written = BTreeSet::new();
         for (g, nfs) in clients.iter_mut().enumerate() {
             let mark = format!("{}:{epoch}:", gateways[g]);
-            for content in served(nfs).await?.into_values().flatten() {
+            for content in served(nfs, flavor).await?.into_values().flatten() {
                 if content.starts_with(mark.as_bytes()) {
                     written.insert(content);
                 }
             }
         }
         sync_both(&mut fx, &b)?;
-        let at_origin = origin_tree(&fx.root)?;
+        let at_origin = origin_tree(&fx.root, flavor)?;
         let kept: BTreeSet<&Vec<u8>> = at_origin.values().flatten().collect();
         let lost: Vec<String> = written
             .iter()
@@ -277,10 +318,13 @@ async fn run(seed: u64, epochs: usize) -> anyhow::Result<()> {
         for (g, nfs) in clients.iter_mut().enumerate() {
             let deadline = Instant::now() + Duration::from_secs(10);
             loop {
-                let want = origin_tree(&fx.root)?;
+                let want = origin_tree(&fx.root, flavor)?;
                 // A walk that meets an object replaced under it (a stale
                 // handle) looks again, as a client would.
-                let got = served(nfs).await.unwrap_or_default();
+                let (got, walk_failed) = match served(nfs, flavor).await {
+                    Ok(tree) => (tree, None),
+                    Err(e) => (Tree::new(), Some(format!("{e:#}"))),
+                };
                 if got == want {
                     break;
                 }
@@ -288,9 +332,12 @@ async fn run(seed: u64, epochs: usize) -> anyhow::Result<()> {
                     let status =
                         [&fx.gateway, &b].map(|gw| gw.ctl(&["status"]).unwrap_or_default());
                     anyhow::bail!(
-                        "epoch {epoch}: gateway {} serves {:?}, the origin holds {:?}\noperations:\n{}\nstatus of A:\n{}\nstatus of B:\n{}",
+                        "epoch {epoch}: gateway {} serves {:?}{}, the origin holds {:?}\noperations:\n{}\nstatus of A:\n{}\nstatus of B:\n{}",
                         gateways[g],
                         brief(&got),
+                        walk_failed
+                            .map(|e| format!(" (its walk failed: {e})"))
+                            .unwrap_or_default(),
                         brief(&want),
                         log.join("\n"),
                         status[0],
@@ -327,8 +374,8 @@ async fn two_gateways(
     )?;
     let mut at_a = Nfs::mount(fx.port(), "/imz").await?;
     let mut at_b = Nfs::mount(b.port, "/imz").await?;
-    served(&mut at_a).await?;
-    served(&mut at_b).await?;
+    served(&mut at_a, Flavor::Names).await?;
+    served(&mut at_b, Flavor::Names).await?;
     Ok(TwoGateways { fx, b, at_a, at_b })
 }
 
@@ -345,7 +392,7 @@ fn sync_both(fx: &mut Fixture, b: &GatewayProc) -> anyhow::Result<()> {
 async fn change(
     rng: &mut Rng,
     nfs: &mut Nfs,
-    gateway: &str,
+    (gateway, flavor): (&str, Flavor),
     epoch: usize,
     step: usize,
 ) -> anyhow::Result<String> {
@@ -359,11 +406,44 @@ async fn change(
         Some((p, l)) => (p.to_owned(), l.to_owned()),
         None => (String::new(), path.clone()),
     };
-    let (what, result): (String, Result<(), NfsError>) = match rng.below(10) {
+    let kinds = match flavor {
+        Flavor::Names => 10,
+        Flavor::Attrs => 13,
+    };
+    let (what, result): (String, Result<(), NfsError>) = match rng.below(kinds) {
         0..=4 => {
             let content = format!("{gateway}:{epoch}:{step}:{}", rng.next_u64());
-            let done = nfs.put_file(&path, content.as_bytes()).await.map(|_| ());
+            // A client writing through a symlink writes its target; these
+            // targets name nothing, so the write is left out.
+            let done = match kind_of(nfs, &path).await {
+                Some(ftype3::NF3LNK) => Ok(()),
+                _ => nfs.put_file(&path, content.as_bytes()).await.map(|_| ()),
+            };
             (format!("write {path}"), done)
+        }
+        10 => {
+            let mode = *rng.pick(&[0o600, 0o644, 0o755]).unwrap_or(&0o644);
+            let done = match kind_of(nfs, &path).await {
+                Some(ftype3::NF3REG) => set(nfs, &path, Some(mode), None).await,
+                _ => Ok(()),
+            };
+            (format!("chmod {mode:o} {path}"), done)
+        }
+        11 => {
+            let size = rng.below(8);
+            let done = match kind_of(nfs, &path).await {
+                Some(ftype3::NF3REG) => set(nfs, &path, None, Some(size)).await,
+                _ => Ok(()),
+            };
+            (format!("truncate {path} to {size}"), done)
+        }
+        12 => {
+            let target = format!("{gateway}:{epoch}:{step}:{}", rng.next_u64());
+            let done = match nfs.lookup_path(&parent).await {
+                Ok(dir) => nfs.symlink(&dir, leaf.as_str(), &target).await.map(|_| ()),
+                Err(e) => Err(e),
+            };
+            (format!("symlink {path}"), done)
         }
         5..=6 => {
             let done = match nfs.lookup_path(&parent).await {
@@ -410,6 +490,28 @@ async fn change(
     }
 }
 
+/// What `path` is, if it is.
+async fn kind_of(nfs: &mut Nfs, path: &str) -> Option<ftype3> {
+    let fh = nfs.lookup_path(path).await.ok()?;
+    nfs.getattr(&fh).await.ok().map(|a| a.type_)
+}
+
+/// Sets the mode or the size of the file at `path`.
+async fn set(
+    nfs: &mut Nfs,
+    path: &str,
+    mode: Option<u32>,
+    size: Option<u64>,
+) -> Result<(), NfsError> {
+    let fh = nfs.lookup_path(path).await?;
+    let attrs = imz_integration::nfs::Attrs {
+        mode,
+        size,
+        ..Default::default()
+    };
+    nfs.setattr(&fh, &attrs).await.map(|_| ())
+}
+
 fn ignore_refusal(result: Result<(), NfsError>) -> Result<(), NfsError> {
     match result {
         Err(NfsError::Status(
@@ -423,8 +525,9 @@ fn ignore_refusal(result: Result<(), NfsError>) -> Result<(), NfsError> {
     }
 }
 
-/// What a gateway serves: every path, with each file's content.
-async fn served(nfs: &mut Nfs) -> anyhow::Result<Tree> {
+/// What a gateway serves: every path, with each file's content (and, in
+/// [`Flavor::Attrs`], modes and symlinks as [`Tree`] says).
+async fn served(nfs: &mut Nfs, flavor: Flavor) -> anyhow::Result<Tree> {
     let mut tree = Tree::new();
     let mut stack = vec![(nfs.root.clone(), String::new())];
     while let Some((dir, path)) = stack.pop() {
@@ -437,6 +540,13 @@ async fn served(nfs: &mut Nfs) -> anyhow::Result<Tree> {
             } else {
                 format!("{path}/{name}")
             };
+            if flavor == Flavor::Attrs {
+                if attr.type_ == ftype3::NF3LNK {
+                    tree.insert(format!("{p}@link"), Some(nfs.readlink_bytes(&fh).await?));
+                    continue;
+                }
+                tree.insert(format!("{p}#mode"), Some(mode_text(attr.mode)));
+            }
             if attr.type_ == ftype3::NF3DIR {
                 tree.insert(p.clone(), None);
                 stack.push((fh, p));
@@ -448,8 +558,10 @@ async fn served(nfs: &mut Nfs) -> anyhow::Result<Tree> {
     Ok(tree)
 }
 
-/// What the origin's directory holds (its state directory left out).
-fn origin_tree(root: &Path) -> anyhow::Result<Tree> {
+/// What the origin's directory holds (its state directory left out), as
+/// [`served`] shows it.
+fn origin_tree(root: &Path, flavor: Flavor) -> anyhow::Result<Tree> {
+    use std::os::unix::fs::PermissionsExt;
     let mut tree = Tree::new();
     let mut stack = vec![(root.to_path_buf(), String::new())];
     while let Some((dir, path)) = stack.pop() {
@@ -464,7 +576,20 @@ fn origin_tree(root: &Path) -> anyhow::Result<Tree> {
             } else {
                 format!("{path}/{name}")
             };
-            if entry.file_type()?.is_dir() {
+            let meta = entry.path().symlink_metadata()?;
+            if flavor == Flavor::Attrs {
+                if meta.file_type().is_symlink() {
+                    let target = std::fs::read_link(entry.path())?;
+                    let bytes = target.into_os_string().into_encoded_bytes();
+                    tree.insert(format!("{p}@link"), Some(bytes));
+                    continue;
+                }
+                tree.insert(
+                    format!("{p}#mode"),
+                    Some(mode_text(meta.permissions().mode())),
+                );
+            }
+            if meta.is_dir() {
                 tree.insert(p.clone(), None);
                 stack.push((entry.path(), p));
             } else {
@@ -473,6 +598,10 @@ fn origin_tree(root: &Path) -> anyhow::Result<Tree> {
         }
     }
     Ok(tree)
+}
+
+fn mode_text(mode: u32) -> Vec<u8> {
+    format!("{:o}", mode & 0o7777).into_bytes()
 }
 
 /// A tree in a line: each path with its content as text.
@@ -510,7 +639,7 @@ async fn a_file_written_at_two_gateways_and_replaced_at_one_loses_nothing() -> a
     at_b.rename(&root, "new", &root, "a").await?;
     at_a.put_file("a", b"A's a").await?;
     sync_both(&mut fx, &b)?;
-    let at_origin = origin_tree(&fx.root)?;
+    let at_origin = origin_tree(&fx.root, Flavor::Names)?;
     let contents: BTreeSet<&[u8]> = at_origin.values().flatten().map(Vec::as_slice).collect();
     for kept in [&b"A's a"[..], b"B's new file"] {
         anyhow::ensure!(
