@@ -39,12 +39,16 @@ type Tree = BTreeMap<String, Option<Vec<u8>>>;
 enum Flavor {
     /// Writes, removes, renames, a directory removed and made.
     Names,
-    /// Those, and mode changes, truncations and symlinks.
+    /// Those, and mode changes, truncations, symlinks, directories made
+    /// and moved.
     Attrs,
 }
 
 const NAMES: [&str; 4] = ["a", "b", "c", "d"];
 const DIR: &str = "sub";
+/// The names [`Flavor::Attrs`] changes: the directory among them, so that
+/// it is moved, and moved into, too.
+const ATTR_NAMES: [&str; 5] = ["a", "b", "c", "d", DIR];
 /// Operations per gateway in an epoch.
 const OPS: usize = 10;
 
@@ -396,7 +400,11 @@ async fn change(
     epoch: usize,
     step: usize,
 ) -> anyhow::Result<String> {
-    let name = *rng.pick(&NAMES).unwrap_or(&"a");
+    let names = match flavor {
+        Flavor::Names => &NAMES[..],
+        Flavor::Attrs => &ATTR_NAMES[..],
+    };
+    let name = *rng.pick(names).unwrap_or(&"a");
     let path = if rng.below(2) == 0 {
         name.to_owned()
     } else {
@@ -408,7 +416,7 @@ async fn change(
     };
     let kinds = match flavor {
         Flavor::Names => 10,
-        Flavor::Attrs => 13,
+        Flavor::Attrs => 14,
     };
     let (what, result): (String, Result<(), NfsError>) = match rng.below(kinds) {
         0..=4 => {
@@ -445,6 +453,13 @@ async fn change(
             };
             (format!("symlink {path}"), done)
         }
+        13 => {
+            let done = match nfs.lookup_path(&parent).await {
+                Ok(dir) => nfs.mkdir(&dir, leaf.as_str()).await.map(|_| ()),
+                Err(e) => Err(e),
+            };
+            (format!("mkdir {path}"), done)
+        }
         5..=6 => {
             let done = match nfs.lookup_path(&parent).await {
                 Ok(dir) => nfs.remove(&dir, leaf.as_str()).await,
@@ -453,7 +468,7 @@ async fn change(
             (format!("remove {path}"), done)
         }
         7..=8 => {
-            let to = *rng.pick(&NAMES).unwrap_or(&"b");
+            let to = *rng.pick(names).unwrap_or(&"b");
             let (to_parent, to_path) = match rng.below(2) {
                 0 => (String::new(), to.to_owned()),
                 _ => (DIR.to_owned(), format!("{DIR}/{to}")),
@@ -461,7 +476,13 @@ async fn change(
             let done = async {
                 let from_dir = nfs.lookup_path(&parent).await?;
                 let to_dir = nfs.lookup_path(&to_parent).await?;
-                nfs.rename(&from_dir, leaf.as_str(), &to_dir, to).await
+                match nfs.rename(&from_dir, leaf.as_str(), &to_dir, to).await {
+                    // A directory into itself, as rename(2) refuses it.
+                    Err(NfsError::Status(nfsstat3::NFS3ERR_INVAL)) if flavor == Flavor::Attrs => {
+                        Ok(())
+                    }
+                    other => other,
+                }
             }
             .await;
             (format!("rename {path} -> {to_path}"), done)
