@@ -10,7 +10,7 @@
 //! | remove/rename (we removed, they moved it) | theirs comes back where they moved it | same | same | held |
 //! | create/create of a name | ours gets the conflict name | ours replaces theirs (files) | theirs stays, ours saved | held |
 //! | directory created on both sides | merged into one | merged | merged | merged |
-//! | parent removed at the origin | parent created again | same | ours saved | held |
+//! | parent removed at the origin | parent created again (under a conflict name if its name holds something else now) | same | ours saved | held |
 //! | moved out of a directory removed at the origin (with it) | ours created again | same | ours saved, the file goes | held |
 //! | rename/rename | the origin's name stays | the origin's name stays | the origin's name stays | held |
 //! | moved out of a directory removed at the origin, which moved it out first | the origin's name stays | same | same | held |
@@ -1380,44 +1380,55 @@ async fn recreate_dir_chain(vfs: &Vfs, gateway_id: &str, dir: FileId) -> Result<
             .origin
             .ok_or_else(|| VfsError::Io("parent has no origin id".into()))?
             .id;
-        let key = format!("{gateway_id}-recreate-{fid}-{}", now_nanos());
-        let batch = wire::Batch {
-            ops: vec![wire::KeyedOp {
-                key,
-                op: wire::Op::Create {
-                    parent: wire::ObjRef::Id(parent_id),
-                    name: obj.name.clone(),
-                    object: wire::NewObject::Dir,
-                    attrs: wire::SetAttrs {
-                        mode: Some(obj.attrs.mode),
-                        ..Default::default()
+        // Its name may hold something else now (a file made there since):
+        // the directory comes back under a conflict name beside it.
+        let now = now_nanos();
+        let mut n = 0;
+        let (attr, name) = loop {
+            let name = match n {
+                0 => obj.name.clone(),
+                n => conflict_name(&obj.name, gateway_id, now, n),
+            };
+            let batch = wire::Batch {
+                ops: vec![wire::KeyedOp {
+                    key: format!("{gateway_id}-recreate-{fid}-{now}-{n}"),
+                    op: wire::Op::Create {
+                        parent: wire::ObjRef::Id(parent_id),
+                        name: name.clone(),
+                        object: wire::NewObject::Dir,
+                        attrs: wire::SetAttrs {
+                            mode: Some(obj.attrs.mode),
+                            ..Default::default()
+                        },
                     },
-                },
-            }],
-        };
-        let answer = vfs
-            .origin
-            .reintegrate(&batch)
-            .await
-            .map_err(|e| vfs.origin_failed(e))?;
-        let attr = match answer.results.first() {
-            Some(OpResult::Applied { attr, .. } | OpResult::Replayed { attr, .. }) => attr.clone(),
-            Some(OpResult::Conflict(c))
-                if c.reason == ConflictReason::NameExists
-                    && c.current
-                        .as_ref()
-                        .is_some_and(|a| a.kind == wire::Kind::Dir) =>
-            {
-                c.current
-                    .clone()
-                    .ok_or_else(|| VfsError::Io("no current".into()))?
+                }],
+            };
+            let answer = vfs
+                .origin
+                .reintegrate(&batch)
+                .await
+                .map_err(|e| vfs.origin_failed(e))?;
+            match answer.results.first() {
+                Some(OpResult::Applied { attr, .. } | OpResult::Replayed { attr, .. }) => {
+                    break (attr.clone(), name);
+                }
+                Some(OpResult::Conflict(c)) if c.reason == ConflictReason::NameExists => {
+                    match &c.current {
+                        Some(a) if a.kind == wire::Kind::Dir => break (a.clone(), name),
+                        _ if n < MAX_COPIES => {
+                            n += 1;
+                            continue;
+                        }
+                        _ => {}
+                    }
+                }
+                _ => {}
             }
-            other => {
-                return Err(VfsError::Io(format!(
-                    "could not create {} again: {other:?}",
-                    obj.name
-                )));
-            }
+            return Err(VfsError::Io(format!(
+                "could not create {} again: {:?}",
+                obj.name,
+                answer.results.first()
+            )));
         };
         vfs.writer
             .run(0, move |tx| {
@@ -1426,6 +1437,20 @@ async fn recreate_dir_chain(vfs: &Vfs, gateway_id: &str, dir: FileId) -> Result<
                     id: attr.id,
                     version: attr.version,
                 });
+                if o.name != name {
+                    if tx.lookup(o.parent, &o.name)? == Some(fid) {
+                        tx.unlink(o.parent, &o.name)?;
+                    }
+                    if let Some(mut dir) = tx.get(o.parent)? {
+                        // The name it leaves is the origin's now.
+                        dir.listed = false;
+                        tx.put(o.parent, &dir)?;
+                    }
+                    o.name = name.clone();
+                    if !o.removed {
+                        tx.link(o.parent, &name, fid)?;
+                    }
+                }
                 if o.removed {
                     o.removed = false;
                     if tx.lookup(o.parent, &o.name)?.is_none() {
