@@ -724,12 +724,32 @@ async fn rebase(vfs: &Vfs, fid: FileId, current: Option<&wire::Attr>) -> Result<
     vfs.writer
         .run(0, move |tx| {
             let mut obj = tx.object(fid)?;
+            let theirs = coherence::attrs_from(&current);
             if obj.log.store.is_none() && obj.kind == Kind::File {
                 // Our chunks were of the old version and we have no content
                 // change to ship: they must not pass for the new one.
                 tx.drop_data(fid)?;
                 obj.origin_extent = current.size;
                 obj.attrs.size = current.size;
+            }
+            let mut ours_set = false;
+            for seq in tx.content_records(fid)? {
+                ours_set |= matches!(
+                    tx.log_record(seq)?.map(|r| r.op),
+                    Some(LogOp::SetAttr { .. })
+                );
+            }
+            if !ours_set {
+                // Nor any attribute change: theirs (a mode changed there)
+                // are the file's, as the origin will show them.
+                obj.attrs.mode = theirs.mode;
+                obj.attrs.uid = theirs.uid;
+                obj.attrs.gid = theirs.gid;
+                obj.attrs.atime = theirs.atime;
+                obj.attrs.ctime = obj.attrs.ctime.max(theirs.ctime);
+                if obj.log.store.is_none() {
+                    obj.attrs.mtime = theirs.mtime;
+                }
             }
             obj.origin = Some(OriginRef {
                 id: current.id,

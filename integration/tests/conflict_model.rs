@@ -145,9 +145,11 @@ async fn a_file_removed_at_one_gateway_and_renamed_at_the_other_comes_back_renam
 /// 1795815290218966975: a file moved at one gateway into a directory the
 /// other removed and then made a file of that name: the directory could
 /// not be made again under its name, and the move was held for a person.
+/// Seed 1795815364805950635: a file moved at one gateway, its mode changed
+/// at the other: "moved as well" kept the old mode at the first gateway.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn attribute_seeds_that_found_faults_lose_nothing() -> anyhow::Result<()> {
-    for (seed, epochs) in [(1795815290218966975, 6)] {
+    for (seed, epochs) in [(1795815290218966975, 6), (1795815364805950635, 1)] {
         if let Err(e) = run(seed, epochs, Flavor::Attrs).await {
             anyhow::bail!(
                 "IMZ_CONFLICT_SEED={seed} IMZ_CONFLICT_EPOCHS={epochs} (attributes and links): {e:#}"
