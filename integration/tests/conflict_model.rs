@@ -54,32 +54,38 @@ const OPS: usize = 10;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn what_two_cut_off_gateways_wrote_all_reaches_the_origin() -> anyhow::Result<()> {
-    let seed = Rng::seed_from_env("IMZ_CONFLICT_SEED", 20261127)?;
-    let epochs: usize = std::env::var("IMZ_CONFLICT_EPOCHS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(4);
-    let outcome = run(seed, epochs, Flavor::Names).await;
-    if let Err(e) = &outcome {
-        anyhow::bail!("IMZ_CONFLICT_SEED={seed} IMZ_CONFLICT_EPOCHS={epochs}: {e:#}");
-    }
-    Ok(())
+    run_from_env(Flavor::Names).await
 }
 
-/// The same with modes, truncations and symlinks among the changes.
+/// The same with modes, truncations, symlinks and directories moved among
+/// the changes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn what_two_cut_off_gateways_changed_attributes_and_links_of_reaches_the_origin()
 -> anyhow::Result<()> {
+    run_from_env(Flavor::Attrs).await
+}
+
+/// A run with the seed and the number of epochs the environment sets (see
+/// the module doc).
+async fn run_from_env(flavor: Flavor) -> anyhow::Result<()> {
     let seed = Rng::seed_from_env("IMZ_CONFLICT_SEED", 20261127)?;
     let epochs: usize = std::env::var("IMZ_CONFLICT_EPOCHS")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(4);
-    let outcome = run(seed, epochs, Flavor::Attrs).await;
-    if let Err(e) = &outcome {
-        anyhow::bail!(
-            "IMZ_CONFLICT_SEED={seed} IMZ_CONFLICT_EPOCHS={epochs} (attributes and links): {e:#}"
-        );
+    replay(&[(seed, epochs)], flavor).await
+}
+
+/// Runs each `(seed, epochs)`; a failure says how to run it again.
+async fn replay(runs: &[(u64, usize)], flavor: Flavor) -> anyhow::Result<()> {
+    for &(seed, epochs) in runs {
+        if let Err(e) = run(seed, epochs, flavor).await {
+            let which = match flavor {
+                Flavor::Names => "",
+                Flavor::Attrs => " (attributes and links)",
+            };
+            anyhow::bail!("IMZ_CONFLICT_SEED={seed} IMZ_CONFLICT_EPOCHS={epochs}{which}: {e:#}");
+        }
     }
     Ok(())
 }
@@ -149,14 +155,11 @@ async fn a_file_removed_at_one_gateway_and_renamed_at_the_other_comes_back_renam
 /// at the other: "moved as well" kept the old mode at the first gateway.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn attribute_seeds_that_found_faults_lose_nothing() -> anyhow::Result<()> {
-    for (seed, epochs) in [(1795815290218966975, 6), (1795815364805950635, 1)] {
-        if let Err(e) = run(seed, epochs, Flavor::Attrs).await {
-            anyhow::bail!(
-                "IMZ_CONFLICT_SEED={seed} IMZ_CONFLICT_EPOCHS={epochs} (attributes and links): {e:#}"
-            );
-        }
-    }
-    Ok(())
+    replay(
+        &[(1795815290218966975, 6), (1795815364805950635, 1)],
+        Flavor::Attrs,
+    )
+    .await
 }
 
 /// Found by the model (seed 5): a file moved out of a directory at one
@@ -270,12 +273,7 @@ async fn seeds_that_found_faults_lose_nothing() -> anyhow::Result<()> {
         (1795813211769314221, 5),
         (1795813303091303547, 13),
     ];
-    for (seed, epochs) in seeds {
-        if let Err(e) = run(seed, epochs, Flavor::Names).await {
-            anyhow::bail!("IMZ_CONFLICT_SEED={seed} IMZ_CONFLICT_EPOCHS={epochs}: {e:#}");
-        }
-    }
-    Ok(())
+    replay(&seeds, Flavor::Names).await
 }
 
 async fn run(seed: u64, epochs: usize, flavor: Flavor) -> anyhow::Result<()> {
