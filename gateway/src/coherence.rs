@@ -133,6 +133,12 @@ pub fn upsert_entry(
         let occ = tx.object(occupant)?;
         let same = occ.origin.is_some_and(|o| o.id == attr.id);
         if !same && (occ.is_dirty() || occ.is_local()) {
+            if source == Source::Journal {
+                // The directory's version moves on without this entry:
+                // it lists itself again once nothing below it waits
+                // (whatever then holds the name at the origin).
+                tx.mark_resync(dir)?;
+            }
             return Ok(occupant);
         }
     }
@@ -194,6 +200,14 @@ pub fn upsert_entry(
                 // Renamed at the origin: leave the old place.
                 if tx.lookup(obj.parent, &obj.name)? == Some(fid) {
                     tx.unlink(obj.parent, &obj.name)?;
+                }
+                if source != Source::Journal && obj.parent != dir {
+                    // Found elsewhere by a listing or a conflict's answer,
+                    // not told by the journal: what the origin has at the
+                    // name it left is not known here (a record for it may
+                    // have passed while a change of ours held the name), so
+                    // that directory is listed again.
+                    tx.mark_resync(obj.parent)?;
                 }
                 obj.parent = dir;
                 obj.name = name.to_owned();

@@ -71,30 +71,37 @@ pub async fn place_one(vfs: &Vfs, fid: FileId) -> Result<(), VfsError> {
         .place(origin.id)
         .await
         .map_err(|e| vfs.origin_failed(e))?;
-    vfs.writer
+    // Directories this leaves unlisted, listed again at once: a directory
+    // that is not listed cannot answer for a name it lacks while the
+    // origin is away.
+    let unlisted = vfs
+        .writer
         .run(0, move |tx| {
             let Some(mut obj) = tx.get(fid)? else {
                 tx.unmark_resync(fid)?;
-                return Ok(());
+                return Ok(Vec::new());
             };
             // Changed here again since it was asked for (or something
             // below it): placed once the log is done with that too.
             if tx.needed_by_log(fid)? {
-                return Ok(());
+                return Ok(Vec::new());
             }
             tx.unmark_resync(fid)?;
             // The name it leaves here may be the origin's for another
             // object, which the follower could not link while ours held
-            // it: the directory lists itself again when next used.
+            // it: that directory is listed again.
             let (was_in, was_named) = (obj.parent, obj.name.clone());
-            let relist_if_left = |tx: &mut imz_cache::WriteTxn<'_>| -> Result<(), VfsError> {
+            let relist_if_left = |tx: &mut imz_cache::WriteTxn<'_>,
+                                  mut unlisted: Vec<FileId>|
+             -> Result<Vec<FileId>, VfsError> {
                 if tx.lookup(was_in, &was_named)? != Some(fid)
                     && let Some(mut dir) = tx.get(was_in)?.filter(|d| d.is_dir())
                 {
                     dir.listed = false;
                     tx.put(was_in, &dir)?;
+                    unlisted.push(was_in);
                 }
-                Ok(())
+                Ok(unlisted)
             };
             let Some(place) = place else {
                 // Gone at the origin.
@@ -102,20 +109,22 @@ pub async fn place_one(vfs: &Vfs, fid: FileId) -> Result<(), VfsError> {
                     tx.unlink(obj.parent, &obj.name)?;
                 }
                 tx.remove_tree(fid)?;
-                return relist_if_left(tx);
+                return relist_if_left(tx, Vec::new());
             };
             if obj.origin.map_or(0, |o| o.version) > place.attr.version {
                 // The journal has brought newer news meanwhile.
-                return Ok(());
+                return Ok(Vec::new());
             }
             let attr = place.attr;
             coherence::refresh(tx, fid, &mut obj, &attr, Source::Fetch)?;
+            let mut unlisted = Vec::new();
             if obj.is_dir() {
                 obj.listed = false;
+                unlisted.push(fid);
             }
             tx.put(fid, &obj)?;
             if fid == ROOT_FILEID {
-                return Ok(());
+                return Ok(unlisted);
             }
             match tx.by_origin(place.parent)? {
                 Some(dir) if tx.live_dir(dir)? => {
@@ -127,11 +136,17 @@ pub async fn place_one(vfs: &Vfs, fid: FileId) -> Result<(), VfsError> {
                         tx.unlink(obj.parent, &obj.name)?;
                     }
                     tx.remove_tree(fid)?;
+                    unlisted.retain(|d| *d != fid);
                 }
             }
-            relist_if_left(tx)
+            relist_if_left(tx, unlisted)
         })
         .await?;
+    for dir in unlisted {
+        if let Err(e) = vfs.ensure_listed(dir).await {
+            tracing::debug!(dir, error = %e, "listing again after placing: left for later");
+        }
+    }
     tracing::debug!(fid, origin = origin.id, "placed again as at the origin");
     Ok(())
 }

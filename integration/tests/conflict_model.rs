@@ -153,10 +153,17 @@ async fn a_file_removed_at_one_gateway_and_renamed_at_the_other_comes_back_renam
 /// not be made again under its name, and the move was held for a person.
 /// Seed 1795815364805950635: a file moved at one gateway, its mode changed
 /// at the other: "moved as well" kept the old mode at the first gateway.
+/// Seed 1795815892189287563: a file written at one gateway, moved at the
+/// other, which made a new file at its name: settling a conflict at the
+/// place it moved to brought it there, and the name it left stayed empty.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn attribute_seeds_that_found_faults_lose_nothing() -> anyhow::Result<()> {
     replay(
-        &[(1795815290218966975, 6), (1795815364805950635, 1)],
+        &[
+            (1795815290218966975, 6),
+            (1795815364805950635, 1),
+            (1795815892189287563, 8),
+        ],
         Flavor::Attrs,
     )
     .await
