@@ -540,6 +540,18 @@ pub(crate) mod tests {
         .expect("upsert")
     }
 
+    /// Directory `name` in the root, cached as origin object `id`.
+    fn cached_dir(tx: &mut WriteTxn<'_>, name: &str, id: u64) -> FileId {
+        upsert_entry(
+            tx,
+            ROOT_FILEID,
+            name,
+            &attr(id, wire::Kind::Dir, 2, 0),
+            Source::Fetch,
+        )
+        .expect("upsert")
+    }
+
     /// Applies the journal's record `seq`: origin object `id` moved from
     /// `from` to `to` in the root, replacing object `replaced`.
     fn apply_rename_in_root(
@@ -841,5 +853,49 @@ pub(crate) mod tests {
             obj.origin_extent, obj.attrs.size,
             "its bytes are read from the origin"
         );
+    }
+
+    /// A journal record naming a name a change of ours holds leaves the
+    /// entry to ours; the directory is marked to be listed again once our
+    /// change is sent (seed 1795815892189287563 of the conflict model's
+    /// second flavor). A listing that finds a cached file in another
+    /// directory marks the one it left.
+    #[test]
+    fn names_left_unlinked_mark_their_directories_for_resync() {
+        let (_d, cache) = setup();
+        let mut tx = cache.write().expect("write");
+        let ours = cached_file(&mut tx, "d", 7, 2);
+        tx.log(imz_cache::LogOp::Store { fid: ours }, 0)
+            .expect("log");
+        let dir = attr(1, wire::Kind::Dir, 5, 0);
+        apply_record(
+            &mut tx,
+            &rec(
+                5,
+                Change::Create {
+                    parent: dir,
+                    name: "d".into(),
+                    attr: attr(9, wire::Kind::File, 5, 1),
+                },
+            ),
+            &mut Applied::default(),
+        )
+        .expect("apply");
+        assert_eq!(tx.lookup(ROOT_FILEID, "d").expect("lookup"), Some(ours));
+        assert_eq!(tx.resync_marks().expect("marks"), vec![ROOT_FILEID]);
+        tx.unmark_resync(ROOT_FILEID).expect("unmark");
+
+        let sub = cached_dir(&mut tx, "sub", 20);
+        let other = cached_file(&mut tx, "e", 8, 2);
+        upsert_entry(
+            &mut tx,
+            sub,
+            "e",
+            &attr(8, wire::Kind::File, 6, 1),
+            Source::Fetch,
+        )
+        .expect("listing of sub");
+        assert_eq!(tx.lookup(sub, "e").expect("lookup"), Some(other));
+        assert_eq!(tx.resync_marks().expect("marks"), vec![ROOT_FILEID]);
     }
 }
