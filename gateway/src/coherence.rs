@@ -172,15 +172,16 @@ pub fn upsert_entry(
                 if obj.removed {
                     obj.parent = dir;
                     obj.name = name.to_owned();
-                } else if source == Source::Journal && (obj.parent != dir || obj.name != name) {
-                    // Moved there while changed here. The origin takes our
+                } else if obj.parent != dir || obj.name != name {
+                    // Moved there while changed here (the journal says so,
+                    // or a listing there shows it). The origin takes our
                     // change on the moved file (a move does not conflict
                     // with content), and no record would tell us again:
                     // once the log is done with it, it goes where the
                     // origin has it. So does the directory, which lists
-                    // itself again then: its version has moved on without
-                    // this entry, and the object may be forgotten before
-                    // it is placed (a listing where it is here).
+                    // itself again then: it has no entry for it, and the
+                    // object may be forgotten before it is placed (by a
+                    // listing where it is here).
                     tx.mark_resync(fid)?;
                     tx.mark_resync(dir)?;
                 }

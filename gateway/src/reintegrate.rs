@@ -109,6 +109,10 @@ static PLAN_HOLD: TestHold = TestHold::new("IMZ_TEST_PLAN_HOLD");
 /// Refusals of one record after which it is held for a person.
 const MAX_REFUSALS: u32 = 3;
 
+/// How soon an idle reintegrator looks again at objects marked to be
+/// placed as at the origin that it could not place yet.
+const RESYNC_RETRY: Duration = Duration::from_millis(250);
+
 /// What to record when an operation is applied.
 #[derive(Debug, Clone)]
 enum Done {
@@ -244,9 +248,21 @@ impl Reintegrator {
             match outcome {
                 Ok(Round::Shipped) => {}
                 Ok(Round::Idle) => {
+                    // Objects still marked to be placed (their log was not
+                    // done with them when this round looked, or a listing
+                    // marked them since) are looked at again shortly.
+                    let placing = crate::resync::pending(&self.vfs).unwrap_or(false);
+                    let retry = async {
+                        if placing {
+                            tokio::time::sleep(RESYNC_RETRY).await;
+                        } else {
+                            std::future::pending::<()>().await;
+                        }
+                    };
                     tokio::select! {
                         _ = self.vfs.log_changed.notified() => {}
                         _ = self.hurry.changed() => {}
+                        _ = retry => {}
                     }
                 }
                 Ok(Round::Wait(d)) => {

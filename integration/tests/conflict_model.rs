@@ -156,6 +156,10 @@ async fn a_file_removed_at_one_gateway_and_renamed_at_the_other_comes_back_renam
 /// Seed 1795815892189287563: a file written at one gateway, moved at the
 /// other, which made a new file at its name: settling a conflict at the
 /// place it moved to brought it there, and the name it left stayed empty.
+/// Seed 1795816764618898335: a file truncated at one gateway and moved at
+/// the other: the directory it moved to was listed while our change held
+/// it elsewhere, then listing where it was forgot it, and it was never
+/// shown where it went.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn attribute_seeds_that_found_faults_lose_nothing() -> anyhow::Result<()> {
     replay(
@@ -163,6 +167,7 @@ async fn attribute_seeds_that_found_faults_lose_nothing() -> anyhow::Result<()> 
             (1795815290218966975, 6),
             (1795815364805950635, 1),
             (1795815892189287563, 8),
+            (1795816764618898335, 15),
         ],
         Flavor::Attrs,
     )
