@@ -66,6 +66,11 @@ pub async fn place_one(vfs: &Vfs, fid: FileId) -> Result<(), VfsError> {
     let Some(origin) = obj.origin else {
         return unmark(vfs, fid).await;
     };
+    if vfs.cache.read()?.by_origin(origin.id)? != Some(fid) {
+        // Another cached object stands for that origin object now (ours,
+        // merged with theirs as one directory): it is the one to place.
+        return unmark(vfs, fid).await;
+    }
     let place = vfs
         .origin
         .place(origin.id)
