@@ -51,6 +51,11 @@ pub(crate) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta
 pub(crate) const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
 pub(crate) const CONFLICTS: TableDefinition<u64, &[u8]> = TableDefinition::new("conflicts");
 pub(crate) const RESYNC: TableDefinition<u64, ()> = TableDefinition::new("resync");
+/// For each object in [`RESYNC`] that the origin has: its origin id, so
+/// that what the origin has is placed even if the cached object goes first
+/// (released by the log as the target of a move that the origin took as
+/// a free name). A table of its own: caches made before it have `resync`.
+pub(crate) const RESYNC_ORIGIN: TableDefinition<u64, u64> = TableDefinition::new("resync_origin");
 
 /// Bumped whenever a table's encoding changes incompatibly.
 const FORMAT: u32 = 1;
@@ -231,6 +236,7 @@ impl Cache {
         tx.open_table(LOG)?;
         tx.open_table(CONFLICTS)?;
         tx.open_table(RESYNC)?;
+        tx.open_table(RESYNC_ORIGIN)?;
         tx.commit()?;
 
         let evict = Self::rebuild_accounting(&db)?;
@@ -671,6 +677,12 @@ macro_rules! getters {
                 out.push((k.value(), v.value().to_vec()));
             }
             Ok(out)
+        }
+
+        /// The origin id object `fid` had when it was marked, if any.
+        pub fn resync_origin(&self, fid: FileId) -> Result<Option<u64>> {
+            let t = self.tx.open_table(RESYNC_ORIGIN)?;
+            Ok(t.get(fid)?.map(|v| v.value()))
         }
 
         /// Objects marked to be placed again as the origin has them.
@@ -1306,14 +1318,22 @@ impl WriteTxn<'_> {
     /// Marks `fid` to be placed again as the origin has it, once the log
     /// no longer needs it.
     pub fn mark_resync(&mut self, fid: FileId) -> Result<()> {
+        let origin = self.get(fid)?.and_then(|o| o.origin).map(|o| o.id);
         let mut t = self.tx.open_table(RESYNC)?;
         t.insert(fid, ())?;
+        let mut ids = self.tx.open_table(RESYNC_ORIGIN)?;
+        match origin {
+            Some(id) => ids.insert(fid, id)?,
+            None => ids.remove(fid)?,
+        };
         Ok(())
     }
 
     pub fn unmark_resync(&mut self, fid: FileId) -> Result<()> {
         let mut t = self.tx.open_table(RESYNC)?;
         t.remove(fid)?;
+        let mut ids = self.tx.open_table(RESYNC_ORIGIN)?;
+        ids.remove(fid)?;
         Ok(())
     }
 

@@ -53,11 +53,14 @@ pub async fn run(vfs: &Vfs) -> Result<(), VfsError> {
 /// Places object `fid` where and as the origin has it, unless the log
 /// still refers to it (then a mark on it stays).
 pub async fn place_one(vfs: &Vfs, fid: FileId) -> Result<(), VfsError> {
-    let (obj, busy) = {
+    let (obj, busy, origin_id) = {
         let rx = vfs.cache.read()?;
-        (rx.get(fid)?, rx.needed_by_log(fid)?)
+        (rx.get(fid)?, rx.needed_by_log(fid)?, rx.resync_origin(fid)?)
     };
     let Some(obj) = obj else {
+        if let Some(id) = origin_id {
+            return place_gone(vfs, fid, id).await;
+        }
         return unmark(vfs, fid).await;
     };
     if busy {
@@ -153,6 +156,42 @@ pub async fn place_one(vfs: &Vfs, fid: FileId) -> Result<(), VfsError> {
         }
     }
     tracing::debug!(fid, origin = origin.id, "placed again as at the origin");
+    Ok(())
+}
+
+/// Marked object `fid`, origin object `id`, went from the cache before it
+/// was placed (the log released it: a move of ours replaced it here, and
+/// the origin, where it had moved away first, took the free name). What
+/// the origin has is cached where it is, if that directory is.
+async fn place_gone(vfs: &Vfs, fid: FileId, id: wire::ObjectId) -> Result<(), VfsError> {
+    let place = vfs
+        .origin
+        .place(id)
+        .await
+        .map_err(|e| vfs.origin_failed(e))?;
+    vfs.writer
+        .run(0, move |tx| {
+            tx.unmark_resync(fid)?;
+            let Some(place) = place else {
+                return Ok(());
+            };
+            if tx.by_origin(id)?.is_some() {
+                // Cached again meanwhile (a listing, the journal).
+                return Ok(());
+            }
+            if let Some(dir) = tx.by_origin(place.parent)?
+                && tx.live_dir(dir)?
+            {
+                coherence::upsert_entry(tx, dir, &place.name, &place.attr, Source::Fetch)?;
+            }
+            Ok(())
+        })
+        .await?;
+    tracing::debug!(
+        fid,
+        origin = id,
+        "placed again as at the origin, after it left the cache"
+    );
     Ok(())
 }
 

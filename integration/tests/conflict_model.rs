@@ -267,7 +267,11 @@ async fn a_file_moved_out_of_a_directory_removed_elsewhere_is_created_again() ->
 /// moved away first: the replaced file was taken for gone for good there.
 /// Seed 1795813303091303547: a file moved differently at both: the origin's
 /// name stayed, but the gateway forgot the file instead of moving it
-/// there, and the follower had left that name to the moved one.
+/// there, and the follower had left that name to the moved one. Seed
+/// 1795817911154713765: a file moved differently at both, then replaced
+/// by another move at one: the origin kept its name for it (so the
+/// replacing move took a free name), but that gateway forgot it with the
+/// move's record before placing it, and never showed it again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn seeds_that_found_faults_lose_nothing() -> anyhow::Result<()> {
     let seeds = [
@@ -289,6 +293,7 @@ async fn seeds_that_found_faults_lose_nothing() -> anyhow::Result<()> {
         (1795809546963891659, 9),
         (1795813211769314221, 5),
         (1795813303091303547, 13),
+        (1795817911154713765, 11),
     ];
     replay(&seeds, Flavor::Names).await
 }
