@@ -1571,6 +1571,28 @@ mod tests {
         assert!(!tx.holds_changes(other).expect("other"));
     }
 
+    /// A mark remembers the origin id of what it marks, so that resync can
+    /// place what the origin has after the cached object is gone; an
+    /// unmark forgets both.
+    #[test]
+    fn a_resync_mark_keeps_the_origin_id_until_unmarked() {
+        let (_dir, cache) = open(1 << 20);
+        let mut tx = cache.write().expect("write");
+        let mut known = file(0, 0);
+        known.origin = Some(crate::object::OriginRef { id: 45, version: 3 });
+        let f = tx.create(ROOT_FILEID, "f", &known).expect("create");
+        let local = tx.create(ROOT_FILEID, "g", &file(0, 0)).expect("create");
+        tx.mark_resync(f).expect("mark");
+        tx.mark_resync(local).expect("mark");
+        tx.unlink(ROOT_FILEID, "f").expect("unlink");
+        tx.remove_tree(f).expect("forget");
+        assert_eq!(tx.resync_marks().expect("marks"), vec![f, local]);
+        assert_eq!(tx.resync_origin(f).expect("origin"), Some(45));
+        assert_eq!(tx.resync_origin(local).expect("origin"), None);
+        tx.unmark_resync(f).expect("unmark");
+        assert_eq!(tx.resync_origin(f).expect("origin"), None);
+    }
+
     #[test]
     fn generation_survives_reopen() {
         let dir = tempfile::tempdir().expect("tempdir");
