@@ -1154,6 +1154,14 @@ async fn restore_entry(
                     // that theirs changed. Resync brings the rest.
                     coherence::refresh(tx, fid, &mut obj, &attr, Source::Fetch)?;
                     obj.removed = false;
+                    if obj.kind == Kind::File && obj.log.store.is_none() {
+                        // What it held here went with the remove (writes
+                        // of ours the remove made moot among it): it reads
+                        // as the origin has it.
+                        tx.drop_data(fid)?;
+                        obj.attrs.size = attr.size;
+                        obj.origin_extent = attr.size;
+                    }
                     obj.parent = dir;
                     obj.name = name.clone();
                     tx.put(fid, &obj)?;
