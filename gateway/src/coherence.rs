@@ -118,6 +118,26 @@ pub fn refresh(
     Ok(true)
 }
 
+/// Makes cached object `fid` (`obj`) the origin's version `attr`, whatever
+/// it held here: the origin's attributes and version, and its cached bytes
+/// dropped, so that they are read from the origin.
+pub fn take_origin_version(
+    tx: &mut WriteTxn<'_>,
+    fid: FileId,
+    obj: &mut Object,
+    attr: &wire::Attr,
+) -> Result<(), CacheError> {
+    obj.origin = Some(OriginRef {
+        id: attr.id,
+        version: attr.version,
+    });
+    obj.attrs = attrs_from(attr);
+    obj.target = attr.target.clone();
+    tx.drop_data(fid)?;
+    obj.origin_extent = attr.size;
+    Ok(())
+}
+
 /// Records that entry `name` of cached directory `dir` is origin object
 /// `attr`, creating or moving the cached object as needed. Returns its fileid.
 pub fn upsert_entry(
@@ -153,14 +173,7 @@ pub fn upsert_entry(
                 // has it: what it held here went with the remove (and may
                 // have been writes of ours that the move made moot).
                 obj.removed = false;
-                tx.drop_data(fid)?;
-                obj.origin = Some(OriginRef {
-                    id: attr.id,
-                    version: attr.version,
-                });
-                obj.attrs = attrs_from(attr);
-                obj.target = attr.target.clone();
-                obj.origin_extent = attr.size;
+                take_origin_version(tx, fid, &mut obj, attr)?;
                 obj.listed = false;
             }
             refresh(tx, fid, &mut obj, attr, source)?;

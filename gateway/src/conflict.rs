@@ -776,14 +776,7 @@ async fn take_theirs(vfs: &Vfs, fid: FileId, current: Option<&wire::Attr>) -> Re
             }
             let Some(attr) = current else { return Ok(()) };
             let mut obj = tx.object(fid)?;
-            obj.origin = Some(OriginRef {
-                id: attr.id,
-                version: attr.version,
-            });
-            obj.attrs = coherence::attrs_from(&attr);
-            obj.target = attr.target.clone();
-            tx.drop_data(fid)?;
-            obj.origin_extent = attr.size;
+            coherence::take_origin_version(tx, fid, &mut obj, &attr)?;
             tx.put(fid, &obj)?;
             Ok(())
         })

@@ -53,9 +53,19 @@ pub async fn run(vfs: &Vfs) -> Result<(), VfsError> {
 /// Places object `fid` where and as the origin has it, unless the log
 /// still refers to it (then a mark on it stays).
 pub async fn place_one(vfs: &Vfs, fid: FileId) -> Result<(), VfsError> {
-    let (obj, busy, origin_id) = {
+    let (obj, busy, origin_id, stands_for) = {
         let rx = vfs.cache.read()?;
-        (rx.get(fid)?, rx.needed_by_log(fid)?, rx.resync_origin(fid)?)
+        let obj = rx.get(fid)?;
+        let stands_for = match obj.as_ref().and_then(|o| o.origin) {
+            Some(o) => rx.by_origin(o.id)?,
+            None => None,
+        };
+        (
+            obj,
+            rx.needed_by_log(fid)?,
+            rx.resync_origin(fid)?,
+            stands_for,
+        )
     };
     let Some(obj) = obj else {
         if let Some(id) = origin_id {
@@ -69,7 +79,7 @@ pub async fn place_one(vfs: &Vfs, fid: FileId) -> Result<(), VfsError> {
     let Some(origin) = obj.origin else {
         return unmark(vfs, fid).await;
     };
-    if vfs.cache.read()?.by_origin(origin.id)? != Some(fid) {
+    if stands_for != Some(fid) {
         // Another cached object stands for that origin object now (ours,
         // merged with theirs as one directory): it is the one to place.
         return unmark(vfs, fid).await;
@@ -123,8 +133,7 @@ pub async fn place_one(vfs: &Vfs, fid: FileId) -> Result<(), VfsError> {
                 // The journal has brought newer news meanwhile.
                 return Ok(Vec::new());
             }
-            let attr = place.attr;
-            coherence::refresh(tx, fid, &mut obj, &attr, Source::Fetch)?;
+            coherence::refresh(tx, fid, &mut obj, &place.attr, Source::Fetch)?;
             let mut unlisted = Vec::new();
             if obj.is_dir() {
                 obj.listed = false;
@@ -134,11 +143,11 @@ pub async fn place_one(vfs: &Vfs, fid: FileId) -> Result<(), VfsError> {
             if fid == ROOT_FILEID {
                 return Ok(unlisted);
             }
-            match tx.by_origin(place.parent)? {
-                Some(dir) if tx.live_dir(dir)? => {
-                    coherence::upsert_entry(tx, dir, &place.name, &attr, Source::Fetch)?;
+            match cached_dir_of(tx, &place)? {
+                Some(dir) => {
+                    coherence::upsert_entry(tx, dir, &place.name, &place.attr, Source::Fetch)?;
                 }
-                _ => {
+                None => {
                     // Outside what we cache now.
                     if tx.lookup(obj.parent, &obj.name)? == Some(fid) {
                         tx.unlink(obj.parent, &obj.name)?;
@@ -179,9 +188,7 @@ async fn place_gone(vfs: &Vfs, fid: FileId, id: wire::ObjectId) -> Result<(), Vf
                 // Cached again meanwhile (a listing, the journal).
                 return Ok(());
             }
-            if let Some(dir) = tx.by_origin(place.parent)?
-                && tx.live_dir(dir)?
-            {
+            if let Some(dir) = cached_dir_of(tx, &place)? {
                 coherence::upsert_entry(tx, dir, &place.name, &place.attr, Source::Fetch)?;
             }
             Ok(())
@@ -193,6 +200,18 @@ async fn place_gone(vfs: &Vfs, fid: FileId, id: wire::ObjectId) -> Result<(), Vf
         "placed again as at the origin, after it left the cache"
     );
     Ok(())
+}
+
+/// The directory the origin has `place` in, if it is cached here (and not
+/// removed here).
+fn cached_dir_of(
+    tx: &imz_cache::WriteTxn<'_>,
+    place: &wire::Place,
+) -> Result<Option<FileId>, VfsError> {
+    match tx.by_origin(place.parent)? {
+        Some(dir) if tx.live_dir(dir)? => Ok(Some(dir)),
+        _ => Ok(None),
+    }
 }
 
 async fn unmark(vfs: &Vfs, fid: FileId) -> Result<(), VfsError> {
