@@ -165,11 +165,12 @@ pub fn upsert_entry(
     let fid = match tx.by_origin(attr.id)? {
         Some(fid) => {
             let mut obj = tx.object(fid)?;
-            if obj.removed && obj.log.ops.is_empty() && source == Source::Journal {
+            if obj.removed && obj.log.ops.is_empty() {
                 // Removed here only as what a pending move replaces, and
-                // moved away at the origin first: that move will take the
-                // free name (the origin lets it), and this lives on where
-                // the origin has it. It comes back here too, as the origin
+                // moved away at the origin first (the journal says so, or a
+                // listing finds it elsewhere): that move will take the free
+                // name (the origin lets it), and this lives on where the
+                // origin has it. It comes back here too, as the origin
                 // has it: what it held here went with the remove (and may
                 // have been writes of ours that the move made moot).
                 obj.removed = false;
@@ -828,45 +829,54 @@ pub(crate) mod tests {
     /// pending move, and moved away at the origin first. The move will take
     /// the free name; the file lives on at the origin, and comes back here
     /// where it went, with the origin's content (what it held here went
-    /// with the remove).
+    /// with the remove). Seed 1795818573615050985: the same when a listing
+    /// finds it there, not the journal (it moved into a directory that was
+    /// removed here, and that came back).
     #[test]
     fn a_file_replaced_here_and_moved_away_at_the_origin_comes_back_where_it_went() {
-        let (_d, cache) = setup();
-        let mut tx = cache.write().expect("write");
-        let replaced = cached_file(&mut tx, "a", 30, 2);
-        let ours = cached_file(&mut tx, "b", 17, 3);
-        tx.put_chunk(replaced, 0, b"x").expect("chunk");
-        // b moved over a here, its record waiting for the origin.
-        tx.unlink(ROOT_FILEID, "a").expect("unlink");
-        tx.unlink(ROOT_FILEID, "b").expect("unlink");
-        tx.link(ROOT_FILEID, "a", ours).expect("link");
-        let mut obj = tx.object(replaced).expect("replaced");
-        obj.removed = true;
-        obj.origin_extent = 0;
-        tx.put(replaced, &obj).expect("put");
-        tx.drop_data(replaced).expect("drop");
-        tx.log(
-            imz_cache::LogOp::Rename {
-                from_parent: ROOT_FILEID,
-                from_name: "b".into(),
-                fid: ours,
-                to_parent: ROOT_FILEID,
-                to_name: "a".into(),
-                replaced: Some(replaced),
-            },
-            0,
-        )
-        .expect("log");
-        apply_rename_in_root(&mut tx, 5, ("a", "c"), 30, None);
-        assert_eq!(tx.lookup(ROOT_FILEID, "c").expect("lookup"), Some(replaced));
-        assert_eq!(tx.lookup(ROOT_FILEID, "a").expect("lookup"), Some(ours));
-        let obj = tx.object(replaced).expect("replaced");
-        assert!(!obj.removed);
-        assert_eq!(obj.origin.map(|o| o.version), Some(5));
-        assert_eq!(
-            obj.origin_extent, obj.attrs.size,
-            "its bytes are read from the origin"
-        );
+        for by_listing in [false, true] {
+            let (_d, cache) = setup();
+            let mut tx = cache.write().expect("write");
+            let replaced = cached_file(&mut tx, "a", 30, 2);
+            let ours = cached_file(&mut tx, "b", 17, 3);
+            tx.put_chunk(replaced, 0, b"x").expect("chunk");
+            // b moved over a here, its record waiting for the origin.
+            tx.unlink(ROOT_FILEID, "a").expect("unlink");
+            tx.unlink(ROOT_FILEID, "b").expect("unlink");
+            tx.link(ROOT_FILEID, "a", ours).expect("link");
+            let mut obj = tx.object(replaced).expect("replaced");
+            obj.removed = true;
+            obj.origin_extent = 0;
+            tx.put(replaced, &obj).expect("put");
+            tx.drop_data(replaced).expect("drop");
+            tx.log(
+                imz_cache::LogOp::Rename {
+                    from_parent: ROOT_FILEID,
+                    from_name: "b".into(),
+                    fid: ours,
+                    to_parent: ROOT_FILEID,
+                    to_name: "a".into(),
+                    replaced: Some(replaced),
+                },
+                0,
+            )
+            .expect("log");
+            if by_listing {
+                let moved = attr(30, wire::Kind::File, 5, 2);
+                upsert_entry(&mut tx, ROOT_FILEID, "c", &moved, Source::Fetch).expect("upsert");
+            } else {
+                apply_rename_in_root(&mut tx, 5, ("a", "c"), 30, None);
+            }
+            assert_eq!(tx.lookup(ROOT_FILEID, "c").expect("lookup"), Some(replaced));
+            assert_eq!(tx.lookup(ROOT_FILEID, "a").expect("lookup"), Some(ours));
+            let obj = tx.object(replaced).expect("replaced");
+            assert!(!obj.removed, "by listing: {by_listing}");
+            assert_eq!(obj.origin.map(|o| o.version), Some(5));
+            assert_eq!(
+                obj.origin_extent, obj.attrs.size,
+                "its bytes are read from the origin"
+            );
+        }
     }
 
     /// A journal record naming a name a change of ours holds leaves the

@@ -275,6 +275,10 @@ async fn a_file_moved_out_of_a_directory_removed_elsewhere_is_created_again() ->
 /// 1795818621710109319: a file written, moved and then removed at one
 /// gateway, left where it was at the other: brought back, it read as
 /// zeros (its bytes had gone with the remove, and it took them for local).
+/// Seeds 1795818573615050985 and 1795818548450370345: a file replaced by a
+/// move at one gateway, moved by the other into a directory the first
+/// removed. That directory came back, but its listing left the file for
+/// gone: only the journal brought such a file back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn seeds_that_found_faults_lose_nothing() -> anyhow::Result<()> {
     let seeds = [
@@ -298,6 +302,8 @@ async fn seeds_that_found_faults_lose_nothing() -> anyhow::Result<()> {
         (1795813303091303547, 13),
         (1795817911154713765, 11),
         (1795818621710109319, 16),
+        (1795818573615050985, 5),
+        (1795818548450370345, 7),
     ];
     replay(&seeds, Flavor::Names).await
 }
