@@ -902,6 +902,17 @@ async fn drop_object(vfs: &Vfs, fid: FileId) -> Result<(), VfsError> {
         .run(0, move |tx| {
             let obj = tx.object(fid)?;
             for seq in obj.log.ops.clone() {
+                // A move of it that replaced a file here will not happen:
+                // the directory shows again what the origin has at that
+                // name (the replaced file, if it lives on there).
+                if let Some(LogOp::Rename {
+                    to_parent,
+                    replaced: Some(_),
+                    ..
+                }) = tx.log_record(seq)?.map(|r| r.op)
+                {
+                    tx.mark_resync(to_parent)?;
+                }
                 tx.log_done(seq)?;
             }
             let obj = tx.object(fid)?;

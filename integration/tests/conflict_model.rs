@@ -16,9 +16,16 @@
 //! has it, and symlinks as symlinks. The flavors are kept apart so that a
 //! seed replays the same operations whatever is added to the other.
 //!
+//! The other policies run the model too: under `origin-wins` what a
+//! gateway wrote may be in its conflicts area instead; under
+//! `gateway-wins` the gateway that sends last (B) overwrites what A sent,
+//! so only what B wrote must reach the origin. Both gateways must still
+//! come to serve the origin's tree.
+//!
 //! Seeded and reproducible in its operations: `IMZ_CONFLICT_SEED` replays
 //! a failing seed (printed on failure) or, set to `random`, explores;
-//! `IMZ_CONFLICT_EPOCHS` sets the number of epochs.
+//! `IMZ_CONFLICT_EPOCHS` sets the number of epochs, `IMZ_CONFLICT_POLICY`
+//! the policy (`keep-both` unless set).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -44,6 +51,46 @@ enum Flavor {
     Attrs,
 }
 
+/// The conflict policy both gateways run with (`manual` is left out: it
+/// waits for a person).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Policy {
+    KeepBoth,
+    OriginWins,
+    GatewayWins,
+}
+
+impl Policy {
+    /// As `--conflict-policy` spells it.
+    fn flag(self) -> &'static str {
+        match self {
+            Policy::KeepBoth => "keep-both",
+            Policy::OriginWins => "origin-wins",
+            Policy::GatewayWins => "gateway-wins",
+        }
+    }
+
+    fn from_env() -> anyhow::Result<Self> {
+        let Ok(text) = std::env::var("IMZ_CONFLICT_POLICY") else {
+            return Ok(Policy::KeepBoth);
+        };
+        [Policy::KeepBoth, Policy::OriginWins, Policy::GatewayWins]
+            .into_iter()
+            .find(|p| p.flag() == text)
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "IMZ_CONFLICT_POLICY={text:?}: keep-both, origin-wins or gateway-wins"
+                )
+            })
+    }
+
+    /// Whether what gateway `g` (0: A, which sends first) showed its
+    /// clients must survive the settlement.
+    fn keeps_writes_of(self, g: usize) -> bool {
+        self != Policy::GatewayWins || g == 1
+    }
+}
+
 const NAMES: [&str; 4] = ["a", "b", "c", "d"];
 const DIR: &str = "sub";
 /// The names [`Flavor::Attrs`] changes: the directory among them, so that
@@ -57,6 +104,16 @@ async fn what_two_cut_off_gateways_wrote_all_reaches_the_origin() -> anyhow::Res
     run_from_env(Flavor::Names).await
 }
 
+/// The model's default seed under the other policies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_two_cut_off_gateways_wrote_settles_under_origin_wins_and_gateway_wins()
+-> anyhow::Result<()> {
+    for policy in [Policy::OriginWins, Policy::GatewayWins] {
+        replay(&[(DEFAULT_SEED, DEFAULT_EPOCHS)], Flavor::Names, policy).await?;
+    }
+    Ok(())
+}
+
 /// The same with modes, truncations, symlinks and directories moved among
 /// the changes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -68,23 +125,32 @@ async fn what_two_cut_off_gateways_changed_attributes_and_links_of_reaches_the_o
 /// A run with the seed and the number of epochs the environment sets (see
 /// the module doc).
 async fn run_from_env(flavor: Flavor) -> anyhow::Result<()> {
-    let seed = Rng::seed_from_env("IMZ_CONFLICT_SEED", 20261127)?;
+    let seed = Rng::seed_from_env("IMZ_CONFLICT_SEED", DEFAULT_SEED)?;
     let epochs: usize = std::env::var("IMZ_CONFLICT_EPOCHS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(4);
-    replay(&[(seed, epochs)], flavor).await
+        .unwrap_or(DEFAULT_EPOCHS);
+    replay(&[(seed, epochs)], flavor, Policy::from_env()?).await
 }
 
+const DEFAULT_SEED: u64 = 20261127;
+const DEFAULT_EPOCHS: usize = 4;
+
 /// Runs each `(seed, epochs)`; a failure says how to run it again.
-async fn replay(runs: &[(u64, usize)], flavor: Flavor) -> anyhow::Result<()> {
+async fn replay(runs: &[(u64, usize)], flavor: Flavor, policy: Policy) -> anyhow::Result<()> {
     for &(seed, epochs) in runs {
-        if let Err(e) = run(seed, epochs, flavor).await {
+        if let Err(e) = run(seed, epochs, flavor, policy).await {
             let which = match flavor {
                 Flavor::Names => "",
                 Flavor::Attrs => " (attributes and links)",
             };
-            anyhow::bail!("IMZ_CONFLICT_SEED={seed} IMZ_CONFLICT_EPOCHS={epochs}{which}: {e:#}");
+            let policy = match policy {
+                Policy::KeepBoth => String::new(),
+                other => format!(" IMZ_CONFLICT_POLICY={}", other.flag()),
+            };
+            anyhow::bail!(
+                "IMZ_CONFLICT_SEED={seed} IMZ_CONFLICT_EPOCHS={epochs}{policy}{which}: {e:#}"
+            );
         }
     }
     Ok(())
@@ -103,7 +169,7 @@ async fn a_file_removed_at_one_gateway_and_renamed_at_the_other_comes_back_renam
         b,
         mut at_a,
         mut at_b,
-    } = two_gateways(|root| {
+    } = two_gateways(Policy::KeepBoth, |root| {
         std::fs::create_dir(root.join(DIR))?;
         for name in ["c", "d", "e"] {
             std::fs::write(root.join(name), format!("origin's {name}"))?;
@@ -175,6 +241,7 @@ async fn attribute_seeds_that_found_faults_lose_nothing() -> anyhow::Result<()> 
             (1795817062681972811, 4),
         ],
         Flavor::Attrs,
+        Policy::KeepBoth,
     )
     .await
 }
@@ -193,7 +260,7 @@ async fn a_file_moved_out_of_a_directory_removed_elsewhere_is_created_again() ->
         b,
         mut at_a,
         mut at_b,
-    } = two_gateways(|root| {
+    } = two_gateways(Policy::KeepBoth, |root| {
         std::fs::create_dir(root.join(DIR))?;
         std::fs::write(root.join(DIR).join("d"), "origin's sub/d")?;
         std::fs::write(root.join("a"), "origin's a")?;
@@ -305,17 +372,17 @@ async fn seeds_that_found_faults_lose_nothing() -> anyhow::Result<()> {
         (1795818573615050985, 5),
         (1795818548450370345, 7),
     ];
-    replay(&seeds, Flavor::Names).await
+    replay(&seeds, Flavor::Names, Policy::KeepBoth).await
 }
 
-async fn run(seed: u64, epochs: usize, flavor: Flavor) -> anyhow::Result<()> {
+async fn run(seed: u64, epochs: usize, flavor: Flavor, policy: Policy) -> anyhow::Result<()> {
     let mut rng = Rng::new(seed);
     let TwoGateways {
         mut fx,
         b,
         at_a,
         at_b,
-    } = two_gateways(|root| {
+    } = two_gateways(policy, |root| {
         std::fs::create_dir(root.join(DIR))?;
         for name in NAMES {
             std::fs::write(root.join(name), format!("origin's {name}"))?;
@@ -344,6 +411,9 @@ async fn run(seed: u64, epochs: usize, flavor: Flavor) -> anyhow::Result<()> {
         // What each gateway showed its clients, written in this epoch.
         let mut written = BTreeSet::new();
         for (g, nfs) in clients.iter_mut().enumerate() {
+            if !policy.keeps_writes_of(g) {
+                continue;
+            }
             let mark = format!("{}:{epoch}:", gateways[g]);
             for content in served(nfs, flavor).await?.into_values().flatten() {
                 if content.starts_with(mark.as_bytes()) {
@@ -360,7 +430,15 @@ async fn run(seed: u64, epochs: usize, flavor: Flavor) -> anyhow::Result<()> {
             );
         }
         let at_origin = origin_tree(&fx.root, flavor)?;
-        let kept: BTreeSet<&Vec<u8>> = at_origin.values().flatten().collect();
+        let set_aside = match policy {
+            Policy::OriginWins => [&fx.gateway, &b]
+                .into_iter()
+                .map(conflicts_area)
+                .collect::<anyhow::Result<Vec<_>>>()?
+                .concat(),
+            Policy::KeepBoth | Policy::GatewayWins => Vec::new(),
+        };
+        let kept: BTreeSet<&Vec<u8>> = at_origin.values().flatten().chain(&set_aside).collect();
         let lost: Vec<String> = written
             .iter()
             .filter(|c| !kept.contains(c))
@@ -410,6 +488,19 @@ async fn run(seed: u64, epochs: usize, flavor: Flavor) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The contents of the versions `gw` set aside in its conflicts area.
+fn conflicts_area(gw: &GatewayProc) -> anyhow::Result<Vec<Vec<u8>>> {
+    let dir = gw.cache_dir.join("conflicts");
+    if !dir.exists() {
+        return Ok(Vec::new());
+    }
+    let mut contents = Vec::new();
+    for entry in std::fs::read_dir(&dir)? {
+        contents.push(std::fs::read(entry?.path())?);
+    }
+    Ok(contents)
+}
+
 /// Two gateways on one origin: A (the fixture's) and B, each with the whole
 /// tree `populate` made cached, and a client of each.
 struct TwoGateways {
@@ -420,9 +511,15 @@ struct TwoGateways {
 }
 
 async fn two_gateways(
+    policy: Policy,
     populate: impl FnOnce(&Path) -> anyhow::Result<()>,
 ) -> anyhow::Result<TwoGateways> {
-    let args = ["--reintegrate-delay", "50ms"];
+    let args = [
+        "--reintegrate-delay",
+        "50ms",
+        "--conflict-policy",
+        policy.flag(),
+    ];
     let fx = Fixture::with_cache_size("1GiB", &args, populate)?;
     let b = GatewayProc::start(
         &fx.origin.url,
@@ -703,7 +800,7 @@ async fn a_file_written_at_two_gateways_and_replaced_at_one_loses_nothing() -> a
         b,
         mut at_a,
         mut at_b,
-    } = two_gateways(|root| {
+    } = two_gateways(Policy::KeepBoth, |root| {
         std::fs::write(root.join("a"), "origin's a")?;
         Ok(())
     })
