@@ -280,9 +280,16 @@ pub async fn settle(
         let held = Settled::held(policy, fid, "held until resolved");
         return record_conflict(vfs, &path, case, held, decided.as_ref()).await;
     }
-    let saved = |outcome: &str, copy: Option<String>| Settled {
-        saved_copy: copy,
-        ..Settled::by(policy, outcome)
+    let saved = |outcome: &str, copy: Option<String>| {
+        let outcome = match copy {
+            Some(_) => outcome.to_owned(),
+            // A directory, or a file we removed too: no version of ours.
+            None => format!("{outcome} (nothing to save)"),
+        };
+        Settled {
+            saved_copy: copy,
+            ..Settled::by(policy, outcome)
+        }
     };
     let settled: Settled = match (&record.op, reason) {
         // Moved at the origin before our remove reached it: it lives on
@@ -860,9 +867,16 @@ where
     Ok(())
 }
 
-/// Saves our version of `fid` in the conflicts area; returns its path.
+/// Saves our version of `fid` in the conflicts area; returns its path, or
+/// None if there is no version of ours to keep (a directory, or a file
+/// removed here too).
 async fn save_copy(vfs: &Vfs, fid: FileId) -> Result<Option<String>, VfsError> {
     let obj = vfs.getattr(fid)?;
+    if obj.removed {
+        // A later record of ours removes it: we kept no version (and its
+        // bytes went with the remove).
+        return Ok(None);
+    }
     let dir = conflicts_dir(&vfs.cache);
     std::fs::create_dir_all(&dir)
         .map_err(|e| VfsError::Io(format!("creating {}: {e}", dir.display())))?;
