@@ -392,7 +392,8 @@ pub async fn settle(
                 Settled::by(policy, "ours replaces theirs")
             } else if policy == ConflictPolicy::OriginWins && *kind != Kind::Dir {
                 let copy = save_copy(vfs, fid).await?;
-                vfs.remove(*parent, name).await?;
+                // Ours goes wherever it is now (it may have moved since).
+                drop_object(vfs, fid).await?;
                 restore_entry(vfs, *parent, name, Some(theirs)).await?;
                 saved("theirs stays; ours saved", copy)
             } else {
