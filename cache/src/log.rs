@@ -489,6 +489,11 @@ impl WriteTxn<'_> {
     fn put_or_forget(&mut self, fid: FileId, obj: Object) -> Result<()> {
         self.put_with_log(fid, &obj)?;
         if obj.removed && obj.log == LogRefs::default() {
+            // A removed object has no name; should one still lead to it,
+            // it goes too, rather than naming nothing.
+            if self.lookup(obj.parent, &obj.name)? == Some(fid) {
+                self.unlink(obj.parent, &obj.name)?;
+            }
             self.remove_tree(fid)?;
         }
         Ok(())
@@ -650,6 +655,28 @@ mod tests {
             0,
         )
         .expect("log")
+    }
+
+    /// Conflict model seed 1795823258545747640 (origin-wins): a settlement
+    /// put a file removed here back under its old name; when its remove
+    /// was done and the object deleted, the name led nowhere, and every
+    /// listing of the directory failed with a stale handle.
+    #[test]
+    fn a_removed_object_deleted_by_the_log_takes_any_name_left_on_it() {
+        let (_d, cache) = setup();
+        let mut tx = cache.write().expect("write");
+        let file = Object {
+            parent: ROOT_FILEID,
+            name: "f".into(),
+            ..obj(Kind::File, Some(10))
+        };
+        tx.put(10, &file).expect("origin file");
+        tx.link(ROOT_FILEID, "f", 10).expect("link");
+        let removed = remove(&mut tx, "f").expect("a remove record");
+        tx.link(ROOT_FILEID, "f", 10).expect("linked again");
+        tx.log_done(removed).expect("done");
+        assert_eq!(tx.get(10).expect("get"), None);
+        assert_eq!(tx.lookup(ROOT_FILEID, "f").expect("lookup"), None);
     }
 
     #[test]

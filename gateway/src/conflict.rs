@@ -1297,13 +1297,21 @@ async fn move_back(
             if tx.lookup(to_parent, &to_name)? == Some(fid) {
                 tx.unlink(to_parent, &to_name)?;
             }
+            let mut obj = tx.object(fid)?;
+            if obj.removed {
+                // Removed here since: it goes back to where its remove
+                // now finds it, under no name.
+                obj.parent = from_parent;
+                obj.name = from_name;
+                tx.put(fid, &obj)?;
+                return Ok(());
+            }
             let name = if tx.lookup(from_parent, &from_name)?.is_none() {
                 from_name
             } else {
                 free_conflict_name(tx, from_parent, &from_name, &gateway_id, now)?
             };
             tx.link(from_parent, &name, fid)?;
-            let mut obj = tx.object(fid)?;
             obj.parent = from_parent;
             obj.name = name;
             tx.put(fid, &obj)?;

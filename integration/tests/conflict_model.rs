@@ -31,6 +31,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use anyhow::Context;
+
 use imz_integration::nfs::{Nfs, NfsError, ftype3};
 use imz_integration::rng::Rng;
 use imz_integration::{Fixture, GatewayProc};
@@ -704,7 +706,11 @@ async fn served(nfs: &mut Nfs, flavor: Flavor) -> anyhow::Result<Tree> {
     let mut tree = Tree::new();
     let mut stack = vec![(nfs.root.clone(), String::new())];
     while let Some((dir, path)) = stack.pop() {
-        for (name, attr, fh) in nfs.readdirplus(&dir, 8192, 65536).await? {
+        let entries = nfs
+            .readdirplus(&dir, 8192, 65536)
+            .await
+            .with_context(|| format!("listing /{path}"))?;
+        for (name, attr, fh) in entries {
             if name == "." || name == ".." {
                 continue;
             }
@@ -724,7 +730,11 @@ async fn served(nfs: &mut Nfs, flavor: Flavor) -> anyhow::Result<Tree> {
                 tree.insert(p.clone(), None);
                 stack.push((fh, p));
             } else {
-                tree.insert(p, Some(nfs.read_all(&fh).await?));
+                let content = nfs
+                    .read_all(&fh)
+                    .await
+                    .with_context(|| format!("reading /{p}"))?;
+                tree.insert(p, Some(content));
             }
         }
     }
