@@ -8,7 +8,7 @@
 //! | update/remove (we changed, they removed) | ours is created again | same | ours saved, the file goes | held |
 //! | remove/update (we removed, they changed) | theirs comes back | removed anyway | theirs comes back | held |
 //! | remove/rename (we removed, they moved it) | theirs comes back where they moved it | same | same | held |
-//! | create/create of a name | ours gets the conflict name | ours replaces theirs (files) | theirs stays, ours saved | held |
+//! | create/create of a name | ours gets the conflict name | ours replaces theirs (files; else as keep-both) | theirs stays, ours saved | held |
 //! | directory created on both sides | merged into one | merged | merged | merged |
 //! | parent removed at the origin | parent created again (under a conflict name if its name holds something else now) | same | ours saved | held |
 //! | moved out of a directory removed at the origin (with it) | ours created again | same | ours saved, the file goes | held |
@@ -19,7 +19,7 @@
 //! | moved and changed here, changed there | moved as well; ours also kept as `NAME.conflict-GW-TIME` | ours replaces theirs | moved as well; ours saved | held |
 //! | moved and then removed here, changed there | theirs comes back where it was | removed anyway | theirs comes back | held |
 //! | moved and then replaced here (another moved over it), changed there | theirs comes back where it was | replaced anyway | theirs comes back | held |
-//! | rename onto a taken name, or over a file changed at the origin | ours gets the conflict name | ours replaces theirs | ours stays where it was | held |
+//! | rename onto a taken name, or over a file changed at the origin | ours gets the conflict name | ours replaces theirs (of the same kind; else as keep-both) | ours stays where it was | held |
 //!
 //! Not conflicts (the origin applies them): new content or attributes of
 //! a file the origin has only moved since (they land on the moved file,
@@ -469,8 +469,13 @@ pub async fn settle(
             let theirs = current
                 .as_ref()
                 .ok_or_else(|| VfsError::Io("name conflict without the origin's object".into()))?;
+            // Only an object of the same kind is replaced (the origin
+            // refuses a file over a directory, or a symlink over a file).
+            let same_kind = vfs
+                .getattr(fid)
+                .is_ok_and(|o| o.kind == coherence::kind_from(theirs.kind));
             match policy {
-                ConflictPolicy::GatewayWins => {
+                ConflictPolicy::GatewayWins if same_kind => {
                     replace_at_rename(vfs, seq, record, theirs).await?;
                     Settled::by(policy, "ours replaces theirs")
                 }
@@ -1256,10 +1261,21 @@ async fn replace_at_rename(
     vfs.writer
         .run(0, move |tx| {
             // A removed stand-in for their object, kept while the log needs it.
-            if tx.get(theirs.id)?.is_none() {
-                let mut stand_in = coherence::new_object(to_parent, &to_name, &theirs);
-                stand_in.removed = true;
-                tx.put(theirs.id, &stand_in)?;
+            match tx.get(theirs.id)? {
+                None => {
+                    let mut stand_in = coherence::new_object(to_parent, &to_name, &theirs);
+                    stand_in.removed = true;
+                    tx.put(theirs.id, &stand_in)?;
+                }
+                // The one we replaced here, at the version we saw: ours
+                // goes over the version they have now.
+                Some(mut replaced) => {
+                    replaced.origin = Some(OriginRef {
+                        id: theirs.id,
+                        version: theirs.version,
+                    });
+                    tx.put(theirs.id, &replaced)?;
+                }
             }
             tx.log_rewrite(
                 seq,
