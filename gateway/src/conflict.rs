@@ -738,19 +738,27 @@ async fn rebase(vfs: &Vfs, fid: FileId, current: Option<&wire::Attr>) -> Result<
         .run(0, move |tx| {
             let mut obj = tx.object(fid)?;
             let theirs = coherence::attrs_from(&current);
+            let mut ours_set = false;
+            // The smallest size our pending truncations give it.
+            let mut cut_to: Option<u64> = None;
+            for seq in tx.content_records(fid)? {
+                if let Some(LogOp::SetAttr { set, .. }) = tx.log_record(seq)?.map(|r| r.op) {
+                    ours_set = true;
+                    if let Some(size) = set.size {
+                        cut_to = Some(cut_to.map_or(size, |c| c.min(size)));
+                    }
+                }
+            }
             if obj.log.store.is_none() && obj.kind == Kind::File {
                 // Our chunks were of the old version and we have no content
-                // change to ship: they must not pass for the new one.
+                // change to ship: they must not pass for the new one. Our
+                // truncations go over theirs: their bytes up to the
+                // shortest, zeros past it.
                 tx.drop_data(fid)?;
-                obj.origin_extent = current.size;
-                obj.attrs.size = current.size;
-            }
-            let mut ours_set = false;
-            for seq in tx.content_records(fid)? {
-                ours_set |= matches!(
-                    tx.log_record(seq)?.map(|r| r.op),
-                    Some(LogOp::SetAttr { .. })
-                );
+                obj.origin_extent = current.size.min(cut_to.unwrap_or(u64::MAX));
+                if cut_to.is_none() {
+                    obj.attrs.size = current.size;
+                }
             }
             if !ours_set {
                 // Nor any attribute change: theirs (a mode changed there)

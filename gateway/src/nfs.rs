@@ -70,7 +70,12 @@ pub fn status(e: VfsError) -> nfsstat3 {
         VfsError::Exists => nfsstat3::NFS3ERR_EXIST,
         VfsError::NotEmpty => nfsstat3::NFS3ERR_NOTEMPTY,
         VfsError::Stale => nfsstat3::NFS3ERR_STALE,
-        VfsError::Offline | VfsError::Io(_) => nfsstat3::NFS3ERR_IO,
+        VfsError::Offline => nfsstat3::NFS3ERR_IO,
+        VfsError::Io(why) => {
+            // The client only sees "I/O error": the why goes to the log.
+            tracing::warn!(%why, "answering an I/O error");
+            nfsstat3::NFS3ERR_IO
+        }
         VfsError::Invalid(_) => nfsstat3::NFS3ERR_INVAL,
         VfsError::NameTooLong => nfsstat3::NFS3ERR_NAMETOOLONG,
         VfsError::NoSpace => nfsstat3::NFS3ERR_NOSPC,

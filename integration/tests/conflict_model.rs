@@ -106,6 +106,36 @@ async fn what_two_cut_off_gateways_wrote_all_reaches_the_origin() -> anyhow::Res
     run_from_env(Flavor::Names).await
 }
 
+/// Seeds that found faults under the other policies, each run to the
+/// epoch that failed. Origin-wins: a file moved and then removed here,
+/// removed at the origin too, had no version to save, and saving it failed
+/// (1795823276771965464); a file created here and moved since was removed
+/// at its old name, its create refused until held (1795823346122305019,
+/// 1795823325995677141); a file removed here after a move was put back
+/// under its old name, which then led nowhere: every listing of its
+/// directory failed (1795823258545747640). Gateway-wins: a move over a
+/// file changed there kept the version seen here and was refused until
+/// held (1795823313354066590, 1795823333509203020); a file moved over a
+/// directory (1795823273098153915); a truncation of ours taken on their
+/// version read past the end of the file (1795823284370622863).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seeds_that_found_faults_under_other_policies_settle() -> anyhow::Result<()> {
+    let runs = [
+        (Policy::OriginWins, Flavor::Names, 1795823276771965464, 5),
+        (Policy::OriginWins, Flavor::Names, 1795823346122305019, 4),
+        (Policy::OriginWins, Flavor::Names, 1795823325995677141, 2),
+        (Policy::OriginWins, Flavor::Names, 1795823258545747640, 7),
+        (Policy::GatewayWins, Flavor::Names, 1795823313354066590, 4),
+        (Policy::GatewayWins, Flavor::Names, 1795823333509203020, 1),
+        (Policy::GatewayWins, Flavor::Attrs, 1795823273098153915, 2),
+        (Policy::GatewayWins, Flavor::Attrs, 1795823284370622863, 2),
+    ];
+    for (policy, flavor, seed, epochs) in runs {
+        replay(&[(seed, epochs)], flavor, policy).await?;
+    }
+    Ok(())
+}
+
 /// The model's default seed under the other policies.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn what_two_cut_off_gateways_wrote_settles_under_origin_wins_and_gateway_wins()
