@@ -117,7 +117,9 @@ async fn what_two_cut_off_gateways_wrote_all_reaches_the_origin() -> anyhow::Res
 /// file changed there kept the version seen here and was refused until
 /// held (1795823313354066590, 1795823333509203020); a file moved over a
 /// directory (1795823273098153915); a truncation of ours taken on their
-/// version read past the end of the file (1795823284370622863).
+/// version read past the end of the file (1795823284370622863); a file
+/// written at B and moved at A onto a name B also wrote: B's create there
+/// replaced it, and with it B's first version (1795823304756114344).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn seeds_that_found_faults_under_other_policies_settle() -> anyhow::Result<()> {
     let runs = [
@@ -129,6 +131,7 @@ async fn seeds_that_found_faults_under_other_policies_settle() -> anyhow::Result
         (Policy::GatewayWins, Flavor::Names, 1795823333509203020, 1),
         (Policy::GatewayWins, Flavor::Attrs, 1795823273098153915, 2),
         (Policy::GatewayWins, Flavor::Attrs, 1795823284370622863, 2),
+        (Policy::GatewayWins, Flavor::Names, 1795823304756114344, 1),
     ];
     for (policy, flavor, seed, epochs) in runs {
         replay(&[(seed, epochs)], flavor, policy).await?;
