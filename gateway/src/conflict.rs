@@ -740,12 +740,17 @@ async fn rebase(vfs: &Vfs, fid: FileId, current: Option<&wire::Attr>) -> Result<
         .run(0, move |tx| {
             let mut obj = tx.object(fid)?;
             let theirs = coherence::attrs_from(&current);
-            let mut ours_set = false;
-            // The smallest size our pending truncations give it.
+            // What our pending attribute changes set (each goes over
+            // theirs), and the smallest size our truncations give it.
+            let mut ours = imz_cache::SetAttrs::default();
             let mut cut_to: Option<u64> = None;
             for seq in tx.content_records(fid)? {
                 if let Some(LogOp::SetAttr { set, .. }) = tx.log_record(seq)?.map(|r| r.op) {
-                    ours_set = true;
+                    ours.mode = ours.mode.or(set.mode);
+                    ours.uid = ours.uid.or(set.uid);
+                    ours.gid = ours.gid.or(set.gid);
+                    ours.atime = ours.atime.or(set.atime);
+                    ours.mtime = ours.mtime.or(set.mtime);
                     if let Some(size) = set.size {
                         cut_to = Some(cut_to.map_or(size, |c| c.min(size)));
                     }
@@ -762,18 +767,24 @@ async fn rebase(vfs: &Vfs, fid: FileId, current: Option<&wire::Attr>) -> Result<
                     obj.attrs.size = current.size;
                 }
             }
-            if !ours_set {
-                // Nor any attribute change: theirs (a mode changed there)
-                // are the file's, as the origin will show them.
+            // Each attribute we did not change is theirs (a mode changed
+            // there), as the origin will show it.
+            if ours.mode.is_none() {
                 obj.attrs.mode = theirs.mode;
-                obj.attrs.uid = theirs.uid;
-                obj.attrs.gid = theirs.gid;
-                obj.attrs.atime = theirs.atime;
-                obj.attrs.ctime = obj.attrs.ctime.max(theirs.ctime);
-                if obj.log.store.is_none() {
-                    obj.attrs.mtime = theirs.mtime;
-                }
             }
+            if ours.uid.is_none() {
+                obj.attrs.uid = theirs.uid;
+            }
+            if ours.gid.is_none() {
+                obj.attrs.gid = theirs.gid;
+            }
+            if ours.atime.is_none() {
+                obj.attrs.atime = theirs.atime;
+            }
+            if ours.mtime.is_none() && obj.log.store.is_none() && cut_to.is_none() {
+                obj.attrs.mtime = theirs.mtime;
+            }
+            obj.attrs.ctime = obj.attrs.ctime.max(theirs.ctime);
             obj.origin = Some(OriginRef {
                 id: current.id,
                 version: current.version,
@@ -1239,6 +1250,15 @@ async fn adopt(
                     tx.log_done(seq)?;
                 } else {
                     tx.log_rewrite(seq, LogOp::Store { fid })?;
+                }
+                // An upload replaces only the content: our file's mode goes
+                // over theirs too.
+                if obj.attrs.mode != theirs.mode {
+                    let set = imz_cache::SetAttrs {
+                        mode: Some(obj.attrs.mode),
+                        ..Default::default()
+                    };
+                    tx.log(LogOp::SetAttr { fid, set }, now_nanos())?;
                 }
             }
             Ok(())

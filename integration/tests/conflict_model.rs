@@ -119,7 +119,10 @@ async fn what_two_cut_off_gateways_wrote_all_reaches_the_origin() -> anyhow::Res
 /// directory (1795823273098153915); a truncation of ours taken on their
 /// version read past the end of the file (1795823284370622863); a file
 /// written at B and moved at A onto a name B also wrote: B's create there
-/// replaced it, and with it B's first version (1795823304756114344).
+/// replaced it, and with it B's first version (1795823304756114344); a
+/// mode changed there was kept over a change of ours that did not set it
+/// (1795824900886815275), and ours lost when our new file replaced theirs
+/// (1795824934812028957).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn seeds_that_found_faults_under_other_policies_settle() -> anyhow::Result<()> {
     let runs = [
@@ -132,6 +135,8 @@ async fn seeds_that_found_faults_under_other_policies_settle() -> anyhow::Result
         (Policy::GatewayWins, Flavor::Attrs, 1795823273098153915, 2),
         (Policy::GatewayWins, Flavor::Attrs, 1795823284370622863, 2),
         (Policy::GatewayWins, Flavor::Names, 1795823304756114344, 1),
+        (Policy::GatewayWins, Flavor::Attrs, 1795824900886815275, 8),
+        (Policy::GatewayWins, Flavor::Attrs, 1795824934812028957, 10),
     ];
     for (policy, flavor, seed, epochs) in runs {
         replay(&[(seed, epochs)], flavor, policy).await?;
