@@ -895,14 +895,29 @@ where
 }
 
 /// Saves our version of `fid` in the conflicts area; returns its path, or
-/// None if there is no version of ours to keep (a directory, or a file
-/// removed here too).
+/// None if there is no version of ours to keep (a directory, a file
+/// removed here too, or one whose content we did not change).
 async fn save_copy(vfs: &Vfs, fid: FileId) -> Result<Option<String>, VfsError> {
     let obj = vfs.getattr(fid)?;
     if obj.removed {
         // A later record of ours removes it: we kept no version (and its
         // bytes went with the remove).
         return Ok(None);
+    }
+    if obj.kind == Kind::File && obj.log.store.is_none() && obj.log.create.is_none() {
+        let rx = vfs.cache.read()?;
+        let mut truncated = false;
+        for &seq in &obj.log.ops {
+            truncated |= matches!(
+                rx.log_record(seq)?.map(|r| r.op),
+                Some(LogOp::SetAttr { set, .. }) if set.size.is_some()
+            );
+        }
+        if !truncated {
+            // Moved, or its mode changed, here: its content is the
+            // origin's (which may be gone from there, or not cached here).
+            return Ok(None);
+        }
     }
     let dir = conflicts_dir(&vfs.cache);
     std::fs::create_dir_all(&dir)
