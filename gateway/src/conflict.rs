@@ -1283,22 +1283,18 @@ async fn adopt(
     Ok(())
 }
 
-/// Whether the origin's object `origin_id` is a file this gateway shows
-/// under a name of its own, other than ours (`fid`): moved at the origin
-/// onto the name we take, it is still one of ours (maybe our own
-/// version, sent just before), and gateway-wins must not replace it.
+/// Whether the origin's object `origin_id` is one this gateway holds
+/// alive, other than ours (`fid`): we never removed or replaced it, so
+/// at the name we take it is not a rival of ours but one of our own files
+/// (moved there at the origin, or kept there when our move of it did not
+/// happen; maybe with our own version, sent just before). Gateway-wins
+/// must not replace it.
 fn shown_elsewhere(vfs: &Vfs, origin_id: u64, fid: FileId) -> Result<bool, VfsError> {
     let rx = vfs.cache.read()?;
     let Some(here) = rx.by_origin(origin_id)? else {
         return Ok(false);
     };
-    if here == fid {
-        return Ok(false);
-    }
-    Ok(match rx.get(here)? {
-        Some(obj) => !obj.removed && rx.lookup(obj.parent, &obj.name)? == Some(here),
-        None => false,
-    })
+    Ok(here != fid && rx.get(here)?.is_some_and(|obj| !obj.removed))
 }
 
 /// Gateway-wins for a rename onto a name the origin has taken: the rename

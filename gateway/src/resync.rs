@@ -145,7 +145,22 @@ pub async fn place_one(vfs: &Vfs, fid: FileId) -> Result<(), VfsError> {
             }
             match cached_dir_of(tx, &place)? {
                 Some(dir) => {
-                    coherence::upsert_entry(tx, dir, &place.name, &place.attr, Source::Fetch)?;
+                    let there =
+                        coherence::upsert_entry(tx, dir, &place.name, &place.attr, Source::Fetch)?;
+                    if there != fid {
+                        // A change of ours holds that name here. Ours
+                        // leaves the name it has (not its name at the
+                        // origin, where another may stand, and a listing
+                        // would forget it for that one) and is placed once
+                        // that change is settled.
+                        if tx.lookup(obj.parent, &obj.name)? == Some(fid) {
+                            tx.unlink(obj.parent, &obj.name)?;
+                        }
+                        obj.parent = dir;
+                        obj.name = place.name.clone();
+                        tx.put(fid, &obj)?;
+                        tx.mark_resync(fid)?;
+                    }
                 }
                 None => {
                     // Outside what we cache now.
