@@ -926,11 +926,18 @@ async fn save_copy(vfs: &Vfs, fid: FileId) -> Result<Option<String>, VfsError> {
     match obj.kind {
         Kind::File => {
             let mut out = Vec::new();
-            copy_content(vfs, fid, obj.attrs.size, |_, bytes| {
+            let copied = copy_content(vfs, fid, obj.attrs.size, |_, bytes| {
                 out.extend_from_slice(&bytes);
                 std::future::ready(Ok(Object::clone(&obj)))
             })
-            .await?;
+            .await;
+            if let Err(e) = copied {
+                // Bytes we did not write, not cached here, and gone from
+                // the origin (removed or changed there): what we have is
+                // saved, zeros for the rest, rather than nothing at all.
+                tracing::warn!(fid, error = %e, "saving our version: bytes we did not write are gone from the origin; saved as zeros");
+                out = cached_content(vfs, fid, obj.attrs.size)?;
+            }
             std::fs::write(&path, out)
                 .map_err(|e| VfsError::Io(format!("saving {}: {e}", path.display())))?;
         }
@@ -941,6 +948,21 @@ async fn save_copy(vfs: &Vfs, fid: FileId) -> Result<Option<String>, VfsError> {
         Kind::Dir => return Ok(None),
     }
     Ok(Some(path.display().to_string()))
+}
+
+/// File `fid`'s first `size` bytes as the cache holds them, zeros where
+/// it holds none.
+fn cached_content(vfs: &Vfs, fid: FileId, size: u64) -> Result<Vec<u8>, VfsError> {
+    let rx = vfs.cache.read()?;
+    let mut out = vec![0u8; usize::try_from(size).unwrap_or(usize::MAX)];
+    for index in imz_cache::chunk::covering(0, size) {
+        if let Some(bytes) = rx.chunk(fid, index)? {
+            let start = imz_cache::chunk::start_of(index) as usize;
+            let n = bytes.len().min(out.len().saturating_sub(start));
+            out[start..start + n].copy_from_slice(&bytes[..n]);
+        }
+    }
+    Ok(out)
 }
 
 /// Directory where origin-wins keeps the gateway's versions.
@@ -971,7 +993,10 @@ async fn drop_object(vfs: &Vfs, fid: FileId) -> Result<(), VfsError> {
                 }
                 tx.log_done(seq)?;
             }
-            let obj = tx.object(fid)?;
+            // Removed here too, it went with its last record.
+            let Some(obj) = tx.get(fid)? else {
+                return Ok(());
+            };
             if tx.lookup(obj.parent, &obj.name)? == Some(fid) {
                 tx.unlink(obj.parent, &obj.name)?;
             }
