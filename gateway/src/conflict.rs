@@ -979,6 +979,10 @@ async fn drop_object(vfs: &Vfs, fid: FileId) -> Result<(), VfsError> {
     vfs.writer
         .run(0, move |tx| {
             let obj = tx.object(fid)?;
+            // The directory that held it may be kept here only for it (gone
+            // at the origin, where the follower could not remove it while
+            // it held our change): placed as the origin has it.
+            tx.mark_resync(obj.parent)?;
             for seq in obj.log.ops.clone() {
                 // A move of it that replaced a file here will not happen:
                 // the directory shows again what the origin has at that

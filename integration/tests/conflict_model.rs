@@ -117,7 +117,9 @@ async fn what_two_cut_off_gateways_wrote_all_reaches_the_origin() -> anyhow::Res
 /// content was not cached, could not be saved (1795824966956590319); a
 /// file moved and then removed here went with its last record while it
 /// was being dropped, and the settling failed on every round
-/// (1795825089807834152). Gateway-wins: a move over a
+/// (1795825089807834152); a directory removed at the origin stayed here
+/// after the changes of ours it held were dropped (1795826335284778839,
+/// 1795825070892374557). Gateway-wins: a move over a
 /// file changed there kept the version seen here and was refused until
 /// held (1795823313354066590, 1795823333509203020); a file moved over a
 /// directory (1795823273098153915); a truncation of ours taken on their
@@ -139,6 +141,7 @@ async fn seeds_that_found_faults_under_other_policies_settle() -> anyhow::Result
         (Policy::OriginWins, Flavor::Names, 1795823258545747640, 7),
         (Policy::OriginWins, Flavor::Names, 1795824966956590319, 1),
         (Policy::OriginWins, Flavor::Names, 1795825089807834152, 15),
+        (Policy::OriginWins, Flavor::Names, 1795826335284778839, 2),
         (Policy::GatewayWins, Flavor::Names, 1795823313354066590, 4),
         (Policy::GatewayWins, Flavor::Names, 1795823333509203020, 1),
         (Policy::GatewayWins, Flavor::Attrs, 1795823273098153915, 2),
