@@ -8,7 +8,7 @@
 //! | update/remove (we changed, they removed) | ours is created again | same | ours saved, the file goes | held |
 //! | remove/update (we removed, they changed) | theirs comes back | removed anyway | theirs comes back | held |
 //! | remove/rename (we removed, they moved it) | theirs comes back where they moved it | same | same | held |
-//! | create/create of a name | ours gets the conflict name | ours replaces theirs (files, unless theirs is one shown here under another name; else as keep-both) | theirs stays, ours saved | held |
+//! | create/create of a name | ours gets the conflict name | ours replaces theirs (files, unless theirs is a file this gateway holds and did not remove; else as keep-both) | theirs stays, ours saved | held |
 //! | directory created on both sides | merged into one | merged | merged | merged |
 //! | parent removed at the origin | parent created again (under a conflict name if its name holds something else now) | same | ours saved | held |
 //! | moved out of a directory removed at the origin (with it) | ours created again | same | ours saved, the file goes | held |
@@ -19,7 +19,7 @@
 //! | moved and changed here, changed there | moved as well; ours also kept as `NAME.conflict-GW-TIME` | ours replaces theirs | moved as well; ours saved | held |
 //! | moved and then removed here, changed there | theirs comes back where it was | removed anyway | theirs comes back | held |
 //! | moved and then replaced here (another moved over it), changed there | theirs comes back where it was | replaced anyway | theirs comes back | held |
-//! | rename onto a taken name, or over a file changed at the origin | ours gets the conflict name | ours replaces theirs (of the same kind, unless theirs is one shown here under another name; else as keep-both) | ours stays where it was | held |
+//! | rename onto a taken name, or over a file changed at the origin | ours gets the conflict name | ours replaces theirs (of the same kind, unless theirs is a file this gateway holds and did not remove; else as keep-both) | ours stays where it was | held |
 //!
 //! Not conflicts (the origin applies them): new content or attributes of
 //! a file the origin has only moved since (they land on the moved file,
@@ -283,7 +283,8 @@ pub async fn settle(
     let saved = |outcome: &str, copy: Option<String>| {
         let outcome = match copy {
             Some(_) => outcome.to_owned(),
-            // A directory, or a file we removed too: no version of ours.
+            // A directory, or a file we removed too or whose content we
+            // did not change: no version of ours.
             None => format!("{outcome} (nothing to save)"),
         };
         Settled {
@@ -387,7 +388,7 @@ pub async fn settle(
             } else if policy == ConflictPolicy::GatewayWins
                 && *kind == Kind::File
                 && theirs.kind == wire::Kind::File
-                && !shown_elsewhere(vfs, theirs.id, fid)?
+                && !held_here(vfs, theirs.id, fid)?
             {
                 adopt(vfs, seq, fid, theirs, false).await?;
                 Settled::by(policy, "ours replaces theirs")
@@ -471,13 +472,14 @@ pub async fn settle(
                 .as_ref()
                 .ok_or_else(|| VfsError::Io("name conflict without the origin's object".into()))?;
             // Only an object of the same kind is replaced (the origin
-            // refuses a file over a directory, or a symlink over a file).
-            let same_kind = vfs
+            // refuses a file over a directory, or a symlink over a file),
+            // and not one of ours.
+            let replaceable = vfs
                 .getattr(fid)
-                .is_ok_and(|o| o.kind == coherence::kind_from(theirs.kind));
-            let same_kind = same_kind && !shown_elsewhere(vfs, theirs.id, fid)?;
+                .is_ok_and(|o| o.kind == coherence::kind_from(theirs.kind))
+                && !held_here(vfs, theirs.id, fid)?;
             match policy {
-                ConflictPolicy::GatewayWins if same_kind => {
+                ConflictPolicy::GatewayWins if replaceable => {
                     replace_at_rename(vfs, seq, record, theirs).await?;
                     Settled::by(policy, "ours replaces theirs")
                 }
@@ -1318,7 +1320,7 @@ async fn adopt(
 /// (moved there at the origin, or kept there when our move of it did not
 /// happen; maybe with our own version, sent just before). Gateway-wins
 /// must not replace it.
-fn shown_elsewhere(vfs: &Vfs, origin_id: u64, fid: FileId) -> Result<bool, VfsError> {
+fn held_here(vfs: &Vfs, origin_id: u64, fid: FileId) -> Result<bool, VfsError> {
     let rx = vfs.cache.read()?;
     let Some(here) = rx.by_origin(origin_id)? else {
         return Ok(false);
