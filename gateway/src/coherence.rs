@@ -159,6 +159,14 @@ pub fn upsert_entry(
                 // (whatever then holds the name at the origin).
                 tx.mark_resync(dir)?;
             }
+            // Cached here elsewhere (moved there at the origin): it leaves
+            // its place here once nothing of ours needs it, or a listing
+            // there would forget a file the origin still has.
+            if let Some(elsewhere) = tx.by_origin(attr.id)?
+                && elsewhere != occupant
+            {
+                tx.mark_resync(elsewhere)?;
+            }
             return Ok(occupant);
         }
     }

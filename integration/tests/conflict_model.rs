@@ -131,7 +131,10 @@ async fn what_two_cut_off_gateways_wrote_all_reaches_the_origin() -> anyhow::Res
 /// (1795824934812028957); our move of our new file onto a name the
 /// origin had given another did not happen, the file could not be placed
 /// at its name there (our next create held it), a listing forgot it, and
-/// that create then replaced it at the origin (1795825120759951954).
+/// that create then replaced it at the origin (1795825120759951954); the
+/// same when the other gateway's move of a file we wrote took a name our
+/// create held: a listing of its old directory forgot it
+/// (1795826079649003556).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn seeds_that_found_faults_under_other_policies_settle() -> anyhow::Result<()> {
     let runs = [
@@ -150,6 +153,7 @@ async fn seeds_that_found_faults_under_other_policies_settle() -> anyhow::Result
         (Policy::GatewayWins, Flavor::Attrs, 1795824900886815275, 8),
         (Policy::GatewayWins, Flavor::Attrs, 1795824934812028957, 10),
         (Policy::GatewayWins, Flavor::Names, 1795825120759951954, 1),
+        (Policy::GatewayWins, Flavor::Names, 1795826079649003556, 9),
     ];
     for (policy, flavor, seed, epochs) in runs {
         replay(&[(seed, epochs)], flavor, policy).await?;
