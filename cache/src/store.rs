@@ -685,6 +685,12 @@ macro_rules! getters {
             Ok(t.get(fid)?.map(|v| v.value()))
         }
 
+        /// Whether `fid` is marked to be placed again as the origin has it.
+        pub fn marked_for_resync(&self, fid: FileId) -> Result<bool> {
+            let t = self.tx.open_table(RESYNC)?;
+            Ok(t.get(fid)?.is_some())
+        }
+
         /// Objects marked to be placed again as the origin has them.
         pub fn resync_marks(&self) -> Result<Vec<FileId>> {
             let t = self.tx.open_table(RESYNC)?;

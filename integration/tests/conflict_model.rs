@@ -134,7 +134,9 @@ async fn what_two_cut_off_gateways_wrote_all_reaches_the_origin() -> anyhow::Res
 /// that create then replaced it at the origin (1795825120759951954); the
 /// same when the other gateway's move of a file we wrote took a name our
 /// create held: a listing of its old directory forgot it
-/// (1795826079649003556).
+/// (1795826079649003556), or a listing of the directory it had been
+/// moved to here, while our move waited to be placed as the origin's
+/// (1795826710306225087).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn seeds_that_found_faults_under_other_policies_settle() -> anyhow::Result<()> {
     let runs = [
@@ -154,6 +156,7 @@ async fn seeds_that_found_faults_under_other_policies_settle() -> anyhow::Result
         (Policy::GatewayWins, Flavor::Attrs, 1795824934812028957, 10),
         (Policy::GatewayWins, Flavor::Names, 1795825120759951954, 1),
         (Policy::GatewayWins, Flavor::Names, 1795826079649003556, 9),
+        (Policy::GatewayWins, Flavor::Attrs, 1795826710306225087, 12),
     ];
     for (policy, flavor, seed, epochs) in runs {
         replay(&[(seed, epochs)], flavor, policy).await?;

@@ -310,7 +310,9 @@ fn forget_entry(
         return Ok(());
     }
     tx.unlink(dir, &entry.name)?;
-    if obj.parent == dir && obj.name == entry.name {
+    // One marked to be placed as the origin has it (its name there held
+    // by a change of ours, say) is not gone: resync places it.
+    if obj.parent == dir && obj.name == entry.name && !tx.marked_for_resync(entry.fileid)? {
         tx.remove_tree(entry.fileid)?;
     }
     Ok(())
