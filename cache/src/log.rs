@@ -491,9 +491,7 @@ impl WriteTxn<'_> {
         if obj.removed && obj.log == LogRefs::default() {
             // A removed object has no name; should one still lead to it,
             // it goes too, rather than naming nothing.
-            if self.lookup(obj.parent, &obj.name)? == Some(fid) {
-                self.unlink(obj.parent, &obj.name)?;
-            }
+            self.unlink_if(obj.parent, &obj.name, fid)?;
             self.remove_tree(fid)?;
         }
         Ok(())

@@ -1078,6 +1078,15 @@ impl WriteTxn<'_> {
         Ok(None)
     }
 
+    /// Removes entry `name` from `dir` if it names `fid` (and leaves a name
+    /// that now leads elsewhere alone).
+    pub fn unlink_if(&mut self, dir: FileId, name: &str, fid: FileId) -> Result<()> {
+        if self.lookup(dir, name)? == Some(fid) {
+            self.unlink(dir, name)?;
+        }
+        Ok(())
+    }
+
     /// Deletes object `fid` with its data. For a directory, its entries and
     /// everything below them go too. The caller unlinks it from its parent.
     /// Objects the client modification log still refers to are only

@@ -221,9 +221,7 @@ pub fn upsert_entry(
             }
             if obj.parent != dir || obj.name != name {
                 // Renamed at the origin: leave the old place.
-                if tx.lookup(obj.parent, &obj.name)? == Some(fid) {
-                    tx.unlink(obj.parent, &obj.name)?;
-                }
+                tx.unlink_if(obj.parent, &obj.name, fid)?;
                 if source != Source::Journal && obj.parent != dir {
                     // Found elsewhere by a listing or a conflict's answer,
                     // not told by the journal: what the origin has at the

@@ -748,11 +748,7 @@ async fn rebase(vfs: &Vfs, fid: FileId, current: Option<&wire::Attr>) -> Result<
             let mut cut_to: Option<u64> = None;
             for seq in tx.content_records(fid)? {
                 if let Some(LogOp::SetAttr { set, .. }) = tx.log_record(seq)?.map(|r| r.op) {
-                    ours.mode = ours.mode.or(set.mode);
-                    ours.uid = ours.uid.or(set.uid);
-                    ours.gid = ours.gid.or(set.gid);
-                    ours.atime = ours.atime.or(set.atime);
-                    ours.mtime = ours.mtime.or(set.mtime);
+                    ours.merge(&set);
                     if let Some(size) = set.size {
                         cut_to = Some(cut_to.map_or(size, |c| c.min(size)));
                     }
@@ -1003,9 +999,7 @@ async fn drop_object(vfs: &Vfs, fid: FileId) -> Result<(), VfsError> {
             let Some(obj) = tx.get(fid)? else {
                 return Ok(());
             };
-            if tx.lookup(obj.parent, &obj.name)? == Some(fid) {
-                tx.unlink(obj.parent, &obj.name)?;
-            }
+            tx.unlink_if(obj.parent, &obj.name, fid)?;
             tx.remove_tree(fid)?;
             Ok(())
         })
@@ -1400,9 +1394,7 @@ async fn move_back(
     let (gateway_id, now) = (gateway_id.to_owned(), now_nanos());
     vfs.writer
         .run(0, move |tx| {
-            if tx.lookup(to_parent, &to_name)? == Some(fid) {
-                tx.unlink(to_parent, &to_name)?;
-            }
+            tx.unlink_if(to_parent, &to_name, fid)?;
             let mut obj = tx.object(fid)?;
             if obj.removed {
                 // Removed here since: it goes back to where its remove
@@ -1452,9 +1444,7 @@ async fn forget_location(vfs: &Vfs, fid: FileId, dirs: &[FileId]) -> Result<(), 
             if let Some(obj) = tx.get(fid)?
                 && !tx.holds_changes(fid)?
             {
-                if tx.lookup(obj.parent, &obj.name)? == Some(fid) {
-                    tx.unlink(obj.parent, &obj.name)?;
-                }
+                tx.unlink_if(obj.parent, &obj.name, fid)?;
                 tx.remove_tree(fid)?;
             }
             for d in dirs {
@@ -1599,9 +1589,7 @@ async fn recreate_dir_chain(vfs: &Vfs, gateway_id: &str, dir: FileId) -> Result<
                     version: attr.version,
                 });
                 if o.name != name {
-                    if tx.lookup(o.parent, &o.name)? == Some(fid) {
-                        tx.unlink(o.parent, &o.name)?;
-                    }
+                    tx.unlink_if(o.parent, &o.name, fid)?;
                     if let Some(mut dir) = tx.get(o.parent)? {
                         // The name it leaves is the origin's now.
                         dir.listed = false;

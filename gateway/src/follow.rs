@@ -232,9 +232,7 @@ pub async fn revalidate(vfs: &Vfs, cursor: u64) -> Result<u64, VfsError> {
                     tx.put(fid, &obj)?;
                 }
                 None if fid != imz_cache::ROOT_FILEID && !tx.holds_changes(fid)? => {
-                    if tx.lookup(obj.parent, &obj.name)? == Some(fid) {
-                        tx.unlink(obj.parent, &obj.name)?;
-                    }
+                    tx.unlink_if(obj.parent, &obj.name, fid)?;
                     tx.remove_tree(fid)?;
                 }
                 None => {}

@@ -123,9 +123,7 @@ pub async fn place_one(vfs: &Vfs, fid: FileId) -> Result<(), VfsError> {
             };
             let Some(place) = place else {
                 // Gone at the origin.
-                if tx.lookup(obj.parent, &obj.name)? == Some(fid) {
-                    tx.unlink(obj.parent, &obj.name)?;
-                }
+                tx.unlink_if(obj.parent, &obj.name, fid)?;
                 tx.remove_tree(fid)?;
                 return relist_if_left(tx, Vec::new());
             };
@@ -153,9 +151,7 @@ pub async fn place_one(vfs: &Vfs, fid: FileId) -> Result<(), VfsError> {
                         // origin, where another may stand, and a listing
                         // would forget it for that one) and is placed once
                         // that change is settled.
-                        if tx.lookup(obj.parent, &obj.name)? == Some(fid) {
-                            tx.unlink(obj.parent, &obj.name)?;
-                        }
+                        tx.unlink_if(obj.parent, &obj.name, fid)?;
                         obj.parent = dir;
                         obj.name = place.name.clone();
                         tx.put(fid, &obj)?;
@@ -164,9 +160,7 @@ pub async fn place_one(vfs: &Vfs, fid: FileId) -> Result<(), VfsError> {
                 }
                 None => {
                     // Outside what we cache now.
-                    if tx.lookup(obj.parent, &obj.name)? == Some(fid) {
-                        tx.unlink(obj.parent, &obj.name)?;
-                    }
+                    tx.unlink_if(obj.parent, &obj.name, fid)?;
                     tx.remove_tree(fid)?;
                     unlisted.retain(|d| *d != fid);
                 }
